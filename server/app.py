@@ -1,0 +1,140 @@
+"""The FastAPI application: lifespan (engine start/stop, liveness watch), error mapping, health and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server import openai_api
+from server.config import Settings
+from server.engine import Engine
+from server.errors import InvalidRequest, LetheError, NotFound
+from server.metrics import Metrics
+from server.openai_api import ClientDisconnected
+from server.pipeline import Pipeline
+from server.protocol import ErrorBody, ErrorResponse
+from server.serving import OpenAIServing
+
+logger = logging.getLogger(__name__)
+
+CLIENT_CLOSED_REQUEST = 499
+
+
+def _error(status: int, body: ErrorResponse) -> JSONResponse:
+    return JSONResponse(body.model_dump(), status_code=status)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    """First validation error as one readable line plus its field path (OpenAI's ``param``)."""
+    errors = exc.errors()
+    if not errors:
+        return "Invalid request.", None
+    first = errors[0]
+    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    param = ".".join(location) or None
+    if first.get("type") == "json_invalid":
+        return "The request body is not valid JSON.", None
+    message = str(first.get("msg", "Invalid value.")).removeprefix("Value error, ")
+    return (f"{param}: {message}" if param else message), param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(LetheError)
+    async def _lethe_error(_: Request, exc: LetheError) -> JSONResponse:
+        return _error(exc.status, exc.to_response())
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return _error(400, InvalidRequest(message, param=param).to_response())
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            return _error(404, NotFound(f"No route {exc.detail!s}." if exc.detail != "Not Found" else
+                                        "Unknown path.").to_response())
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return _error(exc.status_code, ErrorResponse(error=ErrorBody(message=str(exc.detail), type=kind)))
+
+    @app.exception_handler(ClientDisconnected)
+    async def _disconnected(_: Request, __: ClientDisconnected) -> Response:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+
+def create_app(
+    settings: Settings, model_path: Path, served_model_name: str, request_exit: Callable[[], None] | None = None
+) -> FastAPI:
+    """Build the app; the engine starts in the lifespan. ``request_exit`` is called if the engine dies."""
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = Engine(settings, model_path, served_model_name)
+        engine.start()
+        pipeline = Pipeline(engine, settings.request_timeout_s)
+        app.state.engine = engine
+        app.state.serving = OpenAIServing(pipeline, engine.info, settings, metrics)
+        metrics.engine_up.set(1)
+
+        def on_engine_death() -> None:
+            metrics.engine_up.set(0)
+            app.state.exit_code = 1
+            if request_exit is not None:
+                request_exit()
+
+        watcher = asyncio.create_task(engine.watch(on_engine_death))
+        try:
+            yield
+        finally:
+            watcher.cancel()
+            engine.shutdown()
+
+    app = FastAPI(title="Lethe", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible inference with inference-time unlearning.")
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.exit_code = 0
+    install_error_handlers(app)
+    app.include_router(openai_api.router)
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next: Callable) -> Response:
+        if not request.url.path.startswith("/v1/"):
+            return await call_next(request)
+        started = time.perf_counter()
+        metrics.in_flight.inc()
+        try:
+            response = await call_next(request)
+        finally:
+            metrics.in_flight.dec()
+        endpoint = request.url.path.removeprefix("/v1/")
+        metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        logger.debug("http.response", extra={"path": request.url.path, "status": response.status_code,
+                                             "seconds": round(time.perf_counter() - started, 4)})
+        return response
+
+    @app.get("/health")
+    async def health(request: Request) -> JSONResponse:
+        engine: Engine | None = getattr(request.app.state, "engine", None)
+        if engine is None or not engine.alive:
+            return JSONResponse({"status": "unavailable"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def prometheus_metrics(request: Request) -> Response:
+        engine: Engine | None = getattr(request.app.state, "engine", None)
+        alive = engine is not None and engine.alive
+        metrics.engine_up.set(1 if alive else 0)
+        metrics.engine_unfinished.set(engine.unfinished_requests if alive else 0)
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    return app

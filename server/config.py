@@ -1,0 +1,87 @@
+"""Every ``LETHE_*`` setting, typed and defaulted, in one place.
+
+Nothing else in Lethe reads ``os.environ`` for its own configuration; the README's settings table is checked against
+this class by ``tests/test_config.py``.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def _default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "lethe"
+
+
+class Settings(BaseSettings):
+    """Lethe's configuration, read from ``LETHE_*`` environment variables (and ``.env`` if present)."""
+
+    model_config = SettingsConfigDict(env_prefix="LETHE_", env_file=".env", extra="ignore")
+
+    host: str = Field("0.0.0.0", description="Address the HTTP server binds to.")
+    port: int = Field(8000, ge=1, le=65535, description="Port the HTTP server listens on.")
+    model: str | None = Field(
+        None, description="Path of the HF model directory to serve; unset serves the TinyTOFU demo model."
+    )
+    served_model_name: str | None = Field(
+        None, description="Model id shown by `/v1/models` and accepted in requests; defaults to the model dir name."
+    )
+    demo_variant: Literal["full", "tiny"] = Field(
+        "full", description="Which demo model `lethe serve` builds and serves when no model is given."
+    )
+    cache_dir: Path = Field(
+        default_factory=_default_cache_dir, description="Where built demo models are cached (by content hash)."
+    )
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated bearer keys accepted on `/v1/*`; empty means inference is open.",
+    )
+    max_model_len: int = Field(1024, ge=16, description="Context length given to vLLM (prompt + completion).")
+    max_num_seqs: int = Field(32, ge=1, description="Most sequences vLLM schedules in one batch.")
+    dtype: str = Field("auto", description="Model dtype for vLLM; `auto` means float32 on CPU, the checkpoint's on GPU.")
+    kv_cache_gib: int = Field(1, ge=1, description="KV-cache size in GiB on CPU (becomes `VLLM_CPU_KVCACHE_SPACE`).")
+    max_lora_rank: Literal[8, 16, 32, 64, 128, 256] = Field(
+        64, description="Largest LoRA rank vLLM reserves room for (O3 stacks one rank-8 block per target)."
+    )
+    enforce_eager: bool = Field(True, description="Skip CUDA-graph / torch.compile capture (faster start).")
+    request_timeout_s: float = Field(
+        600.0, gt=0, description="A request still generating after this long is aborted with 504."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+    log_json: bool = Field(True, description="Emit logs as one JSON object per line.")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value
+
+    @property
+    def demo_models_dir(self) -> Path:
+        return self.cache_dir / "demo-models"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return Settings()
+
+
+def settings_table() -> str:
+    """The README's settings table, generated from ``Settings`` so documentation cannot drift from the code."""
+    rows = ["| Variable | Default | Description |", "| --- | --- | --- |"]
+    for name, field in Settings.model_fields.items():
+        if field.default_factory is not None:
+            default = "empty" if name == "api_keys" else "`~/.cache/lethe`"
+        elif field.default is None:
+            default = "unset"
+        else:
+            default = f"`{field.default}`"
+        rows.append(f"| `LETHE_{name.upper()}` | {default} | {field.description} |")
+    return "\n".join(rows)

@@ -1,0 +1,151 @@
+"""The one wrapper around vLLM's in-process ``AsyncLLM``.
+
+Everything Lethe asks of vLLM goes through ``Engine``: startup with the options unlearning needs (prompt embeddings for
+ECO, LoRA for O3, the Lethe logits processor for GUARD/ULD, *processed* logprobs so that returned probabilities are the
+guarded ones), generation, abort, and liveness. vLLM's EngineCore runs in child processes; if it dies the engine can
+never recover, so ``Engine`` reports it and the server exits non-zero for the orchestrator to restart it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from server.config import Settings
+from server.errors import EngineUnavailable, InvalidRequest
+
+logger = logging.getLogger(__name__)
+
+LOGITS_PROCESSOR = "guards.processor:LetheLogitsProcessor"
+LIVENESS_POLL_S = 1.0
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    model_path: str
+    served_model_name: str
+    max_model_len: int
+    vocab_size: int
+    device: str
+
+
+def _is_cpu_platform() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def _engine_args(settings: Settings, model_path: Path) -> Any:
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    on_cpu = _is_cpu_platform()
+    dtype = settings.dtype
+    if dtype == "auto" and on_cpu:
+        dtype = "float32"  # bf16 kernels died with SIGILL on this CPU class (VLLM_NOTES §5)
+    return AsyncEngineArgs(
+        model=str(model_path),
+        tokenizer=str(model_path),
+        dtype=dtype,
+        max_model_len=settings.max_model_len,
+        max_num_seqs=settings.max_num_seqs,
+        enforce_eager=settings.enforce_eager,
+        enable_prompt_embeds=True,
+        enable_lora=True,
+        max_lora_rank=settings.max_lora_rank,
+        max_logprobs=20,
+        logits_processors=[LOGITS_PROCESSOR],
+        logprobs_mode="processed_logprobs",
+        seed=0,
+        disable_log_stats=True,
+    )
+
+
+class Engine:
+    """Owns the AsyncLLM and its tokenizer; the request pipeline is its only client."""
+
+    def __init__(self, settings: Settings, model_path: Path, served_model_name: str) -> None:
+        self._settings = settings
+        self._model_path = model_path
+        self._served_model_name = served_model_name
+        self._llm: Any = None
+        self._dead = False
+
+    def start(self) -> None:
+        """Build the AsyncLLM (blocks for the engine start, ~30 s on CPU)."""
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        if _is_cpu_platform():
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self._settings.kv_cache_gib)
+        else:
+            # The V2 model runner rejects V1-interface logits processors (VLLM_NOTES §1).
+            os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+        logger.info("engine.starting", extra={"model": str(self._model_path)})
+        self._llm = AsyncLLM.from_engine_args(_engine_args(self._settings, self._model_path))
+        logger.info("engine.started", extra={"max_model_len": self.info.max_model_len})
+
+    @property
+    def info(self) -> EngineInfo:
+        config = self._llm.model_config
+        return EngineInfo(
+            model_path=str(self._model_path),
+            served_model_name=self._served_model_name,
+            max_model_len=config.max_model_len,
+            vocab_size=config.get_vocab_size(),
+            device="cpu" if _is_cpu_platform() else "cuda",
+        )
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._llm.get_tokenizer()
+
+    @property
+    def alive(self) -> bool:
+        return self._llm is not None and not self._dead and not self._llm.errored
+
+    @property
+    def unfinished_requests(self) -> int:
+        return self._llm.get_num_unfinished_requests() if self.alive else 0
+
+    async def generate(
+        self, prompt: dict[str, Any], params: Any, request_id: str, lora_request: Any = None
+    ) -> AsyncIterator[Any]:
+        """Stream ``RequestOutput``s; cancelling the consumer aborts the engine request (vLLM does it on exit)."""
+        from vllm.exceptions import VLLMValidationError
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        if not self.alive:
+            raise EngineUnavailable()
+        try:
+            async for output in self._llm.generate(prompt, params, request_id, lora_request=lora_request):
+                yield output
+        except EngineDeadError as exc:
+            self._dead = True
+            raise EngineUnavailable() from exc
+        except VLLMValidationError as exc:
+            raise InvalidRequest(str(exc), param=getattr(exc, "parameter", None)) from exc
+        except ValueError as exc:
+            # vLLM's input processor and the logits processors' validate_params raise ValueError for bad requests.
+            raise InvalidRequest(str(exc)) from exc
+
+    async def abort(self, request_id: str) -> None:
+        await self._llm.abort(request_id)
+
+    async def watch(self, on_death: Callable[[], Awaitable[None] | None]) -> None:
+        """Poll liveness until the engine dies, then call ``on_death`` once."""
+        while self._llm is not None and not self._llm.errored and not self._dead:
+            await asyncio.sleep(LIVENESS_POLL_S)
+        self._dead = True
+        logger.error("engine.dead")
+        result = on_death()
+        if result is not None:
+            await result
+
+    def shutdown(self) -> None:
+        if self._llm is not None:
+            self._llm.shutdown()
+            self._llm = None

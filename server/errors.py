@@ -1,0 +1,73 @@
+"""Typed errors that map one-to-one onto OpenAI error objects.
+
+Logic raises these; the HTTP layer turns them into ``{"error": {"message", "type", "param", "code"}}`` with the right
+status. Messages must never carry forget-target contents: they reach inference clients.
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+from server.protocol import ErrorBody, ErrorResponse
+
+
+class LetheError(Exception):
+    """Base class: an error with an HTTP status and an OpenAI error type."""
+
+    status: HTTPStatus = HTTPStatus.INTERNAL_SERVER_ERROR
+    type: str = "server_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def to_response(self) -> ErrorResponse:
+        return ErrorResponse(error=ErrorBody(message=self.message, type=self.type, param=self.param, code=self.code))
+
+
+class InvalidRequest(LetheError):
+    status = HTTPStatus.BAD_REQUEST
+    type = "invalid_request_error"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    def __init__(self, message: str, *, param: str = "messages") -> None:
+        super().__init__(message, param=param, code="context_length_exceeded")
+
+
+class AuthenticationFailed(LetheError):
+    status = HTTPStatus.UNAUTHORIZED
+    type = "authentication_error"
+
+    def __init__(self, message: str = "Invalid or missing API key.") -> None:
+        super().__init__(message, code="invalid_api_key")
+
+
+class NotFound(LetheError):
+    status = HTTPStatus.NOT_FOUND
+    type = "invalid_request_error"
+
+
+class ModelNotFound(NotFound):
+    def __init__(self, model: str) -> None:
+        super().__init__(f"The model `{model}` does not exist.", param="model", code="model_not_found")
+
+
+class EngineUnavailable(LetheError):
+    """The vLLM engine died or is shutting down; the orchestrator restarts the process."""
+
+    status = HTTPStatus.SERVICE_UNAVAILABLE
+    type = "server_error"
+
+    def __init__(self, message: str = "The inference engine is unavailable.") -> None:
+        super().__init__(message, code="engine_unavailable")
+
+
+class RequestTimeout(LetheError):
+    status = HTTPStatus.GATEWAY_TIMEOUT
+    type = "server_error"
+
+    def __init__(self, message: str = "The request took too long and was aborted.") -> None:
+        super().__init__(message, code="timeout")

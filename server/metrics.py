@@ -1,0 +1,38 @@
+"""Prometheus metrics, all prefixed ``lethe_``, in a registry of their own (so tests can build several apps)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+@dataclass
+class Metrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.requests = Counter(
+            "lethe_requests", "Inference requests by endpoint and HTTP status.", ["endpoint", "status"], registry=r
+        )
+        self.in_flight = Gauge("lethe_requests_in_flight", "Inference requests being served.", registry=r)
+        self.latency = Histogram(
+            "lethe_request_latency_seconds", "End-to-end request latency.", ["endpoint"], buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "lethe_time_to_first_token_seconds", "Time to first generated token.", ["endpoint"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.prompt_tokens = Counter("lethe_prompt_tokens", "Prompt tokens processed.", registry=r)
+        self.completion_tokens = Counter("lethe_completion_tokens", "Completion tokens generated.", registry=r)
+        self.engine_up = Gauge("lethe_engine_up", "1 while the vLLM engine is alive, else 0.", registry=r)
+        self.engine_unfinished = Gauge(
+            "lethe_engine_unfinished_requests", "Requests the engine is still working on.", registry=r
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,79 @@
+"""HTTP routes of the OpenAI surface. Thin: parse, authorise, call ``OpenAIServing``, send JSON or SSE."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from collections.abc import AsyncIterator, Coroutine
+from contextlib import suppress
+from typing import Any, TypeVar
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
+
+from server.errors import AuthenticationFailed
+from server.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, ModelList
+from server.serving import OpenAIServing
+
+T = TypeVar("T")
+DISCONNECT_POLL_S = 0.25
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 503, 504)
+}
+
+
+class ClientDisconnected(Exception):
+    """The client went away before the response was ready; its engine request has been aborted."""
+
+
+def require_api_key(request: Request) -> None:
+    keys: list[str] = request.app.state.settings.api_keys
+    if not keys:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.encode(), key.encode()) for key in keys):
+        raise AuthenticationFailed()
+
+
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
+
+
+def _serving(request: Request) -> OpenAIServing:
+    return request.app.state.serving
+
+
+async def until_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T:
+    """Run ``work`` but cancel it (aborting its engine requests) as soon as the client disconnects."""
+    task = asyncio.ensure_future(work)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            with suppress(asyncio.CancelledError):
+                await task
+            raise ClientDisconnected()
+
+
+def _respond(result: BaseModel | AsyncIterator[str]) -> Response:
+    if isinstance(result, BaseModel):
+        return JSONResponse(result.model_dump(mode="json"))
+    return StreamingResponse(result, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+@router.get("/models", response_model=ModelList)
+async def list_models(request: Request) -> ModelList:
+    return _serving(request).models()
+
+
+@router.post("/chat/completions")
+async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
+    return _respond(await until_disconnected(request, _serving(request).chat(body)))
+
+
+@router.post("/completions")
+async def create_completion(body: CompletionRequest, request: Request) -> Response:
+    return _respond(await until_disconnected(request, _serving(request).completion(body)))

@@ -1,0 +1,215 @@
+"""The one request pipeline every inference endpoint goes through.
+
+    render (chat template, tokenize) -> plan (what the engine receives) -> engine.generate -> choice events
+
+Plain async Python with no HTTP in it: the OpenAI layer (``server/serving.py``) turns ``ChoiceEvent``s into responses
+or SSE chunks, so streaming and non-streaming share one generation path. With no forget target hit, the plan is the
+plain vLLM input (token ids, no extra_args, no LoRA), which keeps unflagged traffic token-identical to plain vLLM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from jinja2 import TemplateError
+
+from server.engine import Engine
+from server.errors import ContextLengthExceeded, InvalidRequest, RequestTimeout
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ChatTurn:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class RenderedPrompt:
+    """A prompt as the model sees it; ``text`` is kept for echo and, later, for the prompt classifiers."""
+
+    token_ids: list[int]
+    text: str
+    conversation: tuple[ChatTurn, ...] = ()
+
+
+@dataclass(frozen=True)
+class EnginePlan:
+    """Exactly what one engine request receives."""
+
+    prompt: dict[str, Any]
+    extra_args: dict[str, Any] | None = None
+    lora_request: Any = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    token: str
+    logprob: float
+    top: tuple[tuple[int, str, float], ...]  # (id, text, logprob), best first
+
+
+@dataclass(frozen=True)
+class ChoiceEvent:
+    """New output of one choice: the text and tokens produced since the previous event of that choice."""
+
+    index: int
+    prompt_index: int
+    text: str
+    token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprob, ...] | None
+    finish_reason: str | None
+    stop_reason: int | str | None
+
+
+@dataclass
+class Run:
+    """One inference request in flight; counters are final once its event stream is exhausted."""
+
+    request_id: str
+    prompts: list[RenderedPrompt]
+    n: int
+    started_at: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    completion_tokens: int = 0
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(prompt.token_ids) for prompt in self.prompts)
+
+
+class Pipeline:
+    """Turns rendered prompts into engine requests and engine outputs into choice events."""
+
+    def __init__(self, engine: Engine, request_timeout_s: float) -> None:
+        self._engine = engine
+        self._timeout_s = request_timeout_s
+
+    # ------------------------------------------------------------ render
+
+    def render_chat(
+        self, turns: Sequence[ChatTurn], *, add_generation_prompt: bool = True, continue_final_message: bool = False
+    ) -> RenderedPrompt:
+        tokenizer = self._engine.tokenizer
+        conversation = [{"role": turn.role, "content": turn.content} for turn in turns]
+        try:
+            text = tokenizer.apply_chat_template(
+                conversation,
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+            )
+        except (TemplateError, ValueError) as exc:
+            raise InvalidRequest(f"The conversation cannot be rendered: {exc}", param="messages") from exc
+        token_ids = tokenizer.encode(text, add_special_tokens=False)
+        return RenderedPrompt(token_ids=list(token_ids), text=text, conversation=tuple(turns))
+
+    def render_completion(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[RenderedPrompt]:
+        tokenizer = self._engine.tokenizer
+        if isinstance(prompt, str):
+            items: list[str | list[int]] = [prompt]
+        elif prompt and all(isinstance(item, int) for item in prompt):
+            items = [list(prompt)]  # type: ignore[arg-type]
+        else:
+            items = list(prompt)  # type: ignore[arg-type]
+        rendered = []
+        vocab_size = self._engine.info.vocab_size
+        for item in items:
+            if isinstance(item, str):
+                rendered.append(RenderedPrompt(token_ids=list(tokenizer.encode(item)), text=item))
+                continue
+            if not item:
+                raise InvalidRequest("A token-id prompt must not be empty.", param="prompt")
+            if any(not 0 <= token < vocab_size for token in item):
+                raise InvalidRequest(f"Token ids must lie in [0, {vocab_size}).", param="prompt")
+            rendered.append(RenderedPrompt(token_ids=list(item), text=tokenizer.decode(item)))
+        return rendered
+
+    # ------------------------------------------------------------ plan
+
+    def check_budget(self, prompts: Sequence[RenderedPrompt], max_tokens: int | None, param: str) -> None:
+        """Refuse prompts that do not fit the context, as vLLM's server does, but before reaching the engine."""
+        limit = self._engine.info.max_model_len
+        for prompt in prompts:
+            length = len(prompt.token_ids)
+            if length >= limit:
+                raise ContextLengthExceeded(
+                    f"This model's maximum context length is {limit} tokens; the prompt has {length}.",
+                    param="messages" if prompt.conversation else "prompt",
+                )
+            if max_tokens is not None and length + max_tokens > limit:
+                raise ContextLengthExceeded(
+                    f"This model's maximum context length is {limit} tokens; the prompt ({length}) plus "
+                    f"{param} ({max_tokens}) exceeds it.",
+                    param=param,
+                )
+
+    def plan(self, prompt: RenderedPrompt) -> EnginePlan:
+        return EnginePlan(prompt={"prompt_token_ids": prompt.token_ids})
+
+    # ------------------------------------------------------------ generate
+
+    def start(self, request_id: str, prompts: list[RenderedPrompt], n: int) -> Run:
+        return Run(request_id=request_id, prompts=prompts, n=n)
+
+    async def events(self, run: Run, params: Any) -> AsyncIterator[ChoiceEvent]:
+        """All choices' events, interleaved as the engine produces them; ends when every choice has finished."""
+        from vllm.utils.async_utils import merge_async_iterators
+
+        streams = []
+        for prompt_index, prompt in enumerate(run.prompts):
+            plan = self.plan(prompt)
+            prompt_params = params.clone()
+            if prompt_params.max_tokens is None:
+                prompt_params.max_tokens = self._engine.info.max_model_len - len(prompt.token_ids)
+            if plan.extra_args is not None:
+                prompt_params.extra_args = plan.extra_args
+            engine_id = run.request_id if len(run.prompts) == 1 else f"{run.request_id}-{prompt_index}"
+            streams.append(self._engine.generate(plan.prompt, prompt_params, engine_id, plan.lora_request))
+
+        merged = merge_async_iterators(*streams)
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                async for prompt_index, output in merged:
+                    for completion in output.outputs:
+                        event = _choice_event(completion, prompt_index, run.n)
+                        run.completion_tokens += len(event.token_ids)
+                        if run.first_token_at is None and event.token_ids:
+                            run.first_token_at = time.perf_counter()
+                        yield event
+        except TimeoutError as exc:
+            raise RequestTimeout() from exc
+        finally:
+            await merged.aclose()
+
+
+def _choice_event(completion: Any, prompt_index: int, n: int) -> ChoiceEvent:
+    logprobs = None
+    if completion.logprobs is not None:
+        logprobs = tuple(
+            _token_logprob(token_id, step) for token_id, step in zip(completion.token_ids, completion.logprobs)
+        )
+    return ChoiceEvent(
+        index=prompt_index * n + completion.index,
+        prompt_index=prompt_index,
+        text=completion.text,
+        token_ids=tuple(completion.token_ids),
+        logprobs=logprobs,
+        finish_reason=completion.finish_reason,
+        stop_reason=completion.stop_reason,
+    )
+
+
+def _token_logprob(token_id: int, step: dict[int, Any]) -> TokenLogprob:
+    """vLLM gives the sampled token plus the top-k, keyed by id; rank orders the alternatives."""
+    chosen = step[token_id]
+    ranked = sorted(step.items(), key=lambda item: (item[1].rank if item[1].rank is not None else 1 << 30))
+    top = tuple((tid, lp.decoded_token or "", float(lp.logprob)) for tid, lp in ranked)
+    return TokenLogprob(token_id=token_id, token=chosen.decoded_token or "", logprob=float(chosen.logprob), top=top)

@@ -1,0 +1,344 @@
+"""OpenAI semantics on top of the pipeline: request -> SamplingParams, choice events -> responses or SSE chunks.
+
+Every check that can fail runs before the first byte is sent, so a bad request is always a 4xx JSON error and never a
+broken stream. Both endpoints consume the same ``Pipeline.events`` stream; a non-streaming response is the fold of the
+events a streaming one would send, which is why the two are identical for the same seed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel
+
+from server.config import Settings
+from server.engine import EngineInfo
+from server.errors import InvalidRequest, LetheError, ModelNotFound
+from server.metrics import Metrics
+from server.pipeline import ChatTurn, ChoiceEvent, Pipeline, RenderedPrompt, Run, TokenLogprob
+from server.protocol import (
+    ChatChoice,
+    ChatChoiceLogprobs,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatLogprobToken,
+    ChatLogprobTop,
+    ChatResponseMessage,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+    SamplingFields,
+    Usage,
+)
+
+logger = logging.getLogger(__name__)
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def sse(payload: BaseModel | dict[str, Any]) -> str:
+    body = payload.model_dump_json(exclude_none=False) if isinstance(payload, BaseModel) else json.dumps(payload)
+    return f"data: {body}\n\n"
+
+
+def sampling_params(request: SamplingFields, max_tokens: int | None, logprobs: int | None, vocab_size: int) -> Any:
+    """Map the OpenAI fields a client set onto vLLM's SamplingParams; unset fields keep vLLM's defaults."""
+    from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+    kwargs: dict[str, Any] = {
+        "n": request.n,
+        "max_tokens": max_tokens,
+        "logprobs": logprobs,
+        "stop": request.stop_list,
+        "min_tokens": request.min_tokens,
+        "ignore_eos": request.ignore_eos,
+        "skip_special_tokens": request.skip_special_tokens,
+        "output_kind": RequestOutputKind.DELTA,
+    }
+    optional = {
+        "temperature": request.temperature,
+        "top_p": request.top_p,
+        "top_k": request.top_k,
+        "min_p": request.min_p,
+        "seed": request.seed,
+        "presence_penalty": request.presence_penalty,
+        "frequency_penalty": request.frequency_penalty,
+        "repetition_penalty": request.repetition_penalty,
+        "stop_token_ids": request.stop_token_ids,
+    }
+    kwargs.update({key: value for key, value in optional.items() if value is not None})
+    if request.logit_bias:
+        kwargs["logit_bias"] = _logit_bias(request.logit_bias, vocab_size)
+    if request.stop_token_ids and any(not 0 <= t < vocab_size for t in request.stop_token_ids):
+        raise InvalidRequest(f"`stop_token_ids` must lie in [0, {vocab_size}).", param="stop_token_ids")
+    try:
+        return SamplingParams(**kwargs)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from exc
+
+
+def _logit_bias(bias: dict[str, float], vocab_size: int) -> dict[int, float]:
+    parsed: dict[int, float] = {}
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except ValueError as exc:
+            raise InvalidRequest("`logit_bias` keys must be token ids.", param="logit_bias") from exc
+        if not 0 <= token < vocab_size:
+            raise InvalidRequest(f"`logit_bias` token ids must lie in [0, {vocab_size}).", param="logit_bias")
+        if not -100 <= value <= 100:
+            raise InvalidRequest("`logit_bias` values must lie in [-100, 100].", param="logit_bias")
+        parsed[token] = value
+    return parsed
+
+
+@dataclass
+class ChoiceState:
+    """Accumulates one choice's events into the final (non-streaming) choice."""
+
+    text: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+    def add(self, event: ChoiceEvent) -> None:
+        self.text.append(event.text)
+        if event.logprobs:
+            self.logprobs.extend(event.logprobs)
+        if event.finish_reason is not None:
+            self.finish_reason, self.stop_reason = event.finish_reason, event.stop_reason
+
+
+class OpenAIServing:
+    """The logic behind ``/v1/models``, ``/v1/chat/completions`` and ``/v1/completions``."""
+
+    def __init__(self, pipeline: Pipeline, info: EngineInfo, settings: Settings, metrics: Metrics) -> None:
+        self._pipeline = pipeline
+        self._info = info
+        self._settings = settings
+        self._metrics = metrics
+        self._created = int(time.time())
+
+    def models(self) -> ModelList:
+        card = ModelCard(
+            id=self._info.served_model_name,
+            created=self._created,
+            root=self._info.model_path,
+            max_model_len=self._info.max_model_len,
+        )
+        return ModelList(data=[card])
+
+    def _check_model(self, model: str) -> None:
+        if model != self._info.served_model_name:
+            raise ModelNotFound(model)
+
+    # ------------------------------------------------------------ chat
+
+    async def chat(self, request: ChatCompletionRequest) -> ChatCompletionResponse | AsyncIterator[str]:
+        self._check_model(request.model)
+        turns = [ChatTurn(role=_template_role(m.role), content=m.text()) for m in request.messages]
+        prompt = self._pipeline.render_chat(
+            turns,
+            add_generation_prompt=request.add_generation_prompt,
+            continue_final_message=request.continue_final_message,
+        )
+        budget_param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
+        self._pipeline.check_budget([prompt], request.completion_budget, budget_param)
+        top = request.top_logprobs or 0
+        params = sampling_params(request, request.completion_budget, top if request.logprobs else None,
+                                 self._info.vocab_size)
+        run = self._pipeline.start(f"chatcmpl-{uuid.uuid4().hex}", [prompt], request.n)
+        if request.stream:
+            return self._chat_stream(request, run, params, top)
+        return await self._chat_full(request, run, params, top)
+
+    async def _chat_full(
+        self, request: ChatCompletionRequest, run: Run, params: Any, top: int
+    ) -> ChatCompletionResponse:
+        states = [ChoiceState() for _ in range(run.n)]
+        async for event in self._pipeline.events(run, params):
+            states[event.index].add(event)
+        self._record(run, "chat")
+        choices = [
+            ChatChoice(
+                index=i,
+                message=ChatResponseMessage(content="".join(state.text)),
+                logprobs=_chat_logprobs(state.logprobs, top) if request.logprobs else None,
+                finish_reason=state.finish_reason,
+                stop_reason=state.stop_reason,
+            )
+            for i, state in enumerate(states)
+        ]
+        return ChatCompletionResponse(id=run.request_id, model=request.model, choices=choices, usage=_usage(run))
+
+    async def _chat_stream(
+        self, request: ChatCompletionRequest, run: Run, params: Any, top: int
+    ) -> AsyncIterator[str]:
+        created = int(time.time())
+        options = request.stream_options
+
+        def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
+            return sse(ChatCompletionChunk(id=run.request_id, created=created, model=request.model,
+                                           choices=choices, usage=usage))
+
+        try:
+            for index in range(run.n):
+                yield chunk([ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))],
+                            _usage(run) if options and options.continuous_usage_stats else None)
+            async for event in self._pipeline.events(run, params):
+                if not event.text and event.finish_reason is None and not event.token_ids:
+                    continue
+                choice = ChatChunkChoice(
+                    index=event.index,
+                    delta=ChatDelta(content=event.text),
+                    logprobs=_chat_logprobs(list(event.logprobs or ()), top) if request.logprobs else None,
+                    finish_reason=event.finish_reason,
+                    stop_reason=event.stop_reason,
+                )
+                yield chunk([choice], _usage(run) if options and options.continuous_usage_stats else None)
+            if options and options.include_usage:
+                yield chunk([], _usage(run))
+            self._record(run, "chat")
+        except LetheError as exc:
+            yield sse(exc.to_response())
+        yield SSE_DONE
+
+    # ------------------------------------------------------------ completions
+
+    async def completion(self, request: CompletionRequest) -> CompletionResponse | AsyncIterator[str]:
+        self._check_model(request.model)
+        if request.prompt_logprobs is not None or (request.echo and request.logprobs is not None):
+            raise InvalidRequest(
+                "Prompt logprobs (`prompt_logprobs`, or `echo` with `logprobs`) are not available on this server: "
+                "they would bypass unlearning.",
+                param="prompt_logprobs" if request.prompt_logprobs is not None else "echo",
+            )
+        prompts = self._pipeline.render_completion(request.prompt)
+        self._pipeline.check_budget(prompts, request.max_tokens, "max_tokens")
+        params = sampling_params(request, request.max_tokens, request.logprobs, self._info.vocab_size)
+        run = self._pipeline.start(f"cmpl-{uuid.uuid4().hex}", prompts, request.n)
+        if request.stream:
+            return self._completion_stream(request, run, params)
+        return await self._completion_full(request, run, params)
+
+    async def _completion_full(self, request: CompletionRequest, run: Run, params: Any) -> CompletionResponse:
+        states = [ChoiceState() for _ in range(len(run.prompts) * run.n)]
+        async for event in self._pipeline.events(run, params):
+            states[event.index].add(event)
+        self._record(run, "completions")
+        choices = []
+        for index, state in enumerate(states):
+            prefix = _echo_prefix(request, run.prompts[index // run.n])
+            choices.append(
+                CompletionChoice(
+                    index=index,
+                    text=prefix + "".join(state.text),
+                    logprobs=_completion_logprobs(state.logprobs, 0) if request.logprobs is not None else None,
+                    finish_reason=state.finish_reason,
+                    stop_reason=state.stop_reason,
+                )
+            )
+        return CompletionResponse(id=run.request_id, model=request.model, choices=choices, usage=_usage(run))
+
+    async def _completion_stream(self, request: CompletionRequest, run: Run, params: Any) -> AsyncIterator[str]:
+        created = int(time.time())
+        options = request.stream_options
+        offsets = [0] * (len(run.prompts) * run.n)
+        echoed = [False] * len(offsets)
+
+        def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
+            response = CompletionResponse(id=run.request_id, created=created, model=request.model,
+                                          choices=choices, usage=usage)
+            return sse(response)
+
+        try:
+            async for event in self._pipeline.events(run, params):
+                if not event.text and event.finish_reason is None and not event.token_ids:
+                    continue
+                prefix = "" if echoed[event.index] else _echo_prefix(request, run.prompts[event.prompt_index])
+                echoed[event.index] = True
+                logprobs = None
+                if request.logprobs is not None:
+                    logprobs = _completion_logprobs(list(event.logprobs or ()), offsets[event.index])
+                    offsets[event.index] += sum(len(lp.token) for lp in event.logprobs or ())
+                choice = CompletionChoice(index=event.index, text=prefix + event.text, logprobs=logprobs,
+                                          finish_reason=event.finish_reason, stop_reason=event.stop_reason)
+                yield chunk([choice], _usage(run) if options and options.continuous_usage_stats else None)
+            if options and options.include_usage:
+                yield chunk([], _usage(run))
+            self._record(run, "completions")
+        except LetheError as exc:
+            yield sse(exc.to_response())
+        yield SSE_DONE
+
+    # ------------------------------------------------------------ shared
+
+    def _record(self, run: Run, endpoint: str) -> None:
+        self._metrics.prompt_tokens.inc(run.prompt_tokens)
+        self._metrics.completion_tokens.inc(run.completion_tokens)
+        self._metrics.latency.labels(endpoint).observe(time.perf_counter() - run.started_at)
+        if run.first_token_at is not None:
+            self._metrics.ttft.labels(endpoint).observe(run.first_token_at - run.started_at)
+        logger.info(
+            "request.done",
+            extra={"request_id": run.request_id, "endpoint": endpoint, "prompt_tokens": run.prompt_tokens,
+                   "completion_tokens": run.completion_tokens,
+                   "latency_s": round(time.perf_counter() - run.started_at, 4)},
+        )
+
+
+def _template_role(role: str) -> str:
+    return "system" if role == "developer" else role
+
+
+def _echo_prefix(request: CompletionRequest, prompt: RenderedPrompt) -> str:
+    return prompt.text if request.echo else ""
+
+
+def _usage(run: Run) -> Usage:
+    return Usage(prompt_tokens=run.prompt_tokens, completion_tokens=run.completion_tokens,
+                 total_tokens=run.prompt_tokens + run.completion_tokens)
+
+
+def _token_bytes(token: str) -> list[int]:
+    return list(token.encode("utf-8"))
+
+
+def _chat_logprobs(tokens: list[TokenLogprob], top: int) -> ChatChoiceLogprobs:
+    content = [
+        ChatLogprobToken(
+            token=lp.token,
+            logprob=max(lp.logprob, -9999.0),
+            bytes=_token_bytes(lp.token),
+            top_logprobs=[
+                ChatLogprobTop(token=text, logprob=max(value, -9999.0), bytes=_token_bytes(text))
+                for _, text, value in lp.top[:top]
+            ],
+        )
+        for lp in tokens
+    ]
+    return ChatChoiceLogprobs(content=content)
+
+
+def _completion_logprobs(tokens: list[TokenLogprob], start_offset: int) -> CompletionLogprobs:
+    result = CompletionLogprobs()
+    offset = start_offset
+    for lp in tokens:
+        result.tokens.append(lp.token)
+        result.token_logprobs.append(max(lp.logprob, -9999.0))
+        result.text_offset.append(offset)
+        result.top_logprobs.append({text: max(value, -9999.0) for _, text, value in lp.top})
+        offset += len(lp.token)
+    return result

@@ -1,0 +1,117 @@
+"""Shared fixtures: the tiny demo model, one real Lethe server (real vLLM engine) per test session, clients.
+
+vLLM takes ~30 s to start on CPU, so the server is started once, as a subprocess exactly as an operator runs it
+(`lethe serve`), and every integration test talks to it over HTTP.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from server.config import Settings
+
+REPO = Path(__file__).resolve().parent.parent
+LETHE_BIN = Path(sys.executable).parent / "lethe"
+API_KEY = "test-inference-key"
+STARTUP_TIMEOUT_S = 240
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class RunningServer:
+    process: subprocess.Popen
+    base_url: str
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def start_server(model_dir: Path, log_path: Path, env_overrides: dict[str, str] | None = None) -> RunningServer:
+    """Start ``lethe serve`` and wait until ``/health`` is 200; fail with the server log if it never is."""
+    port = free_port()
+    env = {**os.environ, "LETHE_API_KEYS": API_KEY, "LETHE_LOG_LEVEL": "INFO", **(env_overrides or {})}
+    log_file = log_path.open("w")
+    process = subprocess.Popen(
+        [str(LETHE_BIN), "serve", "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port)],
+        stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True,
+    )
+    server = RunningServer(process, f"http://127.0.0.1:{port}", log_path)
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"lethe serve exited with {process.returncode}:\n{server.log()[-4000:]}")
+        try:
+            if httpx.get(f"{server.base_url}/health", timeout=2).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        time.sleep(1)
+    stop_server(server)
+    raise RuntimeError(f"lethe serve did not become healthy:\n{server.log()[-4000:]}")
+
+
+def stop_server(server: RunningServer) -> None:
+    if server.process.poll() is None:
+        os.killpg(server.process.pid, signal.SIGTERM)
+        try:
+            server.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.process.pid, signal.SIGKILL)
+            server.process.wait()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    from evals.tinytofu import build_demo_model
+
+    return build_demo_model(Settings().cache_dir, "tiny", progress=False)
+
+
+@pytest.fixture(scope="session")
+def lethe_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    server = start_server(tiny_model_dir, tmp_path_factory.mktemp("lethe") / "server.log")
+    yield server
+    stop_server(server)
+
+
+@pytest.fixture(scope="session")
+def model_name(lethe_server: RunningServer) -> str:
+    return httpx.get(f"{lethe_server.base_url}/v1/models", headers=auth_headers()).json()["data"][0]["id"]
+
+
+def auth_headers() -> dict[str, str]:
+    return {"Authorization": f"Bearer {API_KEY}"}
+
+
+@pytest.fixture(scope="session")
+def client(lethe_server: RunningServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{lethe_server.base_url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def async_client(lethe_server: RunningServer) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{lethe_server.base_url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def http(lethe_server: RunningServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=lethe_server.base_url, headers=auth_headers(), timeout=120) as session:
+        yield session

@@ -1,0 +1,130 @@
+"""Identity with plain vLLM, client disconnects, health, metrics and engine death."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import psutil
+import pytest
+
+from evals.tofu_data import authors_of, general_knowledge
+from tests.conftest import REPO, auth_headers, start_server, stop_server
+
+FORGET01 = authors_of("forget01")
+
+
+def unfinished_requests(base_url: str) -> float:
+    text = httpx.get(f"{base_url}/metrics", timeout=10).text
+    line = next(l for l in text.splitlines() if l.startswith("lethe_engine_unfinished_requests "))
+    return float(line.split()[1])
+
+
+def wait_until_idle(base_url: str, timeout_s: float = 15) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if unfinished_requests(base_url) == 0:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+REFERENCE_CASES = [
+    *({"kind": "chat", "messages": [{"role": "user", "content": item.question}], "max_tokens": 48}
+      for item in FORGET01[1].items[:4]),
+    {"kind": "chat", "messages": [{"role": "system", "content": "Be brief."},
+                                  {"role": "user", "content": general_knowledge()[0].question}], "max_tokens": 16},
+    {"kind": "completion", "prompt": FORGET01[0].items[0].question, "max_tokens": 24},
+    {"kind": "completion", "prompt": "The", "max_tokens": 24},
+]
+
+
+@pytest.fixture(scope="module")
+def plain_vllm_outputs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    workdir = tmp_path_factory.mktemp("plain-vllm")
+    cases, out = workdir / "cases.json", workdir / "out.json"
+    cases.write_text(json.dumps(REFERENCE_CASES))
+    subprocess.run([sys.executable, str(REPO / "tests" / "plain_vllm_reference.py"), str(tiny_model_dir),
+                    str(cases), str(out)], check=True, cwd=workdir, timeout=600,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return json.loads(out.read_text())
+
+
+def test_unflagged_request_is_token_identical_to_plain_vllm(
+    client: openai.OpenAI, model_name: str, plain_vllm_outputs: list[dict]
+) -> None:
+    for case, expected in zip(REFERENCE_CASES, plain_vllm_outputs, strict=True):
+        if case["kind"] == "chat":
+            reply = client.chat.completions.create(model=model_name, messages=case["messages"], temperature=0,
+                                                   max_tokens=case["max_tokens"])
+            text, usage = reply.choices[0].message.content, reply.usage
+        else:
+            reply = client.completions.create(model=model_name, prompt=case["prompt"], temperature=0,
+                                              max_tokens=case["max_tokens"])
+            text, usage = reply.choices[0].text, reply.usage
+        assert text == expected["text"], case
+        assert usage.prompt_tokens == len(expected["prompt_token_ids"])
+        assert usage.completion_tokens == len(expected["token_ids"])
+
+
+def test_stream_disconnect_aborts_the_engine_request(lethe_server, model_name: str) -> None:
+    body = {"model": model_name, "prompt": "The", "max_tokens": 900, "ignore_eos": True, "stream": True}
+    with httpx.Client(base_url=lethe_server.base_url, headers=auth_headers(), timeout=60) as session:
+        with session.stream("POST", "/v1/completions", json=body) as response:
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: ")
+            assert unfinished_requests(lethe_server.base_url) >= 1
+    assert wait_until_idle(lethe_server.base_url), "engine still generating for a disconnected client"
+
+
+def test_non_stream_disconnect_aborts_the_engine_request(lethe_server, model_name: str) -> None:
+    body = {"model": model_name, "prompt": "The", "max_tokens": 900, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{lethe_server.base_url}/v1/completions", json=body, headers=auth_headers(), timeout=1.0)
+    assert wait_until_idle(lethe_server.base_url), "engine still generating for a disconnected client"
+
+
+def test_health_and_metrics_report_a_live_engine(http: httpx.Client, client: openai.OpenAI, model_name: str) -> None:
+    client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+    assert http.get("/health").json() == {"status": "ok"}
+    metrics = http.get("/metrics").text
+    assert "lethe_engine_up 1.0" in metrics
+    assert 'lethe_requests_total{endpoint="chat/completions",status="200"}' in metrics
+    assert "lethe_time_to_first_token_seconds_count" in metrics
+    assert "lethe_completion_tokens_total" in metrics
+
+
+def test_openapi_docs_are_served(http: httpx.Client) -> None:
+    assert http.get("/docs").status_code == 200
+    paths = http.get("/openapi.json").json()["paths"]
+    assert {"/v1/models", "/v1/chat/completions", "/v1/completions"} <= set(paths)
+
+
+def test_engine_death_turns_health_503_and_exits_non_zero(tiny_model_dir: Path, tmp_path: Path) -> None:
+    server = start_server(tiny_model_dir, tmp_path / "server.log")
+    try:
+        engine_cores = [p for p in psutil.Process(server.process.pid).children(recursive=True)
+                        if "EngineCore" in " ".join(p.cmdline()) or "EngineCore" in p.name()]
+        assert engine_cores, [p.cmdline() for p in psutil.Process(server.process.pid).children(recursive=True)]
+        for process in engine_cores:
+            os.kill(process.pid, signal.SIGKILL)
+        saw_503 = False
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and server.process.poll() is None:
+            try:
+                saw_503 |= httpx.get(f"{server.base_url}/health", timeout=2).status_code == 503
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        assert server.process.poll() is not None, "server kept running with a dead engine"
+        assert server.process.returncode != 0
+        assert saw_503 or "engine.dead" in server.log()
+    finally:
+        stop_server(server)
