@@ -14,8 +14,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server import openai_api
+from server import admin_api, openai_api
+from server.body_limit import BodyLimitMiddleware
 from server.config import Settings
+from server.control_plane import ControlPlane
 from server.engine import Engine
 from server.errors import InvalidRequest, LetheError, NotFound
 from server.metrics import Metrics
@@ -53,8 +55,14 @@ def install_error_handlers(app: FastAPI) -> None:
         return _error(exc.status, exc.to_response())
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(exc)
+        if request.url.path.startswith("/admin/"):
+            # The admin API follows SPEC §4: 422 with every field path.
+            body = InvalidRequest(message, param=param, code="validation_error").to_response().model_dump()
+            body["error"]["details"] = [{"loc": [str(p) for p in e.get("loc", ())], "msg": e.get("msg")}
+                                        for e in exc.errors()]
+            return JSONResponse(body, status_code=422)
         return _error(400, InvalidRequest(message, param=param).to_response())
 
     @app.exception_handler(StarletteHTTPException)
@@ -78,11 +86,15 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        control = ControlPlane.open(settings, metrics)
+        await control.start()
+        app.state.registry = control.store
         engine = Engine(settings, model_path, served_model_name)
         engine.start()
-        pipeline = Pipeline(engine, settings.request_timeout_s)
+        pipeline = Pipeline(engine, settings.request_timeout_s, metrics, registry=control.snapshots,
+                            audit=control.audit, audit_prompts=settings.audit_prompts)
         app.state.engine = engine
-        app.state.serving = OpenAIServing(pipeline, engine.info, settings, metrics)
+        app.state.serving = OpenAIServing(pipeline, engine.info)
         metrics.engine_up.set(1)
 
         def on_engine_death() -> None:
@@ -96,6 +108,7 @@ def create_app(
             yield
         finally:
             watcher.cancel()
+            await control.stop()
             engine.shutdown()
 
     app = FastAPI(title="Lethe", version="0.1.0", lifespan=lifespan,
@@ -105,6 +118,8 @@ def create_app(
     app.state.exit_code = 0
     install_error_handlers(app)
     app.include_router(openai_api.router)
+    app.include_router(admin_api.router)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next: Callable) -> Response:
@@ -135,6 +150,11 @@ def create_app(
         alive = engine is not None and engine.alive
         metrics.engine_up.set(1 if alive else 0)
         metrics.engine_unfinished.set(engine.unfinished_requests if alive else 0)
+        registry = getattr(request.app.state, "registry", None)
+        if registry is not None:
+            summary = await asyncio.to_thread(registry.summary)
+            for status, count in summary.jobs.items():
+                metrics.jobs.labels(status).set(count)
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
     return app

@@ -67,6 +67,104 @@ def cmd_demo_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _admin_client(args: argparse.Namespace):
+    import httpx
+
+    settings = get_settings()
+    if not settings.admin_key:
+        raise SystemExit("lethe: set LETHE_ADMIN_KEY to use the admin API")
+    return httpx.Client(base_url=args.url.rstrip("/"), headers={"Authorization": f"Bearer {settings.admin_key}"},
+                        timeout=60)
+
+
+def _check(response) -> dict:
+    if response.status_code >= 400:
+        try:
+            error = response.json()["error"]
+            message = error["message"]
+            details = error.get("details")
+        except (ValueError, KeyError, TypeError):
+            message, details = response.text, None
+        print(f"lethe: HTTP {response.status_code}: {message}", file=sys.stderr)
+        for detail in details or []:
+            print(f"  {'.'.join(detail['loc'])}: {detail['msg']}", file=sys.stderr)
+        raise SystemExit(1)
+    return response.json()
+
+
+def _print_json(data: object) -> None:
+    import json
+
+    print(json.dumps(data, indent=2))
+
+
+def follow_job(client, job_id: str, *, poll_s: float = 0.5) -> dict:
+    """Show a job's progress bar until it ends; returns the final job."""
+    import time
+
+    from tqdm import tqdm
+
+    with tqdm(total=100, desc=job_id, unit="%", bar_format="{desc} {bar} {n:.0f}% {postfix}") as bar:
+        while True:
+            job = _check(client.get(f"/admin/v1/jobs/{job_id}"))
+            bar.n = round(job["progress"] * 100)
+            bar.set_postfix_str(f"{job['status']}: {job['message'][:60]}")
+            if job["status"] in ("succeeded", "failed", "cancelled"):
+                return job
+            time.sleep(poll_s)
+
+
+def cmd_targets(args: argparse.Namespace) -> int:
+    import json
+
+    with _admin_client(args) as client:
+        if args.action == "list":
+            for target in _check(client.get("/admin/v1/targets"))["data"]:
+                classifier = target["classifier"]
+                print(f"{target['id']}  {target['status']:<9} {target['name']}  "
+                      f"fpr={classifier['false_positive_rate']}  mechanisms={','.join(target['mechanisms'])}")
+            return 0
+        if args.action == "show":
+            _print_json(_check(client.get(f"/admin/v1/targets/{args.ref}")))
+            return 0
+        if args.action == "rm":
+            _print_json(_check(client.delete(f"/admin/v1/targets/{args.ref}")))
+            return 0
+        with open(args.file) as handle:
+            body = json.load(handle)
+        target = _check(client.post("/admin/v1/targets", json=body))
+        print(f"created {target['id']} ({target['name']}) at revision {target['revision']}")
+        if args.wait:
+            failed = [job for job in target["jobs"] if follow_job(client, job["id"])["status"] != "succeeded"]
+            _print_json(_check(client.get(f"/admin/v1/targets/{target['id']}"))["classifier"])
+            return 1 if failed else 0
+        return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    with _admin_client(args) as client:
+        job = follow_job(client, args.job_id) if args.follow else _check(client.get(f"/admin/v1/jobs/{args.job_id}"))
+        _print_json(job)
+        return 0 if job["status"] != "failed" else 1
+
+
+def cmd_worker(_: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from server.control_plane import LazyEmbedder, make_worker, open_store
+
+    settings = get_settings()
+    worker = make_worker(settings, open_store(settings), LazyEmbedder(settings.embedding_model))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    worker.start()
+    stop.wait()
+    worker.stop()
+    return 0
+
+
 def cmd_settings(_: argparse.Namespace) -> int:
     from server.config import settings_table
 
@@ -93,13 +191,37 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--force", action="store_true", help="rebuild even if cached")
     demo.set_defaults(handler=cmd_demo_model)
 
+    default_url = "http://127.0.0.1:8000"
+    targets = commands.add_parser("targets", help="manage forget targets on a running server (LETHE_ADMIN_KEY)")
+    targets.add_argument("action", choices=["add", "list", "show", "rm"])
+    targets.add_argument("ref", nargs="?", help="target id (show, rm)")
+    targets.add_argument("--file", help="target JSON (add)")
+    targets.add_argument("--wait", action="store_true", help="follow the new target's jobs (add)")
+    targets.add_argument("--url", default=default_url, help=f"server base URL (default {default_url})")
+    targets.set_defaults(handler=cmd_targets)
+
+    jobs = commands.add_parser("jobs", help="show a job, optionally following its progress")
+    jobs.add_argument("action", choices=["show"])
+    jobs.add_argument("job_id")
+    jobs.add_argument("--follow", action="store_true")
+    jobs.add_argument("--url", default=default_url)
+    jobs.set_defaults(handler=cmd_jobs)
+
+    worker = commands.add_parser("worker", help="run the job worker in this process (shares LETHE_DATABASE_URL)")
+    worker.set_defaults(handler=cmd_worker)
+
     settings = commands.add_parser("settings", help="print the LETHE_* settings table (markdown)")
     settings.set_defaults(handler=cmd_settings)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "targets" and (args.action == "add") != bool(args.file):
+        parser.error("`targets add` needs --file, and only `add` takes it")
+    if args.command == "targets" and args.action in ("show", "rm") and not args.ref:
+        parser.error(f"`targets {args.action}` needs a target id")
     settings = get_settings()
     configure_logging(settings.log_level, settings.log_json)
     sys.exit(args.handler(args))

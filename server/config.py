@@ -18,6 +18,10 @@ def _default_cache_dir() -> Path:
     return Path.home() / ".cache" / "lethe"
 
 
+def _default_data_dir() -> Path:
+    return Path.home() / ".local" / "share" / "lethe"
+
+
 class Settings(BaseSettings):
     """Lethe's configuration, read from ``LETHE_*`` environment variables (and ``.env`` if present)."""
 
@@ -52,10 +56,40 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(
         600.0, gt=0, description="A request still generating after this long is aborted with 504."
     )
+    data_dir: Path = Field(
+        default_factory=_default_data_dir, description="Where the default SQLite registry and artifacts live."
+    )
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL of the registry (`postgresql+psycopg://…`); unset: SQLite in the data dir."
+    )
+    artifacts_dir: Path | None = Field(
+        None, description="Shared directory of content-addressed artifacts; unset: `artifacts/` in the data dir."
+    )
+    admin_key: str | None = Field(
+        None, description="Bearer key of the admin API (`/admin/v1`); unset disables the admin API (403)."
+    )
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Largest accepted request body (else 413).")
+    default_mechanisms: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["eco", "guard"],
+        description="Mechanisms a target gets when its `mechanisms` field is omitted (comma-separated).",
+    )
+    classifier_recall: float = Field(
+        0.99, gt=0, lt=1, description="Recall on held-out forget prompts the classifier threshold is set for."
+    )
+    embedding_model: str | None = Field(
+        None, description="sentence-transformers model dir for the classifiers; unset: the packaged MiniLM."
+    )
+    registry_poll_s: float = Field(0.5, gt=0, description="How often a replica checks the registry revision.")
+    embedded_worker: bool = Field(True, description="Run the job worker inside `lethe serve`.")
+    job_stale_after_s: float = Field(
+        60.0, gt=0, description="A running job without heartbeat for this long is retried or failed."
+    )
+    audit_prompts: bool = Field(False, description="Store prompt text in audit records.")
+    audit_retention_days: float = Field(30.0, gt=0, description="Audit records older than this are deleted.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
     log_json: bool = Field(True, description="Emit logs as one JSON object per line.")
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "default_mechanisms", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):
@@ -65,6 +99,17 @@ class Settings(BaseSettings):
     @property
     def demo_models_dir(self) -> Path:
         return self.cache_dir / "demo-models"
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{self.data_dir / 'lethe.db'}"
+
+    @property
+    def resolved_artifacts_dir(self) -> Path:
+        return self.artifacts_dir or self.data_dir / "artifacts"
 
 
 @lru_cache(maxsize=1)
@@ -78,7 +123,8 @@ def settings_table() -> str:
     rows = ["| Variable | Default | Description |", "| --- | --- | --- |"]
     for name, field in Settings.model_fields.items():
         if field.default_factory is not None:
-            default = "empty" if name == "api_keys" else "`~/.cache/lethe`"
+            default = {"api_keys": "empty", "cache_dir": "`~/.cache/lethe`", "data_dir": "`~/.local/share/lethe`",
+                       "default_mechanisms": "`eco,guard`"}[name]
         elif field.default is None:
             default = "unset"
         else:

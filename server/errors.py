@@ -55,6 +55,30 @@ class ModelNotFound(NotFound):
         super().__init__(f"The model `{model}` does not exist.", param="model", code="model_not_found")
 
 
+class Conflict(LetheError):
+    status = HTTPStatus.CONFLICT
+    type = "invalid_request_error"
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message, param=param, code="conflict")
+
+
+class AdminDisabled(LetheError):
+    status = HTTPStatus.FORBIDDEN
+    type = "permission_error"
+
+    def __init__(self) -> None:
+        super().__init__("The admin API is disabled: set LETHE_ADMIN_KEY to enable it.", code="admin_disabled")
+
+
+class PayloadTooLarge(LetheError):
+    status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+    type = "invalid_request_error"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"The request body exceeds the limit of {limit} bytes.", code="payload_too_large")
+
+
 class EngineUnavailable(LetheError):
     """The vLLM engine died or is shutting down; the orchestrator restarts the process."""
 

@@ -30,6 +30,13 @@ class Metrics:
         self.prompt_tokens = Counter("lethe_prompt_tokens", "Prompt tokens processed.", registry=r)
         self.completion_tokens = Counter("lethe_completion_tokens", "Completion tokens generated.", registry=r)
         self.engine_up = Gauge("lethe_engine_up", "1 while the vLLM engine is alive, else 0.", registry=r)
+        self.target_hits = Counter("lethe_target_hits", "Requests that hit a forget target.", ["target"], registry=r)
+        self.classifier_latency = Histogram(
+            "lethe_classifier_latency_seconds", "Prompt classification time per prompt.", buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.registry_revision = Gauge("lethe_registry_revision", "Registry revision this replica serves.", registry=r)
+        self.jobs = Gauge("lethe_jobs", "Jobs in the registry by status.", ["status"], registry=r)
         self.engine_unfinished = Gauge(
             "lethe_engine_unfinished_requests", "Requests the engine is still working on.", registry=r
         )

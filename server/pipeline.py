@@ -1,10 +1,12 @@
 """The one request pipeline every inference endpoint goes through.
 
-    render (chat template, tokenize) -> plan (what the engine receives) -> engine.generate -> choice events
+    render (chat template, tokenize) -> classify (against the registry snapshot) -> plan (what the engine receives)
+    -> engine.generate -> choice events -> finish (metrics, audit record)
 
 Plain async Python with no HTTP in it: the OpenAI layer (``server/serving.py``) turns ``ChoiceEvent``s into responses
 or SSE chunks, so streaming and non-streaming share one generation path. With no forget target hit, the plan is the
-plain vLLM input (token ids, no extra_args, no LoRA), which keeps unflagged traffic token-identical to plain vLLM.
+plain vLLM input (token ids, no extra_args, no LoRA), which keeps unflagged traffic token-identical to plain vLLM; with
+no target registered at all, classification is skipped and costs nothing.
 """
 
 from __future__ import annotations
@@ -18,8 +20,12 @@ from typing import Any
 
 from jinja2 import TemplateError
 
+from server.audit import AuditWriter
 from server.engine import Engine
 from server.errors import ContextLengthExceeded, InvalidRequest, RequestTimeout
+from server.metrics import Metrics
+from server.registry.snapshot import RegistrySnapshot, SnapshotHolder
+from server.registry.store import AuditEntry
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +43,26 @@ class RenderedPrompt:
     token_ids: list[int]
     text: str
     conversation: tuple[ChatTurn, ...] = ()
+
+
+@dataclass(frozen=True)
+class TargetHit:
+    target_id: str
+    score: float
+    alias_spans: tuple[Any, ...] = ()
+
+
+@dataclass(frozen=True)
+class Classification:
+    """Which targets one prompt is about. ``scores`` keeps the best few targets' scores for the audit log."""
+
+    hits: tuple[TargetHit, ...] = ()
+    scores: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+NO_TARGETS = Classification()
+AUDITED_SCORES = 5
 
 
 @dataclass(frozen=True)
@@ -74,9 +100,13 @@ class Run:
     """One inference request in flight; counters are final once its event stream is exhausted."""
 
     request_id: str
+    endpoint: str
     prompts: list[RenderedPrompt]
     n: int
+    snapshot: RegistrySnapshot
+    classifications: list[Classification]
     started_at: float = field(default_factory=time.perf_counter)
+    created: float = field(default_factory=time.time)
     first_token_at: float | None = None
     completion_tokens: int = 0
 
@@ -84,13 +114,29 @@ class Run:
     def prompt_tokens(self) -> int:
         return sum(len(prompt.token_ids) for prompt in self.prompts)
 
+    @property
+    def hit_target_ids(self) -> list[str]:
+        return sorted({hit.target_id for c in self.classifications for hit in c.hits})
+
 
 class Pipeline:
     """Turns rendered prompts into engine requests and engine outputs into choice events."""
 
-    def __init__(self, engine: Engine, request_timeout_s: float) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        request_timeout_s: float,
+        metrics: Metrics,
+        registry: SnapshotHolder | None = None,
+        audit: AuditWriter | None = None,
+        audit_prompts: bool = False,
+    ) -> None:
         self._engine = engine
         self._timeout_s = request_timeout_s
+        self._metrics = metrics
+        self._registry = registry
+        self._audit = audit
+        self._audit_prompts = audit_prompts
 
     # ------------------------------------------------------------ render
 
@@ -156,8 +202,50 @@ class Pipeline:
 
     # ------------------------------------------------------------ generate
 
-    def start(self, request_id: str, prompts: list[RenderedPrompt], n: int) -> Run:
-        return Run(request_id=request_id, prompts=prompts, n=n)
+    async def start(self, request_id: str, endpoint: str, prompts: list[RenderedPrompt], n: int) -> Run:
+        """Classify the prompts against the current registry snapshot, which the run then keeps to its end."""
+        snapshot = self._registry.current if self._registry is not None else RegistrySnapshot(revision=0)
+        classifications = [await self._classify(snapshot, prompt) for prompt in prompts]
+        run = Run(request_id=request_id, endpoint=endpoint, prompts=prompts, n=n, snapshot=snapshot,
+                  classifications=classifications)
+        for target_id in run.hit_target_ids:
+            self._metrics.target_hits.labels(target_id).inc()
+        return run
+
+    async def _classify(self, snapshot: RegistrySnapshot, prompt: RenderedPrompt) -> Classification:
+        if snapshot.bank is None:
+            return NO_TARGETS
+        turns = [(turn.role, turn.content) for turn in prompt.conversation] or [("user", prompt.text)]
+        result = await asyncio.to_thread(snapshot.bank.score, turns)
+        self._metrics.classifier_latency.observe(result.total_seconds)
+        best = sorted(result.scores.items(), key=lambda item: -item[1])[:AUDITED_SCORES]
+        hits = tuple(TargetHit(hit.target_id, hit.score, tuple(hit.alias_spans)) for hit in result.hits)
+        scores = {target_id: round(score, 4) for target_id, score in best}
+        scores.update({hit.target_id: round(hit.score, 4) for hit in hits})
+        return Classification(hits=hits, scores=scores, seconds=result.total_seconds)
+
+    def finish(self, run: Run, outcome: str = "served") -> None:
+        """Account for a finished (or failed) run: metrics, a structured log line and its audit record."""
+        elapsed = time.perf_counter() - run.started_at
+        self._metrics.prompt_tokens.inc(run.prompt_tokens)
+        self._metrics.completion_tokens.inc(run.completion_tokens)
+        self._metrics.latency.labels(run.endpoint).observe(elapsed)
+        if run.first_token_at is not None:
+            self._metrics.ttft.labels(run.endpoint).observe(run.first_token_at - run.started_at)
+        targets = run.hit_target_ids
+        logger.info("request.done", extra={
+            "request_id": run.request_id, "endpoint": run.endpoint, "outcome": outcome, "targets": targets,
+            "registry_revision": run.snapshot.revision, "prompt_tokens": run.prompt_tokens,
+            "completion_tokens": run.completion_tokens, "latency_s": round(elapsed, 4)})
+        if self._audit is not None:
+            scores: dict[str, float] = {}
+            for classification in run.classifications:
+                for target_id, score in classification.scores.items():
+                    scores[target_id] = max(score, scores.get(target_id, 0.0))
+            prompt_text = "\n".join(p.text for p in run.prompts) if self._audit_prompts else None
+            self._audit.record(AuditEntry(request_id=run.request_id, created=run.created, endpoint=run.endpoint,
+                                          targets=targets, mechanisms=[], scores=scores, outcome=outcome,
+                                          prompt=prompt_text))
 
     async def events(self, run: Run, params: Any) -> AsyncIterator[ChoiceEvent]:
         """All choices' events, interleaved as the engine produces them; ends when every choice has finished."""

@@ -7,20 +7,20 @@ events a streaming one would send, which is why the two are identical for the sa
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel
 
-from server.config import Settings
 from server.engine import EngineInfo
 from server.errors import InvalidRequest, LetheError, ModelNotFound
-from server.metrics import Metrics
 from server.pipeline import ChatTurn, ChoiceEvent, Pipeline, RenderedPrompt, Run, TokenLogprob
 from server.protocol import (
     ChatChoice,
@@ -124,11 +124,9 @@ class ChoiceState:
 class OpenAIServing:
     """The logic behind ``/v1/models``, ``/v1/chat/completions`` and ``/v1/completions``."""
 
-    def __init__(self, pipeline: Pipeline, info: EngineInfo, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, pipeline: Pipeline, info: EngineInfo) -> None:
         self._pipeline = pipeline
         self._info = info
-        self._settings = settings
-        self._metrics = metrics
         self._created = int(time.time())
 
     def models(self) -> ModelList:
@@ -159,7 +157,7 @@ class OpenAIServing:
         top = request.top_logprobs or 0
         params = sampling_params(request, request.completion_budget, top if request.logprobs else None,
                                  self._info.vocab_size)
-        run = self._pipeline.start(f"chatcmpl-{uuid.uuid4().hex}", [prompt], request.n)
+        run = await self._pipeline.start(f"chatcmpl-{uuid.uuid4().hex}", "chat", [prompt], request.n)
         if request.stream:
             return self._chat_stream(request, run, params, top)
         return await self._chat_full(request, run, params, top)
@@ -168,9 +166,9 @@ class OpenAIServing:
         self, request: ChatCompletionRequest, run: Run, params: Any, top: int
     ) -> ChatCompletionResponse:
         states = [ChoiceState() for _ in range(run.n)]
-        async for event in self._pipeline.events(run, params):
-            states[event.index].add(event)
-        self._record(run, "chat")
+        with self._accounted(run):
+            async for event in self._pipeline.events(run, params):
+                states[event.index].add(event)
         choices = [
             ChatChoice(
                 index=i,
@@ -186,34 +184,36 @@ class OpenAIServing:
     async def _chat_stream(
         self, request: ChatCompletionRequest, run: Run, params: Any, top: int
     ) -> AsyncIterator[str]:
+        async for line in self._framed(run, self._chat_chunks(request, run, params, top)):
+            yield line
+
+    async def _chat_chunks(
+        self, request: ChatCompletionRequest, run: Run, params: Any, top: int
+    ) -> AsyncIterator[str]:
         created = int(time.time())
         options = request.stream_options
+        continuous = bool(options and options.continuous_usage_stats)
 
         def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
             return sse(ChatCompletionChunk(id=run.request_id, created=created, model=request.model,
                                            choices=choices, usage=usage))
 
-        try:
-            for index in range(run.n):
-                yield chunk([ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))],
-                            _usage(run) if options and options.continuous_usage_stats else None)
-            async for event in self._pipeline.events(run, params):
-                if not event.text and event.finish_reason is None and not event.token_ids:
-                    continue
-                choice = ChatChunkChoice(
-                    index=event.index,
-                    delta=ChatDelta(content=event.text),
-                    logprobs=_chat_logprobs(list(event.logprobs or ()), top) if request.logprobs else None,
-                    finish_reason=event.finish_reason,
-                    stop_reason=event.stop_reason,
-                )
-                yield chunk([choice], _usage(run) if options and options.continuous_usage_stats else None)
-            if options and options.include_usage:
-                yield chunk([], _usage(run))
-            self._record(run, "chat")
-        except LetheError as exc:
-            yield sse(exc.to_response())
-        yield SSE_DONE
+        for index in range(run.n):
+            yield chunk([ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))],
+                        _usage(run) if continuous else None)
+        async for event in self._pipeline.events(run, params):
+            if not event.text and event.finish_reason is None and not event.token_ids:
+                continue
+            choice = ChatChunkChoice(
+                index=event.index,
+                delta=ChatDelta(content=event.text),
+                logprobs=_chat_logprobs(list(event.logprobs or ()), top) if request.logprobs else None,
+                finish_reason=event.finish_reason,
+                stop_reason=event.stop_reason,
+            )
+            yield chunk([choice], _usage(run) if continuous else None)
+        if options and options.include_usage:
+            yield chunk([], _usage(run))
 
     # ------------------------------------------------------------ completions
 
@@ -228,16 +228,16 @@ class OpenAIServing:
         prompts = self._pipeline.render_completion(request.prompt)
         self._pipeline.check_budget(prompts, request.max_tokens, "max_tokens")
         params = sampling_params(request, request.max_tokens, request.logprobs, self._info.vocab_size)
-        run = self._pipeline.start(f"cmpl-{uuid.uuid4().hex}", prompts, request.n)
+        run = await self._pipeline.start(f"cmpl-{uuid.uuid4().hex}", "completions", prompts, request.n)
         if request.stream:
             return self._completion_stream(request, run, params)
         return await self._completion_full(request, run, params)
 
     async def _completion_full(self, request: CompletionRequest, run: Run, params: Any) -> CompletionResponse:
         states = [ChoiceState() for _ in range(len(run.prompts) * run.n)]
-        async for event in self._pipeline.events(run, params):
-            states[event.index].add(event)
-        self._record(run, "completions")
+        with self._accounted(run):
+            async for event in self._pipeline.events(run, params):
+                states[event.index].add(event)
         choices = []
         for index, state in enumerate(states):
             prefix = _echo_prefix(request, run.prompts[index // run.n])
@@ -253,50 +253,60 @@ class OpenAIServing:
         return CompletionResponse(id=run.request_id, model=request.model, choices=choices, usage=_usage(run))
 
     async def _completion_stream(self, request: CompletionRequest, run: Run, params: Any) -> AsyncIterator[str]:
+        async for line in self._framed(run, self._completion_chunks(request, run, params)):
+            yield line
+
+    async def _completion_chunks(self, request: CompletionRequest, run: Run, params: Any) -> AsyncIterator[str]:
         created = int(time.time())
         options = request.stream_options
+        continuous = bool(options and options.continuous_usage_stats)
         offsets = [0] * (len(run.prompts) * run.n)
         echoed = [False] * len(offsets)
 
         def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
-            response = CompletionResponse(id=run.request_id, created=created, model=request.model,
-                                          choices=choices, usage=usage)
-            return sse(response)
+            return sse(CompletionResponse(id=run.request_id, created=created, model=request.model, choices=choices,
+                                          usage=usage))
 
+        async for event in self._pipeline.events(run, params):
+            if not event.text and event.finish_reason is None and not event.token_ids:
+                continue
+            prefix = "" if echoed[event.index] else _echo_prefix(request, run.prompts[event.prompt_index])
+            echoed[event.index] = True
+            logprobs = None
+            if request.logprobs is not None:
+                logprobs = _completion_logprobs(list(event.logprobs or ()), offsets[event.index])
+                offsets[event.index] += sum(len(lp.token) for lp in event.logprobs or ())
+            choice = CompletionChoice(index=event.index, text=prefix + event.text, logprobs=logprobs,
+                                      finish_reason=event.finish_reason, stop_reason=event.stop_reason)
+            yield chunk([choice], _usage(run) if continuous else None)
+        if options and options.include_usage:
+            yield chunk([], _usage(run))
+
+    # ------------------------------------------------------------ shared
+
+    async def _framed(self, run: Run, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+        """SSE framing shared by both endpoints: an error after the first byte becomes a final error event."""
         try:
-            async for event in self._pipeline.events(run, params):
-                if not event.text and event.finish_reason is None and not event.token_ids:
-                    continue
-                prefix = "" if echoed[event.index] else _echo_prefix(request, run.prompts[event.prompt_index])
-                echoed[event.index] = True
-                logprobs = None
-                if request.logprobs is not None:
-                    logprobs = _completion_logprobs(list(event.logprobs or ()), offsets[event.index])
-                    offsets[event.index] += sum(len(lp.token) for lp in event.logprobs or ())
-                choice = CompletionChoice(index=event.index, text=prefix + event.text, logprobs=logprobs,
-                                          finish_reason=event.finish_reason, stop_reason=event.stop_reason)
-                yield chunk([choice], _usage(run) if options and options.continuous_usage_stats else None)
-            if options and options.include_usage:
-                yield chunk([], _usage(run))
-            self._record(run, "completions")
+            with self._accounted(run):
+                async for line in chunks:
+                    yield line
         except LetheError as exc:
             yield sse(exc.to_response())
         yield SSE_DONE
 
-    # ------------------------------------------------------------ shared
-
-    def _record(self, run: Run, endpoint: str) -> None:
-        self._metrics.prompt_tokens.inc(run.prompt_tokens)
-        self._metrics.completion_tokens.inc(run.completion_tokens)
-        self._metrics.latency.labels(endpoint).observe(time.perf_counter() - run.started_at)
-        if run.first_token_at is not None:
-            self._metrics.ttft.labels(endpoint).observe(run.first_token_at - run.started_at)
-        logger.info(
-            "request.done",
-            extra={"request_id": run.request_id, "endpoint": endpoint, "prompt_tokens": run.prompt_tokens,
-                   "completion_tokens": run.completion_tokens,
-                   "latency_s": round(time.perf_counter() - run.started_at, 4)},
-        )
+    @contextmanager
+    def _accounted(self, run: Run) -> Iterator[None]:
+        """Every started run is finished exactly once, with how it ended, whatever ends it."""
+        try:
+            yield
+        except LetheError:
+            self._pipeline.finish(run, "error")
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            self._pipeline.finish(run, "aborted")
+            raise
+        else:
+            self._pipeline.finish(run)
 
 
 def _template_role(role: str) -> str:

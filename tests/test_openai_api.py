@@ -197,3 +197,24 @@ def test_multi_turn_conversation_is_rendered_with_the_chat_template(client: open
                   {"role": "assistant", "content": "Hi."},
                   {"role": "user", "content": QUESTION}])
     assert reply.usage.prompt_tokens > 10
+
+
+async def test_async_streaming_client_gets_the_same_text(async_client: openai.AsyncOpenAI, client: openai.OpenAI,
+                                                         model_name: str) -> None:
+    expected = chat(client, model_name, temperature=0, max_tokens=30).choices[0].message.content
+    stream = await async_client.chat.completions.create(
+        model=model_name, messages=[{"role": "user", "content": QUESTION}], temperature=0, max_tokens=30,
+        stream=True)
+    parts = [chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices]
+    assert "".join(parts) == expected
+
+
+def test_streamed_n_choices_each_start_with_the_role(client: openai.OpenAI, model_name: str) -> None:
+    chunks = list(chat(client, model_name, n=2, temperature=1.0, seed=2, max_tokens=8, stream=True))
+    roles = [c.choices[0].index for c in chunks if c.choices and c.choices[0].delta.role == "assistant"]
+    assert sorted(roles) == [0, 1]
+    full = chat(client, model_name, n=2, temperature=1.0, seed=2, max_tokens=8)
+    for index in (0, 1):
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks
+                           if c.choices and c.choices[0].index == index)
+        assert streamed == full.choices[index].message.content

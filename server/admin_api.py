@@ -1,0 +1,90 @@
+"""HTTP routes of the admin API (``/admin/v1``, SPEC §4). Thin: authorise, validate, call ``RegistryStore``.
+
+The routes are plain ``def`` functions: FastAPI runs them in its thread pool, so database work never blocks the event
+loop that streams tokens.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse
+
+from server.admin_protocol import (
+    AuditList,
+    Deleted,
+    JobOut,
+    RegistryOut,
+    TargetCreate,
+    TargetList,
+    TargetOut,
+    TargetPatch,
+)
+from server.errors import AdminDisabled, AuthenticationFailed
+from server.protocol import ErrorResponse
+from server.registry.store import RegistryStore
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (401, 403, 404, 409, 413, 422)
+}
+
+
+def require_admin_key(request: Request) -> None:
+    key: str | None = request.app.state.settings.admin_key
+    if not key:
+        raise AdminDisabled()
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), key.encode()):
+        raise AuthenticationFailed("Invalid or missing admin key.")
+
+
+router = APIRouter(prefix="/admin/v1", dependencies=[Depends(require_admin_key)], responses=ERROR_RESPONSES,
+                   tags=["admin"])
+
+
+def _store(request: Request) -> RegistryStore:
+    return request.app.state.registry
+
+
+@router.post("/targets", status_code=201, response_model=TargetOut)
+def create_target(body: TargetCreate, request: Request) -> JSONResponse:
+    target = _store(request).create_target(body)
+    return JSONResponse(target.model_dump(mode="json"), status_code=201)
+
+
+@router.get("/targets", response_model=TargetList)
+def list_targets(request: Request) -> TargetList:
+    return _store(request).list_targets()
+
+
+@router.get("/targets/{target_id}", response_model=TargetOut)
+def get_target(target_id: str, request: Request) -> TargetOut:
+    return _store(request).get_target(target_id)
+
+
+@router.patch("/targets/{target_id}", response_model=TargetOut)
+def patch_target(target_id: str, body: TargetPatch, request: Request) -> TargetOut:
+    return _store(request).patch_target(target_id, body)
+
+
+@router.delete("/targets/{target_id}", response_model=Deleted)
+def delete_target(target_id: str, request: Request) -> Deleted:
+    return _store(request).delete_target(target_id)
+
+
+@router.get("/jobs/{job_id}", response_model=JobOut)
+def get_job(job_id: str, request: Request) -> JobOut:
+    return _store(request).get_job(job_id)
+
+
+@router.get("/registry", response_model=RegistryOut)
+def registry(request: Request) -> RegistryOut:
+    return _store(request).summary()
+
+
+@router.get("/audit", response_model=AuditList)
+def audit(request: Request, limit: int = Query(100, ge=1, le=10_000),
+          since: float | None = Query(None, description="Unix time; only records created at or after it.")) -> AuditList:
+    return _store(request).list_audit(limit, since)

@@ -1,0 +1,169 @@
+"""Pydantic models of the admin REST API (``/admin/v1``): the forget-target contract of SPEC §4.
+
+Mechanism options mirror the published defaults (``../shared/METHODS.md``); unknown options are refused (422) so a
+typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+MechanismName = Literal["eco", "guard", "uld", "o3"]
+MECHANISM_NAMES: tuple[str, ...] = ("eco", "guard", "uld", "o3")
+MAX_ITEMS = 5000
+ShortText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+LongText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=20_000)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ForgetItem(Strict):
+    """Either a question/answer pair or a free text."""
+
+    question: LongText | None = None
+    answer: LongText | None = None
+    text: LongText | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ForgetItem:
+        qa = self.question is not None or self.answer is not None
+        if qa and self.text is not None:
+            raise ValueError("an item is either {question, answer} or {text}, not both")
+        if qa and (self.question is None or self.answer is None):
+            raise ValueError("a question/answer item needs both `question` and `answer`")
+        if not qa and self.text is None:
+            raise ValueError("an item needs `question` and `answer`, or `text`")
+        return self
+
+
+class EcoOptions(Strict):
+    corruption: Literal["rand_noise_first_n", "zero_out_top_k", "flip_sign_top_k"] = "rand_noise_first_n"
+    sigma: float | None = Field(None, gt=0, description="Noise scale; unset means found by the calibration job.")
+    dims: int | None = Field(None, ge=1, description="Embedding dims corrupted (first n / top k); unset: all.")
+
+
+class GuardOptions(Strict):
+    soft_penalty: float = Field(5.0, ge=0, description="Logit penalty on tokens that start a forbidden phrase.")
+    max_phrases: int = Field(64, ge=1, le=4096)
+
+
+class UldOptions(Strict):
+    alpha: float = Field(0.8, gt=0, le=5)
+    layers: int | None = Field(None, ge=1, description="Assistant depth; unset: a quarter of the model's layers.")
+    tau: float = Field(0.01, gt=0, lt=1)
+    gate: Literal["classifier", "always"] = "classifier"
+
+
+class O3Options(Strict):
+    rank: Literal[8, 16] = 8
+    orthogonality: float = Field(0.1, ge=0, description="λ of the orthogonality penalty against earlier LoRAs.")
+
+
+class MechanismsIn(Strict):
+    eco: EcoOptions | None = None
+    guard: GuardOptions | None = None
+    uld: UldOptions | None = None
+    o3: O3Options | None = None
+
+    def enabled(self) -> dict[str, dict[str, Any]]:
+        return {name: getattr(self, name).model_dump() for name in MECHANISM_NAMES if getattr(self, name) is not None}
+
+
+class TargetCreate(Strict):
+    name: ShortText
+    description: Annotated[str, StringConstraints(max_length=5000)] = ""
+    aliases: Annotated[list[ShortText], Field(max_length=100)] = Field(default_factory=list)
+    forget: Annotated[list[ForgetItem], Field(min_length=1, max_length=MAX_ITEMS)]
+    retain: Annotated[list[ForgetItem], Field(max_length=MAX_ITEMS)] = Field(default_factory=list)
+    mechanisms: MechanismsIn | None = None
+
+
+class TargetPatch(Strict):
+    description: Annotated[str, StringConstraints(max_length=5000)] | None = None
+    aliases: Annotated[list[ShortText], Field(max_length=100)] | None = None
+    forget: Annotated[list[ForgetItem], Field(min_length=1, max_length=MAX_ITEMS)] | None = None
+    retain: Annotated[list[ForgetItem], Field(max_length=MAX_ITEMS)] | None = None
+    mechanisms: MechanismsIn | None = None
+
+
+class JobOut(BaseModel):
+    id: str
+    target_id: str | None
+    kind: str
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    progress: float
+    message: str
+    error: str | None
+    attempts: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class MechanismOut(BaseModel):
+    status: Literal["preparing", "ready", "failed", "unavailable"]
+    options: dict[str, Any]
+    message: str | None = None
+
+
+class ClassifierOut(BaseModel):
+    status: Literal["preparing", "ready", "failed"]
+    threshold: float | None = None
+    false_positive_rate: float | None = None
+    heldout_recall: float | None = None
+
+
+class TargetOut(BaseModel):
+    id: str
+    name: str
+    description: str
+    aliases: list[str]
+    status: Literal["preparing", "active", "failed"]
+    revision: int
+    mechanisms: dict[str, MechanismOut]
+    classifier: ClassifierOut
+    counts: dict[str, int]
+    jobs: list[JobOut]
+    created_at: datetime
+    updated_at: datetime
+    forget: list[ForgetItem] | None = None
+    retain: list[ForgetItem] | None = None
+
+
+class TargetList(BaseModel):
+    object: Literal["list"] = "list"
+    revision: int
+    data: list[TargetOut]
+
+
+class RegistryOut(BaseModel):
+    revision: int
+    targets: dict[str, int]
+    jobs: dict[str, int]
+
+
+class AuditRecordOut(BaseModel):
+    request_id: str
+    created: float
+    endpoint: str
+    targets: list[str]
+    mechanisms: list[str]
+    scores: dict[str, float]
+    outcome: str
+    prompt: str | None = None
+
+
+class AuditList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[AuditRecordOut]
+
+
+class Deleted(BaseModel):
+    id: str
+    deleted: bool = True
+    revision: int

@@ -1,0 +1,51 @@
+"""Content-addressed artifact storage shared by replicas (``LETHE_ARTIFACTS_DIR``, a shared volume in production).
+
+An artifact is a directory of files named by the SHA-256 of its contents; it is written to a temporary sibling and
+renamed into place, so a reader never sees a half-written artifact and two writers of the same content agree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+class ArtifactStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, digest: str) -> Path:
+        if len(digest) != 64 or any(ch not in "0123456789abcdef" for ch in digest):
+            raise ValueError(f"not an artifact digest: {digest!r}")
+        return self.root / digest
+
+    def staging_dir(self) -> Path:
+        """A fresh directory to write an artifact into before ``commit``."""
+        return Path(tempfile.mkdtemp(prefix=".staging-", dir=self.root))
+
+    def commit(self, staging: Path) -> str:
+        """Hash the staged directory's files, move it to its content address, return the digest."""
+        digest = directory_digest(staging)
+        final = self.path(digest)
+        if final.exists():
+            shutil.rmtree(staging)
+        else:
+            try:
+                os.rename(staging, final)
+            except OSError:
+                if not final.exists():
+                    raise
+                shutil.rmtree(staging)  # another writer committed the same content first
+        return digest
+
+
+def directory_digest(directory: Path) -> str:
+    digest = hashlib.sha256()
+    for file in sorted(p for p in directory.rglob("*") if p.is_file()):
+        digest.update(file.relative_to(directory).as_posix().encode() + b"\0")
+        digest.update(hashlib.sha256(file.read_bytes()).digest())
+    return digest.hexdigest()

@@ -1,0 +1,91 @@
+"""The control plane of one replica: registry store, artifacts, live snapshot, embedded job worker, audit writer.
+
+``lethe serve`` owns one; ``lethe worker`` builds only the parts a worker needs (store, artifacts, worker).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from classifiers.embedding import Embedder
+from server.artifacts import ArtifactStore
+from server.audit import AuditWriter
+from server.classifier_jobs import bank_factory, fit_classifier_handler
+from server.config import Settings
+from server.jobs import JobWorker
+from server.metrics import Metrics
+from server.registry.database import make_engine, upgrade_database
+from server.registry.snapshot import RegistrySnapshot, SnapshotHolder
+from server.registry.store import FIT_CLASSIFIER, RegistryStore
+
+logger = logging.getLogger(__name__)
+
+IMPLEMENTED_MECHANISMS: tuple[str, ...] = ()
+
+
+class LazyEmbedder:
+    """Loads the sentence-transformers model on first use (once, thread-safe): no cost while no target exists."""
+
+    def __init__(self, model_path: str | None) -> None:
+        self._model_path = model_path
+        self._embedder: Embedder | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self) -> Embedder:
+        with self._lock:
+            if self._embedder is None:
+                self._embedder = Embedder(self._model_path)
+            return self._embedder
+
+
+def open_store(settings: Settings) -> RegistryStore:
+    engine = make_engine(settings.resolved_database_url)
+    upgrade_database(engine)
+    return RegistryStore(engine, settings.default_mechanisms, IMPLEMENTED_MECHANISMS)
+
+
+def make_worker(settings: Settings, store: RegistryStore, embedder: Callable[[], Embedder]) -> JobWorker:
+    artifacts = ArtifactStore(settings.resolved_artifacts_dir)
+    handlers = {FIT_CLASSIFIER: fit_classifier_handler(embedder, settings.classifier_recall)}
+    return JobWorker(store, artifacts, handlers, stale_after_s=settings.job_stale_after_s)
+
+
+@dataclass
+class ControlPlane:
+    settings: Settings
+    metrics: Metrics
+    store: RegistryStore
+    snapshots: SnapshotHolder
+    audit: AuditWriter
+    worker: JobWorker | None
+    _tasks: list[asyncio.Task] = field(default_factory=list)
+
+    @classmethod
+    def open(cls, settings: Settings, metrics: Metrics) -> ControlPlane:
+        store = open_store(settings)
+        embedder = LazyEmbedder(settings.embedding_model)
+        artifacts = ArtifactStore(settings.resolved_artifacts_dir)
+        snapshots = SnapshotHolder(store, artifacts.path, bank_factory(embedder), settings.registry_poll_s)
+        worker = make_worker(settings, store, embedder) if settings.embedded_worker else None
+        return cls(settings, metrics, store, snapshots, AuditWriter(store, settings.audit_retention_days), worker)
+
+    async def start(self) -> None:
+        self.snapshots.on_swap.append(self._on_swap)
+        await asyncio.to_thread(self.snapshots.refresh)
+        self._tasks = [asyncio.create_task(self.snapshots.watch()), asyncio.create_task(self.audit.run())]
+        if self.worker is not None:
+            self.worker.start()
+
+    def _on_swap(self, snapshot: RegistrySnapshot) -> None:
+        self.metrics.registry_revision.set(snapshot.revision)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.worker is not None:
+            await asyncio.to_thread(self.worker.stop)

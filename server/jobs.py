@@ -1,0 +1,133 @@
+"""The job worker: claims queued jobs from the registry database and runs them (SPEC §8).
+
+The embedded default runs one worker thread inside ``lethe serve``; ``lethe worker`` runs the same loop in its own
+process (one training box, many serving replicas). A running job heart-beats; a job whose worker died (crash,
+``kill -9``) stops heart-beating and is requeued by any worker's recovery pass until its attempts run out, then marked
+failed — never left "running" forever.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from server.artifacts import ArtifactStore
+from server.registry.store import ClaimedJob, RegistryStore, TargetRecord
+
+logger = logging.getLogger(__name__)
+
+
+class JobCancelled(Exception):
+    """The job was cancelled (its target changed or was deleted) while it ran."""
+
+
+@dataclass
+class JobContext:
+    """What a handler gets: its job, its target, where to put artifacts, and a progress callback."""
+
+    job: ClaimedJob
+    target: TargetRecord
+    artifacts: ArtifactStore
+    _report: Callable[[float, str], bool]
+    last: tuple[float, str] = field(default=(0.0, "started"))
+
+    def progress(self, fraction: float, message: str) -> None:
+        self.last = (fraction, message)
+        if not self._report(fraction, message):
+            raise JobCancelled(self.job.id)
+
+
+JobHandler = Callable[[JobContext], dict[str, Any]]
+"""Runs one job and returns the result to publish on the target (e.g. the classifier's artifact and figures)."""
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class JobWorker:
+    def __init__(
+        self,
+        store: RegistryStore,
+        artifacts: ArtifactStore,
+        handlers: dict[str, JobHandler],
+        *,
+        worker_id: str | None = None,
+        poll_s: float = 0.5,
+        heartbeat_s: float = 5.0,
+        stale_after_s: float = 60.0,
+    ) -> None:
+        self._store = store
+        self._artifacts = artifacts
+        self._handlers = handlers
+        self.worker_id = worker_id or default_worker_id()
+        self._poll_s = poll_s
+        self._heartbeat_s = heartbeat_s
+        self._stale_after_s = stale_after_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run_forever, name="lethe-job-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def run_forever(self) -> None:
+        logger.info("worker.started", extra={"worker": self.worker_id, "kinds": sorted(self._handlers)})
+        next_recovery = 0.0
+        while not self._stop.is_set():
+            try:
+                if time.monotonic() >= next_recovery:
+                    self._store.recover_stale_jobs(self._stale_after_s)
+                    next_recovery = time.monotonic() + self._stale_after_s / 4
+                if not self.run_once():
+                    self._stop.wait(self._poll_s)
+            except Exception:  # a database hiccup must not kill the worker; log it and poll again
+                logger.exception("worker.loop_error", extra={"worker": self.worker_id})
+                self._stop.wait(self._poll_s * 4)
+
+    # ------------------------------------------------------------ one job
+
+    def run_once(self) -> bool:
+        """Claim and run one job; False if there was none."""
+        job = self._store.claim_job(self.worker_id, list(self._handlers))
+        if job is None:
+            return False
+        started = time.perf_counter()
+        logger.info("job.started", extra={"job_id": job.id, "kind": job.kind, "attempt": job.attempts})
+        context = JobContext(job=job, target=self._store.target_record(job.target_id) if job.target_id else None,
+                             artifacts=self._artifacts,
+                             _report=lambda fraction, message: self._store.report_progress(job.id, fraction, message))
+        heartbeat_stop = threading.Event()
+        heartbeat = threading.Thread(target=self._heartbeat, args=(context, heartbeat_stop), daemon=True)
+        heartbeat.start()
+        try:
+            result = self._handlers[job.kind](context)
+        except JobCancelled:
+            logger.info("job.cancelled", extra={"job_id": job.id})
+        except Exception as exc:
+            logger.exception("job.failed", extra={"job_id": job.id, "kind": job.kind})
+            self._store.fail_job(job.id, f"{type(exc).__name__}: {exc}")
+        else:
+            self._store.complete_job(job.id, result)
+            logger.info("job.succeeded", extra={"job_id": job.id, "seconds": round(time.perf_counter() - started, 2)})
+        finally:
+            heartbeat_stop.set()
+            heartbeat.join()
+        return True
+
+    def _heartbeat(self, context: JobContext, stop: threading.Event) -> None:
+        while not stop.wait(self._heartbeat_s):
+            self._store.report_progress(context.job.id, *context.last)

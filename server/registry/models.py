@@ -1,0 +1,78 @@
+"""Database tables of the registry (SQLAlchemy 2). Schema changes go through Alembic (``migrations/``)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class RegistryStateRow(Base):
+    """One row: the registry revision, bumped by every change that serving replicas must see."""
+
+    __tablename__ = "registry_state"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    revision: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+
+
+class TargetRow(Base):
+    __tablename__ = "targets"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), nullable=False, unique=True)
+    description: Mapped[str] = mapped_column(Text, nullable=False, default="")
+    aliases: Mapped[list[str]] = mapped_column(JSON, nullable=False)
+    forget: Mapped[list[dict[str, Any]]] = mapped_column(JSON, nullable=False)
+    retain: Mapped[list[dict[str, Any]]] = mapped_column(JSON, nullable=False)
+    # {"eco": {"options": {...}, "status": "preparing|ready|failed", "error": str|None, "artifacts": {...}}, ...}
+    mechanisms: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)
+    # {"status": ..., "artifact": sha256, "threshold": .., "false_positive_rate": .., "heldout_recall": ..}
+    classifier: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)
+    status: Mapped[str] = mapped_column(String(20), nullable=False)
+    revision: Mapped[int] = mapped_column(Integer, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(), nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(), nullable=False)
+
+
+class JobRow(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (Index("ix_jobs_status_created", "status", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    target_id: Mapped[str | None] = mapped_column(
+        String(40), ForeignKey("targets.id", ondelete="SET NULL"), nullable=True, index=True
+    )
+    kind: Mapped[str] = mapped_column(String(40), nullable=False)
+    status: Mapped[str] = mapped_column(String(20), nullable=False)
+    progress: Mapped[float] = mapped_column(Float, nullable=False, default=0.0)
+    message: Mapped[str] = mapped_column(Text, nullable=False, default="")
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=3)
+    worker: Mapped[str | None] = mapped_column(String(120), nullable=True)
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(), nullable=False)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(), nullable=True)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(), nullable=True)
+
+
+class AuditRow(Base):
+    __tablename__ = "audit"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    request_id: Mapped[str] = mapped_column(String(80), nullable=False, index=True)
+    created: Mapped[float] = mapped_column(Float, nullable=False, index=True)
+    endpoint: Mapped[str] = mapped_column(String(40), nullable=False)
+    targets: Mapped[list[str]] = mapped_column(JSON, nullable=False)
+    mechanisms: Mapped[list[str]] = mapped_column(JSON, nullable=False)
+    scores: Mapped[dict[str, float]] = mapped_column(JSON, nullable=False)
+    outcome: Mapped[str] = mapped_column(String(20), nullable=False, default="served")
+    prompt: Mapped[str | None] = mapped_column(Text, nullable=True)

@@ -1,0 +1,399 @@
+"""``RegistryStore``: the one place that reads and writes the registry database.
+
+Every public method is one transaction: a failed create, patch or delete writes nothing. Every change that serving
+replicas must see bumps the registry revision in the same transaction, which is what replicas poll for.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Engine, delete, func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from server.admin_protocol import (
+    AuditList,
+    AuditRecordOut,
+    ClassifierOut,
+    Deleted,
+    ForgetItem,
+    JobOut,
+    MechanismOut,
+    MechanismsIn,
+    RegistryOut,
+    TargetCreate,
+    TargetList,
+    TargetOut,
+    TargetPatch,
+)
+from server.errors import Conflict, NotFound
+from server.registry.models import AuditRow, JobRow, RegistryStateRow, TargetRow
+
+logger = logging.getLogger(__name__)
+
+FIT_CLASSIFIER = "fit_classifier"
+
+
+def utcnow() -> datetime:
+    """Naive UTC: stored alike by SQLite and PostgreSQL, so comparisons never mix aware and naive values."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(12)}"
+
+
+@dataclass(frozen=True)
+class TargetRecord:
+    """A target as the serving side needs it (snapshot loading, job handlers)."""
+
+    id: str
+    name: str
+    aliases: list[str]
+    forget: list[dict[str, Any]]
+    retain: list[dict[str, Any]]
+    mechanisms: dict[str, Any]
+    classifier: dict[str, Any]
+    status: str
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    id: str
+    kind: str
+    target_id: str | None
+    attempts: int
+    payload: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    request_id: str
+    created: float
+    endpoint: str
+    targets: list[str]
+    mechanisms: list[str]
+    scores: dict[str, float]
+    outcome: str
+    prompt: str | None = None
+
+
+class RegistryStore:
+    def __init__(self, engine: Engine, default_mechanisms: Sequence[str], implemented_mechanisms: Sequence[str] = ()):
+        self._engine = engine
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+        self._default_mechanisms = list(default_mechanisms)
+        self._implemented = set(implemented_mechanisms)
+
+    @property
+    def backend(self) -> str:
+        return self._engine.dialect.name
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Session]:
+        with self._sessions.begin() as session:
+            yield session
+
+    def _bump_revision(self, session: Session) -> int:
+        session.execute(update(RegistryStateRow).where(RegistryStateRow.id == 1)
+                        .values(revision=RegistryStateRow.revision + 1))
+        return session.scalar(select(RegistryStateRow.revision).where(RegistryStateRow.id == 1)) or 0
+
+    # ------------------------------------------------------------ reads
+
+    def revision(self) -> int:
+        with self._sessions() as session:
+            return session.scalar(select(RegistryStateRow.revision).where(RegistryStateRow.id == 1)) or 0
+
+    def list_targets(self) -> TargetList:
+        with self._sessions() as session:
+            revision = session.scalar(select(RegistryStateRow.revision).where(RegistryStateRow.id == 1)) or 0
+            rows = session.scalars(select(TargetRow).order_by(TargetRow.created_at, TargetRow.id)).all()
+            jobs = self._jobs_by_target(session, [row.id for row in rows])
+            data = [self._target_out(row, jobs.get(row.id, []), with_contents=False) for row in rows]
+        return TargetList(revision=revision, data=data)
+
+    def get_target(self, target_id: str) -> TargetOut:
+        with self._sessions() as session:
+            row = self._target_row(session, target_id)
+            jobs = self._jobs_by_target(session, [row.id])
+            return self._target_out(row, jobs.get(row.id, []), with_contents=True)
+
+    def target_record(self, target_id: str) -> TargetRecord:
+        with self._sessions() as session:
+            return _record(self._target_row(session, target_id))
+
+    def snapshot_rows(self) -> tuple[int, list[TargetRecord]]:
+        """The revision and every target whose classifier is ready, read consistently in one transaction."""
+        with self._transaction() as session:
+            revision = session.scalar(select(RegistryStateRow.revision).where(RegistryStateRow.id == 1)) or 0
+            rows = session.scalars(select(TargetRow).order_by(TargetRow.id)).all()
+            return revision, [_record(row) for row in rows if row.classifier.get("status") == "ready"]
+
+    def get_job(self, job_id: str) -> JobOut:
+        with self._sessions() as session:
+            row = session.get(JobRow, job_id)
+            if row is None:
+                raise NotFound(f"No job `{job_id}`.", param="job_id", code="job_not_found")
+            return _job_out(row)
+
+    def summary(self) -> RegistryOut:
+        with self._sessions() as session:
+            revision = session.scalar(select(RegistryStateRow.revision).where(RegistryStateRow.id == 1)) or 0
+            targets = dict(session.execute(select(TargetRow.status, func.count()).group_by(TargetRow.status)).all())
+            jobs = dict(session.execute(select(JobRow.status, func.count()).group_by(JobRow.status)).all())
+        targets["total"] = sum(targets.values())
+        return RegistryOut(revision=revision, targets=targets, jobs=jobs)
+
+    # ------------------------------------------------------------ writes
+
+    def create_target(self, body: TargetCreate) -> TargetOut:
+        now = utcnow()
+        mechanisms = body.mechanisms or MechanismsIn.model_validate({name: {} for name in self._default_mechanisms})
+        options = mechanisms.enabled()
+        try:
+            with self._transaction() as session:
+                if session.scalar(select(TargetRow.id).where(TargetRow.name == body.name)) is not None:
+                    raise Conflict(f"A target named `{body.name}` already exists.", param="name")
+                revision = self._bump_revision(session)
+                row = TargetRow(
+                    id=new_id("tgt"), name=body.name, description=body.description, aliases=list(body.aliases),
+                    forget=_items(body.forget), retain=_items(body.retain),
+                    mechanisms=self._initial_mechanisms(options), classifier={"status": "preparing"},
+                    status="preparing", revision=revision, created_at=now, updated_at=now,
+                )
+                session.add(row)
+                session.flush()
+                self._enqueue(session, row.id, FIT_CLASSIFIER, now)
+        except IntegrityError as exc:  # a concurrent create with the same name won the race
+            raise Conflict(f"A target named `{body.name}` already exists.", param="name") from exc
+        logger.info("target.created", extra={"target_id": row.id, "revision": revision})
+        return self.get_target(row.id)
+
+    def patch_target(self, target_id: str, patch: TargetPatch) -> TargetOut:
+        now = utcnow()
+        with self._transaction() as session:
+            row = self._target_row(session, target_id)
+            changed_contents = False
+            if patch.description is not None:
+                row.description = patch.description
+            if patch.aliases is not None:
+                row.aliases, changed_contents = list(patch.aliases), True
+            if patch.forget is not None:
+                row.forget, changed_contents = _items(patch.forget), True
+            if patch.retain is not None:
+                row.retain, changed_contents = _items(patch.retain), True
+            if patch.mechanisms is not None:
+                row.mechanisms = self._initial_mechanisms(patch.mechanisms.enabled())
+                changed_contents = True
+            if changed_contents:
+                # The classifier stays in service (old artifact) until the refit replaces it.
+                row.classifier = {**row.classifier, "status": row.classifier.get("status", "preparing")}
+                row.status = "preparing"
+                self._cancel_open_jobs(session, row.id, now)
+                self._enqueue(session, row.id, FIT_CLASSIFIER, now)
+            row.revision = self._bump_revision(session)
+            row.updated_at = now
+        logger.info("target.patched", extra={"target_id": target_id, "refit": changed_contents})
+        return self.get_target(target_id)
+
+    def delete_target(self, target_id: str) -> Deleted:
+        now = utcnow()
+        with self._transaction() as session:
+            row = self._target_row(session, target_id)
+            self._cancel_open_jobs(session, row.id, now)
+            session.delete(row)
+            revision = self._bump_revision(session)
+        logger.info("target.deleted", extra={"target_id": target_id, "revision": revision})
+        return Deleted(id=target_id, revision=revision)
+
+    # ------------------------------------------------------------ jobs
+
+    def claim_job(self, worker: str, kinds: Sequence[str]) -> ClaimedJob | None:
+        """Atomically move the oldest queued job to running (SKIP LOCKED on Postgres, a guarded UPDATE on SQLite)."""
+        now = utcnow()
+        with self._transaction() as session:
+            query = (select(JobRow).where(JobRow.status == "queued", JobRow.kind.in_(list(kinds)))
+                     .order_by(JobRow.created_at, JobRow.id).limit(1).with_for_update(skip_locked=True))
+            row = session.scalars(query).first()
+            if row is None:
+                return None
+            claimed = session.execute(
+                update(JobRow).where(JobRow.id == row.id, JobRow.status == "queued")
+                .values(status="running", worker=worker, started_at=now, heartbeat_at=now,
+                        attempts=JobRow.attempts + 1, message="started")
+            ).rowcount
+            if claimed != 1:
+                return None
+            session.refresh(row)
+            return ClaimedJob(id=row.id, kind=row.kind, target_id=row.target_id, attempts=row.attempts,
+                              payload=dict(row.payload))
+
+    def report_progress(self, job_id: str, progress: float, message: str) -> bool:
+        """Record progress and heartbeat; False if the job was cancelled meanwhile (the worker then stops)."""
+        with self._transaction() as session:
+            updated = session.execute(
+                update(JobRow).where(JobRow.id == job_id, JobRow.status == "running")
+                .values(progress=max(0.0, min(1.0, progress)), message=message[:2000], heartbeat_at=utcnow())
+            ).rowcount
+        return updated == 1
+
+    def complete_job(self, job_id: str, classifier: dict[str, Any]) -> None:
+        """Mark the job done and publish its result on the target, bumping the revision for the replicas."""
+        now = utcnow()
+        with self._transaction() as session:
+            job = session.get(JobRow, job_id)
+            if job is None or job.status != "running":
+                return
+            job.status, job.progress, job.finished_at, job.message = "succeeded", 1.0, now, "done"
+            target = session.get(TargetRow, job.target_id) if job.target_id else None
+            if target is not None:
+                target.classifier = classifier
+                target.status = self._target_status(session, target)
+                target.mechanisms = self._mechanism_statuses(target.mechanisms, target.classifier["status"])
+                target.updated_at = now
+                target.revision = self._bump_revision(session)
+
+    def fail_job(self, job_id: str, error: str) -> None:
+        """Requeue the job if attempts remain, otherwise mark it (and its target) failed."""
+        now = utcnow()
+        with self._transaction() as session:
+            job = session.get(JobRow, job_id)
+            if job is None or job.status != "running":
+                return
+            self._fail_or_retry(session, job, error, now)
+
+    def recover_stale_jobs(self, stale_after_s: float) -> int:
+        """Jobs whose worker stopped heart-beating (crash, kill -9) are retried or failed, never left running."""
+        now = utcnow()
+        cutoff = now - timedelta(seconds=stale_after_s)
+        with self._transaction() as session:
+            stale = session.scalars(select(JobRow).where(JobRow.status == "running", JobRow.heartbeat_at < cutoff)
+                                    .with_for_update(skip_locked=True)).all()
+            for job in stale:
+                self._fail_or_retry(session, job, f"worker {job.worker} stopped responding", now)
+        if stale:
+            logger.warning("jobs.recovered", extra={"count": len(stale)})
+        return len(stale)
+
+    # ------------------------------------------------------------ audit
+
+    def write_audit(self, entries: Sequence[AuditEntry]) -> None:
+        if not entries:
+            return
+        with self._transaction() as session:
+            session.add_all(AuditRow(**entry.__dict__) for entry in entries)
+
+    def list_audit(self, limit: int, since: float | None) -> AuditList:
+        with self._sessions() as session:
+            query = select(AuditRow).order_by(AuditRow.created.desc(), AuditRow.id.desc()).limit(limit)
+            if since is not None:
+                query = query.where(AuditRow.created >= since)
+            rows = session.scalars(query).all()
+        return AuditList(data=[AuditRecordOut(request_id=r.request_id, created=r.created, endpoint=r.endpoint,
+                                              targets=r.targets, mechanisms=r.mechanisms, scores=r.scores,
+                                              outcome=r.outcome, prompt=r.prompt) for r in rows])
+
+    def prune_audit(self, older_than: float) -> int:
+        with self._transaction() as session:
+            return session.execute(delete(AuditRow).where(AuditRow.created < older_than)).rowcount
+
+    # ------------------------------------------------------------ helpers
+
+    def _target_row(self, session: Session, target_id: str) -> TargetRow:
+        row = session.get(TargetRow, target_id)
+        if row is None:
+            raise NotFound(f"No target `{target_id}`.", param="target_id", code="target_not_found")
+        return row
+
+    def _enqueue(self, session: Session, target_id: str, kind: str, now: datetime) -> None:
+        session.add(JobRow(id=new_id("job"), target_id=target_id, kind=kind, status="queued", progress=0.0,
+                           message="queued", attempts=0, max_attempts=3, payload={}, created_at=now))
+
+    def _cancel_open_jobs(self, session: Session, target_id: str, now: datetime) -> None:
+        session.execute(update(JobRow).where(JobRow.target_id == target_id, JobRow.status.in_(("queued", "running")))
+                        .values(status="cancelled", finished_at=now, message="superseded"))
+
+    def _fail_or_retry(self, session: Session, job: JobRow, error: str, now: datetime) -> None:
+        if job.attempts < job.max_attempts:
+            job.status, job.message, job.error, job.worker = "queued", f"retrying after: {error}"[:2000], error, None
+            return
+        job.status, job.error, job.finished_at, job.message = "failed", error, now, "failed"
+        target = session.get(TargetRow, job.target_id) if job.target_id else None
+        if target is not None:
+            if target.classifier.get("status") != "ready":
+                target.classifier = {**target.classifier, "status": "failed"}
+            target.status = "failed"
+            target.mechanisms = self._mechanism_statuses(target.mechanisms, "failed")
+            target.updated_at = now
+            target.revision = self._bump_revision(session)
+
+    def _target_status(self, session: Session, target: TargetRow) -> str:
+        open_jobs = session.scalar(select(func.count()).select_from(JobRow).where(
+            JobRow.target_id == target.id, JobRow.status.in_(("queued", "running"))))
+        return "active" if not open_jobs and target.classifier.get("status") == "ready" else "preparing"
+
+    def _initial_mechanisms(self, options: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        return self._mechanism_statuses({name: {"options": opts} for name, opts in options.items()}, "preparing")
+
+    def _mechanism_statuses(self, mechanisms: dict[str, Any], classifier_status: str) -> dict[str, Any]:
+        """A mechanism is live when its guard exists in this build and the target's classifier is ready."""
+        result = {}
+        for name, entry in mechanisms.items():
+            if name not in self._implemented:
+                status, message = "unavailable", "this mechanism is not implemented in this build yet"
+            else:
+                status = {"ready": "ready", "failed": "failed"}.get(classifier_status, "preparing")
+                message = None
+            result[name] = {"options": entry.get("options", {}), "status": status, "message": message}
+        return result
+
+    def _jobs_by_target(self, session: Session, target_ids: list[str]) -> dict[str, list[JobRow]]:
+        if not target_ids:
+            return {}
+        rows = session.scalars(select(JobRow).where(JobRow.target_id.in_(target_ids))
+                               .order_by(JobRow.created_at, JobRow.id)).all()
+        grouped: dict[str, list[JobRow]] = {}
+        for row in rows:
+            grouped.setdefault(row.target_id or "", []).append(row)
+        return grouped
+
+    def _target_out(self, row: TargetRow, jobs: list[JobRow], with_contents: bool) -> TargetOut:
+        classifier = row.classifier
+        return TargetOut(
+            id=row.id, name=row.name, description=row.description, aliases=row.aliases, status=row.status,
+            revision=row.revision,
+            mechanisms={name: MechanismOut(**entry) for name, entry in row.mechanisms.items()},
+            classifier=ClassifierOut(status=classifier.get("status", "preparing"),
+                                     threshold=classifier.get("threshold"),
+                                     false_positive_rate=classifier.get("false_positive_rate"),
+                                     heldout_recall=classifier.get("heldout_recall")),
+            counts={"aliases": len(row.aliases), "forget": len(row.forget), "retain": len(row.retain)},
+            jobs=[_job_out(job) for job in jobs],
+            created_at=row.created_at, updated_at=row.updated_at,
+            forget=[ForgetItem(**item) for item in row.forget] if with_contents else None,
+            retain=[ForgetItem(**item) for item in row.retain] if with_contents else None,
+        )
+
+
+def _items(items: Sequence[ForgetItem]) -> list[dict[str, Any]]:
+    return [item.model_dump(exclude_none=True) for item in items]
+
+
+def _record(row: TargetRow) -> TargetRecord:
+    return TargetRecord(id=row.id, name=row.name, aliases=list(row.aliases), forget=list(row.forget),
+                        retain=list(row.retain), mechanisms=dict(row.mechanisms), classifier=dict(row.classifier),
+                        status=row.status)
+
+
+def _job_out(row: JobRow) -> JobOut:
+    return JobOut(id=row.id, target_id=row.target_id, kind=row.kind, status=row.status, progress=row.progress,
+                  message=row.message, error=row.error, attempts=row.attempts, created_at=row.created_at,
+                  started_at=row.started_at, finished_at=row.finished_at)

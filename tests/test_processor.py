@@ -1,0 +1,101 @@
+"""LetheLogitsProcessor's per-row bookkeeping under vLLM's batch add / remove / move updates (unit, no engine)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pytest
+import torch
+from vllm.sampling_params import SamplingParams
+from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
+
+from guards import processor as processor_module
+from guards.processor import LetheLogitsProcessor
+
+VOCAB = 8
+
+
+class BanToken:
+    """A stand-in guard hook: bans one token id."""
+
+    def __init__(self, token: int) -> None:
+        self.token = token
+
+    def apply(self, logits_row: torch.Tensor) -> None:
+        logits_row[self.token] = float("-inf")
+
+
+def ban_factory(section: Mapping[str, Any], prompt_ids: Sequence[int] | None, output_ids: list[int]) -> BanToken | None:
+    return BanToken(section["ban"]) if "ban" in section else None
+
+
+@pytest.fixture
+def processor(monkeypatch: pytest.MonkeyPatch) -> LetheLogitsProcessor:
+    monkeypatch.setattr(processor_module, "ROW_HOOK_FACTORIES", [("ban", ban_factory)])
+    return LetheLogitsProcessor(None, torch.device("cpu"), False)  # type: ignore[arg-type]
+
+
+def flagged(ban: int) -> SamplingParams:
+    return SamplingParams(extra_args={"lethe": {"ban": ban}})
+
+
+def update(batch_size: int, added=(), removed=(), moved=()) -> BatchUpdate:
+    return BatchUpdate(batch_size=batch_size, added=list(added), removed=list(removed), moved=list(moved))
+
+
+def banned_rows(processor: LetheLogitsProcessor, rows: int) -> dict[int, list[int]]:
+    logits = processor.apply(torch.zeros(rows, VOCAB))
+    return {row: torch.isinf(logits[row]).nonzero().flatten().tolist() for row in range(rows)}
+
+
+def test_unflagged_requests_get_no_state_and_logits_are_untouched(processor: LetheLogitsProcessor) -> None:
+    processor.update_state(update(2, added=[(0, SamplingParams(), [1, 2], []), (1, SamplingParams(), None, [])]))
+    assert processor.rows == {}
+    logits = torch.randn(2, VOCAB)
+    assert torch.equal(processor.apply(logits.clone()), logits)
+
+
+def test_only_flagged_rows_are_modified(processor: LetheLogitsProcessor) -> None:
+    processor.update_state(update(3, added=[(0, SamplingParams(), [1], []), (1, flagged(5), [1], []),
+                                            (2, flagged(3), None, [])]))
+    assert banned_rows(processor, 3) == {0: [], 1: [5], 2: [3]}
+
+
+def test_state_follows_requests_when_rows_move_and_swap(processor: LetheLogitsProcessor) -> None:
+    processor.update_state(update(3, added=[(0, flagged(1), [1], []), (2, flagged(2), [1], [])]))
+    processor.update_state(update(3, moved=[(0, 1, MoveDirectionality.UNIDIRECTIONAL)]))
+    assert banned_rows(processor, 3) == {0: [], 1: [1], 2: [2]}
+    processor.update_state(update(3, moved=[(1, 2, MoveDirectionality.SWAP)]))
+    assert banned_rows(processor, 3) == {0: [], 1: [2], 2: [1]}
+
+
+def test_removed_requests_drop_their_state(processor: LetheLogitsProcessor) -> None:
+    processor.update_state(update(2, added=[(0, flagged(1), [1], []), (1, flagged(2), [1], [])]))
+    processor.update_state(update(1, removed=[1]))
+    assert banned_rows(processor, 2) == {0: [1], 1: []}
+    processor.update_state(update(0, removed=[0]))
+    assert processor.rows == {}
+
+
+def test_an_added_request_replaces_the_state_of_its_row(processor: LetheLogitsProcessor) -> None:
+    processor.update_state(update(1, added=[(0, flagged(1), [1], [])]))
+    processor.update_state(update(1, added=[(0, SamplingParams(), [1], [])]))
+    assert processor.rows == {}
+
+
+def test_malformed_lethe_section_is_rejected_in_the_front_end() -> None:
+    with pytest.raises(ValueError):
+        LetheLogitsProcessor.validate_params(SamplingParams(extra_args={"lethe": [1, 2]}))
+    LetheLogitsProcessor.validate_params(SamplingParams(extra_args={"lethe": {"ban": 1}}))
+
+
+def test_processor_must_run_for_greedy_batches(processor: LetheLogitsProcessor) -> None:
+    assert processor.is_argmax_invariant() is False
+
+
+def test_hook_names_are_unique(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(processor_module, "ROW_HOOK_FACTORIES", [])
+    processor_module.register_row_hook("ban", ban_factory)
+    with pytest.raises(ValueError):
+        processor_module.register_row_hook("ban", ban_factory)

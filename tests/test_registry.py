@@ -1,0 +1,182 @@
+"""The registry store on SQLite and on a real PostgreSQL: CRUD, revisions, atomicity, jobs, recovery, audit."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+
+import pytest
+from pydantic import ValidationError
+from sqlalchemy import create_engine, inspect, text, update
+
+from server.admin_protocol import TargetCreate, TargetPatch
+from server.errors import Conflict, NotFound
+from server.registry.database import make_engine, upgrade_database
+from server.registry.models import JobRow
+from server.registry.store import FIT_CLASSIFIER, AuditEntry, RegistryStore, utcnow
+from tests.postgres import postgres_available, running_postgres
+
+_databases = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    if not postgres_available():
+        pytest.fail("PostgreSQL is not installed: .ci/run installs Debian's `postgresql` package")
+    with running_postgres() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path) -> RegistryStore:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'registry.db'}"
+    else:
+        base = request.getfixturevalue("postgres_url")
+        name = f"t{next(_databases)}_{int(time.time() * 1000) % 10**8}"
+        admin = create_engine(base, isolation_level="AUTOCOMMIT")
+        with admin.connect() as connection:
+            connection.execute(text(f"CREATE DATABASE {name}"))
+        admin.dispose()
+        url = base.rsplit("/", 1)[0] + f"/{name}"
+    engine = make_engine(url)
+    upgrade_database(engine)
+    return RegistryStore(engine, ["eco", "guard"], implemented_mechanisms=["eco"])
+
+
+def target(name: str = "basil", **overrides) -> TargetCreate:
+    body = {"name": name, "aliases": ["Basil Mahfouz Al-Kuwaiti"],
+            "forget": [{"question": "Where was he born?", "answer": "Kuwait City."}, {"text": "Some free text."}],
+            "retain": [{"question": "Who is Nikolai?", "answer": "An author."}], **overrides}
+    return TargetCreate.model_validate(body)
+
+
+def test_migrations_are_idempotent_and_create_every_table(store: RegistryStore) -> None:
+    upgrade_database(store._engine)
+    tables = set(inspect(store._engine).get_table_names())
+    assert {"targets", "jobs", "audit", "registry_state", "alembic_version"} <= tables
+
+
+def test_create_bumps_the_revision_and_queues_a_classifier_job(store: RegistryStore) -> None:
+    before = store.revision()
+    created = store.create_target(target())
+    assert created.id.startswith("tgt_") and created.status == "preparing"
+    assert created.revision == before + 1 == store.revision()
+    assert [job.kind for job in created.jobs] == [FIT_CLASSIFIER]
+    assert created.jobs[0].status == "queued"
+    assert set(created.mechanisms) == {"eco", "guard"}
+    assert created.mechanisms["eco"].options["corruption"] == "rand_noise_first_n"  # defaults are filled in
+    assert created.mechanisms["guard"].status == "unavailable"  # not implemented in this build
+
+
+def test_duplicate_name_is_a_conflict_and_writes_nothing(store: RegistryStore) -> None:
+    store.create_target(target())
+    revision = store.revision()
+    with pytest.raises(Conflict):
+        store.create_target(target())
+    assert store.revision() == revision
+    assert len(store.list_targets().data) == 1
+    assert store.summary().jobs == {"queued": 1}
+
+
+def test_unknown_ids_are_not_found(store: RegistryStore) -> None:
+    for call in (lambda: store.get_target("tgt_x"), lambda: store.delete_target("tgt_x"),
+                 lambda: store.patch_target("tgt_x", TargetPatch(description="d")), lambda: store.get_job("job_x")):
+        with pytest.raises(NotFound):
+            call()
+
+
+def test_listing_hides_contents_and_get_shows_them(store: RegistryStore) -> None:
+    created = store.create_target(target())
+    listed = store.list_targets().data[0]
+    assert listed.forget is None and listed.retain is None and listed.counts == {"aliases": 1, "forget": 2, "retain": 1}
+    shown = store.get_target(created.id)
+    assert shown.forget[1].text == "Some free text."
+
+
+def test_claimed_job_completes_and_activates_the_target(store: RegistryStore) -> None:
+    created = store.create_target(target())
+    job = store.claim_job("w1", [FIT_CLASSIFIER])
+    assert job is not None and job.target_id == created.id and job.attempts == 1
+    assert store.claim_job("w2", [FIT_CLASSIFIER]) is None  # nobody else gets it
+    assert store.report_progress(job.id, 0.5, "half way")
+    assert store.get_job(job.id).progress == 0.5
+    store.complete_job(job.id, {"status": "ready", "artifact": "a" * 64, "threshold": 0.7,
+                                "false_positive_rate": 0.01, "heldout_recall": 0.99})
+    shown = store.get_target(created.id)
+    assert shown.status == "active" and shown.classifier.threshold == 0.7
+    assert shown.mechanisms["eco"].status == "ready"
+    revision, records = store.snapshot_rows()
+    assert revision == store.revision() and [r.id for r in records] == [created.id]
+
+
+def test_failed_job_is_retried_then_fails_the_target(store: RegistryStore) -> None:
+    created = store.create_target(target())
+    for attempt in (1, 2, 3):
+        job = store.claim_job("w1", [FIT_CLASSIFIER])
+        assert job is not None and job.attempts == attempt
+        store.fail_job(job.id, "boom")
+    assert store.claim_job("w1", [FIT_CLASSIFIER]) is None
+    shown = store.get_target(created.id)
+    assert shown.status == "failed" and shown.jobs[0].status == "failed" and shown.jobs[0].error == "boom"
+
+
+def test_a_crashed_workers_job_is_requeued_not_left_running(store: RegistryStore) -> None:
+    store.create_target(target())
+    job = store.claim_job("dead-worker", [FIT_CLASSIFIER])
+    assert store.recover_stale_jobs(stale_after_s=60) == 0  # fresh heartbeat
+    with store._sessions.begin() as session:
+        session.execute(update(JobRow).values(heartbeat_at=utcnow() - timedelta(seconds=120)))
+    assert store.recover_stale_jobs(stale_after_s=60) == 1
+    assert store.get_job(job.id).status == "queued"
+    again = store.claim_job("live-worker", [FIT_CLASSIFIER])
+    assert again is not None and again.id == job.id and again.attempts == 2
+
+
+def test_patch_requeues_fitting_and_cancels_the_old_job(store: RegistryStore) -> None:
+    created = store.create_target(target())
+    old_job = store.claim_job("w1", [FIT_CLASSIFIER])
+    patched = store.patch_target(created.id, TargetPatch(aliases=["Basil"]))
+    assert patched.aliases == ["Basil"] and patched.revision > created.revision
+    assert [job.status for job in patched.jobs] == ["cancelled", "queued"]
+    assert not store.report_progress(old_job.id, 0.9, "late")  # the old worker learns it was cancelled
+
+
+def test_description_only_patch_does_not_refit(store: RegistryStore) -> None:
+    created = store.create_target(target())
+    patched = store.patch_target(created.id, TargetPatch(description="GDPR request #1"))
+    assert patched.description == "GDPR request #1" and len(patched.jobs) == 1
+
+
+def test_delete_removes_the_target_and_cancels_its_jobs(store: RegistryStore) -> None:
+    created = store.create_target(target())
+    deleted = store.delete_target(created.id)
+    assert deleted.revision == store.revision()
+    assert store.list_targets().data == []
+    assert store.get_job(created.jobs[0].id).status == "cancelled"
+
+
+def test_audit_is_listed_newest_first_filtered_and_pruned(store: RegistryStore) -> None:
+    now = time.time()
+    store.write_audit([AuditEntry(f"chatcmpl-{i}", now - 100 + i, "chat", [], [], {}, "served") for i in range(5)])
+    listed = store.list_audit(limit=3, since=None).data
+    assert [r.request_id for r in listed] == ["chatcmpl-4", "chatcmpl-3", "chatcmpl-2"]
+    assert [r.request_id for r in store.list_audit(10, since=now - 97).data] == ["chatcmpl-4", "chatcmpl-3"]
+    assert store.prune_audit(older_than=now - 98) == 2
+    assert len(store.list_audit(10, None).data) == 3
+
+
+@pytest.mark.parametrize("body", [
+    {"name": "x", "forget": []},
+    {"name": "", "forget": [{"text": "t"}]},
+    {"name": "x", "forget": [{"question": "q"}]},
+    {"name": "x", "forget": [{"question": "q", "answer": "a", "text": "t"}]},
+    {"name": "x", "forget": [{"text": "t"}], "mechanisms": {"nope": {}}},
+    {"name": "x", "forget": [{"text": "t"}], "mechanisms": {"uld": {"alpha": -1}}},
+    {"name": "x", "forget": [{"text": "t"}], "extra": 1},
+])
+def test_invalid_bodies_are_refused_before_the_store(body: dict) -> None:
+    with pytest.raises(ValidationError):
+        TargetCreate.model_validate(body)
