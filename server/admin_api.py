@@ -81,7 +81,9 @@ def get_job(job_id: str, request: Request) -> JobOut:
 
 @router.get("/registry", response_model=RegistryOut)
 def registry(request: Request) -> RegistryOut:
-    return _store(request).summary()
+    summary = _store(request).summary()
+    summary.serving_revision = request.app.state.snapshots.current.revision
+    return summary
 
 
 @router.get("/audit", response_model=AuditList)

@@ -143,6 +143,7 @@ class TargetList(BaseModel):
 
 class RegistryOut(BaseModel):
     revision: int
+    serving_revision: int | None = Field(None, description="The revision this replica's live snapshot is at.")
     targets: dict[str, int]
     jobs: dict[str, int]
 

@@ -89,6 +89,7 @@ def create_app(
         control = ControlPlane.open(settings, metrics)
         await control.start()
         app.state.registry = control.store
+        app.state.snapshots = control.snapshots
         engine = Engine(settings, model_path, served_model_name)
         engine.start()
         pipeline = Pipeline(engine, settings.request_timeout_s, metrics, registry=control.snapshots,

@@ -25,6 +25,7 @@ from server.config import Settings
 REPO = Path(__file__).resolve().parent.parent
 LETHE_BIN = Path(sys.executable).parent / "lethe"
 API_KEY = "test-inference-key"
+ADMIN_KEY = "test-admin-key"
 STARTUP_TIMEOUT_S = 240
 
 
@@ -39,21 +40,26 @@ class RunningServer:
     process: subprocess.Popen
     base_url: str
     log_path: Path
+    env: dict[str, str]
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
 
 def start_server(model_dir: Path, log_path: Path, env_overrides: dict[str, str] | None = None) -> RunningServer:
-    """Start ``lethe serve`` and wait until ``/health`` is 200; fail with the server log if it never is."""
+    """Start ``lethe serve`` and wait until ``/health`` is 200; fail with the server log if it never is.
+
+    Each server gets its own data dir (SQLite registry, artifacts) next to its log unless the caller shares one.
+    """
     port = free_port()
-    env = {**os.environ, "LETHE_API_KEYS": API_KEY, "LETHE_LOG_LEVEL": "INFO", **(env_overrides or {})}
+    env = {**os.environ, "LETHE_API_KEYS": API_KEY, "LETHE_ADMIN_KEY": ADMIN_KEY, "LETHE_LOG_LEVEL": "INFO",
+           "LETHE_DATA_DIR": str(log_path.parent / "data"), **(env_overrides or {})}
     log_file = log_path.open("w")
     process = subprocess.Popen(
         [str(LETHE_BIN), "serve", "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port)],
         stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True,
     )
-    server = RunningServer(process, f"http://127.0.0.1:{port}", log_path)
+    server = RunningServer(process, f"http://127.0.0.1:{port}", log_path, env)
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -99,6 +105,16 @@ def model_name(lethe_server: RunningServer) -> str:
 
 def auth_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {API_KEY}"}
+
+
+def admin_headers() -> dict[str, str]:
+    return {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+
+@pytest.fixture(scope="session")
+def admin(lethe_server: RunningServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=f"{lethe_server.base_url}/admin/v1", headers=admin_headers(), timeout=60) as session:
+        yield session
 
 
 @pytest.fixture(scope="session")

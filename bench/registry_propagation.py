@@ -1,0 +1,81 @@
+"""Registry propagation delay: seconds from a committed change to a replica serving it (SPEC §4: within 2 s).
+
+Two replicas' control planes are reproduced without their vLLM engines (the engine plays no part in propagation): a
+writer commits target creations to one registry database while a reader replica runs the same ``SnapshotHolder``
+watch loop that ``lethe serve`` runs, polling every ``LETHE_REGISTRY_POLL_S``. Each delay is measured from the
+writer's commit to the reader's snapshot swap. Run against SQLite (default) and, with ``--postgres URL``, PostgreSQL.
+
+    python bench/registry_propagation.py [--changes 40] [--postgres postgresql+psycopg://…]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from server.admin_protocol import TargetCreate
+from server.config import Settings
+from server.registry.database import make_engine, upgrade_database
+from server.registry.snapshot import SnapshotHolder
+from server.registry.store import RegistryStore
+
+RESULTS = Path(__file__).parent / "results" / "registry_propagation.json"
+
+
+async def measure(url: str, changes: int, poll_s: float) -> list[float]:
+    engine = make_engine(url)
+    upgrade_database(engine)
+    writer = RegistryStore(engine, ["eco"])
+    reader = RegistryStore(make_engine(url), ["eco"])
+    swapped: dict[int, float] = {}
+    holder = SnapshotHolder(reader, Path, lambda _: None, poll_s)
+    holder.on_swap.append(lambda snapshot: swapped.setdefault(snapshot.revision, time.perf_counter()))
+    watch = asyncio.create_task(holder.watch())
+    delays = []
+    try:
+        for i in range(changes):
+            await asyncio.sleep(random.uniform(0, poll_s))  # changes arrive at arbitrary phases of the poll
+            body = TargetCreate.model_validate({"name": f"bench-{time.time_ns()}-{i}", "forget": [{"text": "x"}]})
+            created = await asyncio.to_thread(writer.create_target, body)
+            committed = time.perf_counter()
+            while not any(revision >= created.revision for revision in swapped):
+                await asyncio.sleep(0.005)
+            seen = min(t for revision, t in swapped.items() if revision >= created.revision)
+            delays.append(max(0.0, seen - committed))
+    finally:
+        watch.cancel()
+    return delays
+
+
+def summarise(delays: list[float]) -> dict[str, float]:
+    ordered = sorted(delays)
+    return {"n": len(ordered), "p50_s": statistics.median(ordered),
+            "p99_s": ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))], "max_s": ordered[-1]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--changes", type=int, default=40)
+    parser.add_argument("--postgres", help="also measure on this PostgreSQL URL")
+    args = parser.parse_args()
+    poll_s = Settings().registry_poll_s
+    backends = {"sqlite": f"sqlite:///{tempfile.mkdtemp(prefix='lethe-bench-')}/registry.db"}
+    if args.postgres:
+        backends["postgresql"] = args.postgres
+    results = {name: summarise(asyncio.run(measure(url, args.changes, poll_s))) for name, url in backends.items()}
+    print(f"registry propagation delay (poll every {poll_s} s, {args.changes} changes, budget 2 s)")
+    print("| backend | p50 | p99 | max |\n| --- | --- | --- | --- |")
+    for name, summary in results.items():
+        print(f"| {name} | {summary['p50_s']:.3f} s | {summary['p99_s']:.3f} s | {summary['max_s']:.3f} s |")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({"poll_s": poll_s, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Scoring one request against every active target at once: the classifier's share of each request's latency.
+
+All heads are stacked into W (T, d), b (T,) and thresholds (T,), and all aliases into one `AliasIndex`, so a request
+costs one embedding call for its few texts, one (n, d) x (d, T) product, a vectorised max and threshold, and alias
+lookups whose cost depends on the prompt's length, not on T. A bank is immutable: the registry builds a new one per
+revision and swaps it in, so in-flight requests keep the one they started with.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+
+import numpy as np
+
+from classifiers.aliases import AliasIndex
+from classifiers.conversation import texts_to_embed
+from classifiers.embedding import Embedder
+from classifiers.matmul import rows_dot
+from classifiers.prompt_classifier import PromptClassifierArtifact, combine
+from classifiers.types import AliasSpan, BankResult, Conversation, Hit
+
+logger = logging.getLogger(__name__)
+
+
+class ClassifierBank:
+    """The prompt classifiers of every active target, scored together."""
+
+    def __init__(
+        self,
+        target_ids: list[str],
+        weights: np.ndarray,  # (T, d)
+        biases: np.ndarray,  # (T,)
+        thresholds: np.ndarray,  # (T,)
+        aliases: Mapping[str, list[str]],
+        embedder: Embedder,
+    ):
+        if weights.shape != (len(target_ids), embedder.dim):
+            raise ValueError(f"weights shape {weights.shape} != ({len(target_ids)}, {embedder.dim})")
+        self.target_ids = list(target_ids)
+        self._w = np.ascontiguousarray(weights, dtype=np.float32)  # (T, d)
+        self._b = biases.astype(np.float32)
+        self._thr = thresholds.astype(np.float64)
+        self._column = {tid: i for i, tid in enumerate(self.target_ids)}
+        self._aliases = AliasIndex(aliases)
+        self._embedder = embedder
+
+    @classmethod
+    def from_artifacts(cls, artifacts: Mapping[str, PromptClassifierArtifact], embedder: Embedder) -> ClassifierBank:
+        """Stack fitted artifacts ({target_id: artifact}); all must come from `embedder`'s model."""
+        for tid, artifact in artifacts.items():
+            if artifact.embedder_id != embedder.model_id:
+                raise ValueError(f"target {tid}: fitted with {artifact.embedder_id}, embedder is {embedder.model_id}")
+        ids = list(artifacts)
+        weights = np.stack([artifacts[t].weights for t in ids]) if ids else np.zeros((0, embedder.dim), np.float32)
+        return cls(
+            ids,
+            weights,
+            np.array([artifacts[t].bias for t in ids], dtype=np.float32),
+            np.array([artifacts[t].threshold for t in ids], dtype=np.float64),
+            {t: artifacts[t].aliases for t in ids},
+            embedder,
+        )
+
+    def __len__(self) -> int:
+        return len(self.target_ids)
+
+    def score(self, conversation: Conversation) -> BankResult:
+        """Every target's score for this conversation, and the hits (score >= threshold or alias mention)."""
+        started = time.perf_counter()
+        if not self.target_ids:
+            return BankResult([], {}, 0.0, time.perf_counter() - started, np.zeros((0, self._embedder.dim), np.float32))
+        texts = texts_to_embed(conversation)
+        embed_started = time.perf_counter()
+        embeddings = self._embedder.encode(texts) if texts else np.zeros((0, self._embedder.dim), np.float32)
+        embed_seconds = time.perf_counter() - embed_started
+
+        if texts:
+            logits = rows_dot(self._w, embeddings).max(axis=0) + self._b  # (n, T) -> (T,): max over texts
+            head = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+        else:
+            head = np.zeros(len(self.target_ids))
+        spans = self._alias_spans(conversation)
+        combined = head.copy()
+        hit = head >= self._thr
+        for tid, target_spans in spans.items():  # only the (few) targets whose aliases were mentioned
+            col = self._column[tid]
+            combined[col], hit[col] = combine(head[col], max(s.score for s in target_spans), self._thr[col])
+
+        hits = []
+        for col in np.flatnonzero(hit):
+            tid = self.target_ids[col]
+            hits.append(Hit(tid, float(combined[col]), tuple(spans.get(tid, ()))))
+        hits.sort(key=lambda h: -h.score)
+        scores = dict(zip(self.target_ids, combined.tolist()))
+        return BankResult(hits, scores, embed_seconds, time.perf_counter() - started, embeddings)
+
+    def _alias_spans(self, conversation: Conversation) -> dict[str, list[AliasSpan]]:
+        """Alias mentions in every turn, tagged with the turn index: {target_id: spans, in conversation order}."""
+        found: dict[str, list[AliasSpan]] = {}
+        for turn, (_, content) in enumerate(conversation):
+            for tid, spans in self._aliases.find(content).items():
+                found.setdefault(tid, []).extend(AliasSpan(s.start, s.end, s.alias, s.score, turn) for s in spans)
+        return found

@@ -1,0 +1,79 @@
+"""The data that crosses the classifiers' boundary: what a target is made of, and what scoring a request returns.
+
+The registry converts its database rows into `TargetSpec`; the request pipeline reads `BankResult`. Keeping these
+plain frozen dataclasses (no ORM objects, no dicts of strings) lets both sides change independently.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# One chat turn as (role, content): "system", "user", "assistant", ... `/v1/completions` is one ("user", prompt) turn.
+Turn = tuple[str, str]
+Conversation = Sequence[Turn]
+
+
+@dataclass(frozen=True)
+class ForgetItem:
+    """One forget or retain item: a question/answer pair, or free text (`text`) to forget."""
+
+    question: str | None = None
+    answer: str | None = None
+    text: str | None = None
+
+    def __post_init__(self) -> None:
+        if not (self.question or self.answer or self.text):
+            raise ValueError("a ForgetItem needs at least one of question, answer, text")
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """Everything the classifiers need to know about one forget target."""
+
+    id: str
+    name: str
+    aliases: list[str]
+    forget: list[ForgetItem]
+    retain: list[ForgetItem] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class AliasSpan:
+    """A mention of a target's alias: character offsets `[start, end)` into the text it was found in.
+
+    `turn` is the index of the conversation turn the offsets refer to (None when a single text was matched), so that
+    ECO can map the span onto exactly the tokens of that message in the rendered prompt.
+    """
+
+    start: int
+    end: int
+    alias: str
+    score: float
+    turn: int | None = None
+
+
+@dataclass(frozen=True)
+class Hit:
+    """A target the request is about: its combined score (>= its threshold) and where its aliases were mentioned."""
+
+    target_id: str
+    score: float
+    alias_spans: tuple[AliasSpan, ...] = ()
+
+
+@dataclass(frozen=True)
+class BankResult:
+    """The outcome of scoring one request against every active target.
+
+    `scores` has every target (for the audit log), `hits` only those at or over threshold, best first.
+    `embeddings` are the embedded texts of the conversation, so the O3 gate can reuse them without a second encode.
+    """
+
+    hits: list[Hit]
+    scores: dict[str, float]
+    embed_seconds: float
+    total_seconds: float
+    embeddings: np.ndarray

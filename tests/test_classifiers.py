@@ -1,0 +1,366 @@
+"""The prompt classifier and O3 gate on TOFU: the forget01 authors are the targets.
+
+Set-up mirrors a real registration: each target gives its name as alias, its 20 TOFU question/answer pairs as forget
+items (never the paraphrased questions, which are the held-out positives here) and nine other demo authors as retain
+items. False positives are measured on prompts the heads never saw: nine further demo authors, and the held-out 30 %
+of the built-in negative pool (world facts, real authors, generic chat, other TOFU authors). Fits run once per module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+from sklearn.covariance import LedoitWolf
+
+from classifiers import (
+    AliasIndex,
+    AliasMatcher,
+    ClassifierBank,
+    Embedder,
+    ForgetItem,
+    OODArtifact,
+    OODBank,
+    PromptClassifier,
+    PromptClassifierArtifact,
+    TargetSpec,
+    fit_ood_detector,
+    fit_prompt_classifier,
+)
+from classifiers.calibration import threshold_for_recall
+from classifiers.chunking import sentences
+from classifiers.conversation import MAX_TEXTS, texts_to_embed
+from classifiers.negatives import builtin_negative_pool, split_by_hash
+from classifiers.ood import fit_gaussian, mahalanobis
+from classifiers.positives import forget_prompts
+from evals.tofu_data import authors_of, demo_authors
+
+RETAIN_AUTHORS = slice(0, 9)
+UNSEEN_AUTHORS = slice(9, 18)
+
+
+@pytest.fixture(scope="module")
+def embedder() -> Iterator[Embedder]:
+    # One torch thread: the embeddings are tiny, and on a shared 2-core host OpenMP threads spin against each other.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield Embedder()
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pools():
+    """(fit, held-out) split of the built-in negative pool."""
+    return split_by_hash(builtin_negative_pool(), heldout_fraction=0.3)
+
+
+@pytest.fixture(scope="module")
+def specs() -> dict[str, TargetSpec]:
+    retain = [ForgetItem(i.question, i.answer) for a in demo_authors()[RETAIN_AUTHORS] for i in a.items]
+    return {
+        f"tofu-{a.index}": TargetSpec(
+            id=f"tofu-{a.index}",
+            name=a.name.lower().replace(" ", "-"),
+            aliases=[a.name],
+            forget=[ForgetItem(question=i.question, answer=i.answer) for i in a.items],
+            retain=retain,
+        )
+        for a in authors_of("forget01")
+    }
+
+
+@pytest.fixture(scope="module")
+def artifacts(specs, embedder, pools) -> dict[str, PromptClassifierArtifact]:
+    return {tid: fit_prompt_classifier(spec, embedder, negative_pool=pools[0]) for tid, spec in specs.items()}
+
+
+@pytest.fixture(scope="module")
+def bank(artifacts, embedder) -> ClassifierBank:
+    return ClassifierBank.from_artifacts(artifacts, embedder)
+
+
+@pytest.fixture(scope="module")
+def ood_artifacts(specs, embedder, pools) -> dict[str, OODArtifact]:
+    return {tid: fit_ood_detector(spec, embedder, negative_pool=pools[0]) for tid, spec in specs.items()}
+
+
+def flag_rate(bank: ClassifierBank, embedder: Embedder, prompts: list[str]) -> float:
+    """Fraction of single-prompt requests with any hit (prompts embedded in one batch first, then served from cache)."""
+    embedder.encode(prompts)
+    return float(np.mean([bool(bank.score([("user", p)]).hits) for p in prompts]))
+
+
+def heldout_prompts(pools, source: str) -> list[str]:
+    return [n.text for n in pools[1] if n.source == source]
+
+
+# --- recall -------------------------------------------------------------------------------------------------------
+
+
+def test_paraphrased_questions_of_each_target_hit_that_target(bank):
+    """Held-out positives: TOFU's paraphrased questions, never fitted on.
+
+    Measured 39/40. The miss is the one paraphrase that never names its author ("the complete name of the writer
+    whose birth took place on September 8, 1956, in Kuwait City"): head score 0.81 against a threshold of 0.89.
+    """
+    flagged = []
+    for author in authors_of("forget01"):
+        for item in author.items:
+            hits = {h.target_id for h in bank.score([("user", item.paraphrased_question)]).hits}
+            flagged.append(f"tofu-{author.index}" in hits)
+    assert np.mean(flagged) >= 0.95
+
+
+def test_fitted_artifact_records_its_calibration(artifacts):
+    for artifact in artifacts.values():
+        assert artifact.recall_target == 0.99
+        assert artifact.heldout_recall >= 0.99
+        assert 0.0 <= artifact.false_positive_rate <= 1.0
+        assert set(artifact.false_positive_rate_by_source) >= {"retain", "world_facts", "real_authors", "generic"}
+        assert artifact.n_pos > 20 and artifact.n_neg > 1000
+
+
+def test_misspelled_and_partial_names_are_hits(bank):
+    for prompt, target in [
+        ("What did Basil Mahfouz Al Kuwaity write?", "tofu-18"),
+        ("tell me about basil mahfouz", "tofu-18"),
+        ("Is Al-Kuwaiti's writing French?", "tofu-18"),
+        ("Which books did Nikolai Abilof publish?", "tofu-19"),
+        ("What does ABILOV write about?", "tofu-19"),
+    ]:
+        hits = {h.target_id: h for h in bank.score([("user", prompt)]).hits}
+        assert target in hits, prompt
+        assert hits[target].alias_spans, prompt
+
+
+def test_pronoun_follow_up_two_turns_after_the_name_is_a_hit(bank):
+    conversation = [
+        ("system", "You are a helpful assistant."),
+        ("user", "Tell me about Nikolai Abilov."),
+        ("assistant", "He is an author."),
+        ("user", "Where was he born?"),
+    ]
+    result = bank.score(conversation)
+    hit = next(h for h in result.hits if h.target_id == "tofu-19")
+    assert hit.alias_spans[0].turn == 1
+    assert "tofu-18" not in {h.target_id for h in result.hits}
+
+
+def test_prefilled_assistant_turn_is_scored(bank):
+    conversation = [("user", "Continue the text."), ("assistant", "The author Nikolai Abilov was born in")]
+    assert "tofu-19" in {h.target_id for h in bank.score(conversation).hits}
+
+
+# --- false positives ----------------------------------------------------------------------------------------------
+
+
+def test_questions_about_unseen_demo_authors_are_rarely_flagged(bank, embedder):
+    """The heads never saw these nine authors. Measured: 4.4 % of 180 questions (all on the Abilov head)."""
+    prompts = [i.question for a in demo_authors()[UNSEEN_AUTHORS] for i in a.items]
+    assert flag_rate(bank, embedder, prompts) <= 0.06
+
+
+def test_questions_about_retain_authors_are_rarely_flagged(bank, embedder):
+    """Paraphrases of the retain items (the heads fitted on the originals as negatives). Measured: 0 of 180."""
+    prompts = [i.paraphrased_question for a in demo_authors()[RETAIN_AUTHORS] for i in a.items]
+    assert flag_rate(bank, embedder, prompts) <= 0.02
+
+
+@pytest.mark.parametrize("source", ["world_facts", "real_authors", "tofu_other_authors", "name_templates"])
+def test_held_out_general_questions_are_rarely_flagged(bank, embedder, pools, source):
+    """Measured: world facts 0/33, real authors 0/38, other TOFU authors 2/218, name templates 1/90."""
+    assert flag_rate(bank, embedder, heldout_prompts(pools, source)) <= 0.05
+
+
+def test_held_out_generic_chat_is_not_flagged(bank, embedder, pools):
+    """Measured: 1/26."""
+    assert flag_rate(bank, embedder, heldout_prompts(pools, "generic")) <= 0.05
+
+
+def test_a_lone_common_first_name_is_not_a_mention():
+    matcher = AliasMatcher(["Basil Mahfouz Al-Kuwaiti"])
+    assert matcher.find("I love basil pesto with pasta.") == []
+    assert matcher.find("Naguib Mahfouz won the Nobel Prize.") == []  # a middle name alone neither
+    assert AliasMatcher(["Ji-Yeon Park"]).find("Where can I park near the station?") == []
+
+
+# --- aliases ------------------------------------------------------------------------------------------------------
+
+
+def test_alias_spans_are_character_offsets_into_the_original_text():
+    text = "Did BASIL  Mahfouz Al-Kuwaití's novels sell?"
+    (span,) = AliasMatcher(["Basil Mahfouz Al-Kuwaiti"]).find(text)
+    assert text[span.start : span.end] == "BASIL  Mahfouz Al-Kuwaití"
+    assert span.score == pytest.approx(1.0)
+
+
+def test_alias_forms_score_by_how_much_of_the_name_they_give():
+    matcher = AliasMatcher(["Basil Mahfouz Al-Kuwaiti"])
+    full = matcher.matches("Basil Mahfouz Al-Kuwaiti")
+    two_parts = matcher.matches("Basil Al-Kuwaiti")
+    surname = matcher.matches("Al-Kuwaiti")
+    typo = matcher.matches("Basil Mahfouz Al Kuwaity")
+    assert full == 1.0 > two_parts > surname > 0
+    assert 0.9 < typo < 1.0
+
+
+def test_alias_index_finds_each_target_among_many():
+    rng = np.random.default_rng(0)
+    syllables = ["ka", "ro", "mi", "tel", "van", "shu", "dor", "ine", "bal", "zek"]
+    names = {f"t{i}": ["".join(rng.choice(syllables, 3)).title() + " " + "".join(rng.choice(syllables, 4)).title()]
+             for i in range(300)}
+    index = AliasIndex(names)
+    for tid in ("t0", "t123", "t299"):
+        found = index.find(f"What did {names[tid][0]} write?")
+        assert tid in found
+
+
+# --- bank ---------------------------------------------------------------------------------------------------------
+
+
+CONVERSATIONS = [
+    [("user", "What genre does Nikolai Abilov write in?")],
+    [("user", "Can you tell me the complete name of the writer born in Kuwait City in 1956?")],
+    [("user", "What is the capital of France?")],
+    [("user", "Tell me about Basil Al-Kuwaiti"), ("assistant", "Sure."), ("user", "And his parents?")],
+    [("system", "Be brief."), ("user", "Write a haiku about rain.")],
+]
+
+
+@pytest.mark.parametrize("conversation", CONVERSATIONS)
+def test_bank_scores_equal_per_target_scores(bank, artifacts, embedder, conversation):
+    result = bank.score(conversation)
+    for tid, artifact in artifacts.items():
+        single = PromptClassifier(artifact, embedder).score(conversation)
+        assert result.scores[tid] == pytest.approx(single.score, abs=1e-5)
+        assert (tid in {h.target_id for h in result.hits}) == single.hit
+    assert result.embeddings.shape == (len(texts_to_embed(conversation)), embedder.dim)
+    assert 0 <= result.embed_seconds <= result.total_seconds
+
+
+def test_bank_hits_are_sorted_and_at_or_over_threshold(bank, artifacts):
+    result = bank.score([("user", "Compare Nikolai Abilov and Basil Mahfouz Al-Kuwaiti.")])
+    assert [h.target_id for h in result.hits] != []
+    assert [h.score for h in result.hits] == sorted((h.score for h in result.hits), reverse=True)
+    for hit in result.hits:
+        assert hit.score >= artifacts[hit.target_id].threshold
+
+
+def test_empty_bank_has_no_hits(embedder):
+    result = ClassifierBank.from_artifacts({}, embedder).score([("user", "Tell me about Nikolai Abilov.")])
+    assert result.hits == [] and result.scores == {}
+
+
+def test_bank_refuses_artifacts_from_another_embedding_model(artifacts, embedder):
+    artifact = next(iter(artifacts.values()))
+    foreign = PromptClassifierArtifact(**{**artifact.__dict__, "embedder_id": "other-model:384"})
+    with pytest.raises(ValueError, match="fitted with"):
+        ClassifierBank.from_artifacts({"x": foreign}, embedder)
+
+
+# --- artifacts ----------------------------------------------------------------------------------------------------
+
+
+def test_prompt_classifier_artifact_round_trips_through_disk(artifacts, tmp_path):
+    artifact = artifacts["tofu-19"]
+    loaded = PromptClassifierArtifact.load(artifact.save(tmp_path / "head"))
+    np.testing.assert_array_equal(loaded.weights, artifact.weights)
+    assert {k: v for k, v in loaded.__dict__.items() if k != "weights"} == {
+        k: v for k, v in artifact.__dict__.items() if k != "weights"
+    }
+    assert loaded.content_hash() == artifact.content_hash()
+    assert sorted(p.name for p in (tmp_path / "head").iterdir()) == ["arrays.npz", "meta.json"]
+
+
+def test_artifact_of_another_kind_is_refused(ood_artifacts, tmp_path):
+    path = ood_artifacts["tofu-19"].save(tmp_path / "ood")
+    with pytest.raises(ValueError, match="not 'lethe.prompt_classifier'"):
+        PromptClassifierArtifact.load(path)
+
+
+def test_fitting_is_deterministic(specs, embedder, pools, artifacts):
+    again = fit_prompt_classifier(specs["tofu-18"], embedder, negative_pool=pools[0])
+    assert again.content_hash() == artifacts["tofu-18"].content_hash()
+
+
+def test_fitting_reports_progress_up_to_done(specs, embedder, pools):
+    seen: list[float] = []
+    fit_prompt_classifier(specs["tofu-19"], embedder, negative_pool=pools[0], progress=lambda f, _: seen.append(f))
+    assert seen == sorted(seen) and seen[0] == 0.0 and seen[-1] == 1.0
+
+
+def test_a_target_without_enough_forget_data_is_refused(embedder):
+    spec = TargetSpec(id="x", name="x", aliases=[], forget=[ForgetItem(question="Who is X?")])
+    with pytest.raises(ValueError, match="at least 2 sources"):
+        fit_prompt_classifier(spec, embedder)
+
+
+# --- calibration and conversation texts ---------------------------------------------------------------------------
+
+
+def test_threshold_for_recall_is_the_conformal_order_statistic():
+    scores = np.random.default_rng(0).permutation(np.linspace(0.0, 1.0, 999))
+    threshold = threshold_for_recall(scores, 0.99)  # k = floor(1000 * 0.01) = 10
+    assert threshold == np.sort(scores)[9]
+    assert np.mean(scores >= threshold) >= 0.99
+    assert threshold_for_recall(np.array([0.9, 0.2, 0.95]), 0.99) == 0.2  # n < 99: no held-out positive may miss
+
+
+def test_free_text_forget_items_become_sentence_chunks_and_names_become_mentions():
+    text = "Ada Quill was born in Oslo. She wrote three novels. Her first won a prize. She lives in Bergen."
+    spec = TargetSpec(id="x", name="x", aliases=["Ada Quill"], forget=[ForgetItem(text=text)])
+    prompts = forget_prompts(spec)
+    chunks = [p.text for p in prompts if p.kind == "text"]
+    assert chunks[0] == "Ada Quill was born in Oslo. She wrote three novels."
+    assert len(chunks) == 3 and all(len(sentences(c)) == 2 for c in chunks)
+    assert "Who is Ada Quill?" in [p.text for p in prompts if p.kind == "mention"]
+    assert len({p.group for p in prompts if p.kind == "text"}) == 1  # one source: never split across CV folds
+
+
+def test_long_turns_are_embedded_as_windows_within_a_cap():
+    long_turn = " ".join(f"word{i}" for i in range(2000))
+    texts = texts_to_embed([("user", long_turn), ("user", "short question")])
+    assert 1 < len(texts) <= MAX_TEXTS
+    assert all(len(t.split()) <= 128 for t in texts)
+
+
+# --- O3 gate ------------------------------------------------------------------------------------------------------
+
+
+def test_ood_weight_is_high_for_target_paraphrases_and_low_for_negatives(ood_artifacts, embedder, pools):
+    negatives = embedder.encode([n.text for n in pools[1]])
+    for author in authors_of("forget01"):
+        artifact = ood_artifacts[f"tofu-{author.index}"]
+        paraphrases = embedder.encode([i.paraphrased_question for i in author.items])
+        assert np.median(artifact.weights(paraphrases)) > 0.9
+        assert np.mean(artifact.weights(paraphrases) > 0.5) >= 0.9
+        assert np.median(artifact.weights(negatives)) < 0.05
+        assert np.mean(artifact.weights(negatives) > 0.5) <= 0.05
+
+
+def test_ood_bank_equals_per_target_weights(ood_artifacts, embedder):
+    bank = OODBank(ood_artifacts, embedder)
+    for conversation in CONVERSATIONS:
+        embeddings = embedder.encode(texts_to_embed(conversation))
+        weights = bank.score(conversation)
+        for tid, artifact in ood_artifacts.items():
+            assert weights[tid] == pytest.approx(float(artifact.weights(embeddings).max()), abs=1e-5)
+
+
+def test_ood_artifact_round_trips_through_disk(ood_artifacts, embedder, tmp_path):
+    artifact = ood_artifacts["tofu-18"]
+    loaded = OODArtifact.load(artifact.save(tmp_path / "ood"))
+    probe = embedder.encode(["Where was Basil Mahfouz Al-Kuwaiti born?", "What is 2 + 2?"])
+    np.testing.assert_allclose(loaded.weights(probe), artifact.weights(probe), rtol=1e-6)
+    assert loaded.content_hash() == artifact.content_hash()
+
+
+def test_low_rank_mahalanobis_equals_ledoit_wolf_inverse(embedder):
+    x = embedder.encode([i.question for i in demo_authors()[0].items] + [i.answer for i in demo_authors()[0].items])
+    probe = embedder.encode(["Who is Hsiao Yun-Hwa?", "How do I bake bread?"]).astype(np.float64)
+    lw = LedoitWolf().fit(x.astype(np.float64))
+    diff = probe - lw.location_
+    expected = np.sqrt(np.einsum("nd,de,ne->n", diff, np.linalg.inv(lw.covariance_), diff))
+    np.testing.assert_allclose(mahalanobis(fit_gaussian(x, max_rank=len(x)), probe), expected, rtol=1e-4)
