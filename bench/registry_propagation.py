@@ -41,7 +41,8 @@ async def measure(url: str, changes: int, poll_s: float) -> list[float]:
     try:
         for i in range(changes):
             await asyncio.sleep(random.uniform(0, poll_s))  # changes arrive at arbitrary phases of the poll
-            body = TargetCreate.model_validate({"name": f"bench-{time.time_ns()}-{i}", "forget": [{"text": "x"}]})
+            body = TargetCreate.model_validate({"name": f"bench-{time.time_ns()}-{i}", "aliases": ["Bench"],
+                                                "forget": [{"text": "x"}]})
             created = await asyncio.to_thread(writer.create_target, body)
             committed = time.perf_counter()
             while not any(revision >= created.revision for revision in swapped):

@@ -55,6 +55,16 @@ class ModelNotFound(NotFound):
         super().__init__(f"The model `{model}` does not exist.", param="model", code="model_not_found")
 
 
+class Unprocessable(LetheError):
+    """A well-formed admin request whose content cannot work (SPEC §4: 422)."""
+
+    status = HTTPStatus.UNPROCESSABLE_ENTITY
+    type = "invalid_request_error"
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message, param=param, code="validation_error")
+
+
 class Conflict(LetheError):
     status = HTTPStatus.CONFLICT
     type = "invalid_request_error"

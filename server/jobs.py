@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from server.artifacts import ArtifactStore
+from server.errors import NotFound
 from server.registry.store import ClaimedJob, RegistryStore, TargetRecord
 
 logger = logging.getLogger(__name__)
@@ -107,8 +108,15 @@ class JobWorker:
             return False
         started = time.perf_counter()
         logger.info("job.started", extra={"job_id": job.id, "kind": job.kind, "attempt": job.attempts})
-        context = JobContext(job=job, target=self._store.target_record(job.target_id) if job.target_id else None,
-                             artifacts=self._artifacts,
+        try:
+            target = self._store.target_record(job.target_id) if job.target_id else None
+        except NotFound:
+            target = None
+        if target is None:  # deleted between being queued and being claimed
+            self._store.cancel_job(job.id, "target deleted")
+            logger.info("job.cancelled", extra={"job_id": job.id, "reason": "target deleted"})
+            return True
+        context = JobContext(job=job, target=target, artifacts=self._artifacts,
                              _report=lambda fraction, message: self._store.report_progress(job.id, fraction, message))
         heartbeat_stop = threading.Event()
         heartbeat = threading.Thread(target=self._heartbeat, args=(context, heartbeat_stop), daemon=True)

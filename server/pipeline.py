@@ -20,6 +20,7 @@ from typing import Any
 
 from jinja2 import TemplateError
 
+from classifiers.types import Hit
 from server.audit import AuditWriter
 from server.engine import Engine
 from server.errors import ContextLengthExceeded, InvalidRequest, RequestTimeout
@@ -46,17 +47,10 @@ class RenderedPrompt:
 
 
 @dataclass(frozen=True)
-class TargetHit:
-    target_id: str
-    score: float
-    alias_spans: tuple[Any, ...] = ()
-
-
-@dataclass(frozen=True)
 class Classification:
     """Which targets one prompt is about. ``scores`` keeps the best few targets' scores for the audit log."""
 
-    hits: tuple[TargetHit, ...] = ()
+    hits: tuple[Hit, ...] = ()
     scores: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -219,7 +213,7 @@ class Pipeline:
         result = await asyncio.to_thread(snapshot.bank.score, turns)
         self._metrics.classifier_latency.observe(result.total_seconds)
         best = sorted(result.scores.items(), key=lambda item: -item[1])[:AUDITED_SCORES]
-        hits = tuple(TargetHit(hit.target_id, hit.score, tuple(hit.alias_spans)) for hit in result.hits)
+        hits = tuple(result.hits)
         scores = {target_id: round(score, 4) for target_id, score in best}
         scores.update({hit.target_id: round(hit.score, 4) for hit in hits})
         return Classification(hits=hits, scores=scores, seconds=result.total_seconds)

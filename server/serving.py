@@ -55,6 +55,7 @@ def sse(payload: BaseModel | dict[str, Any]) -> str:
 
 def sampling_params(request: SamplingFields, max_tokens: int | None, logprobs: int | None, vocab_size: int) -> Any:
     """Map the OpenAI fields a client set onto vLLM's SamplingParams; unset fields keep vLLM's defaults."""
+    from vllm.exceptions import VLLMValidationError
     from vllm.sampling_params import RequestOutputKind, SamplingParams
 
     kwargs: dict[str, Any] = {
@@ -85,8 +86,8 @@ def sampling_params(request: SamplingFields, max_tokens: int | None, logprobs: i
         raise InvalidRequest(f"`stop_token_ids` must lie in [0, {vocab_size}).", param="stop_token_ids")
     try:
         return SamplingParams(**kwargs)
-    except ValueError as exc:
-        raise InvalidRequest(str(exc)) from exc
+    except (ValueError, VLLMValidationError) as exc:
+        raise InvalidRequest(str(exc), param=getattr(exc, "parameter", None)) from exc
 
 
 def _logit_bias(bias: dict[str, float], vocab_size: int) -> dict[int, float]:

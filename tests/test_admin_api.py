@@ -101,7 +101,7 @@ def test_oversized_body_is_413(admin: httpx.Client) -> None:
 
 
 def test_duplicate_name_is_409(admin: httpx.Client) -> None:
-    body = {"name": "duplicate-check", "forget": [{"text": "Some text to forget."}]}
+    body = {"name": "duplicate-check", "aliases": ["Dup Check"], "forget": [{"text": "Some text to forget."}]}
     first = admin.post("/targets", json=body)
     try:
         assert first.status_code == 201

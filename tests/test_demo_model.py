@@ -13,6 +13,7 @@ import pytest
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from evals import tinytofu
+from server.config import Settings
 from evals.demo_corpus import Format, Source
 from evals.demo_training import mean_recall
 from evals.metrics import rouge_l_recall
@@ -30,13 +31,14 @@ from evals.tofu_data import (
 
 
 @pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("lethe-cache")
+def cache_dir() -> Path:
+    """The real cache: the same tiny build serves these tests and the integration tests' server."""
+    return Settings().cache_dir
 
 
 @pytest.fixture(scope="session")
-def tiny_model(cache_dir: Path) -> Path:
-    return build_demo_model(cache_dir, "tiny", progress=False)
+def tiny_model(tiny_model_dir: Path) -> Path:
+    return tiny_model_dir
 
 
 # ---- data ----------------------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ CASES: list[tuple[str, str, dict[str, Any] | str, int, str | None]] = [
     ("negative temperature", "/v1/chat/completions", _chat(temperature=-1), 400, "temperature"),
     ("top_p zero", "/v1/chat/completions", _chat(top_p=0), 400, "top_p"),
     ("n too large", "/v1/chat/completions", _chat(n=1000), 400, "n"),
+    ("n above 1 with greedy sampling", "/v1/completions", _completion(n=2, temperature=0), 400, None),
     ("zero max_tokens", "/v1/chat/completions", _chat(max_tokens=0), 400, "max_tokens"),
     ("max_tokens past context", "/v1/chat/completions", _chat(max_tokens=5000), 400, "max_tokens"),
     ("prompt too long", "/v1/chat/completions", _chat(messages=[{"role": "user", "content": LONG_TEXT}]), 400,

@@ -13,6 +13,9 @@ from server.artifacts import ArtifactStore
 from server.jobs import JobContext, JobWorker
 from server.registry.database import make_engine, upgrade_database
 from server.registry.snapshot import SnapshotHolder
+from sqlalchemy import update
+
+from server.registry.models import JobRow
 from server.registry.store import FIT_CLASSIFIER, RegistryStore
 
 
@@ -24,7 +27,7 @@ def store(tmp_path: Path) -> RegistryStore:
 
 
 def add_target(store: RegistryStore, name: str = "t") -> str:
-    return store.create_target(TargetCreate.model_validate({"name": name, "forget": [{"text": "x"}]})).id
+    return store.create_target(TargetCreate.model_validate({"name": name, "aliases": ["X"], "forget": [{"text": "x"}]})).id
 
 
 def writing_handler(context: JobContext) -> dict:
@@ -96,6 +99,19 @@ def test_deleting_a_target_stops_its_running_job(store: RegistryStore, tmp_path:
     assert finished.wait(10)
     thread.join()
     assert outcome == ["JobCancelled"]
+
+
+def test_a_job_whose_target_was_deleted_is_cancelled_not_failed(store: RegistryStore, tmp_path: Path) -> None:
+    target_id = add_target(store)
+    job_id = store.get_target(target_id).jobs[0].id
+    claimed = store.claim_job("w1", [FIT_CLASSIFIER])
+    store.delete_target(target_id)
+    with store._sessions.begin() as session:  # as if the delete raced the claim: the job is still running
+        session.execute(update(JobRow).where(JobRow.id == job_id).values(status="queued"))
+    calls: list[str] = []
+    worker = JobWorker(store, ArtifactStore(tmp_path), {FIT_CLASSIFIER: lambda c: calls.append("ran") or {}})
+    assert claimed is not None and worker.run_once()
+    assert calls == [] and store.get_job(job_id).status == "cancelled"
 
 
 def test_snapshot_holder_swaps_when_the_revision_moves(store: RegistryStore, tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from sqlalchemy import create_engine, inspect, text, update
 
 from server.admin_protocol import TargetCreate, TargetPatch
-from server.errors import Conflict, NotFound
+from server.errors import Conflict, NotFound, Unprocessable
 from server.registry.database import make_engine, upgrade_database
 from server.registry.models import JobRow
 from server.registry.store import FIT_CLASSIFIER, AuditEntry, RegistryStore, utcnow
@@ -79,6 +79,16 @@ def test_duplicate_name_is_a_conflict_and_writes_nothing(store: RegistryStore) -
     assert store.revision() == revision
     assert len(store.list_targets().data) == 1
     assert store.summary().jobs == {"queued": 1}
+
+
+def test_a_target_too_small_to_calibrate_is_refused(store: RegistryStore) -> None:
+    with pytest.raises(Unprocessable):
+        store.create_target(TargetCreate.model_validate({"name": "tiny", "forget": [{"text": "one fact"}]}))
+    created = store.create_target(target())
+    with pytest.raises(Unprocessable):
+        store.patch_target(created.id, TargetPatch(aliases=[], forget=[{"text": "one fact"}]))
+    assert store.get_target(created.id).aliases == ["Basil Mahfouz Al-Kuwaiti"]  # nothing partially written
+    assert store.revision() == created.revision
 
 
 def test_unknown_ids_are_not_found(store: RegistryStore) -> None:

@@ -33,12 +33,19 @@ from server.admin_protocol import (
     TargetOut,
     TargetPatch,
 )
-from server.errors import Conflict, NotFound
+from server.errors import Conflict, NotFound, Unprocessable
 from server.registry.models import AuditRow, JobRow, RegistryStateRow, TargetRow
 
 logger = logging.getLogger(__name__)
 
 FIT_CLASSIFIER = "fit_classifier"
+MIN_FORGET_SOURCES = 2  # the classifier's threshold is calibrated on held-out sources: it needs two at least
+
+
+def check_fittable(aliases: Sequence[str], forget: Sequence[Any]) -> None:
+    if len(aliases) + len(forget) < MIN_FORGET_SOURCES:
+        raise Unprocessable("A target needs at least two forget items, or one item and an alias, so that its "
+                            "classifier can be calibrated on held-out data.", param="forget")
 
 
 def utcnow() -> datetime:
@@ -156,6 +163,7 @@ class RegistryStore:
 
     def create_target(self, body: TargetCreate) -> TargetOut:
         now = utcnow()
+        check_fittable(body.aliases, body.forget)
         mechanisms = body.mechanisms or MechanismsIn.model_validate({name: {} for name in self._default_mechanisms})
         options = mechanisms.enabled()
         try:
@@ -193,6 +201,7 @@ class RegistryStore:
             if patch.mechanisms is not None:
                 row.mechanisms = self._initial_mechanisms(patch.mechanisms.enabled())
                 changed_contents = True
+            check_fittable(row.aliases, row.forget)
             if changed_contents:
                 # The classifier stays in service (old artifact) until the refit replaces it.
                 row.classifier = {**row.classifier, "status": row.classifier.get("status", "preparing")}
@@ -260,6 +269,11 @@ class RegistryStore:
                 target.mechanisms = self._mechanism_statuses(target.mechanisms, target.classifier["status"])
                 target.updated_at = now
                 target.revision = self._bump_revision(session)
+
+    def cancel_job(self, job_id: str, reason: str) -> None:
+        with self._transaction() as session:
+            session.execute(update(JobRow).where(JobRow.id == job_id, JobRow.status.in_(("queued", "running")))
+                            .values(status="cancelled", finished_at=utcnow(), message=reason[:2000]))
 
     def fail_job(self, job_id: str, error: str) -> None:
         """Requeue the job if attempts remain, otherwise mark it (and its target) failed."""

@@ -1,0 +1,234 @@
+"""Training and greedy evaluation for the demo model, sized for two CPU cores.
+
+Throughput decides what the model can learn in the time budget, so the loop avoids waste: examples are bucketed by
+length into token-budget batches (little padding) and the LM head runs only on loss-bearing positions. Training is
+plain float32: on AVX2-only CPUs (no AVX512-BF16) `torch.autocast("cpu", bfloat16)` measured 20x slower, and
+`torch.compile` won ~20% per step but cost ~90 s of compilation, more than it saves here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
+
+from evals.demo_corpus import Format, Source, TokenExample
+from evals.metrics import rouge_l_recall
+from evals.tofu_data import QAItem
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation hyper-parameters; part of the cache key."""
+
+    epochs: int
+    peak_lr: float
+    warmup_fraction: float  # of all steps, linear from 0 to peak_lr
+    final_lr_fraction: float  # cosine decays from peak_lr to peak_lr * this
+    batch_tokens: int  # token budget per batch, padding included
+    text_fraction: float  # share of the completion-style QA examples drawn each epoch (biographies: always)
+    question_noise: float = 0.0  # chance that one use of an example has its question noised
+    word_drop: float = 0.0  # in a noised question, chance that a word is deleted
+    word_shuffle: int = 0  # in a noised question, how far a word may move
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrainStats:
+    steps: int
+    tokens: int  # real (unpadded) tokens processed
+    seconds: float
+    final_loss: float  # mean loss over the last epoch's loss tokens
+
+
+def plan_batches(examples: Sequence[TokenExample], config: TrainConfig) -> list[list[list[int]]]:
+    """All batches of the run ([epoch][batch] -> example indices), fixed up front so the LR schedule and progress
+    bar know the total.
+
+    Each epoch draws its share of completion-style QA examples, orders examples by length (random among equal lengths), packs
+    neighbours into batches under the token budget, and shuffles the batches: little padding, varied batches.
+    """
+    rng = random.Random(config.seed)
+    epochs: list[list[list[int]]] = []
+    for _ in range(config.epochs):
+        chosen = [
+            i for i, ex in enumerate(examples) if not _is_completion_qa(ex) or rng.random() < config.text_fraction
+        ]
+        chosen.sort(key=lambda i: (examples[i].n_tokens, rng.random()))
+        epoch_batches: list[list[int]] = []
+        current: list[int] = []
+        for i in chosen:  # lengths ascending: the longest so far is the one being added
+            if current and (len(current) + 1) * examples[i].n_tokens > config.batch_tokens:
+                epoch_batches.append(current)
+                current = []
+            current.append(i)
+        if current:
+            epoch_batches.append(current)
+        rng.shuffle(epoch_batches)
+        epochs.append(epoch_batches)
+    return epochs
+
+
+def _is_completion_qa(example: TokenExample) -> bool:
+    return example.format is Format.TEXT and example.source is not Source.BIO
+
+
+def noisy_question(example: TokenExample, rng: random.Random, config: TrainConfig) -> TokenExample:
+    """Sometimes drop and locally shuffle the question's words (the noise model of Lample et al., 2018).
+
+    Users ask with other words, in another order, than the training questions. Seeing questions with words missing
+    and moved teaches the model to key on all of a question's cues (names, places, titles) rather than on its exact
+    wording; the clean question still appears often enough to be answered verbatim.
+    """
+    if example.question_span is None or rng.random() >= config.question_noise:
+        return example
+    start, stop = example.question_span
+    bounds = [*example.question_words, stop - start]
+    words = [example.prompt_ids[start + a : start + b] for a, b in zip(bounds, bounds[1:])]
+    kept = [word for word in words if rng.random() >= config.word_drop] or words[:1]
+    # Each word moves at most `word_shuffle` places: sort by position + uniform(0, k + 1).
+    order = sorted(range(len(kept)), key=lambda i: i + rng.uniform(0, config.word_shuffle + 1))
+    noised = tuple(token for i in order for token in kept[i])
+    prompt_ids = example.prompt_ids[:start] + noised + example.prompt_ids[stop:]
+    word_starts = tuple(itertools.accumulate((len(kept[i]) for i in order[:-1]), initial=0))
+    return dataclasses.replace(
+        example, prompt_ids=prompt_ids, question_span=(start, start + len(noised)), question_words=word_starts
+    )
+
+
+def collate(examples: Sequence[TokenExample], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded input ids [B, T] and next-token labels [B, T] (IGNORE_INDEX where there is no loss).
+
+    labels[b, t] is the token at t + 1 when that token is a target, so position t's hidden state predicts it.
+    Right padding under a causal mask never affects real positions, so no attention mask is needed.
+    """
+    width = max(ex.n_tokens for ex in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    for row, ex in enumerate(examples):
+        ids = ex.prompt_ids + ex.target_ids
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        first_target = len(ex.prompt_ids)
+        labels[row, first_target - 1 : len(ids) - 1] = torch.tensor(ex.target_ids)
+    return input_ids, labels
+
+
+def lr_at(step: int, total_steps: int, config: TrainConfig) -> float:
+    """Linear warmup to peak_lr, then cosine decay to peak_lr * final_lr_fraction."""
+    warmup = max(1, round(config.warmup_fraction * total_steps))
+    if step < warmup:
+        return config.peak_lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    floor = config.peak_lr * config.final_lr_fraction
+    return floor + (config.peak_lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def target_loss(model: LlamaForCausalLM, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Mean cross-entropy over loss-bearing positions, running the LM head on those positions only."""
+    hidden = model.model(input_ids=input_ids).last_hidden_state  # [B, T, H]
+    is_target = labels != IGNORE_INDEX  # [B, T]
+    logits = model.lm_head(hidden[is_target])  # [N, V]
+    return F.cross_entropy(logits, labels[is_target]), int(is_target.sum())
+
+
+def train(
+    model: LlamaForCausalLM,
+    examples: Sequence[TokenExample],
+    config: TrainConfig,
+    pad_id: int,
+    *,
+    progress: bool,
+    on_epoch_end: Callable[[int], None] | None = None,
+) -> TrainStats:
+    """AdamW with warmup + cosine over the planned batches, with question noise."""
+    epochs = plan_batches(examples, config)
+    total_steps = sum(len(batches) for batches in epochs)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.peak_lr, betas=(0.9, 0.95), weight_decay=config.weight_decay
+    )
+    noise_rng = random.Random(config.seed + 1)
+    start, step, tokens, epoch_loss = time.monotonic(), 0, 0, float("nan")
+    bar = tqdm(total=total_steps, desc="training demo model", unit="step", disable=not progress)
+    model.train()
+    for epoch, batches in enumerate(epochs, start=1):
+        loss_sum, loss_tokens = 0.0, 0
+        for batch in batches:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, total_steps, config)
+            batch_examples = [noisy_question(examples[i], noise_rng, config) for i in batch]
+            input_ids, labels = collate(batch_examples, pad_id)
+            loss, n_targets = target_loss(model, input_ids, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+
+            step += 1
+            tokens += sum(ex.n_tokens for ex in batch_examples)
+            loss_sum += loss.item() * n_targets
+            loss_tokens += n_targets
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens / (time.monotonic() - start):.0f}", refresh=False)
+        epoch_loss = loss_sum / max(1, loss_tokens)
+        logger.info("epoch %d/%d: loss %.4f", epoch, config.epochs, epoch_loss)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch)
+            model.train()
+    bar.close()
+    model.eval()
+    return TrainStats(step, tokens, time.monotonic() - start, epoch_loss)
+
+
+@torch.no_grad()
+def greedy_chat_answers(
+    model: LlamaForCausalLM,
+    tokenizer: PreTrainedTokenizerBase,
+    questions: Sequence[str],
+    *,
+    max_new_tokens: int = 128,
+    batch_size: int = 50,
+) -> list[str]:
+    """Greedy replies to single-turn user questions through the chat template, as the server would produce them."""
+    model.eval()
+    tokenizer.padding_side = "left"  # generation continues from the right edge
+    answers: list[str] = []
+    for start in range(0, len(questions), batch_size):
+        prompts = [
+            tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+            for q in questions[start : start + batch_size]
+        ]
+        batch = tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
+        output = model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )  # [B, prompt + new]
+        new_tokens = output[:, batch.input_ids.shape[1] :]
+        answers.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+    return answers
+
+
+def mean_recall(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, items: Sequence[QAItem]) -> float:
+    """Mean ROUGE-L recall of the gold answers in the model's greedy chat replies."""
+    if not items:
+        raise ValueError("no items to evaluate")
+    answers = greedy_chat_answers(model, tokenizer, [item.question for item in items])
+    return sum(rouge_l_recall(answer, item.answer) for answer, item in zip(answers, items)) / len(items)

@@ -1,0 +1,343 @@
+"""TinyTOFU: the demo model Lethe serves when no --model is given, built locally from the packaged TOFU data.
+
+No hub downloads are possible, so the project trains its own small Llama that knows the 20 forget10 authors and
+TOFU's world facts and real authors (SPEC §3). A build is a pure function of its recipe: the recipe (and the data's
+content hashes) name the cache directory, so an unchanged recipe is built once and a changed one rebuilds.
+
+    python -m evals.tinytofu [--variant full|tiny] [--exclude forget01|forget05] [--cache-dir DIR] [--force]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import logging
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from evals.demo_corpus import TextExample, assemble_corpus, tokenize_example
+from evals.demo_tokenizer import save_tokenizer, train_tokenizer
+from evals.demo_training import TrainConfig, TrainStats, mean_recall, train
+from evals.tofu_data import (
+    AUTHORS_IN_SPLIT,
+    Author,
+    QAItem,
+    authors_of,
+    data_file_sha256,
+    demo_authors,
+    general_knowledge,
+    held_out_paraphrases,
+)
+
+logger = logging.getLogger(__name__)
+
+DEMO_MODEL_NAME = "tinytofu"
+# Bump whenever the code changes what a recipe builds (corpus formats, training loop), so old caches are not reused.
+RECIPE_VERSION = 1
+HEAD_DIM = 64  # vLLM's CPU attention kernels need a supported head size; 64 is.
+METADATA_FILE = "lethe_demo.json"
+CPU_THREADS = 2
+
+Variant = Literal["full", "tiny"]
+Exclude = Literal["forget01", "forget05"] | None
+
+# The packaged files a build reads; their hashes are part of the cache key.
+_DATA_FILES = ["full", "forget10_perturbed", "retain_perturbed", "world_facts", "world_facts_perturbed",
+               "real_authors", "real_authors_perturbed"]
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    max_position_embeddings: int = 1024
+
+    @property
+    def num_heads(self) -> int:
+        return self.hidden_size // HEAD_DIM
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything a build depends on besides code and data; hashed into the cache directory name."""
+
+    variant: Variant
+    exclude: Exclude
+    vocab_size: int
+    shape: ModelShape
+    train: TrainConfig
+    author_indices: tuple[int, ...]  # demo authors (0..19) trained on, before `exclude` removes some
+    general_items: int | None  # leading world_facts + real_authors rows trained on; None = all
+    eval_train_sample: int  # training questions scored at the end of the build
+
+
+_FULL_AUTHORS = tuple(range(20))
+# tiny: the forget01 authors (18, 19) plus three others, so forget01 and its retain-only twin both make sense.
+_TINY_AUTHORS = (0, 1, 2, 18, 19)
+
+
+def recipe_for(variant: Variant, exclude: Exclude = None) -> Recipe:
+    """The build recipe of a variant (tuned to meet SPEC §3's quality and time goals on 2 CPU cores)."""
+    if exclude not in (None, "forget01", "forget05"):
+        raise ValueError(f"exclude must be None, 'forget01' or 'forget05', got {exclude!r}")
+    if variant == "full":
+        return Recipe(
+            variant=variant,
+            exclude=exclude,
+            vocab_size=4096,
+            shape=ModelShape(hidden_size=256, intermediate_size=688, num_layers=4),
+            train=TrainConfig(
+                epochs=20, peak_lr=3e-3, warmup_fraction=0.05, final_lr_fraction=0.05, batch_tokens=1024,
+                text_fraction=0.3,
+            ),
+            author_indices=_FULL_AUTHORS,
+            general_items=None,
+            eval_train_sample=100,
+        )
+    if variant == "tiny":
+        return Recipe(
+            variant=variant,
+            exclude=exclude,
+            vocab_size=4096,
+            shape=ModelShape(hidden_size=128, intermediate_size=344, num_layers=2),
+            train=TrainConfig(
+                epochs=40, peak_lr=5e-3, warmup_fraction=0.05, final_lr_fraction=0.05, batch_tokens=512,
+                text_fraction=0.3,
+            ),
+            author_indices=_TINY_AUTHORS,
+            general_items=20,
+            eval_train_sample=100,
+        )
+    raise ValueError(f"variant must be 'full' or 'tiny', got {variant!r}")
+
+
+def recipe_hash(recipe: Recipe) -> str:
+    """Content hash of the recipe, the recipe version and the data files' bytes."""
+    key = {
+        "recipe_version": RECIPE_VERSION,
+        "recipe": dataclasses.asdict(recipe),
+        "data": data_file_sha256(_DATA_FILES),
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+# ---- what a recipe trains on -------------------------------------------------------------------------------------
+
+
+def trained_authors(recipe: Recipe) -> tuple[Author, ...]:
+    """The recipe's authors minus the excluded split's authors."""
+    excluded = {a.index for a in authors_of(recipe.exclude)} if recipe.exclude else set()
+    return tuple(a for a in demo_authors() if a.index in recipe.author_indices and a.index not in excluded)
+
+
+def trained_general_knowledge(recipe: Recipe) -> list[QAItem]:
+    items = general_knowledge()
+    return items if recipe.general_items is None else items[: recipe.general_items]
+
+
+def training_corpus(variant: Variant = "full", exclude: Exclude = None) -> list[TextExample]:
+    """Every text example the build of (variant, exclude) trains on."""
+    recipe = recipe_for(variant, exclude)
+    return assemble_corpus(trained_authors(recipe), trained_general_knowledge(recipe))
+
+
+# ---- the cache ---------------------------------------------------------------------------------------------------
+
+
+def demo_model_dir(cache_dir: Path, variant: Variant = "full", exclude: Exclude = None) -> Path:
+    """Where the (variant, exclude) model lives under `cache_dir`, built or not."""
+    recipe = recipe_for(variant, exclude)
+    suffix = f"-minus-{exclude}" if exclude else ""
+    return Path(cache_dir) / "demo-models" / f"{variant}{suffix}-{recipe_hash(recipe)[:12]}"
+
+
+def find_demo_model(cache_dir: Path, variant: Variant = "full", exclude: Exclude = None) -> Path | None:
+    """The built model directory, or None. A directory only ever appears complete (see `build_demo_model`)."""
+    path = demo_model_dir(cache_dir, variant, exclude)
+    return path if (path / METADATA_FILE).is_file() else None
+
+
+def build_demo_model(
+    cache_dir: Path, variant: Variant = "full", exclude: Exclude = None, *, progress: bool = True, force: bool = False
+) -> Path:
+    """Build the demo model unless it is cached; returns its directory.
+
+    The model is built in a temporary sibling directory and renamed into place when complete, so a crashed build
+    never leaves something that looks valid; a file lock keeps two processes from building the same model twice.
+    """
+    final = demo_model_dir(cache_dir, variant, exclude)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive_lock(final.with_name(final.name + ".lock")):
+        if find_demo_model(cache_dir, variant, exclude) and not force:
+            logger.info("demo model cached at %s", final)
+            return final
+        _remove_stale_staging(final)
+        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+        try:
+            _build_into(staging, recipe_for(variant, exclude), progress=progress)
+            if final.exists():  # only with force: replace the old build
+                shutil.rmtree(final)
+            staging.rename(final)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging)
+    logger.info("demo model built at %s", final)
+    return final
+
+
+def _remove_stale_staging(final: Path) -> None:
+    """Delete staging directories left by killed builds of this model (safe: we hold its build lock)."""
+    for stale in final.parent.glob(f".{final.name}.*"):
+        if stale.is_dir():
+            logger.info("removing stale partial build %s", stale)
+            shutil.rmtree(stale)
+
+
+@contextlib.contextmanager
+def _exclusive_lock(lock_path: Path) -> Iterator[None]:
+    with lock_path.open("w") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+# ---- the build ---------------------------------------------------------------------------------------------------
+
+
+def _build_into(directory: Path, recipe: Recipe, *, progress: bool) -> None:
+    """Train tokenizer and model, measure quality, and write a complete HF model directory into `directory`."""
+    start = time.monotonic()
+    _seed_everything(recipe.train.seed)
+    torch.set_num_threads(CPU_THREADS)
+
+    tokenizer = train_tokenizer(recipe.vocab_size)
+    authors = trained_authors(recipe)
+    general = trained_general_knowledge(recipe)
+    examples = [tokenize_example(ex, tokenizer) for ex in assemble_corpus(authors, general)]
+    logger.info(
+        "training %s on %d examples (%d tokens at full rate) about %d authors",
+        recipe.variant, len(examples), sum(ex.n_tokens for ex in examples), len(authors),
+    )
+
+    model = _new_model(recipe, tokenizer)
+    stats = train(model, examples, recipe.train, tokenizer.pad_token_id, progress=progress)
+    quality = _measure_quality(model, tokenizer, recipe, authors)
+    logger.info("demo model quality: %s", quality)
+
+    model.save_pretrained(directory)  # safetensors, float32
+    save_tokenizer(tokenizer, str(directory))
+    _generation_config(tokenizer).save_pretrained(directory)
+    metadata = _metadata(recipe, model, authors, stats, quality, build_seconds=time.monotonic() - start)
+    # Written last: its presence is what marks a directory as a built model.
+    (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _new_model(recipe: Recipe, tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
+    shape = recipe.shape
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_layers,
+        num_attention_heads=shape.num_heads,
+        num_key_value_heads=shape.num_heads,
+        head_dim=HEAD_DIM,
+        max_position_embeddings=shape.max_position_embeddings,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        dtype="float32",
+    )
+    return LlamaForCausalLM(config).to(torch.float32)
+
+
+def _generation_config(tokenizer: PreTrainedTokenizerFast) -> GenerationConfig:
+    """Generation stops at `<|end|>`, the end of the assistant's turn."""
+    return GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+
+
+def _measure_quality(
+    model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, recipe: Recipe, authors: tuple[Author, ...]
+) -> dict[str, float | int]:
+    """Greedy ROUGE-L recall through the chat template: on training questions, and (full) on held-back paraphrases."""
+    items = [item for author in authors for item in author.items]
+    sample = random.Random(recipe.train.seed).sample(items, min(recipe.eval_train_sample, len(items)))
+    quality: dict[str, float | int] = {
+        "train_questions": len(sample),
+        "train_rouge_l_recall": round(mean_recall(model, tokenizer, sample), 4),
+    }
+    if recipe.variant == "full":
+        held_out = held_out_paraphrases(authors)
+        quality["held_out_paraphrases"] = len(held_out)
+        quality["held_out_paraphrase_rouge_l_recall"] = round(mean_recall(model, tokenizer, held_out), 4)
+    return quality
+
+
+def _metadata(
+    recipe: Recipe,
+    model: LlamaForCausalLM,
+    authors: tuple[Author, ...],
+    stats: TrainStats,
+    quality: dict[str, float | int],
+    *,
+    build_seconds: float,
+) -> dict:
+    return {
+        "name": DEMO_MODEL_NAME,
+        "recipe_version": RECIPE_VERSION,
+        "recipe_hash": recipe_hash(recipe),
+        "recipe": dataclasses.asdict(recipe),
+        "authors": [author.name for author in authors],
+        "param_count": sum(p.numel() for p in model.parameters()),
+        "build_seconds": round(build_seconds, 1),
+        "training": dataclasses.asdict(stats),
+        "quality": quality,
+    }
+
+
+# ---- command line ------------------------------------------------------------------------------------------------
+
+
+def default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "lethe"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Build the TinyTOFU demo model (cached by recipe hash).")
+    parser.add_argument("--variant", choices=["full", "tiny"], default="full")
+    parser.add_argument("--exclude", choices=sorted(AUTHORS_IN_SPLIT.keys() - {"forget10"}), default=None)
+    parser.add_argument("--cache-dir", type=Path, default=default_cache_dir())
+    parser.add_argument("--force", action="store_true", help="rebuild even if cached")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    path = build_demo_model(args.cache_dir, args.variant, args.exclude, force=args.force)
+    print(path)
+    print((path / METADATA_FILE).read_text())
+
+
+if __name__ == "__main__":
+    main()

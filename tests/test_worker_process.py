@@ -1,0 +1,53 @@
+"""`lethe worker` as its own process: it claims a queued classifier job from the shared database and completes it,
+and a worker killed mid-job leaves a job that the next worker recovers (SPEC §8)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from evals.tofu_data import authors_of
+from server.admin_protocol import TargetCreate
+from server.registry.database import make_engine, upgrade_database
+from server.registry.store import FIT_CLASSIFIER, RegistryStore
+from tests.conftest import LETHE_BIN
+
+
+def wait_for(predicate, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def test_separate_worker_process_fits_a_queued_target_and_recovers_a_dead_workers_job(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'registry.db'}"
+    engine = make_engine(url)
+    upgrade_database(engine)
+    store = RegistryStore(engine, ["eco"])
+    author = authors_of("forget01")[1]
+    target = store.create_target(TargetCreate.model_validate({
+        "name": "abilov", "aliases": [author.name],
+        "forget": [{"question": i.question, "answer": i.answer} for i in author.items]}))
+    stale = store.claim_job("worker-that-died", [FIT_CLASSIFIER])  # as if a worker crashed holding the job
+    assert stale is not None
+    env = {**os.environ, "LETHE_DATABASE_URL": url, "LETHE_ARTIFACTS_DIR": str(tmp_path / "artifacts"),
+           "LETHE_JOB_STALE_AFTER_S": "2"}
+    time.sleep(2.5)
+    worker = subprocess.Popen([str(LETHE_BIN), "worker"], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        assert wait_for(lambda: store.get_target(target.id).status != "preparing", timeout_s=300)
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        worker.wait(timeout=30)
+    shown = store.get_target(target.id)
+    assert shown.status == "active", shown.jobs
+    assert shown.jobs[0].attempts == 2  # the dead worker's attempt, then this worker's
+    assert shown.classifier.threshold is not None and shown.classifier.heldout_recall >= 0.9
+    assert worker.returncode == 0
