@@ -148,7 +148,9 @@ class RegistryOut(BaseModel):
     jobs: dict[str, int]
 
 
-class AuditRecordOut(BaseModel):
+class AuditRecord(BaseModel):
+    """One inference request's audit record: written by the pipeline, stored, and returned by the admin API."""
+
     request_id: str
     created: float
     endpoint: str
@@ -161,7 +163,7 @@ class AuditRecordOut(BaseModel):
 
 class AuditList(BaseModel):
     object: Literal["list"] = "list"
-    data: list[AuditRecordOut]
+    data: list[AuditRecord]
 
 
 class Deleted(BaseModel):

@@ -10,7 +10,8 @@ import asyncio
 import logging
 import time
 
-from server.registry.store import AuditEntry, RegistryStore
+from server.admin_protocol import AuditRecord
+from server.registry.store import RegistryStore
 
 logger = logging.getLogger(__name__)
 
@@ -22,10 +23,10 @@ class AuditWriter:
     def __init__(self, store: RegistryStore, retention_days: float) -> None:
         self._store = store
         self._retention_s = retention_days * 86400
-        self._pending: list[AuditEntry] = []
+        self._pending: list[AuditRecord] = []
 
-    def record(self, entry: AuditEntry) -> None:
-        self._pending.append(entry)
+    def record(self, record: AuditRecord) -> None:
+        self._pending.append(record)
 
     async def flush(self) -> None:
         batch, self._pending = self._pending, []

@@ -21,12 +21,12 @@ from typing import Any
 from jinja2 import TemplateError
 
 from classifiers.types import Hit
+from server.admin_protocol import AuditRecord
 from server.audit import AuditWriter
 from server.engine import Engine
 from server.errors import ContextLengthExceeded, InvalidRequest, RequestTimeout
 from server.metrics import Metrics
 from server.registry.snapshot import RegistrySnapshot, SnapshotHolder
-from server.registry.store import AuditEntry
 
 logger = logging.getLogger(__name__)
 
@@ -237,9 +237,9 @@ class Pipeline:
                 for target_id, score in classification.scores.items():
                     scores[target_id] = max(score, scores.get(target_id, 0.0))
             prompt_text = "\n".join(p.text for p in run.prompts) if self._audit_prompts else None
-            self._audit.record(AuditEntry(request_id=run.request_id, created=run.created, endpoint=run.endpoint,
-                                          targets=targets, mechanisms=[], scores=scores, outcome=outcome,
-                                          prompt=prompt_text))
+            self._audit.record(AuditRecord(request_id=run.request_id, created=run.created, endpoint=run.endpoint,
+                                           targets=targets, mechanisms=[], scores=scores, outcome=outcome,
+                                           prompt=prompt_text))
 
     async def events(self, run: Run, params: Any) -> AsyncIterator[ChoiceEvent]:
         """All choices' events, interleaved as the engine produces them; ends when every choice has finished."""

@@ -11,11 +11,11 @@ import pytest
 from pydantic import ValidationError
 from sqlalchemy import create_engine, inspect, text, update
 
-from server.admin_protocol import TargetCreate, TargetPatch
+from server.admin_protocol import AuditRecord, TargetCreate, TargetPatch
 from server.errors import Conflict, NotFound, Unprocessable
 from server.registry.database import make_engine, upgrade_database
 from server.registry.models import JobRow
-from server.registry.store import FIT_CLASSIFIER, AuditEntry, RegistryStore, utcnow
+from server.registry.store import FIT_CLASSIFIER, RegistryStore, utcnow
 from tests.postgres import postgres_available, running_postgres
 
 _databases = itertools.count()
@@ -170,7 +170,8 @@ def test_delete_removes_the_target_and_cancels_its_jobs(store: RegistryStore) ->
 
 def test_audit_is_listed_newest_first_filtered_and_pruned(store: RegistryStore) -> None:
     now = time.time()
-    store.write_audit([AuditEntry(f"chatcmpl-{i}", now - 100 + i, "chat", [], [], {}, "served") for i in range(5)])
+    store.write_audit([AuditRecord(request_id=f"chatcmpl-{i}", created=now - 100 + i, endpoint="chat", targets=[],
+                                   mechanisms=[], scores={}, outcome="served") for i in range(5)])
     listed = store.list_audit(limit=3, since=None).data
     assert [r.request_id for r in listed] == ["chatcmpl-4", "chatcmpl-3", "chatcmpl-2"]
     assert [r.request_id for r in store.list_audit(10, since=now - 97).data] == ["chatcmpl-4", "chatcmpl-3"]

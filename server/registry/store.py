@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from server.admin_protocol import (
     AuditList,
-    AuditRecordOut,
+    AuditRecord,
     ClassifierOut,
     Deleted,
     ForgetItem,
@@ -78,18 +78,6 @@ class ClaimedJob:
     target_id: str | None
     attempts: int
     payload: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class AuditEntry:
-    request_id: str
-    created: float
-    endpoint: str
-    targets: list[str]
-    mechanisms: list[str]
-    scores: dict[str, float]
-    outcome: str
-    prompt: str | None = None
 
 
 class RegistryStore:
@@ -299,11 +287,11 @@ class RegistryStore:
 
     # ------------------------------------------------------------ audit
 
-    def write_audit(self, entries: Sequence[AuditEntry]) -> None:
-        if not entries:
+    def write_audit(self, records: Sequence[AuditRecord]) -> None:
+        if not records:
             return
         with self._transaction() as session:
-            session.add_all(AuditRow(**entry.__dict__) for entry in entries)
+            session.add_all(AuditRow(**record.model_dump()) for record in records)
 
     def list_audit(self, limit: int, since: float | None) -> AuditList:
         with self._sessions() as session:
@@ -311,9 +299,9 @@ class RegistryStore:
             if since is not None:
                 query = query.where(AuditRow.created >= since)
             rows = session.scalars(query).all()
-        return AuditList(data=[AuditRecordOut(request_id=r.request_id, created=r.created, endpoint=r.endpoint,
-                                              targets=r.targets, mechanisms=r.mechanisms, scores=r.scores,
-                                              outcome=r.outcome, prompt=r.prompt) for r in rows])
+        return AuditList(data=[AuditRecord(request_id=r.request_id, created=r.created, endpoint=r.endpoint,
+                                           targets=r.targets, mechanisms=r.mechanisms, scores=r.scores,
+                                           outcome=r.outcome, prompt=r.prompt) for r in rows])
 
     def prune_audit(self, older_than: float) -> int:
         with self._transaction() as session:
