@@ -17,7 +17,6 @@ from server.protocol import ChatCompletionRequest, CompletionRequest, ErrorRespo
 from server.serving import OpenAIServing
 
 T = TypeVar("T")
-DISCONNECT_POLL_S = 0.25
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 404, 503, 504)
 }
@@ -44,18 +43,26 @@ def _serving(request: Request) -> OpenAIServing:
     return request.app.state.serving
 
 
+async def _client_gone(request: Request) -> None:
+    """Returns when the client disconnects (the body is already read, so the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 async def until_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T:
     """Run ``work`` but cancel it (aborting its engine requests) as soon as the client disconnects."""
     task = asyncio.ensure_future(work)
-    while True:
-        done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-        if done:
+    watcher = asyncio.ensure_future(_client_gone(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
             return task.result()
-        if await request.is_disconnected():
-            task.cancel()
-            with suppress(asyncio.CancelledError):
-                await task
-            raise ClientDisconnected()
+        task.cancel()
+        with suppress(asyncio.CancelledError):
+            await task
+        raise ClientDisconnected()
+    finally:
+        watcher.cancel()
 
 
 def _respond(result: BaseModel | AsyncIterator[str]) -> Response:

@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from evals.tofu_data import authors_of, general_knowledge
-from tests.conftest import REPO, auth_headers, start_server, stop_server
+from tests.conftest import REPO, admin_headers, auth_headers, start_server, stop_server
 
 FORGET01 = authors_of("forget01")
 
@@ -74,20 +74,38 @@ def test_unflagged_request_is_token_identical_to_plain_vllm(
         assert usage.completion_tokens == len(expected["token_ids"])
 
 
+def audit_record(base_url: str, predicate, timeout_s: float = 20) -> dict:
+    """The first audit record matching ``predicate``, waiting for the batched audit writer to flush it."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        records = httpx.get(f"{base_url}/admin/v1/audit", params={"limit": 50}, headers=admin_headers(),
+                            timeout=10).json()["data"]
+        found = [record for record in records if predicate(record)]
+        if found:
+            return found[0]
+        time.sleep(0.2)
+    raise AssertionError("no matching audit record")
+
+
 def test_stream_disconnect_aborts_the_engine_request(lethe_server, model_name: str) -> None:
-    body = {"model": model_name, "prompt": "The", "max_tokens": 900, "ignore_eos": True, "stream": True}
+    body = {"model": model_name, "prompt": "The", "max_tokens": 1000, "ignore_eos": True, "stream": True}
     with httpx.Client(base_url=lethe_server.base_url, headers=auth_headers(), timeout=60) as session:
         with session.stream("POST", "/v1/completions", json=body) as response:
-            lines = response.iter_lines()
-            assert next(lines).startswith("data: ")
-            assert unfinished_requests(lethe_server.base_url) >= 1
+            first = next(line for line in response.iter_lines() if line.startswith("data: "))
+            request_id = json.loads(first.removeprefix("data: "))["id"]
+    record = audit_record(lethe_server.base_url, lambda r: r["request_id"] == request_id)
+    assert record["outcome"] == "aborted"  # the run was cut short, not generated to its 1000 tokens
     assert wait_until_idle(lethe_server.base_url), "engine still generating for a disconnected client"
 
 
 def test_non_stream_disconnect_aborts_the_engine_request(lethe_server, model_name: str) -> None:
-    body = {"model": model_name, "prompt": "The", "max_tokens": 900, "ignore_eos": True}
+    body = {"model": model_name, "prompt": "The", "max_tokens": 1000, "ignore_eos": True, "n": 4, "temperature": 1}
+    started = time.time()
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{lethe_server.base_url}/v1/completions", json=body, headers=auth_headers(), timeout=1.0)
+    record = audit_record(lethe_server.base_url,
+                          lambda r: r["created"] >= started and r["endpoint"] == "completions")
+    assert record["outcome"] == "aborted"
     assert wait_until_idle(lethe_server.base_url), "engine still generating for a disconnected client"
 
 
