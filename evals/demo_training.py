@@ -40,7 +40,8 @@ class TrainConfig:
     warmup_fraction: float  # of all steps, linear from 0 to peak_lr
     final_lr_fraction: float  # cosine decays from peak_lr to peak_lr * this
     batch_tokens: int  # token budget per batch, padding included
-    text_fraction: float  # share of the completion-style QA examples drawn each epoch (biographies: always)
+    text_fraction: float  # share of the completion-style QA examples drawn each epoch
+    bio_fraction: float = 1.0  # share of the biography examples drawn each epoch
     question_noise: float = 0.0  # chance that one use of an example has its question noised
     word_drop: float = 0.0  # in a noised question, chance that a word is deleted
     word_shuffle: int = 0  # in a noised question, how far a word may move
@@ -61,15 +62,14 @@ def plan_batches(examples: Sequence[TokenExample], config: TrainConfig) -> list[
     """All batches of the run ([epoch][batch] -> example indices), fixed up front so the LR schedule and progress
     bar know the total.
 
-    Each epoch draws its share of completion-style QA examples, orders examples by length (random among equal lengths), packs
-    neighbours into batches under the token budget, and shuffles the batches: little padding, varied batches.
+    Each epoch draws its share of completion-style QA and biography examples, orders examples by length (random among
+    equal lengths), packs neighbours into batches under the token budget, and shuffles the batches: little padding,
+    varied batches.
     """
     rng = random.Random(config.seed)
     epochs: list[list[list[int]]] = []
     for _ in range(config.epochs):
-        chosen = [
-            i for i, ex in enumerate(examples) if not _is_completion_qa(ex) or rng.random() < config.text_fraction
-        ]
+        chosen = [i for i, ex in enumerate(examples) if _drawn(_epoch_share(ex, config), rng)]
         chosen.sort(key=lambda i: (examples[i].n_tokens, rng.random()))
         epoch_batches: list[list[int]] = []
         current: list[int] = []
@@ -85,8 +85,21 @@ def plan_batches(examples: Sequence[TokenExample], config: TrainConfig) -> list[
     return epochs
 
 
-def _is_completion_qa(example: TokenExample) -> bool:
-    return example.format is Format.TEXT and example.source is not Source.BIO
+def _drawn(share: float, rng: random.Random) -> bool:
+    return share >= 1.0 or rng.random() < share  # always-drawn examples consume no randomness
+
+
+def _epoch_share(example: TokenExample, config: TrainConfig) -> float:
+    """The chance that an example is drawn in a given epoch.
+
+    Chat QA is what the model is asked and judged on, so it is always drawn; completion-style QA and biographies
+    restate the same facts at more tokens per fact, so a share of them per epoch keeps their formats alive cheaply.
+    """
+    if example.source is Source.BIO:
+        return config.bio_fraction
+    if example.format is Format.TEXT:
+        return config.text_fraction
+    return 1.0
 
 
 def noisy_question(example: TokenExample, rng: random.Random, config: TrainConfig) -> TokenExample:
