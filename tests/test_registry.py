@@ -15,7 +15,7 @@ from server.admin_protocol import AuditRecord, TargetCreate, TargetPatch
 from server.errors import Conflict, NotFound, Unprocessable
 from server.registry.database import make_engine, upgrade_database
 from server.registry.models import JobRow
-from server.registry.store import FIT_CLASSIFIER, RegistryStore, utcnow
+from server.registry.store import FIT_CLASSIFIER, MechanismCatalog, RegistryStore, utcnow
 from tests.postgres import postgres_available, running_postgres
 
 _databases = itertools.count()
@@ -43,7 +43,7 @@ def store(request: pytest.FixtureRequest, tmp_path) -> RegistryStore:
         url = base.rsplit("/", 1)[0] + f"/{name}"
     engine = make_engine(url)
     upgrade_database(engine)
-    return RegistryStore(engine, ["eco", "guard"], implemented_mechanisms=["eco"])
+    return RegistryStore(engine, ["eco", "guard"], MechanismCatalog(implemented=frozenset({"eco"})))
 
 
 def target(name: str = "basil", **overrides) -> TargetCreate:
@@ -120,6 +120,51 @@ def test_claimed_job_completes_and_activates_the_target(store: RegistryStore) ->
     assert shown.mechanisms["eco"].status == "ready"
     revision, records = store.snapshot_rows()
     assert revision == store.revision() and [r.id for r in records] == [created.id]
+
+
+def test_mechanism_jobs_publish_state_and_decide_the_mechanism_status(store: RegistryStore) -> None:
+    store._catalog = MechanismCatalog(frozenset({"eco", "guard"}),
+                                      lambda name, options: ["guard_phrases"] if name == "guard" else [],
+                                      {"guard_phrases": "guard"})
+    created = store.create_target(target())
+    assert [job.kind for job in created.jobs] == [FIT_CLASSIFIER, "guard_phrases"]
+    fit = store.claim_job("w1", [FIT_CLASSIFIER])
+    store.complete_job(fit.id, {"status": "ready", "artifact": "a" * 64})
+    shown = store.get_target(created.id)
+    assert shown.status == "preparing"  # the GUARD job is still open
+    assert shown.mechanisms["eco"].status == "ready" and shown.mechanisms["guard"].status == "preparing"
+    phrases = store.claim_job("w1", ["guard_phrases"])
+    store.complete_job(phrases.id, {"artifact": "b" * 64, "phrases": 12})
+    shown = store.get_target(created.id)
+    assert shown.status == "active" and shown.mechanisms["guard"].status == "ready"
+    assert shown.mechanisms["guard"].state == {"artifact": "b" * 64, "phrases": 12}
+    _, records = store.snapshot_rows()
+    assert records[0].mechanisms["guard"]["state"]["artifact"] == "b" * 64
+    # a refit keeps the published state serving until the new job replaces it
+    patched = store.patch_target(created.id, TargetPatch(aliases=["Basil"]))
+    assert patched.mechanisms["guard"].status == "preparing" and patched.mechanisms["guard"].state["phrases"] == 12
+    for _ in range(3):
+        store.fail_job(store.claim_job("w1", ["guard_phrases"]).id, "no phrases")
+    shown = store.get_target(created.id)
+    assert shown.status == "failed" and shown.mechanisms["guard"].status == "failed"
+    assert shown.mechanisms["guard"].message == "no phrases"
+
+
+def test_a_mechanisms_only_patch_redoes_only_the_jobs_of_changed_mechanisms(store: RegistryStore) -> None:
+    store._catalog = MechanismCatalog(frozenset({"eco", "guard"}),
+                                      lambda name, options: [f"{name}_job"], {"eco_job": "eco", "guard_job": "guard"})
+    created = store.create_target(target())
+    for kind in (FIT_CLASSIFIER, "eco_job", "guard_job"):
+        store.complete_job(store.claim_job("w1", [kind]).id, {"status": "ready", "artifact": "a" * 64})
+    assert store.get_target(created.id).status == "active"
+    patched = store.patch_target(created.id, TargetPatch.model_validate({"mechanisms": {"guard": {}}}))
+    assert set(patched.mechanisms) == {"guard"} and patched.status == "active" and len(patched.jobs) == 3
+    patched = store.patch_target(created.id, TargetPatch.model_validate(
+        {"mechanisms": {"guard": {"soft_penalty": 1.0}, "eco": {}}}))
+    assert sorted(job.kind for job in patched.jobs if job.status == "queued") == ["eco_job", "guard_job"]
+    assert patched.mechanisms["guard"].status == "preparing" and patched.mechanisms["guard"].state
+    with pytest.raises(ValidationError):
+        TargetPatch.model_validate({"mechanisms": {}})
 
 
 def test_failed_job_is_retried_then_fails_the_target(store: RegistryStore) -> None:

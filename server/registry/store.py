@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -39,6 +39,7 @@ from server.registry.models import AuditRow, JobRow, RegistryStateRow, TargetRow
 logger = logging.getLogger(__name__)
 
 FIT_CLASSIFIER = "fit_classifier"
+CLASSIFIER_GATED = frozenset({"o3"})  # mechanisms whose gate is fitted with the classifier (see classifier_jobs.py)
 MIN_FORGET_SOURCES = 2  # the classifier's threshold is calibrated on held-out sources: it needs two at least
 
 
@@ -72,6 +73,15 @@ class TargetRecord:
 
 
 @dataclass(frozen=True)
+class MechanismCatalog:
+    """What the store needs to know about the mechanisms of this build (see ``guards/registry.py``)."""
+
+    implemented: frozenset[str] = frozenset()
+    jobs_for: Callable[[str, Mapping[str, Any]], list[str]] = field(default=lambda name, options: [])
+    job_mechanism: Mapping[str, str] = field(default_factory=dict)  # job kind -> the mechanism it prepares
+
+
+@dataclass(frozen=True)
 class ClaimedJob:
     id: str
     kind: str
@@ -81,11 +91,12 @@ class ClaimedJob:
 
 
 class RegistryStore:
-    def __init__(self, engine: Engine, default_mechanisms: Sequence[str], implemented_mechanisms: Sequence[str] = ()):
+    def __init__(self, engine: Engine, default_mechanisms: Sequence[str],
+                 catalog: MechanismCatalog = MechanismCatalog()) -> None:
         self._engine = engine
         self._sessions = sessionmaker(engine, expire_on_commit=False)
         self._default_mechanisms = list(default_mechanisms)
-        self._implemented = set(implemented_mechanisms)
+        self._catalog = catalog
 
     @property
     def backend(self) -> str:
@@ -162,12 +173,14 @@ class RegistryStore:
                 row = TargetRow(
                     id=new_id("tgt"), name=body.name, description=body.description, aliases=list(body.aliases),
                     forget=_items(body.forget), retain=_items(body.retain),
-                    mechanisms=self._initial_mechanisms(options), classifier={"status": "preparing"},
-                    status="preparing", revision=revision, created_at=now, updated_at=now,
+                    mechanisms={name: {"options": opts, "state": {}} for name, opts in options.items()},
+                    classifier={"status": "preparing"}, status="preparing", revision=revision, created_at=now,
+                    updated_at=now,
                 )
                 session.add(row)
                 session.flush()
-                self._enqueue(session, row.id, FIT_CLASSIFIER, now)
+                self._enqueue_preparation(session, row, now, self._preparation_kinds(row))
+                self._refresh_statuses(session, row)
         except IntegrityError as exc:  # a concurrent create with the same name won the race
             raise Conflict(f"A target named `{body.name}` already exists.", param="name") from exc
         logger.info("target.created", extra={"target_id": row.id, "revision": revision})
@@ -178,6 +191,7 @@ class RegistryStore:
         with self._transaction() as session:
             row = self._target_row(session, target_id)
             changed_contents = False
+            previous_mechanisms = dict(row.mechanisms)
             if patch.description is not None:
                 row.description = patch.description
             if patch.aliases is not None:
@@ -187,18 +201,25 @@ class RegistryStore:
             if patch.retain is not None:
                 row.retain, changed_contents = _items(patch.retain), True
             if patch.mechanisms is not None:
-                row.mechanisms = self._initial_mechanisms(patch.mechanisms.enabled())
-                changed_contents = True
+                # A mechanism kept across the patch keeps serving its published state until its jobs replace it.
+                row.mechanisms = {name: {"options": opts, "state": row.mechanisms.get(name, {}).get("state", {})}
+                                  for name, opts in patch.mechanisms.enabled().items()}
             check_fittable(row.aliases, row.forget)
             if changed_contents:
-                # The classifier stays in service (old artifact) until the refit replaces it.
-                row.classifier = {**row.classifier, "status": row.classifier.get("status", "preparing")}
-                row.status = "preparing"
+                # New contents: everything is refitted; the old classifier and states serve until replaced.
                 self._cancel_open_jobs(session, row.id, now)
-                self._enqueue(session, row.id, FIT_CLASSIFIER, now)
+                self._enqueue_preparation(session, row, now, self._preparation_kinds(row))
+            elif patch.mechanisms is not None:
+                # Only the mechanisms changed: redo just what their new options need.
+                kinds = self._changed_mechanism_kinds(previous_mechanisms, row.mechanisms)
+                self._cancel_open_jobs(session, row.id, now, kinds)
+                self._enqueue_preparation(session, row, now, kinds)
+            if changed_contents or patch.mechanisms is not None:
+                self._refresh_statuses(session, row)
             row.revision = self._bump_revision(session)
             row.updated_at = now
-        logger.info("target.patched", extra={"target_id": target_id, "refit": changed_contents})
+        logger.info("target.patched", extra={"target_id": target_id, "refit": changed_contents,
+                                             "mechanisms_changed": patch.mechanisms is not None})
         return self.get_target(target_id)
 
     def delete_target(self, target_id: str) -> Deleted:
@@ -242,8 +263,12 @@ class RegistryStore:
             ).rowcount
         return updated == 1
 
-    def complete_job(self, job_id: str, classifier: dict[str, Any]) -> None:
-        """Mark the job done and publish its result on the target, bumping the revision for the replicas."""
+    def complete_job(self, job_id: str, result: dict[str, Any]) -> None:
+        """Mark the job done and publish its result on the target, bumping the revision for the replicas.
+
+        A ``fit_classifier`` result becomes the target's classifier; a mechanism job's result becomes that
+        mechanism's published ``state`` (artifact digests, calibrated values).
+        """
         now = utcnow()
         with self._transaction() as session:
             job = session.get(JobRow, job_id)
@@ -252,9 +277,13 @@ class RegistryStore:
             job.status, job.progress, job.finished_at, job.message = "succeeded", 1.0, now, "done"
             target = session.get(TargetRow, job.target_id) if job.target_id else None
             if target is not None:
-                target.classifier = classifier
-                target.status = self._target_status(session, target)
-                target.mechanisms = self._mechanism_statuses(target.mechanisms, target.classifier["status"])
+                mechanism = self._catalog.job_mechanism.get(job.kind)
+                if job.kind == FIT_CLASSIFIER:
+                    target.classifier = result
+                elif mechanism in target.mechanisms:
+                    target.mechanisms = {**target.mechanisms,
+                                         mechanism: {**target.mechanisms[mechanism], "state": result}}
+                self._refresh_statuses(session, target)
                 target.updated_at = now
                 target.revision = self._bump_revision(session)
 
@@ -319,9 +348,12 @@ class RegistryStore:
         session.add(JobRow(id=new_id("job"), target_id=target_id, kind=kind, status="queued", progress=0.0,
                            message="queued", attempts=0, max_attempts=3, payload={}, created_at=now))
 
-    def _cancel_open_jobs(self, session: Session, target_id: str, now: datetime) -> None:
-        session.execute(update(JobRow).where(JobRow.target_id == target_id, JobRow.status.in_(("queued", "running")))
-                        .values(status="cancelled", finished_at=now, message="superseded"))
+    def _cancel_open_jobs(self, session: Session, target_id: str, now: datetime,
+                          kinds: Sequence[str] | None = None) -> None:
+        query = update(JobRow).where(JobRow.target_id == target_id, JobRow.status.in_(("queued", "running")))
+        if kinds is not None:
+            query = query.where(JobRow.kind.in_(list(kinds)))
+        session.execute(query.values(status="cancelled", finished_at=now, message="superseded"))
 
     def _fail_or_retry(self, session: Session, job: JobRow, error: str, now: datetime) -> None:
         if job.attempts < job.max_attempts:
@@ -330,32 +362,70 @@ class RegistryStore:
         job.status, job.error, job.finished_at, job.message = "failed", error, now, "failed"
         target = session.get(TargetRow, job.target_id) if job.target_id else None
         if target is not None:
-            if target.classifier.get("status") != "ready":
+            if job.kind == FIT_CLASSIFIER and target.classifier.get("status") != "ready":
                 target.classifier = {**target.classifier, "status": "failed"}
-            target.status = "failed"
-            target.mechanisms = self._mechanism_statuses(target.mechanisms, "failed")
+            self._refresh_statuses(session, target)
             target.updated_at = now
             target.revision = self._bump_revision(session)
 
-    def _target_status(self, session: Session, target: TargetRow) -> str:
-        open_jobs = session.scalar(select(func.count()).select_from(JobRow).where(
-            JobRow.target_id == target.id, JobRow.status.in_(("queued", "running"))))
-        return "active" if not open_jobs and target.classifier.get("status") == "ready" else "preparing"
+    def _preparation_kinds(self, row: TargetRow) -> list[str]:
+        """The classifier fit plus every job the target's mechanisms need (SPEC §4: ECO/GUARD serve meanwhile)."""
+        kinds = [FIT_CLASSIFIER]
+        for name, entry in row.mechanisms.items():
+            if name in self._catalog.implemented:
+                kinds.extend(self._catalog.jobs_for(name, entry["options"]))
+        return kinds
 
-    def _initial_mechanisms(self, options: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        return self._mechanism_statuses({name: {"options": opts} for name, opts in options.items()}, "preparing")
+    def _changed_mechanism_kinds(self, before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+        """Jobs a mechanisms-only patch needs: those of new or re-optioned mechanisms, and a classifier refit when
+        a mechanism whose gate lives in the classifier artifact (O3's OOD detector) is switched on or off."""
+        kinds = []
+        if CLASSIFIER_GATED & set(before) != CLASSIFIER_GATED & set(after):
+            kinds.append(FIT_CLASSIFIER)
+        for name, entry in after.items():
+            if name in self._catalog.implemented and before.get(name, {}).get("options") != entry["options"]:
+                kinds.extend(self._catalog.jobs_for(name, entry["options"]))
+        return kinds
 
-    def _mechanism_statuses(self, mechanisms: dict[str, Any], classifier_status: str) -> dict[str, Any]:
-        """A mechanism is live when its guard exists in this build and the target's classifier is ready."""
-        result = {}
-        for name, entry in mechanisms.items():
-            if name not in self._implemented:
+    def _enqueue_preparation(self, session: Session, row: TargetRow, now: datetime, kinds: Sequence[str]) -> None:
+        for order, kind in enumerate(kinds):  # distinct timestamps: claimed in this order, the classifier first
+            self._enqueue(session, row.id, kind, now + timedelta(microseconds=order))
+
+    def _refresh_statuses(self, session: Session, target: TargetRow) -> None:
+        """Derive the mechanisms' and the target's status from the classifier and the target's latest jobs.
+
+        A mechanism is ``ready`` when the classifier is ready and the latest of each of its jobs succeeded,
+        ``failed`` when one of them (or the classifier) failed, ``preparing`` otherwise; the target is ``active``
+        when nothing is left to do, ``failed`` when anything failed.
+        """
+        latest: dict[str, JobRow] = {}
+        for job in session.scalars(select(JobRow).where(JobRow.target_id == target.id)
+                                   .order_by(JobRow.created_at, JobRow.id)):
+            if job.status != "cancelled":
+                latest[job.kind] = job
+        classifier_status = target.classifier.get("status", "preparing")
+        mechanisms = {}
+        for name, entry in target.mechanisms.items():
+            kinds = self._catalog.jobs_for(name, entry["options"]) if name in self._catalog.implemented else []
+            failed = [latest[kind].error for kind in kinds if kind in latest and latest[kind].status == "failed"]
+            if name not in self._catalog.implemented:
                 status, message = "unavailable", "this mechanism is not implemented in this build yet"
+            elif classifier_status == "failed" or failed:
+                status, message = "failed", (failed[0] if failed else "the classifier could not be fitted")
+            elif classifier_status == "ready" and all(kind in latest and latest[kind].status == "succeeded"
+                                                      for kind in kinds):
+                status, message = "ready", None
             else:
-                status = {"ready": "ready", "failed": "failed"}.get(classifier_status, "preparing")
-                message = None
-            result[name] = {"options": entry.get("options", {}), "status": status, "message": message}
-        return result
+                status, message = "preparing", None
+            mechanisms[name] = {**entry, "status": status, "message": message}
+        target.mechanisms = mechanisms
+        open_jobs = any(job.status in ("queued", "running") for job in latest.values())
+        if classifier_status == "failed" or any(m["status"] == "failed" for m in mechanisms.values()):
+            target.status = "failed"
+        elif classifier_status == "ready" and not open_jobs:
+            target.status = "active"
+        else:
+            target.status = "preparing"
 
     def _jobs_by_target(self, session: Session, target_ids: list[str]) -> dict[str, list[JobRow]]:
         if not target_ids:
@@ -372,7 +442,9 @@ class RegistryStore:
         return TargetOut(
             id=row.id, name=row.name, description=row.description, aliases=row.aliases, status=row.status,
             revision=row.revision,
-            mechanisms={name: MechanismOut(**entry) for name, entry in row.mechanisms.items()},
+            mechanisms={name: MechanismOut(status=entry.get("status", "preparing"), options=entry.get("options", {}),
+                                           message=entry.get("message"), state=entry.get("state") or {})
+                        for name, entry in row.mechanisms.items()},
             classifier=ClassifierOut(status=classifier.get("status", "preparing"),
                                      threshold=classifier.get("threshold"),
                                      false_positive_rate=classifier.get("false_positive_rate"),
