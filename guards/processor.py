@@ -6,7 +6,7 @@ engine's worker process. Lethe therefore registers exactly one class and drives 
 it returns at once, so unflagged traffic pays nothing but a dict lookup.
 
 Each guard that acts at decoding time contributes a ``RowHook`` factory (``ROW_HOOK_FACTORIES``); the processor keeps
-one list of hooks per batch row and applies them in registration order, which is the documented composition order.
+one list of hooks per batch row and applies them in that list's order, which is the documented composition order.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from vllm.sampling_params import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
+from guards.phrase_matcher import Vocabulary, guard_row_hook, validate_guard_section
+
 logger = logging.getLogger(__name__)
 
 EXTRA_ARGS_KEY = "lethe"
@@ -32,17 +34,11 @@ class RowHook(Protocol):
     def apply(self, logits_row: torch.Tensor) -> None: ...
 
 
-RowHookFactory = Callable[[Mapping[str, Any], Sequence[int] | None, list[int]], RowHook | None]
-"""(the request's ``extra_args["lethe"]``, prompt token ids, live output token ids) -> hook, or None if not needed."""
+RowHookFactory = Callable[[Mapping[str, Any], Sequence[int] | None, list[int], Vocabulary | None], RowHook | None]
+"""(the request's ``extra_args["lethe"]``, prompt token ids, live output token ids, the served vocabulary's text)
+-> hook, or None if not needed."""
 
-ROW_HOOK_FACTORIES: list[tuple[str, RowHookFactory]] = []
-
-
-def register_row_hook(name: str, factory: RowHookFactory) -> None:
-    """Add a guard's decoding-time hook; called at import time by the guard modules that act during decoding."""
-    if any(existing == name for existing, _ in ROW_HOOK_FACTORIES):
-        raise ValueError(f"row hook {name!r} is already registered")
-    ROW_HOOK_FACTORIES.append((name, factory))
+ROW_HOOK_FACTORIES: list[tuple[str, RowHookFactory]] = [("guard", guard_row_hook)]
 
 
 def lethe_args(params: SamplingParams) -> Mapping[str, Any] | None:
@@ -58,6 +54,7 @@ class LetheLogitsProcessor(LogitsProcessor):
     def __init__(self, vllm_config: VllmConfig, device: torch.device, is_pin_memory: bool) -> None:
         self.device = device
         self.rows: dict[int, list[RowHook]] = {}
+        self.vocabulary = _served_vocabulary(vllm_config) if vllm_config is not None else None
 
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
@@ -65,6 +62,8 @@ class LetheLogitsProcessor(LogitsProcessor):
         section = (sampling_params.extra_args or {}).get(EXTRA_ARGS_KEY)
         if section is not None and not isinstance(section, Mapping):
             raise ValueError(f"extra_args[{EXTRA_ARGS_KEY!r}] must be a mapping")
+        if section is not None:
+            validate_guard_section(section)
 
     def is_argmax_invariant(self) -> bool:
         # Guards change which token wins, so the processor must also run for greedy batches.
@@ -79,7 +78,8 @@ class LetheLogitsProcessor(LogitsProcessor):
         section = lethe_args(params)
         if section is None:
             return None
-        hooks = [hook for _, factory in ROW_HOOK_FACTORIES if (hook := factory(section, prompt_ids, output_ids))]
+        hooks = [hook for _, factory in ROW_HOOK_FACTORIES
+                 if (hook := factory(section, prompt_ids, output_ids, self.vocabulary))]
         return hooks or None
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
@@ -89,3 +89,12 @@ class LetheLogitsProcessor(LogitsProcessor):
             for hook in hooks:
                 hook.apply(logits[row])
         return logits
+
+
+def _served_vocabulary(vllm_config: VllmConfig) -> Vocabulary:
+    """The text of every token of the served model, read once per worker from its tokenizer."""
+    from transformers import AutoTokenizer
+
+    config = vllm_config.model_config
+    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer, trust_remote_code=config.trust_remote_code)
+    return Vocabulary.from_tokenizer(tokenizer)

@@ -44,7 +44,18 @@ class ForgetItem(Strict):
 class EcoOptions(Strict):
     corruption: Literal["rand_noise_first_n", "zero_out_top_k", "flip_sign_top_k"] = "rand_noise_first_n"
     sigma: float | None = Field(None, gt=0, description="Noise scale; unset means found by the calibration job.")
-    dims: int | None = Field(None, ge=1, description="Embedding dims corrupted (first n / top k); unset: all.")
+    dims: int | None = Field(
+        None, ge=1, description="Embedding dims corrupted (first n / top k); unset: all (zero_out_top_k: a quarter)."
+    )
+    scope: Literal["auto", "entities", "prompt"] = Field(
+        "auto", description="Which prompt tokens are corrupted: the target's entity tokens (ECO's TOFU setting), every "
+        "user token but the last (its WMDP setting), or `auto`: the least invasive one that reaches the calibration "
+        "goal (entities when sigma is given).",
+    )
+    goal: float | None = Field(
+        None, ge=0, le=1, description="Forget-answer ROUGE-L the sigma calibration aims for; unset: the level of an "
+        "answer about an unrelated author.",
+    )
 
 
 class GuardOptions(Strict):
@@ -69,6 +80,12 @@ class MechanismsIn(Strict):
     guard: GuardOptions | None = None
     uld: UldOptions | None = None
     o3: O3Options | None = None
+
+    @model_validator(mode="after")
+    def _at_least_one(self) -> MechanismsIn:
+        if not self.enabled():
+            raise ValueError("enable at least one mechanism: a target nothing protects would be refused outright")
+        return self
 
     def enabled(self) -> dict[str, dict[str, Any]]:
         return {name: getattr(self, name).model_dump() for name in MECHANISM_NAMES if getattr(self, name) is not None}
@@ -109,6 +126,8 @@ class MechanismOut(BaseModel):
     status: Literal["preparing", "ready", "failed", "unavailable"]
     options: dict[str, Any]
     message: str | None = None
+    state: dict[str, Any] = Field(default_factory=dict, description="What the mechanism's jobs published "
+                                  "(ECO: calibrated sigma and its search curve; GUARD: phrase counts).")
 
 
 class ClassifierOut(BaseModel):

@@ -17,13 +17,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from server import admin_api, openai_api
 from server.body_limit import BodyLimitMiddleware
 from server.config import Settings
-from server.control_plane import ControlPlane
 from server.engine import Engine
 from server.errors import InvalidRequest, LetheError, NotFound
 from server.metrics import Metrics
 from server.openai_api import ClientDisconnected
-from server.pipeline import Pipeline
 from server.protocol import ErrorBody, ErrorResponse
+from server.runtime import Runtime
 from server.serving import OpenAIServing
 
 logger = logging.getLogger(__name__)
@@ -86,16 +85,12 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        control = ControlPlane.open(settings, metrics)
-        await control.start()
-        app.state.registry = control.store
-        app.state.snapshots = control.snapshots
-        engine = Engine(settings, model_path, served_model_name)
-        engine.start()
-        pipeline = Pipeline(engine, settings.request_timeout_s, metrics, registry=control.snapshots,
-                            audit=control.audit, audit_prompts=settings.audit_prompts)
+        runtime = await Runtime.start(settings, model_path, served_model_name, metrics)
+        engine = runtime.engine
+        app.state.registry = runtime.control.store
+        app.state.snapshots = runtime.control.snapshots
         app.state.engine = engine
-        app.state.serving = OpenAIServing(pipeline, engine.info)
+        app.state.serving = OpenAIServing(runtime.pipeline, engine.info)
         metrics.engine_up.set(1)
 
         def on_engine_death() -> None:
@@ -109,8 +104,7 @@ def create_app(
             yield
         finally:
             watcher.cancel()
-            await control.stop()
-            engine.shutdown()
+            await runtime.stop()
 
     app = FastAPI(title="Lethe", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible inference with inference-time unlearning.")

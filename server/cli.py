@@ -152,10 +152,11 @@ def cmd_worker(_: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from server.control_plane import LazyEmbedder, make_worker, open_store
+    from server.control_plane import LazyEmbedder, make_worker, offline_handlers, open_store
 
     settings = get_settings()
-    worker = make_worker(settings, open_store(settings), LazyEmbedder(settings.embedding_model))
+    handlers = offline_handlers(settings, LazyEmbedder(settings.embedding_model))
+    worker = make_worker(settings, open_store(settings), handlers)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

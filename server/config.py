@@ -84,6 +84,12 @@ class Settings(BaseSettings):
     job_stale_after_s: float = Field(
         60.0, gt=0, description="A running job without heartbeat for this long is retried or failed."
     )
+    eco_calibration_questions: int = Field(
+        20, ge=1, le=200, description="Forget questions ECO's sigma calibration scores at each step."
+    )
+    eco_calibration_max_tokens: int = Field(
+        64, ge=8, le=1024, description="Reply length ECO's sigma calibration generates per question."
+    )
     audit_prompts: bool = Field(False, description="Store prompt text in audit records.")
     audit_retention_days: float = Field(30.0, gt=0, description="Audit records older than this are deleted.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")

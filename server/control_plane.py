@@ -12,19 +12,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from classifiers.embedding import Embedder
+from guards.guard_filter import GUARD_PHRASES
+from guards.registry import IMPLEMENTED_MECHANISMS, JOB_MECHANISM, preparation_jobs
 from server.artifacts import ArtifactStore
 from server.audit import AuditWriter
 from server.classifier_jobs import bank_factory, fit_classifier_handler
 from server.config import Settings
-from server.jobs import JobWorker
+from server.guard_jobs import guard_phrases_handler
+from server.jobs import JobHandler, JobWorker
 from server.metrics import Metrics
 from server.registry.database import make_engine, upgrade_database
 from server.registry.snapshot import RegistrySnapshot, SnapshotHolder
-from server.registry.store import FIT_CLASSIFIER, RegistryStore
+from server.registry.store import FIT_CLASSIFIER, MechanismCatalog, RegistryStore
 
 logger = logging.getLogger(__name__)
 
-IMPLEMENTED_MECHANISMS: tuple[str, ...] = ()
+MECHANISMS = MechanismCatalog(frozenset(IMPLEMENTED_MECHANISMS), preparation_jobs, JOB_MECHANISM)
 
 
 class LazyEmbedder:
@@ -45,12 +48,17 @@ class LazyEmbedder:
 def open_store(settings: Settings) -> RegistryStore:
     engine = make_engine(settings.resolved_database_url)
     upgrade_database(engine)
-    return RegistryStore(engine, settings.default_mechanisms, IMPLEMENTED_MECHANISMS)
+    return RegistryStore(engine, settings.default_mechanisms, MECHANISMS)
 
 
-def make_worker(settings: Settings, store: RegistryStore, embedder: Callable[[], Embedder]) -> JobWorker:
+def offline_handlers(settings: Settings, embedder: Callable[[], Embedder]) -> dict[str, JobHandler]:
+    """The jobs any worker can run: they need the embedder, not the served model."""
+    return {FIT_CLASSIFIER: fit_classifier_handler(embedder, settings.classifier_recall),
+            GUARD_PHRASES: guard_phrases_handler(embedder)}
+
+
+def make_worker(settings: Settings, store: RegistryStore, handlers: dict[str, JobHandler]) -> JobWorker:
     artifacts = ArtifactStore(settings.resolved_artifacts_dir)
-    handlers = {FIT_CLASSIFIER: fit_classifier_handler(embedder, settings.classifier_recall)}
     return JobWorker(store, artifacts, handlers, stale_after_s=settings.job_stale_after_s)
 
 
@@ -61,7 +69,9 @@ class ControlPlane:
     store: RegistryStore
     snapshots: SnapshotHolder
     audit: AuditWriter
-    worker: JobWorker | None
+    artifacts: ArtifactStore
+    embedder: LazyEmbedder
+    worker: JobWorker | None = None
     _tasks: list[asyncio.Task] = field(default_factory=list)
 
     @classmethod
@@ -70,14 +80,25 @@ class ControlPlane:
         embedder = LazyEmbedder(settings.embedding_model)
         artifacts = ArtifactStore(settings.resolved_artifacts_dir)
         snapshots = SnapshotHolder(store, artifacts.path, bank_factory(embedder), settings.registry_poll_s)
-        worker = make_worker(settings, store, embedder) if settings.embedded_worker else None
-        return cls(settings, metrics, store, snapshots, AuditWriter(store, settings.audit_retention_days), worker)
+        return cls(settings, metrics, store, snapshots, AuditWriter(store, settings.audit_retention_days), artifacts,
+                   embedder)
 
     async def start(self) -> None:
         self.snapshots.on_swap.append(self._on_swap)
         await asyncio.to_thread(self.snapshots.refresh)
         self._tasks = [asyncio.create_task(self.snapshots.watch()), asyncio.create_task(self.audit.run())]
-        if self.worker is not None:
+
+    def start_worker(self, engine_handlers: dict[str, JobHandler]) -> None:
+        """Run this replica's job worker once the engine is up.
+
+        Jobs that measure the served model (``engine_handlers``) always run in a serving replica; the others run
+        here too unless ``LETHE_EMBEDDED_WORKER=false`` hands them to ``lethe worker`` processes.
+        """
+        handlers = dict(engine_handlers)
+        if self.settings.embedded_worker:
+            handlers.update(offline_handlers(self.settings, self.embedder))
+        if handlers:
+            self.worker = make_worker(self.settings, self.store, handlers)
             self.worker.start()
 
     def _on_swap(self, snapshot: RegistrySnapshot) -> None:

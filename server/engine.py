@@ -32,6 +32,8 @@ class EngineInfo:
     max_model_len: int
     vocab_size: int
     device: str
+    hidden_size: int
+    dtype: Any  # torch.dtype the model runs in: what ECO's prompt_embeds must be
 
 
 def _is_cpu_platform() -> bool:
@@ -97,6 +99,8 @@ class Engine:
             max_model_len=config.max_model_len,
             vocab_size=config.get_vocab_size(),
             device="cpu" if _is_cpu_platform() else "cuda",
+            hidden_size=config.get_hidden_size(),
+            dtype=config.dtype,
         )
 
     @property

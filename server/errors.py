@@ -105,3 +105,13 @@ class RequestTimeout(LetheError):
 
     def __init__(self, message: str = "The request took too long and was aborted.") -> None:
         super().__init__(message, code="timeout")
+
+
+class GuardFailed(LetheError):
+    """A prompt hit a forget target but its protection could not be applied: refused, never served unguarded."""
+
+    status = HTTPStatus.SERVICE_UNAVAILABLE
+    type = "server_error"
+
+    def __init__(self) -> None:
+        super().__init__("This request cannot be served right now; please retry later.", code="guard_unavailable")

@@ -31,6 +31,13 @@ class Metrics:
         self.completion_tokens = Counter("lethe_completion_tokens", "Completion tokens generated.", registry=r)
         self.engine_up = Gauge("lethe_engine_up", "1 while the vLLM engine is alive, else 0.", registry=r)
         self.target_hits = Counter("lethe_target_hits", "Requests that hit a forget target.", ["target"], registry=r)
+        self.guard_applied = Counter(
+            "lethe_guard_applied", "Prompts a mechanism was applied to.", ["mechanism"], registry=r
+        )
+        self.guard_failures = Counter(
+            "lethe_guard_failures", "Flagged prompts refused because a mechanism failed (fail closed).", ["mechanism"],
+            registry=r,
+        )
         self.classifier_latency = Histogram(
             "lethe_classifier_latency_seconds", "Prompt classification time per prompt.", buckets=LATENCY_BUCKETS,
             registry=r,

@@ -1,30 +1,39 @@
 """The one request pipeline every inference endpoint goes through.
 
-    render (chat template, tokenize) -> classify (against the registry snapshot) -> plan (what the engine receives)
-    -> engine.generate -> choice events -> finish (metrics, audit record)
+    render (chat template, tokenize) -> classify (against the registry snapshot) -> plan (each hit target's guards
+    contribute, in the fixed guard order) -> engine.generate -> choice events -> finish (metrics, audit record)
 
 Plain async Python with no HTTP in it: the OpenAI layer (``server/serving.py``) turns ``ChoiceEvent``s into responses
 or SSE chunks, so streaming and non-streaming share one generation path. With no forget target hit, the plan is the
 plain vLLM input (token ids, no extra_args, no LoRA), which keeps unflagged traffic token-identical to plain vLLM; with
 no target registered at all, classification is skipped and costs nothing.
+
+Planning happens in ``start``, before any byte of the response exists, and fails closed: a prompt that hit a target
+is refused (``GuardFailed``, 503) when no mechanism of that target can be applied or one raises; it is never served
+unguarded, and the metrics and the audit record say so.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+import torch
 from jinja2 import TemplateError
 
 from classifiers.types import Hit
+from guards.base import ComposedPlan, Guard, PlanRequest, PromptView, TargetHit
+from guards.embedding_table import EmbeddingTable
 from server.admin_protocol import AuditRecord
 from server.audit import AuditWriter
 from server.engine import Engine
-from server.errors import ContextLengthExceeded, InvalidRequest, RequestTimeout
+from server.errors import ContextLengthExceeded, GuardFailed, InvalidRequest, RequestTimeout
 from server.metrics import Metrics
 from server.registry.snapshot import RegistrySnapshot, SnapshotHolder
 
@@ -39,11 +48,18 @@ class ChatTurn:
 
 @dataclass(frozen=True)
 class RenderedPrompt:
-    """A prompt as the model sees it; ``text`` is kept for echo and, later, for the prompt classifiers."""
+    """A prompt as the model sees it; ``text`` is kept for echo, the classifiers and the guards' token offsets."""
 
     token_ids: list[int]
     text: str
     conversation: tuple[ChatTurn, ...] = ()
+    from_text: bool = True  # False when the client sent token ids
+    add_special_tokens: bool = False  # how `text` was encoded (completion strings get the BOS token)
+
+    def view(self) -> PromptView:
+        turns = tuple((turn.role, turn.content) for turn in self.conversation) or (("user", self.text),)
+        return PromptView(token_ids=self.token_ids, text=self.text, turns=turns, from_text=self.from_text,
+                          add_special_tokens=self.add_special_tokens)
 
 
 @dataclass(frozen=True)
@@ -53,6 +69,7 @@ class Classification:
     hits: tuple[Hit, ...] = ()
     scores: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    embeddings: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))  # of the prompt's texts
 
 
 NO_TARGETS = Classification()
@@ -99,6 +116,9 @@ class Run:
     n: int
     snapshot: RegistrySnapshot
     classifications: list[Classification]
+    seed: int | None = None
+    plans: list[EnginePlan] = field(default_factory=list)
+    mechanisms: list[str] = field(default_factory=list)  # applied to any of its prompts, in guard order
     started_at: float = field(default_factory=time.perf_counter)
     created: float = field(default_factory=time.time)
     first_token_at: float | None = None
@@ -124,6 +144,8 @@ class Pipeline:
         registry: SnapshotHolder | None = None,
         audit: AuditWriter | None = None,
         audit_prompts: bool = False,
+        guards: Sequence[Guard] = (),
+        embeddings: EmbeddingTable | None = None,
     ) -> None:
         self._engine = engine
         self._timeout_s = request_timeout_s
@@ -131,6 +153,8 @@ class Pipeline:
         self._registry = registry
         self._audit = audit
         self._audit_prompts = audit_prompts
+        self._guards = tuple(guards)
+        self._embeddings = embeddings
 
     # ------------------------------------------------------------ render
 
@@ -163,13 +187,14 @@ class Pipeline:
         vocab_size = self._engine.info.vocab_size
         for item in items:
             if isinstance(item, str):
-                rendered.append(RenderedPrompt(token_ids=list(tokenizer.encode(item)), text=item))
+                rendered.append(RenderedPrompt(token_ids=list(tokenizer.encode(item)), text=item,
+                                               add_special_tokens=True))
                 continue
             if not item:
                 raise InvalidRequest("A token-id prompt must not be empty.", param="prompt")
             if any(not 0 <= token < vocab_size for token in item):
                 raise InvalidRequest(f"Token ids must lie in [0, {vocab_size}).", param="prompt")
-            rendered.append(RenderedPrompt(token_ids=list(item), text=tokenizer.decode(item)))
+            rendered.append(RenderedPrompt(token_ids=list(item), text=tokenizer.decode(item), from_text=False))
         return rendered
 
     # ------------------------------------------------------------ plan
@@ -191,19 +216,88 @@ class Pipeline:
                     param=param,
                 )
 
-    def plan(self, prompt: RenderedPrompt) -> EnginePlan:
-        return EnginePlan(prompt={"prompt_token_ids": prompt.token_ids})
+    def plan(self, run: Run, index: int) -> EnginePlan:
+        """What the engine receives for prompt ``index`` of the run: plain ids unless the prompt hit a target."""
+        prompt, classification = run.prompts[index], run.classifications[index]
+        if not classification.hits:
+            return EnginePlan(prompt={"prompt_token_ids": prompt.token_ids})
+        composed = ComposedPlan()
+        view = prompt.view()
+        protected: set[str] = set()
+        for guard in self._guards:
+            for hit in classification.hits:
+                target = run.snapshot.targets.get(hit.target_id)
+                entry = target.mechanisms.get(guard.name) if target is not None else None
+                if entry is None or not guard.ready(entry.get("options", {}), entry.get("state") or {}):
+                    continue
+                request = PlanRequest(
+                    hit=TargetHit(hit.target_id, hit.score, hit.alias_spans, tuple(target.aliases),
+                                  entry.get("options", {}), entry.get("state") or {}),
+                    prompt=view, query_embeddings=classification.embeddings,
+                    seed=request_seed(prompt.token_ids, hit.target_id, run.seed),
+                )
+                try:
+                    composed.add(guard.name, guard.plan(request))
+                except Exception as exc:
+                    self._metrics.guard_failures.labels(guard.name).inc()
+                    logger.exception("guard.failed", extra={"request_id": run.request_id, "mechanism": guard.name,
+                                                            "target_id": hit.target_id})
+                    raise GuardFailed() from exc
+                protected.add(hit.target_id)
+        unprotected = sorted({hit.target_id for hit in classification.hits} - protected)
+        if unprotected:
+            self._metrics.guard_failures.labels("none_ready").inc()
+            logger.error("guard.none_ready", extra={"request_id": run.request_id, "targets": unprotected})
+            raise GuardFailed()
+        for name in composed.mechanisms:
+            self._metrics.guard_applied.labels(name).inc()
+            if name not in run.mechanisms:
+                run.mechanisms.append(name)
+        return self.engine_plan(prompt, composed)
+
+    def engine_plan(self, prompt: RenderedPrompt, composed: ComposedPlan) -> EnginePlan:
+        """Turn the guards' contributions into the engine request (``prompt_embeds`` only if a guard edits them)."""
+        extra_args = {"lethe": composed.processor_args} if composed.processor_args else None
+        lora = composed.loras[0] if composed.loras else None
+        if not composed.embedding_edits:
+            return EnginePlan(prompt={"prompt_token_ids": prompt.token_ids}, extra_args=extra_args, lora_request=lora)
+        if self._embeddings is None:
+            raise GuardFailed()
+        embeds = self._embeddings.lookup(prompt.token_ids)  # (T, hidden)
+        for edit in composed.embedding_edits:
+            edit.apply(embeds)
+        self._check_embeds(embeds, len(prompt.token_ids))
+        # The ids travel with the embeds so the logits processor still sees the prompt; the all-False mask is what
+        # makes vLLM use the embeds instead of silently re-embedding the ids (VLLM_NOTES §2).
+        engine_prompt = {"prompt_embeds": embeds, "prompt_token_ids": list(prompt.token_ids),
+                         "prompt_is_token_ids": [False] * len(prompt.token_ids)}
+        return EnginePlan(prompt=engine_prompt, extra_args=extra_args, lora_request=lora)
+
+    def _check_embeds(self, embeds: torch.Tensor, length: int) -> None:
+        """A malformed tensor would kill vLLM's EngineCore (VLLM_NOTES §2): check it here, and refuse instead."""
+        info = self._engine.info
+        if (embeds.ndim != 2 or embeds.shape != (length, info.hidden_size) or embeds.dtype != info.dtype
+                or not bool(torch.isfinite(embeds).all())):
+            logger.error("guard.bad_embeds", extra={"shape": list(embeds.shape), "dtype": str(embeds.dtype)})
+            raise GuardFailed()
 
     # ------------------------------------------------------------ generate
 
-    async def start(self, request_id: str, endpoint: str, prompts: list[RenderedPrompt], n: int) -> Run:
-        """Classify the prompts against the current registry snapshot, which the run then keeps to its end."""
+    async def start(
+        self, request_id: str, endpoint: str, prompts: list[RenderedPrompt], n: int, seed: int | None = None
+    ) -> Run:
+        """Classify and plan the prompts against the current registry snapshot, which the run keeps to its end."""
         snapshot = self._registry.current if self._registry is not None else RegistrySnapshot(revision=0)
         classifications = [await self._classify(snapshot, prompt) for prompt in prompts]
         run = Run(request_id=request_id, endpoint=endpoint, prompts=prompts, n=n, snapshot=snapshot,
-                  classifications=classifications)
+                  classifications=classifications, seed=seed)
         for target_id in run.hit_target_ids:
             self._metrics.target_hits.labels(target_id).inc()
+        try:
+            run.plans = [self.plan(run, index) for index in range(len(prompts))]
+        except GuardFailed:
+            self.finish(run, "guard_failed")
+            raise
         return run
 
     async def _classify(self, snapshot: RegistrySnapshot, prompt: RenderedPrompt) -> Classification:
@@ -216,7 +310,19 @@ class Pipeline:
         hits = tuple(result.hits)
         scores = {target_id: round(score, 4) for target_id, score in best}
         scores.update({hit.target_id: round(hit.score, 4) for hit in hits})
-        return Classification(hits=hits, scores=scores, seconds=result.total_seconds)
+        return Classification(hits=hits, scores=scores, seconds=result.total_seconds, embeddings=result.embeddings)
+
+    async def generate_text(self, plan: EnginePlan, max_tokens: int, request_id: str) -> str:
+        """One greedy reply to an already planned prompt, for the server's own measurements (ECO calibration)."""
+        from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, output_kind=RequestOutputKind.FINAL_ONLY)
+        if plan.extra_args is not None:
+            params.extra_args = plan.extra_args
+        text = ""
+        async for output in self._engine.generate(plan.prompt, params, request_id, plan.lora_request):
+            text = output.outputs[0].text
+        return text
 
     def finish(self, run: Run, outcome: str = "served") -> None:
         """Account for a finished (or failed) run: metrics, a structured log line and its audit record."""
@@ -229,7 +335,7 @@ class Pipeline:
         targets = run.hit_target_ids
         logger.info("request.done", extra={
             "request_id": run.request_id, "endpoint": run.endpoint, "outcome": outcome, "targets": targets,
-            "registry_revision": run.snapshot.revision, "prompt_tokens": run.prompt_tokens,
+            "mechanisms": run.mechanisms, "registry_revision": run.snapshot.revision, "prompt_tokens": run.prompt_tokens,
             "completion_tokens": run.completion_tokens, "latency_s": round(elapsed, 4)})
         if self._audit is not None:
             scores: dict[str, float] = {}
@@ -238,7 +344,7 @@ class Pipeline:
                     scores[target_id] = max(score, scores.get(target_id, 0.0))
             prompt_text = "\n".join(p.text for p in run.prompts) if self._audit_prompts else None
             self._audit.record(AuditRecord(request_id=run.request_id, created=run.created, endpoint=run.endpoint,
-                                           targets=targets, mechanisms=[], scores=scores, outcome=outcome,
+                                           targets=targets, mechanisms=list(run.mechanisms), scores=scores, outcome=outcome,
                                            prompt=prompt_text))
 
     async def events(self, run: Run, params: Any) -> AsyncIterator[ChoiceEvent]:
@@ -246,8 +352,7 @@ class Pipeline:
         from vllm.utils.async_utils import merge_async_iterators
 
         streams = []
-        for prompt_index, prompt in enumerate(run.prompts):
-            plan = self.plan(prompt)
+        for prompt_index, (prompt, plan) in enumerate(zip(run.prompts, run.plans, strict=True)):
             prompt_params = params.clone()
             if prompt_params.max_tokens is None:
                 prompt_params.max_tokens = self._engine.info.max_model_len - len(prompt.token_ids)
@@ -270,6 +375,12 @@ class Pipeline:
             raise RequestTimeout() from exc
         finally:
             await merged.aclose()
+
+
+def request_seed(token_ids: Sequence[int], target_id: str, seed: int | None) -> int:
+    """A seed that is the same for the same prompt, target and client seed: guarded replies are reproducible."""
+    digest = hashlib.sha256(f"{target_id}|{seed}|{','.join(map(str, token_ids))}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def _choice_event(completion: Any, prompt_index: int, n: int) -> ChoiceEvent:

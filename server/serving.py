@@ -158,7 +158,8 @@ class OpenAIServing:
         top = request.top_logprobs or 0
         params = sampling_params(request, request.completion_budget, top if request.logprobs else None,
                                  self._info.vocab_size)
-        run = await self._pipeline.start(f"chatcmpl-{uuid.uuid4().hex}", "chat", [prompt], request.n)
+        run = await self._pipeline.start(f"chatcmpl-{uuid.uuid4().hex}", "chat", [prompt], request.n,
+                                         seed=request.seed)
         if request.stream:
             return self._chat_stream(request, run, params, top)
         return await self._chat_full(request, run, params, top)
@@ -229,7 +230,8 @@ class OpenAIServing:
         prompts = self._pipeline.render_completion(request.prompt)
         self._pipeline.check_budget(prompts, request.max_tokens, "max_tokens")
         params = sampling_params(request, request.max_tokens, request.logprobs, self._info.vocab_size)
-        run = await self._pipeline.start(f"cmpl-{uuid.uuid4().hex}", "completions", prompts, request.n)
+        run = await self._pipeline.start(f"cmpl-{uuid.uuid4().hex}", "completions", prompts, request.n,
+                                         seed=request.seed)
         if request.stream:
             return self._completion_stream(request, run, params)
         return await self._completion_full(request, run, params)

@@ -84,11 +84,17 @@ def stop_server(server: RunningServer) -> None:
             server.process.wait()
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--model-dir", default=None,
+                     help="run the suite against this built model directory instead of (building) the tiny demo model")
+
+
 @pytest.fixture(scope="session")
-def tiny_model_dir() -> Path:
+def tiny_model_dir(request: pytest.FixtureRequest) -> Path:
     from evals.tinytofu import build_demo_model
 
-    return build_demo_model(Settings().cache_dir, "tiny", progress=False)
+    given = request.config.getoption("--model-dir")
+    return Path(given) if given else build_demo_model(Settings().cache_dir, "tiny", progress=False)
 
 
 @pytest.fixture(scope="session")

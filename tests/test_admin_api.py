@@ -28,6 +28,7 @@ def target_body(author: Author) -> dict:
         "forget": [{"question": item.question, "answer": item.answer} for item in author.items],
         "retain": [{"question": item.question, "answer": item.answer}
                    for author in RETAIN_AUTHORS for item in author.items],
+        "mechanisms": {"guard": {}},  # no σ calibration: these tests are about the registry, not the guards
     }
 
 

@@ -8,13 +8,19 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pytest
+import torch
 from vllm.sampling_params import RequestOutputKind, SamplingParams
 
+from classifiers.types import BankResult, Hit
+from guards.base import GuardPlan, PlanRequest
 from server.engine import EngineInfo
-from server.errors import ContextLengthExceeded, InvalidRequest, RequestTimeout
+from server.errors import ContextLengthExceeded, GuardFailed, InvalidRequest, RequestTimeout
 from server.metrics import Metrics
 from server.pipeline import ChatTurn, Pipeline
+from server.registry.snapshot import RegistrySnapshot
+from server.registry.store import TargetRecord
 
 
 class CharTokenizer:
@@ -37,7 +43,8 @@ class FakeEngine:
     hang: bool = False
     calls: list[tuple[dict, SamplingParams, str]] = field(default_factory=list)
     tokenizer: CharTokenizer = field(default_factory=CharTokenizer)
-    info: EngineInfo = EngineInfo("m", "m", max_model_len=32, vocab_size=100, device="cpu")
+    info: EngineInfo = EngineInfo("m", "m", max_model_len=32, vocab_size=100, device="cpu", hidden_size=4,
+                                  dtype=torch.float32)
 
     async def generate(self, prompt: dict, params: SamplingParams, request_id: str,
                        lora_request: Any = None) -> AsyncIterator[Any]:
@@ -113,3 +120,109 @@ def test_token_id_prompts_are_checked_against_the_vocabulary() -> None:
     with pytest.raises(InvalidRequest):
         pipeline.render_completion([[1], []])
     assert [p.token_ids for p in pipeline.render_completion([[1, 2], [3]])] == [[1, 2], [3]]
+
+
+# ---- planning: guards of hit targets, fail closed ------------------------------------------------------------------
+
+TARGET = "tgt_1"
+
+
+class FakeBank:
+    """Every prompt hits TARGET."""
+
+    def score(self, turns):
+        return BankResult([Hit(TARGET, 0.9)], {TARGET: 0.9}, 0.0, 0.001, np.zeros((1, 4), np.float32))
+
+
+@dataclass
+class Holder:
+    current: RegistrySnapshot
+
+
+class AddRow:
+    def apply(self, embeds: torch.Tensor) -> None:
+        embeds[0] += 1.0
+
+
+@dataclass
+class FakeGuard:
+    name: str
+    plan_result: GuardPlan | None = None
+    error: Exception | None = None
+    is_ready: bool = True
+
+    def prepare(self, options):
+        return ()
+
+    def ready(self, options, state) -> bool:
+        return self.is_ready
+
+    def plan(self, request: PlanRequest) -> GuardPlan:
+        if self.error is not None:
+            raise self.error
+        return self.plan_result or GuardPlan()
+
+
+class Table:
+    def lookup(self, ids):
+        return torch.zeros(len(ids), 4)
+
+
+class BadTable:
+    def lookup(self, ids):
+        return torch.full((len(ids), 4), float("nan"))
+
+
+def guarded(engine: FakeEngine, *guards: FakeGuard, mechanisms=("eco", "guard"), table=Table()) -> Pipeline:
+    record = TargetRecord(id=TARGET, name="t", aliases=["T"], forget=[], retain=[],
+                          mechanisms={m: {"options": {}, "state": {}} for m in mechanisms},
+                          classifier={"status": "ready"}, status="active")
+    holder = Holder(RegistrySnapshot(revision=3, targets={TARGET: record}, bank=FakeBank()))
+    return Pipeline(engine, 5, Metrics(), registry=holder, guards=guards, embeddings=table)  # type: ignore[arg-type]
+
+
+async def test_hit_prompt_carries_every_ready_guards_contribution() -> None:
+    engine = FakeEngine()
+    pipeline = guarded(engine, FakeGuard("eco", GuardPlan(embedding_edits=(AddRow(),))),
+                       FakeGuard("guard", GuardPlan(processor_args={"phrases": [[1, 2]]})))
+    prompt = pipeline.render_chat([ChatTurn("user", "hi")])
+    run, _ = await collect(pipeline, [prompt], max_tokens=2)
+    sent_prompt, sent_params, _ = engine.calls[0]
+    assert sent_params.extra_args == {"lethe": {"guard": [{"phrases": [[1, 2]]}]}}
+    assert sent_prompt["prompt_token_ids"] == prompt.token_ids
+    assert sent_prompt["prompt_is_token_ids"] == [False] * len(prompt.token_ids)
+    assert sent_prompt["prompt_embeds"].shape == (len(prompt.token_ids), 4)
+    assert sent_prompt["prompt_embeds"][0].tolist() == [1.0] * 4 and run.mechanisms == ["eco", "guard"]
+
+
+async def test_a_guard_that_raises_refuses_the_request_instead_of_serving_it() -> None:
+    engine = FakeEngine()
+    pipeline = guarded(engine, FakeGuard("eco", error=RuntimeError("boom")), FakeGuard("guard"))
+    with pytest.raises(GuardFailed) as info:
+        await collect(pipeline, pipeline.render_completion("x"), max_tokens=1)
+    assert info.value.status == 503 and "boom" not in info.value.message
+    assert engine.calls == []
+
+
+async def test_a_hit_target_without_any_ready_mechanism_is_refused() -> None:
+    engine = FakeEngine()
+    pipeline = guarded(engine, FakeGuard("eco", is_ready=False), FakeGuard("guard", is_ready=False))
+    with pytest.raises(GuardFailed):
+        await collect(pipeline, pipeline.render_completion("x"), max_tokens=1)
+    assert engine.calls == []
+
+
+async def test_mechanisms_the_target_did_not_enable_are_not_applied() -> None:
+    engine = FakeEngine()
+    pipeline = guarded(engine, FakeGuard("eco", GuardPlan(embedding_edits=(AddRow(),))),
+                       FakeGuard("guard", GuardPlan(processor_args={"phrases": [[1]]})), mechanisms=("guard",))
+    run, _ = await collect(pipeline, pipeline.render_completion("x"), max_tokens=1)
+    assert "prompt_embeds" not in engine.calls[0][0] and run.mechanisms == ["guard"]
+
+
+async def test_non_finite_embeddings_never_reach_the_engine() -> None:
+    engine = FakeEngine()
+    pipeline = guarded(engine, FakeGuard("eco", GuardPlan(embedding_edits=(AddRow(),))), table=BadTable())
+    with pytest.raises(GuardFailed):
+        await collect(pipeline, pipeline.render_completion("x"), max_tokens=1)
+    assert engine.calls == []

@@ -1,0 +1,269 @@
+"""What ECO and GUARD cost a flagged request, and what 100 registered targets cost unflagged traffic (issue 4).
+
+Runs a serving replica in-process (``server.runtime.Runtime``: the engine, guards and pipeline ``lethe serve`` runs),
+registers the two TOFU forget01 authors with ECO + GUARD (σ calibrated by the job, as in production) and then, in
+rounds whose order rotates so that host noise hits every variant alike:
+
+* flagged: the authors' 40 forget questions, each classified (a hit), then planned with no mechanism
+  ("unprotected": the same request sent as plain token ids), ECO only, GUARD only, or both. Generation is greedy with
+  ``ignore_eos`` and a fixed length, so every variant produces the same number of tokens and cost ratios compare
+  like with like. Throughput at concurrency 8, latency per request at concurrency 1.
+* unflagged: 40 retain-author questions with no targets registered vs 100 (the 2 real + 98 synthetic heads with
+  made-up names, ``bench/classifier_latency.py``'s synthesis, thresholds above every negative so nothing is hit).
+
+Ratios are medians over rounds; cost ratio = unprotected throughput / variant throughput (1.05 = 5 % dearer).
+Before timing, each variant's quality is measured once with normal greedy replies (at most 60 tokens): mean ROUGE-L
+recall of the gold answer on the forget questions, on their TOFU paraphrases and on retain-author questions, and the
+share of the questions the unprotected model answered (recall >= 0.5) that fall below 0.3.
+
+    python bench/guard_overhead.py [--variant tiny|full | --model DIR] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.classifier_latency import synthesise_heads  # noqa: E402
+from classifiers import ClassifierBank  # noqa: E402
+from classifiers.negatives import builtin_negative_pool  # noqa: E402
+from evals.metrics import rouge_l_recall  # noqa: E402
+from evals.tinytofu import build_demo_model  # noqa: E402
+from evals.tofu_data import authors_of, demo_authors  # noqa: E402
+from server.admin_protocol import TargetCreate  # noqa: E402
+from server.classifier_jobs import _load_prompt_artifact  # noqa: E402
+from server.config import Settings  # noqa: E402
+from server.metrics import Metrics  # noqa: E402
+from server.pipeline import ChatTurn, EnginePlan, RenderedPrompt  # noqa: E402
+from server.registry.snapshot import RegistrySnapshot  # noqa: E402
+from server.runtime import Runtime  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results" / "guard_overhead.json"
+VARIANTS: dict[str, tuple[str, ...] | None] = {
+    "unprotected": None, "eco": ("eco",), "guard": ("guard",), "eco+guard": ("eco", "guard")}
+MAX_TOKENS = 48
+CONCURRENCY = 8
+LATENCY_SAMPLE = 10
+SYNTHETIC_TARGETS = 100
+
+
+def target_body(author, retain_authors) -> TargetCreate:
+    return TargetCreate.model_validate({
+        "name": author.name, "aliases": [author.name],
+        "forget": [{"question": i.question, "answer": i.answer} for i in author.items],
+        "retain": [{"question": i.question, "answer": i.answer} for a in retain_authors for i in a.items],
+        "mechanisms": {"eco": {}, "guard": {}},
+    })
+
+
+async def wait_until_served(runtime: Runtime, target_ids: list[str]) -> None:
+    store, snapshots = runtime.control.store, runtime.control.snapshots
+    while True:
+        statuses = [store.get_target(tid).status for tid in target_ids]
+        if "failed" in statuses:
+            raise RuntimeError(f"target preparation failed: {statuses}")
+        if all(s == "active" for s in statuses) and snapshots.current.revision == store.revision():
+            return
+        await asyncio.sleep(1)
+
+
+def only(snapshot: RegistrySnapshot, mechanisms: tuple[str, ...]) -> RegistrySnapshot:
+    """The snapshot with each target's mechanisms restricted to ``mechanisms``."""
+    targets = {tid: replace(record, mechanisms={k: v for k, v in record.mechanisms.items() if k in mechanisms})
+               for tid, record in snapshot.targets.items()}
+    return replace(snapshot, targets=targets)
+
+
+async def serve(runtime: Runtime, prompts: list[RenderedPrompt], concurrency: int,
+                mechanisms: tuple[str, ...] | None = None, replan: bool = False) -> tuple[float, list[float], int]:
+    """(tokens/s, per-request seconds, hits) for the prompts through the pipeline at a concurrency."""
+    from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+    pipeline = runtime.pipeline
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True,
+                            output_kind=RequestOutputKind.DELTA)
+    limit = asyncio.Semaphore(concurrency)
+    seconds: list[float] = []
+    tokens = hits = 0
+
+    async def one(prompt: RenderedPrompt) -> None:
+        nonlocal tokens, hits
+        async with limit:
+            started = time.perf_counter()
+            run = await pipeline.start(f"bench-{uuid.uuid4().hex}", "chat", [prompt], 1)
+            hits += bool(run.hit_target_ids)
+            if replan:
+                if mechanisms is None:
+                    run.plans = [EnginePlan(prompt={"prompt_token_ids": prompt.token_ids})]
+                else:
+                    run.snapshot = only(run.snapshot, mechanisms)
+                    run.plans = [pipeline.plan(run, 0)]
+            async for event in pipeline.events(run, params):
+                tokens += len(event.token_ids)
+            seconds.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one(prompt) for prompt in prompts))
+    return tokens / (time.perf_counter() - started), seconds, hits
+
+
+async def quality(runtime: Runtime, sets: dict[str, list[tuple[RenderedPrompt, str]]],
+                  mechanisms: tuple[str, ...] | None) -> dict[str, list[float]]:
+    """ROUGE-L recall of the gold answer per question of each set, greedy replies of at most 60 tokens."""
+    from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+    pipeline = runtime.pipeline
+    params = SamplingParams(temperature=0.0, max_tokens=60, output_kind=RequestOutputKind.DELTA)
+    limit = asyncio.Semaphore(CONCURRENCY)
+
+    async def one(prompt: RenderedPrompt, gold: str) -> float:
+        async with limit:
+            run = await pipeline.start(f"bench-{uuid.uuid4().hex}", "chat", [prompt], 1)
+            if run.hit_target_ids and mechanisms is None:
+                run.plans = [EnginePlan(prompt={"prompt_token_ids": prompt.token_ids})]
+            elif run.hit_target_ids:
+                run.snapshot = only(run.snapshot, mechanisms)
+                run.plans = [pipeline.plan(run, 0)]
+            text = "".join([event.text async for event in pipeline.events(run, params)])
+            return rouge_l_recall(text, gold)
+
+    return {name: list(await asyncio.gather(*(one(p, g) for p, g in items))) for name, items in sets.items()}
+
+
+def quality_row(scores: dict[str, list[float]], before: dict[str, list[float]]) -> dict[str, float]:
+    row = {f"{name}_rouge_l": round(statistics.fmean(values), 3) for name, values in scores.items()}
+    for name in ("forget", "paraphrase"):
+        answered = [i for i, value in enumerate(before[name]) if value >= 0.5]
+        row[f"{name}_forgotten_share"] = round(sum(scores[name][i] < 0.3 for i in answered) / len(answered), 3)
+    return row
+
+
+def hundred_targets(snapshot: RegistrySnapshot, runtime: Runtime) -> RegistrySnapshot:
+    real = [_load_prompt_artifact(runtime.control.artifacts.path(record.classifier["artifact"]))
+            for record in snapshot.targets.values()]
+    embedder = runtime.control.embedder()
+    negatives = embedder.encode([n.text for n in builtin_negative_pool()])
+    heads = synthesise_heads(real, SYNTHETIC_TARGETS, negatives)
+    for key, head in list(heads.items()):
+        if key.startswith("synthetic"):  # above every negative: the bench measures cost, not false positives
+            logit = np.log(head.threshold / (1 - head.threshold))
+            heads[key] = replace(head, bias=float(logit - (negatives @ head.weights).max() - 1.0))
+    return replace(snapshot, bank=ClassifierBank.from_artifacts(heads, embedder))
+
+
+async def run_bench(args: argparse.Namespace) -> dict:
+    with tempfile.TemporaryDirectory(prefix="lethe-bench-") as data_dir:
+        settings = Settings(data_dir=Path(data_dir), log_level="WARNING", _env_file=None)
+        model_dir = Path(args.model) if args.model else build_demo_model(settings.cache_dir, args.variant)
+        runtime = await Runtime.start(settings, model_dir, "bench", Metrics())
+        try:
+            return await measure(runtime, args.rounds, str(model_dir))
+        finally:
+            await runtime.stop()
+
+
+async def measure(runtime: Runtime, rounds: int, model: str) -> dict:
+    forget = authors_of("forget01")
+    retain_authors = [a for a in demo_authors() if a.index in (0, 1, 2)]
+    started = time.perf_counter()
+    ids = [runtime.control.store.create_target(target_body(a, retain_authors)).id for a in forget]
+    await wait_until_served(runtime, ids)
+    preparation_s = time.perf_counter() - started
+    holder = runtime.control.snapshots
+    registered = holder.current
+    render = runtime.pipeline.render_chat
+    flagged = [render([ChatTurn("user", i.question)]) for a in forget for i in a.items]
+    unflagged = [render([ChatTurn("user", i.question)]) for a in retain_authors for i in a.items[:14]][:40]
+    empty = replace(registered, targets={}, bank=None)
+    loaded = hundred_targets(registered, runtime)
+
+    question_sets = {
+        "forget": [(render([ChatTurn("user", i.question)]), i.answer) for a in forget for i in a.items],
+        "paraphrase": [(render([ChatTurn("user", i.paraphrased_question)]), i.answer) for a in forget for i in a.items],
+        "retain": [(render([ChatTurn("user", i.question)]), i.answer) for a in retain_authors for i in a.items],
+    }
+    unprotected = await quality(runtime, question_sets, None)
+    qualities = {name: quality_row(await quality(runtime, question_sets, mechanisms), unprotected)
+                 for name, mechanisms in VARIANTS.items()}
+    print("quality measured", flush=True)
+
+    rows: dict[str, list[dict]] = {name: [] for name in [*VARIANTS, "unflagged/0 targets", "unflagged/100 targets"]}
+    await serve(runtime, flagged[:8], CONCURRENCY, None, replan=True)  # warm-up
+    for round_index in range(rounds):
+        names = list(VARIANTS)
+        names = names[round_index % len(names):] + names[:round_index % len(names)]
+        holder.current = registered
+        for name in names:
+            tps, _, hits = await serve(runtime, flagged, CONCURRENCY, VARIANTS[name], replan=True)
+            _, latency, _ = await serve(runtime, flagged[:LATENCY_SAMPLE], 1, VARIANTS[name], replan=True)
+            rows[name].append({"tokens_per_s": tps, "latency_s": statistics.median(latency), "hits": hits})
+        pairs = [("unflagged/0 targets", empty), ("unflagged/100 targets", loaded)]
+        for name, snapshot in pairs if round_index % 2 == 0 else pairs[::-1]:
+            holder.current = snapshot
+            tps, latency, hits = await serve(runtime, unflagged, CONCURRENCY)
+            rows[name].append({"tokens_per_s": tps, "latency_s": statistics.median(latency), "hits": hits})
+        print(f"round {round_index + 1}/{rounds} done", flush=True)
+    holder.current = registered
+
+    def ratio(numerator: str, denominator: str, key: str = "tokens_per_s") -> float:
+        return statistics.median(a[key] / b[key] for a, b in zip(rows[numerator], rows[denominator], strict=True))
+
+    summary = {
+        "model": model, "rounds": rounds, "max_tokens": MAX_TOKENS, "concurrency": CONCURRENCY,
+        "preparation_seconds": round(preparation_s, 1),
+        "eco_state": [{key: runtime.control.store.get_target(t).mechanisms["eco"].state.get(key)
+                       for key in ("sigma", "scope", "goal", "reached_goal")} for t in ids],
+        "quality": qualities,
+        "flagged_cost_ratio": {name: round(ratio("unprotected", name), 3) for name in VARIANTS},
+        "flagged_latency_ratio": {name: round(ratio(name, "unprotected", "latency_s"), 3) for name in VARIANTS},
+        "unflagged_throughput_ratio_100_vs_0": round(ratio("unflagged/100 targets", "unflagged/0 targets"), 3),
+        "unflagged_hits_with_100_targets": [r["hits"] for r in rows["unflagged/100 targets"]],
+        "raw": rows,
+    }
+    return summary
+
+
+def print_summary(summary: dict) -> None:
+    print(f"\nmodel {summary['model']}, {summary['rounds']} rounds, {summary['max_tokens']} tokens per reply")
+    print("| mechanism | forget ROUGE-L (forgotten) | paraphrase ROUGE-L (forgotten) | retain ROUGE-L "
+          "| cost ratio (conc. 8) | latency ratio (conc. 1) |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name in VARIANTS:
+        q = summary["quality"][name]
+        print(f"| {name} | {q['forget_rouge_l']:.3f} ({q['forget_forgotten_share']:.0%}) "
+              f"| {q['paraphrase_rouge_l']:.3f} ({q['paraphrase_forgotten_share']:.0%}) | {q['retain_rouge_l']:.3f} "
+              f"| {summary['flagged_cost_ratio'][name]:.3f}x | {summary['flagged_latency_ratio'][name]:.3f}x |")
+    print(f"\nunflagged throughput, 100 targets vs none: {summary['unflagged_throughput_ratio_100_vs_0']:.3f}x "
+          f"(hits: {summary['unflagged_hits_with_100_targets']})")
+    print(f"target preparation (2 targets, classifier + phrases + sigma calibration): "
+          f"{summary['preparation_seconds']} s; ECO calibration: {summary['eco_state']}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variant", choices=["tiny", "full"], default="tiny")
+    parser.add_argument("--model", help="serve this model directory instead of a demo model")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    summary = asyncio.run(run_bench(args))
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps(summary, indent=2))
+    print_summary(summary)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""GUARD — generation-time unlearning by adaptive restriction (Deng et al., 2025).
+
+Registration (the ``guard_phrases`` job): every forget item's forbidden phrases (``guards/phrases.py``) and an SBERT
+embedding of the item (its question, or its text) are stored as the target's GUARD artifact.
+
+Per request: the forget items nearest to the prompt (SBERT retrieval on the classifier's own embeddings, so no extra
+encode) lend their phrases, best match first, after the aliases, up to ``max_phrases``: the ``TOP_ITEMS`` nearest
+lend their key phrases and every content word, the others their key phrases. The phrases travel as text to
+``LetheLogitsProcessor`` in ``extra_args``; it matches them on the text the tokens spell (``guards/phrase_matcher.py``),
+so no tokenisation variant of a phrase slips through.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from classifiers.embedding import Embedder
+from classifiers.types import TargetSpec
+from guards.base import GuardPlan, JobSpec, PlanRequest
+from guards.phrase_matcher import GUARD_KEY
+from guards.phrases import Background, alias_phrases, builtin_background, content_words, key_phrases
+
+logger = logging.getLogger(__name__)
+
+GUARD_PHRASES = "guard_phrases"
+PHRASES_FILE = "phrases.json"
+KEYS_FILE = "keys.npy"
+TOP_ITEMS = 3
+
+
+def build_phrase_artifact(spec: TargetSpec, embedder: Embedder, directory: Path) -> dict[str, Any]:
+    """Extract and store a target's forbidden phrases and retrieval keys; returns figures for the target's state."""
+    background = builtin_background()
+    retain_texts = [text for item in spec.retain for text in (item.question, item.answer, item.text) if text]
+    background = Background(background.unigrams | Background.from_texts(retain_texts).unigrams,
+                            background.bigrams | Background.from_texts(retain_texts).bigrams)
+    items = [item for item in spec.forget]
+    answers = [item.answer or item.text or "" for item in items]
+    item_phrases = [{"key": key_phrases(answer, background), "content": content_words(answer)} for answer in answers]
+    keys = embedder.encode([item.question or item.text or item.answer or "" for item in items])  # (n, d), unit
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / PHRASES_FILE).write_text(json.dumps({"aliases": alias_phrases(spec.aliases), "items": item_phrases}))
+    np.save(directory / KEYS_FILE, np.asarray(keys, dtype=np.float32))
+    return {"phrases": sum(len(p["key"]) for p in item_phrases), "items": len(items)}
+
+
+class PhraseArtifact:
+    def __init__(self, directory: Path) -> None:
+        data = json.loads((directory / PHRASES_FILE).read_text())
+        self.aliases: list[str] = data["aliases"]
+        self.items: list[dict[str, list[str]]] = data["items"]  # per forget item: {"key": [...], "content": [...]}
+        self.keys: np.ndarray = np.load(directory / KEYS_FILE)  # (n_items, d)
+
+    def ranked_phrases(self, query: np.ndarray, limit: int) -> list[str]:
+        """Aliases, then the phrases of the items most similar to the query (max over the query's texts): all of the
+        top items' words, the key phrases of the rest."""
+        if len(query) and len(self.keys):
+            similarity = (self.keys @ np.asarray(query, dtype=np.float32).T).max(axis=1)  # (n_items,)
+            order = np.argsort(-similarity, kind="stable")
+        else:
+            order = np.arange(len(self.items))
+        phrases: list[str] = []
+        seen: set[str] = set()
+        top = [p for i in order[:TOP_ITEMS] for p in (*self.items[i]["key"], *self.items[i]["content"])]
+        rest = [p for i in order[TOP_ITEMS:] for p in self.items[i]["key"]]
+        for phrase in [*self.aliases, *top, *rest]:
+            key = phrase.lower()
+            if key not in seen:
+                seen.add(key)
+                phrases.append(phrase)
+                if len(phrases) >= limit:
+                    break
+        return phrases
+
+
+@lru_cache(maxsize=1024)
+def _load_artifact(directory: Path) -> PhraseArtifact:
+    return PhraseArtifact(directory)
+
+
+class GuardFilter:
+    """The GUARD mechanism: forbidden-phrase restriction in the logits processor."""
+
+    name = GUARD_KEY
+
+    def __init__(self, artifact_path: Callable[[str], Path]) -> None:
+        self._artifact_path = artifact_path
+
+    @staticmethod
+    def prepare(options: Mapping[str, Any]) -> tuple[JobSpec, ...]:
+        return (JobSpec(GUARD_PHRASES),)
+
+    @staticmethod
+    def ready(options: Mapping[str, Any], state: Mapping[str, Any]) -> bool:
+        return "artifact" in state
+
+    def plan(self, request: PlanRequest) -> GuardPlan:
+        artifact = _load_artifact(self._artifact_path(request.hit.state["artifact"]))
+        phrases = artifact.ranked_phrases(request.query_embeddings, int(request.hit.options.get("max_phrases", 64)))
+        return GuardPlan(processor_args={"phrases": phrases,
+                                         "penalty": float(request.hit.options.get("soft_penalty", 0.0))})
+
