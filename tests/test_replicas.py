@@ -27,7 +27,8 @@ def serving_revision(server: RunningServer) -> int:
 def measure_propagation(writer: RunningServer, reader: RunningServer, name: str) -> float:
     """Create a target on ``writer``; seconds until ``reader`` serves the new revision."""
     created = httpx.post(f"{writer.base_url}/admin/v1/targets", headers=admin_headers(), timeout=30,
-                         json={"name": name, "aliases": [name], "forget": [{"text": f"Facts about {name}."}]})
+                         json={"name": name, "aliases": [name], "forget": [{"text": f"Facts about {name}."}],
+                               "mechanisms": {"guard": {}}})
     assert created.status_code == 201, created.text
     committed_at, revision = time.monotonic(), created.json()["revision"]
     while serving_revision(reader) < revision:
@@ -50,7 +51,8 @@ def hammer_then_kill(victim: RunningServer, survivor: RunningServer, prefix: str
                 name = f"{prefix}-{worker}-{i}"
                 try:
                     response = session.post("/admin/v1/targets", json={"name": name, "aliases": [name],
-                                                                     "forget": [{"text": name}]})
+                                                                     "forget": [{"text": name}],
+                                                                     "mechanisms": {"guard": {}}})
                 except httpx.TransportError:
                     return
                 if response.status_code == 201:
