@@ -111,6 +111,7 @@ class PhraseGuardHook:
         self._feed(tail[-longest:] if longest else "")
         self._always: torch.Tensor | None = None
         self._starters: torch.Tensor | None = None
+        self._completing: dict[tuple[int, int], torch.Tensor] = {}  # (matcher, state) -> ids that would complete
 
     def _feed(self, text: str) -> None:
         for matcher in self.matchers:
@@ -128,13 +129,22 @@ class PhraseGuardHook:
             starters = {i for m in self.matchers for i in self.vocabulary.starting_phrase(m.phrase)} - always
             self._always = _index([i for i in always if i < vocab], logits_row.device)
             self._starters = _index([i for i in starters if i < vocab], logits_row.device)
-        banned = {i for m in self.matchers for k in m.partial_matches()
-                  for i in self.vocabulary.starting_with(m.phrase[k:])}
         logits_row[self._always] = float("-inf")
-        if banned:
-            logits_row[_index([i for i in banned if i < vocab], logits_row.device)] = float("-inf")
+        parts = [self._completing_ids(n, m, vocab, logits_row.device) for n, m in enumerate(self.matchers) if m.state]
+        parts = [part for part in parts if len(part)]
+        if parts:
+            logits_row[torch.cat(parts)] = float("-inf")
         if self.penalty and len(self._starters):
             logits_row[self._starters] -= self.penalty
+
+
+    def _completing_ids(self, number: int, matcher: PhraseMatcher, vocab: int, device: torch.device) -> torch.Tensor:
+        """Tokens that would complete the phrase from the matcher's state (cached: states repeat)."""
+        key = (number, matcher.state)
+        if key not in self._completing:
+            ids = {i for k in matcher.partial_matches() for i in self.vocabulary.starting_with(matcher.phrase[k:])}
+            self._completing[key] = _index([i for i in ids if i < vocab], device)
+        return self._completing[key]
 
 
 def _index(ids: Sequence[int], device: torch.device) -> torch.Tensor:
