@@ -2,9 +2,9 @@
 
 Forbidden phrases are matched on the *text* the tokens spell, case-insensitively, not on token ids: a byte-level BPE
 model can spell "Promise by the Seine" as `"Prom`+`ise`… as easily as ` Promise`…, and a token-id trie over a few
-tokenisation variants was measured to let exactly such spellings through. Each row runs one KMP automaton per phrase
-(a character trie with failure links) over its text so far, prompt tail included, so a phrase the prompt starts cannot
-be finished by the reply. Every step:
+tokenisation variants was measured to let exactly such spellings through. Each row runs one Aho-Corasick automaton
+over all its phrases (a character trie with failure links) on its text so far, prompt tail included, so a phrase the
+prompt starts cannot be finished by the reply. Every step:
 
 * hard ban (−inf): every token whose text would complete a phrase from any partial match (it starts with the rest of
   the phrase), and every token whose text contains a whole phrase;
@@ -14,6 +14,7 @@ be finished by the reply. Every step:
 from __future__ import annotations
 
 import bisect
+from collections import deque
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from typing import Any
@@ -56,44 +57,60 @@ class Vocabulary:
         return tuple(i for n in range(MIN_STARTER_CHARS, len(phrase) + 1) for i in self._stripped.get(phrase[:n], ()))
 
 
-def failure_links(phrase: str) -> list[int]:
-    """KMP: links[k] = length of the longest proper prefix of phrase[:k] that is also its suffix."""
-    links = [0] * (len(phrase) + 1)
-    k = 0
-    for i in range(1, len(phrase)):
-        while k and phrase[i] != phrase[k]:
-            k = links[k]
-        if phrase[i] == phrase[k]:
-            k += 1
-        links[i + 1] = k
-    return links
+class PhraseAutomaton:
+    """Aho-Corasick over a request's lower-cased phrases: one state per row, whatever the number of phrases.
 
+    A state is a trie node (a prefix of some phrase); its failure chain lists every phrase prefix the text ends with.
+    The tokens banned in a state are those whose text starts with the rest of a phrase from any node of that chain;
+    states repeat, so that set is computed once per state.
+    """
 
-class PhraseMatcher:
-    """One phrase's KMP automaton: ``state`` = longest prefix of the phrase that the text so far ends with."""
+    def __init__(self, phrases: Sequence[str], vocabulary: Vocabulary) -> None:
+        self.vocabulary = vocabulary
+        self.goto: list[dict[str, int]] = [{}]
+        self.remainders: list[set[str]] = [set()]  # per node: what completes a phrase through it
+        for phrase in phrases:
+            node = 0
+            for k, char in enumerate(phrase):
+                if char not in self.goto[node]:
+                    self.goto.append({})
+                    self.remainders.append(set())
+                    self.goto[node][char] = len(self.goto) - 1
+                node = self.goto[node][char]
+                if k + 1 < len(phrase):
+                    self.remainders[node].add(phrase[k + 1:])
+        self.fail = [0] * len(self.goto)
+        queue = deque(self.goto[0].values())
+        while queue:  # breadth first: a node's failure link is set before its children's
+            node = queue.popleft()
+            for char, child in self.goto[node].items():
+                link = self.fail[node]
+                while link and char not in self.goto[link]:
+                    link = self.fail[link]
+                target = self.goto[link].get(char, 0)
+                self.fail[child] = target if target != child else 0
+                queue.append(child)
+        self._banned: dict[tuple[int, int], torch.Tensor] = {}
 
-    def __init__(self, phrase: str) -> None:
-        self.phrase = phrase
-        self.links = failure_links(phrase)
-        self.state = 0
-
-    def feed(self, text: str) -> None:
-        k = self.state
+    def feed(self, state: int, text: str) -> int:
         for char in text:
-            while k and (k == len(self.phrase) or char != self.phrase[k]):
-                k = self.links[k]
-            if char == self.phrase[k]:
-                k += 1
-        self.state = k
+            while state and char not in self.goto[state]:
+                state = self.fail[state]
+            state = self.goto[state].get(char, 0)
+        return state
 
-    def partial_matches(self) -> list[int]:
-        """Every k > 0 such that the text ends with phrase[:k] (k < len: a complete match needs no more banning)."""
-        out = []
-        k = self.state if self.state < len(self.phrase) else self.links[self.state]
-        while k:
-            out.append(k)
-            k = self.links[k]
-        return out
+    def banned(self, state: int, vocab: int, device: torch.device) -> torch.Tensor:
+        """Tokens that would complete a phrase in this state."""
+        key = (state, vocab)
+        if key not in self._banned:
+            ids: set[int] = set()
+            node = state
+            while node:
+                for remainder in self.remainders[node]:
+                    ids.update(self.vocabulary.starting_with(remainder))
+                node = self.fail[node]
+            self._banned[key] = _index([i for i in ids if i < vocab], device)
+        return self._banned[key]
 
 
 class PhraseGuardHook:
@@ -102,49 +119,35 @@ class PhraseGuardHook:
     def __init__(self, phrases: Sequence[str], penalty: float, vocabulary: Vocabulary,
                  prompt_ids: Sequence[int] | None, output_ids: list[int]) -> None:
         self.vocabulary = vocabulary
-        self.matchers = [PhraseMatcher(p.lower()) for p in dict.fromkeys(phrases) if p.strip()]
+        self.phrases = [p.lower() for p in dict.fromkeys(phrases) if p.strip()]
+        self.automaton = PhraseAutomaton(self.phrases, vocabulary)
         self.penalty = penalty
         self.output_ids = output_ids  # vLLM's live list: it grows by one token per step
         self.seen = 0
-        longest = max((len(m.phrase) for m in self.matchers), default=0)
-        tail = "".join(vocabulary.strings[t] for t in (prompt_ids or ())[-longest:] if 0 <= t < len(vocabulary.strings))
-        self._feed(tail[-longest:] if longest else "")
+        longest = max((len(p) for p in self.phrases), default=0)
+        strings = vocabulary.strings
+        tail = "".join(strings[t] for t in (prompt_ids or ())[-longest:] if 0 <= t < len(strings))
+        self.state = self.automaton.feed(0, tail[-longest:] if longest else "")
         self._always: torch.Tensor | None = None
         self._starters: torch.Tensor | None = None
-        self._completing: dict[tuple[int, int], torch.Tensor] = {}  # (matcher, state) -> ids that would complete
-
-    def _feed(self, text: str) -> None:
-        for matcher in self.matchers:
-            matcher.feed(text)
 
     def apply(self, logits_row: torch.Tensor) -> None:
         strings = self.vocabulary.strings
         new = self.output_ids[self.seen:]
         self.seen = len(self.output_ids)
         if new:
-            self._feed("".join(strings[t] for t in new if 0 <= t < len(strings)))
+            self.state = self.automaton.feed(self.state, "".join(strings[t] for t in new if 0 <= t < len(strings)))
         vocab = logits_row.shape[-1]
         if self._always is None:
-            always = {i for m in self.matchers for i in self.vocabulary.containing(m.phrase)}
-            starters = {i for m in self.matchers for i in self.vocabulary.starting_phrase(m.phrase)} - always
+            always = {i for p in self.phrases for i in self.vocabulary.containing(p)}
+            starters = {i for p in self.phrases for i in self.vocabulary.starting_phrase(p)} - always
             self._always = _index([i for i in always if i < vocab], logits_row.device)
             self._starters = _index([i for i in starters if i < vocab], logits_row.device)
         logits_row[self._always] = float("-inf")
-        parts = [self._completing_ids(n, m, vocab, logits_row.device) for n, m in enumerate(self.matchers) if m.state]
-        parts = [part for part in parts if len(part)]
-        if parts:
-            logits_row[torch.cat(parts)] = float("-inf")
+        if self.state:
+            logits_row[self.automaton.banned(self.state, vocab, logits_row.device)] = float("-inf")
         if self.penalty and len(self._starters):
             logits_row[self._starters] -= self.penalty
-
-
-    def _completing_ids(self, number: int, matcher: PhraseMatcher, vocab: int, device: torch.device) -> torch.Tensor:
-        """Tokens that would complete the phrase from the matcher's state (cached: states repeat)."""
-        key = (number, matcher.state)
-        if key not in self._completing:
-            ids = {i for k in matcher.partial_matches() for i in self.vocabulary.starting_with(matcher.phrase[k:])}
-            self._completing[key] = _index([i for i in ids if i < vocab], device)
-        return self._completing[key]
 
 
 def _index(ids: Sequence[int], device: torch.device) -> torch.Tensor:

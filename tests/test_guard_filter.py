@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from vllm.sampling_params import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 
 from guards.guard_filter import PhraseArtifact
-from guards.phrase_matcher import PhraseGuardHook, Vocabulary, guard_row_hook
+from guards.phrase_matcher import PhraseAutomaton, PhraseGuardHook, Vocabulary, guard_row_hook
 from guards.phrases import Background, alias_phrases, builtin_background, key_phrases
 from guards.processor import LetheLogitsProcessor
 
@@ -113,6 +114,22 @@ def test_a_phrase_begun_in_the_prompt_cannot_be_finished_by_the_reply() -> None:
     assert " 19" not in banned(step(hook, output))  # " 19" begins " 1956" but the phrase needs "the 1956"
     hook, output = hook_for("the1956", prompt=[" the"])
     assert "1956" in banned(step(hook, output))
+
+
+def test_the_automaton_bans_exactly_what_a_brute_force_search_bans() -> None:
+    rng = random.Random(0)
+    alphabet = "ab "
+    strings = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 3))) for _ in range(40)]
+    vocabulary = Vocabulary(strings)
+    for _ in range(200):
+        phrases = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 5))) for _ in range(3)]
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 8)))
+        automaton = PhraseAutomaton(phrases, vocabulary)
+        state = automaton.feed(0, text)
+        got = set(automaton.banned(state, len(strings), torch.device("cpu")).tolist()) if state else set()
+        expected = {i for i, token in enumerate(strings) for p in phrases for k in range(1, len(p))
+                    if text.endswith(p[:k]) and token.startswith(p[k:])}
+        assert got == expected, (phrases, text)
 
 
 def test_tokens_that_begin_a_phrase_are_softly_penalised() -> None:
