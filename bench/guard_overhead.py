@@ -32,6 +32,7 @@ import time
 import uuid
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -87,6 +88,16 @@ def only(snapshot: RegistrySnapshot, mechanisms: tuple[str, ...]) -> RegistrySna
     return replace(snapshot, targets=targets)
 
 
+def replan_run(runtime: Runtime, run: Any, mechanisms: tuple[str, ...] | None) -> None:
+    """Re-plan a started (hit) run with only ``mechanisms``, or as plain token ids ("unprotected") when None."""
+    prompt = run.prompts[0]
+    if mechanisms is None:
+        run.plans = [EnginePlan(prompt={"prompt_token_ids": prompt.token_ids})]
+    else:
+        run.snapshot = only(run.snapshot, mechanisms)
+        run.plans = [runtime.pipeline.plan(run, 0)]
+
+
 async def serve(runtime: Runtime, prompts: list[RenderedPrompt], concurrency: int,
                 mechanisms: tuple[str, ...] | None = None, replan: bool = False) -> tuple[float, list[float], int]:
     """(tokens/s, per-request seconds, hits) for the prompts through the pipeline at a concurrency."""
@@ -106,11 +117,7 @@ async def serve(runtime: Runtime, prompts: list[RenderedPrompt], concurrency: in
             run = await pipeline.start(f"bench-{uuid.uuid4().hex}", "chat", [prompt], 1)
             hits += bool(run.hit_target_ids)
             if replan:
-                if mechanisms is None:
-                    run.plans = [EnginePlan(prompt={"prompt_token_ids": prompt.token_ids})]
-                else:
-                    run.snapshot = only(run.snapshot, mechanisms)
-                    run.plans = [pipeline.plan(run, 0)]
+                replan_run(runtime, run, mechanisms)
             async for event in pipeline.events(run, params):
                 tokens += len(event.token_ids)
             seconds.append(time.perf_counter() - started)
@@ -132,11 +139,8 @@ async def quality(runtime: Runtime, sets: dict[str, list[tuple[RenderedPrompt, s
     async def one(prompt: RenderedPrompt, gold: str) -> float:
         async with limit:
             run = await pipeline.start(f"bench-{uuid.uuid4().hex}", "chat", [prompt], 1)
-            if run.hit_target_ids and mechanisms is None:
-                run.plans = [EnginePlan(prompt={"prompt_token_ids": prompt.token_ids})]
-            elif run.hit_target_ids:
-                run.snapshot = only(run.snapshot, mechanisms)
-                run.plans = [pipeline.plan(run, 0)]
+            if run.hit_target_ids:
+                replan_run(runtime, run, mechanisms)
             text = "".join([event.text async for event in pipeline.events(run, params)])
             return rouge_l_recall(text, gold)
 

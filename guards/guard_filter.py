@@ -37,10 +37,8 @@ TOP_ITEMS = 3
 
 def build_phrase_artifact(spec: TargetSpec, embedder: Embedder, directory: Path) -> dict[str, Any]:
     """Extract and store a target's forbidden phrases and retrieval keys; returns figures for the target's state."""
-    background = builtin_background()
     retain_texts = [text for item in spec.retain for text in (item.question, item.answer, item.text) if text]
-    background = Background(background.unigrams | Background.from_texts(retain_texts).unigrams,
-                            background.bigrams | Background.from_texts(retain_texts).bigrams)
+    background = builtin_background() | Background.from_texts(retain_texts)
     items = [item for item in spec.forget]
     answers = [item.answer or item.text or "" for item in items]
     item_phrases = [{"key": key_phrases(answer, background), "content": content_words(answer)} for answer in answers]

@@ -49,6 +49,9 @@ class Background:
             bigrams.update(zip(folded, folded[1:]))
         return cls(frozenset(unigrams), frozenset(bigrams))
 
+    def __or__(self, other: Background) -> Background:
+        return Background(self.unigrams | other.unigrams, self.bigrams | other.bigrams)
+
 
 def _is_capitalised(word: str) -> bool:
     return word[:1].isupper()
