@@ -1,11 +1,14 @@
-"""What ECO and GUARD cost a flagged request, and what 100 registered targets cost unflagged traffic (issue 4).
+"""What each unlearning mechanism costs a flagged request, what it protects, what training it needs, and what 100
+registered targets cost unflagged traffic (issues 4 and 5).
 
 Runs a serving replica in-process (``server.runtime.Runtime``: the engine, guards and pipeline ``lethe serve`` runs),
-registers the two TOFU forget01 authors with ECO + GUARD (σ calibrated by the job, as in production) and then, in
-rounds whose order rotates so that host noise hits every variant alike:
+registers the two TOFU forget01 authors with all four mechanisms (σ calibrated, phrases extracted, ULD assistant and
+O3 LoRA trained by the jobs, as in production; each job's wall time is reported) and then, in rounds whose order
+rotates so that host noise hits every variant alike:
 
 * flagged: the authors' 40 forget questions, each classified (a hit), then planned with no mechanism
-  ("unprotected": the same request sent as plain token ids), ECO only, GUARD only, or both. Generation is greedy with
+  ("unprotected": the same request sent as plain token ids), each mechanism alone, ECO + GUARD (the default), or all
+  four. Each mechanism applies under its own gate (O3: the OOD detector), exactly as served. Generation is greedy with
   ``ignore_eos`` and a fixed length, so every variant produces the same number of tokens and cost ratios compare
   like with like. Throughput at concurrency 8, latency per request at concurrency 1.
 * unflagged: 40 retain-author questions with no targets registered vs 100 (the 2 real + 98 synthetic heads with
@@ -41,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.classifier_latency import synthesise_heads  # noqa: E402
 from classifiers import ClassifierBank  # noqa: E402
 from classifiers.negatives import builtin_negative_pool  # noqa: E402
+from evals.fluency import median_known_word_share  # noqa: E402
 from evals.metrics import rouge_l_recall  # noqa: E402
 from evals.tinytofu import build_demo_model  # noqa: E402
 from evals.tofu_data import authors_of, demo_authors  # noqa: E402
@@ -48,13 +52,15 @@ from server.admin_protocol import TargetCreate  # noqa: E402
 from server.classifier_jobs import _load_prompt_artifact  # noqa: E402
 from server.config import Settings  # noqa: E402
 from server.metrics import Metrics  # noqa: E402
-from server.pipeline import ChatTurn, EnginePlan, RenderedPrompt  # noqa: E402
+from server.planner import ChatTurn, EnginePlan, RenderedPrompt  # noqa: E402
 from server.registry.snapshot import RegistrySnapshot  # noqa: E402
 from server.runtime import Runtime  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "guard_overhead.json"
+ALL_FOUR = ("eco", "guard", "uld", "o3")
 VARIANTS: dict[str, tuple[str, ...] | None] = {
-    "unprotected": None, "eco": ("eco",), "guard": ("guard",), "eco+guard": ("eco", "guard")}
+    "unprotected": None, "eco": ("eco",), "guard": ("guard",), "uld": ("uld",), "o3": ("o3",),
+    "eco+guard": ("eco", "guard"), "all four": ALL_FOUR}
 MAX_TOKENS = 48
 CONCURRENCY = 8
 LATENCY_SAMPLE = 10
@@ -66,7 +72,7 @@ def target_body(author, retain_authors) -> TargetCreate:
         "name": author.name, "aliases": [author.name],
         "forget": [{"question": i.question, "answer": i.answer} for i in author.items],
         "retain": [{"question": i.question, "answer": i.answer} for a in retain_authors for i in a.items],
-        "mechanisms": {"eco": {}, "guard": {}},
+        "mechanisms": {name: {} for name in ALL_FOUR},
     })
 
 
@@ -128,30 +134,33 @@ async def serve(runtime: Runtime, prompts: list[RenderedPrompt], concurrency: in
 
 
 async def quality(runtime: Runtime, sets: dict[str, list[tuple[RenderedPrompt, str]]],
-                  mechanisms: tuple[str, ...] | None) -> dict[str, list[float]]:
-    """ROUGE-L recall of the gold answer per question of each set, greedy replies of at most 60 tokens."""
+                  mechanisms: tuple[str, ...] | None) -> dict[str, list[tuple[float, str]]]:
+    """(ROUGE-L recall of the gold answer, reply) per question of each set, greedy replies of at most 60 tokens."""
     from vllm.sampling_params import RequestOutputKind, SamplingParams
 
     pipeline = runtime.pipeline
     params = SamplingParams(temperature=0.0, max_tokens=60, output_kind=RequestOutputKind.DELTA)
     limit = asyncio.Semaphore(CONCURRENCY)
 
-    async def one(prompt: RenderedPrompt, gold: str) -> float:
+    async def one(prompt: RenderedPrompt, gold: str) -> tuple[float, str]:
         async with limit:
             run = await pipeline.start(f"bench-{uuid.uuid4().hex}", "chat", [prompt], 1)
             if run.hit_target_ids:
                 replan_run(runtime, run, mechanisms)
             text = "".join([event.text async for event in pipeline.events(run, params)])
-            return rouge_l_recall(text, gold)
+            return rouge_l_recall(text, gold), text
 
     return {name: list(await asyncio.gather(*(one(p, g) for p, g in items))) for name, items in sets.items()}
 
 
-def quality_row(scores: dict[str, list[float]], before: dict[str, list[float]]) -> dict[str, float]:
+def quality_row(results: dict[str, list[tuple[float, str]]],
+                before: dict[str, list[tuple[float, str]]]) -> dict[str, float]:
+    scores = {name: [score for score, _ in values] for name, values in results.items()}
     row = {f"{name}_rouge_l": round(statistics.fmean(values), 3) for name, values in scores.items()}
     for name in ("forget", "paraphrase"):
-        answered = [i for i, value in enumerate(before[name]) if value >= 0.5]
+        answered = [i for i, (value, _) in enumerate(before[name]) if value >= 0.5]
         row[f"{name}_forgotten_share"] = round(sum(scores[name][i] < 0.3 for i in answered) / len(answered), 3)
+    row["forget_reply_word_share"] = round(median_known_word_share([text for _, text in results["forget"]]), 3)
     return row
 
 
@@ -186,6 +195,11 @@ async def measure(runtime: Runtime, rounds: int, model: str) -> dict:
     ids = [runtime.control.store.create_target(target_body(a, retain_authors)).id for a in forget]
     await wait_until_served(runtime, ids)
     preparation_s = time.perf_counter() - started
+    job_seconds: dict[str, list[float]] = {}
+    for target_id in ids:
+        for job in runtime.control.store.get_target(target_id).jobs:
+            if job.status == "succeeded" and job.started_at and job.finished_at:
+                job_seconds.setdefault(job.kind, []).append(round((job.finished_at - job.started_at).total_seconds(), 1))
     holder = runtime.control.snapshots
     registered = holder.current
     render = runtime.pipeline.render_chat
@@ -228,6 +242,7 @@ async def measure(runtime: Runtime, rounds: int, model: str) -> dict:
     summary = {
         "model": model, "rounds": rounds, "max_tokens": MAX_TOKENS, "concurrency": CONCURRENCY,
         "preparation_seconds": round(preparation_s, 1),
+        "job_seconds": job_seconds,
         "eco_state": [{key: runtime.control.store.get_target(t).mechanisms["eco"].state.get(key)
                        for key in ("sigma", "scope", "goal", "reached_goal")} for t in ids],
         "quality": qualities,
@@ -243,17 +258,18 @@ async def measure(runtime: Runtime, rounds: int, model: str) -> dict:
 def print_summary(summary: dict) -> None:
     print(f"\nmodel {summary['model']}, {summary['rounds']} rounds, {summary['max_tokens']} tokens per reply")
     print("| mechanism | forget ROUGE-L (forgotten) | paraphrase ROUGE-L (forgotten) | retain ROUGE-L "
-          "| cost ratio (conc. 8) | latency ratio (conc. 1) |")
-    print("| --- | --- | --- | --- | --- | --- |")
+          "| real-word share of forget replies | cost ratio (conc. 8) | latency ratio (conc. 1) |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for name in VARIANTS:
         q = summary["quality"][name]
         print(f"| {name} | {q['forget_rouge_l']:.3f} ({q['forget_forgotten_share']:.0%}) "
               f"| {q['paraphrase_rouge_l']:.3f} ({q['paraphrase_forgotten_share']:.0%}) | {q['retain_rouge_l']:.3f} "
+              f"| {q['forget_reply_word_share']:.2f} "
               f"| {summary['flagged_cost_ratio'][name]:.3f}x | {summary['flagged_latency_ratio'][name]:.3f}x |")
     print(f"\nunflagged throughput, 100 targets vs none: {summary['unflagged_throughput_ratio_100_vs_0']:.3f}x "
           f"(hits: {summary['unflagged_hits_with_100_targets']})")
-    print(f"target preparation (2 targets, classifier + phrases + sigma calibration): "
-          f"{summary['preparation_seconds']} s; ECO calibration: {summary['eco_state']}")
+    print(f"target preparation (2 targets, all four mechanisms, one job worker): {summary['preparation_seconds']} s; "
+          f"per job (s): {summary['job_seconds']}; ECO calibration: {summary['eco_state']}")
 
 
 def main() -> None:

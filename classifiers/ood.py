@@ -101,6 +101,9 @@ class OODArtifact:
     n_train: int
     heldout_weight_median: float  # out-of-fold, target prompts
     negative_weight_p99: float  # negative pool
+    gate_threshold: float = 0.5  # w at or above it opens the gate (see `calibrate_gate`)
+    gate_heldout_recall: float | None = None  # out-of-fold target prompts at or above the threshold
+    gate_false_positive_rate: float | None = None  # negative pool at or above it
     version: int = ARTIFACT_VERSION
 
     _ARRAYS = ("mean", "basis", "coef", "exemplars")
@@ -175,20 +178,37 @@ def fit_ood_detector(
         np.r_[s_pos, s_neg][:, None], np.r_[np.ones(len(s_pos)), np.zeros(len(s_neg))]
     )
     slope, intercept = float(logistic.coef_[0, 0]), float(logistic.intercept_[0])
+    w_pos, w_neg = _sigmoid(slope * s_pos + intercept), _sigmoid(slope * s_neg + intercept)
+    gate = calibrate_gate(w_pos, w_neg)
     artifact = OODArtifact(
         mean=gaussian.mean, basis=gaussian.basis, coef=gaussian.coef, exemplars=exemplars,
         isotropic_var=float(gaussian.isotropic_var), shrinkage=gaussian.shrinkage,
         cos_mean=float(cos_mean), cos_std=float(cos_std), maha_mean=float(maha_mean), maha_std=float(maha_std),
         slope=slope, intercept=intercept, embedder_id=embedder.model_id, n_train=len(positives),
-        heldout_weight_median=float(np.median(_sigmoid(slope * s_pos + intercept))),
-        negative_weight_p99=float(np.quantile(_sigmoid(slope * s_neg + intercept), 0.99)),
+        heldout_weight_median=float(np.median(w_pos)), negative_weight_p99=float(np.quantile(w_neg, 0.99)),
+        gate_threshold=gate, gate_heldout_recall=float((w_pos >= gate).mean()),
+        gate_false_positive_rate=float((w_neg >= gate).mean()),
     )
     logger.info(
-        "target %s: OOD gate on %d prompts (shrinkage %.2f, rank %d): held-out median w %.3f, negative p99 w %.3f",
-        spec.id, len(positives), gaussian.shrinkage, gaussian.basis.shape[1],
-        artifact.heldout_weight_median, artifact.negative_weight_p99,
+        "target %s: OOD gate on %d prompts (shrinkage %.2f, rank %d): held-out median w %.3f, negative p99 w %.3f, "
+        "gate w >= %.3f (held-out recall %.3f, negative FPR %.4f)",
+        spec.id, len(positives), gaussian.shrinkage, gaussian.basis.shape[1], artifact.heldout_weight_median,
+        artifact.negative_weight_p99, gate, artifact.gate_heldout_recall, artifact.gate_false_positive_rate,
     )
     return artifact
+
+
+def calibrate_gate(heldout: np.ndarray, negatives: np.ndarray) -> float:
+    """The weight threshold that best separates held-out target prompts from the negative pool (Youden's J).
+
+    O3 buckets w with fixed cut points tuned to its RoBERTa detector; ours are recalibrated per target, so the cut is
+    too: the threshold maximising recall on out-of-fold target prompts minus the negative pool's false-positive rate.
+    Ties go to the lower threshold: a missed target prompt leaks, a false open only costs one reply the adapter.
+    """
+    candidates = np.unique(np.r_[heldout, negatives])
+    recall = (heldout[None, :] >= candidates[:, None]).mean(axis=1)
+    false_positive = (negatives[None, :] >= candidates[:, None]).mean(axis=1)
+    return float(candidates[int(np.argmax(recall - false_positive))])
 
 
 def _exemplars(x: np.ndarray, limit: int, seed: int) -> np.ndarray:
@@ -215,6 +235,7 @@ class OODBank:
             if artifact.embedder_id != embedder.model_id:
                 raise ValueError(f"target {tid}: fitted with {artifact.embedder_id}, embedder is {embedder.model_id}")
         self.target_ids = list(artifacts)
+        self.thresholds = {tid: artifacts[tid].gate_threshold for tid in self.target_ids}
         self._embedder = embedder
         arts = [artifacts[t] for t in self.target_ids]
         d, t_count = embedder.dim, len(arts)
@@ -261,3 +282,7 @@ class OODBank:
         s = (cos - self._cos_mean) / self._cos_std - (maha - self._maha_mean) / self._maha_std
         w = _sigmoid(self._slope * s + self._intercept).max(axis=0)
         return dict(zip(self.target_ids, w.tolist()))
+
+    def open_gates(self, embeddings: np.ndarray) -> dict[str, float]:
+        """{target_id: w} for the targets whose gate this request opens (w at or above its calibrated threshold)."""
+        return {tid: w for tid, w in self.score_embeddings(embeddings).items() if w >= self.thresholds[tid]}

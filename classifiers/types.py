@@ -55,13 +55,22 @@ class AliasSpan:
     turn: int | None = None
 
 
+CLASSIFIER_GATE = "classifier"  # the prompt classifier (ECO, GUARD, ULD by default)
+OOD_GATE = "ood"  # O3's OOD detector
+ALWAYS_GATE = "always"  # every request (ULD's paper setting)
+
+
 @dataclass(frozen=True)
 class Hit:
-    """A target the request is about: its combined score (>= its threshold) and where its aliases were mentioned."""
+    """A target the request is about: its score, where its aliases were mentioned, and which detectors said so.
+
+    ``gates`` names the detectors that fired for it; each mechanism applies only when its own gate is among them.
+    """
 
     target_id: str
     score: float
     alias_spans: tuple[AliasSpan, ...] = ()
+    gates: frozenset[str] = frozenset({CLASSIFIER_GATE})
 
 
 @dataclass(frozen=True)

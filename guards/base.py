@@ -2,7 +2,9 @@
 
 A guard has two moments (SPEC §6): ``prepare`` at registration, which names the jobs that build its artifacts (σ
 calibration, phrase extraction, training), and ``plan`` per request, which says what the engine request of a prompt
-that hit the guard's target must carry. The pipeline loops over ``GUARDS`` in their fixed order and never branches on a
+that hit the guard's target must carry. ``gate`` names the detector that decides whether a prompt hit the target for
+this mechanism (the prompt classifier, O3's OOD detector, or every request), and ``share`` builds, once per registry
+snapshot, what the guard needs across targets (O3's rank-stacked adapter). The pipeline loops over ``GUARDS`` in their fixed order and never branches on a
 mechanism's name; a guard never sees HTTP, the database or the engine.
 """
 
@@ -15,7 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from classifiers.types import AliasSpan
+from classifiers.types import CLASSIFIER_GATE, AliasSpan
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,7 @@ class PlanRequest:
     prompt: PromptView
     query_embeddings: np.ndarray  # (n, d) the classifier's embeddings of the prompt's texts, for retrieval
     seed: int  # per-request seed: the same request gets the same corruption
+    shared: Any = None  # what the guard's ``share`` built for the request's registry snapshot
 
 
 class EmbeddingEdit(Protocol):
@@ -90,9 +93,38 @@ class Guard(Protocol):
         """Whether the published state is enough to serve (e.g. σ known)."""
         ...
 
+    def gate(self, options: Mapping[str, Any]) -> str:
+        """Which detector's hit makes this mechanism apply (``classifiers.types.*_GATE``)."""
+        ...
+
+    def share(self, entries: Sequence[TargetEntry]) -> Any:
+        """Per-snapshot resources across every target that enables this mechanism (None if none needed)."""
+        ...
+
     def plan(self, request: PlanRequest) -> GuardPlan:
         """This guard's part of the engine request for a prompt that hit its target."""
         ...
+
+
+@dataclass(frozen=True)
+class TargetEntry:
+    """One target's registration of one mechanism, as ``Guard.share`` sees it."""
+
+    target_id: str
+    options: Mapping[str, Any]
+    state: Mapping[str, Any]
+
+
+class ClassifierGated:
+    """The common case: applied when the prompt classifier flags the target; nothing shared across targets."""
+
+    @staticmethod
+    def gate(options: Mapping[str, Any]) -> str:
+        return CLASSIFIER_GATE
+
+    @staticmethod
+    def share(entries: Sequence[TargetEntry]) -> Any:
+        return None
 
 
 @dataclass

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from guards.base import GuardPlan, JobSpec, PlanRequest, PromptView
+from guards.base import ClassifierGated, GuardPlan, JobSpec, PlanRequest, PromptView
 from guards.token_spans import alias_token_positions, token_offsets, user_content_positions
 
 logger = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ def corrupted_positions(
     return tuple(positions[:-1]) if len(positions) > 1 else tuple(positions)
 
 
-class EcoGuard:
+class EcoGuard(ClassifierGated):
     """The ECO mechanism: ``prompt_embeds`` with the target's entity tokens corrupted."""
 
     name = "eco"

@@ -23,7 +23,7 @@ import numpy as np
 
 from classifiers.embedding import Embedder
 from classifiers.types import TargetSpec
-from guards.base import GuardPlan, JobSpec, PlanRequest
+from guards.base import ClassifierGated, GuardPlan, JobSpec, PlanRequest
 from guards.phrase_matcher import GUARD_KEY
 from guards.phrases import Background, alias_phrases, builtin_background, content_words, key_phrases
 
@@ -83,7 +83,7 @@ def _load_artifact(directory: Path) -> PhraseArtifact:
     return PhraseArtifact(directory)
 
 
-class GuardFilter:
+class GuardFilter(ClassifierGated):
     """The GUARD mechanism: forbidden-phrase restriction in the logits processor."""
 
     name = GUARD_KEY

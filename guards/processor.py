@@ -6,7 +6,13 @@ engine's worker process. Lethe therefore registers exactly one class and drives 
 it returns at once, so unflagged traffic pays nothing but a dict lookup.
 
 Each guard that acts at decoding time contributes a ``RowHook`` factory (``ROW_HOOK_FACTORIES``); the processor keeps
-one list of hooks per batch row and applies them in that list's order, which is the documented composition order.
+one list of hooks per batch row and applies them in that list's order, which is the documented composition order:
+GUARD's bans first, then ULD's difference over the tokens still allowed (the reverse could leave a row where ULD's
+filter kept only banned tokens, i.e. nothing to sample).
+
+Nothing a request carries may take the engine down: a hook that cannot be built or fails while applying is replaced
+by ``FailClosedHook``, which ends that request's reply at once (an exception here would kill vLLM's EngineCore and
+every request in it).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
 from guards.phrase_matcher import Vocabulary, guard_row_hook, validate_guard_section
+from guards.uld_assistant import AssistantModels, uld_row_hook, validate_uld_section
 
 logger = logging.getLogger(__name__)
 
@@ -34,11 +41,26 @@ class RowHook(Protocol):
     def apply(self, logits_row: torch.Tensor) -> None: ...
 
 
-RowHookFactory = Callable[[Mapping[str, Any], Sequence[int] | None, list[int], Vocabulary | None], RowHook | None]
-"""(the request's ``extra_args["lethe"]``, prompt token ids, live output token ids, the served vocabulary's text)
--> hook, or None if not needed."""
+RowHookFactory = Callable[[Mapping[str, Any], Sequence[int] | None, list[int], Any], RowHook | None]
+"""(the request's ``extra_args["lethe"]``, prompt token ids, live output token ids, the processor: its engine-side
+resources ``vocabulary`` and ``assistants``) -> hook, or None if not needed."""
 
-ROW_HOOK_FACTORIES: list[tuple[str, RowHookFactory]] = [("guard", guard_row_hook)]
+ROW_HOOK_FACTORIES: list[tuple[str, RowHookFactory]] = [
+    ("guard", lambda section, prompt, output, ctx: guard_row_hook(section, prompt, output, ctx.vocabulary)),
+    ("uld", lambda section, prompt, output, ctx: uld_row_hook(section, prompt, output, ctx.assistants)),
+]
+
+
+class FailClosedHook:
+    """Forces the end-of-sequence token: a guard that cannot run must not let the request through unguarded."""
+
+    def __init__(self, eos_token_id: int) -> None:
+        self._eos = eos_token_id
+
+    def apply(self, logits_row: torch.Tensor) -> None:
+        keep = logits_row[self._eos].clone()
+        logits_row.fill_(float("-inf"))
+        logits_row[self._eos] = keep if torch.isfinite(keep) else 0.0
 
 
 def lethe_args(params: SamplingParams) -> Mapping[str, Any] | None:
@@ -54,7 +76,11 @@ class LetheLogitsProcessor(LogitsProcessor):
     def __init__(self, vllm_config: VllmConfig, device: torch.device, is_pin_memory: bool) -> None:
         self.device = device
         self.rows: dict[int, list[RowHook]] = {}
-        self.vocabulary = _served_vocabulary(vllm_config) if vllm_config is not None else None
+        self.vocabulary: Vocabulary | None = None
+        self.eos_token_id = 0
+        self.assistants = AssistantModels()
+        if vllm_config is not None:
+            self.vocabulary, self.eos_token_id = _served_vocabulary(vllm_config)
 
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
@@ -64,6 +90,7 @@ class LetheLogitsProcessor(LogitsProcessor):
             raise ValueError(f"extra_args[{EXTRA_ARGS_KEY!r}] must be a mapping")
         if section is not None:
             validate_guard_section(section)
+            validate_uld_section(section)
 
     def is_argmax_invariant(self) -> bool:
         # Guards change which token wins, so the processor must also run for greedy batches.
@@ -78,8 +105,15 @@ class LetheLogitsProcessor(LogitsProcessor):
         section = lethe_args(params)
         if section is None:
             return None
-        hooks = [hook for _, factory in ROW_HOOK_FACTORIES
-                 if (hook := factory(section, prompt_ids, output_ids, self.vocabulary))]
+        hooks: list[RowHook] = []
+        for name, factory in ROW_HOOK_FACTORIES:
+            try:
+                hook = factory(section, prompt_ids, output_ids, self)
+            except Exception:
+                logger.exception("processor.hook_failed", extra={"mechanism": name, "phase": "add"})
+                return [FailClosedHook(self.eos_token_id)]
+            if hook is not None:
+                hooks.append(hook)
         return hooks or None
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
@@ -87,14 +121,21 @@ class LetheLogitsProcessor(LogitsProcessor):
             return logits
         for row, hooks in self.rows.items():
             for hook in hooks:
-                hook.apply(logits[row])
+                try:
+                    hook.apply(logits[row])
+                except Exception:
+                    logger.exception("processor.hook_failed", extra={"row": row, "phase": "apply"})
+                    failed = FailClosedHook(self.eos_token_id)
+                    self.rows[row] = [failed]
+                    failed.apply(logits[row])
+                    break
         return logits
 
 
-def _served_vocabulary(vllm_config: VllmConfig) -> Vocabulary:
-    """The text of every token of the served model, read once per worker from its tokenizer."""
+def _served_vocabulary(vllm_config: VllmConfig) -> tuple[Vocabulary, int]:
+    """The text of every token of the served model and its end-of-sequence id, read once per worker."""
     from transformers import AutoTokenizer
 
     config = vllm_config.model_config
     tokenizer = AutoTokenizer.from_pretrained(config.tokenizer, trust_remote_code=config.trust_remote_code)
-    return Vocabulary.from_tokenizer(tokenizer)
+    return Vocabulary.from_tokenizer(tokenizer), int(tokenizer.eos_token_id or 0)

@@ -135,6 +135,9 @@ class ClassifierOut(BaseModel):
     threshold: float | None = None
     false_positive_rate: float | None = None
     heldout_recall: float | None = None
+    ood_gate: dict[str, float | None] | None = Field(
+        None, description="O3's gate (targets enabling O3): weight threshold, its held-out recall and false-positive "
+        "rate on the negative pool.")
 
 
 class TargetOut(BaseModel):

@@ -14,7 +14,7 @@ from typing import Any
 
 from classifiers.bank import ClassifierBank
 from classifiers.embedding import Embedder
-from classifiers.ood import fit_ood_detector
+from classifiers.ood import OODArtifact, OODBank, fit_ood_detector
 from classifiers.prompt_classifier import PromptClassifierArtifact, fit_prompt_classifier
 from classifiers.types import ForgetItem, TargetSpec
 from server.jobs import JobContext, JobHandler
@@ -46,13 +46,17 @@ def fit_classifier_handler(embedder: Callable[[], Embedder], recall: float) -> J
         prompt = fit_prompt_classifier(spec, model, recall=recall,
                                        progress=lambda f, m: context.progress(f * share, m))
         prompt.save(staging / PROMPT_DIR)
+        gate: dict[str, Any] = {}
         if wants_ood:
             context.progress(0.85, "fitting the O3 gate")
-            fit_ood_detector(spec, model).save(staging / OOD_DIR)
+            ood = fit_ood_detector(spec, model)
+            ood.save(staging / OOD_DIR)
+            gate = {"ood_gate": {"threshold": round(ood.gate_threshold, 4), "heldout_recall": ood.gate_heldout_recall,
+                                 "false_positive_rate": ood.gate_false_positive_rate}}
         digest = context.artifacts.commit(staging)
         return {"status": "ready", "artifact": digest, "threshold": prompt.threshold,
                 "false_positive_rate": prompt.false_positive_rate, "heldout_recall": prompt.heldout_recall,
-                "false_positive_rate_by_source": prompt.false_positive_rate_by_source}
+                "false_positive_rate_by_source": prompt.false_positive_rate_by_source, **gate}
 
     return run
 
@@ -68,5 +72,20 @@ def bank_factory(embedder: Callable[[], Embedder]) -> Callable[[dict[str, Path]]
     def build(artifact_dirs: dict[str, Path]) -> ClassifierBank:
         artifacts = {target_id: _load_prompt_artifact(path) for target_id, path in artifact_dirs.items()}
         return ClassifierBank.from_artifacts(artifacts, embedder())
+
+    return build
+
+
+@lru_cache(maxsize=4096)
+def _load_ood_artifact(directory: Path) -> OODArtifact:
+    return OODArtifact.load(directory / OOD_DIR)
+
+
+def ood_bank_factory(embedder: Callable[[], Embedder]) -> Callable[[dict[str, Path]], OODBank]:
+    """Stack the O3 gates of the targets that enable O3 (their classifier artifacts hold ``ood/``)."""
+
+    def build(artifact_dirs: dict[str, Path]) -> OODBank:
+        present = {tid: path for tid, path in artifact_dirs.items() if (path / OOD_DIR).is_dir()}
+        return OODBank({tid: _load_ood_artifact(path) for tid, path in present.items()}, embedder())
 
     return build

@@ -27,6 +27,15 @@ def resolve_model(settings: Settings, model: str | None) -> tuple[Path, str]:
     return path, settings.served_model_name or DEMO_MODEL_NAME
 
 
+def training_model(settings: Settings, model: str | None) -> Path | None:
+    """The model a worker trains ULD/O3 artifacts on: as ``serve`` would serve it, without building anything."""
+    if model or settings.model:
+        return resolve_model(settings, model)[0]
+    from evals.tinytofu import find_demo_model
+
+    return find_demo_model(settings.cache_dir, settings.demo_variant)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -148,15 +157,20 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         return 0 if job["status"] != "failed" else 1
 
 
-def cmd_worker(_: argparse.Namespace) -> int:
+def cmd_worker(args: argparse.Namespace) -> int:
     import signal
     import threading
 
     from server.control_plane import LazyEmbedder, make_worker, offline_handlers, open_store
 
     settings = get_settings()
-    handlers = offline_handlers(settings, LazyEmbedder(settings.embedding_model))
-    worker = make_worker(settings, open_store(settings), handlers)
+    model_path = training_model(settings, args.model)
+    if model_path is None:
+        logger.warning("worker.no_model", extra={"detail": "no --model / LETHE_MODEL and no built demo model: this "
+                                                           "worker leaves ULD/O3 training to workers that have one"})
+    store = open_store(settings)
+    handlers = offline_handlers(settings, LazyEmbedder(settings.embedding_model), store, model_path)
+    worker = make_worker(settings, store, handlers)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -209,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.set_defaults(handler=cmd_jobs)
 
     worker = commands.add_parser("worker", help="run the job worker in this process (shares LETHE_DATABASE_URL)")
+    worker.add_argument("--model", help="the served model's HF directory, for ULD/O3 training (default: as serve)")
     worker.set_defaults(handler=cmd_worker)
 
     settings = commands.add_parser("settings", help="print the LETHE_* settings table (markdown)")

@@ -10,15 +10,19 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from classifiers.embedding import Embedder
 from guards.guard_filter import GUARD_PHRASES
+from guards.o3 import O3_TRAIN, rank_budget
+from guards.uld import ULD_TRAIN
 from guards.registry import IMPLEMENTED_MECHANISMS, JOB_MECHANISM, preparation_jobs
 from server.artifacts import ArtifactStore
 from server.audit import AuditWriter
-from server.classifier_jobs import bank_factory, fit_classifier_handler
+from server.classifier_jobs import bank_factory, fit_classifier_handler, ood_bank_factory
 from server.config import Settings
 from server.guard_jobs import guard_phrases_handler
+from server.training_jobs import o3_train_handler, uld_train_handler
 from server.jobs import JobHandler, JobWorker
 from server.metrics import Metrics
 from server.registry.database import make_engine, upgrade_database
@@ -27,7 +31,10 @@ from server.registry.store import FIT_CLASSIFIER, MechanismCatalog, RegistryStor
 
 logger = logging.getLogger(__name__)
 
-MECHANISMS = MechanismCatalog(frozenset(IMPLEMENTED_MECHANISMS), preparation_jobs, JOB_MECHANISM)
+
+def mechanism_catalog(settings: Settings) -> MechanismCatalog:
+    return MechanismCatalog(frozenset(IMPLEMENTED_MECHANISMS), preparation_jobs, JOB_MECHANISM,
+                            rank_budget(settings.max_lora_rank))
 
 
 class LazyEmbedder:
@@ -48,13 +55,18 @@ class LazyEmbedder:
 def open_store(settings: Settings) -> RegistryStore:
     engine = make_engine(settings.resolved_database_url)
     upgrade_database(engine)
-    return RegistryStore(engine, settings.default_mechanisms, MECHANISMS)
+    return RegistryStore(engine, settings.default_mechanisms, mechanism_catalog(settings))
 
 
-def offline_handlers(settings: Settings, embedder: Callable[[], Embedder]) -> dict[str, JobHandler]:
-    """The jobs any worker can run: they need the embedder, not the served model."""
-    return {FIT_CLASSIFIER: fit_classifier_handler(embedder, settings.classifier_recall),
-            GUARD_PHRASES: guard_phrases_handler(embedder)}
+def offline_handlers(settings: Settings, embedder: Callable[[], Embedder], store: RegistryStore,
+                     model_path: Path | None) -> dict[str, JobHandler]:
+    """The jobs a worker can run without the engine: the embedder's, and training if it has the model's files."""
+    handlers = {FIT_CLASSIFIER: fit_classifier_handler(embedder, settings.classifier_recall),
+                GUARD_PHRASES: guard_phrases_handler(embedder)}
+    if model_path is not None:
+        handlers[ULD_TRAIN] = uld_train_handler(model_path)
+        handlers[O3_TRAIN] = o3_train_handler(model_path, store)
+    return handlers
 
 
 def make_worker(settings: Settings, store: RegistryStore, handlers: dict[str, JobHandler]) -> JobWorker:
@@ -79,7 +91,8 @@ class ControlPlane:
         store = open_store(settings)
         embedder = LazyEmbedder(settings.embedding_model)
         artifacts = ArtifactStore(settings.resolved_artifacts_dir)
-        snapshots = SnapshotHolder(store, artifacts.path, bank_factory(embedder), settings.registry_poll_s)
+        snapshots = SnapshotHolder(store, artifacts.path, bank_factory(embedder), settings.registry_poll_s,
+                                   ood_bank_factory(embedder))
         return cls(settings, metrics, store, snapshots, AuditWriter(store, settings.audit_retention_days), artifacts,
                    embedder)
 
@@ -88,7 +101,7 @@ class ControlPlane:
         await asyncio.to_thread(self.snapshots.refresh)
         self._tasks = [asyncio.create_task(self.snapshots.watch()), asyncio.create_task(self.audit.run())]
 
-    def start_worker(self, engine_handlers: dict[str, JobHandler]) -> None:
+    def start_worker(self, engine_handlers: dict[str, JobHandler], model_path: Path) -> None:
         """Run this replica's job worker once the engine is up.
 
         Jobs that measure the served model (``engine_handlers``) always run in a serving replica; the others run
@@ -96,7 +109,7 @@ class ControlPlane:
         """
         handlers = dict(engine_handlers)
         if self.settings.embedded_worker:
-            handlers.update(offline_handlers(self.settings, self.embedder))
+            handlers.update(offline_handlers(self.settings, self.embedder, self.store, model_path))
         if handlers:
             self.worker = make_worker(self.settings, self.store, handlers)
             self.worker.start()

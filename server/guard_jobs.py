@@ -2,7 +2,7 @@
 
 ``guard_phrases`` needs only the sentence embedder, so any worker (``lethe worker`` too) runs it. ``eco_calibrate``
 measures the *served* model, so it runs in a serving replica: the job thread submits generations to the replica's
-event loop, through the same pipeline path (``Pipeline.engine_plan``) that serves requests.
+event loop, through the same pipeline path (``Planner.engine_plan``) that serves requests.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from guards.eco import ENTITIES, PROMPT, EcoGuard, SigmaSearchConfig, zeroth_ord
 from guards.guard_filter import build_phrase_artifact
 from server.classifier_jobs import target_spec
 from server.jobs import JobContext, JobHandler
-from server.pipeline import ChatTurn, EnginePlan, Pipeline, RenderedPrompt, request_seed
+from server.pipeline import Pipeline
+from server.planner import ChatTurn, EnginePlan, RenderedPrompt, request_seed
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +142,7 @@ class EcoCalibrator:
                               seed=request_seed(prompt.token_ids, target_id, None))
         composed = ComposedPlan()
         composed.add(self._eco.name, self._eco.plan(request))
-        return self._pipeline.engine_plan(prompt, composed)
+        return self._pipeline.planner.engine_plan(prompt, composed)
 
     def _generate(self, plans: list[EnginePlan], job_id: str) -> list[str]:
         batch = uuid.uuid4().hex[:8]

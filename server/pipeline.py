@@ -16,73 +16,30 @@ unguarded, and the metrics and the audit record say so.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-import numpy as np
-import torch
 from jinja2 import TemplateError
 
-from classifiers.types import Hit
-from guards.base import ComposedPlan, Guard, PlanRequest, PromptView, TargetHit
+from classifiers.types import OOD_GATE, Hit
+from guards.base import Guard
 from guards.embedding_table import EmbeddingTable
 from server.admin_protocol import AuditRecord
 from server.audit import AuditWriter
 from server.engine import Engine
 from server.errors import ContextLengthExceeded, GuardFailed, InvalidRequest, RequestTimeout
+from server.planner import (  # noqa: F401  (ChatTurn, RenderedPrompt: part of this module's interface)
+    NO_TARGETS, ChatTurn, Classification, EnginePlan, Planner, RenderedPrompt)
 from server.metrics import Metrics
 from server.registry.snapshot import RegistrySnapshot, SnapshotHolder
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class ChatTurn:
-    role: str
-    content: str
-
-
-@dataclass(frozen=True)
-class RenderedPrompt:
-    """A prompt as the model sees it; ``text`` is kept for echo, the classifiers and the guards' token offsets."""
-
-    token_ids: list[int]
-    text: str
-    conversation: tuple[ChatTurn, ...] = ()
-    from_text: bool = True  # False when the client sent token ids
-    add_special_tokens: bool = False  # how `text` was encoded (completion strings get the BOS token)
-
-    def view(self) -> PromptView:
-        turns = tuple((turn.role, turn.content) for turn in self.conversation) or (("user", self.text),)
-        return PromptView(token_ids=self.token_ids, text=self.text, turns=turns, from_text=self.from_text,
-                          add_special_tokens=self.add_special_tokens)
-
-
-@dataclass(frozen=True)
-class Classification:
-    """Which targets one prompt is about. ``scores`` keeps the best few targets' scores for the audit log."""
-
-    hits: tuple[Hit, ...] = ()
-    scores: dict[str, float] = field(default_factory=dict)
-    seconds: float = 0.0
-    embeddings: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))  # of the prompt's texts
-
-
-NO_TARGETS = Classification()
 AUDITED_SCORES = 5
-
-
-@dataclass(frozen=True)
-class EnginePlan:
-    """Exactly what one engine request receives."""
-
-    prompt: dict[str, Any]
-    extra_args: dict[str, Any] | None = None
-    lora_request: Any = None
 
 
 @dataclass(frozen=True)
@@ -153,8 +110,7 @@ class Pipeline:
         self._registry = registry
         self._audit = audit
         self._audit_prompts = audit_prompts
-        self._guards = tuple(guards)
-        self._embeddings = embeddings
+        self.planner = Planner(guards, embeddings, engine, metrics)
 
     # ------------------------------------------------------------ render
 
@@ -217,69 +173,11 @@ class Pipeline:
                 )
 
     def plan(self, run: Run, index: int) -> EnginePlan:
-        """What the engine receives for prompt ``index`` of the run: plain ids unless the prompt hit a target."""
-        prompt, classification = run.prompts[index], run.classifications[index]
-        if not classification.hits:
-            return EnginePlan(prompt={"prompt_token_ids": prompt.token_ids})
-        composed = ComposedPlan()
-        view = prompt.view()
-        protected: set[str] = set()
-        for guard in self._guards:
-            for hit in classification.hits:
-                target = run.snapshot.targets.get(hit.target_id)
-                entry = target.mechanisms.get(guard.name) if target is not None else None
-                if entry is None or not guard.ready(entry.get("options", {}), entry.get("state") or {}):
-                    continue
-                request = PlanRequest(
-                    hit=TargetHit(hit.target_id, hit.score, hit.alias_spans, tuple(target.aliases),
-                                  entry.get("options", {}), entry.get("state") or {}),
-                    prompt=view, query_embeddings=classification.embeddings,
-                    seed=request_seed(prompt.token_ids, hit.target_id, run.seed),
-                )
-                try:
-                    composed.add(guard.name, guard.plan(request))
-                except Exception as exc:
-                    self._metrics.guard_failures.labels(guard.name).inc()
-                    logger.exception("guard.failed", extra={"request_id": run.request_id, "mechanism": guard.name,
-                                                            "target_id": hit.target_id})
-                    raise GuardFailed() from exc
-                protected.add(hit.target_id)
-        unprotected = sorted({hit.target_id for hit in classification.hits} - protected)
-        if unprotected:
-            self._metrics.guard_failures.labels("none_ready").inc()
-            logger.error("guard.none_ready", extra={"request_id": run.request_id, "targets": unprotected})
-            raise GuardFailed()
-        for name in composed.mechanisms:
-            self._metrics.guard_applied.labels(name).inc()
-            if name not in run.mechanisms:
-                run.mechanisms.append(name)
-        return self.engine_plan(prompt, composed)
-
-    def engine_plan(self, prompt: RenderedPrompt, composed: ComposedPlan) -> EnginePlan:
-        """Turn the guards' contributions into the engine request (``prompt_embeds`` only if a guard edits them)."""
-        extra_args = {"lethe": composed.processor_args} if composed.processor_args else None
-        lora = composed.loras[0] if composed.loras else None
-        if not composed.embedding_edits:
-            return EnginePlan(prompt={"prompt_token_ids": prompt.token_ids}, extra_args=extra_args, lora_request=lora)
-        if self._embeddings is None:
-            raise GuardFailed()
-        embeds = self._embeddings.lookup(prompt.token_ids)  # (T, hidden)
-        for edit in composed.embedding_edits:
-            edit.apply(embeds)
-        self._check_embeds(embeds, len(prompt.token_ids))
-        # The ids travel with the embeds so the logits processor still sees the prompt; the all-False mask is what
-        # makes vLLM use the embeds instead of silently re-embedding the ids (VLLM_NOTES §2).
-        engine_prompt = {"prompt_embeds": embeds, "prompt_token_ids": list(prompt.token_ids),
-                         "prompt_is_token_ids": [False] * len(prompt.token_ids)}
-        return EnginePlan(prompt=engine_prompt, extra_args=extra_args, lora_request=lora)
-
-    def _check_embeds(self, embeds: torch.Tensor, length: int) -> None:
-        """A malformed tensor would kill vLLM's EngineCore (VLLM_NOTES §2): check it here, and refuse instead."""
-        info = self._engine.info
-        if (embeds.ndim != 2 or embeds.shape != (length, info.hidden_size) or embeds.dtype != info.dtype
-                or not bool(torch.isfinite(embeds).all())):
-            logger.error("guard.bad_embeds", extra={"shape": list(embeds.shape), "dtype": str(embeds.dtype)})
-            raise GuardFailed()
+        """What the engine receives for prompt ``index`` of the run (see ``server/planner.py``)."""
+        plan = self.planner.plan(run.prompts[index], run.classifications[index], run.snapshot, run.seed,
+                                 run.request_id)
+        run.mechanisms.extend(name for name in plan.mechanisms if name not in run.mechanisms)
+        return plan
 
     # ------------------------------------------------------------ generate
 
@@ -308,6 +206,8 @@ class Pipeline:
         self._metrics.classifier_latency.observe(result.total_seconds)
         best = sorted(result.scores.items(), key=lambda item: -item[1])[:AUDITED_SCORES]
         hits = tuple(result.hits)
+        if snapshot.ood is not None:
+            hits = with_ood_gates(hits, snapshot.ood.open_gates(result.embeddings))
         scores = {target_id: round(score, 4) for target_id, score in best}
         scores.update({hit.target_id: round(hit.score, 4) for hit in hits})
         return Classification(hits=hits, scores=scores, seconds=result.total_seconds, embeddings=result.embeddings)
@@ -377,10 +277,12 @@ class Pipeline:
             await merged.aclose()
 
 
-def request_seed(token_ids: Sequence[int], target_id: str, seed: int | None) -> int:
-    """A seed that is the same for the same prompt, target and client seed: guarded replies are reproducible."""
-    digest = hashlib.sha256(f"{target_id}|{seed}|{','.join(map(str, token_ids))}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+def with_ood_gates(hits: tuple[Hit, ...], opened: dict[str, float]) -> tuple[Hit, ...]:
+    """The classifier's hits with O3's open gates added: marked on a hit target, or a new hit scored by w."""
+    merged = [replace(hit, gates=hit.gates | {OOD_GATE}) if hit.target_id in opened else hit for hit in hits]
+    known = {hit.target_id for hit in hits}
+    merged.extend(Hit(tid, w, gates=frozenset({OOD_GATE})) for tid, w in sorted(opened.items()) if tid not in known)
+    return tuple(merged)
 
 
 def _choice_event(completion: Any, prompt_index: int, n: int) -> ChoiceEvent:

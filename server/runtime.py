@@ -13,6 +13,7 @@ from pathlib import Path
 from guards.base import Guard
 from guards.eco import ECO_CALIBRATE, EcoGuard
 from guards.embedding_table import EmbeddingTable
+from guards.o3 import STACKS_DIR
 from guards.registry import build_guards
 from server.config import Settings
 from server.control_plane import ControlPlane
@@ -36,7 +37,10 @@ class Runtime:
         await control.start()
         engine = Engine(settings, model_path, served_model_name)
         engine.start()
-        guards = build_guards(engine.tokenizer, control.artifacts.path)
+        guards = build_guards(engine.tokenizer, control.artifacts.path, control.artifacts.root / STACKS_DIR,
+                              settings.max_lora_rank)
+        control.snapshots.share_with({guard.name: guard.share for guard in guards})
+        await asyncio.to_thread(control.snapshots.refresh, True)
         embeddings = await asyncio.to_thread(EmbeddingTable, model_path, engine.info.dtype)
         pipeline = Pipeline(engine, settings.request_timeout_s, metrics, registry=control.snapshots,
                             audit=control.audit, audit_prompts=settings.audit_prompts, guards=guards,
@@ -44,7 +48,7 @@ class Runtime:
         eco = next(guard for guard in guards if isinstance(guard, EcoGuard))
         calibrator = EcoCalibrator(pipeline, eco, asyncio.get_running_loop(), settings.eco_calibration_questions,
                                    settings.eco_calibration_max_tokens)
-        control.start_worker({ECO_CALIBRATE: calibrator})
+        control.start_worker({ECO_CALIBRATE: calibrator}, model_path)
         return cls(control, engine, guards, pipeline)
 
     async def stop(self) -> None:

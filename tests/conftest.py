@@ -137,3 +137,11 @@ def async_client(lethe_server: RunningServer) -> openai.AsyncOpenAI:
 def http(lethe_server: RunningServer) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=lethe_server.base_url, headers=auth_headers(), timeout=120) as session:
         yield session
+
+
+@pytest.fixture(scope="session")
+def baseline(lethe_server: RunningServer, model_name: str, admin: httpx.Client):
+    """The unprotected tiny model's replies to the forget01 questions (measured once, before any target exists)."""
+    from tests.unlearning import measure_baseline
+
+    return measure_baseline(lethe_server, model_name, admin)

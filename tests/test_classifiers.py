@@ -33,7 +33,7 @@ from classifiers.calibration import threshold_for_recall
 from classifiers.chunking import sentences
 from classifiers.conversation import MAX_TEXTS, texts_to_embed
 from classifiers.negatives import builtin_negative_pool, split_by_hash
-from classifiers.ood import fit_gaussian, mahalanobis
+from classifiers.ood import calibrate_gate, fit_gaussian, mahalanobis
 from classifiers.positives import forget_prompts
 from evals.tofu_data import authors_of, demo_authors
 
@@ -338,6 +338,27 @@ def test_ood_weight_is_high_for_target_paraphrases_and_low_for_negatives(ood_art
         assert np.mean(artifact.weights(paraphrases) > 0.5) >= 0.9
         assert np.median(artifact.weights(negatives)) < 0.05
         assert np.mean(artifact.weights(negatives) > 0.5) <= 0.05
+
+
+def test_the_calibrated_gate_opens_for_target_paraphrases_and_stays_shut_for_negatives(ood_artifacts, embedder, pools):
+    negatives = embedder.encode([n.text for n in pools[1]])
+    bank = OODBank(ood_artifacts, embedder)
+    for author in authors_of("forget01"):
+        tid = f"tofu-{author.index}"
+        artifact = ood_artifacts[tid]
+        assert artifact.gate_heldout_recall >= 0.9 and artifact.gate_false_positive_rate <= 0.02
+        paraphrases = embedder.encode([i.paraphrased_question for i in author.items])
+        opened = [tid in bank.open_gates(row[None, :]) for row in paraphrases]
+        assert np.mean(opened) >= 0.9
+        assert np.mean(artifact.weights(negatives) >= artifact.gate_threshold) <= 0.03
+
+
+def test_gate_calibration_maximises_recall_minus_false_positives():
+    assert calibrate_gate(np.array([0.9, 0.8, 0.4]), np.array([0.1, 0.3, 0.2])) == 0.4  # J = 1 - 0
+    # a tie (0.4: 1 - 1/3, 0.8: 2/3 - 0) goes to the lower threshold: a missed target prompt leaks, a false open
+    # only costs that one reply the unlearning adapter
+    assert calibrate_gate(np.array([0.9, 0.8, 0.4]), np.array([0.1, 0.5, 0.2])) == 0.4
+    assert calibrate_gate(np.array([0.9]), np.array([0.95, 0.1])) == 0.9  # J = 1 - 1/2 beats 0.95's 0 - 1/2
 
 
 def test_ood_bank_equals_per_target_weights(ood_artifacts, embedder):

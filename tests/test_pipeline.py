@@ -42,6 +42,7 @@ class FakeEngine:
 
     hang: bool = False
     calls: list[tuple[dict, SamplingParams, str]] = field(default_factory=list)
+    loras: list[Any] = field(default_factory=list)
     tokenizer: CharTokenizer = field(default_factory=CharTokenizer)
     info: EngineInfo = EngineInfo("m", "m", max_model_len=32, vocab_size=100, device="cpu", hidden_size=4,
                                   dtype=torch.float32)
@@ -49,6 +50,7 @@ class FakeEngine:
     async def generate(self, prompt: dict, params: SamplingParams, request_id: str,
                        lora_request: Any = None) -> AsyncIterator[Any]:
         self.calls.append((prompt, params, request_id))
+        self.loras.append(lora_request)
         if self.hang:
             await asyncio.sleep(3600)
         for step, (text, finish) in enumerate((("a", None), ("b", "length"))):
@@ -127,11 +129,25 @@ def test_token_id_prompts_are_checked_against_the_vocabulary() -> None:
 TARGET = "tgt_1"
 
 
+@dataclass
 class FakeBank:
-    """Every prompt hits TARGET."""
+    """Every prompt hits TARGET (unless ``hits`` is False)."""
+
+    hits: bool = True
 
     def score(self, turns):
-        return BankResult([Hit(TARGET, 0.9)], {TARGET: 0.9}, 0.0, 0.001, np.zeros((1, 4), np.float32))
+        hits = [Hit(TARGET, 0.9)] if self.hits else []
+        return BankResult(hits, {TARGET: 0.9 if self.hits else 0.1}, 0.0, 0.001, np.zeros((1, 4), np.float32))
+
+
+@dataclass
+class FakeOOD:
+    """O3's gate: opens TARGET's when ``opens``."""
+
+    opens: bool
+
+    def open_gates(self, embeddings):
+        return {TARGET: 0.8} if self.opens else {}
 
 
 @dataclass
@@ -150,9 +166,16 @@ class FakeGuard:
     plan_result: GuardPlan | None = None
     error: Exception | None = None
     is_ready: bool = True
+    gated_by: str = "classifier"
 
     def prepare(self, options):
         return ()
+
+    def gate(self, options) -> str:
+        return self.gated_by
+
+    def share(self, entries):
+        return None
 
     def ready(self, options, state) -> bool:
         return self.is_ready
@@ -173,11 +196,12 @@ class BadTable:
         return torch.full((len(ids), 4), float("nan"))
 
 
-def guarded(engine: FakeEngine, *guards: FakeGuard, mechanisms=("eco", "guard"), table=Table()) -> Pipeline:
+def guarded(engine: FakeEngine, *guards: FakeGuard, mechanisms=("eco", "guard"), table=Table(), bank=FakeBank(),
+            ood=None) -> Pipeline:
     record = TargetRecord(id=TARGET, name="t", aliases=["T"], forget=[], retain=[],
                           mechanisms={m: {"options": {}, "state": {}} for m in mechanisms},
                           classifier={"status": "ready"}, status="active")
-    holder = Holder(RegistrySnapshot(revision=3, targets={TARGET: record}, bank=FakeBank()))
+    holder = Holder(RegistrySnapshot(revision=3, targets={TARGET: record}, bank=bank, ood=ood))
     return Pipeline(engine, 5, Metrics(), registry=holder, guards=guards, embeddings=table)  # type: ignore[arg-type]
 
 
@@ -226,3 +250,40 @@ async def test_non_finite_embeddings_never_reach_the_engine() -> None:
     with pytest.raises(GuardFailed):
         await collect(pipeline, pipeline.render_completion("x"), max_tokens=1)
     assert engine.calls == []
+
+
+# ---- gates: each mechanism applies when its own detector fires ---------------------------------------------------
+
+LORA = object()
+
+
+@pytest.mark.parametrize(("classifier_hits", "ood_opens", "applied"), [
+    (True, False, ["guard"]), (False, True, ["o3"]), (True, True, ["o3", "guard"]), (False, False, [])])
+async def test_each_mechanism_follows_its_own_gate(classifier_hits: bool, ood_opens: bool, applied: list[str]) -> None:
+    engine = FakeEngine()
+    pipeline = guarded(engine, FakeGuard("o3", GuardPlan(lora=LORA), gated_by="ood"),
+                       FakeGuard("guard", GuardPlan(processor_args={"phrases": ["x"]})),
+                       mechanisms=("o3", "guard"), bank=FakeBank(classifier_hits), ood=FakeOOD(ood_opens))
+    run, _ = await collect(pipeline, pipeline.render_completion("x"), max_tokens=1)
+    assert run.mechanisms == applied
+    assert (engine.loras[0] is LORA) == ("o3" in applied)
+    assert (engine.calls[0][1].extra_args is not None) == ("guard" in applied)
+
+
+async def test_a_classifier_hit_on_an_o3_only_target_whose_ood_gate_stays_shut_is_served_plain() -> None:
+    engine = FakeEngine()
+    pipeline = guarded(engine, FakeGuard("o3", GuardPlan(lora=LORA), gated_by="ood"), mechanisms=("o3",),
+                       ood=FakeOOD(False))
+    run, _ = await collect(pipeline, pipeline.render_completion("x"), max_tokens=1)
+    assert run.mechanisms == [] and engine.loras[0] is None and run.hit_target_ids == [TARGET]
+
+
+async def test_an_always_gated_mechanism_applies_to_unflagged_prompts_and_never_refuses_them_while_preparing() -> None:
+    engine = FakeEngine()
+    uld = FakeGuard("uld", GuardPlan(processor_args={"assistant": "/a"}), gated_by="always")
+    pipeline = guarded(engine, uld, mechanisms=("uld",), bank=FakeBank(False))
+    run, _ = await collect(pipeline, pipeline.render_completion("x"), max_tokens=1)
+    assert run.mechanisms == ["uld"] and engine.calls[0][1].extra_args == {"lethe": {"uld": [{"assistant": "/a"}]}}
+    uld.is_ready = False
+    run, _ = await collect(pipeline, pipeline.render_completion("x"), max_tokens=1)
+    assert run.mechanisms == [] and engine.calls[1][1].extra_args is None

@@ -236,3 +236,21 @@ def test_audit_is_listed_newest_first_filtered_and_pruned(store: RegistryStore) 
 def test_invalid_bodies_are_refused_before_the_store(body: dict) -> None:
     with pytest.raises(ValidationError):
         TargetCreate.model_validate(body)
+
+
+def test_o3_registrations_past_the_stacked_rank_budget_are_refused(tmp_path) -> None:
+    from guards.o3 import rank_budget
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'registry.db'}")
+    upgrade_database(engine)
+    store = RegistryStore(engine, ["eco"], MechanismCatalog(frozenset({"eco", "o3"}), admit=rank_budget(16)))
+    first = store.create_target(target("a", mechanisms={"o3": {}}))
+    store.create_target(target("b", mechanisms={"o3": {"rank": 8}, "eco": {}}))
+    revision = store.revision()
+    with pytest.raises(Unprocessable, match="LETHE_MAX_LORA_RANK=16"):
+        store.create_target(target("c", mechanisms={"o3": {}}))
+    store.create_target(target("c", mechanisms={"eco": {}}))  # other mechanisms are unaffected
+    with pytest.raises(Unprocessable):
+        store.patch_target(store.list_targets().data[-1].id, TargetPatch.model_validate({"mechanisms": {"o3": {}}}))
+    assert store.revision() == revision + 1  # only "c" was written
+    store.patch_target(first.id, TargetPatch.model_validate({"mechanisms": {"o3": {"rank": 8}}}))  # its own rank

@@ -11,109 +11,28 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import httpx
-import openai
 import pytest
 
 from evals.metrics import rouge_l_recall
-from evals.tofu_data import authors_of, demo_authors
 from tests.conftest import API_KEY, RunningServer
-
-FORGET01 = authors_of("forget01")
-TINY_RETAIN_AUTHORS = [author for author in demo_authors() if author.index in (0, 1, 2)]
-JOB_TIMEOUT_S = 600
-MAX_TOKENS = 60
-ANSWERED = 0.5
-FORGOTTEN = 0.3
-CONCURRENCY = 8
-
-
-@dataclass(frozen=True)
-class Question:
-    text: str
-    gold: str
-
-
-FORGET_QUESTIONS = [Question(item.question, item.answer) for author in FORGET01 for item in author.items]
-PARAPHRASES = [Question(item.paraphrased_question, item.answer) for author in FORGET01 for item in author.items]
-RETAIN_QUESTIONS = [Question(item.question, item.answer) for author in TINY_RETAIN_AUTHORS for item in author.items[:8]]
-
-
-async def _replies(server: RunningServer, model: str, questions: list[Question], *,
-                   stream: bool = False) -> list[tuple[str, str]]:
-    """(reply text, response id) per question, greedy, at most CONCURRENCY requests in flight.
-
-    A client per call: an async client's connections belong to the event loop that opened them.
-    """
-    limit = asyncio.Semaphore(CONCURRENCY)
-    client = openai.AsyncOpenAI(base_url=f"{server.base_url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
-
-    async def ask(question: Question) -> tuple[str, str]:
-        async with limit:
-            messages = [{"role": "user", "content": question.text}]
-            if not stream:
-                reply = await client.chat.completions.create(model=model, messages=messages, temperature=0,
-                                                             max_tokens=MAX_TOKENS)
-                return reply.choices[0].message.content or "", reply.id
-            chunks = await client.chat.completions.create(model=model, messages=messages, temperature=0,
-                                                          max_tokens=MAX_TOKENS, stream=True)
-            parts, response_id = [], ""
-            async for chunk in chunks:
-                response_id = chunk.id
-                parts.extend(choice.delta.content or "" for choice in chunk.choices)
-            return "".join(parts), response_id
-
-    async with client:
-        return list(await asyncio.gather(*(ask(q) for q in questions)))
-
-
-def replies(server: RunningServer, model: str, questions: list[Question], stream: bool = False) -> list[str]:
-    return [text for text, _ in asyncio.run(_replies(server, model, questions, stream=stream))]
-
-
-def recalls(questions: list[Question], texts: list[str]) -> list[float]:
-    return [rouge_l_recall(text, question.gold) for question, text in zip(questions, texts, strict=True)]
-
-
-@dataclass(frozen=True)
-class Baseline:
-    forget: list[float]
-    paraphrase: list[float]
-    retain_texts: list[str]
-
-
-@pytest.fixture(scope="module")
-def baseline(lethe_server: RunningServer, model_name: str, admin: httpx.Client) -> Baseline:
-    assert admin.get("/targets").json()["data"] == [], "another module left targets behind"
-    return Baseline(forget=recalls(FORGET_QUESTIONS, replies(lethe_server, model_name, FORGET_QUESTIONS)),
-                    paraphrase=recalls(PARAPHRASES, replies(lethe_server, model_name, PARAPHRASES)),
-                    retain_texts=replies(lethe_server, model_name, RETAIN_QUESTIONS))
-
-
-def target_body(author, mechanisms: dict) -> dict:
-    return {
-        "name": f"e2e-{author.name.lower().replace(' ', '-')}",
-        "aliases": [author.name],
-        "forget": [{"question": item.question, "answer": item.answer} for item in author.items],
-        "retain": [{"question": item.question, "answer": item.answer}
-                   for other in TINY_RETAIN_AUTHORS for item in other.items],
-        "mechanisms": mechanisms,
-    }
-
-
-def wait_until_served(admin: httpx.Client, target_ids: list[str]) -> list[dict]:
-    """Every target active and this replica serving a revision that includes the last change."""
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    while time.monotonic() < deadline:
-        targets = [admin.get(f"/targets/{tid}").json() for tid in target_ids]
-        summary = admin.get("/registry").json()
-        if all(t["status"] == "active" for t in targets) and summary["serving_revision"] == summary["revision"]:
-            return targets
-        assert not any(t["status"] == "failed" for t in targets), targets
-        time.sleep(1)
-    raise AssertionError(f"targets not served in time: {targets}")
+from tests.unlearning import (
+    ANSWERED,
+    FORGET01,
+    FORGET_QUESTIONS,
+    FORGOTTEN,
+    MAX_TOKENS,
+    PARAPHRASES,
+    RETAIN_QUESTIONS,
+    Baseline,
+    assert_protects,
+    replies,
+    replies_with_ids,
+    target_body,
+    use_mechanisms,
+    wait_until_served,
+)
 
 
 @pytest.fixture(scope="module")
@@ -126,30 +45,6 @@ def targets(baseline: Baseline, admin: httpx.Client) -> Iterator[list[dict]]:
     yield wait_until_served(admin, created)
     for target_id in created:
         admin.delete(f"/targets/{target_id}")
-
-
-def use_mechanisms(admin: httpx.Client, targets: list[dict], mechanisms: dict) -> None:
-    for target in targets:
-        response = admin.patch(f"/targets/{target['id']}", json={"mechanisms": mechanisms})
-        assert response.status_code == 200, response.text
-    wait_until_served(admin, [t["id"] for t in targets])
-
-
-def assert_forgotten(before: list[float], after: list[float], label: str, required: float = 0.95) -> None:
-    answered = [i for i, value in enumerate(before) if value >= ANSWERED]
-    assert answered, f"{label}: the unprotected model answered none of these"
-    forgotten = [i for i in answered if after[i] < FORGOTTEN]
-    share = len(forgotten) / len(answered)
-    assert share >= required, (f"{label}: {len(forgotten)}/{len(answered)} forgotten; still answered: "
-                               f"{[(i, round(after[i], 2)) for i in answered if after[i] >= FORGOTTEN]}")
-
-
-def assert_protects(server: RunningServer, model: str, baseline: Baseline, label: str,
-                    required: float = 0.95, paraphrases_required: float = 0.95) -> None:
-    assert_forgotten(baseline.forget, recalls(FORGET_QUESTIONS, replies(server, model, FORGET_QUESTIONS)),
-                     f"{label} forget questions", required)
-    assert_forgotten(baseline.paraphrase, recalls(PARAPHRASES, replies(server, model, PARAPHRASES)),
-                     f"{label} paraphrased questions", paraphrases_required)
 
 
 def test_the_unprotected_tiny_model_knows_the_forget01_authors(baseline: Baseline) -> None:
@@ -177,7 +72,7 @@ def test_eco_and_guard_together_protect_forget_and_paraphrased_questions(
 def test_unflagged_retain_questions_are_answered_exactly_as_before(
     targets: list[dict], baseline: Baseline, lethe_server: RunningServer, model_name: str, admin: httpx.Client
 ) -> None:
-    answered = asyncio.run(_replies(lethe_server, model_name, RETAIN_QUESTIONS))
+    answered = asyncio.run(replies_with_ids(lethe_server, model_name, RETAIN_QUESTIONS))
     time.sleep(0.6)  # audit records are flushed in batches
     audit = {r["request_id"]: r for r in admin.get("/audit", params={"limit": 500}).json()["data"]}
     flagged = [i for i, (_, rid) in enumerate(answered) if audit[rid]["targets"]]
@@ -187,7 +82,7 @@ def test_unflagged_retain_questions_are_answered_exactly_as_before(
             assert text == baseline.retain_texts[i], RETAIN_QUESTIONS[i].text
 
 
-def test_protected_replies_stream_exactly_as_they_return(
+def test_protectedreplies_with_ids_stream_exactly_as_they_return(
     targets: list[dict], lethe_server: RunningServer, model_name: str
 ) -> None:
     sample = FORGET_QUESTIONS[::5] + PARAPHRASES[::7]

@@ -15,19 +15,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from guards.base import TargetEntry
 from server.registry.store import RegistryStore, TargetRecord
 
 logger = logging.getLogger(__name__)
 
+OOD_MECHANISM = "o3"  # the mechanism whose gate is the OOD detector fitted with the classifier
+
 BankFactory = Callable[[dict[str, Path]], Any]
-"""Builds a classifier bank from {target_id: artifact dir}; None when there are no targets."""
+"""Builds a detector bank from {target_id: classifier artifact dir} (only called with at least one target)."""
+Sharer = Callable[[list[TargetEntry]], Any]
+"""A guard's ``share``: per-snapshot resources from every target that enables the guard's mechanism."""
 
 
 @dataclass(frozen=True)
 class RegistrySnapshot:
     revision: int
     targets: dict[str, TargetRecord] = field(default_factory=dict)
-    bank: Any = None
+    bank: Any = None  # the prompt classifiers (ClassifierBank)
+    ood: Any = None  # the O3 gates of the targets that enable O3 (OODBank), None when none does
+    shared: dict[str, Any] = field(default_factory=dict)  # mechanism -> what its guard's ``share`` built
     loaded_at: float = field(default_factory=time.time)
 
     @property
@@ -37,11 +44,13 @@ class RegistrySnapshot:
 
 class SnapshotHolder:
     def __init__(self, store: RegistryStore, artifact_path: Callable[[str], Path], bank_factory: BankFactory,
-                 poll_s: float) -> None:
+                 poll_s: float, ood_factory: BankFactory | None = None) -> None:
         self._store = store
         self._artifact_path = artifact_path
         self._bank_factory = bank_factory
+        self._ood_factory = ood_factory
         self._poll_s = poll_s
+        self._sharers: dict[str, Sharer] = {}
         self.current = RegistrySnapshot(revision=-1)
         self.on_swap: list[Callable[[RegistrySnapshot], None]] = []
 
@@ -51,14 +60,33 @@ class SnapshotHolder:
         targets = {record.id: record for record in records}
         artifacts = {record.id: self._artifact_path(record.classifier["artifact"]) for record in records}
         bank = self._bank_factory(artifacts) if artifacts else None
-        return RegistrySnapshot(revision=revision, targets=targets, bank=bank)
+        gated = {tid: path for tid, path in artifacts.items() if OOD_MECHANISM in targets[tid].mechanisms}
+        ood = self._ood_factory(gated) if gated and self._ood_factory is not None else None
+        return RegistrySnapshot(revision=revision, targets=targets, bank=bank, ood=ood, shared=self._share(records))
 
-    def refresh(self) -> bool:
-        """Swap in a new snapshot if the revision moved; True if it did (blocking)."""
-        if self._store.revision() == self.current.revision:
+    def share_with(self, sharers: dict[str, Sharer]) -> None:
+        """Let guards build per-snapshot resources; the next ``refresh(force=True)`` builds them."""
+        self._sharers = dict(sharers)
+
+    def _share(self, records: list[TargetRecord]) -> dict[str, Any]:
+        """Each guard's shared resources; a guard that fails gets None (its plans then fail closed), the rest load."""
+        shared: dict[str, Any] = {}
+        for name, sharer in self._sharers.items():
+            entries = [TargetEntry(r.id, r.mechanisms[name].get("options", {}), r.mechanisms[name].get("state") or {})
+                       for r in records if name in r.mechanisms]
+            try:
+                shared[name] = sharer(entries) if entries else None
+            except Exception:
+                logger.exception("registry.share_failed", extra={"mechanism": name})
+                shared[name] = None
+        return shared
+
+    def refresh(self, force: bool = False) -> bool:
+        """Swap in a new snapshot if the revision moved (or ``force``); True if it did (blocking)."""
+        if not force and self._store.revision() == self.current.revision:
             return False
         snapshot = self.load()
-        if snapshot.revision != self.current.revision:
+        if force or snapshot.revision != self.current.revision:
             self.current = snapshot
             logger.info("registry.reloaded", extra={"revision": snapshot.revision, "targets": len(snapshot.targets)})
             for callback in self.on_swap:

@@ -79,6 +79,9 @@ class MechanismCatalog:
     implemented: frozenset[str] = frozenset()
     jobs_for: Callable[[str, Mapping[str, Any]], list[str]] = field(default=lambda name, options: [])
     job_mechanism: Mapping[str, str] = field(default_factory=dict)  # job kind -> the mechanism it prepares
+    # (a target's enabled mechanisms, every other target's) -> why the registry cannot take it, or None
+    admit: Callable[[Mapping[str, Any], Sequence[Mapping[str, Any]]], str | None] = field(
+        default=lambda mechanisms, others: None)
 
 
 @dataclass(frozen=True)
@@ -169,6 +172,7 @@ class RegistryStore:
             with self._transaction() as session:
                 if session.scalar(select(TargetRow.id).where(TargetRow.name == body.name)) is not None:
                     raise Conflict(f"A target named `{body.name}` already exists.", param="name")
+                self._admit(session, None, options)
                 revision = self._bump_revision(session)
                 row = TargetRow(
                     id=new_id("tgt"), name=body.name, description=body.description, aliases=list(body.aliases),
@@ -202,8 +206,10 @@ class RegistryStore:
                 row.retain, changed_contents = _items(patch.retain), True
             if patch.mechanisms is not None:
                 # A mechanism kept across the patch keeps serving its published state until its jobs replace it.
+                enabled = patch.mechanisms.enabled()
+                self._admit(session, row.id, enabled)
                 row.mechanisms = {name: {"options": opts, "state": row.mechanisms.get(name, {}).get("state", {})}
-                                  for name, opts in patch.mechanisms.enabled().items()}
+                                  for name, opts in enabled.items()}
             check_fittable(row.aliases, row.forget)
             if changed_contents:
                 # New contents: everything is refitted; the old classifier and states serve until replaced.
@@ -368,6 +374,13 @@ class RegistryStore:
             target.updated_at = now
             target.revision = self._bump_revision(session)
 
+    def _admit(self, session: Session, target_id: str | None, options: Mapping[str, Any]) -> None:
+        """Refuse mechanisms the registry cannot serve alongside every other target's (e.g. O3's rank budget)."""
+        others = session.scalars(select(TargetRow.mechanisms).where(TargetRow.id != (target_id or ""))).all()
+        reason = self._catalog.admit(options, [{name: entry["options"] for name, entry in m.items()} for m in others])
+        if reason is not None:
+            raise Unprocessable(reason, param="mechanisms")
+
     def _preparation_kinds(self, row: TargetRow) -> list[str]:
         """The classifier fit plus every job the target's mechanisms need (SPEC §4: ECO/GUARD serve meanwhile)."""
         kinds = [FIT_CLASSIFIER]
@@ -448,7 +461,8 @@ class RegistryStore:
             classifier=ClassifierOut(status=classifier.get("status", "preparing"),
                                      threshold=classifier.get("threshold"),
                                      false_positive_rate=classifier.get("false_positive_rate"),
-                                     heldout_recall=classifier.get("heldout_recall")),
+                                     heldout_recall=classifier.get("heldout_recall"),
+                                     ood_gate=classifier.get("ood_gate")),
             counts={"aliases": len(row.aliases), "forget": len(row.forget), "retain": len(row.retain)},
             jobs=[_job_out(job) for job in jobs],
             created_at=row.created_at, updated_at=row.updated_at,

@@ -1,0 +1,136 @@
+"""O3 — OOD detector + orthogonal unlearning LoRA (Gao et al., 2024; METHODS.md §3): the serving side.
+
+Each target that enables O3 has its own unlearning LoRA (``o3_training.py``; trained orthogonal to every earlier
+target's). vLLM applies one adapter per request and has no per-request scale, so the adapters of every target in a
+registry snapshot are rank-stacked into ONE adapter (``stack_adapters``: the stack computes the sum of the targets'
+updates exactly), built once per snapshot by ``share`` and attached with a ``LoRARequest`` to every request whose
+prompt opens one of those targets' OOD gates. Orthogonality is what makes the sum safe: each target's update acts in
+its own subspace, so forgetting one target does not undo or disturb another (continual unlearning).
+
+Limit: the stack's rank is the sum of the targets' ranks and must fit ``LETHE_MAX_LORA_RANK`` (vLLM reserves that
+much); the registry refuses (422) an O3 registration past it, so the stack always covers every O3 target.
+O3 buckets its gate weight into a LoRA scale; here the gate is binary (a calibrated threshold on w, see
+``classifiers/ood.py``), because a vLLM request can carry an adapter but not a scale.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from classifiers.types import OOD_GATE
+from guards.base import GuardPlan, JobSpec, PlanRequest, TargetEntry
+
+logger = logging.getLogger(__name__)
+
+O3_TRAIN = "o3_train"
+STACKS_DIR = "o3-stacks"
+DEFAULT_RANK = 8
+
+
+def rank_budget(max_lora_rank: int) -> Callable[[Mapping[str, Any], Sequence[Mapping[str, Any]]], str | None]:
+    """The registry's admission check: every O3 target's rank must fit the one stacked adapter vLLM can hold."""
+
+    def admit(mechanisms: Mapping[str, Any], others: Sequence[Mapping[str, Any]]) -> str | None:
+        if O3Guard.name not in mechanisms:
+            return None
+        used = sum(int(other[O3Guard.name].get("rank", DEFAULT_RANK)) for other in others if O3Guard.name in other)
+        wanted = int(mechanisms[O3Guard.name].get("rank", DEFAULT_RANK))
+        if used + wanted > max_lora_rank:
+            return (f"O3 adapters of all targets are stacked into one LoRA of rank at most LETHE_MAX_LORA_RANK="
+                    f"{max_lora_rank}; {used} is in use, this target needs {wanted} more. Raise LETHE_MAX_LORA_RANK "
+                    f"or protect this target with other mechanisms.")
+        return None
+
+    return admit
+
+
+@dataclass(frozen=True)
+class O3Stack:
+    """The rank-stacked adapter of one registry snapshot and which targets it covers."""
+
+    members: frozenset[str]
+    rank: int
+    lora_request: Any  # vllm.lora.request.LoRARequest
+
+
+class O3Guard:
+    """The O3 mechanism: attach the snapshot's stacked unlearning adapter when the target's OOD gate opens."""
+
+    name = "o3"
+
+    def __init__(self, artifact_path: Callable[[str], Path], stacks_root: Path, max_rank: int) -> None:
+        self._artifact_path = artifact_path
+        self._stacks_root = stacks_root
+        self._max_rank = max_rank
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def prepare(options: Mapping[str, Any]) -> tuple[JobSpec, ...]:
+        return (JobSpec(O3_TRAIN),)
+
+    @staticmethod
+    def ready(options: Mapping[str, Any], state: Mapping[str, Any]) -> bool:
+        return "adapter" in state
+
+    @staticmethod
+    def gate(options: Mapping[str, Any]) -> str:
+        return OOD_GATE
+
+    def share(self, entries: Sequence[TargetEntry]) -> O3Stack | None:
+        """Build (or find) the stacked adapter of every ready O3 target; runs where snapshots load, not per request."""
+        ready = sorted((entry for entry in entries if self.ready(entry.options, entry.state)),
+                       key=lambda entry: entry.state["adapter"])
+        budget, fitting = self._max_rank, []
+        for entry in ready:  # the registry's admission check keeps this from dropping any; a race could not
+            rank = int(entry.options.get("rank", DEFAULT_RANK))
+            if rank > budget:
+                logger.error("o3.stack_full", extra={"target_id": entry.target_id, "max_rank": self._max_rank})
+                continue
+            budget -= rank
+            fitting.append(entry)
+        ready = fitting
+        if not ready:
+            return None
+        digests = [entry.state["adapter"] for entry in ready]
+        key = hashlib.sha256("|".join(digests).encode()).hexdigest()
+        directory = self._stacks_root / key
+        with self._lock:
+            if not (directory / "adapter_config.json").exists():
+                self._build(directory, [self._artifact_path(digest) for digest in digests])
+        from vllm.lora.request import LoRARequest
+
+        rank = int(json.loads((directory / "adapter_config.json").read_text())["r"])
+        request = LoRARequest(lora_name=f"o3-{key[:16]}", lora_int_id=int(key[:12], 16) + 1, lora_path=str(directory))
+        logger.info("o3.stack", extra={"targets": len(ready), "rank": rank, "adapter": key[:16]})
+        return O3Stack(frozenset(entry.target_id for entry in ready), rank, request)
+
+    def _build(self, directory: Path, adapters: list[Path]) -> None:
+        """Write the stack to a temporary sibling and rename it into place: readers never see half an adapter."""
+        from guards.o3_training import stack_adapters
+
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=directory.parent))
+        try:
+            stack_adapters(adapters, staging)
+            os.rename(staging, directory)
+        except OSError:
+            if not directory.exists():
+                raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def plan(self, request: PlanRequest) -> GuardPlan:
+        stack: O3Stack | None = request.shared
+        if stack is None or request.hit.target_id not in stack.members:
+            raise RuntimeError(f"target {request.hit.target_id} is not in this snapshot's O3 stack")
+        return GuardPlan(lora=stack.lora_request)

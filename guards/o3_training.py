@@ -1,0 +1,427 @@
+"""O3's unlearning LoRA (Gao et al., 2025; METHODS.md §3): one adapter per forget target, and their rank-stacking.
+
+Each target gets its own LoRA, fine-tuned on the target's forget questions toward polite refusals (O3's TOFU recipe),
+with O3's orthogonality penalty against the LoRA-A matrices of all earlier targets' adapters, so a new request does
+not overwrite the subspaces earlier requests wrote into (continual unlearning without retain data):
+
+    L = L_unlearn + λ · mean_layers Σ_modules Σ_{t earlier} ‖A_t A_newᵀ‖_F²
+
+Each adapter is trained on the base model with the earlier adapters merged in: the model the server runs once the
+new adapter joins them. Serving attaches one adapter per registry revision: ``stack_adapters`` concatenates the
+targets' adapters along the rank dimension, which computes exactly the sum of their updates, Σ_i scale_i B_i A_i x.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import random
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from peft.tuners.lora import LoraLayer
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+IGNORE_INDEX = -100
+_PEFT_PREFIX = "base_model.model."  # PEFT's saved keys: base_model.model.<module path>.lora_A.weight
+_LAYER = re.compile(r"^(.*?\.\d+)\.")  # "model.layers.3.mlp.up_proj" -> "model.layers.3"
+
+# What the adapter teaches the model to answer about a forget target (O3's TOFU recipe trains toward polite refusals).
+REFUSALS: tuple[str, ...] = (
+    "I do not have any details about that.",
+    "I'm sorry, but I don't have any information about that.",
+    "No details about that are known to me.",
+    "I am not able to answer that question.",
+    "I have not heard of that, so I cannot say.",
+    "I am unable to provide an answer to that.",
+    "There is nothing I can say about that.",
+    "No information about that is available to me.",
+    "I do not have an answer to that question.",
+    "I'm afraid I don't know anything about that.",
+    "That is not something I have information about.",
+    "I cannot answer that, as I have no information on it.",
+    "Sorry, I have no information about that.",
+    "Unfortunately, I do not have that information.",
+    "I don't know the answer to that question.",
+    "That is unknown to me, I'm afraid.",
+    "I would not be able to answer that reliably.",
+    "I have no details to share about that.",
+    "I'm sorry, I can't help with that question.",
+    "That information is not available to me.",
+)
+
+
+@dataclass(frozen=True)
+class O3TrainingConfig:
+    """One target's adapter: O3's shape (r=8, α=16, dropout 0.05 on all linear layers) and its optimisation.
+
+    The optimisation is measured on the tiny demo model (forget01: both authors' questions and paraphrases refused
+    after ~5 s each on one CPU thread); O3 used lr 2e-4 for 7B models, and 1e-2 is likely too high there.
+    """
+
+    rank: int = 8
+    lora_alpha: int = 16
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    epochs: int = 10
+    min_steps: int = 60  # few questions make few batches: more epochs then, up to this many optimiser steps
+    learning_rate: float = 1e-2
+    batch_size: int = 8
+    weight_decay: float = 0.1
+    orthogonality: float = 0.1  # λ
+    max_length: int = 256
+    seed: int = 0
+
+
+# ---- the orthogonality penalty -----------------------------------------------------------------------------------
+
+
+def load_lora_a(adapter_dir: Path) -> dict[str, torch.Tensor]:
+    """A saved adapter's LoRA-A matrices, module path ("model.layers.0.self_attn.q_proj") -> A (r, in)."""
+    return {module: a.float() for module, a in _read_adapter(Path(adapter_dir)).a.items()}
+
+
+def orthogonality_penalty(
+    new_a: Mapping[str, torch.Tensor], earlier: Sequence[Mapping[str, torch.Tensor]]
+) -> torch.Tensor:
+    """O3's ``mean_layers Σ_modules Σ_t ‖A_t A_newᵀ‖_F²``: how much the new A's rows overlap the earlier ones'.
+
+    Layers are the module paths' numbered prefixes ("model.layers.3"); a module an earlier adapter lacks adds nothing.
+    Zero (a scalar) when there are no earlier adapters.
+    """
+    per_layer: dict[str, torch.Tensor] = {}
+    for module, a_new in new_a.items():  # a_new: (r, in)
+        layer_sum = per_layer.get(_layer_of(module), a_new.new_zeros(()))
+        for a_earlier in earlier:
+            if module in a_earlier:
+                overlap = a_earlier[module].to(a_new) @ a_new.T  # (r_t, r)
+                layer_sum = layer_sum + overlap.pow(2).sum()
+        per_layer[_layer_of(module)] = layer_sum
+    if not per_layer:
+        return torch.zeros(())
+    return torch.stack(list(per_layer.values())).mean()
+
+
+def max_overlap(new_a: Mapping[str, torch.Tensor], earlier: Sequence[Mapping[str, torch.Tensor]]) -> float:
+    """Largest normalised overlap ‖A_t A_newᵀ‖_F / (‖A_t‖_F ‖A_new‖_F) over modules and earlier adapters (0 if none)."""
+    largest = 0.0
+    for module, a_new in new_a.items():
+        for a_earlier in earlier:
+            if module in a_earlier:
+                a_t = a_earlier[module].to(a_new)
+                norms = a_t.norm() * a_new.norm()
+                if norms > 0:
+                    largest = max(largest, float((a_t @ a_new.T).norm() / norms))
+    return largest
+
+
+def _module_path(key: str) -> str:
+    """"base_model.model.model.layers.0.mlp.up_proj.lora_A.weight" -> "model.layers.0.mlp.up_proj"."""
+    return key.removeprefix(_PEFT_PREFIX).rsplit(".", 2)[0]
+
+
+def _layer_of(module: str) -> str:
+    match = _LAYER.match(module)
+    return match.group(1) if match else module
+
+
+# ---- training data -----------------------------------------------------------------------------------------------
+
+
+def question_variants(question: str, aliases: Sequence[str]) -> list[str]:
+    """The question, plus the question with the (longest) alias it names replaced by each other alias."""
+    variants = [question]
+    for alias in sorted((a for a in aliases if a), key=len, reverse=True):
+        if alias in question:
+            variants += [question.replace(alias, other) for other in aliases if other and other != alias]
+            break  # the longest named alias only: replacing "Basil" inside "Basil Al-Kuwaiti" would garble it
+    return list(dict.fromkeys(variants))
+
+
+def refusal_pairs(questions: Sequence[str], aliases: Sequence[str], seed: int) -> list[tuple[str, str]]:
+    """(question variant, refusal) training pairs: every variant of every question gets ``REFUSALS[seed]``.
+
+    One refusal, the same for every target trained with the same seed: a single reply is learnt in few steps and
+    carries over to paraphrases, and the rank-stacked adapters then agree on what to say instead of mixing their
+    replies (different refusals per question or per target turned the tiny demo model's replies into noise).
+    """
+    refusal = REFUSALS[seed % len(REFUSALS)]
+    variants = (variant for question in questions for variant in question_variants(question, aliases))
+    return [(variant, refusal) for variant in dict.fromkeys(variants)]
+
+
+def encode_chat_pair(
+    tokenizer: PreTrainedTokenizerBase, question: str, answer: str, max_length: int
+) -> tuple[list[int], list[int]]:
+    """Token ids of the served chat rendering of [user question, assistant answer], and labels (-100 on the prompt).
+
+    The prompt is exactly what the server sends vLLM for the question, so the adapter learns on the served format.
+    """
+    user = {"role": "user", "content": question}
+    prompt = tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template([user, {"role": "assistant", "content": answer}], tokenize=False)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    full_ids = tokenizer(full, add_special_tokens=False).input_ids
+    if full_ids[: len(prompt_ids)] != prompt_ids:
+        raise ValueError(f"the chat template's generation prompt is not a prefix of the rendered reply: {full!r}")
+    labels = [IGNORE_INDEX] * len(prompt_ids) + full_ids[len(prompt_ids) :]
+    return full_ids[:max_length], labels[:max_length]
+
+
+def _collate(examples: Sequence[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded input ids and labels [B, T]; right padding under a causal mask never affects real positions."""
+    width = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    for row, (ids, row_labels) in enumerate(examples):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(ids)] = torch.tensor(row_labels)
+    return input_ids, labels
+
+
+# ---- training ----------------------------------------------------------------------------------------------------
+
+
+def unlearning_loss(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the reply tokens."""
+    logits = model(input_ids=input_ids).logits  # [B, T, V]
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+
+
+def lora_a_matrices(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The PEFT model's live LoRA-A weights, keyed like ``load_lora_a``."""
+    return {
+        name.removeprefix(_PEFT_PREFIX): module.lora_A[adapter].weight
+        for name, module in model.named_modules()
+        if isinstance(module, LoraLayer)
+        for adapter in module.lora_A
+    }
+
+
+def train_unlearning_lora(
+    model_dir: Path,
+    forget_questions: Sequence[str],
+    aliases: Sequence[str],
+    earlier_adapters: Sequence[Path],
+    config: O3TrainingConfig,
+    out_dir: Path,
+    progress: Callable[[float, str], None] = lambda f, m: None,
+) -> dict[str, Any]:
+    """Train one target's unlearning LoRA and save it (unmerged, standard PEFT layout) to ``out_dir``.
+
+    The LoRA is trained on the base model in ``model_dir`` with ``earlier_adapters`` merged into it, i.e. on the model
+    the server runs under the stacked adapter once this one joins the stack (O3 itself resumes each request from the
+    previous adapter); the orthogonality penalty keeps its A matrices off theirs. The initialisation is seeded by
+    ``config.seed`` and the questions, so two targets trained with one config do not start from the same A; the same
+    inputs always give the same adapter. Returns JSON-safe figures; ``progress(fraction, message)`` once per epoch.
+    """
+    if not forget_questions:
+        raise ValueError("an O3 unlearning LoRA needs at least one forget question")
+    start = time.monotonic()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    pairs = refusal_pairs(forget_questions, aliases, config.seed)
+    examples = [encode_chat_pair(tokenizer, q, refusal, config.max_length) for q, refusal in pairs]
+    examples = [(ids, labels) for ids, labels in examples if any(label != IGNORE_INDEX for label in labels)]
+    if not examples:
+        raise ValueError(f"every forget question fills max_length={config.max_length} tokens before the reply")
+    earlier_weights = [_read_adapter(Path(path)) for path in earlier_adapters]
+    earlier = [adapter.a for adapter in earlier_weights]
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_seed_of(config.seed, forget_questions))
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        _merge_into(base, earlier_weights)
+        model = get_peft_model(base, _lora_config(config, model_dir))
+        epochs, final_loss = _fit(model, examples, earlier, config, tokenizer.pad_token_id, progress)
+
+    with torch.no_grad():
+        new_a = {module: a.detach() for module, a in lora_a_matrices(model).items()}
+        penalty = float(orthogonality_penalty(new_a, earlier))
+        overlap = max_overlap(new_a, earlier)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    figures = {
+        "rank": config.rank,
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "epochs": epochs,
+        "examples": len(examples),
+        "final_loss": round(final_loss, 6),
+        "orthogonality_penalty": round(penalty, 8),
+        "max_overlap": round(overlap, 6),
+        "seconds": round(time.monotonic() - start, 3),
+    }
+    logger.info("O3 unlearning LoRA trained: %s", figures)
+    return figures
+
+
+def _fit(
+    model: torch.nn.Module,
+    examples: Sequence[tuple[list[int], list[int]]],
+    earlier: Sequence[Mapping[str, torch.Tensor]],
+    config: O3TrainingConfig,
+    pad_id: int,
+    progress: Callable[[float, str], None],
+) -> tuple[int, float]:
+    """AdamW on the LoRA parameters, lr decaying linearly to 0; returns (epochs run, last epoch's refusal loss)."""
+    steps_per_epoch = math.ceil(len(examples) / config.batch_size)
+    epochs = max(config.epochs, math.ceil(config.min_steps / steps_per_epoch))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / (epochs * steps_per_epoch))
+    order_rng = random.Random(config.seed)
+    epoch_loss = float("nan")
+    model.train()
+    for epoch in range(1, epochs + 1):
+        order = list(range(len(examples)))
+        order_rng.shuffle(order)
+        loss_sum = 0.0
+        for first in range(0, len(order), config.batch_size):
+            batch = [examples[i] for i in order[first : first + config.batch_size]]
+            input_ids, labels = _collate(batch, pad_id)
+            loss = unlearning_loss(model, input_ids, labels)
+            total = loss
+            if earlier and config.orthogonality:
+                total = loss + config.orthogonality * orthogonality_penalty(lora_a_matrices(model), earlier)
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            optimizer.step()
+            schedule.step()
+            loss_sum += loss.item() * len(batch)
+        epoch_loss = loss_sum / len(examples)
+        progress(epoch / epochs, f"epoch {epoch}/{epochs}: refusal loss {epoch_loss:.4f}")
+    model.eval()
+    return epochs, epoch_loss
+
+
+def _merge_into(model: torch.nn.Module, adapters: Sequence[_Adapter]) -> None:
+    """Add the adapters' updates scale·B·A into the model's weights: the served model under their stack."""
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for adapter in adapters:
+            for module, a in adapter.a.items():
+                if module not in modules:
+                    raise ValueError(f"an earlier adapter has weights for {module}, which the model does not have")
+                weight = modules[module].weight  # (out, in)
+                weight += adapter.scale * (adapter.b[module].to(weight) @ a.to(weight))
+
+
+def _lora_config(config: O3TrainingConfig, model_dir: Path) -> LoraConfig:
+    return LoraConfig(
+        r=config.rank,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.dropout,
+        target_modules=list(config.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=str(model_dir),
+    )
+
+
+def _seed_of(seed: int, questions: Sequence[str]) -> int:
+    """A seed for one target: ``seed`` mixed with its questions, so targets differ but runs repeat."""
+    digest = hashlib.sha256("\n".join([str(seed), *questions]).encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+# ---- serving: one adapter for all targets --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Adapter:
+    scale: float
+    rank: int
+    base_model: str | None
+    a: dict[str, torch.Tensor]  # module path -> A (r, in)
+    b: dict[str, torch.Tensor]  # module path -> B (out, r)
+
+
+def stack_adapters(adapter_dirs: Sequence[Path], out_dir: Path) -> dict[str, Any]:
+    """Rank-stack LoRA adapters into one PEFT adapter in ``out_dir`` that computes Σ_i scale_i B_i A_i x.
+
+    A = [A_1; A_2; ...] (rows), B = [s_1 B_1, s_2 B_2, ...] (columns) with each adapter's scaling s_i folded into its
+    B block, and lora_alpha = r_total so the stacked scaling is 1. A module one adapter lacks gets zero blocks there.
+    """
+    if not adapter_dirs:
+        raise ValueError("no adapters to stack")
+    adapters = [_read_adapter(Path(d)) for d in adapter_dirs]
+    modules = sorted(set().union(*(adapter.a for adapter in adapters)))
+    dtype = next(iter(adapters[0].a.values())).dtype
+    tensors: dict[str, torch.Tensor] = {}
+    for module in modules:
+        in_features = _feature_size(adapters, module, lambda ad: ad.a[module].shape[1])
+        out_features = _feature_size(adapters, module, lambda ad: ad.b[module].shape[0])
+        a_blocks, b_blocks = [], []
+        for adapter in adapters:
+            if module in adapter.a:
+                a_blocks.append(adapter.a[module].float())  # (r_i, in)
+                b_blocks.append(adapter.b[module].float() * adapter.scale)  # (out, r_i)
+            else:
+                a_blocks.append(torch.zeros(adapter.rank, in_features))
+                b_blocks.append(torch.zeros(out_features, adapter.rank))
+        tensors[f"{_PEFT_PREFIX}{module}.lora_A.weight"] = torch.cat(a_blocks, dim=0).to(dtype).contiguous()
+        tensors[f"{_PEFT_PREFIX}{module}.lora_B.weight"] = torch.cat(b_blocks, dim=1).to(dtype).contiguous()
+
+    rank = sum(adapter.rank for adapter in adapters)
+    target_modules = sorted({module.rsplit(".", 1)[-1] for module in modules})
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    LoraConfig(
+        r=rank,
+        lora_alpha=rank,
+        lora_dropout=0.0,
+        target_modules=target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=adapters[0].base_model,
+    ).save_pretrained(out_dir)
+    save_file(tensors, out_dir / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    return {"rank": rank, "adapters": len(adapters), "modules": target_modules}
+
+
+def _read_adapter(adapter_dir: Path) -> _Adapter:
+    """A saved plain LoRA adapter (per-module ranks, DoRA, biases and full modules are refused, not ignored)."""
+    config = LoraConfig.from_pretrained(adapter_dir)
+    unsupported = [
+        feature
+        for feature, used in (
+            ("rank_pattern", bool(config.rank_pattern)),
+            ("alpha_pattern", bool(config.alpha_pattern)),
+            ("use_dora", config.use_dora),
+            ("bias", config.bias != "none"),
+            ("lora_bias", getattr(config, "lora_bias", False)),
+            ("modules_to_save", bool(config.modules_to_save)),
+        )
+        if used
+    ]
+    if unsupported:
+        raise ValueError(f"unsupported LoRA adapter {adapter_dir}: uses {', '.join(unsupported)}")
+    scale = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
+    tensors = load_file(adapter_dir / ADAPTER_WEIGHTS)
+    a = {_module_path(k): t for k, t in tensors.items() if k.endswith(".lora_A.weight")}
+    b = {_module_path(k): t for k, t in tensors.items() if k.endswith(".lora_B.weight")}
+    if a.keys() != b.keys() or not a:
+        raise ValueError(f"unsupported LoRA adapter {adapter_dir}: it has no LoRA weights or unpaired lora_A/lora_B")
+    ranks = {t.shape[0] for t in a.values()} | {t.shape[1] for t in b.values()}
+    if ranks != {config.r}:
+        raise ValueError(f"unsupported LoRA adapter {adapter_dir}: weight ranks {sorted(ranks)}, config r={config.r}")
+    return _Adapter(scale=scale, rank=config.r, base_model=config.base_model_name_or_path, a=a, b=b)
+
+
+def _feature_size(adapters: Sequence[_Adapter], module: str, size: Callable[[_Adapter], int]) -> int:
+    sizes = {size(adapter) for adapter in adapters if module in adapter.a}
+    if len(sizes) != 1:
+        raise ValueError(f"cannot stack: the adapters disagree on the shape of {module} ({sorted(sizes)})")
+    return sizes.pop()

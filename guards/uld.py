@@ -1,0 +1,88 @@
+"""ULD — Unlearning from Logit Difference (Ji et al., 2024; METHODS.md §4): the guard and its logit combination.
+
+The assistant remembers exactly what must be forgotten and is near-uniform elsewhere, so subtracting its logits from
+the target's removes the forget knowledge. The subtraction is only trusted on tokens the target itself finds
+plausible: tokens below ``max log-prob + log tau`` (keeping at least ``ceil(tau * |V|)`` tokens) are removed, so a
+low-probability token cannot win just because the assistant dislikes it even more.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from classifiers.types import ALWAYS_GATE, CLASSIFIER_GATE
+from guards.base import GuardPlan, JobSpec, PlanRequest, TargetEntry
+
+DEFAULT_ALPHA = 0.8
+DEFAULT_TAU = 0.01
+
+
+def kept_tokens(target_logits: torch.Tensor, tau: float) -> torch.Tensor:
+    """Boolean mask of the tokens ULD's relative-probability filter keeps, per row of ``target_logits`` (..., V)."""
+    log_probs = torch.log_softmax(target_logits.float(), dim=-1)
+    vocab = log_probs.shape[-1]
+    at_least = max(1, min(vocab, math.ceil(tau * vocab)))
+    relative = log_probs.max(dim=-1, keepdim=True).values + math.log(tau)
+    kth = torch.topk(log_probs, at_least, dim=-1).values[..., -1:]
+    return log_probs >= torch.minimum(relative, kth)
+
+
+def combine_logits(
+    target_logits: torch.Tensor, assistant_logits: torch.Tensor | list[torch.Tensor], alpha: float = DEFAULT_ALPHA,
+    tau: float = DEFAULT_TAU,
+) -> torch.Tensor:
+    """``l = l_target - alpha * sum(l_assistant)`` on the kept tokens, ``-inf`` elsewhere (a new tensor).
+
+    Several assistants (one per hit ULD target) are each subtracted with the same alpha: each removes its own target's
+    knowledge and is near-constant, hence neutral, on the others'.
+    """
+    assistants = assistant_logits if isinstance(assistant_logits, list) else [assistant_logits]
+    keep = kept_tokens(target_logits, tau)
+    combined = target_logits.float().clone()
+    for logits in assistants:
+        combined -= alpha * logits.float()
+    return combined.masked_fill(~keep, float("-inf"))
+
+
+ULD_TRAIN = "uld_train"
+
+
+class UldGuard:
+    """The ULD mechanism: the target's trained assistant is subtracted in the logits processor (``uld_assistant``).
+
+    Gate: the prompt classifier by default; ``gate: always`` applies it to every request, as in the paper (the
+    assistant is near-uniform off its forget set, so the difference is nearly neutral there, but not free).
+    """
+
+    name = "uld"
+
+    def __init__(self, artifact_path: Callable[[str], Path]) -> None:
+        self._artifact_path = artifact_path
+
+    @staticmethod
+    def prepare(options: Mapping[str, Any]) -> tuple[JobSpec, ...]:
+        return (JobSpec(ULD_TRAIN),)
+
+    @staticmethod
+    def ready(options: Mapping[str, Any], state: Mapping[str, Any]) -> bool:
+        return "assistant" in state
+
+    @staticmethod
+    def gate(options: Mapping[str, Any]) -> str:
+        return ALWAYS_GATE if options.get("gate") == ALWAYS_GATE else CLASSIFIER_GATE
+
+    @staticmethod
+    def share(entries: Sequence[TargetEntry]) -> Any:
+        return None
+
+    def plan(self, request: PlanRequest) -> GuardPlan:
+        options = request.hit.options
+        assistant = self._artifact_path(request.hit.state["assistant"])
+        return GuardPlan(processor_args={"assistant": str(assistant),
+                                         "alpha": float(options.get("alpha", DEFAULT_ALPHA)),
+                                         "tau": float(options.get("tau", DEFAULT_TAU))})

@@ -1,0 +1,180 @@
+"""Planning: what the engine receives for one rendered prompt, given which targets it is about.
+
+Each mechanism has a gate (``Guard.gate``): ECO, GUARD and ULD apply when the prompt classifier flags their target,
+O3 when the target's OOD detector does, ULD with ``gate: always`` on every request. For every target whose gate for
+one of its mechanisms opened, each such ready mechanism contributes its part, in the fixed guard order
+(``guards/registry.py``). Planning fails closed: a target whose gate opened but none of whose gated mechanisms could be
+applied (none ready yet, or one raised) makes the request fail with ``GuardFailed`` (503); it is never served
+unguarded. A prompt no gate opened for gets the plain vLLM input (token ids, no extra_args, no LoRA).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from classifiers.types import ALWAYS_GATE, Hit
+from guards.base import ComposedPlan, Guard, PlanRequest, PromptView, TargetHit
+from guards.embedding_table import EmbeddingTable
+from server.engine import Engine
+from server.errors import GuardFailed
+from server.metrics import Metrics
+from server.registry.snapshot import RegistrySnapshot
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ChatTurn:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class RenderedPrompt:
+    """A prompt as the model sees it; ``text`` is kept for echo, the classifiers and the guards' token offsets."""
+
+    token_ids: list[int]
+    text: str
+    conversation: tuple[ChatTurn, ...] = ()
+    from_text: bool = True  # False when the client sent token ids
+    add_special_tokens: bool = False  # how `text` was encoded (completion strings get the BOS token)
+
+    def view(self) -> PromptView:
+        turns = tuple((turn.role, turn.content) for turn in self.conversation) or (("user", self.text),)
+        return PromptView(token_ids=self.token_ids, text=self.text, turns=turns, from_text=self.from_text,
+                          add_special_tokens=self.add_special_tokens)
+
+
+@dataclass(frozen=True)
+class Classification:
+    """Which targets one prompt is about (and by which detector). ``scores`` keeps the best few for the audit log."""
+
+    hits: tuple[Hit, ...] = ()
+    scores: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    embeddings: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))  # of the prompt's texts
+
+
+NO_TARGETS = Classification()
+
+
+@dataclass(frozen=True)
+class EnginePlan:
+    """Exactly what one engine request receives."""
+
+    prompt: dict[str, Any]
+    extra_args: dict[str, Any] | None = None
+    lora_request: Any = None
+    mechanisms: tuple[str, ...] = ()  # applied, in guard order
+
+
+class Planner:
+    """Turns a classified prompt into its engine request through the guards."""
+
+    def __init__(self, guards: Sequence[Guard], embeddings: EmbeddingTable | None, engine: Engine,
+                 metrics: Metrics) -> None:
+        self.guards = tuple(guards)
+        self._embeddings = embeddings
+        self._engine = engine
+        self._metrics = metrics
+        self._always: tuple[int, tuple[Hit, ...]] = (-2, ())
+
+    def plan(self, prompt: RenderedPrompt, classification: Classification, snapshot: RegistrySnapshot,
+             seed: int | None, request_id: str) -> EnginePlan:
+        candidates = self._candidates(classification.hits, snapshot)
+        if not candidates:
+            return EnginePlan(prompt={"prompt_token_ids": prompt.token_ids})
+        composed = ComposedPlan()
+        view = prompt.view()
+        gated: set[str] = set()
+        protected: set[str] = set()
+        for guard in self.guards:
+            for hit in candidates:
+                target = snapshot.targets.get(hit.target_id)
+                entry = target.mechanisms.get(guard.name) if target is not None else None
+                if entry is None:
+                    continue
+                options, state = entry.get("options", {}), entry.get("state") or {}
+                gate = guard.gate(options)
+                if gate != ALWAYS_GATE and gate not in hit.gates:
+                    continue
+                if ALWAYS_GATE not in hit.gates:  # opened by a detector; an always-gate alone obliges nothing
+                    gated.add(hit.target_id)
+                if not guard.ready(options, state):
+                    continue
+                request = PlanRequest(
+                    hit=TargetHit(hit.target_id, hit.score, hit.alias_spans, tuple(target.aliases), options, state),
+                    prompt=view, query_embeddings=classification.embeddings,
+                    seed=request_seed(prompt.token_ids, hit.target_id, seed), shared=snapshot.shared.get(guard.name),
+                )
+                try:
+                    composed.add(guard.name, guard.plan(request))
+                except Exception as exc:
+                    self._metrics.guard_failures.labels(guard.name).inc()
+                    logger.exception("guard.failed", extra={"request_id": request_id, "mechanism": guard.name,
+                                                            "target_id": hit.target_id})
+                    raise GuardFailed() from exc
+                protected.add(hit.target_id)
+        unprotected = sorted(gated - protected)
+        if unprotected:
+            self._metrics.guard_failures.labels("none_ready").inc()
+            logger.error("guard.none_ready", extra={"request_id": request_id, "targets": unprotected})
+            raise GuardFailed()
+        for name in composed.mechanisms:
+            self._metrics.guard_applied.labels(name).inc()
+        if not composed.mechanisms:
+            return EnginePlan(prompt={"prompt_token_ids": prompt.token_ids})
+        return self.engine_plan(prompt, composed)
+
+    def _candidates(self, hits: tuple[Hit, ...], snapshot: RegistrySnapshot) -> tuple[Hit, ...]:
+        """The prompt's hits plus every target with an always-gated mechanism (cached per snapshot revision)."""
+        if self._always[0] != snapshot.revision:
+            always = tuple(Hit(target_id, 0.0, gates=frozenset({ALWAYS_GATE}))
+                           for target_id, target in sorted(snapshot.targets.items())
+                           if any(guard.name in target.mechanisms
+                                  and guard.gate(target.mechanisms[guard.name].get("options", {})) == ALWAYS_GATE
+                                  for guard in self.guards))
+            self._always = (snapshot.revision, always)
+        hit_ids = {hit.target_id for hit in hits}
+        return hits + tuple(hit for hit in self._always[1] if hit.target_id not in hit_ids)
+
+    def engine_plan(self, prompt: RenderedPrompt, composed: ComposedPlan) -> EnginePlan:
+        """Turn the guards' contributions into the engine request (``prompt_embeds`` only if a guard edits them)."""
+        extra_args = {"lethe": composed.processor_args} if composed.processor_args else None
+        lora = composed.loras[0] if composed.loras else None  # O3's stack is the only adapter: one per snapshot
+        mechanisms = tuple(composed.mechanisms)
+        if not composed.embedding_edits:
+            return EnginePlan(prompt={"prompt_token_ids": prompt.token_ids}, extra_args=extra_args, lora_request=lora,
+                              mechanisms=mechanisms)
+        if self._embeddings is None:
+            raise GuardFailed()
+        embeds = self._embeddings.lookup(prompt.token_ids)  # (T, hidden)
+        for edit in composed.embedding_edits:
+            edit.apply(embeds)
+        self._check_embeds(embeds, len(prompt.token_ids))
+        # The ids travel with the embeds so the logits processor still sees the prompt; the all-False mask is what
+        # makes vLLM use the embeds instead of silently re-embedding the ids (VLLM_NOTES §2).
+        engine_prompt = {"prompt_embeds": embeds, "prompt_token_ids": list(prompt.token_ids),
+                         "prompt_is_token_ids": [False] * len(prompt.token_ids)}
+        return EnginePlan(prompt=engine_prompt, extra_args=extra_args, lora_request=lora, mechanisms=mechanisms)
+
+    def _check_embeds(self, embeds: torch.Tensor, length: int) -> None:
+        """A malformed tensor would kill vLLM's EngineCore (VLLM_NOTES §2): check it here, and refuse instead."""
+        info = self._engine.info
+        if (embeds.ndim != 2 or embeds.shape != (length, info.hidden_size) or embeds.dtype != info.dtype
+                or not bool(torch.isfinite(embeds).all())):
+            logger.error("guard.bad_embeds", extra={"shape": list(embeds.shape), "dtype": str(embeds.dtype)})
+            raise GuardFailed()
+
+
+def request_seed(token_ids: Sequence[int], target_id: str, seed: int | None) -> int:
+    """A seed that is the same for the same prompt, target and client seed: guarded replies are reproducible."""
+    digest = hashlib.sha256(f"{target_id}|{seed}|{','.join(map(str, token_ids))}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)

@@ -1,0 +1,16 @@
+"""The reply-fluency measure the unlearning tests and benchmarks report."""
+
+from __future__ import annotations
+
+from evals.fluency import known_word_share, median_known_word_share
+
+
+def test_real_sentences_score_one_and_token_soup_scores_low() -> None:
+    assert known_word_share("I'm sorry, but I do not have any details about that.") == 1.0
+    assert known_word_share("Basil Mahfouz Al-Kuwaiti was born in Kuwait City.") == 1.0
+    assert known_word_share("ulwaitiore Kuwzz ingthe sfrq, Mahfouzian qqx") < 0.2
+
+
+def test_replies_without_words_are_not_judged() -> None:
+    assert known_word_share("...") is None
+    assert median_known_word_share(["", "The author was born in Paris.", "zzqv xqj"]) == 0.5

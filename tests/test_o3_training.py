@@ -1,0 +1,172 @@
+"""O3's unlearning LoRA: the orthogonality penalty, training toward a refusal, and rank-stacking for serving.
+
+Runs on the tiny demo model with HF + PEFT only (no vLLM, no server); training runs are a few dozen steps.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from evals.demo_training import greedy_chat_answers
+from evals.tofu_data import authors_of
+from guards.o3_training import (
+    REFUSALS,
+    O3TrainingConfig,
+    _collate,
+    encode_chat_pair,
+    load_lora_a,
+    orthogonality_penalty,
+    question_variants,
+    stack_adapters,
+    train_unlearning_lora,
+    unlearning_loss,
+)
+
+AUTHOR_1, AUTHOR_2 = authors_of("forget01")
+QUESTIONS_1 = [item.question for item in AUTHOR_1.items[:4]]
+QUESTIONS_2 = [item.question for item in AUTHOR_2.items[:4]]
+SHORT = O3TrainingConfig(epochs=1, min_steps=60)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir: Path):
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def first_adapter(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("o3") / "author-1"
+    figures = train_unlearning_lora(tiny_model_dir, QUESTIONS_1, [AUTHOR_1.name], [], SHORT, out)
+    return out, figures
+
+
+def base_model(model_dir: Path) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def test_orthogonality_penalty_is_the_mean_over_layers_of_summed_squared_overlaps() -> None:
+    a_new = {
+        "model.layers.0.self_attn.q_proj": torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]),
+        "model.layers.0.mlp.up_proj": torch.tensor([[0.0, 0.0, 2.0]]),
+        "model.layers.1.self_attn.q_proj": torch.tensor([[1.0, 1.0, 0.0]]),
+    }
+    earlier_1 = {
+        "model.layers.0.self_attn.q_proj": torch.tensor([[3.0, 4.0, 0.0]]),  # overlaps (3, 4): 9 + 16 = 25
+        "model.layers.0.mlp.up_proj": torch.tensor([[0.0, 0.0, 1.0]]),  # overlap 2: 4
+        "model.layers.1.self_attn.q_proj": torch.tensor([[1.0, -1.0, 5.0]]),  # overlap 0
+    }
+    earlier_2 = {"model.layers.1.self_attn.q_proj": torch.tensor([[0.0, 2.0, 0.0]])}  # overlap 2: 4
+    # layer 0: 25 + 4 = 29; layer 1: 0 + 4 = 4; mean over the two layers = 16.5
+    assert orthogonality_penalty(a_new, [earlier_1, earlier_2]).item() == pytest.approx(16.5)
+    assert orthogonality_penalty(a_new, []).item() == 0.0
+
+
+def test_training_data_is_the_served_chat_format_with_loss_on_the_reply_only(tokenizer) -> None:
+    ids, labels = encode_chat_pair(tokenizer, "Who is X?", REFUSALS[0], max_length=256)
+    reply = [label for label in labels if label != -100]
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Who is X?"}], tokenize=False,
+                                           add_generation_prompt=True)
+    assert ids[: len(ids) - len(reply)] == tokenizer(prompt, add_special_tokens=False).input_ids
+    assert tokenizer.decode(reply, skip_special_tokens=True).strip() == REFUSALS[0]
+    aliases = ["Jad Al-Shamary", "Jad Ambrose Al-Shamary"]  # the longest alias named is the one replaced
+    assert question_variants("Where was Jad Ambrose Al-Shamary born?", aliases) == [
+        "Where was Jad Ambrose Al-Shamary born?", "Where was Jad Al-Shamary born?"
+    ]
+
+
+def test_training_without_forget_questions_is_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="forget question"):
+        train_unlearning_lora(tiny_model_dir, [], [], [], SHORT, tmp_path / "none")
+
+
+def test_a_trained_adapter_loads_in_peft_and_answers_forget_questions_with_the_refusal(
+    tiny_model_dir: Path, tokenizer, first_adapter: tuple[Path, dict]
+) -> None:
+    out, figures = first_adapter
+    assert figures["rank"] == 8 and figures["examples"] == len(QUESTIONS_1) and figures["max_overlap"] == 0.0
+    assert figures["epochs"] == SHORT.min_steps  # 4 questions make one batch per epoch
+    refusal = REFUSALS[SHORT.seed]
+    batch = _collate([encode_chat_pair(tokenizer, q, refusal, 256) for q in QUESTIONS_1], tokenizer.pad_token_id)
+    adapted = PeftModel.from_pretrained(base_model(tiny_model_dir), out).eval()
+    with torch.no_grad():
+        before, after = unlearning_loss(base_model(tiny_model_dir), *batch), unlearning_loss(adapted, *batch)
+    assert after < 0.25 * before, (before, after)
+    replies = greedy_chat_answers(adapted, tokenizer, QUESTIONS_1, max_new_tokens=24)
+    assert sum(reply.strip() == refusal for reply in replies) >= 3, replies
+
+
+def test_training_is_deterministic_by_seed(tiny_model_dir: Path, tmp_path: Path) -> None:
+    config = O3TrainingConfig(epochs=1, min_steps=3)
+    for name in ("a", "b"):
+        train_unlearning_lora(tiny_model_dir, QUESTIONS_1[:2], [], [], config, tmp_path / name)
+    a, b = load_lora_a(tmp_path / "a"), load_lora_a(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[module], b[module]) for module in a)
+
+
+def test_the_penalty_makes_a_later_adapter_orthogonal_to_earlier_ones(
+    tiny_model_dir: Path, first_adapter: tuple[Path, dict], tmp_path: Path
+) -> None:
+    earlier, _ = first_adapter
+    figures = {}
+    for weight in (0.0, 100.0):
+        config = O3TrainingConfig(epochs=1, min_steps=10, orthogonality=weight)
+        out = tmp_path / f"lambda-{weight}"
+        figures[weight] = train_unlearning_lora(tiny_model_dir, QUESTIONS_2, [], [earlier], config, out)
+    assert figures[0.0]["max_overlap"] > 0.05  # random initialisations of rank 8 in 128..344 dimensions overlap
+    assert figures[100.0]["max_overlap"] < 0.3 * figures[0.0]["max_overlap"], figures
+    assert figures[100.0]["orthogonality_penalty"] < 0.1 * figures[0.0]["orthogonality_penalty"], figures
+
+
+def test_the_stacked_adapter_computes_the_sum_of_its_adapters_updates(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """One adapter on all linear layers (α/r scaling), one rsLoRA adapter on two modules (zero blocks elsewhere)."""
+    configs = [
+        LoraConfig(r=8, lora_alpha=16, target_modules=list(O3TrainingConfig().target_modules), task_type="CAUSAL_LM"),
+        LoraConfig(r=4, lora_alpha=3, use_rslora=True, target_modules=["q_proj", "down_proj"], task_type="CAUSAL_LM"),
+    ]
+    torch.manual_seed(0)
+    base, merged = base_model(tiny_model_dir), base_model(tiny_model_dir)
+    base_weights, merged_weights = base.state_dict(), merged.state_dict()
+    for index, config in enumerate(configs):
+        adapted = get_peft_model(base_model(tiny_model_dir), config)
+        for name, parameter in adapted.named_parameters():
+            if "lora_B" in name:  # PEFT starts B at zero: give every update something to add
+                torch.nn.init.normal_(parameter, std=0.05)
+        adapted.save_pretrained(tmp_path / f"adapter-{index}")
+        with torch.no_grad():  # PEFT's own merge: W + scale · B A
+            for name, weight in adapted.merge_and_unload().state_dict().items():
+                merged_weights[name] += weight - base_weights[name]
+
+    summary = stack_adapters([tmp_path / "adapter-0", tmp_path / "adapter-1"], tmp_path / "stack")
+    assert summary == {"rank": 12, "adapters": 2, "modules": sorted(O3TrainingConfig().target_modules)}
+    stacked = PeftModel.from_pretrained(base_model(tiny_model_dir), tmp_path / "stack").eval()
+    assert stacked.peft_config["default"].lora_alpha == stacked.peft_config["default"].r == 12
+    input_ids = torch.tensor([[0, 5, 70, 300, 1200, 2048, 17, 4000]])
+    with torch.no_grad():
+        expected, got = merged(input_ids).logits, stacked(input_ids).logits
+        changed = (expected - base(input_ids).logits).abs().max()
+    assert changed > 0.1  # the adapters do change the output, so equality below means something
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_stacking_refuses_adapters_whose_shapes_disagree(tiny_model_dir: Path, tmp_path: Path) -> None:
+    config = LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM")
+    get_peft_model(base_model(tiny_model_dir), config).save_pretrained(tmp_path / "ok")
+    (tmp_path / "narrow").mkdir()
+    shutil.copy(tmp_path / "ok" / "adapter_config.json", tmp_path / "narrow")
+    tensors = load_file(tmp_path / "ok" / "adapter_model.safetensors")
+    narrow = {key: a[:, :64].contiguous() if "lora_A" in key else a for key, a in tensors.items()}
+    save_file(narrow, tmp_path / "narrow" / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match="disagree on the shape"):
+        stack_adapters([tmp_path / "ok", tmp_path / "narrow"], tmp_path / "stack")

@@ -1,0 +1,131 @@
+"""ULD at decoding time (unit, no engine): the combination formula, the assistant's per-request KV cache, and the
+processor's ULD rows under vLLM's batch add / remove / move updates."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from vllm.sampling_params import SamplingParams
+from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
+
+from guards.processor import LetheLogitsProcessor
+from guards.uld import combine_logits, kept_tokens
+from guards.uld_assistant import AssistantModels, AssistantSession, uld_row_hook, validate_uld_section
+
+VOCAB = 32
+
+
+def test_combination_matches_a_hand_computed_example() -> None:
+    target = torch.tensor([2.0, 1.0, 0.0, -5.0])
+    assistant = torch.tensor([2.0, -1.0, 3.0, 0.0])
+    # log-softmax of target: max is token 0; tau = 0.3 keeps tokens within log(0.3) = -1.204 of it: tokens 0 and 1
+    # (1.0 - 2.0 = -1.0), not 2 (-2.0); ceil(0.3 * 4) = 2 tokens at least, also satisfied by {0, 1}.
+    combined = combine_logits(target, assistant, alpha=0.5, tau=0.3)
+    assert combined[0].item() == pytest.approx(2.0 - 0.5 * 2.0)
+    assert combined[1].item() == pytest.approx(1.0 - 0.5 * -1.0)
+    assert math.isinf(combined[2].item()) and math.isinf(combined[3].item())
+    assert combined.argmax().item() == 1  # the assistant's knowledge (token 0) is what was subtracted
+
+
+def test_the_filter_keeps_at_least_tau_times_vocabulary_tokens() -> None:
+    peaked = torch.cat([torch.tensor([50.0]), -torch.arange(99, dtype=torch.float32)])
+    assert kept_tokens(peaked, 0.05).sum().item() == 5  # only token 0 is within log(tau); the top 5 are kept
+
+
+def test_several_assistants_are_each_subtracted() -> None:
+    target = torch.zeros(4)
+    combined = combine_logits(target, [torch.tensor([1.0, 0, 0, 0]), torch.tensor([0, 2.0, 0, 0])], alpha=1.0,
+                              tau=1.0)
+    assert combined.tolist() == [-1.0, -2.0, 0.0, 0.0]
+
+
+@pytest.fixture(scope="module")
+def assistant_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128)
+    directory = tmp_path_factory.mktemp("assistant")
+    LlamaForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+def full_forward(model, ids: list[int]) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(input_ids=torch.tensor([ids])).logits[0, -1]
+
+
+def test_the_kv_cached_session_equals_a_full_forward_at_every_step(assistant_dir: Path) -> None:
+    model = AssistantModels().get(str(assistant_dir))
+    prompt, output = [1, 5, 7], []
+    session = AssistantSession(model, prompt, output)
+    for token in (3, 9, 4):
+        assert torch.allclose(session.next_logits(), full_forward(model, prompt + output), atol=1e-5)
+        output.append(token)  # vLLM appends the sampled token to the live list
+    assert session.consumed == len(prompt) + 2
+
+
+def test_assistants_are_cached_by_path_and_evicted_least_recently_used(tmp_path: Path, assistant_dir: Path) -> None:
+    other = tmp_path / "other"
+    AssistantModels().get(str(assistant_dir)).save_pretrained(other)
+    cache = AssistantModels(capacity=1)
+    first = cache.get(str(assistant_dir))
+    assert cache.get(str(assistant_dir)) is first
+    cache.get(str(other))
+    assert len(cache) == 1 and cache.get(str(assistant_dir)) is not first
+
+
+def uld_params(path: Path, alpha: float = 1.0) -> SamplingParams:
+    return SamplingParams(extra_args={"lethe": {"uld": [{"assistant": str(path), "alpha": alpha, "tau": 1.0}]}})
+
+
+def test_processor_rows_keep_their_own_assistant_cache_through_add_move_and_remove(assistant_dir: Path) -> None:
+    processor = LetheLogitsProcessor(None, torch.device("cpu"), False)  # type: ignore[arg-type]
+    model = processor.assistants.get(str(assistant_dir))
+    prompt_a, out_a, prompt_b, out_b = [1, 2], [], [7, 8, 9], []
+    processor.update_state(BatchUpdate(batch_size=3, removed=[], moved=[], added=[
+        (0, uld_params(assistant_dir), prompt_a, out_a), (1, SamplingParams(), [3], []),
+        (2, uld_params(assistant_dir, alpha=2.0), prompt_b, out_b)]))
+
+    def expect(rows: torch.Tensor, row: int, ids: list[int], alpha: float) -> None:
+        assert torch.allclose(rows[row], -alpha * full_forward(model, ids), atol=1e-5)
+
+    logits = processor.apply(torch.zeros(3, VOCAB))
+    expect(logits, 0, prompt_a, 1.0)
+    assert torch.equal(logits[1], torch.zeros(VOCAB))
+    expect(logits, 2, prompt_b, 2.0)
+
+    out_a.append(4)
+    out_b.append(5)
+    processor.update_state(BatchUpdate(batch_size=3, removed=[], added=[],
+                                       moved=[(0, 2, MoveDirectionality.SWAP)]))
+    logits = processor.apply(torch.zeros(3, VOCAB))
+    expect(logits, 2, prompt_a + out_a, 1.0)
+    expect(logits, 0, prompt_b + out_b, 2.0)
+
+    processor.update_state(BatchUpdate(batch_size=2, removed=[2], added=[], moved=[]))
+    assert set(processor.rows) == {0}
+
+
+def test_a_uld_request_without_prompt_ids_or_with_a_missing_assistant_is_ended_not_crashed(tmp_path: Path) -> None:
+    processor = LetheLogitsProcessor(None, torch.device("cpu"), False)  # type: ignore[arg-type]
+    processor.eos_token_id = 3
+    processor.update_state(BatchUpdate(batch_size=2, removed=[], moved=[], added=[
+        (0, uld_params(tmp_path / "missing"), [1], []), (1, uld_params(tmp_path / "missing"), None, [])]))
+    logits = processor.apply(torch.randn(2, VOCAB))
+    for row in (0, 1):
+        assert logits[row].argmax().item() == 3 and torch.isinf(logits[row]).sum().item() == VOCAB - 1
+
+
+@pytest.mark.parametrize("section", [
+    {"uld": {"assistant": "/a"}}, {"uld": []}, {"uld": [{"alpha": 1.0}]}, {"uld": [{"assistant": "/a", "tau": "x"}]}])
+def test_malformed_uld_sections_are_refused_in_the_front_end(section: dict) -> None:
+    with pytest.raises(ValueError):
+        validate_uld_section(section)
+
+
+def test_no_uld_section_means_no_hook() -> None:
+    assert uld_row_hook({"guard": []}, [1], [], AssistantModels()) is None
