@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 O3_TRAIN = "o3_train"
 STACKS_DIR = "o3-stacks"
 DEFAULT_RANK = 8
+# What an O3 adapter adapts, and all vLLM wraps with LoRA layers (see server/engine.py for why not embed_tokens).
+LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def rank_budget(max_lora_rank: int) -> Callable[[Mapping[str, Any], Sequence[Mapping[str, Any]]], str | None]:

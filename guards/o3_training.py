@@ -31,6 +31,8 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from guards.o3 import LORA_TARGET_MODULES
+
 logger = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -75,7 +77,7 @@ class O3TrainingConfig:
     rank: int = 8
     lora_alpha: int = 16
     dropout: float = 0.05
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    target_modules: tuple[str, ...] = LORA_TARGET_MODULES
     epochs: int = 10
     min_steps: int = 60  # few questions make few batches: more epochs then, up to this many optimiser steps
     learning_rate: float = 1e-2

@@ -1,0 +1,123 @@
+"""ULD and O3 end to end: training jobs, then protection through the real server and vLLM engine (tiny model).
+
+Order (each step reuses what the previous one trained): author 1 is registered with O3 alone and measured; author 2
+is registered with O3 alone — its LoRA is trained orthogonal to author 1's and the two are served as one rank-stacked
+adapter — and both are measured (author 1 must stay forgotten: the continual property). Then both targets switch to
+ULD alone (PATCH: the assistant is trained, the classifier refitted without O3's gate), then to all four mechanisms
+(ECO σ calibrated, GUARD phrases extracted, O3 retrained; the ULD assistant is kept). The last step is also the
+regression test for batches that mix prompt_embeds (ECO) and LoRA (O3) requests, which once killed the EngineCore.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from evals.fluency import median_known_word_share
+from tests.conftest import RunningServer
+from tests.unlearning import (
+    FORGET01,
+    FORGET_QUESTIONS,
+    PARAPHRASES,
+    RETAIN_QUESTIONS,
+    Baseline,
+    Question,
+    assert_forgotten,
+    assert_protects,
+    recalls,
+    replies,
+    target_body,
+    use_mechanisms,
+    wait_until_served,
+)
+
+# ULD's paper setting (alpha 0.8) forgets 95 % of the forget questions but only 84-92 % of the paraphrases on the tiny
+# model (README): its memorised answers have top-1 margins the 1-layer assistant barely matches. alpha 1.2 forgets
+# 100 % of both (measured); with the classifier gate, unflagged retain questions are untouched either way.
+ULD = {"alpha": 1.2}
+FIRST_AUTHOR_QUESTIONS = [Question(item.question, item.answer) for item in FORGET01[0].items]
+# Replies must stay language: the median reply has at least this share of real words (token soup: well under 0.5).
+FLUENT_WORD_SHARE = 0.9
+
+
+@pytest.fixture(scope="module")
+def o3_targets(baseline: Baseline, admin: httpx.Client, lethe_server: RunningServer,
+               model_name: str) -> Iterator[tuple[list[dict], list[float]]]:
+    """Both authors with O3 only, registered one after the other; also author 1's recall before author 2 existed."""
+    created: list[str] = []
+    first_alone: list[float] = []
+    try:
+        for author in FORGET01:
+            response = admin.post("/targets", json=target_body(author, {"o3": {}}))
+            assert response.status_code == 201, response.text
+            created.append(response.json()["id"])
+            wait_until_served(admin, created)
+            if not first_alone:
+                first_alone = recalls(FIRST_AUTHOR_QUESTIONS, replies(lethe_server, model_name, FIRST_AUTHOR_QUESTIONS))
+        yield wait_until_served(admin, created), first_alone
+    finally:
+        for target_id in created:
+            admin.delete(f"/targets/{target_id}")
+
+
+def test_o3_trains_each_target_orthogonal_to_the_earlier_ones(o3_targets: tuple[list[dict], list[float]]) -> None:
+    targets, _ = o3_targets
+    first, second = (target["mechanisms"]["o3"]["state"] for target in targets)
+    assert first["earlier_adapters"] == 0 and second["earlier_adapters"] == 1
+    assert second["max_overlap"] < 0.2, second
+    for target in targets:
+        gate = target["classifier"]["ood_gate"]
+        assert gate["heldout_recall"] >= 0.9 and gate["false_positive_rate"] <= 0.05, gate
+
+
+def test_o3_alone_protects_both_authors_and_the_first_stays_forgotten(
+    o3_targets: tuple[list[dict], list[float]], baseline: Baseline, lethe_server: RunningServer, model_name: str,
+) -> None:
+    _, first_alone = o3_targets
+    first_baseline = baseline.forget[:len(FIRST_AUTHOR_QUESTIONS)]
+    assert_forgotten(first_baseline, first_alone, "O3 author 1 before author 2")
+    forget_replies = replies(lethe_server, model_name, FORGET_QUESTIONS)
+    assert_forgotten(baseline.forget, recalls(FORGET_QUESTIONS, forget_replies), "O3 forget questions (both)")
+    assert_forgotten(first_baseline, recalls(FIRST_AUTHOR_QUESTIONS, forget_replies[:len(FIRST_AUTHOR_QUESTIONS)]),
+                     "O3 author 1 after author 2 was trained")
+    assert_forgotten(baseline.paraphrase, recalls(PARAPHRASES, replies(lethe_server, model_name, PARAPHRASES)),
+                     "O3 paraphrased questions")
+    assert median_known_word_share(forget_replies) >= FLUENT_WORD_SHARE, forget_replies
+
+
+def retain_ratio(baseline: Baseline, texts: list[str]) -> float:
+    before = statistics.fmean(recalls(RETAIN_QUESTIONS, baseline.retain_texts))
+    return statistics.fmean(recalls(RETAIN_QUESTIONS, texts)) / before
+
+
+def test_o3_leaves_retain_authors_answered(o3_targets, baseline: Baseline, lethe_server: RunningServer,
+                                           model_name: str) -> None:
+    assert retain_ratio(baseline, replies(lethe_server, model_name, RETAIN_QUESTIONS)) >= 0.95
+
+
+def test_uld_alone_protects_the_authors_and_keeps_replies_fluent(
+    o3_targets: tuple[list[dict], list[float]], baseline: Baseline, lethe_server: RunningServer, model_name: str,
+    admin: httpx.Client,
+) -> None:
+    targets, _ = o3_targets
+    use_mechanisms(admin, targets, {"uld": ULD})
+    for target in (admin.get(f"/targets/{t['id']}").json() for t in targets):
+        state = target["mechanisms"]["uld"]["state"]
+        assert state["layers"] >= 1 and state["final_nll"] < 1.0, state
+    assert_protects(lethe_server, model_name, baseline, "ULD")
+    forget_replies = replies(lethe_server, model_name, FORGET_QUESTIONS)
+    assert median_known_word_share(forget_replies) >= FLUENT_WORD_SHARE, forget_replies
+    assert retain_ratio(baseline, replies(lethe_server, model_name, RETAIN_QUESTIONS)) >= 0.95
+
+
+def test_all_four_mechanisms_together_protect_the_authors(
+    o3_targets: tuple[list[dict], list[float]], baseline: Baseline, lethe_server: RunningServer, model_name: str,
+    admin: httpx.Client,
+) -> None:
+    targets, _ = o3_targets
+    use_mechanisms(admin, targets, {"eco": {}, "guard": {}, "uld": ULD, "o3": {}})
+    assert_protects(lethe_server, model_name, baseline, "ECO+GUARD+ULD+O3")
+    assert retain_ratio(baseline, replies(lethe_server, model_name, RETAIN_QUESTIONS)) >= 0.95
