@@ -82,6 +82,7 @@ def default_assistant_layers(num_hidden_layers: int) -> int:
 def build_assistant(model_dir: Path, layers: int) -> LlamaForCausalLM:
     """The served model's embedding, first ``layers`` decoder layers, final norm and lm_head, in float32, eval mode."""
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as transformers_logging
 
     config = AutoConfig.from_pretrained(model_dir)
     if not 1 <= layers <= config.num_hidden_layers:
@@ -89,8 +90,14 @@ def build_assistant(model_dir: Path, layers: int) -> LlamaForCausalLM:
     config.num_hidden_layers = layers
     if isinstance(getattr(config, "layer_types", None), list):  # per-layer settings (sliding/full attention, ...)
         config.layer_types = config.layer_types[:layers]
-    # Checkpoint weights of layers >= `layers` have no place in the smaller model and are skipped when loading.
-    model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=torch.float32)
+    # Checkpoint weights of layers >= `layers` have no place in the smaller model and are skipped when loading; the
+    # load report would list each of them as "UNEXPECTED" in the server log, so it is silenced for this one load.
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=torch.float32)
+    finally:
+        transformers_logging.set_verbosity(verbosity)
     return model.eval()
 
 
