@@ -51,6 +51,33 @@ ROW_HOOK_FACTORIES: list[tuple[str, RowHookFactory]] = [
 ]
 
 
+class RowHookError(RuntimeError):
+    """A guard's row hook could not be built; ``mechanism`` names the guard."""
+
+    def __init__(self, mechanism: str) -> None:
+        super().__init__(f"the {mechanism} row hook could not be built")
+        self.mechanism = mechanism
+
+
+def build_row_hooks(section: Mapping[str, Any], prompt_ids: Sequence[int] | None, output_ids: list[int],
+                    resources: Any) -> list[RowHook]:
+    """Every decoding-time guard's hook for one request, in composition order.
+
+    Shared by the engine's processor and the evaluation's scoring path (``server/scoring.py``), so an answer is scored
+    under exactly the restrictions a reply would be generated under. ``resources`` provides ``vocabulary`` and
+    ``assistants``.
+    """
+    hooks: list[RowHook] = []
+    for name, factory in ROW_HOOK_FACTORIES:
+        try:
+            hook = factory(section, prompt_ids, output_ids, resources)
+        except Exception as exc:
+            raise RowHookError(name) from exc
+        if hook is not None:
+            hooks.append(hook)
+    return hooks
+
+
 class FailClosedHook:
     """Forces the end-of-sequence token: a guard that cannot run must not let the request through unguarded."""
 
@@ -105,16 +132,11 @@ class LetheLogitsProcessor(LogitsProcessor):
         section = lethe_args(params)
         if section is None:
             return None
-        hooks: list[RowHook] = []
-        for name, factory in ROW_HOOK_FACTORIES:
-            try:
-                hook = factory(section, prompt_ids, output_ids, self)
-            except Exception:
-                logger.exception("processor.hook_failed", extra={"mechanism": name, "phase": "add"})
-                return [FailClosedHook(self.eos_token_id)]
-            if hook is not None:
-                hooks.append(hook)
-        return hooks or None
+        try:
+            return build_row_hooks(section, prompt_ids, output_ids, self) or None
+        except RowHookError as exc:
+            logger.exception("processor.hook_failed", extra={"mechanism": exc.mechanism, "phase": "add"})
+            return [FailClosedHook(self.eos_token_id)]
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if not self.rows:

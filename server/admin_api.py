@@ -17,6 +17,8 @@ from server.admin_protocol import (
     Deleted,
     JobOut,
     RegistryOut,
+    ScoreRequest,
+    ScoreResponse,
     TargetCreate,
     TargetList,
     TargetOut,
@@ -27,7 +29,7 @@ from server.protocol import ErrorResponse
 from server.registry.store import RegistryStore
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (401, 403, 404, 409, 413, 422)
+    code: {"model": ErrorResponse} for code in (401, 403, 404, 409, 413, 422, 503)
 }
 
 
@@ -90,3 +92,9 @@ def registry(request: Request) -> RegistryOut:
 def audit(request: Request, limit: int = Query(100, ge=1, le=10_000),
           since: float | None = Query(None, description="Unix time; only records created at or after it.")) -> AuditList:
     return _store(request).list_audit(limit, since)
+
+
+@router.post("/score", response_model=ScoreResponse)
+async def score(body: ScoreRequest, request: Request) -> ScoreResponse:
+    """Log-probabilities of given answers as the protected model sees them (for `lethe eval tofu`'s TOFU metrics)."""
+    return await request.app.state.scoring.score(body)

@@ -192,3 +192,33 @@ class Deleted(BaseModel):
     id: str
     deleted: bool = True
     revision: int
+
+
+MAX_SCORED_CONTINUATIONS = 64
+
+
+class ScoreMessage(Strict):
+    role: Literal["system", "user", "assistant"]
+    content: Annotated[str, StringConstraints(max_length=20_000)]
+
+
+class ScoreRequest(Strict):
+    """Continuations to score after one chat prompt, under the guards the prompt gets (``server/scoring.py``)."""
+
+    messages: Annotated[list[ScoreMessage], Field(min_length=1, max_length=64)]
+    continuations: Annotated[list[LongText], Field(min_length=1, max_length=MAX_SCORED_CONTINUATIONS)]
+
+
+class ContinuationScoreOut(BaseModel):
+    index: int
+    tokens: list[str]  # each token's text, as in OpenAI logprobs
+    logprob: float
+    mean_loss: float  # length-normalised NLL (TOFU's per-answer loss)
+    token_logprobs: list[float]
+
+
+class ScoreResponse(BaseModel):
+    object: Literal["lethe.score"] = "lethe.score"
+    targets: list[str]  # the targets the prompt hit
+    mechanisms: list[str]  # applied, in guard order
+    scores: list[ContinuationScoreOut]

@@ -91,6 +91,7 @@ def create_app(
         app.state.snapshots = runtime.control.snapshots
         app.state.engine = engine
         app.state.serving = OpenAIServing(runtime.pipeline, engine.info)
+        app.state.scoring = runtime.scoring
         metrics.engine_up.set(1)
 
         def on_engine_death() -> None:

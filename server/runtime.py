@@ -21,6 +21,7 @@ from server.engine import Engine
 from server.guard_jobs import EcoCalibrator
 from server.metrics import Metrics
 from server.pipeline import Pipeline
+from server.scoring import GuardedScorer, ScoringService
 
 
 @dataclass
@@ -29,6 +30,7 @@ class Runtime:
     engine: Engine
     guards: tuple[Guard, ...]
     pipeline: Pipeline
+    scoring: ScoringService
 
     @classmethod
     async def start(cls, settings: Settings, model_path: Path, served_model_name: str, metrics: Metrics) -> Runtime:
@@ -49,7 +51,8 @@ class Runtime:
         calibrator = EcoCalibrator(pipeline, eco, asyncio.get_running_loop(), settings.eco_calibration_questions,
                                    settings.eco_calibration_max_tokens)
         control.start_worker({ECO_CALIBRATE: calibrator}, model_path)
-        return cls(control, engine, guards, pipeline)
+        scoring = ScoringService(pipeline, GuardedScorer(model_path, engine.tokenizer), engine.tokenizer)
+        return cls(control, engine, guards, pipeline, scoring)
 
     async def stop(self) -> None:
         await self.control.stop()

@@ -70,6 +70,28 @@ def test_admin_api_needs_the_admin_key(lethe_server: RunningServer) -> None:
         assert response.json()["error"]["type"] == "authentication_error"
 
 
+def test_scoring_needs_the_admin_key_and_refuses_bad_input(lethe_server: RunningServer, admin: httpx.Client) -> None:
+    body = {"messages": [{"role": "user", "content": "Who wrote it?"}], "continuations": ["Someone."]}
+    response = httpx.post(f"{lethe_server.base_url}/admin/v1/score", json=body,
+                          headers={"Authorization": "Bearer test-inference-key"})
+    assert response.status_code == 401
+    for bad in ({**body, "continuations": []}, {**body, "continuations": ["  "]}, {**body, "messages": []},
+                {**body, "messages": [{"role": "robot", "content": "hi"}]}, {**body, "extra": 1}):
+        response = admin.post("/score", json=bad)
+        assert response.status_code == 422, (bad, response.text)
+        assert response.json()["error"]["code"] == "validation_error"
+    too_long = admin.post("/score", json={**body, "continuations": ["word " * 3000]})
+    assert too_long.status_code == 400 and too_long.json()["error"]["code"] == "context_length_exceeded"
+    scored = admin.post("/score", json=body)
+    assert scored.status_code == 200, scored.text
+    result = scored.json()
+    assert result["object"] == "lethe.score" and len(result["scores"]) == 1
+    score = result["scores"][0]
+    assert "".join(score["tokens"]).strip() == "Someone." and len(score["token_logprobs"]) == len(score["tokens"])
+    assert score["logprob"] == pytest.approx(sum(score["token_logprobs"]))
+    assert all(value <= 0 for value in score["token_logprobs"])
+
+
 def test_invalid_target_is_422_with_field_paths(admin: httpx.Client) -> None:
     response = admin.post("/targets", json={"name": "x", "forget": [{"question": "q"}],
                                             "mechanisms": {"eco": {"sigmaa": 3}}})

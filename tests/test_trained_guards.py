@@ -14,6 +14,7 @@ import statistics
 from collections.abc import Iterator
 
 import httpx
+import openai
 import pytest
 
 from evals.fluency import median_known_word_share
@@ -127,3 +128,45 @@ def test_all_four_mechanisms_together_protect_the_authors(
     use_mechanisms(admin, targets, {"eco": {}, "guard": {}, "uld": {}, "o3": {}})
     assert_protects(lethe_server, model_name, baseline, "ECO+GUARD+ULD+O3")
     assert retain_ratio(baseline, replies(lethe_server, model_name, RETAIN_QUESTIONS)) >= 0.95
+
+
+def engine_reply(client: openai.OpenAI, model: str, question: str) -> tuple[list[str], list[float], str]:
+    """The greedy reply's tokens and their processed log-probabilities, as the engine reports them."""
+    reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
+                                           temperature=0, max_tokens=24, logprobs=True)
+    choice = reply.choices[0]
+    content = choice.logprobs.content
+    if choice.finish_reason == "stop":  # the end-of-sequence token is not part of the reply's text
+        content = content[:-1]
+    return [t.token for t in content], [t.logprob for t in content], choice.message.content or ""
+
+
+def test_scoring_under_all_four_mechanisms_gives_the_engines_processed_logprobs(
+    o3_targets: tuple[list[dict], list[float]], client: openai.OpenAI, model_name: str, admin: httpx.Client,
+) -> None:
+    """The evaluation's scoring path (``/admin/v1/score``) sees what the engine sees: ECO's embeddings, O3's LoRA, then
+    GUARD and ULD in the logits processor. Scoring the engine's own greedy reply must give back the engine's
+    processed log-probabilities, for flagged prompts and for an unflagged one (the plain path)."""
+    questions = [FORGET_QUESTIONS[0], FORGET_QUESTIONS[-1], PARAPHRASES[3], RETAIN_QUESTIONS[0]]
+    compared, mismatched = 0, []
+    for question in questions:
+        tokens, logprobs, text = engine_reply(client, model_name, question.text)
+        response = admin.post("/score", json={"messages": [{"role": "user", "content": question.text}],
+                                              "continuations": [text]})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        flagged = question is not RETAIN_QUESTIONS[0]
+        assert (set(body["mechanisms"]) == {"eco", "guard", "uld", "o3"}) == flagged, body["mechanisms"]
+        score = body["scores"][0]
+        if score["tokens"] != tokens:  # the reply re-tokenises differently (a guard steered it off BPE's spelling)
+            mismatched.append((tokens, score["tokens"]))
+            continue
+        compared += 1
+        assert score["token_logprobs"] == pytest.approx(logprobs, abs=2e-3), (question.text, text)
+    assert compared >= 3, mismatched
+
+    gold = admin.post("/score", json={"messages": [{"role": "user", "content": FORGET_QUESTIONS[0].text}],
+                                      "continuations": [FORGET_QUESTIONS[0].gold]}).json()["scores"][0]
+    retained = admin.post("/score", json={"messages": [{"role": "user", "content": RETAIN_QUESTIONS[0].text}],
+                                          "continuations": [RETAIN_QUESTIONS[0].gold]}).json()["scores"][0]
+    assert gold["mean_loss"] > retained["mean_loss"] + 1.0, (gold["mean_loss"], retained["mean_loss"])
