@@ -88,7 +88,10 @@ def audit_record(base_url: str, predicate, timeout_s: float = 20) -> dict:
 
 
 def test_stream_disconnect_aborts_the_engine_request(lethe_server, model_name: str) -> None:
-    body = {"model": model_name, "prompt": "The", "max_tokens": 1000, "ignore_eos": True, "stream": True}
+    # Enough work (16 choices x 1000 tokens, with logprobs) that it cannot finish before the disconnect is noticed:
+    # 1 x 1000 tokens once did on a fast machine and was audited as "served".
+    body = {"model": model_name, "prompt": "The", "max_tokens": 1000, "ignore_eos": True, "stream": True, "n": 16,
+            "logprobs": 5}
     with httpx.Client(base_url=lethe_server.base_url, headers=auth_headers(), timeout=60) as session:
         with session.stream("POST", "/v1/completions", json=body) as response:
             first = next(line for line in response.iter_lines() if line.startswith("data: "))
