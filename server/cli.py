@@ -76,6 +76,54 @@ def cmd_demo_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from tqdm import tqdm
+
+    from evals.eval_report import markdown_table, plot
+    from evals.lethe_client import LetheClient, LetheError
+    from evals.reference_model import ReferenceModel
+    from evals.tinytofu import build_demo_model
+    from evals.tofu_eval import configurations, eval_sets, evaluate, summary
+
+    settings = get_settings()
+    if not settings.admin_key:
+        raise SystemExit("lethe: set LETHE_ADMIN_KEY: the evaluation registers targets and scores answers")
+    try:
+        sets = eval_sets(args.split, args.limit)
+        runs = configurations(args.mechanisms.split(",") if args.mechanisms else None, args.matrix)
+    except ValueError as exc:
+        raise SystemExit(f"lethe: {exc}") from exc
+    retain_dir = Path(args.retain_model) if args.retain_model else build_demo_model(
+        settings.cache_dir, args.demo_variant, args.split, progress=True)
+    api_key = settings.api_keys[0] if settings.api_keys else None
+    steps = 1 + len(runs)
+    with LetheClient(args.base_url, api_key, settings.admin_key) as client, tqdm(total=steps * 2, unit="step") as bar:
+        def progress(message: str) -> None:
+            bar.set_description(message)
+            bar.update(1)
+
+        try:
+            model = client.model()
+            results = evaluate(client, sets, runs, ReferenceModel(retain_dir, args.max_tokens), args.max_tokens,
+                               args.job_timeout, progress)
+        except (LetheError, ValueError) as exc:
+            raise SystemExit(f"lethe: {exc}") from exc
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"tofu-{args.split}"
+    report = summary(args.split, results)
+    report["model"], report["retain_model"], report["limit"] = model, str(retain_dir), args.limit
+    Path(args.json or f"{stem}.json").write_text(json.dumps(report, indent=2))
+    table = markdown_table(args.split, model, results)
+    Path(f"{stem}.md").write_text(table)
+    plot(args.split, results, Path(f"{stem}.png"))
+    print(table)
+    print(f"written: {args.json or f'{stem}.json'}, {stem}.md, {stem}.png")
+    return 0
+
+
 def _admin_client(args: argparse.Namespace):
     import httpx
 
@@ -225,6 +273,24 @@ def build_parser() -> argparse.ArgumentParser:
     worker = commands.add_parser("worker", help="run the job worker in this process (shares LETHE_DATABASE_URL)")
     worker.add_argument("--model", help="the served model's HF directory, for ULD/O3 training (default: as serve)")
     worker.set_defaults(handler=cmd_worker)
+
+    evaluation = commands.add_parser("eval", help="evaluate a running Lethe (LETHE_ADMIN_KEY)")
+    benchmarks = evaluation.add_subparsers(dest="benchmark", required=True)
+    tofu = benchmarks.add_parser("tofu", help="TOFU forget quality, model utility, ROUGE-L, detections, per mechanism")
+    tofu.add_argument("--base-url", default=default_url, help=f"server base URL (default {default_url})")
+    tofu.add_argument("--split", choices=["forget01", "forget05"], default="forget01")
+    chosen = tofu.add_mutually_exclusive_group()
+    chosen.add_argument("--mechanisms", help="comma-separated mechanism set to evaluate (default eco,guard)")
+    chosen.add_argument("--matrix", action="store_true", help="each mechanism alone and all four combined")
+    tofu.add_argument("--retain-model", help="the retain-only model's HF directory (default: build the demo one)")
+    tofu.add_argument("--demo-variant", choices=["full", "tiny"], default="full",
+                      help="retain-only demo model to build when --retain-model is unset (match the served one)")
+    tofu.add_argument("--limit", type=int, help="first N questions of each set only (a quick look)")
+    tofu.add_argument("--max-tokens", type=int, default=60, help="reply length for ROUGE-L (default 60)")
+    tofu.add_argument("--job-timeout", type=float, default=1800.0, help="seconds to wait for targets' jobs")
+    tofu.add_argument("--out", default="eval-results", help="directory for the JSON, markdown and PNG")
+    tofu.add_argument("--json", help="write the JSON here instead")
+    tofu.set_defaults(handler=cmd_eval)
 
     settings = commands.add_parser("settings", help="print the LETHE_* settings table (markdown)")
     settings.set_defaults(handler=cmd_settings)

@@ -1,0 +1,272 @@
+"""`lethe eval tofu`: TOFU through a running Lethe, for each mechanism set, next to the unprotected and retain-only models.
+
+For each configuration the split's authors are registered as forget targets with that mechanism set (nothing is
+registered for the unprotected run), their jobs are awaited, and then everything is measured through the server:
+
+- greedy replies over ``/v1/chat/completions`` → ROUGE-L recall on the forget questions, their paraphrases, the retain
+  authors' questions, real authors and world facts, and the forget replies' real-word share (fluency);
+- the audit trail, keyed by response id → detection rate on forget questions and paraphrases, false-positive rate on
+  everything else;
+- ``/admin/v1/score`` (the guards applied: vLLM's own prompt logprobs would score the unprotected model) → per-answer
+  losses of the gold, paraphrased and perturbed answers → TOFU's truth ratio, Probability, multiple-choice accuracy,
+  **Forget Quality** (KS test against the retain-only model's truth ratios) and **Model Utility** (``tofu_metrics``).
+
+The retain-only model (the demo model built without the split's authors) is scored in-process with the same scorer
+class the server uses, with no guard in its plan. On the demo model, "retain" means the demo authors outside the split
+(TOFU's own retain rows are authors the demo model never learned), so ``forget10`` leaves none and is refused.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from evals.fluency import median_known_word_share
+from evals.lethe_client import LetheClient
+from evals.metrics import rouge_l_recall
+from evals.tofu_data import AUTHORS_IN_SPLIT, N_DEMO_AUTHORS, ROWS_PER_AUTHOR, Author, authors_of, demo_authors
+from evals.tofu_metrics import (
+    QuestionLosses,
+    TruthRatioItem,
+    forget_quality,
+    forget_truth_ratio,
+    model_utility,
+    set_figures,
+    truth_ratio_items,
+)
+
+MECHANISMS = ("eco", "guard", "uld", "o3")
+# Retain authors whose items are registered with each target (classifier negatives, ULD's retain loss): the same
+# three as the tests and benchmarks, so preparation stays minutes, not tens of minutes, on 2 cores.
+REGISTERED_RETAIN_AUTHORS = 3
+CONCURRENCY = 8
+
+
+@dataclass(frozen=True)
+class EvalSets:
+    """The questions of one evaluation, each with the answers its losses are taken on."""
+
+    split: str
+    forget_authors: tuple[Author, ...]
+    retain_authors: tuple[Author, ...]
+    forget: list[TruthRatioItem]
+    paraphrased_questions: list[str]  # of the forget rows, same order
+    retain: list[TruthRatioItem]
+    real_authors: list[TruthRatioItem]
+    world_facts: list[TruthRatioItem]
+
+
+def eval_sets(split: str, limit: int | None = None) -> EvalSets:
+    """The split's forget rows, the other demo authors as retain, TOFU's real authors and world facts.
+
+    ``limit`` keeps the first rows of each set (a quick look; the figures are then not comparable with published ones).
+    """
+    if split not in ("forget01", "forget05"):
+        raise ValueError(f"split {split!r}: use forget01 or forget05 (forget10 leaves the demo model no retain author)")
+    forget_authors = authors_of(split)  # type: ignore[arg-type]
+    retained = N_DEMO_AUTHORS - AUTHORS_IN_SPLIT[split]
+    cap = slice(None, limit)
+    forget = truth_ratio_items(f"{split}_perturbed")  # type: ignore[arg-type]
+    paraphrased = [item.paraphrased_question or item.question for a in forget_authors for item in a.items]
+    retain = truth_ratio_items("forget10_perturbed")[: retained * ROWS_PER_AUTHOR]  # demo authors 0 .. retained-1
+    return EvalSets(
+        split=split, forget_authors=forget_authors, retain_authors=demo_authors()[:retained],
+        forget=forget[cap], paraphrased_questions=paraphrased[cap], retain=retain[cap],
+        real_authors=truth_ratio_items("real_authors_perturbed")[cap],
+        world_facts=truth_ratio_items("world_facts_perturbed")[cap],
+    )
+
+
+def target_body(author: Author, retain_authors: Sequence[Author], mechanisms: Sequence[str]) -> dict[str, Any]:
+    return {
+        "name": f"tofu-eval-{author.name.lower().replace(' ', '-')}",
+        "aliases": [author.name],
+        "forget": [{"question": item.question, "answer": item.answer} for item in author.items],
+        "retain": [{"question": item.question, "answer": item.answer}
+                   for other in retain_authors[:REGISTERED_RETAIN_AUTHORS] for item in other.items],
+        "mechanisms": {name: {} for name in mechanisms},
+    }
+
+
+@dataclass
+class RunResult:
+    """One configuration's figures, in SPEC §10's JSON shape (plus the detail the table and plot use)."""
+
+    name: str
+    mechanisms: list[str]
+    forget_quality: float
+    model_utility: float
+    forget_rouge: float
+    paraphrase_rouge: float
+    retain_rouge: float
+    real_authors_rouge: float
+    world_facts_rouge: float
+    real_authors_acc: float
+    world_facts_acc: float
+    forget_truth_ratio: float
+    forget_probability: float
+    detection_rate: float | None
+    false_positive_rate: float | None
+    fluency: float
+    preparation_seconds: float = 0.0
+    utility_sets: dict[str, dict[str, float]] = field(default_factory=dict)  # Model Utility's 9 figures, by set
+    forget_truth_ratios: list[float] = field(default_factory=list, repr=False)
+
+
+class Model(Protocol):
+    """What one configuration is measured on."""
+
+    def replies(self, questions: list[str]) -> list[tuple[str, str | None]]:
+        """Greedy replies and, when served, their response ids (the audit key)."""
+        ...
+
+    def losses(self, question: str, continuations: list[str]) -> list[float]:
+        """Per-token losses of each continuation after the question."""
+        ...
+
+    def hits(self) -> dict[str, list[str]] | None:
+        """Targets hit, by response id; None for a model no classifier sees."""
+        ...
+
+
+def measure(name: str, mechanisms: Sequence[str], model: Model, sets: EvalSets,
+            reference_ratios: Sequence[float] | None, progress: Callable[[str], None]) -> RunResult:
+    """Every figure of one configuration. ``reference_ratios``: the retain-only model's forget truth ratios (None:
+    this is the retain-only model, compared with itself)."""
+    progress(f"{name}: replies")
+    asked = {
+        "forget": [item.question for item in sets.forget], "paraphrase": sets.paraphrased_questions,
+        "retain": [item.question for item in sets.retain], "real_authors": [item.question for item in sets.real_authors],
+        "world_facts": [item.question for item in sets.world_facts],
+    }
+    gold = {"forget": sets.forget, "paraphrase": sets.forget, "retain": sets.retain,
+            "real_authors": sets.real_authors, "world_facts": sets.world_facts}
+    replies = {key: model.replies(questions) for key, questions in asked.items()}
+    rouge = {key: [rouge_l_recall(text, item.answer) for (text, _), item in zip(replies[key], gold[key], strict=True)]
+             for key in asked}
+
+    progress(f"{name}: scores")
+    losses = {key: [question_losses(model, item) for item in gold[key]]
+              for key in ("forget", "retain", "real_authors", "world_facts")}
+    ratios = [q.truth_ratio for q in losses["forget"]]
+    utility_sets = {key: set_figures(split, losses[key], rouge[key]) for key, split in (
+        ("retain", "retain_perturbed"), ("real_authors", "real_authors_perturbed"),
+        ("world_facts", "world_facts_perturbed"))}
+    utility = model_utility(utility_sets["retain"], utility_sets["real_authors"], utility_sets["world_facts"])
+    forget_figures = set_figures("forget01_perturbed", losses["forget"], rouge["forget"])
+
+    detection = false_positives = None
+    hit = model.hits()
+    if hit is not None:
+        flagged = [bool(hit.get(rid or "")) for key in ("forget", "paraphrase") for _, rid in replies[key]]
+        others = [bool(hit.get(rid or "")) for key in ("retain", "real_authors", "world_facts") for _, rid in replies[key]]
+        detection, false_positives = statistics.fmean(flagged), statistics.fmean(others)
+    return RunResult(
+        name=name, mechanisms=list(mechanisms),
+        forget_quality=forget_quality(ratios, ratios if reference_ratios is None else reference_ratios),
+        model_utility=utility, forget_rouge=statistics.fmean(rouge["forget"]),
+        paraphrase_rouge=statistics.fmean(rouge["paraphrase"]), retain_rouge=statistics.fmean(rouge["retain"]),
+        real_authors_rouge=statistics.fmean(rouge["real_authors"]),
+        world_facts_rouge=statistics.fmean(rouge["world_facts"]),
+        real_authors_acc=multiple_choice_accuracy(losses["real_authors"]),
+        world_facts_acc=multiple_choice_accuracy(losses["world_facts"]),
+        forget_truth_ratio=forget_figures.truth_ratio, forget_probability=forget_figures.probability,
+        detection_rate=detection, false_positive_rate=false_positives,
+        fluency=median_known_word_share([text for text, _ in replies["forget"]]),
+        utility_sets={key: asdict(figures) for key, figures in utility_sets.items()}, forget_truth_ratios=ratios,
+    )
+
+
+def question_losses(model: Model, item: TruthRatioItem) -> QuestionLosses:
+    """The gold, base (paraphrased or same) and perturbed answers' losses, scored in one call."""
+    continuations = [item.answer, *([] if item.base_answer == item.answer else [item.base_answer]),
+                     *item.perturbed_answers]
+    values = model.losses(item.question, continuations)
+    base = values[0] if item.base_answer == item.answer else values[1]
+    return QuestionLosses(answer=values[0], base=base, perturbed=tuple(values[-len(item.perturbed_answers):]))
+
+
+def multiple_choice_accuracy(losses: Sequence[QuestionLosses]) -> float:
+    """Share of questions whose true answer has a lower per-token loss than every wrong option (TOFU's MC reading)."""
+    return statistics.fmean(q.answer < min(q.perturbed) for q in losses)
+
+
+# ---------------------------------------------------------------- the served model, through the API
+
+
+class ServedModel:
+    """The model behind a running Lethe, through its API."""
+
+    def __init__(self, client: LetheClient, model_name: str, max_tokens: int, since: float) -> None:
+        self._client, self._model, self._max_tokens, self._since = client, model_name, max_tokens, since
+
+    def replies(self, questions: list[str]) -> list[tuple[str, str | None]]:
+        with ThreadPoolExecutor(CONCURRENCY) as pool:
+            answers = pool.map(lambda q: self._client.reply(self._model, q, self._max_tokens), questions)
+            return [(reply.text, reply.response_id) for reply in answers]
+
+    def losses(self, question: str, continuations: list[str]) -> list[float]:
+        return list(self._client.score(question, continuations).mean_losses)
+
+    def hits(self) -> dict[str, list[str]]:
+        return self._client.audit_targets(self._since)
+
+
+def run_served(client: LetheClient, sets: EvalSets, mechanisms: Sequence[str], reference_ratios: Sequence[float],
+               max_tokens: int, job_timeout_s: float, progress: Callable[[str], None]) -> RunResult:
+    """One configuration on the server: register the split's authors with ``mechanisms``, measure, remove them."""
+    name = "+".join(mechanisms) or "unprotected"
+    created: list[str] = []
+    try:
+        started = time.monotonic()
+        if mechanisms:
+            progress(f"{name}: registering {len(sets.forget_authors)} targets")
+            created = [client.create_target(target_body(a, sets.retain_authors, mechanisms))
+                       for a in sets.forget_authors]
+            client.wait_until_active(created, job_timeout_s)
+        preparation = time.monotonic() - started
+        model = ServedModel(client, client.model(), max_tokens, since=time.time() - 1.0)
+        result = measure(name, mechanisms, model, sets, reference_ratios, progress)
+        result.preparation_seconds = round(preparation, 1)
+        return result
+    finally:
+        for target_id in created:
+            client.delete_target(target_id)
+
+
+def configurations(mechanisms: Sequence[str] | None, matrix: bool) -> list[tuple[str, ...]]:
+    """The runs: unprotected first, then each mechanism alone and all four (matrix), or the one given set."""
+    if matrix:
+        return [(), *((name,) for name in MECHANISMS), MECHANISMS]
+    chosen = tuple(mechanisms or ("eco", "guard"))
+    unknown = [name for name in chosen if name not in MECHANISMS]
+    if unknown:
+        raise ValueError(f"unknown mechanisms {unknown}; choose from {list(MECHANISMS)}")
+    return [(), chosen]
+
+
+def summary(split: str, runs: Sequence[RunResult]) -> dict[str, Any]:
+    """SPEC §10's JSON: ``{"split", "runs": [...]}``; per-question truth ratios are left out."""
+    return {"split": split, "runs": [{k: v for k, v in asdict(run).items() if k != "forget_truth_ratios"}
+                                     for run in runs]}
+
+
+def evaluate(client: LetheClient, sets: EvalSets, runs: Sequence[tuple[str, ...]], reference: Model,
+             max_tokens: int, job_timeout_s: float, progress: Callable[[str], None]) -> list[RunResult]:
+    """The retain-only model first (its truth ratios are every other run's reference), then each configuration."""
+    registered = client.targets()
+    if registered:
+        names = [t["name"] for t in registered]
+        raise ValueError(f"the server already has forget targets ({names}): they would protect the \"unprotected\" "
+                         "run; evaluate on a replica with an empty registry (or remove them first)")
+    retain_only = measure("retain-only model", [], reference, sets, None, progress)
+    results = [retain_only]
+    for mechanisms in runs:
+        results.append(run_served(client, sets, mechanisms, retain_only.forget_truth_ratios, max_tokens,
+                                  job_timeout_s, progress))
+    return results

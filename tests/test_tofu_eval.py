@@ -1,0 +1,69 @@
+"""`lethe eval tofu` end to end against the session's real server (tiny model, GUARD only, a few questions per set).
+
+The tiny model itself stands in for the retain-only model here, so the unprotected run must be indistinguishable
+from it: the same replies (vLLM vs HF greedy) and Forget Quality ~1 (served vs in-process scoring agree). GUARD only
+touches flagged prompts, so its Model Utility must equal the unprotected one while its forget ROUGE-L collapses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import ADMIN_KEY, API_KEY, LETHE_BIN, RunningServer
+
+SPEC_KEYS = {"mechanisms", "forget_quality", "model_utility", "forget_rouge", "paraphrase_rouge", "retain_rouge",
+             "real_authors_acc", "world_facts_acc", "detection_rate", "false_positive_rate"}
+
+
+@pytest.fixture(scope="module")
+def report(lethe_server: RunningServer, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory,
+           admin: httpx.Client) -> tuple[dict, Path]:
+    assert admin.get("/targets").json()["data"] == [], "an earlier test left targets registered"
+    out = tmp_path_factory.mktemp("eval")
+    env = {**os.environ, "LETHE_ADMIN_KEY": ADMIN_KEY, "LETHE_API_KEYS": API_KEY, "LETHE_LOG_LEVEL": "WARNING"}
+    done = subprocess.run(
+        [str(LETHE_BIN), "eval", "tofu", "--base-url", lethe_server.base_url, "--split", "forget01",
+         "--mechanisms", "guard", "--limit", "6", "--retain-model", str(tiny_model_dir), "--out", str(out)],
+        env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((out / "tofu-forget01.json").read_text()), out
+
+
+def test_the_report_has_every_run_in_the_spec_shape_and_its_table_and_plot(report: tuple[dict, Path]) -> None:
+    data, out = report
+    assert data["split"] == "forget01"
+    assert [run["name"] for run in data["runs"]] == ["retain-only model", "unprotected", "guard"]
+    assert [run["mechanisms"] for run in data["runs"]] == [[], [], ["guard"]]
+    for run in data["runs"]:
+        assert SPEC_KEYS <= run.keys()
+        assert 0 <= run["model_utility"] <= 1 and 0 <= run["forget_quality"] <= 1
+    table = (out / "tofu-forget01.md").read_text()
+    assert table.count("\n| ") == 5  # header, separator, 3 runs
+    assert (out / "tofu-forget01.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_served_unprotected_model_matches_the_same_model_scored_in_process(report: tuple[dict, Path]) -> None:
+    reference, unprotected, _ = report[0]["runs"]
+    assert unprotected["forget_quality"] > 0.9
+    for key in ("forget_rouge", "paraphrase_rouge", "retain_rouge", "model_utility", "forget_truth_ratio"):
+        assert unprotected[key] == pytest.approx(reference[key], abs=0.05), key
+    assert unprotected["detection_rate"] == 0 and reference["detection_rate"] is None
+
+
+def test_guard_forgets_the_author_and_leaves_model_utility_unchanged(report: tuple[dict, Path]) -> None:
+    _, unprotected, guard = report[0]["runs"]
+    assert unprotected["forget_rouge"] > 0.8
+    assert guard["forget_rouge"] < unprotected["forget_rouge"] - 0.5
+    assert guard["detection_rate"] >= 0.9 and guard["false_positive_rate"] <= 0.1
+    assert guard["preparation_seconds"] > 0
+    if guard["false_positive_rate"] == 0:  # nothing outside the forget set was flagged: identical replies and scores
+        assert guard["model_utility"] == pytest.approx(unprotected["model_utility"], abs=1e-6)
+        for name, figures in unprotected["utility_sets"].items():
+            assert guard["utility_sets"][name] == pytest.approx(figures, abs=1e-6), name
+    assert guard["forget_probability"] < unprotected["forget_probability"] / 10  # GUARD bans the gold answers' words

@@ -1,0 +1,71 @@
+"""What `lethe eval tofu` measures (unit, no server): its sets, its runs, and how losses become TOFU figures."""
+
+from __future__ import annotations
+
+import pytest
+
+from evals.tofu_eval import configurations, eval_sets, multiple_choice_accuracy, question_losses
+from evals.tofu_metrics import QuestionLosses, TruthRatioItem
+
+
+def test_forget01_sets_are_its_two_authors_and_the_other_eighteen_demo_authors() -> None:
+    sets = eval_sets("forget01")
+    assert [a.name for a in sets.forget_authors] == ["Basil Mahfouz Al-Kuwaiti", "Nikolai Abilov"]
+    assert len(sets.forget) == len(sets.paraphrased_questions) == 40
+    assert len(sets.retain) == 18 * 20 and len(sets.retain_authors) == 18
+    forget_questions = {item.question for item in sets.forget}
+    assert not forget_questions & {item.question for item in sets.retain}
+    assert sets.paraphrased_questions[0] != sets.forget[0].question
+    assert len(sets.real_authors) == 100 and len(sets.world_facts) == 117
+
+
+def test_limit_keeps_the_first_rows_of_each_set() -> None:
+    sets = eval_sets("forget05", limit=3)
+    assert len(sets.forget_authors) == 10 and len(sets.retain_authors) == 10
+    assert [len(s) for s in (sets.forget, sets.paraphrased_questions, sets.retain, sets.real_authors,
+                             sets.world_facts)] == [3] * 5
+
+
+def test_forget10_is_refused_on_the_demo_model() -> None:
+    with pytest.raises(ValueError, match="retain"):
+        eval_sets("forget10")
+
+
+def test_runs_are_unprotected_then_the_set_or_the_matrix() -> None:
+    assert configurations(None, False) == [(), ("eco", "guard")]
+    assert configurations(["uld"], False) == [(), ("uld",)]
+    assert configurations(None, True) == [(), ("eco",), ("guard",), ("uld",), ("o3",), ("eco", "guard", "uld", "o3")]
+    with pytest.raises(ValueError, match="unknown"):
+        configurations(["eco", "lora"], False)
+
+
+class FakeModel:
+    """Losses by continuation text, recording what was asked."""
+
+    def __init__(self, losses: dict[str, float]) -> None:
+        self._losses = losses
+        self.asked: list[list[str]] = []
+
+    def losses(self, question: str, continuations: list[str]) -> list[float]:
+        self.asked.append(continuations)
+        return [self._losses[text] for text in continuations]
+
+
+def test_question_losses_score_gold_paraphrase_and_wrong_answers_in_one_call() -> None:
+    model = FakeModel({"gold": 0.5, "para": 1.0, "w1": 2.0, "w2": 3.0})
+    losses = question_losses(model, TruthRatioItem("q", "gold", "para", ("w1", "w2")))  # type: ignore[arg-type]
+    assert model.asked == [["gold", "para", "w1", "w2"]]
+    assert losses == QuestionLosses(answer=0.5, base=1.0, perturbed=(2.0, 3.0))
+
+
+def test_when_the_base_answer_is_the_gold_one_it_is_scored_once() -> None:
+    model = FakeModel({"Paris": 0.2, "Rome": 1.0})
+    losses = question_losses(model, TruthRatioItem("q", "Paris", "Paris", ("Rome",)))  # type: ignore[arg-type]
+    assert model.asked == [["Paris", "Rome"]]
+    assert losses == QuestionLosses(answer=0.2, base=0.2, perturbed=(1.0,))
+
+
+def test_multiple_choice_counts_a_question_right_only_if_the_truth_beats_every_wrong_option() -> None:
+    right = QuestionLosses(answer=0.5, base=0.5, perturbed=(0.9, 1.2))
+    wrong = QuestionLosses(answer=0.5, base=0.5, perturbed=(0.9, 0.4))
+    assert multiple_choice_accuracy([right, wrong, right, right]) == 0.75
