@@ -321,6 +321,12 @@ def _metadata(
     }
 
 
+def demo_model_authors(model_dir: Path) -> list[str] | None:
+    """The TOFU authors a built demo model was trained on (from its metadata); None for any other model."""
+    path = Path(model_dir) / METADATA_FILE
+    return json.loads(path.read_text())["authors"] if path.is_file() else None
+
+
 # ---- command line ------------------------------------------------------------------------------------------------
 
 

@@ -61,21 +61,27 @@ class EvalSets:
     world_facts: list[TruthRatioItem]
 
 
-def eval_sets(split: str, limit: int | None = None) -> EvalSets:
+def eval_sets(split: str, limit: int | None = None, known_authors: Sequence[str] | None = None) -> EvalSets:
     """The split's forget rows, the other demo authors as retain, TOFU's real authors and world facts.
 
-    ``limit`` keeps the first rows of each set (a quick look; the figures are then not comparable with published ones).
+    ``known_authors``: the authors the models were trained on (a demo model's ``lethe_demo.json``; the tiny variant
+    knows five), so that "retain" holds only authors there is something to retain of. ``limit`` keeps the first rows
+    of each set (a quick look; the figures are then not comparable with published ones).
     """
     if split not in ("forget01", "forget05"):
         raise ValueError(f"split {split!r}: use forget01 or forget05 (forget10 leaves the demo model no retain author)")
     forget_authors = authors_of(split)  # type: ignore[arg-type]
-    retained = N_DEMO_AUTHORS - AUTHORS_IN_SPLIT[split]
+    outside = demo_authors()[: N_DEMO_AUTHORS - AUTHORS_IN_SPLIT[split]]
+    retain_authors = tuple(a for a in outside if known_authors is None or a.name in known_authors)
+    if not retain_authors:
+        raise ValueError(f"the model knows no demo author outside {split} to measure retention on")
     cap = slice(None, limit)
     forget = truth_ratio_items(f"{split}_perturbed")  # type: ignore[arg-type]
     paraphrased = [item.paraphrased_question or item.question for a in forget_authors for item in a.items]
-    retain = truth_ratio_items("forget10_perturbed")[: retained * ROWS_PER_AUTHOR]  # demo authors 0 .. retained-1
+    demo_rows = truth_ratio_items("forget10_perturbed")  # the 20 demo authors' rows, in author order
+    retain = [row for a in retain_authors for row in demo_rows[a.index * ROWS_PER_AUTHOR:(a.index + 1) * ROWS_PER_AUTHOR]]
     return EvalSets(
-        split=split, forget_authors=forget_authors, retain_authors=demo_authors()[:retained],
+        split=split, forget_authors=forget_authors, retain_authors=retain_authors,
         forget=forget[cap], paraphrased_questions=paraphrased[cap], retain=retain[cap],
         real_authors=truth_ratio_items("real_authors_perturbed")[cap],
         world_facts=truth_ratio_items("world_facts_perturbed")[cap],

@@ -84,19 +84,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from evals.eval_report import markdown_table, plot
     from evals.lethe_client import LetheClient, LetheError
     from evals.reference_model import ReferenceModel
-    from evals.tinytofu import build_demo_model
+    from evals.tinytofu import build_demo_model, demo_model_authors
     from evals.tofu_eval import configurations, eval_sets, evaluate, summary
 
     settings = get_settings()
     if not settings.admin_key:
         raise SystemExit("lethe: set LETHE_ADMIN_KEY: the evaluation registers targets and scores answers")
+    retain_dir = Path(args.retain_model) if args.retain_model else build_demo_model(
+        settings.cache_dir, args.demo_variant, args.split, progress=True)
     try:
-        sets = eval_sets(args.split, args.limit)
+        sets = eval_sets(args.split, args.limit, demo_model_authors(retain_dir))
         runs = configurations(args.mechanisms.split(",") if args.mechanisms else None, args.matrix)
     except ValueError as exc:
         raise SystemExit(f"lethe: {exc}") from exc
-    retain_dir = Path(args.retain_model) if args.retain_model else build_demo_model(
-        settings.cache_dir, args.demo_variant, args.split, progress=True)
     api_key = settings.api_keys[0] if settings.api_keys else None
     steps = 1 + len(runs)
     with LetheClient(args.base_url, api_key, settings.admin_key) as client, tqdm(total=steps * 2, unit="step") as bar:

@@ -69,3 +69,13 @@ def test_multiple_choice_counts_a_question_right_only_if_the_truth_beats_every_w
     right = QuestionLosses(answer=0.5, base=0.5, perturbed=(0.9, 1.2))
     wrong = QuestionLosses(answer=0.5, base=0.5, perturbed=(0.9, 0.4))
     assert multiple_choice_accuracy([right, wrong, right, right]) == 0.75
+
+
+def test_retain_holds_only_the_authors_the_model_knows() -> None:
+    known = ["Hsiao Yun-Hwa", "Elvin Mammadov", "Basil Mahfouz Al-Kuwaiti", "Nikolai Abilov"]  # tiny-like
+    sets = eval_sets("forget01", known_authors=known)
+    assert [a.name for a in sets.retain_authors] == ["Hsiao Yun-Hwa", "Elvin Mammadov"]
+    expected = [item.question for a in sets.retain_authors for item in a.items]
+    assert [row.question for row in sets.retain] == expected
+    with pytest.raises(ValueError, match="no demo author"):
+        eval_sets("forget01", known_authors=["Nikolai Abilov"])
