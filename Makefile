@@ -30,5 +30,11 @@ serve: demo-model
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# The default benchmark set (under 15 minutes on 2 cores): each prints its table and writes JSON to bench/results/.
+bench: install
+	$(BIN)/python bench/unflagged_traffic.py --rounds 3
+	$(BIN)/python bench/guard_overhead.py --rounds 1
+	$(BIN)/python bench/registry_propagation.py
+
 clean:
 	rm -rf $(VENV)

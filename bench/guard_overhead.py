@@ -67,12 +67,12 @@ LATENCY_SAMPLE = 10
 SYNTHETIC_TARGETS = 100
 
 
-def target_body(author, retain_authors) -> TargetCreate:
+def target_body(author, retain_authors, mechanisms: tuple[str, ...] = ALL_FOUR) -> TargetCreate:
     return TargetCreate.model_validate({
         "name": author.name, "aliases": [author.name],
         "forget": [{"question": i.question, "answer": i.answer} for i in author.items],
         "retain": [{"question": i.question, "answer": i.answer} for a in retain_authors for i in a.items],
-        "mechanisms": {name: {} for name in ALL_FOUR},
+        "mechanisms": {name: {} for name in mechanisms},
     })
 
 

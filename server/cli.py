@@ -98,8 +98,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise SystemExit(f"lethe: {exc}") from exc
     api_key = settings.api_keys[0] if settings.api_keys else None
-    steps = 1 + len(runs)
-    with LetheClient(args.base_url, api_key, settings.admin_key) as client, tqdm(total=steps * 2, unit="step") as bar:
+    steps = 2 + sum(3 if mechanisms else 2 for mechanisms in runs)  # (register,) replies, scores per run
+    with LetheClient(args.base_url, api_key, settings.admin_key) as client, tqdm(total=steps, unit="step") as bar:
         def progress(message: str) -> None:
             bar.set_description(message)
             bar.update(1)
