@@ -24,13 +24,9 @@ share of the questions the unprotected model answered (recall >= 0.5) that fall 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
-import logging
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 from dataclasses import replace
@@ -42,16 +38,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.classifier_latency import synthesise_heads  # noqa: E402
+from bench.runtime_harness import bench_main  # noqa: E402
 from classifiers import ClassifierBank  # noqa: E402
 from classifiers.negatives import builtin_negative_pool  # noqa: E402
 from evals.fluency import median_known_word_share  # noqa: E402
 from evals.metrics import rouge_l_recall  # noqa: E402
-from evals.tinytofu import build_demo_model  # noqa: E402
 from evals.tofu_data import authors_of, demo_authors  # noqa: E402
 from server.admin_protocol import TargetCreate  # noqa: E402
 from server.classifier_jobs import _load_prompt_artifact  # noqa: E402
-from server.config import Settings  # noqa: E402
-from server.metrics import Metrics  # noqa: E402
 from server.planner import ChatTurn, EnginePlan, RenderedPrompt  # noqa: E402
 from server.registry.snapshot import RegistrySnapshot  # noqa: E402
 from server.runtime import Runtime  # noqa: E402
@@ -177,17 +171,6 @@ def hundred_targets(snapshot: RegistrySnapshot, runtime: Runtime) -> RegistrySna
     return replace(snapshot, bank=ClassifierBank.from_artifacts(heads, embedder))
 
 
-async def run_bench(args: argparse.Namespace) -> dict:
-    with tempfile.TemporaryDirectory(prefix="lethe-bench-") as data_dir:
-        settings = Settings(data_dir=Path(data_dir), log_level="WARNING", _env_file=None)
-        model_dir = Path(args.model) if args.model else build_demo_model(settings.cache_dir, args.variant)
-        runtime = await Runtime.start(settings, model_dir, "bench", Metrics())
-        try:
-            return await measure(runtime, args.rounds, str(model_dir))
-        finally:
-            await runtime.stop()
-
-
 async def measure(runtime: Runtime, rounds: int, model: str) -> dict:
     forget = authors_of("forget01")
     retain_authors = [a for a in demo_authors() if a.index in (0, 1, 2)]
@@ -273,16 +256,7 @@ def print_summary(summary: dict) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variant", choices=["tiny", "full"], default="tiny")
-    parser.add_argument("--model", help="serve this model directory instead of a demo model")
-    parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    summary = asyncio.run(run_bench(args))
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(summary, indent=2))
-    print_summary(summary)
+    bench_main(__doc__.splitlines()[0], RESULTS, measure, print_summary)
 
 
 if __name__ == "__main__":

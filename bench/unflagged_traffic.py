@@ -23,14 +23,10 @@ Throughput (tokens/s) and time to first token (p50, p99) at concurrency 1, 8 and
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import itertools
-import json
-import logging
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 from dataclasses import replace
@@ -41,11 +37,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.guard_overhead import hundred_targets, target_body, wait_until_served  # noqa: E402
+from bench.runtime_harness import bench_main  # noqa: E402
 from classifiers.negatives import builtin_negative_pool  # noqa: E402
-from evals.tinytofu import build_demo_model  # noqa: E402
 from evals.tofu_data import authors_of, demo_authors  # noqa: E402
-from server.config import Settings  # noqa: E402
-from server.metrics import Metrics  # noqa: E402
 from server.planner import ChatTurn  # noqa: E402
 from server.runtime import Runtime  # noqa: E402
 
@@ -147,17 +141,6 @@ async def measure(runtime: Runtime, rounds: int, model: str) -> dict:
     return {"model": model, "rounds": rounds, "max_tokens": MAX_TOKENS, "prompts": len(questions), "table": table}
 
 
-async def run_bench(args: argparse.Namespace) -> dict:
-    with tempfile.TemporaryDirectory(prefix="lethe-bench-") as data_dir:
-        settings = Settings(data_dir=Path(data_dir), log_level="WARNING", _env_file=None)
-        model_dir = Path(args.model) if args.model else build_demo_model(settings.cache_dir, args.variant)
-        runtime = await Runtime.start(settings, model_dir, "bench", Metrics())
-        try:
-            return await measure(runtime, args.rounds, str(model_dir))
-        finally:
-            await runtime.stop()
-
-
 def print_summary(summary: dict) -> None:
     print(f"\nmodel {summary['model']}, {summary['rounds']} rounds, {summary['prompts']} unflagged prompts, "
           f"{summary['max_tokens']} tokens per reply")
@@ -169,16 +152,7 @@ def print_summary(summary: dict) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variant", choices=["tiny", "full"], default="tiny")
-    parser.add_argument("--model", help="serve this model directory instead of a demo model")
-    parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    summary = asyncio.run(run_bench(args))
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(summary, indent=2))
-    print_summary(summary)
+    bench_main(__doc__.splitlines()[0], RESULTS, measure, print_summary)
 
 
 if __name__ == "__main__":

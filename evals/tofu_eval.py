@@ -23,7 +23,6 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 from evals.fluency import median_known_word_share
@@ -34,7 +33,6 @@ from evals.tofu_metrics import (
     QuestionLosses,
     TruthRatioItem,
     forget_quality,
-    forget_truth_ratio,
     model_utility,
     set_figures,
     truth_ratio_items,
