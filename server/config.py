@@ -95,6 +95,12 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
     log_json: bool = Field(True, description="Emit logs as one JSON object per line.")
 
+    @field_validator("max_lora_rank", mode="before")
+    @classmethod
+    def _rank_from_text(cls, value: object) -> object:
+        # Environment values arrive as text, and a Literal of ints does not coerce "128" to 128.
+        return int(value) if isinstance(value, str) and value.strip().isdigit() else value
+
     @field_validator("api_keys", "default_mechanisms", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:

@@ -6,6 +6,8 @@ import re
 import tomllib
 from pathlib import Path
 
+import pytest
+
 from server.config import settings_table
 
 REPO = Path(__file__).resolve().parent.parent
@@ -61,3 +63,13 @@ def test_readme_gives_exactly_two_setup_commands() -> None:
 def test_ci_runs_make_test() -> None:
     ci = (REPO / ".ci" / "run").read_text()
     assert "make test" in ci
+
+
+def test_numeric_choices_are_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from server.config import Settings
+
+    monkeypatch.setenv("LETHE_MAX_LORA_RANK", "128")
+    assert Settings(_env_file=None).max_lora_rank == 128
+    monkeypatch.setenv("LETHE_MAX_LORA_RANK", "100")
+    with pytest.raises(ValueError, match="max_lora_rank"):
+        Settings(_env_file=None)
