@@ -30,11 +30,14 @@ serve: demo-model
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# The default benchmark set (under 15 minutes on 2 cores): each prints its table and writes JSON to bench/results/.
+# The default benchmark set (under 15 minutes on 2 cores): each prints its table and writes JSON to bench/results/;
+# the last step gathers them into bench/results/summary.{json,md}.
 bench: install
 	$(BIN)/python bench/unflagged_traffic.py --rounds 3
 	$(BIN)/python bench/guard_overhead.py --rounds 1
+	$(BIN)/python bench/classifier_latency.py
 	$(BIN)/python bench/registry_propagation.py
+	$(BIN)/python bench/summary.py
 
 clean:
 	rm -rf $(VENV)

@@ -13,7 +13,8 @@ All 200 requests (single prompts about the targets, about other authors, general
 conversations) are scored by every bank size in turn, round-robin, so that load from other processes on the host
 skews all sizes alike; the O3 gates are timed afterwards on the same embeddings (see `measure`). The embedder's
 cache is off, so every request pays its embedding as a new prompt would; torch runs on `--threads` threads (default
-1: the cost of one request on one core).
+1: the cost of one request on one core). Last, the 100-target bank scores the workload in batches of 1, 8 and 32
+requests, as the server coalesces concurrent requests into one embedding call (``server.classification``).
 
     python bench/classifier_latency.py [--threads N]   # prints a table, writes bench/results/classifier_latency.json
 """
@@ -45,6 +46,8 @@ from classifiers.types import Conversation
 from evals.tofu_data import authors_of, demo_authors, load_split
 
 SIZES = (1, 10, 100, 1000)
+BATCH_SIZES = (1, 8, 32)  # requests coalesced into one embedding call (server.classification), at 100 targets
+BATCHED_BANK_SIZE = 100
 N_REQUESTS = 200
 WARMUP_REQUESTS = 10
 RESULTS = Path(__file__).parent / "results" / "classifier_latency.json"
@@ -160,18 +163,51 @@ def measure(heads, gates, negatives: np.ndarray, embedder: Embedder, workload: l
     ]
 
 
-def print_table(rows: list[dict], threads: int) -> None:
-    """A markdown table: per-request milliseconds, p50 / p99, of each stage."""
-    print(f"\nper-request latency, ms p50 / p99 ({N_REQUESTS} requests, torch threads={threads}, no embedding cache)\n")
-    print("| targets | classifier total | embedding | heads + aliases | O3 gate | hit targets/request | bank build |")
-    print("|--:|--:|--:|--:|--:|--:|--:|")
-    for r in rows:
+def measure_batched(bank: ClassifierBank, workload: list[Conversation]) -> list[dict]:
+    """Per batch size: milliseconds per request when concurrent requests share one embedding call.
+
+    The workload is cut into rounds of 32 requests; each round is scored at every batch size in turn (rotating which
+    goes first), so host load skews the sizes alike.
+    """
+    per_request: dict[int, list[float]] = {size: [] for size in BATCH_SIZES}
+    bank.score_many(workload[:WARMUP_REQUESTS])
+    chunk = max(BATCH_SIZES)
+    for round_index, start in enumerate(range(0, len(workload) - chunk + 1, chunk)):
+        requests_ = workload[start:start + chunk]
+        order = BATCH_SIZES[round_index % len(BATCH_SIZES):] + BATCH_SIZES[:round_index % len(BATCH_SIZES)]
+        for size in order:
+            started = time.perf_counter()
+            for first in range(0, chunk, size):
+                bank.score_many(requests_[first:first + size])
+            per_request[size].append((time.perf_counter() - started) / chunk)
+    single = np.median(per_request[1])
+    return [{"batch": size, "ms_per_request": float(np.median(seconds) * 1e3),
+             "vs_unbatched": float(np.median(seconds) / single)} for size, seconds in per_request.items()]
+
+
+def markdown(summary: dict) -> str:
+    """A table of per-request milliseconds, p50 / p99, of each stage, by bank size."""
+    lines = [
+        f"per-request latency, ms p50 / p99 ({N_REQUESTS} requests, torch threads={summary['threads']}, "
+        "no embedding cache)",
+        "",
+        "| targets | classifier total | embedding | heads + aliases | O3 gate | hit targets/request | bank build |",
+        "|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for r in summary["sizes"]:
         cells = [
             f"{r[stage]['p50_ms']:.2f} / {r[stage]['p99_ms']:.2f}"
             for stage in ("classifier_total", "embedding", "heads_and_aliases", "ood_gate_from_embeddings")
         ]
-        print(f"| {r['targets']} | " + " | ".join(cells) + f" | {r['mean_hit_targets_per_request']:.2f}"
-              f" | {r['bank_build_s'] * 1e3:.0f} ms |")
+        lines.append(f"| {r['targets']} | " + " | ".join(cells) + f" | {r['mean_hit_targets_per_request']:.2f}"
+                     f" | {r['bank_build_s'] * 1e3:.0f} ms |")
+    batched = summary.get("batched", [])
+    if batched:
+        lines += ["", f"requests classified together in one embedding call ({BATCHED_BANK_SIZE} targets, medians of "
+                  "rounds of 32 requests)", "", "| requests per batch | ms per request | vs one at a time |",
+                  "|--:|--:|--:|"]
+        lines += [f"| {b['batch']} | {b['ms_per_request']:.2f} | {b['vs_unbatched']:.2f}x |" for b in batched]
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -190,10 +226,13 @@ def main() -> None:
     embedder = Embedder(cache_size=0)
     workload = requests()
     rows = measure(heads, gates, negatives, embedder, workload)
+    batched = measure_batched(ClassifierBank.from_artifacts(
+        synthesise_heads(heads, BATCHED_BANK_SIZE, negatives), embedder), workload)
 
-    print_table(rows, args.threads)
+    summary = {"threads": args.threads, "sizes": rows, "batched": batched}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"threads": args.threads, "sizes": rows}, indent=2))
+    RESULTS.write_text(json.dumps(summary, indent=2))
+    print("\n" + markdown(summary))
     print(f"\nwritten {RESULTS}")
 
 

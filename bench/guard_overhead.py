@@ -238,25 +238,33 @@ async def measure(runtime: Runtime, rounds: int, model: str) -> dict:
     return summary
 
 
-def print_summary(summary: dict) -> None:
-    print(f"\nmodel {summary['model']}, {summary['rounds']} rounds, {summary['max_tokens']} tokens per reply")
-    print("| mechanism | forget ROUGE-L (forgotten) | paraphrase ROUGE-L (forgotten) | retain ROUGE-L "
-          "| real-word share of forget replies | cost ratio (conc. 8) | latency ratio (conc. 1) |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for name in VARIANTS:
-        q = summary["quality"][name]
-        print(f"| {name} | {q['forget_rouge_l']:.3f} ({q['forget_forgotten_share']:.0%}) "
-              f"| {q['paraphrase_rouge_l']:.3f} ({q['paraphrase_forgotten_share']:.0%}) | {q['retain_rouge_l']:.3f} "
-              f"| {q['forget_reply_word_share']:.2f} "
-              f"| {summary['flagged_cost_ratio'][name]:.3f}x | {summary['flagged_latency_ratio'][name]:.3f}x |")
-    print(f"\nunflagged throughput, 100 targets vs none: {summary['unflagged_throughput_ratio_100_vs_0']:.3f}x "
-          f"(hits: {summary['unflagged_hits_with_100_targets']})")
-    print(f"target preparation (2 targets, all four mechanisms, one job worker): {summary['preparation_seconds']} s; "
-          f"per job (s): {summary['job_seconds']}; ECO calibration: {summary['eco_state']}")
+def markdown(summary: dict) -> str:
+    """The flagged-traffic table: each mechanism's quality and its cost against unprotected serving."""
+    lines = [
+        f"model {summary['model']}, {summary['rounds']} rounds, {summary['max_tokens']} tokens per reply",
+        "",
+        "| mechanism | forget ROUGE-L (forgotten) | paraphrase ROUGE-L (forgotten) | retain ROUGE-L "
+        "| real-word share of forget replies | cost ratio (conc. 8) | latency ratio (conc. 1) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, q in summary["quality"].items():
+        lines.append(
+            f"| {name} | {q['forget_rouge_l']:.3f} ({q['forget_forgotten_share']:.0%}) "
+            f"| {q['paraphrase_rouge_l']:.3f} ({q['paraphrase_forgotten_share']:.0%}) | {q['retain_rouge_l']:.3f} "
+            f"| {q['forget_reply_word_share']:.2f} "
+            f"| {summary['flagged_cost_ratio'][name]:.3f}x | {summary['flagged_latency_ratio'][name]:.3f}x |")
+    lines += [
+        "",
+        f"unflagged throughput, 100 targets vs none: {summary['unflagged_throughput_ratio_100_vs_0']:.3f}x "
+        f"(hits: {summary['unflagged_hits_with_100_targets']})",
+        f"target preparation (2 targets, all four mechanisms, one job worker): {summary['preparation_seconds']} s; "
+        f"per job (s): {summary['job_seconds']}; ECO calibration: {summary['eco_state']}",
+    ]
+    return "\n".join(lines)
 
 
 def main() -> None:
-    bench_main(__doc__.splitlines()[0], RESULTS, measure, print_summary)
+    bench_main(__doc__.splitlines()[0], RESULTS, measure, markdown)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,16 @@ def summarise(delays: list[float]) -> dict[str, float]:
             "p99_s": ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))], "max_s": ordered[-1]}
 
 
+def markdown(summary: dict) -> str:
+    """Delay from a committed registry change to a replica serving it, per backend."""
+    changes = next(iter(summary["results"].values()))["n"] if summary["results"] else 0
+    lines = [f"registry propagation delay (poll every {summary['poll_s']} s, {changes} changes, budget 2 s)", "",
+             "| backend | p50 | p99 | max |", "| --- | --- | --- | --- |"]
+    for name, row in summary["results"].items():
+        lines.append(f"| {name} | {row['p50_s']:.3f} s | {row['p99_s']:.3f} s | {row['max_s']:.3f} s |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--changes", type=int, default=40)
@@ -70,12 +80,10 @@ def main() -> None:
     if args.postgres:
         backends["postgresql"] = args.postgres
     results = {name: summarise(asyncio.run(measure(url, args.changes, poll_s))) for name, url in backends.items()}
-    print(f"registry propagation delay (poll every {poll_s} s, {args.changes} changes, budget 2 s)")
-    print("| backend | p50 | p99 | max |\n| --- | --- | --- | --- |")
-    for name, summary in results.items():
-        print(f"| {name} | {summary['p50_s']:.3f} s | {summary['p99_s']:.3f} s | {summary['max_s']:.3f} s |")
+    summary = {"poll_s": poll_s, "results": results}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"poll_s": poll_s, "results": results}, indent=2))
+    RESULTS.write_text(json.dumps(summary, indent=2))
+    print(markdown(summary))
 
 
 if __name__ == "__main__":

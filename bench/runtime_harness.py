@@ -1,6 +1,6 @@
 """What the in-process serving benchmarks share: a replica started as `lethe serve` starts it, their flags, their output.
 
-Each benchmark supplies ``measure(runtime, rounds, model) -> summary`` and ``print_summary(summary)``; this module
+Each benchmark supplies ``measure(runtime, rounds, model) -> summary`` and ``markdown(summary) -> str``; this module
 starts a ``Runtime`` on a throw-away data directory, runs the measurement, writes the JSON and prints the table.
 """
 
@@ -33,7 +33,7 @@ async def run_with_runtime(args: argparse.Namespace, measure: Measure) -> dict:
             await runtime.stop()
 
 
-def bench_main(description: str, results: Path, measure: Measure, print_summary: Callable[[dict], None]) -> None:
+def bench_main(description: str, results: Path, measure: Measure, markdown: Callable[[dict], str]) -> None:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--variant", choices=["tiny", "full"], default="tiny")
     parser.add_argument("--model", help="serve this model directory instead of a demo model")
@@ -43,4 +43,4 @@ def bench_main(description: str, results: Path, measure: Measure, print_summary:
     summary = asyncio.run(run_with_runtime(args, measure))
     results.parent.mkdir(exist_ok=True)
     results.write_text(json.dumps(summary, indent=2))
-    print_summary(summary)
+    print("\n" + markdown(summary))

@@ -141,18 +141,23 @@ async def measure(runtime: Runtime, rounds: int, model: str) -> dict:
     return {"model": model, "rounds": rounds, "max_tokens": MAX_TOKENS, "prompts": len(questions), "table": table}
 
 
-def print_summary(summary: dict) -> None:
-    print(f"\nmodel {summary['model']}, {summary['rounds']} rounds, {summary['prompts']} unflagged prompts, "
-          f"{summary['max_tokens']} tokens per reply")
-    print("| path @ concurrency | tokens/s | throughput vs vLLM | TTFT p50 (ms) | TTFT p99 (ms) |")
-    print("| --- | --: | --: | --: | --: |")
+def markdown(summary: dict) -> str:
+    """Throughput and time to first token of each path at each concurrency, against vLLM alone."""
+    lines = [
+        f"model {summary['model']}, {summary['rounds']} rounds, {summary['prompts']} unflagged prompts, "
+        f"{summary['max_tokens']} tokens per reply",
+        "",
+        "| path @ concurrency | tokens/s | throughput vs vLLM | TTFT p50 (ms) | TTFT p99 (ms) |",
+        "| --- | --: | --: | --: | --: |",
+    ]
     for name, row in summary["table"].items():
-        print(f"| {name} | {row['tokens_per_s']} | {row['throughput_ratio']:.3f}x | {row['ttft_p50_ms']} "
-              f"| {row['ttft_p99_ms']} |")
+        lines.append(f"| {name} | {row['tokens_per_s']} | {row['throughput_ratio']:.3f}x | {row['ttft_p50_ms']} "
+                     f"| {row['ttft_p99_ms']} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
-    bench_main(__doc__.splitlines()[0], RESULTS, measure, print_summary)
+    bench_main(__doc__.splitlines()[0], RESULTS, measure, markdown)
 
 
 if __name__ == "__main__":

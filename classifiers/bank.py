@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -68,19 +68,45 @@ class ClassifierBank:
 
     def score(self, conversation: Conversation) -> BankResult:
         """Every target's score for this conversation, and the hits (score >= threshold or alias mention)."""
-        started = time.perf_counter()
-        if not self.target_ids:
-            return BankResult([], {}, 0.0, time.perf_counter() - started, np.zeros((0, self._embedder.dim), np.float32))
-        texts = texts_to_embed(conversation)
-        embed_started = time.perf_counter()
-        embeddings = self._embedder.encode(texts) if texts else np.zeros((0, self._embedder.dim), np.float32)
-        embed_seconds = time.perf_counter() - embed_started
+        return self.score_many([conversation])[0]
 
-        if texts:
-            logits = rows_dot(self._w, embeddings).max(axis=0) + self._b  # (n, T) -> (T,): max over texts
-            head = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+    def score_many(self, conversations: Sequence[Conversation]) -> list[BankResult]:
+        """`score` for several conversations with one embedding call for all their texts.
+
+        The embedding model is the classifier's whole cost, and on CPU one batch of 32 short texts costs about a
+        quarter of 32 single calls; concurrent requests are coalesced into one call here (``ClassificationBatcher``).
+        Each result's timings are the batch's.
+        """
+        started = time.perf_counter()
+        texts = [texts_to_embed(conversation) for conversation in conversations]
+        flat = [text for request_texts in texts for text in request_texts]
+        if not self.target_ids or not flat:
+            embedded = np.zeros((0, self._embedder.dim), np.float32)
         else:
-            head = np.zeros(len(self.target_ids))
+            embedded = self._embedder.encode(flat)
+        embed_seconds = time.perf_counter() - started
+        if self.target_ids and len(flat):
+            logits = rows_dot(self._w, embedded) + self._b  # (N, T) over every text of every conversation
+        scored = []
+        offset = 0
+        for conversation, request_texts in zip(conversations, texts, strict=True):
+            rows = slice(offset, offset + len(request_texts))
+            offset += len(request_texts)
+            if not self.target_ids:
+                scored.append(([], {}, embedded[rows]))
+                continue
+            if request_texts:
+                head = 1.0 / (1.0 + np.exp(-logits[rows].max(axis=0).astype(np.float64)))  # max over its texts
+            else:
+                head = np.zeros(len(self.target_ids))
+            hits, scores = self._verdicts(conversation, head)
+            scored.append((hits, scores, embedded[rows]))
+        total_seconds = time.perf_counter() - started
+        return [BankResult(hits, scores, embed_seconds, total_seconds, embeddings)
+                for hits, scores, embeddings in scored]
+
+    def _verdicts(self, conversation: Conversation, head: np.ndarray) -> tuple[list[Hit], dict[str, float]]:
+        """Hits (best first) and every target's score from the heads' probabilities and the alias mentions."""
         spans = self._alias_spans(conversation)
         combined = head.copy()
         hit = head >= self._thr
@@ -93,8 +119,7 @@ class ClassifierBank:
             tid = self.target_ids[col]
             hits.append(Hit(tid, float(combined[col]), tuple(spans.get(tid, ()))))
         hits.sort(key=lambda h: -h.score)
-        scores = dict(zip(self.target_ids, combined.tolist()))
-        return BankResult(hits, scores, embed_seconds, time.perf_counter() - started, embeddings)
+        return hits, dict(zip(self.target_ids, combined.tolist()))
 
     def _alias_spans(self, conversation: Conversation) -> dict[str, list[AliasSpan]]:
         """Alias mentions in every turn, tagged with the turn index: {target_id: spans, in conversation order}."""

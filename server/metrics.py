@@ -42,6 +42,10 @@ class Metrics:
             "lethe_classifier_latency_seconds", "Prompt classification time per prompt.", buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.classifier_batch_size = Histogram(
+            "lethe_classifier_batch_size", "Prompts classified together in one embedding call.",
+            buckets=(1, 2, 4, 8, 16, 32, 64), registry=r,
+        )
         self.registry_revision = Gauge("lethe_registry_revision", "Registry revision this replica serves.", registry=r)
         self.jobs = Gauge("lethe_jobs", "Jobs in the registry by status.", ["status"], registry=r)
         self.engine_unfinished = Gauge(

@@ -1,7 +1,8 @@
 """The one request pipeline every inference endpoint goes through.
 
-    render (chat template, tokenize) -> classify (against the registry snapshot) -> plan (each hit target's guards
-    contribute, in the fixed guard order) -> engine.generate -> choice events -> finish (metrics, audit record)
+    render (chat template, tokenize) -> classify (against the registry snapshot, batched across concurrent requests)
+    -> plan (each hit target's guards contribute, in the fixed guard order) -> engine.generate -> choice events
+    -> finish (metrics, audit record)
 
 Plain async Python with no HTTP in it: the OpenAI layer (``server/serving.py``) turns ``ChoiceEvent``s into responses
 or SSE chunks, so streaming and non-streaming share one generation path. With no forget target hit, the plan is the
@@ -29,6 +30,7 @@ from guards.base import Guard
 from guards.embedding_table import EmbeddingTable
 from server.admin_protocol import AuditRecord
 from server.audit import AuditWriter
+from server.classification import ClassificationBatcher
 from server.engine import Engine
 from server.errors import ContextLengthExceeded, GuardFailed, InvalidRequest, RequestTimeout
 from server.planner import (  # noqa: F401  (ChatTurn, RenderedPrompt: part of this module's interface)
@@ -111,6 +113,7 @@ class Pipeline:
         self._audit = audit
         self._audit_prompts = audit_prompts
         self.planner = Planner(guards, embeddings, engine, metrics)
+        self._classifier = ClassificationBatcher(on_batch=metrics.classifier_batch_size.observe)
 
     # ------------------------------------------------------------ render
 
@@ -186,7 +189,7 @@ class Pipeline:
     ) -> Run:
         """Classify and plan the prompts against the current registry snapshot, which the run keeps to its end."""
         snapshot = self._registry.current if self._registry is not None else RegistrySnapshot(revision=0)
-        classifications = [await self._classify(snapshot, prompt) for prompt in prompts]
+        classifications = list(await asyncio.gather(*(self._classify(snapshot, prompt) for prompt in prompts)))
         run = Run(request_id=request_id, endpoint=endpoint, prompts=prompts, n=n, snapshot=snapshot,
                   classifications=classifications, seed=seed)
         for target_id in run.hit_target_ids:
@@ -202,15 +205,17 @@ class Pipeline:
         if snapshot.bank is None:
             return NO_TARGETS
         turns = [(turn.role, turn.content) for turn in prompt.conversation] or [("user", prompt.text)]
-        result = await asyncio.to_thread(snapshot.bank.score, turns)
-        self._metrics.classifier_latency.observe(result.total_seconds)
+        queued_at = time.perf_counter()
+        result = await self._classifier.score(snapshot.bank, turns)
+        seconds = time.perf_counter() - queued_at  # what the request waited: its batch and any batch before it
+        self._metrics.classifier_latency.observe(seconds)
         best = sorted(result.scores.items(), key=lambda item: -item[1])[:AUDITED_SCORES]
         hits = tuple(result.hits)
         if snapshot.ood is not None:
             hits = with_ood_gates(hits, snapshot.ood.open_gates(result.embeddings))
         scores = {target_id: round(score, 4) for target_id, score in best}
         scores.update({hit.target_id: round(hit.score, 4) for hit in hits})
-        return Classification(hits=hits, scores=scores, seconds=result.total_seconds, embeddings=result.embeddings)
+        return Classification(hits=hits, scores=scores, seconds=seconds, embeddings=result.embeddings)
 
     async def generate_text(self, plan: EnginePlan, max_tokens: int, request_id: str) -> str:
         """One greedy reply to an already planned prompt, for the server's own measurements (ECO calibration)."""

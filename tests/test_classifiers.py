@@ -240,6 +240,22 @@ def test_bank_scores_equal_per_target_scores(bank, artifacts, embedder, conversa
     assert 0 <= result.embed_seconds <= result.total_seconds
 
 
+def test_bank_scores_many_conversations_as_it_scores_each(artifacts, embedder):
+    """One embedding call for a batch gives every conversation the verdict it gets alone (and an empty one none).
+
+    The embedding cache is off, so the batch's texts really are embedded together (padded to the longest).
+    """
+    bank = ClassifierBank.from_artifacts(artifacts, Embedder(cache_size=0))
+    conversations = [*CONVERSATIONS, []]
+    batch = bank.score_many(conversations)
+    for conversation, result in zip(conversations, batch, strict=True):
+        alone = bank.score(conversation)
+        assert result.scores == pytest.approx(alone.scores, abs=1e-5)
+        assert [(h.target_id, h.alias_spans) for h in result.hits] == [(h.target_id, h.alias_spans) for h in alone.hits]
+        assert np.allclose(result.embeddings, alone.embeddings, atol=1e-5)
+    assert batch[-1].hits == [] and batch[-1].embeddings.shape == (0, embedder.dim)
+
+
 def test_bank_hits_are_sorted_and_at_or_over_threshold(bank, artifacts):
     result = bank.score([("user", "Compare Nikolai Abilov and Basil Mahfouz Al-Kuwaiti.")])
     assert [h.target_id for h in result.hits] != []

@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 
 import httpx
+import openai
 import pytest
 
 from evals.metrics import rouge_l_recall
@@ -104,6 +105,54 @@ def test_completions_endpoint_is_protected_too(
     records = admin.get("/audit", params={"limit": 20}).json()["data"]
     completions = [r for r in records if r["endpoint"] == "completions" and r["targets"]]
     assert completions and all(r["mechanisms"] == ["eco", "guard"] for r in completions)
+
+
+def test_concurrent_prompts_classified_in_one_batch_get_the_verdicts_they_get_alone(
+    targets: list[dict], lethe_server: RunningServer, model_name: str, admin: httpx.Client
+) -> None:
+    """Concurrent requests share one embedding call (server/classification.py); none may get another's verdict.
+
+    The prompts carry a fresh suffix so that the concurrent run embeds them (in batches) rather than reading the
+    embedding cache; the one-at-a-time run then reads what the batches cached, so a verdict that differs can only come
+    from results handed to the wrong request.
+    """
+    mixed = [q for pair in zip(FORGET_QUESTIONS[:12], RETAIN_QUESTIONS[:12], strict=True) for q in pair]
+    suffix = f" (batch check {time.time_ns()})"
+    prompts = [question.text + suffix for question in mixed]
+    batches_before = _batches_over_one(lethe_server)
+    together = asyncio.run(_targets_hit(lethe_server, model_name, admin, prompts, concurrency=len(prompts)))
+    assert _batches_over_one(lethe_server) > batches_before, "no two prompts were classified together"
+    alone = asyncio.run(_targets_hit(lethe_server, model_name, admin, prompts, concurrency=1))
+    assert together == alone
+    assert sum(map(bool, alone[0::2])) >= 10 and sum(map(bool, alone[1::2])) <= 2, alone
+
+
+async def _targets_hit(server: RunningServer, model: str, admin: httpx.Client, prompts: list[str],
+                       concurrency: int) -> list[list[str]]:
+    """The targets each prompt hit, read back from the audit trail by response id."""
+    limit = asyncio.Semaphore(concurrency)
+    async with openai.AsyncOpenAI(base_url=f"{server.base_url}/v1", api_key=API_KEY, max_retries=0,
+                                  timeout=120) as client:
+        async def ask(prompt: str) -> str:
+            async with limit:
+                reply = await client.chat.completions.create(
+                    model=model, messages=[{"role": "user", "content": prompt}], temperature=0, max_tokens=1)
+                return reply.id
+
+        response_ids = await asyncio.gather(*(ask(p) for p in prompts))
+    await asyncio.sleep(0.6)  # audit records are flushed in batches
+    audit = {r["request_id"]: r for r in admin.get("/audit", params={"limit": 500}).json()["data"]}
+    return [sorted(audit[rid]["targets"]) for rid in response_ids]
+
+
+def _batches_over_one(server: RunningServer) -> float:
+    """Classification batches of more than one request so far, from the server's Prometheus histogram."""
+    values = {}
+    for line in httpx.get(f"{server.base_url}/metrics", timeout=10).text.splitlines():
+        if line.startswith(("lethe_classifier_batch_size_count", 'lethe_classifier_batch_size_bucket{le="1.0"}')):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values["lethe_classifier_batch_size_count"] - values['lethe_classifier_batch_size_bucket{le="1.0"}']
 
 
 def test_eco_alone_protects_the_authors(
