@@ -189,9 +189,15 @@ class Pipeline:
     ) -> Run:
         """Classify and plan the prompts against the current registry snapshot, which the run keeps to its end."""
         snapshot = self._registry.current if self._registry is not None else RegistrySnapshot(revision=0)
-        classifications = list(await asyncio.gather(*(self._classify(snapshot, prompt) for prompt in prompts)))
         run = Run(request_id=request_id, endpoint=endpoint, prompts=prompts, n=n, snapshot=snapshot,
-                  classifications=classifications, seed=seed)
+                  classifications=[], seed=seed)
+        try:
+            run.classifications = list(await asyncio.gather(*(self._classify(snapshot, p) for p in prompts)))
+        except Exception as exc:  # an unclassified prompt may be about a target: refuse it, never serve it plain
+            logger.exception("classifier.failed", extra={"request_id": request_id})
+            self._metrics.guard_failures.labels("classifier").inc()
+            self.finish(run, "guard_failed")
+            raise GuardFailed() from exc
         for target_id in run.hit_target_ids:
             self._metrics.target_hits.labels(target_id).inc()
         try:

@@ -134,10 +134,14 @@ class FakeBank:
     """Every prompt hits TARGET (unless ``hits`` is False)."""
 
     hits: bool = True
+    error: Exception | None = None
 
-    def score(self, turns):
+    def score_many(self, conversations):
+        if self.error is not None:
+            raise self.error
         hits = [Hit(TARGET, 0.9)] if self.hits else []
-        return BankResult(hits, {TARGET: 0.9 if self.hits else 0.1}, 0.0, 0.001, np.zeros((1, 4), np.float32))
+        return [BankResult(hits, {TARGET: 0.9 if self.hits else 0.1}, 0.0, 0.001, np.zeros((1, 4), np.float32))
+                for _ in conversations]
 
 
 @dataclass
@@ -226,6 +230,16 @@ async def test_a_guard_that_raises_refuses_the_request_instead_of_serving_it() -
         await collect(pipeline, pipeline.render_completion("x"), max_tokens=1)
     assert info.value.status == 503 and "boom" not in info.value.message
     assert engine.calls == []
+
+
+async def test_a_classifier_that_fails_refuses_the_request_instead_of_serving_it_unclassified() -> None:
+    engine = FakeEngine()
+    pipeline = guarded(engine, FakeGuard("eco"), bank=FakeBank(error=RuntimeError("embedding model gone")))
+    with pytest.raises(GuardFailed) as info:
+        await collect(pipeline, pipeline.render_completion(["x", "y"]), max_tokens=1)
+    assert info.value.status == 503 and "embedding" not in info.value.message
+    assert engine.calls == []
+    assert pipeline._metrics.guard_failures.labels("classifier")._value.get() == 1
 
 
 async def test_a_hit_target_without_any_ready_mechanism_is_refused() -> None:
