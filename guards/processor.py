@@ -36,7 +36,12 @@ EXTRA_ARGS_KEY = "lethe"
 
 
 class RowHook(Protocol):
-    """Per-request decoding-time state of one guard; ``apply`` edits one row of logits in place."""
+    """Per-request decoding-time state of one guard; ``apply`` edits one row of logits in place.
+
+    A hook class may also define a static ``prepare_rows(hooks)``: work it can do for all its rows at once (ULD's
+    assistant forward), run before the row loop each step. It is an optimisation only: if it fails, each row's
+    ``apply`` does its own work.
+    """
 
     def apply(self, logits_row: torch.Tensor) -> None: ...
 
@@ -141,6 +146,7 @@ class LetheLogitsProcessor(LogitsProcessor):
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if not self.rows:
             return logits
+        self._prepare_rows()
         for row, hooks in self.rows.items():
             for hook in hooks:
                 try:
@@ -152,6 +158,20 @@ class LetheLogitsProcessor(LogitsProcessor):
                     failed.apply(logits[row])
                     break
         return logits
+
+
+    def _prepare_rows(self) -> None:
+        """Each hook class's batched work for all its rows (see ``RowHook``); a failure leaves it to the rows."""
+        by_class: dict[type, list[RowHook]] = {}
+        for hooks in self.rows.values():
+            for hook in hooks:
+                if hasattr(type(hook), "prepare_rows"):
+                    by_class.setdefault(type(hook), []).append(hook)
+        for hook_class, hooks in by_class.items():
+            try:
+                hook_class.prepare_rows(hooks)
+            except Exception:
+                logger.exception("processor.prepare_rows_failed", extra={"hook": hook_class.__name__})
 
 
 def _served_vocabulary(vllm_config: VllmConfig) -> tuple[Vocabulary, int]:

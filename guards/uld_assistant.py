@@ -73,6 +73,30 @@ class AssistantSession:
     def consumed(self) -> int:
         return self._consumed
 
+    @property
+    def model(self) -> Any:
+        return self._model
+
+    @property
+    def kv_layers(self) -> Any:
+        """The assistant's per-layer KV cache for this request (``.keys``/``.values``: (1, heads, consumed, dim))."""
+        return self._cache.layers
+
+    def next_token_if_one_behind(self) -> int | None:
+        """The one token this session has not fed its assistant yet, if that is all it lacks (a decoding step)."""
+        total = len(self._prompt_ids) + len(self._output_ids)
+        if self._cache is None or total != self._consumed + 1:
+            return None
+        return self._output_ids[-1] if self._output_ids else self._prompt_ids[-1]
+
+    def take_step(self, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], logits: torch.Tensor) -> None:
+        """Record a step computed for this session elsewhere (``advance_together``): the new token's per-layer
+        keys/values (1, heads, 1, head_dim) and the assistant's logits after it."""
+        for layer, (key, value) in enumerate(zip(keys, values, strict=True)):
+            self._cache.update(key, value, layer)
+        self._consumed += 1
+        self._last = logits
+
     def next_logits(self) -> torch.Tensor:
         """The assistant's next-token logits after the request's tokens so far (V,)."""
         total = len(self._prompt_ids) + len(self._output_ids)
@@ -88,12 +112,65 @@ class AssistantSession:
         return self._last
 
 
+def advance_together(sessions: Sequence[AssistantSession]) -> None:
+    """Feed every session that is one token behind its request, one batched forward per assistant model.
+
+    The decoding step is ULD's whole per-token cost, and one forward for B rows costs about what one row's does on CPU
+    (measured 3.6x less time for 8 rows than 8 single-row forwards). The rows' KV caches have different lengths, so
+    they are left-padded into one batch with an attention mask and explicit positions; each session then keeps only
+    its new token's keys and values. Sessions with more to feed (the prompt, at a request's first step) run alone.
+    """
+    groups: dict[int, list[tuple[AssistantSession, int]]] = {}
+    for session in sessions:
+        token = session.next_token_if_one_behind()
+        if token is not None:
+            groups.setdefault(id(session.model), []).append((session, token))
+    for group in groups.values():
+        if len(group) > 1:
+            _batched_step(group)
+
+
+def _batched_step(group: Sequence[tuple[AssistantSession, int]]) -> None:
+    from transformers import DynamicCache
+
+    sessions = [session for session, _ in group]
+    lengths = [session.consumed for session in sessions]
+    longest = max(lengths)
+    layers = [session.kv_layers for session in sessions]
+    cache = DynamicCache()
+    for layer in range(len(layers[0])):
+        keys = torch.cat([_left_pad(rows[layer].keys, longest) for rows in layers])
+        values = torch.cat([_left_pad(rows[layer].values, longest) for rows in layers])
+        cache.update(keys, values, layer)
+    mask = torch.zeros(len(sessions), longest + 1, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        mask[row, longest - length:] = 1
+    with torch.inference_mode():
+        out = sessions[0].model(input_ids=torch.tensor([[token] for _, token in group]), attention_mask=mask,
+                                position_ids=torch.tensor([[length] for length in lengths]),
+                                past_key_values=cache, use_cache=True)
+    new = out.past_key_values.layers
+    for row, session in enumerate(sessions):
+        session.take_step([layer.keys[row:row + 1, :, -1:] for layer in new],
+                          [layer.values[row:row + 1, :, -1:] for layer in new], out.logits[row, -1].float())
+
+
+def _left_pad(states: torch.Tensor, length: int) -> torch.Tensor:
+    """(1, heads, n, head_dim) -> (1, heads, length, head_dim), zeros first (masked out)."""
+    return torch.nn.functional.pad(states, (0, 0, length - states.shape[2], 0))
+
+
 class UldRowHook:
     """Applies ULD to one row: ``l_target - sum_i alpha_i * l_assistant_i`` on the tokens ULD's filter keeps."""
 
     def __init__(self, sessions: Sequence[tuple[AssistantSession, float]], tau: float) -> None:
         self._sessions = list(sessions)
         self._tau = tau
+
+    @staticmethod
+    def prepare_rows(hooks: Sequence[UldRowHook]) -> None:
+        """Before the row loop: every row's assistant step, batched (``advance_together``)."""
+        advance_together([session for hook in hooks for session, _ in hook._sessions])
 
     def apply(self, logits_row: torch.Tensor) -> None:
         vocab = logits_row.shape[-1]

@@ -93,3 +93,31 @@ def test_malformed_lethe_section_is_rejected_in_the_front_end() -> None:
 
 def test_processor_must_run_for_greedy_batches(processor: LetheLogitsProcessor) -> None:
     assert processor.is_argmax_invariant() is False
+
+
+class BatchedBan(BanToken):
+    """A hook whose batched preparation runs once per step for all its rows (or fails, when told to)."""
+
+    prepared: list[list[int]] = []
+    fail = False
+
+    @staticmethod
+    def prepare_rows(hooks: Sequence[BatchedBan]) -> None:
+        if BatchedBan.fail:
+            raise RuntimeError("batched step failed")
+        BatchedBan.prepared.append(sorted(hook.token for hook in hooks))
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_batched_preparation_runs_once_per_step_and_its_failure_leaves_the_rows_to_themselves(
+    monkeypatch: pytest.MonkeyPatch, fail: bool
+) -> None:
+    monkeypatch.setattr(BatchedBan, "prepared", [])
+    monkeypatch.setattr(BatchedBan, "fail", fail)
+    monkeypatch.setattr(processor_module, "ROW_HOOK_FACTORIES",
+                        [("ban", lambda section, *_: BatchedBan(section["ban"]) if "ban" in section else None)])
+    processor = LetheLogitsProcessor(None, torch.device("cpu"), False)  # type: ignore[arg-type]
+    processor.update_state(update(3, added=[(0, flagged(1), [1], []), (1, SamplingParams(), [1], []),
+                                            (2, flagged(5), [1], [])]))
+    assert banned_rows(processor, 3) == {0: [1], 1: [], 2: [5]}
+    assert BatchedBan.prepared == ([] if fail else [[1, 5]])

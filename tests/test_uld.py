@@ -14,7 +14,8 @@ from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 
 from guards.processor import LetheLogitsProcessor
 from guards.uld import combine_logits, kept_tokens
-from guards.uld_assistant import AssistantModels, AssistantSession, uld_row_hook, validate_uld_section
+from guards.uld_assistant import (AssistantModels, AssistantSession, advance_together, uld_row_hook,
+                                  validate_uld_section)
 
 VOCAB = 32
 
@@ -66,6 +67,27 @@ def test_the_kv_cached_session_equals_a_full_forward_at_every_step(assistant_dir
         assert torch.allclose(session.next_logits(), full_forward(model, prompt + output), atol=1e-5)
         output.append(token)  # vLLM appends the sampled token to the live list
     assert session.consumed == len(prompt) + 2
+
+
+def test_sessions_advanced_together_equal_a_full_forward_at_every_step(assistant_dir: Path) -> None:
+    """The batched decoding step (left-padded caches of different lengths) gives each row its own logits."""
+    model = AssistantModels().get(str(assistant_dir))
+    prompts = [[1, 5, 7], [2], [9, 8, 7, 6, 5, 4]]
+    outputs: list[list[int]] = [[], [], []]
+    sessions = [AssistantSession(model, p, o) for p, o in zip(prompts, outputs, strict=True)]
+    for session in sessions:
+        session.next_logits()  # the prompt: fed alone
+    advance_together(sessions)
+    assert [s.consumed for s in sessions] == [3, 1, 6]  # nothing to feed yet: nothing fed
+    for step, tokens in enumerate(((3, 4, 5), (10, 11, 12), (6, 6, 6))):
+        for output, token in zip(outputs, tokens, strict=True):
+            output.append(token)
+        batch = sessions[: 2 if step == 1 else 3]  # a row can sit out a batch and catch up alone
+        advance_together(batch)
+        assert all(s.consumed == len(p) + len(o) for s, p, o in zip(batch, prompts, outputs, strict=False))  # fed by the batch
+        for session, prompt, output in zip(sessions, prompts, outputs, strict=True):
+            assert torch.allclose(session.next_logits(), full_forward(model, prompt + output), atol=1e-5)
+            assert session.consumed == len(prompt) + len(output)
 
 
 def test_assistants_are_cached_by_path_and_evicted_least_recently_used(tmp_path: Path, assistant_dir: Path) -> None:
