@@ -25,6 +25,17 @@ def threshold_for_recall(positive_scores: np.ndarray, recall: float) -> float:
     return float(scores[max(k, 1) - 1])
 
 
+def threshold_for_false_positive_rate(negative_scores: np.ndarray, max_rate: float) -> float:
+    """Lowest threshold at which at most `max_rate` of these held-out negatives score at or above it."""
+    if not 0 <= max_rate <= 1:
+        raise ValueError(f"max_rate must be in [0, 1], got {max_rate}")
+    scores = np.sort(np.asarray(negative_scores, dtype=np.float64))[::-1]
+    allowed = math.floor(max_rate * scores.size + 1e-9)  # negatives that may clear the threshold
+    if allowed >= scores.size:
+        return -math.inf
+    return float(np.nextafter(scores[allowed], math.inf))  # strictly above the first negative that must not clear
+
+
 def rate_at_or_above(scores: np.ndarray, threshold: float) -> float:
     """Fraction of `scores` >= `threshold` (a recall for positives, a false-positive rate for negatives)."""
     scores = np.asarray(scores)

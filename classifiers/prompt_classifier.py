@@ -5,8 +5,10 @@ Fitting: positives are the target's forget prompts (`positives.py`), negatives i
 pool (`negatives.py`). The head is class-balanced logistic regression (the data are ~100 positives against ~1,300
 negatives, linearly separable enough in MiniLM space that a linear head generalises better than anything with more
 capacity). Its threshold is calibrated on out-of-fold scores (grouped, stratified k-fold, so a question and its
-re-namings are never split across folds) for the configured recall, and the out-of-fold false-positive rate at that
-threshold is stored on the artifact. At request time an alias mention is a hit whatever the head says.
+re-namings are never split across folds) for the configured recall, but never below the threshold that keeps the
+out-of-fold false-positive rate under a cap: one forget prompt unlike all the others (a question that never names the
+target) would otherwise drag the threshold down until a quarter of all traffic is flagged (measured on TOFU forget05:
+three of ten authors at 19-28 %). The achieved held-out recall and false-positive rate are stored on the artifact. At request time an alias mention is a hit whatever the head says.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from classifiers.aliases import AliasMatcher
 from classifiers.artifact_io import content_hash, load_artifact, save_artifact
-from classifiers.calibration import rate_at_or_above, threshold_for_recall
+from classifiers.calibration import rate_at_or_above, threshold_for_false_positive_rate, threshold_for_recall
 from classifiers.conversation import texts_to_embed
 from classifiers.embedding import Embedder
 from classifiers.negatives import Negative, negatives_for
@@ -36,7 +38,7 @@ ARTIFACT_VERSION = 1
 # Inverse L2 strength: unit-norm 384-d embeddings need weak regularisation to separate one author from many others.
 DEFAULT_C = 16.0
 DEFAULT_FOLDS = 5
-HIGH_FALSE_POSITIVE_RATE = 0.05
+DEFAULT_MAX_FALSE_POSITIVE_RATE = 0.02
 
 Progress = Callable[[float, str], None]
 
@@ -56,6 +58,7 @@ class PromptClassifierArtifact:
     embedder_id: str
     recall_target: float = 0.99
     false_positive_rate_by_source: dict[str, float] = field(default_factory=dict)
+    max_false_positive_rate: float | None = None  # the cap the threshold was held to (None: fitted before caps)
     version: int = ARTIFACT_VERSION
 
     def probabilities(self, embeddings: np.ndarray) -> np.ndarray:
@@ -87,13 +90,14 @@ def fit_prompt_classifier(
     embedder: Embedder,
     *,
     recall: float = 0.99,
+    max_false_positive_rate: float = DEFAULT_MAX_FALSE_POSITIVE_RATE,
     seed: int = 0,
     progress: Progress | None = None,
     negative_pool: Sequence[Negative] | None = None,
     folds: int = DEFAULT_FOLDS,
     c: float = DEFAULT_C,
 ) -> PromptClassifierArtifact:
-    """Fit `spec`'s head, calibrate its threshold for `recall` and measure its false-positive rate (deterministic)."""
+    """Fit `spec`'s head, calibrate its threshold for `recall` within `max_false_positive_rate` (deterministic)."""
     report = progress or (lambda fraction, message: None)
     report(0.0, "building prompts")
     positives = forget_prompts(spec, seed=seed)
@@ -119,7 +123,8 @@ def fit_prompt_classifier(
     head = _fit_head(x, y, c)
 
     pos_oof, neg_oof = oof[y == 1], oof[y == 0]
-    threshold = threshold_for_recall(pos_oof, recall)
+    threshold = max(threshold_for_recall(pos_oof, recall),
+                    threshold_for_false_positive_rate(neg_oof, max_false_positive_rate))
     matcher = AliasMatcher(spec.aliases)
     alias_hit = np.array([matcher.matches(p.text) > 0 for p in positives])
     sources = sorted({n.source for n in negatives})
@@ -136,17 +141,18 @@ def fit_prompt_classifier(
         embedder_id=embedder.model_id,
         recall_target=recall,
         false_positive_rate_by_source={s: rate_at_or_above(neg_oof[neg_sources == s], threshold) for s in sources},
+        max_false_positive_rate=max_false_positive_rate,
     )
     logger.info(
         "target %s: classifier fitted on %d+/%d-, threshold %.4f, held-out recall %.3f, FPR %.4f",
         spec.id, artifact.n_pos, artifact.n_neg, threshold, artifact.heldout_recall, artifact.false_positive_rate,
     )
-    if artifact.false_positive_rate > HIGH_FALSE_POSITIVE_RATE:
-        # Typically one forget prompt unlike all the others (a question that never names the target) sets the
-        # threshold; more forget items (answers, texts) or a lower recall target bring the rate down.
+    if artifact.heldout_recall < recall:
+        # The false-positive cap bound: some forget prompts look like ordinary traffic to the head. Alias mentions
+        # still hit; more forget items (answers, texts) or a higher cap bring the head's recall up.
         logger.warning(
-            "target %s: classifier false-positive rate %.3f at recall %.2f; add forget data or lower the recall",
-            spec.id, artifact.false_positive_rate, recall,
+            "target %s: classifier held-out recall %.3f is below %.2f at the false-positive cap %.3f; add forget data",
+            spec.id, artifact.heldout_recall, recall, max_false_positive_rate,
         )
     report(1.0, "done")
     return artifact

@@ -15,7 +15,8 @@ from typing import Any
 from classifiers.bank import ClassifierBank
 from classifiers.embedding import Embedder
 from classifiers.ood import OODArtifact, OODBank, fit_ood_detector
-from classifiers.prompt_classifier import PromptClassifierArtifact, fit_prompt_classifier
+from classifiers.prompt_classifier import (DEFAULT_MAX_FALSE_POSITIVE_RATE, PromptClassifierArtifact,
+                                          fit_prompt_classifier)
 from classifiers.types import ForgetItem, TargetSpec
 from server.jobs import JobContext, JobHandler
 from server.registry.store import TargetRecord
@@ -34,7 +35,8 @@ def target_spec(record: TargetRecord) -> TargetSpec:
                       retain=items(record.retain))
 
 
-def fit_classifier_handler(embedder: Callable[[], Embedder], recall: float) -> JobHandler:
+def fit_classifier_handler(embedder: Callable[[], Embedder], recall: float,
+                           max_false_positive_rate: float = DEFAULT_MAX_FALSE_POSITIVE_RATE) -> JobHandler:
     """The ``fit_classifier`` job: fit the prompt classifier (and the O3 gate if enabled), store them, report figures."""
 
     def run(context: JobContext) -> dict[str, Any]:
@@ -43,7 +45,7 @@ def fit_classifier_handler(embedder: Callable[[], Embedder], recall: float) -> J
         staging = context.artifacts.staging_dir()
         wants_ood = "o3" in context.target.mechanisms
         share = 0.8 if wants_ood else 1.0
-        prompt = fit_prompt_classifier(spec, model, recall=recall,
+        prompt = fit_prompt_classifier(spec, model, recall=recall, max_false_positive_rate=max_false_positive_rate,
                                        progress=lambda f, m: context.progress(f * share, m))
         prompt.save(staging / PROMPT_DIR)
         gate: dict[str, Any] = {}

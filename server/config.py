@@ -76,6 +76,10 @@ class Settings(BaseSettings):
     classifier_recall: float = Field(
         0.99, gt=0, lt=1, description="Recall on held-out forget prompts the classifier threshold is set for."
     )
+    classifier_max_fpr: float = Field(
+        0.02, ge=0, le=1,
+        description="Cap on the held-out false-positive rate; the threshold rises to it even if recall drops.",
+    )
     embedding_model: str | None = Field(
         None, description="sentence-transformers model dir for the classifiers; unset: the packaged MiniLM."
     )

@@ -61,7 +61,8 @@ def open_store(settings: Settings) -> RegistryStore:
 def offline_handlers(settings: Settings, embedder: Callable[[], Embedder], store: RegistryStore,
                      model_path: Path | None) -> dict[str, JobHandler]:
     """The jobs a worker can run without the engine: the embedder's, and training if it has the model's files."""
-    handlers = {FIT_CLASSIFIER: fit_classifier_handler(embedder, settings.classifier_recall),
+    handlers = {FIT_CLASSIFIER: fit_classifier_handler(embedder, settings.classifier_recall,
+                                                       settings.classifier_max_fpr),
                 GUARD_PHRASES: guard_phrases_handler(embedder)}
     if model_path is not None:
         handlers[ULD_TRAIN] = uld_train_handler(model_path)

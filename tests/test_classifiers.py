@@ -29,7 +29,7 @@ from classifiers import (
     fit_ood_detector,
     fit_prompt_classifier,
 )
-from classifiers.calibration import threshold_for_recall
+from classifiers.calibration import threshold_for_false_positive_rate, threshold_for_recall
 from classifiers.chunking import sentences
 from classifiers.conversation import MAX_TEXTS, texts_to_embed
 from classifiers.negatives import builtin_negative_pool, split_by_hash
@@ -120,6 +120,20 @@ def test_fitted_artifact_records_its_calibration(artifacts):
         assert 0.0 <= artifact.false_positive_rate <= 1.0
         assert set(artifact.false_positive_rate_by_source) >= {"retain", "world_facts", "real_authors", "generic"}
         assert artifact.n_pos > 20 and artifact.n_neg > 1000
+
+
+def test_the_false_positive_cap_holds_where_recall_alone_would_flag_a_fifth_of_all_traffic(embedder, pools):
+    """TOFU forget05's Aysha Al-Hashim: at recall 0.99 alone, her most generic forget prompt set the threshold at
+    0.004 and 28 % of negatives cleared it (measured in the forget05 evaluation); the cap keeps the threshold above
+    all but 2 % of them, and what that costs in recall is recorded."""
+    author = next(a for a in authors_of("forget05") if a.name == "Aysha Al-Hashim")
+    retain = [ForgetItem(i.question, i.answer) for a in demo_authors()[RETAIN_AUTHORS] for i in a.items]
+    spec = TargetSpec("aysha", "aysha", [author.name], [ForgetItem(i.question, i.answer) for i in author.items], retain)
+    uncapped = fit_prompt_classifier(spec, embedder, negative_pool=pools[0], max_false_positive_rate=1.0)
+    capped = fit_prompt_classifier(spec, embedder, negative_pool=pools[0])
+    assert uncapped.false_positive_rate > 0.1
+    assert capped.false_positive_rate <= 0.02 and capped.max_false_positive_rate == 0.02
+    assert capped.threshold > uncapped.threshold and 0.8 <= capped.heldout_recall < uncapped.heldout_recall
 
 
 def test_misspelled_and_partial_names_are_hits(bank):
@@ -314,6 +328,14 @@ def test_a_target_without_enough_forget_data_is_refused(embedder):
 
 
 # --- calibration and conversation texts ---------------------------------------------------------------------------
+
+
+def test_threshold_for_false_positive_rate_lets_at_most_that_share_of_negatives_clear_it():
+    negatives = np.array([0.1, 0.9, 0.5, 0.7, 0.3, 0.2, 0.8, 0.4, 0.6, 0.0])
+    threshold = threshold_for_false_positive_rate(negatives, 0.2)  # two of ten may clear: 0.9 and 0.8, not 0.7
+    assert 0.7 < threshold <= 0.8 and np.mean(negatives >= threshold) == 0.2
+    assert threshold_for_false_positive_rate(negatives, 0.0) > 0.9
+    assert threshold_for_false_positive_rate(negatives, 1.0) == -np.inf
 
 
 def test_threshold_for_recall_is_the_conformal_order_statistic():
