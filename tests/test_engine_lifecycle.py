@@ -102,10 +102,12 @@ def test_stream_disconnect_aborts_the_engine_request(lethe_server, model_name: s
 
 
 def test_non_stream_disconnect_aborts_the_engine_request(lethe_server, model_name: str) -> None:
-    body = {"model": model_name, "prompt": "The", "max_tokens": 1000, "ignore_eos": True, "n": 4, "temperature": 1}
+    # 16 x 1000 tokens is at least 1000 engine steps, which no machine finishes in the 0.3 s the client waits.
+    body = {"model": model_name, "prompt": "The", "max_tokens": 1000, "ignore_eos": True, "n": 16, "temperature": 1}
     started = time.time()
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{lethe_server.base_url}/v1/completions", json=body, headers=auth_headers(), timeout=1.0)
+        httpx.post(f"{lethe_server.base_url}/v1/completions", json=body, headers=auth_headers(),
+                   timeout=httpx.Timeout(10.0, read=0.3))
     record = audit_record(lethe_server.base_url,
                           lambda r: r["created"] >= started and r["endpoint"] == "completions")
     assert record["outcome"] == "aborted"
