@@ -78,23 +78,19 @@ class ClassifierBank:
         Each result's timings are the batch's.
         """
         started = time.perf_counter()
+        if not self.target_ids:
+            nothing = np.zeros((0, self._embedder.dim), np.float32)
+            return [BankResult([], {}, 0.0, time.perf_counter() - started, nothing) for _ in conversations]
         texts = [texts_to_embed(conversation) for conversation in conversations]
         flat = [text for request_texts in texts for text in request_texts]
-        if not self.target_ids or not flat:
-            embedded = np.zeros((0, self._embedder.dim), np.float32)
-        else:
-            embedded = self._embedder.encode(flat)
+        embedded = self._embedder.encode(flat) if flat else np.zeros((0, self._embedder.dim), np.float32)
         embed_seconds = time.perf_counter() - started
-        if self.target_ids and len(flat):
-            logits = rows_dot(self._w, embedded) + self._b  # (N, T) over every text of every conversation
+        logits = rows_dot(self._w, embedded) + self._b  # (N, T) over every text of every conversation
         scored = []
         offset = 0
         for conversation, request_texts in zip(conversations, texts, strict=True):
             rows = slice(offset, offset + len(request_texts))
             offset += len(request_texts)
-            if not self.target_ids:
-                scored.append(([], {}, embedded[rows]))
-                continue
             if request_texts:
                 head = 1.0 / (1.0 + np.exp(-logits[rows].max(axis=0).astype(np.float64)))  # max over its texts
             else:

@@ -8,7 +8,8 @@ capacity). Its threshold is calibrated on out-of-fold scores (grouped, stratifie
 re-namings are never split across folds) for the configured recall, but never below the threshold that keeps the
 out-of-fold false-positive rate under a cap: one forget prompt unlike all the others (a question that never names the
 target) would otherwise drag the threshold down until a quarter of all traffic is flagged (measured on TOFU forget05:
-three of ten authors at 19-28 %). The achieved held-out recall and false-positive rate are stored on the artifact. At request time an alias mention is a hit whatever the head says.
+three of ten authors at 19-28 %). The achieved held-out recall and false-positive rate are stored on the artifact.
+At request time an alias mention is a hit whatever the head says.
 """
 
 from __future__ import annotations

@@ -159,7 +159,6 @@ class LetheLogitsProcessor(LogitsProcessor):
                     break
         return logits
 
-
     def _prepare_rows(self) -> None:
         """Each hook class's batched work for all its rows (see ``RowHook``); a failure leaves it to the rows."""
         by_class: dict[type, list[RowHook]] = {}
