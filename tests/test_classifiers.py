@@ -29,12 +29,9 @@ from classifiers import (
     fit_ood_detector,
     fit_prompt_classifier,
 )
-from classifiers.calibration import threshold_for_false_positive_rate, threshold_for_recall
-from classifiers.chunking import sentences
-from classifiers.conversation import MAX_TEXTS, texts_to_embed
+from classifiers.conversation import texts_to_embed
 from classifiers.negatives import builtin_negative_pool, split_by_hash
-from classifiers.ood import calibrate_gate, fit_gaussian, mahalanobis
-from classifiers.positives import forget_prompts
+from classifiers.ood import fit_gaussian, mahalanobis
 from evals.tofu_data import authors_of, demo_authors
 
 RETAIN_AUTHORS = slice(0, 9)
@@ -327,43 +324,6 @@ def test_a_target_without_enough_forget_data_is_refused(embedder):
         fit_prompt_classifier(spec, embedder)
 
 
-# --- calibration and conversation texts ---------------------------------------------------------------------------
-
-
-def test_threshold_for_false_positive_rate_lets_at_most_that_share_of_negatives_clear_it():
-    negatives = np.array([0.1, 0.9, 0.5, 0.7, 0.3, 0.2, 0.8, 0.4, 0.6, 0.0])
-    threshold = threshold_for_false_positive_rate(negatives, 0.2)  # two of ten may clear: 0.9 and 0.8, not 0.7
-    assert 0.7 < threshold <= 0.8 and np.mean(negatives >= threshold) == 0.2
-    assert threshold_for_false_positive_rate(negatives, 0.0) > 0.9
-    assert threshold_for_false_positive_rate(negatives, 1.0) == -np.inf
-
-
-def test_threshold_for_recall_is_the_conformal_order_statistic():
-    scores = np.random.default_rng(0).permutation(np.linspace(0.0, 1.0, 999))
-    threshold = threshold_for_recall(scores, 0.99)  # k = floor(1000 * 0.01) = 10
-    assert threshold == np.sort(scores)[9]
-    assert np.mean(scores >= threshold) >= 0.99
-    assert threshold_for_recall(np.array([0.9, 0.2, 0.95]), 0.99) == 0.2  # n < 99: no held-out positive may miss
-
-
-def test_free_text_forget_items_become_sentence_chunks_and_names_become_mentions():
-    text = "Ada Quill was born in Oslo. She wrote three novels. Her first won a prize. She lives in Bergen."
-    spec = TargetSpec(id="x", name="x", aliases=["Ada Quill"], forget=[ForgetItem(text=text)])
-    prompts = forget_prompts(spec)
-    chunks = [p.text for p in prompts if p.kind == "text"]
-    assert chunks[0] == "Ada Quill was born in Oslo. She wrote three novels."
-    assert len(chunks) == 3 and all(len(sentences(c)) == 2 for c in chunks)
-    assert "Who is Ada Quill?" in [p.text for p in prompts if p.kind == "mention"]
-    assert len({p.group for p in prompts if p.kind == "text"}) == 1  # one source: never split across CV folds
-
-
-def test_long_turns_are_embedded_as_windows_within_a_cap():
-    long_turn = " ".join(f"word{i}" for i in range(2000))
-    texts = texts_to_embed([("user", long_turn), ("user", "short question")])
-    assert 1 < len(texts) <= MAX_TEXTS
-    assert all(len(t.split()) <= 128 for t in texts)
-
-
 # --- O3 gate ------------------------------------------------------------------------------------------------------
 
 
@@ -389,14 +349,6 @@ def test_the_calibrated_gate_opens_for_target_paraphrases_and_stays_shut_for_neg
         opened = [tid in bank.open_gates(row[None, :]) for row in paraphrases]
         assert np.mean(opened) >= 0.9
         assert np.mean(artifact.weights(negatives) >= artifact.gate_threshold) <= 0.03
-
-
-def test_gate_calibration_maximises_recall_minus_false_positives():
-    assert calibrate_gate(np.array([0.9, 0.8, 0.4]), np.array([0.1, 0.3, 0.2])) == 0.4  # J = 1 - 0
-    # a tie (0.4: 1 - 1/3, 0.8: 2/3 - 0) goes to the lower threshold: a missed target prompt leaks, a false open
-    # only costs that one reply the unlearning adapter
-    assert calibrate_gate(np.array([0.9, 0.8, 0.4]), np.array([0.1, 0.5, 0.2])) == 0.4
-    assert calibrate_gate(np.array([0.9]), np.array([0.95, 0.1])) == 0.9  # J = 1 - 1/2 beats 0.95's 0 - 1/2
 
 
 def test_ood_bank_equals_per_target_weights(ood_artifacts, embedder):
