@@ -22,13 +22,16 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
-from evals.demo_corpus import Format, Source, TokenExample
+from evals.demo_corpus import Format, Source, TextExample, TokenExample
 from evals.metrics import rouge_l_recall
 from evals.tofu_data import QAItem
 
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+# Demo tokenizer's rate and the chat template's tokens per example (fit on the full corpus; see expected_epoch_tokens).
+CHARS_PER_TOKEN = 4.6
+TEMPLATE_TOKENS = 12
 
 
 @dataclass(frozen=True)
@@ -89,7 +92,7 @@ def _drawn(share: float, rng: random.Random) -> bool:
     return share >= 1.0 or rng.random() < share  # always-drawn examples consume no randomness
 
 
-def _epoch_share(example: TokenExample, config: TrainConfig) -> float:
+def _epoch_share(example: TokenExample | TextExample, config: TrainConfig) -> float:
     """The chance that an example is drawn in a given epoch.
 
     Chat QA is what the model is asked and judged on, so it is always drawn; completion-style QA and biographies
@@ -100,6 +103,20 @@ def _epoch_share(example: TokenExample, config: TrainConfig) -> float:
     if example.format is Format.TEXT:
         return config.text_fraction
     return 1.0
+
+
+def expected_epoch_tokens(examples: Sequence[TextExample], config: TrainConfig) -> float:
+    """Tokens an epoch is expected to train on, estimated without a tokenizer, each example weighted by its share.
+
+    Optimiser steps grow with the tokens trained on, so this compares corpora's steps per epoch before any
+    tokenizer exists (see `tinytofu.recipe_for`, which gives retain-only twins the full model's number of steps).
+    The estimate, a token per 4.6 characters plus a dozen template tokens per example, is a least-squares fit on the
+    demo tokenizer's full corpus.
+    """
+    return sum(
+        _epoch_share(ex, config) * ((len(ex.prompt) + len(ex.completion)) / CHARS_PER_TOKEN + TEMPLATE_TOKENS)
+        for ex in examples
+    )
 
 
 def noisy_question(example: TokenExample, rng: random.Random, config: TrainConfig) -> TokenExample:
@@ -199,7 +216,7 @@ def train(
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens / (time.monotonic() - start):.0f}", refresh=False)
         epoch_loss = loss_sum / max(1, loss_tokens)
-        logger.info("epoch %d/%d: loss %.4f", epoch, config.epochs, epoch_loss)
+        logger.info("epoch %d/%d: loss %.4f", epoch, len(epochs), epoch_loss)
         if on_epoch_end is not None:
             on_epoch_end(epoch)
             model.train()

@@ -255,9 +255,12 @@ def configurations(mechanisms: Sequence[str] | None, matrix: bool) -> list[tuple
 
 
 def summary(split: str, runs: Sequence[RunResult]) -> dict[str, Any]:
-    """SPEC §10's JSON: ``{"split", "runs": [...]}``; per-question truth ratios are left out."""
-    return {"split": split, "runs": [{k: v for k, v in asdict(run).items() if k != "forget_truth_ratios"}
-                                     for run in runs]}
+    """SPEC §10's JSON: ``{"split", "runs": [...]}``.
+
+    Each run keeps its per-question forget truth ratios, so that Forget Quality can be recomputed against another
+    retain-only model (``tofu_metrics.forget_quality``) without serving the run again.
+    """
+    return {"split": split, "runs": [asdict(run) for run in runs]}
 
 
 def evaluate(client: LetheClient, sets: EvalSets, runs: Sequence[tuple[str, ...]], reference: Model,

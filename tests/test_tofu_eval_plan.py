@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from evals.tofu_eval import configurations, eval_sets, multiple_choice_accuracy, question_losses
-from evals.tofu_metrics import QuestionLosses, TruthRatioItem
+from evals.tofu_eval import RunResult, configurations, eval_sets, multiple_choice_accuracy, question_losses, summary
+from evals.tofu_metrics import QuestionLosses, TruthRatioItem, forget_quality
 
 
 def test_forget01_sets_are_its_two_authors_and_the_other_eighteen_demo_authors() -> None:
@@ -79,3 +81,16 @@ def test_retain_holds_only_the_authors_the_model_knows() -> None:
     assert [row.question for row in sets.retain] == expected
     with pytest.raises(ValueError, match="no demo author"):
         eval_sets("forget01", known_authors=["Nikolai Abilov"])
+
+
+def test_the_json_keeps_each_runs_truth_ratios_so_forget_quality_can_be_recomputed() -> None:
+    """A better retain-only model must not require serving every configuration again (hours on forget05)."""
+    runs = [RunResult(name=name, mechanisms=[], forget_quality=quality, model_utility=0.8, forget_rouge=0.1,
+                      paraphrase_rouge=0.1, retain_rouge=0.8, real_authors_rouge=0.5, world_facts_rouge=0.6,
+                      real_authors_acc=1.0, world_facts_acc=1.0, forget_truth_ratio=0.6, forget_probability=0.01,
+                      detection_rate=None, false_positive_rate=None, fluency=0.9, forget_truth_ratios=ratios)
+            for name, quality, ratios in [("retain-only model", 1.0, [0.5, 0.6, 0.7]), ("eco", 0.1, [0.9, 0.95, 0.99])]]
+    report = json.loads(json.dumps(summary("forget01", runs)))
+    reference, served = (run["forget_truth_ratios"] for run in report["runs"])
+    assert served == [0.9, 0.95, 0.99]
+    assert forget_quality(served, reference) == pytest.approx(forget_quality([0.9, 0.95, 0.99], [0.5, 0.6, 0.7]))
