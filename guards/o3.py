@@ -118,7 +118,7 @@ class O3Guard:
 
     def _build(self, directory: Path, adapters: list[Path]) -> None:
         """Write the stack to a temporary sibling and rename it into place: readers never see half an adapter."""
-        from guards.o3_training import stack_adapters
+        from guards.o3_adapters import stack_adapters
 
         directory.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=directory.parent))

@@ -1,4 +1,4 @@
-"""O3's unlearning LoRA (Gao et al., 2025; METHODS.md §3): one adapter per forget target, and their rank-stacking.
+"""O3's unlearning LoRA (Gao et al., 2025; METHODS.md §3): training one adapter per forget target.
 
 Each target gets its own LoRA, fine-tuned on the target's forget questions toward polite refusals (O3's TOFU recipe),
 with O3's orthogonality penalty against the LoRA-A matrices of all earlier targets' adapters, so a new request does
@@ -7,8 +7,7 @@ not overwrite the subspaces earlier requests wrote into (continual unlearning wi
     L = L_unlearn + λ · mean_layers Σ_modules Σ_{t earlier} ‖A_t A_newᵀ‖_F²
 
 Each adapter is trained on the base model with the earlier adapters merged in: the model the server runs once the
-new adapter joins them. Serving attaches one adapter per registry revision: ``stack_adapters`` concatenates the
-targets' adapters along the rank dimension, which computes exactly the sum of their updates, Σ_i scale_i B_i A_i x.
+new adapter joins them (serving attaches their rank-stack, ``guards.o3_adapters.stack_adapters``).
 """
 
 from __future__ import annotations
@@ -28,17 +27,14 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
-from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from guards.o3 import LORA_TARGET_MODULES
+from guards.o3_adapters import PEFT_PREFIX, merge_into, read_adapter
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 IGNORE_INDEX = -100
-_PEFT_PREFIX = "base_model.model."  # PEFT's saved keys: base_model.model.<module path>.lora_A.weight
 _LAYER = re.compile(r"^(.*?\.\d+)\.")  # "model.layers.3.mlp.up_proj" -> "model.layers.3"
 
 # What the adapter teaches the model to answer about a forget target (O3's TOFU recipe trains toward polite refusals).
@@ -91,11 +87,6 @@ class O3TrainingConfig:
 # ---- the orthogonality penalty -----------------------------------------------------------------------------------
 
 
-def load_lora_a(adapter_dir: Path) -> dict[str, torch.Tensor]:
-    """A saved adapter's LoRA-A matrices, module path ("model.layers.0.self_attn.q_proj") -> A (r, in)."""
-    return {module: a.float() for module, a in _read_adapter(Path(adapter_dir)).a.items()}
-
-
 def orthogonality_penalty(
     new_a: Mapping[str, torch.Tensor], earlier: Sequence[Mapping[str, torch.Tensor]]
 ) -> torch.Tensor:
@@ -128,11 +119,6 @@ def max_overlap(new_a: Mapping[str, torch.Tensor], earlier: Sequence[Mapping[str
                 if norms > 0:
                     largest = max(largest, float((a_t @ a_new.T).norm() / norms))
     return largest
-
-
-def _module_path(key: str) -> str:
-    """"base_model.model.model.layers.0.mlp.up_proj.lora_A.weight" -> "model.layers.0.mlp.up_proj"."""
-    return key.removeprefix(_PEFT_PREFIX).rsplit(".", 2)[0]
 
 
 def _layer_of(module: str) -> str:
@@ -206,7 +192,7 @@ def unlearning_loss(model: torch.nn.Module, input_ids: torch.Tensor, labels: tor
 def lora_a_matrices(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The PEFT model's live LoRA-A weights, keyed like ``load_lora_a``."""
     return {
-        name.removeprefix(_PEFT_PREFIX): module.lora_A[adapter].weight
+        name.removeprefix(PEFT_PREFIX): module.lora_A[adapter].weight
         for name, module in model.named_modules()
         if isinstance(module, LoraLayer)
         for adapter in module.lora_A
@@ -239,13 +225,13 @@ def train_unlearning_lora(
     examples = [(ids, labels) for ids, labels in examples if any(label != IGNORE_INDEX for label in labels)]
     if not examples:
         raise ValueError(f"every forget question fills max_length={config.max_length} tokens before the reply")
-    earlier_weights = [_read_adapter(Path(path)) for path in earlier_adapters]
+    earlier_weights = [read_adapter(Path(path)) for path in earlier_adapters]
     earlier = [adapter.a for adapter in earlier_weights]
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_seed_of(config.seed, forget_questions))
         base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        _merge_into(base, earlier_weights)
+        merge_into(base, earlier_weights)
         model = get_peft_model(base, _lora_config(config, model_dir))
         epochs, final_loss = _fit(model, examples, earlier, config, tokenizer.pad_token_id, progress)
 
@@ -308,18 +294,6 @@ def _fit(
     return epochs, epoch_loss
 
 
-def _merge_into(model: torch.nn.Module, adapters: Sequence[_Adapter]) -> None:
-    """Add the adapters' updates scale·B·A into the model's weights: the served model under their stack."""
-    modules = dict(model.named_modules())
-    with torch.no_grad():
-        for adapter in adapters:
-            for module, a in adapter.a.items():
-                if module not in modules:
-                    raise ValueError(f"an earlier adapter has weights for {module}, which the model does not have")
-                weight = modules[module].weight  # (out, in)
-                weight += adapter.scale * (adapter.b[module].to(weight) @ a.to(weight))
-
-
 def _lora_config(config: O3TrainingConfig, model_dir: Path) -> LoraConfig:
     return LoraConfig(
         r=config.rank,
@@ -338,92 +312,3 @@ def _seed_of(seed: int, questions: Sequence[str]) -> int:
     return int.from_bytes(digest[:8], "little")
 
 
-# ---- serving: one adapter for all targets --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Adapter:
-    scale: float
-    rank: int
-    base_model: str | None
-    a: dict[str, torch.Tensor]  # module path -> A (r, in)
-    b: dict[str, torch.Tensor]  # module path -> B (out, r)
-
-
-def stack_adapters(adapter_dirs: Sequence[Path], out_dir: Path) -> dict[str, Any]:
-    """Rank-stack LoRA adapters into one PEFT adapter in ``out_dir`` that computes Σ_i scale_i B_i A_i x.
-
-    A = [A_1; A_2; ...] (rows), B = [s_1 B_1, s_2 B_2, ...] (columns) with each adapter's scaling s_i folded into its
-    B block, and lora_alpha = r_total so the stacked scaling is 1. A module one adapter lacks gets zero blocks there.
-    """
-    if not adapter_dirs:
-        raise ValueError("no adapters to stack")
-    adapters = [_read_adapter(Path(d)) for d in adapter_dirs]
-    modules = sorted(set().union(*(adapter.a for adapter in adapters)))
-    dtype = next(iter(adapters[0].a.values())).dtype
-    tensors: dict[str, torch.Tensor] = {}
-    for module in modules:
-        in_features = _feature_size(adapters, module, lambda ad: ad.a[module].shape[1])
-        out_features = _feature_size(adapters, module, lambda ad: ad.b[module].shape[0])
-        a_blocks, b_blocks = [], []
-        for adapter in adapters:
-            if module in adapter.a:
-                a_blocks.append(adapter.a[module].float())  # (r_i, in)
-                b_blocks.append(adapter.b[module].float() * adapter.scale)  # (out, r_i)
-            else:
-                a_blocks.append(torch.zeros(adapter.rank, in_features))
-                b_blocks.append(torch.zeros(out_features, adapter.rank))
-        tensors[f"{_PEFT_PREFIX}{module}.lora_A.weight"] = torch.cat(a_blocks, dim=0).to(dtype).contiguous()
-        tensors[f"{_PEFT_PREFIX}{module}.lora_B.weight"] = torch.cat(b_blocks, dim=1).to(dtype).contiguous()
-
-    rank = sum(adapter.rank for adapter in adapters)
-    target_modules = sorted({module.rsplit(".", 1)[-1] for module in modules})
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    LoraConfig(
-        r=rank,
-        lora_alpha=rank,
-        lora_dropout=0.0,
-        target_modules=target_modules,
-        bias="none",
-        task_type="CAUSAL_LM",
-        base_model_name_or_path=adapters[0].base_model,
-    ).save_pretrained(out_dir)
-    save_file(tensors, out_dir / ADAPTER_WEIGHTS, metadata={"format": "pt"})
-    return {"rank": rank, "adapters": len(adapters), "modules": target_modules}
-
-
-def _read_adapter(adapter_dir: Path) -> _Adapter:
-    """A saved plain LoRA adapter (per-module ranks, DoRA, biases and full modules are refused, not ignored)."""
-    config = LoraConfig.from_pretrained(adapter_dir)
-    unsupported = [
-        feature
-        for feature, used in (
-            ("rank_pattern", bool(config.rank_pattern)),
-            ("alpha_pattern", bool(config.alpha_pattern)),
-            ("use_dora", config.use_dora),
-            ("bias", config.bias != "none"),
-            ("lora_bias", getattr(config, "lora_bias", False)),
-            ("modules_to_save", bool(config.modules_to_save)),
-        )
-        if used
-    ]
-    if unsupported:
-        raise ValueError(f"unsupported LoRA adapter {adapter_dir}: uses {', '.join(unsupported)}")
-    scale = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
-    tensors = load_file(adapter_dir / ADAPTER_WEIGHTS)
-    a = {_module_path(k): t for k, t in tensors.items() if k.endswith(".lora_A.weight")}
-    b = {_module_path(k): t for k, t in tensors.items() if k.endswith(".lora_B.weight")}
-    if a.keys() != b.keys() or not a:
-        raise ValueError(f"unsupported LoRA adapter {adapter_dir}: it has no LoRA weights or unpaired lora_A/lora_B")
-    ranks = {t.shape[0] for t in a.values()} | {t.shape[1] for t in b.values()}
-    if ranks != {config.r}:
-        raise ValueError(f"unsupported LoRA adapter {adapter_dir}: weight ranks {sorted(ranks)}, config r={config.r}")
-    return _Adapter(scale=scale, rank=config.r, base_model=config.base_model_name_or_path, a=a, b=b)
-
-
-def _feature_size(adapters: Sequence[_Adapter], module: str, size: Callable[[_Adapter], int]) -> int:
-    sizes = {size(adapter) for adapter in adapters if module in adapter.a}
-    if len(sizes) != 1:
-        raise ValueError(f"cannot stack: the adapters disagree on the shape of {module} ({sorted(sizes)})")
-    return sizes.pop()

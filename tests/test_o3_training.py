@@ -21,13 +21,12 @@ from guards.o3_training import (
     O3TrainingConfig,
     _collate,
     encode_chat_pair,
-    load_lora_a,
     orthogonality_penalty,
     question_variants,
-    stack_adapters,
     train_unlearning_lora,
     unlearning_loss,
 )
+from guards.o3_adapters import load_lora_a, stack_adapters
 
 AUTHOR_1, AUTHOR_2 = authors_of("forget01")
 QUESTIONS_1 = [item.question for item in AUTHOR_1.items[:4]]
