@@ -20,7 +20,7 @@ from server.errors import ContextLengthExceeded, GuardFailed, InvalidRequest, Re
 from server.metrics import Metrics
 from server.pipeline import ChatTurn, Pipeline
 from server.registry.snapshot import RegistrySnapshot
-from server.registry.store import TargetRecord
+from server.registry.views import TargetRecord
 
 
 class CharTokenizer:

@@ -21,11 +21,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from server.admin_protocol import (
     AuditList,
     AuditRecord,
-    ClassifierOut,
     Deleted,
-    ForgetItem,
     JobOut,
-    MechanismOut,
     MechanismsIn,
     RegistryOut,
     TargetCreate,
@@ -35,6 +32,9 @@ from server.admin_protocol import (
 )
 from server.errors import Conflict, NotFound, Unprocessable
 from server.registry.models import AuditRow, JobRow, RegistryStateRow, TargetRow
+from server.registry.status import derive_statuses, latest_jobs
+from server.registry import views
+from server.registry.views import TargetRecord
 
 logger = logging.getLogger(__name__)
 
@@ -56,20 +56,6 @@ def utcnow() -> datetime:
 
 def new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(12)}"
-
-
-@dataclass(frozen=True)
-class TargetRecord:
-    """A target as the serving side needs it (snapshot loading, job handlers)."""
-
-    id: str
-    name: str
-    aliases: list[str]
-    forget: list[dict[str, Any]]
-    retain: list[dict[str, Any]]
-    mechanisms: dict[str, Any]
-    classifier: dict[str, Any]
-    status: str
 
 
 @dataclass(frozen=True)
@@ -126,32 +112,32 @@ class RegistryStore:
             revision = session.scalar(select(RegistryStateRow.revision).where(RegistryStateRow.id == 1)) or 0
             rows = session.scalars(select(TargetRow).order_by(TargetRow.created_at, TargetRow.id)).all()
             jobs = self._jobs_by_target(session, [row.id for row in rows])
-            data = [self._target_out(row, jobs.get(row.id, []), with_contents=False) for row in rows]
+            data = [views.target_out(row, jobs.get(row.id, []), with_contents=False) for row in rows]
         return TargetList(revision=revision, data=data)
 
     def get_target(self, target_id: str) -> TargetOut:
         with self._sessions() as session:
             row = self._target_row(session, target_id)
             jobs = self._jobs_by_target(session, [row.id])
-            return self._target_out(row, jobs.get(row.id, []), with_contents=True)
+            return views.target_out(row, jobs.get(row.id, []), with_contents=True)
 
     def target_record(self, target_id: str) -> TargetRecord:
         with self._sessions() as session:
-            return _record(self._target_row(session, target_id))
+            return views.target_record(self._target_row(session, target_id))
 
     def snapshot_rows(self) -> tuple[int, list[TargetRecord]]:
         """The revision and every target whose classifier is ready, read consistently in one transaction."""
         with self._transaction() as session:
             revision = session.scalar(select(RegistryStateRow.revision).where(RegistryStateRow.id == 1)) or 0
             rows = session.scalars(select(TargetRow).order_by(TargetRow.id)).all()
-            return revision, [_record(row) for row in rows if row.classifier.get("status") == "ready"]
+            return revision, [views.target_record(row) for row in rows if row.classifier.get("status") == "ready"]
 
     def get_job(self, job_id: str) -> JobOut:
         with self._sessions() as session:
             row = session.get(JobRow, job_id)
             if row is None:
                 raise NotFound(f"No job `{job_id}`.", param="job_id", code="job_not_found")
-            return _job_out(row)
+            return views.job_out(row)
 
     def summary(self) -> RegistryOut:
         with self._sessions() as session:
@@ -176,7 +162,7 @@ class RegistryStore:
                 revision = self._bump_revision(session)
                 row = TargetRow(
                     id=new_id("tgt"), name=body.name, description=body.description, aliases=list(body.aliases),
-                    forget=_items(body.forget), retain=_items(body.retain),
+                    forget=views.stored_items(body.forget), retain=views.stored_items(body.retain),
                     mechanisms={name: {"options": opts, "state": {}} for name, opts in options.items()},
                     classifier={"status": "preparing"}, status="preparing", revision=revision, created_at=now,
                     updated_at=now,
@@ -201,9 +187,9 @@ class RegistryStore:
             if patch.aliases is not None:
                 row.aliases, changed_contents = list(patch.aliases), True
             if patch.forget is not None:
-                row.forget, changed_contents = _items(patch.forget), True
+                row.forget, changed_contents = views.stored_items(patch.forget), True
             if patch.retain is not None:
-                row.retain, changed_contents = _items(patch.retain), True
+                row.retain, changed_contents = views.stored_items(patch.retain), True
             if patch.mechanisms is not None:
                 # A mechanism kept across the patch keeps serving its published state until its jobs replace it.
                 enabled = patch.mechanisms.enabled()
@@ -405,40 +391,12 @@ class RegistryStore:
             self._enqueue(session, row.id, kind, now + timedelta(microseconds=order))
 
     def _refresh_statuses(self, session: Session, target: TargetRow) -> None:
-        """Derive the mechanisms' and the target's status from the classifier and the target's latest jobs.
-
-        A mechanism is ``ready`` when the classifier is ready and the latest of each of its jobs succeeded,
-        ``failed`` when one of them (or the classifier) failed, ``preparing`` otherwise; the target is ``active``
-        when nothing is left to do, ``failed`` when anything failed.
-        """
-        latest: dict[str, JobRow] = {}
-        for job in session.scalars(select(JobRow).where(JobRow.target_id == target.id)
-                                   .order_by(JobRow.created_at, JobRow.id)):
-            if job.status != "cancelled":
-                latest[job.kind] = job
-        classifier_status = target.classifier.get("status", "preparing")
-        mechanisms = {}
-        for name, entry in target.mechanisms.items():
-            kinds = self._catalog.jobs_for(name, entry["options"]) if name in self._catalog.implemented else []
-            failed = [latest[kind].error for kind in kinds if kind in latest and latest[kind].status == "failed"]
-            if name not in self._catalog.implemented:
-                status, message = "unavailable", "this mechanism is not implemented in this build yet"
-            elif classifier_status == "failed" or failed:
-                status, message = "failed", (failed[0] if failed else "the classifier could not be fitted")
-            elif classifier_status == "ready" and all(kind in latest and latest[kind].status == "succeeded"
-                                                      for kind in kinds):
-                status, message = "ready", None
-            else:
-                status, message = "preparing", None
-            mechanisms[name] = {**entry, "status": status, "message": message}
-        target.mechanisms = mechanisms
-        open_jobs = any(job.status in ("queued", "running") for job in latest.values())
-        if classifier_status == "failed" or any(m["status"] == "failed" for m in mechanisms.values()):
-            target.status = "failed"
-        elif classifier_status == "ready" and not open_jobs:
-            target.status = "active"
-        else:
-            target.status = "preparing"
+        """Re-derive the target's and its mechanisms' statuses (``status.derive_statuses``) from its jobs."""
+        jobs = session.scalars(select(JobRow).where(JobRow.target_id == target.id)
+                               .order_by(JobRow.created_at, JobRow.id))
+        statuses = derive_statuses(target.mechanisms, target.classifier.get("status", "preparing"), latest_jobs(jobs),
+                                   self._catalog.implemented, self._catalog.jobs_for)
+        target.mechanisms, target.status = statuses.mechanisms, statuses.target
 
     def _jobs_by_target(self, session: Session, target_ids: list[str]) -> dict[str, list[JobRow]]:
         if not target_ids:
@@ -449,39 +407,3 @@ class RegistryStore:
         for row in rows:
             grouped.setdefault(row.target_id or "", []).append(row)
         return grouped
-
-    def _target_out(self, row: TargetRow, jobs: list[JobRow], with_contents: bool) -> TargetOut:
-        classifier = row.classifier
-        return TargetOut(
-            id=row.id, name=row.name, description=row.description, aliases=row.aliases, status=row.status,
-            revision=row.revision,
-            mechanisms={name: MechanismOut(status=entry.get("status", "preparing"), options=entry.get("options", {}),
-                                           message=entry.get("message"), state=entry.get("state") or {})
-                        for name, entry in row.mechanisms.items()},
-            classifier=ClassifierOut(status=classifier.get("status", "preparing"),
-                                     threshold=classifier.get("threshold"),
-                                     false_positive_rate=classifier.get("false_positive_rate"),
-                                     heldout_recall=classifier.get("heldout_recall"),
-                                     ood_gate=classifier.get("ood_gate")),
-            counts={"aliases": len(row.aliases), "forget": len(row.forget), "retain": len(row.retain)},
-            jobs=[_job_out(job) for job in jobs],
-            created_at=row.created_at, updated_at=row.updated_at,
-            forget=[ForgetItem(**item) for item in row.forget] if with_contents else None,
-            retain=[ForgetItem(**item) for item in row.retain] if with_contents else None,
-        )
-
-
-def _items(items: Sequence[ForgetItem]) -> list[dict[str, Any]]:
-    return [item.model_dump(exclude_none=True) for item in items]
-
-
-def _record(row: TargetRow) -> TargetRecord:
-    return TargetRecord(id=row.id, name=row.name, aliases=list(row.aliases), forget=list(row.forget),
-                        retain=list(row.retain), mechanisms=dict(row.mechanisms), classifier=dict(row.classifier),
-                        status=row.status)
-
-
-def _job_out(row: JobRow) -> JobOut:
-    return JobOut(id=row.id, target_id=row.target_id, kind=row.kind, status=row.status, progress=row.progress,
-                  message=row.message, error=row.error, attempts=row.attempts, created_at=row.created_at,
-                  started_at=row.started_at, finished_at=row.finished_at)
