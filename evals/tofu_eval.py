@@ -264,8 +264,13 @@ def summary(split: str, runs: Sequence[RunResult]) -> dict[str, Any]:
 
 
 def evaluate(client: LetheClient, sets: EvalSets, runs: Sequence[tuple[str, ...]], reference: Model,
-             max_tokens: int, job_timeout_s: float, progress: Callable[[str], None]) -> list[RunResult]:
-    """The retain-only model first (its truth ratios are every other run's reference), then each configuration."""
+             max_tokens: int, job_timeout_s: float, progress: Callable[[str], None],
+             on_run: Callable[[list[RunResult]], None] = lambda results: None) -> list[RunResult]:
+    """The retain-only model first (its truth ratios are every other run's reference), then each configuration.
+
+    ``on_run`` gets the results so far after each run, so that a failure in a later configuration (a matrix takes an
+    hour on forget05) does not lose the runs already measured.
+    """
     registered = client.targets()
     if registered:
         names = [t["name"] for t in registered]
@@ -273,7 +278,9 @@ def evaluate(client: LetheClient, sets: EvalSets, runs: Sequence[tuple[str, ...]
                          "run; evaluate on a replica with an empty registry (or remove them first)")
     retain_only = measure("retain-only model", [], reference, sets, None, progress)
     results = [retain_only]
+    on_run(results)
     for mechanisms in runs:
         results.append(run_served(client, sets, mechanisms, retain_only.forget_truth_ratios, max_tokens,
                                   job_timeout_s, progress))
+        on_run(results)
     return results

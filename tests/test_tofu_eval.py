@@ -40,8 +40,10 @@ def test_the_report_has_every_run_in_the_spec_shape_and_its_table_and_plot(repor
     assert data["split"] == "forget01"
     assert [run["name"] for run in data["runs"]] == ["retain-only model", "unprotected", "guard"]
     assert [run["mechanisms"] for run in data["runs"]] == [[], [], ["guard"]]
+    assert data["complete"] is True  # the JSON is rewritten after every run; the last write says it is whole
     for run in data["runs"]:
         assert SPEC_KEYS <= run.keys()
+        assert len(run["forget_truth_ratios"]) == 6  # kept, so Forget Quality can be recomputed later
         assert 0 <= run["model_utility"] <= 1 and 0 <= run["forget_quality"] <= 1
     table = (out / "tofu-forget01.md").read_text()
     assert table.count("\n| ") == 5  # header, separator, 3 runs
