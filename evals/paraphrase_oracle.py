@@ -1,0 +1,68 @@
+"""How far retrieval alone gets on the demo model's held-out paraphrases: the ceiling a model of that kind reaches.
+
+The demo model answers held-out TOFU paraphrases at ROUGE-L recall 0.28 against a goal of 0.5 (issue 2). Two
+retrieval "oracles" answer each held-out paraphrase with the gold answer of the most similar question the model was
+trained on (TOFU's questions and the trained half of its paraphrases): by word overlap (Jaccard), what a model
+without any notion of synonyms could at best do, and by MiniLM sentence embeddings, what semantic knowledge allows.
+They separate "the paraphrases are unanswerable" from "this model lacks the knowledge to answer them".
+
+    python -m evals.paraphrase_oracle
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import numpy as np
+
+from evals.metrics import rouge_l_recall
+from evals.tofu_data import demo_authors, is_paraphrase_trained
+
+_WORD = re.compile(r"[a-z0-9'-]+")
+
+
+def words(text: str) -> frozenset[str]:
+    return frozenset(_WORD.findall(text.lower()))
+
+
+def jaccard_best(query: str, candidates: Sequence[str]) -> int:
+    """Index of the candidate sharing the largest share of words with the query (first on ties)."""
+    q = words(query)
+    scores = [len(q & words(c)) / (len(q | words(c)) or 1) for c in candidates]
+    return int(np.argmax(scores))
+
+
+def trained_and_held_out() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(question, answer) pairs the full demo model trains on, and (held-out paraphrase, gold answer) pairs."""
+    trained, held_out = [], []
+    for author in demo_authors():
+        for item in author.items:
+            trained.append((item.question, item.answer))
+            if item.paraphrased_question is None:
+                continue
+            if is_paraphrase_trained(item):
+                trained.append((item.paraphrased_question, item.answer))
+            else:
+                held_out.append((item.paraphrased_question, item.answer))
+    return trained, held_out
+
+
+def main() -> None:
+    from classifiers.embedding import Embedder
+
+    trained, held_out = trained_and_held_out()
+    questions = [q for q, _ in trained]
+    lexical = [rouge_l_recall(trained[jaccard_best(q, questions)][1], gold) for q, gold in held_out]
+    embedder = Embedder(cache_size=0)
+    similarity = embedder.encode([q for q, _ in held_out]) @ embedder.encode(questions).T
+    picks = similarity.argmax(axis=1)
+    semantic = [rouge_l_recall(trained[j][1], gold) for j, (_, gold) in zip(picks, held_out)]
+    right = np.mean([trained[j][1] == gold for j, (_, gold) in zip(picks, held_out)])
+    print(f"{len(held_out)} held-out paraphrases, {len(trained)} trained questions")
+    print(f"word-overlap oracle: ROUGE-L recall {np.mean(lexical):.3f}")
+    print(f"MiniLM oracle:       ROUGE-L recall {np.mean(semantic):.3f} (right item {right:.0%})")
+
+
+if __name__ == "__main__":
+    main()
