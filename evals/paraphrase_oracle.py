@@ -17,7 +17,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from evals.metrics import rouge_l_recall
-from evals.tofu_data import demo_authors, is_paraphrase_trained
+from evals.demo_corpus import Format, Source
+from evals.tinytofu import training_corpus
+from evals.tofu_data import held_out_paraphrases
 
 _WORD = re.compile(r"[a-z0-9'-]+")
 
@@ -34,18 +36,10 @@ def jaccard_best(query: str, candidates: Sequence[str]) -> int:
 
 
 def trained_and_held_out() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """(question, answer) pairs the full demo model trains on, and (held-out paraphrase, gold answer) pairs."""
-    trained, held_out = [], []
-    for author in demo_authors():
-        for item in author.items:
-            trained.append((item.question, item.answer))
-            if item.paraphrased_question is None:
-                continue
-            if is_paraphrase_trained(item):
-                trained.append((item.paraphrased_question, item.answer))
-            else:
-                held_out.append((item.paraphrased_question, item.answer))
-    return trained, held_out
+    """(question, answer) pairs the full demo model is asked in training, and (held-out paraphrase, gold answer)."""
+    trained = [(ex.question, ex.completion) for ex in training_corpus("full")
+               if ex.format is Format.CHAT and ex.source in (Source.QA, Source.PARAPHRASE) and ex.question]
+    return trained, [(item.question, item.answer) for item in held_out_paraphrases()]
 
 
 def main() -> None:

@@ -18,7 +18,6 @@ import torch
 from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
-ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # PEFT's saved keys: base_model.model.<module path>.lora_A.weight
 
