@@ -16,6 +16,7 @@ MECHANISM_NAMES: tuple[str, ...] = ("eco", "guard", "uld", "o3")
 MAX_ITEMS = 5000
 ShortText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
 LongText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=20_000)]
+TokenIds = Annotated[list[int], Field(min_length=1, max_length=20_000)]
 
 
 class Strict(BaseModel):
@@ -206,7 +207,9 @@ class ScoreRequest(Strict):
     """Continuations to score after one chat prompt, under the guards the prompt gets (``server/scoring.py``)."""
 
     messages: Annotated[list[ScoreMessage], Field(min_length=1, max_length=64)]
-    continuations: Annotated[list[LongText], Field(min_length=1, max_length=MAX_SCORED_CONTINUATIONS)]
+    # Text (tokenised as the served tokenizer does) or token ids: ids score exactly the tokens a reply was generated
+    # as, which its text may not re-tokenise to (ask the completion for ``return_tokens_as_token_ids``).
+    continuations: Annotated[list[LongText | TokenIds], Field(min_length=1, max_length=MAX_SCORED_CONTINUATIONS)]
 
 
 class ContinuationScoreOut(BaseModel):

@@ -143,18 +143,22 @@ class Pipeline:
         else:
             items = list(prompt)  # type: ignore[arg-type]
         rendered = []
-        vocab_size = self._engine.info.vocab_size
         for item in items:
             if isinstance(item, str):
                 rendered.append(RenderedPrompt(token_ids=list(tokenizer.encode(item)), text=item,
                                                add_special_tokens=True))
                 continue
-            if not item:
-                raise InvalidRequest("A token-id prompt must not be empty.", param="prompt")
-            if any(not 0 <= token < vocab_size for token in item):
-                raise InvalidRequest(f"Token ids must lie in [0, {vocab_size}).", param="prompt")
+            self.check_token_ids(item, "prompt")
             rendered.append(RenderedPrompt(token_ids=list(item), text=tokenizer.decode(item), from_text=False))
         return rendered
+
+    def check_token_ids(self, token_ids: Sequence[int], param: str) -> None:
+        """Token ids a client sends must name tokens of the served vocabulary (else the engine would fail: a 500)."""
+        if not token_ids:
+            raise InvalidRequest("A token-id sequence must not be empty.", param=param)
+        vocab_size = self._engine.info.vocab_size
+        if any(not 0 <= token < vocab_size for token in token_ids):
+            raise InvalidRequest(f"Token ids must lie in [0, {vocab_size}).", param=param)
 
     # ------------------------------------------------------------ plan
 

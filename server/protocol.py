@@ -58,6 +58,7 @@ class SamplingFields(OpenAIBase):
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    return_tokens_as_token_ids: bool = False  # vLLM's: logprob tokens as ``token_id:<id>``
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None

@@ -163,7 +163,7 @@ class ScoringService:
 
     async def score(self, request: ScoreRequest) -> ScoreResponse:
         prompt = self._pipeline.render_chat([ChatTurn(m.role, m.content) for m in request.messages])
-        continuations = [self._tokenizer.encode(text, add_special_tokens=False) for text in request.continuations]
+        continuations = [self._token_ids(continuation) for continuation in request.continuations]
         self._pipeline.check_budget([prompt], max(len(ids) for ids in continuations), "continuations")
         run = await self._pipeline.start(f"score-{uuid.uuid4().hex}", "score", [prompt], 1)
         plan = run.plans[0]
@@ -187,3 +187,9 @@ class ScoringService:
         finally:
             self._pipeline.finish(run, outcome)
         return ScoreResponse(targets=run.hit_target_ids, mechanisms=list(run.mechanisms), scores=scores)
+
+    def _token_ids(self, continuation: str | list[int]) -> list[int]:
+        if isinstance(continuation, str):
+            return list(self._tokenizer.encode(continuation, add_special_tokens=False))
+        self._pipeline.check_token_ids(continuation, "continuations")
+        return list(continuation)

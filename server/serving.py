@@ -155,18 +155,15 @@ class OpenAIServing:
         )
         budget_param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
         self._pipeline.check_budget([prompt], request.completion_budget, budget_param)
-        top = request.top_logprobs or 0
-        params = sampling_params(request, request.completion_budget, top if request.logprobs else None,
-                                 self._info.vocab_size)
+        top = (request.top_logprobs or 0) if request.logprobs else None
+        params = sampling_params(request, request.completion_budget, top, self._info.vocab_size)
         run = await self._pipeline.start(f"chatcmpl-{uuid.uuid4().hex}", "chat", [prompt], request.n,
                                          seed=request.seed)
         if request.stream:
-            return self._chat_stream(request, run, params, top)
-        return await self._chat_full(request, run, params, top)
+            return self._chat_stream(request, run, params)
+        return await self._chat_full(request, run, params)
 
-    async def _chat_full(
-        self, request: ChatCompletionRequest, run: Run, params: Any, top: int
-    ) -> ChatCompletionResponse:
+    async def _chat_full(self, request: ChatCompletionRequest, run: Run, params: Any) -> ChatCompletionResponse:
         states = [ChoiceState() for _ in range(run.n)]
         with self._accounted(run):
             async for event in self._pipeline.events(run, params):
@@ -175,7 +172,7 @@ class OpenAIServing:
             ChatChoice(
                 index=i,
                 message=ChatResponseMessage(content="".join(state.text)),
-                logprobs=_chat_logprobs(state.logprobs, top) if request.logprobs else None,
+                logprobs=_chat_logprobs(state.logprobs, request),
                 finish_reason=state.finish_reason,
                 stop_reason=state.stop_reason,
             )
@@ -183,15 +180,11 @@ class OpenAIServing:
         ]
         return ChatCompletionResponse(id=run.request_id, model=request.model, choices=choices, usage=_usage(run))
 
-    async def _chat_stream(
-        self, request: ChatCompletionRequest, run: Run, params: Any, top: int
-    ) -> AsyncIterator[str]:
-        async for line in self._framed(run, self._chat_chunks(request, run, params, top)):
+    async def _chat_stream(self, request: ChatCompletionRequest, run: Run, params: Any) -> AsyncIterator[str]:
+        async for line in self._framed(run, self._chat_chunks(request, run, params)):
             yield line
 
-    async def _chat_chunks(
-        self, request: ChatCompletionRequest, run: Run, params: Any, top: int
-    ) -> AsyncIterator[str]:
+    async def _chat_chunks(self, request: ChatCompletionRequest, run: Run, params: Any) -> AsyncIterator[str]:
         created = int(time.time())
         options = request.stream_options
         continuous = bool(options and options.continuous_usage_stats)
@@ -209,7 +202,7 @@ class OpenAIServing:
             choice = ChatChunkChoice(
                 index=event.index,
                 delta=ChatDelta(content=event.text),
-                logprobs=_chat_logprobs(list(event.logprobs or ()), top) if request.logprobs else None,
+                logprobs=_chat_logprobs(list(event.logprobs or ()), request),
                 finish_reason=event.finish_reason,
                 stop_reason=event.stop_reason,
             )
@@ -248,7 +241,7 @@ class OpenAIServing:
                 CompletionChoice(
                     index=index,
                     text=prefix + "".join(state.text),
-                    logprobs=_completion_logprobs(state.logprobs, 0) if request.logprobs is not None else None,
+                    logprobs=_completion_logprobs(state.logprobs, 0, request),
                     finish_reason=state.finish_reason,
                     stop_reason=state.stop_reason,
                 )
@@ -275,10 +268,8 @@ class OpenAIServing:
                 continue
             prefix = "" if echoed[event.index] else _echo_prefix(request, run.prompts[event.prompt_index])
             echoed[event.index] = True
-            logprobs = None
-            if request.logprobs is not None:
-                logprobs = _completion_logprobs(list(event.logprobs or ()), offsets[event.index])
-                offsets[event.index] += sum(len(lp.token) for lp in event.logprobs or ())
+            logprobs = _completion_logprobs(list(event.logprobs or ()), offsets[event.index], request)
+            offsets[event.index] += sum(len(lp.token) for lp in event.logprobs or ())
             choice = CompletionChoice(index=event.index, text=prefix + event.text, logprobs=logprobs,
                                       finish_reason=event.finish_reason, stop_reason=event.stop_reason)
             yield chunk([choice], _usage(run) if continuous else None)
@@ -329,15 +320,25 @@ def _token_bytes(token: str) -> list[int]:
     return list(token.encode("utf-8"))
 
 
-def _chat_logprobs(tokens: list[TokenLogprob], top: int) -> ChatChoiceLogprobs:
+def _token_label(token_id: int, text: str, as_ids: bool) -> str:
+    """vLLM's ``return_tokens_as_token_ids``: ``token_id:<id>`` names a token exactly, where its text may not (a
+    reply a guard steered off BPE's usual spelling re-tokenises differently from what was generated)."""
+    return f"token_id:{token_id}" if as_ids else text
+
+
+def _chat_logprobs(tokens: list[TokenLogprob], request: ChatCompletionRequest) -> ChatChoiceLogprobs | None:
+    if not request.logprobs:
+        return None
+    top, as_ids = request.top_logprobs or 0, request.return_tokens_as_token_ids
     content = [
         ChatLogprobToken(
-            token=lp.token,
+            token=_token_label(lp.token_id, lp.token, as_ids),
             logprob=max(lp.logprob, -9999.0),
             bytes=_token_bytes(lp.token),
             top_logprobs=[
-                ChatLogprobTop(token=text, logprob=max(value, -9999.0), bytes=_token_bytes(text))
-                for _, text, value in lp.top[:top]
+                ChatLogprobTop(token=_token_label(token_id, text, as_ids), logprob=max(value, -9999.0),
+                               bytes=_token_bytes(text))
+                for token_id, text, value in lp.top[:top]
             ],
         )
         for lp in tokens
@@ -345,13 +346,18 @@ def _chat_logprobs(tokens: list[TokenLogprob], top: int) -> ChatChoiceLogprobs:
     return ChatChoiceLogprobs(content=content)
 
 
-def _completion_logprobs(tokens: list[TokenLogprob], start_offset: int) -> CompletionLogprobs:
+def _completion_logprobs(tokens: list[TokenLogprob], start_offset: int,
+                         request: CompletionRequest) -> CompletionLogprobs | None:
+    if request.logprobs is None:
+        return None
+    as_ids = request.return_tokens_as_token_ids
     result = CompletionLogprobs()
     offset = start_offset
     for lp in tokens:
-        result.tokens.append(lp.token)
+        result.tokens.append(_token_label(lp.token_id, lp.token, as_ids))
         result.token_logprobs.append(max(lp.logprob, -9999.0))
         result.text_offset.append(offset)
-        result.top_logprobs.append({text: max(value, -9999.0) for _, text, value in lp.top})
+        result.top_logprobs.append({_token_label(token_id, text, as_ids): max(value, -9999.0)
+                                    for token_id, text, value in lp.top})
         offset += len(lp.token)
     return result

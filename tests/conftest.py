@@ -98,6 +98,14 @@ def tiny_model_dir(request: pytest.FixtureRequest) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tokenizer(tiny_model_dir: Path):
+    """The served model's tokenizer, to speak token ids with the server."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
 def lethe_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     server = start_server(tiny_model_dir, tmp_path_factory.mktemp("lethe") / "server.log")
     yield server

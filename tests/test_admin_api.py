@@ -70,13 +70,15 @@ def test_admin_api_needs_the_admin_key(lethe_server: RunningServer) -> None:
         assert response.json()["error"]["type"] == "authentication_error"
 
 
-def test_scoring_needs_the_admin_key_and_refuses_bad_input(lethe_server: RunningServer, admin: httpx.Client) -> None:
+def test_scoring_needs_the_admin_key_and_refuses_bad_input(lethe_server: RunningServer, admin: httpx.Client,
+                                                           tokenizer) -> None:
     body = {"messages": [{"role": "user", "content": "Who wrote it?"}], "continuations": ["Someone."]}
     response = httpx.post(f"{lethe_server.base_url}/admin/v1/score", json=body,
                           headers={"Authorization": "Bearer test-inference-key"})
     assert response.status_code == 401
     for bad in ({**body, "continuations": []}, {**body, "continuations": ["  "]}, {**body, "messages": []},
-                {**body, "messages": [{"role": "robot", "content": "hi"}]}, {**body, "extra": 1}):
+                {**body, "messages": [{"role": "robot", "content": "hi"}]}, {**body, "extra": 1},
+                {**body, "continuations": [[]]}, {**body, "continuations": [[1.5]]}):
         response = admin.post("/score", json=bad)
         assert response.status_code == 422, (bad, response.text)
         assert response.json()["error"]["code"] == "validation_error"
@@ -90,6 +92,12 @@ def test_scoring_needs_the_admin_key_and_refuses_bad_input(lethe_server: Running
     assert "".join(score["tokens"]).strip() == "Someone." and len(score["token_logprobs"]) == len(score["tokens"])
     assert score["logprob"] == pytest.approx(sum(score["token_logprobs"]))
     assert all(value <= 0 for value in score["token_logprobs"])
+    ids = tokenizer.encode("Someone.", add_special_tokens=False)
+    by_ids = admin.post("/score", json={**body, "continuations": [ids, "Someone."]}).json()["scores"]
+    assert by_ids[0]["token_logprobs"] == by_ids[1]["token_logprobs"] == score["token_logprobs"]
+    for bad_ids in ([-1], [10**9]):
+        response = admin.post("/score", json={**body, "continuations": [bad_ids]})
+        assert response.status_code == 400 and response.json()["error"]["param"] == "continuations", response.text
 
 
 def test_invalid_target_is_422_with_field_paths(admin: httpx.Client) -> None:

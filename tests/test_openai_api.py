@@ -137,6 +137,24 @@ def test_completion_logprobs_have_offsets(client: openai.OpenAI, model_name: str
     assert all(len(top) >= 2 for top in logprobs.top_logprobs)
 
 
+def test_tokens_as_token_ids_name_each_generated_token(client: openai.OpenAI, model_name: str, tokenizer) -> None:
+    """vLLM's ``return_tokens_as_token_ids``: each logprob token reads ``token_id:<id>``, the ids decode to the reply."""
+    reply = chat(client, model_name, temperature=0, max_tokens=8, logprobs=True, top_logprobs=2,
+                 extra_body={"return_tokens_as_token_ids": True})
+    choice = reply.choices[0]
+    content = choice.logprobs.content
+    ids = [int(token.token.removeprefix("token_id:")) for token in content]
+    assert all(token.token.startswith("token_id:") for token in content)
+    assert all(top.token.startswith("token_id:") for token in content for top in token.top_logprobs)
+    assert tokenizer.decode(ids, skip_special_tokens=True) == choice.message.content
+    completion = client.completions.create(model=model_name, prompt="Question: who", max_tokens=5, logprobs=1,
+                                           temperature=0, extra_body={"return_tokens_as_token_ids": True})
+    logprobs = completion.choices[0].logprobs
+    ids = [int(token.removeprefix("token_id:")) for token in logprobs.tokens]
+    assert tokenizer.decode(ids) == completion.choices[0].text
+    assert all(key.startswith("token_id:") for top in logprobs.top_logprobs for key in top)
+
+
 def _stream_text(stream) -> tuple[str, list]:
     chunks = list(stream)
     text = "".join((c.choices[0].delta.content or "") for c in chunks if c.choices)

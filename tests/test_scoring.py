@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from guards.embedding_table import EmbeddingTable
 from server.planner import EnginePlan
@@ -16,11 +16,6 @@ from server.scoring import LOGPROB_FLOOR, ContinuationScore, GuardedScorer
 
 QUESTION = "<|user|>\nWho wrote the book?\n<|assistant|>\n"
 ANSWER = " The book was written by an author."
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model_dir: Path):
-    return AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")

@@ -130,40 +130,31 @@ def test_all_four_mechanisms_together_protect_the_authors(
     assert retain_ratio(baseline, replies(lethe_server, model_name, RETAIN_QUESTIONS)) >= 0.95
 
 
-def engine_reply(client: openai.OpenAI, model: str, question: str) -> tuple[list[str], list[float], str]:
-    """The greedy reply's tokens and their processed log-probabilities, as the engine reports them."""
+def engine_reply(client: openai.OpenAI, model: str, question: str) -> tuple[list[int], list[float]]:
+    """The greedy reply's token ids and their processed log-probabilities, as the engine reports them."""
     reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
-                                           temperature=0, max_tokens=24, logprobs=True)
-    choice = reply.choices[0]
-    content = choice.logprobs.content
-    if choice.finish_reason == "stop":  # the end-of-sequence token is not part of the reply's text
-        content = content[:-1]
-    return [t.token for t in content], [t.logprob for t in content], choice.message.content or ""
+                                           temperature=0, max_tokens=24, logprobs=True,
+                                           extra_body={"return_tokens_as_token_ids": True})
+    content = reply.choices[0].logprobs.content
+    return [int(t.token.removeprefix("token_id:")) for t in content], [t.logprob for t in content]
 
 
 def test_scoring_under_all_four_mechanisms_gives_the_engines_processed_logprobs(
     o3_targets: tuple[list[dict], list[float]], client: openai.OpenAI, model_name: str, admin: httpx.Client,
 ) -> None:
     """The evaluation's scoring path (``/admin/v1/score``) sees what the engine sees: ECO's embeddings, O3's LoRA, then
-    GUARD and ULD in the logits processor. Scoring the engine's own greedy reply must give back the engine's
-    processed log-probabilities, for flagged prompts and for an unflagged one (the plain path)."""
-    questions = [FORGET_QUESTIONS[0], FORGET_QUESTIONS[-1], PARAPHRASES[3], RETAIN_QUESTIONS[0]]
-    compared, mismatched = 0, []
-    for question in questions:
-        tokens, logprobs, text = engine_reply(client, model_name, question.text)
+    GUARD and ULD in the logits processor. Scoring the engine's own greedy reply, token for token (a guard may steer it
+    off BPE's usual spelling, so its text would re-tokenise differently), must give back the engine's processed
+    log-probabilities, for flagged prompts and for an unflagged one (the plain path)."""
+    for question in [FORGET_QUESTIONS[0], FORGET_QUESTIONS[-1], PARAPHRASES[3], RETAIN_QUESTIONS[0]]:
+        token_ids, logprobs = engine_reply(client, model_name, question.text)
         response = admin.post("/score", json={"messages": [{"role": "user", "content": question.text}],
-                                              "continuations": [text]})
+                                              "continuations": [token_ids]})
         assert response.status_code == 200, response.text
         body = response.json()
         flagged = question is not RETAIN_QUESTIONS[0]
         assert (set(body["mechanisms"]) == {"eco", "guard", "uld", "o3"}) == flagged, body["mechanisms"]
-        score = body["scores"][0]
-        if score["tokens"] != tokens:  # the reply re-tokenises differently (a guard steered it off BPE's spelling)
-            mismatched.append((tokens, score["tokens"]))
-            continue
-        compared += 1
-        assert score["token_logprobs"] == pytest.approx(logprobs, abs=2e-3), (question.text, text)
-    assert compared >= 3, mismatched
+        assert body["scores"][0]["token_logprobs"] == pytest.approx(logprobs, abs=2e-3), question.text
 
     gold = admin.post("/score", json={"messages": [{"role": "user", "content": FORGET_QUESTIONS[0].text}],
                                       "continuations": [FORGET_QUESTIONS[0].gold]}).json()["scores"][0]
