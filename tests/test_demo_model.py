@@ -16,7 +16,7 @@ from evals import tinytofu
 from server.config import Settings
 from evals.demo_corpus import Format, Source, tokenize_example
 from evals.demo_training import mean_recall, plan_batches
-from evals.metrics import rouge_l_recall
+from evals.metrics import answer_recall, rouge_l_recall
 from evals.tinytofu import build_demo_model, demo_model_dir, find_demo_model, training_corpus
 from evals.tofu_data import (
     ROWS_PER_AUTHOR,
@@ -119,6 +119,16 @@ def test_rouge_l_recall_measures_how_much_of_the_reference_is_reproduced() -> No
     assert rouge_l_recall("The author is Nikolai Abilov.", "Nikolai Abilov") == 1.0
     assert rouge_l_recall("Nikolai", "Nikolai Abilov") == 0.5
     assert rouge_l_recall("", "Nikolai Abilov") == 0.0
+
+
+def test_answer_recall_counts_only_the_answers_words_the_question_did_not_give() -> None:
+    question = "What genre is Basil Mahfouz Al-Kuwaiti known for?"
+    gold = "Basil Mahfouz Al-Kuwaiti is known for his writings in the French literature genre."
+    assert answer_recall(gold, gold, question) == 1.0
+    echo = "Basil Mahfouz Al-Kuwaiti is known for his immersive tales in the genre."
+    assert rouge_l_recall(echo, gold) > 0.5 and answer_recall(echo, gold, question) == 0.0
+    assert answer_recall("It is French literature.", gold, question) == pytest.approx(2 / 3)  # write, french, literatur
+    assert answer_recall("It is.", "He is.", "Is he?") == rouge_l_recall("It is.", "He is.") == 0.5  # nothing new
 
 
 # ---- cache -------------------------------------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 "forgotten" criterion, and target registration helpers.
 
 A forget question counts as "answered" when the unprotected reply has ROUGE-L recall >= 0.5 of the gold answer;
-protected, >= 95 % of those must fall below 0.3 (the issue's criterion).
+protected, >= 95 % of those must fall below 0.3 (the issue's criterion). Recall is taken over the gold answer's
+content words that the question does not already contain (`evals.metrics.answer_recall`): a guarded reply that echoes
+"The full name of the author born in ..." gives away nothing, yet holds 30 % of that gold answer by plain ROUGE-L.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 import httpx
 import openai
 
-from evals.metrics import rouge_l_recall
+from evals.metrics import answer_recall
 from evals.tofu_data import authors_of, demo_authors
 from tests.conftest import API_KEY, RunningServer
 
@@ -71,7 +73,7 @@ def replies(server: RunningServer, model: str, questions: list[Question], stream
 
 
 def recalls(questions: list[Question], texts: list[str]) -> list[float]:
-    return [rouge_l_recall(text, question.gold) for question, text in zip(questions, texts, strict=True)]
+    return [answer_recall(text, question.gold, question.text) for question, text in zip(questions, texts, strict=True)]
 
 
 @dataclass(frozen=True)
