@@ -163,26 +163,34 @@ def measure(heads, gates, negatives: np.ndarray, embedder: Embedder, workload: l
     ]
 
 
-def measure_batched(bank: ClassifierBank, workload: list[Conversation]) -> list[dict]:
-    """Per batch size: milliseconds per request when concurrent requests share one embedding call.
+ONNX, PYTORCH = "onnxruntime", "pytorch"
 
-    The workload is cut into rounds of 32 requests; each round is scored at every batch size in turn (rotating which
-    goes first), so host load skews the sizes alike.
+
+def measure_batched(banks: dict[str, ClassifierBank], workload: list[Conversation]) -> list[dict]:
+    """Per embedding backend and batch size: milliseconds per request when concurrent requests share one embedding
+    call.
+
+    The workload is cut into rounds of 32 requests; each round is scored by every (backend, batch size) in turn
+    (rotating which goes first), so host load skews them alike.
     """
-    per_request: dict[int, list[float]] = {size: [] for size in BATCH_SIZES}
-    bank.score_many(workload[:WARMUP_REQUESTS])
+    cases = [(backend, size) for backend in banks for size in BATCH_SIZES]
+    per_request: dict[tuple[str, int], list[float]] = {case: [] for case in cases}
+    for bank in banks.values():
+        bank.score_many(workload[:WARMUP_REQUESTS])
     chunk = max(BATCH_SIZES)
     for round_index, start in enumerate(range(0, len(workload) - chunk + 1, chunk)):
         requests_ = workload[start:start + chunk]
-        order = BATCH_SIZES[round_index % len(BATCH_SIZES):] + BATCH_SIZES[:round_index % len(BATCH_SIZES)]
-        for size in order:
+        shift = round_index % len(cases)
+        for backend, size in cases[shift:] + cases[:shift]:
             started = time.perf_counter()
             for first in range(0, chunk, size):
-                bank.score_many(requests_[first:first + size])
-            per_request[size].append((time.perf_counter() - started) / chunk)
-    single = np.median(per_request[1])
-    return [{"batch": size, "ms_per_request": float(np.median(seconds) * 1e3),
-             "vs_unbatched": float(np.median(seconds) / single)} for size, seconds in per_request.items()]
+                banks[backend].score_many(requests_[first:first + size])
+            per_request[backend, size].append((time.perf_counter() - started) / chunk)
+    baseline = {size: np.median(per_request[PYTORCH, size]) for size in BATCH_SIZES}
+    return [{"backend": backend, "batch": size, "ms_per_request": float(np.median(seconds) * 1e3),
+             "vs_unbatched": float(np.median(seconds) / np.median(per_request[backend, 1])),
+             "vs_pytorch": float(np.median(seconds) / baseline[size])}
+            for (backend, size), seconds in per_request.items()]
 
 
 def markdown(summary: dict) -> str:
@@ -204,9 +212,11 @@ def markdown(summary: dict) -> str:
     batched = summary.get("batched", [])
     if batched:
         lines += ["", f"requests classified together in one embedding call ({BATCHED_BANK_SIZE} targets, medians of "
-                  "rounds of 32 requests)", "", "| requests per batch | ms per request | vs one at a time |",
-                  "|--:|--:|--:|"]
-        lines += [f"| {b['batch']} | {b['ms_per_request']:.2f} | {b['vs_unbatched']:.2f}x |" for b in batched]
+                  "rounds of 32 requests), by embedding backend", "",
+                  "| backend | requests per batch | ms per request | vs one at a time | vs PyTorch |",
+                  "|---|--:|--:|--:|--:|"]
+        lines += [f"| {b['backend']} | {b['batch']} | {b['ms_per_request']:.2f} | {b['vs_unbatched']:.2f}x | "
+                  f"{b['vs_pytorch']:.2f}x |" for b in batched]
     return "\n".join(lines)
 
 
@@ -226,8 +236,10 @@ def main() -> None:
     embedder = Embedder(cache_size=0)
     workload = requests()
     rows = measure(heads, gates, negatives, embedder, workload)
-    batched = measure_batched(ClassifierBank.from_artifacts(
-        synthesise_heads(heads, BATCHED_BANK_SIZE, negatives), embedder), workload)
+    batched_heads = synthesise_heads(heads, BATCHED_BANK_SIZE, negatives)
+    banks = {backend: ClassifierBank.from_artifacts(batched_heads, Embedder(cache_size=0, onnx=backend == ONNX))
+             for backend in (ONNX, PYTORCH)}
+    batched = measure_batched(banks, workload)
 
     summary = {"threads": args.threads, "sizes": rows, "batched": batched}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

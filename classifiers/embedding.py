@@ -12,8 +12,11 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+from classifiers.onnx_encoder import OnnxEncoder, UnsupportedModel
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +41,7 @@ class Embedder:
         device: str = "cpu",
         batch_size: int = DEFAULT_BATCH_SIZE,
         cache_size: int = DEFAULT_CACHE_SIZE,
+        onnx: bool = True,
     ) -> None:
         from sentence_transformers import SentenceTransformer
 
@@ -51,12 +55,14 @@ class Embedder:
         model = self._model
         dimension = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
         self.dim = int(dimension())
+        self._onnx = _onnx_encoder(model) if onnx and device == "cpu" else None
+        self.backend = "onnxruntime" if self._onnx is not None else "pytorch"
         self.model_id = f"{path.name}:{self.dim}"
         self._batch_size = batch_size
         self._cache_size = cache_size
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
-        logger.info("embedding model %s loaded (dim %d, device %s)", path, self.dim, device)
+        logger.info("embedding model %s loaded (dim %d, device %s, %s)", path, self.dim, device, self.backend)
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """Embeddings of `texts`, shape (n, dim), float32, each row of unit L2 norm; cached texts are not re-encoded."""
@@ -72,18 +78,19 @@ class Embedder:
                     out[i] = cached
         if missing:
             new_texts = list(missing)
-            vectors = self._model.encode(
-                new_texts,
-                batch_size=self._batch_size,
-                normalize_embeddings=True,
-                convert_to_numpy=True,
-                show_progress_bar=False,
-            ).astype(np.float32, copy=False)
+            vectors = self._encode(new_texts)
             with self._lock:
                 for text, vector in zip(new_texts, vectors):
                     out[missing[text]] = vector
                     self._remember(text, vector)
         return out
+
+    def _encode(self, texts: list[str]) -> np.ndarray:
+        if self._onnx is not None:
+            return np.concatenate([self._onnx.encode(texts[start:start + self._batch_size])
+                                   for start in range(0, len(texts), self._batch_size)])
+        return self._model.encode(texts, batch_size=self._batch_size, normalize_embeddings=True,
+                                  convert_to_numpy=True, show_progress_bar=False).astype(np.float32, copy=False)
 
     def _remember(self, text: str, vector: np.ndarray) -> None:
         if self._cache_size <= 0:
@@ -92,3 +99,14 @@ class Embedder:
         self._cache.move_to_end(text)
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
+
+
+def _onnx_encoder(model: Any) -> OnnxEncoder | None:
+    """ONNX Runtime where the model's pipeline has an ONNX path (MiniLM's does), else PyTorch (``onnx_encoder.py``)."""
+    import torch
+
+    try:
+        return OnnxEncoder(model, threads=torch.get_num_threads())
+    except UnsupportedModel as exc:
+        logger.warning("embedding model runs on PyTorch: %s", exc)
+        return None

@@ -96,6 +96,23 @@ def heldout_prompts(pools, source: str) -> list[str]:
 # --- recall -------------------------------------------------------------------------------------------------------
 
 
+
+def test_onnx_runtime_embeds_as_the_sentence_transformers_pipeline_does(embedder: Embedder) -> None:
+    """The served embeddings come from ONNX Runtime (``classifiers/onnx_encoder.py``); they must be the PyTorch
+    pipeline's, for short and long (truncated) texts batched together, so artifacts fitted on either score alike."""
+    from sentence_transformers import SentenceTransformer
+
+    texts = [item.question for item in demo_authors()[0].items[:6]] + ["Hi", "word " * 400, "Ünïcödé — ok?"]
+    reference = SentenceTransformer(str(embedder.model_path), device="cpu", local_files_only=True).encode(
+        texts, normalize_embeddings=True, convert_to_numpy=True)
+    onnx_embedder = Embedder(cache_size=0, batch_size=4)
+    assert onnx_embedder.backend == "onnxruntime"
+    vectors = onnx_embedder.encode(texts)
+    assert vectors.dtype == np.float32 and vectors.shape == reference.shape
+    assert np.all(np.sum(vectors * reference, axis=1) > 0.99999)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+
+
 def test_paraphrased_questions_of_each_target_hit_that_target(bank):
     """Held-out positives: TOFU's paraphrased questions, never fitted on.
 
