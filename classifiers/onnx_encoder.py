@@ -56,6 +56,8 @@ class OnnxEncoder:
         self._max_length = int(model.max_seq_length)
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
+        # Idle pool threads would otherwise spin waiting for work, on the cores the engine needs between requests.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3  # errors only: the exported graph's shape warnings are expected
         self._session = onnxruntime.InferenceSession(_export(model[0].auto_model, self._tokenizer), options,
                                                      providers=["CPUExecutionProvider"])
