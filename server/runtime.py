@@ -34,11 +34,14 @@ class Runtime:
 
     @classmethod
     async def start(cls, settings: Settings, model_path: Path, served_model_name: str, metrics: Metrics) -> Runtime:
-        """Open the registry, start the engine (blocks ~30 s on CPU), build the guards and start the job worker."""
+        """Open the registry, start the engine (blocks ~30 s on CPU), build the guards and start the job worker; ready
+        once the classifiers' embedding model has loaded too."""
         control = ControlPlane.open(settings, metrics)
         await control.start()
         engine = Engine(settings, model_path, served_model_name)
         engine.start()
+        # After the engine's process exists (no fork while a thread holds torch's locks), in parallel with the rest.
+        embedder_loaded = control.embedder.load_in_background()
         guards = build_guards(engine.tokenizer, control.artifacts.path, control.artifacts.root / STACKS_DIR,
                               settings.max_lora_rank)
         control.snapshots.share_with({guard.name: guard.share for guard in guards})
@@ -52,6 +55,7 @@ class Runtime:
                                    settings.eco_calibration_max_tokens)
         control.start_worker({ECO_CALIBRATE: calibrator}, model_path)
         scoring = ScoringService(pipeline, GuardedScorer(model_path, engine.tokenizer), engine.tokenizer)
+        await asyncio.to_thread(embedder_loaded.join)
         return cls(control, engine, guards, pipeline, scoring)
 
     async def stop(self) -> None:
