@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -92,6 +92,12 @@ class Run:
         return sorted({hit.target_id for c in self.classifications for hit in c.hits})
 
 
+def check_in_vocabulary(token_ids: Iterable[int], vocab_size: int, param: str) -> None:
+    """Token ids a client sends must name tokens of the served vocabulary (else the engine would fail: a 500)."""
+    if any(not 0 <= token < vocab_size for token in token_ids):
+        raise InvalidRequest(f"`{param}` token ids must lie in [0, {vocab_size}).", param=param)
+
+
 class Pipeline:
     """Turns rendered prompts into engine requests and engine outputs into choice events."""
 
@@ -153,12 +159,10 @@ class Pipeline:
         return rendered
 
     def check_token_ids(self, token_ids: Sequence[int], param: str) -> None:
-        """Token ids a client sends must name tokens of the served vocabulary (else the engine would fail: a 500)."""
+        """A client's token-id sequence: not empty, and within the served vocabulary."""
         if not token_ids:
             raise InvalidRequest("A token-id sequence must not be empty.", param=param)
-        vocab_size = self._engine.info.vocab_size
-        if any(not 0 <= token < vocab_size for token in token_ids):
-            raise InvalidRequest(f"Token ids must lie in [0, {vocab_size}).", param=param)
+        check_in_vocabulary(token_ids, self._engine.info.vocab_size, param)
 
     # ------------------------------------------------------------ plan
 

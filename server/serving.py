@@ -21,7 +21,15 @@ from pydantic import BaseModel
 
 from server.engine import EngineInfo
 from server.errors import InvalidRequest, LetheError, ModelNotFound
-from server.pipeline import ChatTurn, ChoiceEvent, Pipeline, RenderedPrompt, Run, TokenLogprob
+from server.pipeline import (
+    ChatTurn,
+    ChoiceEvent,
+    Pipeline,
+    RenderedPrompt,
+    Run,
+    TokenLogprob,
+    check_in_vocabulary,
+)
 from server.protocol import (
     ChatChoice,
     ChatChoiceLogprobs,
@@ -82,8 +90,7 @@ def sampling_params(request: SamplingFields, max_tokens: int | None, logprobs: i
     kwargs.update({key: value for key, value in optional.items() if value is not None})
     if request.logit_bias:
         kwargs["logit_bias"] = _logit_bias(request.logit_bias, vocab_size)
-    if request.stop_token_ids and any(not 0 <= t < vocab_size for t in request.stop_token_ids):
-        raise InvalidRequest(f"`stop_token_ids` must lie in [0, {vocab_size}).", param="stop_token_ids")
+    check_in_vocabulary(request.stop_token_ids or (), vocab_size, "stop_token_ids")
     try:
         return SamplingParams(**kwargs)
     except (ValueError, VLLMValidationError) as exc:
@@ -97,8 +104,7 @@ def _logit_bias(bias: dict[str, float], vocab_size: int) -> dict[int, float]:
             token = int(key)
         except ValueError as exc:
             raise InvalidRequest("`logit_bias` keys must be token ids.", param="logit_bias") from exc
-        if not 0 <= token < vocab_size:
-            raise InvalidRequest(f"`logit_bias` token ids must lie in [0, {vocab_size}).", param="logit_bias")
+        check_in_vocabulary((token,), vocab_size, "logit_bias")
         if not -100 <= value <= 100:
             raise InvalidRequest("`logit_bias` values must lie in [-100, 100].", param="logit_bias")
         parsed[token] = value

@@ -96,7 +96,6 @@ def heldout_prompts(pools, source: str) -> list[str]:
 # --- recall -------------------------------------------------------------------------------------------------------
 
 
-
 def test_onnx_runtime_embeds_as_the_sentence_transformers_pipeline_does(embedder: Embedder) -> None:
     """The served embeddings come from ONNX Runtime (``classifiers/onnx_encoder.py``); they must be the PyTorch
     pipeline's, for short and long (truncated) texts batched together, so artifacts fitted on either score alike."""
