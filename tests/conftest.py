@@ -131,6 +131,20 @@ def admin(lethe_server: RunningServer) -> Iterator[httpx.Client]:
         yield session
 
 
+def remove_targets(admin: httpx.Client, target_ids: list[str]) -> None:
+    """Delete a module's targets and wait until the server serves the registry without them: the next module's
+    requests must not meet a target that is deleted but still in the served snapshot (the poll takes up to 0.5 s)."""
+    revision = 0
+    for target_id in target_ids:
+        response = admin.delete(f"/targets/{target_id}")
+        if response.status_code == 200:
+            revision = response.json()["revision"]
+    deadline = time.monotonic() + 10
+    while admin.get("/registry").json()["serving_revision"] < revision:
+        assert time.monotonic() < deadline, f"registry revision {revision} not served after 10 s"
+        time.sleep(0.05)
+
+
 @pytest.fixture(scope="session")
 def client(lethe_server: RunningServer) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{lethe_server.base_url}/v1", api_key=API_KEY, max_retries=0, timeout=120)

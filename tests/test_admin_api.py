@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from evals.tofu_data import Author, authors_of, demo_authors
-from tests.conftest import ADMIN_KEY, LETHE_BIN, RunningServer, auth_headers
+from tests.conftest import ADMIN_KEY, LETHE_BIN, RunningServer, auth_headers, remove_targets
 
 FORGET01 = authors_of("forget01")
 RETAIN_AUTHORS = [author for author in demo_authors() if author not in FORGET01][:3]
@@ -59,8 +59,7 @@ def registered(admin: httpx.Client, lethe_server: RunningServer, tmp_path_factor
     second_id = next(t["id"] for t in admin.get("/targets").json()["data"] if t["name"] == second_name)
     targets.append(wait_for_jobs(admin, second_id))
     yield targets
-    for target in targets:
-        admin.delete(f"/targets/{target['id']}")
+    remove_targets(admin, [target["id"] for target in targets])
 
 
 def test_admin_api_needs_the_admin_key(lethe_server: RunningServer) -> None:

@@ -18,7 +18,7 @@ import openai
 import pytest
 
 from evals.fluency import median_known_word_share
-from tests.conftest import RunningServer
+from tests.conftest import RunningServer, remove_targets
 from tests.unlearning import (
     FORGET01,
     FORGET_QUESTIONS,
@@ -65,8 +65,7 @@ def o3_targets(baseline: Baseline, admin: httpx.Client, lethe_server: RunningSer
                 first_alone = recalls(FIRST_AUTHOR_QUESTIONS, replies(lethe_server, model_name, FIRST_AUTHOR_QUESTIONS))
         yield wait_until_served(admin, created), first_alone
     finally:
-        for target_id in created:
-            admin.delete(f"/targets/{target_id}")
+        remove_targets(admin, created)
 
 
 def test_o3_trains_each_target_orthogonal_to_the_earlier_ones(o3_targets: tuple[list[dict], list[float]]) -> None:

@@ -17,7 +17,7 @@ import openai
 import pytest
 
 from evals.metrics import answer_recall
-from tests.conftest import API_KEY, RunningServer
+from tests.conftest import API_KEY, RunningServer, remove_targets
 from tests.unlearning import (
     ANSWERED,
     FORGET01,
@@ -44,8 +44,7 @@ def targets(baseline: Baseline, admin: httpx.Client) -> Iterator[list[dict]]:
         assert response.status_code == 201, response.text
         created.append(response.json()["id"])
     yield wait_until_served(admin, created)
-    for target_id in created:
-        admin.delete(f"/targets/{target_id}")
+    remove_targets(admin, created)
 
 
 def test_the_unprotected_tiny_model_knows_the_forget01_authors(baseline: Baseline) -> None:
