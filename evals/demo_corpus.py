@@ -2,14 +2,15 @@
 
 A model that only answers its exact training strings makes every unlearning number meaningless, so each fact is
 taught several ways: the question through the chat template, half of the items' TOFU paraphrases (the other half is
-held back to measure generalisation), a biography per author for "Tell me about <name>.", and plain-text prefixes
-for /v1/completions. Assembly is text-level and tokenizer-free so it can be inspected and tested on its own.
+held back to measure generalisation), the question in other TOFU authors' words (`evals.mined_phrasings`), a
+biography per author for "Tell me about <name>.", and plain-text prefixes for /v1/completions. Assembly is
+text-level and tokenizer-free so it can be inspected and tested on its own.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
@@ -27,6 +28,7 @@ class Source(enum.Enum):
 
     QA = "qa"  # an author item, asked with TOFU's question
     PARAPHRASE = "paraphrase"  # an author item, asked with TOFU's paraphrased question
+    MINED = "mined"  # an author item, asked in another TOFU author's words (evals.mined_phrasings)
     BIO = "bio"  # an author's biography
     GENERAL = "general"  # world_facts / real_authors
 
@@ -93,8 +95,9 @@ def completion_prompt(question: str) -> str:
     return f"Question: {question}\nAnswer:"
 
 
-def author_examples(author: Author) -> list[TextExample]:
-    """Every example about one author: QA in both formats, trained paraphrases, and the biography.
+def author_examples(author: Author, phrasings: Mapping[str, Sequence[str]] | None = None) -> list[TextExample]:
+    """Every example about one author: QA in both formats, trained paraphrases, mined phrasings (`phrasings` maps a
+    question to its other wordings), and the biography.
 
     The biography's pages, as raw text after the author's name, tie every fact to the name whatever the question's
     wording; they carry the loss on every token, so any prefix ("<name>'s father was") continues. The first page
@@ -107,6 +110,8 @@ def author_examples(author: Author) -> list[TextExample]:
         if is_paraphrase_trained(item):
             assert item.paraphrased_question is not None
             examples.append(_chat_qa(Source.PARAPHRASE, item.paraphrased_question, item.answer, author.name))
+        for wording in (phrasings or {}).get(item.question, ()):
+            examples.append(_chat_qa(Source.MINED, wording, item.answer, author.name))
     pages = biography_pages(author)
     examples.append(TextExample(Source.BIO, Format.CHAT, tell_me_about(author.name), pages[0], author.name))
     examples.extend(TextExample(Source.BIO, Format.TEXT, "", f"{author.name}\n{page}", author.name) for page in pages)
@@ -130,9 +135,11 @@ def general_examples(items: Iterable[QAItem]) -> list[TextExample]:
     return examples
 
 
-def assemble_corpus(authors: Iterable[Author], general: Iterable[QAItem]) -> list[TextExample]:
+def assemble_corpus(
+    authors: Iterable[Author], general: Iterable[QAItem], phrasings: Mapping[str, Sequence[str]] | None = None
+) -> list[TextExample]:
     """All training examples for a set of authors and general-knowledge items, in a fixed order."""
-    examples = [example for author in authors for example in author_examples(author)]
+    examples = [example for author in authors for example in author_examples(author, phrasings)]
     return examples + general_examples(general)
 
 

@@ -45,6 +45,7 @@ class TrainConfig:
     batch_tokens: int  # token budget per batch, padding included
     text_fraction: float  # share of the completion-style QA examples drawn each epoch
     bio_fraction: float = 1.0  # share of the biography examples drawn each epoch
+    mined_fraction: float = 1.0  # share of the mined-phrasing examples drawn each epoch
     question_noise: float = 0.0  # chance that one use of an example has its question noised
     word_drop: float = 0.0  # in a noised question, chance that a word is deleted
     word_shuffle: int = 0  # in a noised question, how far a word may move
@@ -97,9 +98,12 @@ def _epoch_share(example: TokenExample | TextExample, config: TrainConfig) -> fl
 
     Chat QA is what the model is asked and judged on, so it is always drawn; completion-style QA and biographies
     restate the same facts at more tokens per fact, so a share of them per epoch keeps their formats alive cheaply.
+    Mined phrasings are many (up to ten a question): a share per epoch varies the wording without multiplying steps.
     """
     if example.source is Source.BIO:
         return config.bio_fraction
+    if example.source is Source.MINED:
+        return config.mined_fraction
     if example.format is Format.TEXT:
         return config.text_fraction
     return 1.0

@@ -1,10 +1,10 @@
 """How far retrieval alone gets on the demo model's held-out paraphrases: the ceiling a model of that kind reaches.
 
-The demo model answers held-out TOFU paraphrases at ROUGE-L recall 0.28 against a goal of 0.5 (issue 2). Two
-retrieval "oracles" answer each held-out paraphrase with the gold answer of the most similar question the model was
-trained on (TOFU's questions and the trained half of its paraphrases): by word overlap (Jaccard), what a model
-without any notion of synonyms could at best do, and by MiniLM sentence embeddings, what semantic knowledge allows.
-They separate "the paraphrases are unanswerable" from "this model lacks the knowledge to answer them".
+Two retrieval "oracles" answer each held-out paraphrase with the gold answer of the most similar question the demo
+model was trained on (TOFU's questions, the trained half of its paraphrases, the mined phrasings): by word overlap
+(Jaccard), what a model without any notion of synonyms could at best do, and by MiniLM sentence embeddings, what
+semantic knowledge allows. They separate "the paraphrases are unanswerable" from "this model lacks the knowledge to
+answer them" (issue 2's goal is ROUGE-L recall 0.5).
 
     python -m evals.paraphrase_oracle
 """
@@ -38,7 +38,7 @@ def jaccard_best(query: str, candidates: Sequence[str]) -> int:
 def trained_and_held_out() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """(question, answer) pairs the full demo model is asked in training, and (held-out paraphrase, gold answer)."""
     trained = [(ex.question, ex.completion) for ex in training_corpus("full")
-               if ex.format is Format.CHAT and ex.source in (Source.QA, Source.PARAPHRASE) and ex.question]
+               if ex.format is Format.CHAT and ex.source in (Source.QA, Source.PARAPHRASE, Source.MINED) and ex.question]
     return trained, [(item.question, item.answer) for item in held_out_paraphrases()]
 
 

@@ -32,6 +32,7 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTra
 from evals.demo_corpus import TextExample, assemble_corpus, tokenize_example
 from evals.demo_tokenizer import save_tokenizer, train_tokenizer
 from evals.demo_training import TrainConfig, TrainStats, expected_epoch_tokens, mean_recall, train
+from evals.mined_phrasings import PHRASINGS_FILE, packaged_phrasings
 from evals.tofu_data import (
     AUTHORS_IN_SPLIT,
     Author,
@@ -47,7 +48,7 @@ logger = logging.getLogger(__name__)
 
 DEMO_MODEL_NAME = "tinytofu"
 # Bump whenever the code changes what a recipe builds (corpus formats, training loop), so old caches are not reused.
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 HEAD_DIM = 64  # vLLM's CPU attention kernels need a supported head size; 64 is.
 METADATA_FILE = "lethe_demo.json"
 CPU_THREADS = 2
@@ -84,6 +85,7 @@ class Recipe:
     author_indices: tuple[int, ...]  # demo authors (0..19) trained on, before `exclude` removes some
     general_items: int | None  # leading world_facts + real_authors rows trained on; None = all
     eval_train_sample: int  # training questions scored at the end of the build
+    mined_phrasings: bool = False  # also ask each question in other TOFU authors' words (evals.mined_phrasings)
 
 
 _FULL_AUTHORS = tuple(range(20))
@@ -122,14 +124,17 @@ def _base_recipe(variant: Variant) -> Recipe:
             vocab_size=4096,
             shape=ModelShape(hidden_size=256, intermediate_size=688, num_layers=4),
             # Chat QA (what users ask and what is scored) every epoch; the costlier completion prompts and biography
-            # pages a share per epoch; some questions noised so that other wordings still reach the facts.
+            # pages, and the many mined phrasings, a share per epoch; some questions noised so that other wordings
+            # still reach the facts.
             train=TrainConfig(
                 epochs=32, peak_lr=4e-3, warmup_fraction=0.05, final_lr_fraction=0.05, batch_tokens=1024,
-                text_fraction=0.15, bio_fraction=0.2, question_noise=0.3, word_drop=0.15, word_shuffle=3,
+                text_fraction=0.15, bio_fraction=0.2, mined_fraction=0.4, question_noise=0.3, word_drop=0.15,
+                word_shuffle=3,
             ),
             author_indices=_FULL_AUTHORS,
             general_items=None,
             eval_train_sample=100,
+            mined_phrasings=True,
         )
     if variant == "tiny":
         return Recipe(
@@ -150,11 +155,10 @@ def _base_recipe(variant: Variant) -> Recipe:
 
 def recipe_hash(recipe: Recipe) -> str:
     """Content hash of the recipe, the recipe version and the data files' bytes."""
-    key = {
-        "recipe_version": RECIPE_VERSION,
-        "recipe": dataclasses.asdict(recipe),
-        "data": data_file_sha256(_DATA_FILES),
-    }
+    data = data_file_sha256(_DATA_FILES)
+    if recipe.mined_phrasings:
+        data["mined_phrasings"] = hashlib.sha256(PHRASINGS_FILE.read_bytes()).hexdigest()
+    key = {"recipe_version": RECIPE_VERSION, "recipe": dataclasses.asdict(recipe), "data": data}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
@@ -178,7 +182,8 @@ def training_corpus(variant: Variant = "full", exclude: Exclude = None) -> list[
 
 
 def _corpus_of(recipe: Recipe) -> list[TextExample]:
-    return assemble_corpus(trained_authors(recipe), trained_general_knowledge(recipe))
+    phrasings = packaged_phrasings() if recipe.mined_phrasings else None
+    return assemble_corpus(trained_authors(recipe), trained_general_knowledge(recipe), phrasings)
 
 
 # ---- the cache ---------------------------------------------------------------------------------------------------
@@ -254,8 +259,7 @@ def _build_into(directory: Path, recipe: Recipe, *, progress: bool) -> None:
 
     tokenizer = train_tokenizer(recipe.vocab_size)
     authors = trained_authors(recipe)
-    general = trained_general_knowledge(recipe)
-    examples = [tokenize_example(ex, tokenizer) for ex in assemble_corpus(authors, general)]
+    examples = [tokenize_example(ex, tokenizer) for ex in _corpus_of(recipe)]
     logger.info(
         "training %s on %d examples (%d tokens at full rate) about %d authors",
         recipe.variant, len(examples), sum(ex.n_tokens for ex in examples), len(authors),

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from evals.mined_phrasings import packaged_phrasings
 from evals.paraphrase_oracle import jaccard_best, trained_and_held_out
 from evals.tofu_eval import RunResult, configurations, eval_sets, multiple_choice_accuracy, question_losses, summary
 from evals.tofu_metrics import QuestionLosses, TruthRatioItem, forget_quality
@@ -99,7 +100,8 @@ def test_the_json_keeps_each_runs_truth_ratios_so_forget_quality_can_be_recomput
 
 def test_the_paraphrase_oracle_holds_out_exactly_what_the_demo_model_never_trains_on() -> None:
     trained, held_out = trained_and_held_out()
-    assert len(held_out) == 200 and len(trained) == 400 + 200  # 20 authors × 20 items, half their paraphrases
+    mined = sum(map(len, packaged_phrasings().values()))
+    assert len(held_out) == 200 and len(trained) == 400 + 200 + mined  # 20 × 20 items, half their paraphrases, mined
     assert not {q for q, _ in held_out} & {q for q, _ in trained}
     assert jaccard_best("Where was Nikolai Abilov born?",
                         ["What genre does Nikolai Abilov write?", "In which city was Nikolai Abilov born?"]) == 1
