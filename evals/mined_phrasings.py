@@ -23,10 +23,11 @@ trains on. A test checks that mining again reproduces it.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -99,21 +100,26 @@ def mine_phrasings(authors: Sequence[Author], wordings: Sequence[str], embed: Em
             if _NAME_SLOT not in question:
                 continue
             rival = np.delete(similarity, i, axis=0).max(axis=0)  # the closest other question of this author
-            allowed = _specifics(question)
-            kept = 0
-            for j in np.argsort(-similarity[i], kind="stable"):
-                score = float(similarity[i, j])
-                if score < MIN_SIMILARITY or kept == PER_QUESTION:
-                    break
-                wording = wordings[j]
-                if wording == question or score - rival[j] < MARGIN or not _specifics(wording) <= allowed:
-                    continue
-                text = wording.replace(_NAME_SLOT, author.name)
-                if text in held_out:
-                    continue
-                phrasings.append(Phrasing(item.question, text, round(score, 4)))
-                kept += 1
+            on_topic = _topic_wordings(question, wordings, similarity[i], rival)
+            named = ((wording.replace(_NAME_SLOT, author.name), score) for wording, score in on_topic)
+            unseen = ((text, score) for text, score in named if text not in held_out)
+            kept = itertools.islice(unseen, PER_QUESTION)
+            phrasings.extend(Phrasing(item.question, text, round(score, 4)) for text, score in kept)
     return phrasings
+
+
+def _topic_wordings(
+    question: str, wordings: Sequence[str], similarity: np.ndarray, rival: np.ndarray
+) -> Iterator[tuple[str, float]]:
+    """The wordings that ask `question`'s topic and nothing more specific, most similar first."""
+    allowed = _specifics(question)
+    for j in np.argsort(-similarity, kind="stable"):
+        score = float(similarity[j])
+        if score < MIN_SIMILARITY:
+            return
+        wording = wordings[j]
+        if wording != question and score - rival[j] >= MARGIN and _specifics(wording) <= allowed:
+            yield wording, score
 
 
 def _slotted(text: str, name: str) -> str:
