@@ -52,7 +52,7 @@ MARGIN = 0.05
 PER_QUESTION = 10
 
 _NAME_SLOT = "{name}"
-_NEUTRAL_NAME = "the author"  # what the embedding model reads in place of a name
+_NEUTRAL_NAME = "the author"
 _NUMBER = re.compile(r"\d+")
 # A capitalised word that is not the first of a sentence.
 _CAPITALISED = re.compile(r"(?<!^)(?<![.?!] )\b[A-Z][\w'-]*")
@@ -90,12 +90,12 @@ def other_authors_wordings() -> list[str]:
 
 def mine_phrasings(authors: Sequence[Author], wordings: Sequence[str], embed: Embed) -> list[Phrasing]:
     """Every phrasing of the authors' questions among `wordings` (slotted, see `other_authors_wordings`)."""
-    candidates = embed([w.replace(_NAME_SLOT, _NEUTRAL_NAME) for w in wordings])  # [W, D]
+    candidates = embed([_neutral(w) for w in wordings])  # [W, D]
     held_out = {item.question for item in held_out_paraphrases(tuple(authors))}
     phrasings: list[Phrasing] = []
     for author in authors:
         questions = [_slotted(item.question, author.name) for item in author.items]
-        similarity = embed([q.replace(_NAME_SLOT, _NEUTRAL_NAME) for q in questions]) @ candidates.T  # [Q, W]
+        similarity = embed([_neutral(q) for q in questions]) @ candidates.T  # [Q, W]
         for i, (item, question) in enumerate(zip(author.items, questions)):
             if _NAME_SLOT not in question:
                 continue
@@ -124,6 +124,11 @@ def _topic_wordings(
 
 def _slotted(text: str, name: str) -> str:
     return text.replace(name, _NAME_SLOT)
+
+
+def _neutral(slotted: str) -> str:
+    """What the embedding model reads: the same placeholder for every author, so only the wording counts."""
+    return slotted.replace(_NAME_SLOT, _NEUTRAL_NAME)
 
 
 def _specifics(text: str) -> set[str]:

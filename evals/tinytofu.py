@@ -39,6 +39,7 @@ from evals.tofu_data import (
     QAItem,
     authors_of,
     data_file_sha256,
+    file_sha256,
     demo_authors,
     general_knowledge,
     held_out_paraphrases,
@@ -157,7 +158,7 @@ def recipe_hash(recipe: Recipe) -> str:
     """Content hash of the recipe, the recipe version and the data files' bytes."""
     data = data_file_sha256(_DATA_FILES)
     if recipe.mined_phrasings:
-        data["mined_phrasings"] = hashlib.sha256(PHRASINGS_FILE.read_bytes()).hexdigest()
+        data["mined_phrasings"] = file_sha256(PHRASINGS_FILE)
     key = {"recipe_version": RECIPE_VERSION, "recipe": dataclasses.asdict(recipe), "data": data}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 

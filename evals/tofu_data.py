@@ -57,9 +57,14 @@ def load_split(name: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def file_sha256(path: Path) -> str:
+    """Content hash of a packaged file, for cache keys: edited data must never reuse a model built from old data."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def data_file_sha256(names: list[str]) -> dict[str, str]:
-    """Content hashes of packaged files, for cache keys: edited data must never reuse a model built from old data."""
-    return {name: hashlib.sha256((TOFU_DIR / f"{name}.json").read_bytes()).hexdigest() for name in sorted(names)}
+    """Content hashes of packaged TOFU files by name (see `file_sha256`)."""
+    return {name: file_sha256(TOFU_DIR / f"{name}.json") for name in sorted(names)}
 
 
 @lru_cache(maxsize=1)
