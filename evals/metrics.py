@@ -1,25 +1,15 @@
-"""Text-overlap metrics shared by the demo-model build and the TOFU evaluation."""
+"""Text-overlap metrics of the demo-model build and the TOFU evaluation (ROUGE-L recall itself lives with ECO's
+calibration, which serves with it: ``guards/text_metrics.py``)."""
 
 from __future__ import annotations
 
 from functools import lru_cache
 
-from rouge_score import rouge_scorer, tokenizers
+from rouge_score import tokenizers
 
+from guards.text_metrics import rouge_l_recall
 
-@lru_cache(maxsize=1)
-def _rouge_l_scorer() -> rouge_scorer.RougeScorer:
-    # Building the scorer loads the Porter stemmer; do it once per process.
-    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-
-
-def rouge_l_recall(prediction: str, reference: str) -> float:
-    """ROUGE-L recall of `reference` in `prediction` (TOFU's "ROUGE" column).
-
-    Recall, not F1: TOFU asks how much of the gold answer the model reproduces, and a model that adds words after a
-    correct answer still knows it.
-    """
-    return _rouge_l_scorer().score(reference, prediction)["rougeL"].recall
+__all__ = ["answer_recall", "rouge_l_recall"]
 
 
 @lru_cache(maxsize=1)

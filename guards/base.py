@@ -1,28 +1,40 @@
-"""The one small interface every unlearning mechanism implements, and what crosses it.
+"""The one small interface every unlearning mechanism implements, and the data that crosses it.
 
-A guard has two moments (SPEC §6): ``prepare`` at registration, which names the jobs that build its artifacts (σ
-calibration, phrase extraction, training), and ``plan`` per request, which says what the engine request of a prompt
-that hit the guard's target must carry. ``gate`` names the detector that decides whether a prompt hit the target for
-this mechanism (the prompt classifier, O3's OOD detector, or every request), and ``share`` builds, once per registry
-snapshot, what the guard needs across targets (O3's rank-stacked adapter). The pipeline loops over ``GUARDS`` in their fixed order and never branches on a
-mechanism's name; a guard never sees HTTP, the database or the engine.
+A mechanism (ECO, GUARD, ULD, O3: one folder each under ``guards/``) is one object that tells the rest of Lethe all it
+needs without being named anywhere else:
+
+- ``options``: the pydantic model of its registration options (the admin API's ``mechanisms`` field is built from them);
+- ``jobs``: the registration-time jobs it can run, each with what a worker needs to run it;
+- ``prepare``/``ready``: which of those jobs a registration needs, and whether what they published is enough to serve;
+- ``gate``/``gate_detector``: which detector's hit makes it apply, and its own detector if it brings one (O3's OOD gate);
+- ``admit``: a registration-time admission check (O3's rank budget);
+- ``serving``: its per-replica half, which ``share``s resources per registry snapshot and ``plan``s each request;
+- ``row_hooks``: its decoding-time half, run per batch row by the one logits processor (``guards/processor.py``).
+
+The server loops over ``guards.mechanisms.MECHANISMS`` in their fixed order and never branches on a name; a mechanism
+never sees HTTP, the database or the engine (``JobContext``, ``ServedModel`` and ``ServingContext`` are what it gets).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import hashlib
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict
 
-from classifiers.types import CLASSIFIER_GATE, AliasSpan
+from classifiers.types import CLASSIFIER_GATE, AliasSpan, ForgetItem, TargetSpec
+
+# ---- requests: what a mechanism reads and what it contributes ------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class PromptView:
-    """A rendered prompt as guards see it: token ids, the text they were encoded from, and the conversation turns."""
+    """A rendered prompt as mechanisms see it: token ids, the text they were encoded from, and the conversation turns."""
 
     token_ids: Sequence[int]
     text: str
@@ -33,7 +45,7 @@ class PromptView:
 
 @dataclass(frozen=True)
 class TargetHit:
-    """One target a prompt is about, with everything a guard may read about it."""
+    """One target a prompt is about, with everything a mechanism may read about it."""
 
     target_id: str
     score: float
@@ -43,15 +55,21 @@ class TargetHit:
     state: Mapping[str, Any]  # what the mechanism's jobs published (artifact digests, calibrated values)
 
 
+def request_seed(token_ids: Sequence[int], target_id: str, seed: int | None) -> int:
+    """A seed that is the same for the same prompt, target and client seed: guarded replies are reproducible."""
+    digest = hashlib.sha256(f"{target_id}|{seed}|{','.join(map(str, token_ids))}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
 @dataclass(frozen=True)
 class PlanRequest:
-    """What ``Guard.plan`` receives for one prompt and one hit target."""
+    """What a mechanism's ``plan`` receives for one prompt and one hit target."""
 
     hit: TargetHit
     prompt: PromptView
     query_embeddings: np.ndarray  # (n, d) the classifier's embeddings of the prompt's texts, for retrieval
     seed: int  # per-request seed: the same request gets the same corruption
-    shared: Any = None  # what the guard's ``share`` built for the request's registry snapshot
+    shared: Any = None  # what the mechanism's ``share`` built for the request's registry snapshot
 
 
 class EmbeddingEdit(Protocol):
@@ -61,11 +79,12 @@ class EmbeddingEdit(Protocol):
 
 
 @dataclass(frozen=True)
-class GuardPlan:
-    """One guard's contribution to one engine request.
+class MechanismPlan:
+    """One mechanism's contribution to one engine request.
 
-    ``processor_args`` travels in ``SamplingParams.extra_args["lethe"][guard name]`` (msgpack-safe values only) to
-    the logits processor; ``embedding_edits`` turn the prompt into ``prompt_embeds``; ``lora`` attaches an adapter.
+    ``processor_args`` travels in ``SamplingParams.extra_args["lethe"][mechanism name]`` (msgpack-safe values only) to
+    the logits processor's row hooks; ``embedding_edits`` turn the prompt into ``prompt_embeds``; ``lora`` attaches an
+    adapter.
     """
 
     processor_args: Mapping[str, Any] | None = None
@@ -73,20 +92,217 @@ class GuardPlan:
     lora: Any = None
 
 
+@dataclass
+class ComposedPlan:
+    """Every mechanism's contributions to one prompt, in mechanism order, before they become an engine request."""
+
+    processor_args: dict[str, list[Mapping[str, Any]]] = field(default_factory=dict)
+    embedding_edits: list[EmbeddingEdit] = field(default_factory=list)
+    loras: list[Any] = field(default_factory=list)
+    mechanisms: list[str] = field(default_factory=list)
+
+    def add(self, name: str, plan: MechanismPlan) -> None:
+        if plan.processor_args is not None:
+            self.processor_args.setdefault(name, []).append(dict(plan.processor_args))
+        self.embedding_edits.extend(plan.embedding_edits)
+        if plan.lora is not None:
+            self.loras.append(plan.lora)
+        if name not in self.mechanisms:
+            self.mechanisms.append(name)
+
+
+@dataclass(frozen=True)
+class TargetEntry:
+    """One target's registration of one mechanism, as ``share`` and the jobs see it."""
+
+    target_id: str
+    options: Mapping[str, Any]
+    state: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class ServingContext:
+    """What a serving replica lends its mechanisms' serving halves."""
+
+    tokenizer: Any  # the served model's tokenizer
+    artifact_path: Callable[[str], Path]  # digest -> directory of a content-addressed artifact
+    artifacts_root: Path  # where per-snapshot artifacts (O3's stacks) may be written
+    settings: Any  # the server's settings, read by attribute (e.g. ``max_lora_rank``)
+
+
+class MechanismServing(Protocol):
+    """A mechanism's per-replica half."""
+
+    def share(self, entries: Sequence[TargetEntry]) -> Any:
+        """Per-snapshot resources across every target that enables the mechanism (None if none needed)."""
+        ...
+
+    def plan(self, request: PlanRequest) -> MechanismPlan:
+        """The mechanism's part of the engine request for a prompt that hit its target."""
+        ...
+
+
+# ---- registration-time jobs ------------------------------------------------------------------------------------------
+
+ANY_WORKER = "any_worker"  # needs the sentence embedder only: any worker, ``lethe worker`` included
+MODEL_FILES = "model_files"  # trains on the served model's files: a worker that has them
+SERVED_MODEL = "served_model"  # measures the served model: a serving replica, through its engine
+
+
+class JobTarget(Protocol):
+    """The registered target a job prepares (the registry's record of it)."""
+
+    id: str
+    name: str
+    aliases: list[str]
+    forget: list[dict[str, Any]]  # {question, answer} or {text}
+    retain: list[dict[str, Any]]
+    mechanisms: dict[str, Any]  # name -> {"options": ..., "state": ...}
+
+
+class ArtifactSink(Protocol):
+    """Content-addressed artifact storage: write into a staging directory, commit it, get its digest."""
+
+    def staging_dir(self) -> Path: ...
+
+    def commit(self, staging: Path) -> str: ...
+
+    def path(self, digest: str) -> Path: ...
+
+
+class JobContext(Protocol):
+    """What a job handler gets: its target, where to put artifacts, and a progress callback (raises if cancelled)."""
+
+    @property
+    def target(self) -> JobTarget: ...
+
+    @property
+    def artifacts(self) -> ArtifactSink: ...
+
+    @property
+    def job_id(self) -> str: ...
+
+    def progress(self, fraction: float, message: str) -> None: ...
+
+
+def target_spec(target: JobTarget) -> TargetSpec:
+    """The registered target as the classifiers (and the jobs that fit on its texts) read it."""
+
+    def items(rows: list[dict[str, Any]]) -> list[ForgetItem]:
+        return [ForgetItem(question=r.get("question"), answer=r.get("answer"), text=r.get("text")) for r in rows]
+
+    return TargetSpec(id=target.id, name=target.name, aliases=list(target.aliases), forget=items(target.forget),
+                      retain=items(target.retain))
+
+
+JobHandler = Callable[[JobContext], dict[str, Any]]
+"""Runs one job and returns the state to publish on the target's mechanism (artifact digests, figures)."""
+
+
+class ServedModel(Protocol):
+    """The served model as a job that measures it sees it: a serving replica's engine, through its request pipeline."""
+
+    tokenizer: Any
+
+    def render_question(self, question: str) -> PromptView:
+        """One user question in the served chat format."""
+        ...
+
+    def greedy_replies(self, prompts: Sequence[PromptView], plans: Sequence[ComposedPlan | None], max_tokens: int,
+                       tag: str) -> list[str]:
+        """Greedy replies to the prompts, each with its plan applied (None: unprotected); blocks until all are done."""
+        ...
+
+
+@dataclass(frozen=True)
+class JobResources:
+    """What a worker lends the handlers it runs; a handler uses only what its ``JobSpec.needs`` promises."""
+
+    settings: Any  # the server's settings, read by attribute
+    embedder: Callable[[], Any]  # the classifiers' sentence embedder (loaded on first use)
+    model_path: Path | None = None  # the served model's directory (MODEL_FILES, SERVED_MODEL)
+    served: ServedModel | None = None  # SERVED_MODEL only
+    registrations: Callable[[str], list[TargetEntry]] = lambda mechanism: []  # every target's entry of a mechanism
+
+
 @dataclass(frozen=True)
 class JobSpec:
-    """A registration-time job a mechanism needs before it can serve (its kind names the handler)."""
+    """A registration-time job a mechanism can run: its kind, what a worker needs to run it, and its handler."""
 
     kind: str
+    needs: str  # ANY_WORKER | MODEL_FILES | SERVED_MODEL
+    handler: Callable[[JobResources], JobHandler]
 
 
-class Guard(Protocol):
-    """One unlearning mechanism. ``name`` is its key in a target's ``mechanisms``."""
+# ---- gates and decoding-time hooks -----------------------------------------------------------------------------------
+
+
+class GateDetector(Protocol):
+    """A mechanism's own detector, fitted by the classifier job beside the prompt classifier (O3's OOD gate).
+
+    Its artifact lives in the subdirectory ``name`` of the target's classifier artifact; ``bank`` stacks the loaded
+    artifacts of a snapshot, and ``open_gates`` of that bank maps a prompt's embeddings to {target_id: score}.
+    """
+
+    name: str  # the gate's name in ``classifiers.types.Hit.gates``
+
+    def fit(self, spec: Any, embedder: Any, directory: Path) -> dict[str, Any]:
+        """Fit on a ``classifiers.types.TargetSpec``, save into ``directory``, return figures for the target's state."""
+        ...
+
+    def bank(self, directories: Mapping[str, Path], embedder: Any) -> Any:
+        """A bank of the targets' saved detectors with ``open_gates(embeddings) -> {target_id: score}``."""
+        ...
+
+
+class RowHook(Protocol):
+    """Per-request decoding-time state of one mechanism; ``apply`` edits one row of logits in place.
+
+    A hook class may also define a static ``prepare_rows(hooks)``: work it can do for all its rows at once (ULD's
+    assistant forward), run before the row loop each step. It is an optimisation only: if it fails, each row's
+    ``apply`` does its own work.
+    """
+
+    def apply(self, logits_row: torch.Tensor) -> None: ...
+
+
+@dataclass(frozen=True)
+class RowHooks:
+    """A mechanism's decoding-time half in the logits processor (vLLM's engine process).
+
+    ``resources(tokenizer)`` builds its per-process state once (``tokenizer`` is None outside an engine);
+    ``validate(section)`` checks, in the front end, the request's ``extra_args["lethe"]`` for the mechanism's payloads
+    (a bad one becomes a 400, never an engine crash); ``build(section, prompt_ids, output_ids, resources)`` makes one
+    request's hook from its payloads (``section[name]``, one per hit target), or None if it needs none.
+    """
+
+    resources: Callable[[Any], Any]
+    validate: Callable[[Mapping[str, Any]], None]
+    build: Callable[[Mapping[str, Any], Sequence[int] | None, list[int], Any], RowHook | None]
+
+
+# ---- the mechanism -------------------------------------------------------------------------------------------------
+
+
+class Options(BaseModel):
+    """Base of every mechanism's options model: unknown options are refused (422), so a typo never silently falls
+    back to a default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Mechanism(Protocol):
+    """One unlearning mechanism. ``name`` is its key in a target's ``mechanisms`` and in ``extra_args["lethe"]``."""
 
     name: str
+    options: type[Options]
+    jobs: tuple[JobSpec, ...]
+    gate_detector: GateDetector | None
+    row_hooks: RowHooks | None
+    lora_modules: tuple[str, ...]  # the modules its adapters adapt: the engine wraps exactly these with LoRA layers
 
-    def prepare(self, options: Mapping[str, Any]) -> tuple[JobSpec, ...]:
-        """The jobs that must succeed before this mechanism can serve a target registered with ``options``."""
+    def prepare(self, options: Mapping[str, Any]) -> tuple[str, ...]:
+        """The job kinds that must succeed before this mechanism can serve a target registered with ``options``."""
         ...
 
     def ready(self, options: Mapping[str, Any], state: Mapping[str, Any]) -> bool:
@@ -97,50 +313,32 @@ class Guard(Protocol):
         """Which detector's hit makes this mechanism apply (``classifiers.types.*_GATE``)."""
         ...
 
-    def share(self, entries: Sequence[TargetEntry]) -> Any:
-        """Per-snapshot resources across every target that enables this mechanism (None if none needed)."""
+    def admit(self, mine: Mapping[str, Any], others: Sequence[Mapping[str, Any]], settings: Any) -> str | None:
+        """Why the registry cannot take a target enabling this mechanism with ``mine`` options, given every other
+        target's ``mechanisms`` (None: it can)."""
         ...
 
-    def plan(self, request: PlanRequest) -> GuardPlan:
-        """This guard's part of the engine request for a prompt that hit its target."""
+    def serving(self, context: ServingContext) -> MechanismServing:
+        """The mechanism's half in a serving replica."""
         ...
 
 
-@dataclass(frozen=True)
-class TargetEntry:
-    """One target's registration of one mechanism, as ``Guard.share`` sees it."""
+class MechanismBase:
+    """The common case: gated by the prompt classifier, admitted always, no detector or row hook of its own."""
 
-    target_id: str
-    options: Mapping[str, Any]
-    state: Mapping[str, Any]
+    gate_detector: GateDetector | None = None
+    row_hooks: RowHooks | None = None
+    lora_modules: tuple[str, ...] = ()
 
-
-class ClassifierGated:
-    """The common case: applied when the prompt classifier flags the target; nothing shared across targets."""
-
-    @staticmethod
-    def gate(options: Mapping[str, Any]) -> str:
+    def gate(self, options: Mapping[str, Any]) -> str:
         return CLASSIFIER_GATE
 
-    @staticmethod
-    def share(entries: Sequence[TargetEntry]) -> Any:
+    def admit(self, mine: Mapping[str, Any], others: Sequence[Mapping[str, Any]], settings: Any) -> str | None:
         return None
 
 
-@dataclass
-class ComposedPlan:
-    """Every guard's contributions to one prompt, in guard order, before they become an engine request."""
+class NothingShared:
+    """A serving half that needs nothing across targets."""
 
-    processor_args: dict[str, list[Mapping[str, Any]]] = field(default_factory=dict)
-    embedding_edits: list[EmbeddingEdit] = field(default_factory=list)
-    loras: list[Any] = field(default_factory=list)
-    mechanisms: list[str] = field(default_factory=list)
-
-    def add(self, name: str, plan: GuardPlan) -> None:
-        if plan.processor_args is not None:
-            self.processor_args.setdefault(name, []).append(dict(plan.processor_args))
-        self.embedding_edits.extend(plan.embedding_edits)
-        if plan.lora is not None:
-            self.loras.append(plan.lora)
-        if name not in self.mechanisms:
-            self.mechanisms.append(name)
+    def share(self, entries: Sequence[TargetEntry]) -> Any:
+        return None

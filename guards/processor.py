@@ -5,10 +5,9 @@ engine's worker process. Lethe therefore registers exactly one class and drives 
 ``SamplingParams.extra_args["lethe"]``: a request without that key is never touched, and a step in which no row carries
 it returns at once, so unflagged traffic pays nothing but a dict lookup.
 
-Each guard that acts at decoding time contributes a ``RowHook`` factory (``ROW_HOOK_FACTORIES``); the processor keeps
-one list of hooks per batch row and applies them in that list's order, which is the documented composition order:
-GUARD's bans first, then ULD's difference over the tokens still allowed (the reverse could leave a row where ULD's
-filter kept only banned tokens, i.e. nothing to sample).
+Each mechanism that acts at decoding time brings its ``RowHooks`` (``guards/base.py``); the processor keeps one list of
+hooks per batch row and applies them in the mechanisms' composition order (``guards/mechanisms.py``): GUARD's bans
+first, then ULD's difference over the tokens still allowed.
 
 Nothing a request carries may take the engine down: a hook that cannot be built or fails while applying is replaced
 by ``FailClosedHook``, which ends that request's reply at once (an exception here would kill vLLM's EngineCore and
@@ -18,8 +17,8 @@ every request in it).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from vllm.config import VllmConfig
@@ -27,55 +26,42 @@ from vllm.sampling_params import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
-from guards.phrase_matcher import Vocabulary, guard_row_hook, validate_guard_section
-from guards.uld_assistant import AssistantModels, uld_row_hook, validate_uld_section
+from guards.base import RowHook, RowHooks
+from guards.mechanisms import MECHANISMS
 
 logger = logging.getLogger(__name__)
 
 EXTRA_ARGS_KEY = "lethe"
 
 
-class RowHook(Protocol):
-    """Per-request decoding-time state of one guard; ``apply`` edits one row of logits in place.
-
-    A hook class may also define a static ``prepare_rows(hooks)``: work it can do for all its rows at once (ULD's
-    assistant forward), run before the row loop each step. It is an optimisation only: if it fails, each row's
-    ``apply`` does its own work.
-    """
-
-    def apply(self, logits_row: torch.Tensor) -> None: ...
-
-
-RowHookFactory = Callable[[Mapping[str, Any], Sequence[int] | None, list[int], Any], RowHook | None]
-"""(the request's ``extra_args["lethe"]``, prompt token ids, live output token ids, the processor: its engine-side
-resources ``vocabulary`` and ``assistants``) -> hook, or None if not needed."""
-
-ROW_HOOK_FACTORIES: list[tuple[str, RowHookFactory]] = [
-    ("guard", lambda section, prompt, output, ctx: guard_row_hook(section, prompt, output, ctx.vocabulary)),
-    ("uld", lambda section, prompt, output, ctx: uld_row_hook(section, prompt, output, ctx.assistants)),
-]
+ROW_HOOKS: list[tuple[str, RowHooks]] = [(m.name, m.row_hooks) for m in MECHANISMS if m.row_hooks is not None]
+"""(mechanism name, its decoding-time half), in composition order."""
 
 
 class RowHookError(RuntimeError):
-    """A guard's row hook could not be built; ``mechanism`` names the guard."""
+    """A mechanism's row hook could not be built; ``mechanism`` names it."""
 
     def __init__(self, mechanism: str) -> None:
         super().__init__(f"the {mechanism} row hook could not be built")
         self.mechanism = mechanism
 
 
-def build_row_hooks(section: Mapping[str, Any], prompt_ids: Sequence[int] | None, output_ids: list[int],
-                    resources: Any) -> list[RowHook]:
-    """Every decoding-time guard's hook for one request, in composition order.
+def row_hook_resources(tokenizer: Any) -> dict[str, Any]:
+    """Each decoding-time mechanism's per-process state (``tokenizer`` is None outside an engine)."""
+    return {name: hooks.resources(tokenizer) for name, hooks in ROW_HOOKS}
 
-    Shared by the engine's processor and the evaluation's scoring path (``server/scoring.py``), so an answer is scored
-    under exactly the restrictions a reply would be generated under. ``resources`` provides ``vocabulary`` and
-    ``assistants``.
+
+def build_row_hooks(section: Mapping[str, Any], prompt_ids: Sequence[int] | None, output_ids: list[int],
+                    resources: Mapping[str, Any]) -> list[RowHook]:
+    """Every decoding-time mechanism's hook for one request, in composition order.
+
+    Shared by the engine's processor and the scoring path (``server/scoring.py``), so an answer is scored under
+    exactly the restrictions a reply would be generated under. ``resources`` is ``row_hook_resources``'s result.
     """
     hooks: list[RowHook] = []
-    for name, factory in ROW_HOOK_FACTORIES:
+    for name, row_hooks in ROW_HOOKS:
         try:
-            hook = factory(section, prompt_ids, output_ids, resources)
+            hook = row_hooks.build(section, prompt_ids, output_ids, resources.get(name))
         except Exception as exc:
             raise RowHookError(name) from exc
         if hook is not None:
@@ -84,7 +70,7 @@ def build_row_hooks(section: Mapping[str, Any], prompt_ids: Sequence[int] | None
 
 
 class FailClosedHook:
-    """Forces the end-of-sequence token: a guard that cannot run must not let the request through unguarded."""
+    """Forces the end-of-sequence token: a mechanism that cannot run must not let the request through unguarded."""
 
     def __init__(self, eos_token_id: int) -> None:
         self._eos = eos_token_id
@@ -103,16 +89,14 @@ def lethe_args(params: SamplingParams) -> Mapping[str, Any] | None:
 
 
 class LetheLogitsProcessor(LogitsProcessor):
-    """Applies every active guard's row hooks to the rows of flagged requests."""
+    """Applies every active mechanism's row hooks to the rows of flagged requests."""
 
     def __init__(self, vllm_config: VllmConfig, device: torch.device, is_pin_memory: bool) -> None:
         self.device = device
         self.rows: dict[int, list[RowHook]] = {}
-        self.vocabulary: Vocabulary | None = None
-        self.eos_token_id = 0
-        self.assistants = AssistantModels()
-        if vllm_config is not None:
-            self.vocabulary, self.eos_token_id = _served_vocabulary(vllm_config)
+        tokenizer = _served_tokenizer(vllm_config) if vllm_config is not None else None
+        self.eos_token_id = int(tokenizer.eos_token_id or 0) if tokenizer is not None else 0
+        self.resources = row_hook_resources(tokenizer)
 
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
@@ -121,11 +105,11 @@ class LetheLogitsProcessor(LogitsProcessor):
         if section is not None and not isinstance(section, Mapping):
             raise ValueError(f"extra_args[{EXTRA_ARGS_KEY!r}] must be a mapping")
         if section is not None:
-            validate_guard_section(section)
-            validate_uld_section(section)
+            for _, row_hooks in ROW_HOOKS:
+                row_hooks.validate(section)
 
     def is_argmax_invariant(self) -> bool:
-        # Guards change which token wins, so the processor must also run for greedy batches.
+        # Mechanisms change which token wins, so the processor must also run for greedy batches.
         return False
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
@@ -138,7 +122,7 @@ class LetheLogitsProcessor(LogitsProcessor):
         if section is None:
             return None
         try:
-            return build_row_hooks(section, prompt_ids, output_ids, self) or None
+            return build_row_hooks(section, prompt_ids, output_ids, self.resources) or None
         except RowHookError as exc:
             logger.exception("processor.hook_failed", extra={"mechanism": exc.mechanism, "phase": "add"})
             return [FailClosedHook(self.eos_token_id)]
@@ -173,10 +157,9 @@ class LetheLogitsProcessor(LogitsProcessor):
                 logger.exception("processor.prepare_rows_failed", extra={"hook": hook_class.__name__})
 
 
-def _served_vocabulary(vllm_config: VllmConfig) -> tuple[Vocabulary, int]:
-    """The text of every token of the served model and its end-of-sequence id, read once per worker."""
+def _served_tokenizer(vllm_config: VllmConfig) -> Any:
+    """The served model's tokenizer, loaded once per engine worker for the mechanisms' per-process state."""
     from transformers import AutoTokenizer
 
     config = vllm_config.model_config
-    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer, trust_remote_code=config.trust_remote_code)
-    return Vocabulary.from_tokenizer(tokenizer), int(tokenizer.eos_token_id or 0)
+    return AutoTokenizer.from_pretrained(config.tokenizer, trust_remote_code=config.trust_remote_code)

@@ -1,18 +1,20 @@
 """Pydantic models of the admin REST API (``/admin/v1``): the forget-target contract of SPEC §4.
 
-Mechanism options mirror the published defaults (``../shared/METHODS.md``); unknown options are refused (422) so a
-typo never silently falls back to a default.
+Each mechanism's options model lives with the mechanism (``guards/<name>/``) and mirrors the published defaults
+(``../shared/METHODS.md``); unknown options are refused (422) so a typo never silently falls back to a default.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model, model_validator
 
-MechanismName = Literal["eco", "guard", "uld", "o3"]
-MECHANISM_NAMES: tuple[str, ...] = ("eco", "guard", "uld", "o3")
+from guards.base import Mechanism
+from guards.mechanisms import MECHANISMS
+
 MAX_ITEMS = 5000
 ShortText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
 LongText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=20_000)]
@@ -42,54 +44,28 @@ class ForgetItem(Strict):
         return self
 
 
-class EcoOptions(Strict):
-    corruption: Literal["rand_noise_first_n", "zero_out_top_k", "flip_sign_top_k"] = "rand_noise_first_n"
-    sigma: float | None = Field(None, gt=0, description="Noise scale; unset means found by the calibration job.")
-    dims: int | None = Field(
-        None, ge=1, description="Embedding dims corrupted (first n / top k); unset: all (zero_out_top_k: a quarter)."
-    )
-    scope: Literal["auto", "entities", "prompt"] = Field(
-        "auto", description="Which prompt tokens are corrupted: the target's entity tokens (ECO's TOFU setting), every "
-        "user token but the last (its WMDP setting), or `auto`: the least invasive one that reaches the calibration "
-        "goal (entities when sigma is given).",
-    )
-    goal: float | None = Field(
-        None, ge=0, le=1, description="Forget-answer ROUGE-L the sigma calibration aims for; unset: the level of an "
-        "answer about an unrelated author.",
-    )
-
-
-class GuardOptions(Strict):
-    soft_penalty: float = Field(5.0, ge=0, description="Logit penalty on tokens that start a forbidden phrase.")
-    max_phrases: int = Field(64, ge=1, le=4096)
-
-
-class UldOptions(Strict):
-    alpha: float = Field(0.8, gt=0, le=5)
-    layers: int | None = Field(None, ge=1, description="Assistant depth; unset: a quarter of the model's layers.")
-    tau: float = Field(0.01, gt=0, lt=1)
-    gate: Literal["classifier", "always"] = "classifier"
-
-
-class O3Options(Strict):
-    rank: Literal[8, 16] = 8
-    orthogonality: float = Field(0.1, ge=0, description="λ of the orthogonality penalty against earlier LoRAs.")
-
-
-class MechanismsIn(Strict):
-    eco: EcoOptions | None = None
-    guard: GuardOptions | None = None
-    uld: UldOptions | None = None
-    o3: O3Options | None = None
+class MechanismsBase(Strict):
+    """The ``mechanisms`` field: one optional options object per mechanism of this build (``mechanisms_model``)."""
 
     @model_validator(mode="after")
-    def _at_least_one(self) -> MechanismsIn:
+    def _at_least_one(self) -> MechanismsBase:
         if not self.enabled():
             raise ValueError("enable at least one mechanism: a target nothing protects would be refused outright")
         return self
 
     def enabled(self) -> dict[str, dict[str, Any]]:
-        return {name: getattr(self, name).model_dump() for name in MECHANISM_NAMES if getattr(self, name) is not None}
+        return {name: getattr(self, name).model_dump() for name in type(self).model_fields
+                if getattr(self, name) is not None}
+
+
+def mechanisms_model(mechanisms: Sequence[Mechanism]) -> type[MechanismsBase]:
+    """The admin API's ``mechanisms`` model, one field per mechanism, typed by the mechanism's own options model (so
+    a new mechanism's options appear in the API, its validation and its OpenAPI schema with no edit here)."""
+    fields: dict[str, Any] = {mechanism.name: (mechanism.options | None, None) for mechanism in mechanisms}
+    return create_model("MechanismsIn", __base__=MechanismsBase, **fields)
+
+
+MechanismsIn = mechanisms_model(MECHANISMS)
 
 
 class TargetCreate(Strict):

@@ -1,64 +1,61 @@
-"""Glue between the registry and ``classifiers/``: the fit job and the bank factory of the live snapshot.
+"""Glue between the registry and ``classifiers/``: the fit job and the detector banks of the live snapshot.
 
 A target's classifier artifact directory holds ``prompt/`` (the prompt classifier that gates ECO, GUARD and ULD) and,
-when the target enables O3, ``ood/`` (the O3 gate). It is content-addressed, so replicas load it by digest.
+for each enabled mechanism that brings its own gate (``Mechanism.gate_detector``: O3's OOD detector), a subdirectory
+named after that gate. It is content-addressed, so replicas load it by digest.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from classifiers.bank import ClassifierBank
 from classifiers.embedding import Embedder
-from classifiers.ood import OODArtifact, OODBank, fit_ood_detector
 from classifiers.prompt_classifier import (DEFAULT_MAX_FALSE_POSITIVE_RATE, PromptClassifierArtifact,
                                           fit_prompt_classifier)
-from classifiers.types import ForgetItem, TargetSpec
-from server.jobs import JobContext, JobHandler
-from server.registry.views import TargetRecord
+from guards.base import GateDetector, JobContext, JobHandler, Mechanism, target_spec
 
 logger = logging.getLogger(__name__)
 
 PROMPT_DIR = "prompt"
-OOD_DIR = "ood"
 
 
-def target_spec(record: TargetRecord) -> TargetSpec:
-    def items(rows: list[dict[str, Any]]) -> list[ForgetItem]:
-        return [ForgetItem(question=r.get("question"), answer=r.get("answer"), text=r.get("text")) for r in rows]
+def gate_detectors(mechanisms: Sequence[Mechanism], enabled: Mapping[str, Any] | None = None) -> list[GateDetector]:
+    """The distinct gate detectors of the mechanisms (only those ``enabled`` names, when given), in mechanism order."""
+    detectors: dict[str, GateDetector] = {}
+    for mechanism in mechanisms:
+        detector = mechanism.gate_detector
+        if detector is not None and (enabled is None or mechanism.name in enabled):
+            detectors.setdefault(detector.name, detector)
+    return list(detectors.values())
 
-    return TargetSpec(id=record.id, name=record.name, aliases=list(record.aliases), forget=items(record.forget),
-                      retain=items(record.retain))
 
-
-def fit_classifier_handler(embedder: Callable[[], Embedder], recall: float,
+def fit_classifier_handler(embedder: Callable[[], Embedder], recall: float, mechanisms: Sequence[Mechanism],
                            max_false_positive_rate: float = DEFAULT_MAX_FALSE_POSITIVE_RATE) -> JobHandler:
-    """The ``fit_classifier`` job: fit the prompt classifier (and the O3 gate if enabled), store them, report figures."""
+    """The ``fit_classifier`` job: fit the prompt classifier (and the enabled mechanisms' own gates), store them, report
+    figures."""
 
     def run(context: JobContext) -> dict[str, Any]:
         spec = target_spec(context.target)
         model = embedder()
         staging = context.artifacts.staging_dir()
-        wants_ood = "o3" in context.target.mechanisms
-        share = 0.8 if wants_ood else 1.0
+        detectors = gate_detectors(mechanisms, context.target.mechanisms)
+        share = 0.8 if detectors else 1.0
         prompt = fit_prompt_classifier(spec, model, recall=recall, max_false_positive_rate=max_false_positive_rate,
                                        progress=lambda f, m: context.progress(f * share, m))
         prompt.save(staging / PROMPT_DIR)
-        gate: dict[str, Any] = {}
-        if wants_ood:
-            context.progress(0.85, "fitting the O3 gate")
-            ood = fit_ood_detector(spec, model)
-            ood.save(staging / OOD_DIR)
-            gate = {"ood_gate": {"threshold": round(ood.gate_threshold, 4), "heldout_recall": ood.gate_heldout_recall,
-                                 "false_positive_rate": ood.gate_false_positive_rate}}
+        gates: dict[str, Any] = {}
+        for detector in detectors:
+            context.progress(0.85, f"fitting the {detector.name} gate")
+            gates[f"{detector.name}_gate"] = detector.fit(spec, model, staging / detector.name)
         digest = context.artifacts.commit(staging)
         return {"status": "ready", "artifact": digest, "threshold": prompt.threshold,
                 "false_positive_rate": prompt.false_positive_rate, "heldout_recall": prompt.heldout_recall,
-                "false_positive_rate_by_source": prompt.false_positive_rate_by_source, **gate}
+                "false_positive_rate_by_source": prompt.false_positive_rate_by_source, **gates}
 
     return run
 
@@ -78,16 +75,22 @@ def bank_factory(embedder: Callable[[], Embedder]) -> Callable[[dict[str, Path]]
     return build
 
 
-@lru_cache(maxsize=4096)
-def _load_ood_artifact(directory: Path) -> OODArtifact:
-    return OODArtifact.load(directory / OOD_DIR)
+GateBankFactory = Callable[[Mapping[str, Mapping[str, Any]], Mapping[str, Path]], dict[str, Any]]
+"""({target_id: its mechanisms}, {target_id: classifier artifact dir}) -> {gate name: bank with ``open_gates``}."""
 
 
-def ood_bank_factory(embedder: Callable[[], Embedder]) -> Callable[[dict[str, Path]], OODBank]:
-    """Stack the O3 gates of the targets that enable O3 (their classifier artifacts hold ``ood/``)."""
+def gate_bank_factory(embedder: Callable[[], Embedder], mechanisms: Sequence[Mechanism]) -> GateBankFactory:
+    """Stack, per mechanism-owned gate, the detectors of the targets that enable a mechanism gated by it."""
 
-    def build(artifact_dirs: dict[str, Path]) -> OODBank:
-        present = {tid: path for tid, path in artifact_dirs.items() if (path / OOD_DIR).is_dir()}
-        return OODBank({tid: _load_ood_artifact(path) for tid, path in present.items()}, embedder())
+    def build(enabled: Mapping[str, Mapping[str, Any]], artifact_dirs: Mapping[str, Path]) -> dict[str, Any]:
+        banks: dict[str, Any] = {}
+        for detector in gate_detectors(mechanisms):
+            owners = {m.name for m in mechanisms if m.gate_detector is not None
+                      and m.gate_detector.name == detector.name}
+            present = {tid: path / detector.name for tid, path in artifact_dirs.items()
+                       if owners & set(enabled.get(tid, {})) and (path / detector.name).is_dir()}
+            if present:
+                banks[detector.name] = detector.bank(present, embedder())
+        return banks
 
     return build

@@ -8,33 +8,42 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from classifiers.embedding import Embedder
-from guards.guard_filter import GUARD_PHRASES
-from guards.o3 import O3_TRAIN, rank_budget
-from guards.uld import ULD_TRAIN
-from guards.registry import IMPLEMENTED_MECHANISMS, JOB_MECHANISM, preparation_jobs
+from guards.base import ANY_WORKER, MODEL_FILES, SERVED_MODEL, JobHandler, JobResources, Mechanism, ServedModel
+from guards.mechanisms import MECHANISMS
 from server.artifacts import ArtifactStore
 from server.audit import AuditWriter
-from server.classifier_jobs import bank_factory, fit_classifier_handler, ood_bank_factory
+from server.classifier_jobs import bank_factory, fit_classifier_handler, gate_bank_factory
 from server.config import Settings
-from server.guard_jobs import guard_phrases_handler
-from server.training_jobs import o3_train_handler, uld_train_handler
-from server.jobs import JobHandler, JobWorker
+from server.jobs import JobWorker
 from server.metrics import Metrics
 from server.registry.database import make_engine, upgrade_database
-from server.registry.snapshot import RegistrySnapshot, SnapshotHolder
+from server.registry.snapshot import RegistrySnapshot, SnapshotHolder, mechanism_entries
 from server.registry.store import FIT_CLASSIFIER, MechanismCatalog, RegistryStore
 
 logger = logging.getLogger(__name__)
 
 
-def mechanism_catalog(settings: Settings) -> MechanismCatalog:
-    return MechanismCatalog(frozenset(IMPLEMENTED_MECHANISMS), preparation_jobs, JOB_MECHANISM,
-                            rank_budget(settings.max_lora_rank))
+def mechanism_catalog(settings: Settings, mechanisms: Sequence[Mechanism] = MECHANISMS) -> MechanismCatalog:
+    """What the registry must know of the mechanisms: names, jobs per registration, admission checks."""
+    by_name = {mechanism.name: mechanism for mechanism in mechanisms}
+
+    def jobs_for(name: str, options: Mapping[str, Any]) -> list[str]:
+        return list(by_name[name].prepare(options)) if name in by_name else []
+
+    def admit(enabled: Mapping[str, Any], others: Sequence[Mapping[str, Any]]) -> str | None:
+        for name, options in enabled.items():
+            if name in by_name and (reason := by_name[name].admit(options, others, settings)) is not None:
+                return reason
+        return None
+
+    return MechanismCatalog(frozenset(by_name), jobs_for,
+                            {spec.kind: mechanism.name for mechanism in mechanisms for spec in mechanism.jobs}, admit)
 
 
 class LazyEmbedder:
@@ -75,15 +84,29 @@ def open_store(settings: Settings) -> RegistryStore:
     return RegistryStore(engine, settings.default_mechanisms, mechanism_catalog(settings))
 
 
+def mechanism_handlers(resources: JobResources, needs: set[str],
+                       mechanisms: Sequence[Mechanism] = MECHANISMS) -> dict[str, JobHandler]:
+    """The mechanisms' jobs a worker with these resources can run (``needs``: what it has, ``guards.base.*``)."""
+    return {spec.kind: spec.handler(resources) for mechanism in mechanisms for spec in mechanism.jobs
+            if spec.needs in needs}
+
+
+def job_resources(settings: Settings, embedder: Callable[[], Embedder], store: RegistryStore,
+                  model_path: Path | None, served: ServedModel | None = None) -> JobResources:
+    def registrations(name: str) -> list:
+        return mechanism_entries(store.snapshot_rows()[1], name)
+
+    return JobResources(settings=settings, embedder=embedder, model_path=model_path, served=served,
+                        registrations=registrations)
+
+
 def offline_handlers(settings: Settings, embedder: Callable[[], Embedder], store: RegistryStore,
                      model_path: Path | None) -> dict[str, JobHandler]:
     """The jobs a worker can run without the engine: the embedder's, and training if it has the model's files."""
-    handlers = {FIT_CLASSIFIER: fit_classifier_handler(embedder, settings.classifier_recall,
-                                                       settings.classifier_max_fpr),
-                GUARD_PHRASES: guard_phrases_handler(embedder)}
-    if model_path is not None:
-        handlers[ULD_TRAIN] = uld_train_handler(model_path)
-        handlers[O3_TRAIN] = o3_train_handler(model_path, store)
+    handlers = {FIT_CLASSIFIER: fit_classifier_handler(embedder, settings.classifier_recall, MECHANISMS,
+                                                       settings.classifier_max_fpr)}
+    needs = {ANY_WORKER} | ({MODEL_FILES} if model_path is not None else set())
+    handlers.update(mechanism_handlers(job_resources(settings, embedder, store, model_path), needs))
     return handlers
 
 
@@ -110,7 +133,7 @@ class ControlPlane:
         embedder = LazyEmbedder(settings.embedding_model)
         artifacts = ArtifactStore(settings.resolved_artifacts_dir)
         snapshots = SnapshotHolder(store, artifacts.path, bank_factory(embedder), settings.registry_poll_s,
-                                   ood_bank_factory(embedder))
+                                   gate_bank_factory(embedder, MECHANISMS))
         return cls(settings, metrics, store, snapshots, AuditWriter(store, settings.audit_retention_days), artifacts,
                    embedder)
 
@@ -119,13 +142,14 @@ class ControlPlane:
         await asyncio.to_thread(self.snapshots.refresh)
         self._tasks = [asyncio.create_task(self.snapshots.watch()), asyncio.create_task(self.audit.run())]
 
-    def start_worker(self, engine_handlers: dict[str, JobHandler], model_path: Path) -> None:
+    def start_worker(self, served: ServedModel, model_path: Path) -> None:
         """Run this replica's job worker once the engine is up.
 
-        Jobs that measure the served model (``engine_handlers``) always run in a serving replica; the others run
-        here too unless ``LETHE_EMBEDDED_WORKER=false`` hands them to ``lethe worker`` processes.
+        Jobs that measure the served model always run in a serving replica; the others run here too unless
+        ``LETHE_EMBEDDED_WORKER=false`` hands them to ``lethe worker`` processes.
         """
-        handlers = dict(engine_handlers)
+        resources = job_resources(self.settings, self.embedder, self.store, model_path, served)
+        handlers = mechanism_handlers(resources, {SERVED_MODEL})
         if self.settings.embedded_worker:
             handlers.update(offline_handlers(self.settings, self.embedder, self.store, model_path))
         if handlers:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from guards.o3 import LORA_TARGET_MODULES
+from guards.mechanisms import MECHANISMS
 from server.config import Settings
 from server.errors import EngineUnavailable, InvalidRequest
 
@@ -60,10 +60,10 @@ def _engine_args(settings: Settings, model_path: Path) -> Any:
         enable_prompt_embeds=True,
         enable_lora=True,
         max_lora_rank=settings.max_lora_rank,
-        # Only the projections O3 adapts. Left unset, vLLM also wraps embed_tokens, and its CPU LoRA embedding op
-        # then crashes the EngineCore on any batch that mixes prompt_embeds (ECO) with a LoRA request (O3):
-        # "einsum(): subscript b has size 35 ... previously seen size 7".
-        lora_target_modules=list(LORA_TARGET_MODULES),
+        # Only the modules the mechanisms' adapters adapt (O3's projections). Left unset, vLLM also wraps
+        # embed_tokens, and its CPU LoRA embedding op then crashes the EngineCore on any batch that mixes prompt_embeds
+        # (ECO) with a LoRA request (O3): "einsum(): subscript b has size 35 ... previously seen size 7".
+        lora_target_modules=sorted({module for mechanism in MECHANISMS for module in mechanism.lora_modules}),
         max_logprobs=20,
         logits_processors=[LOGITS_PROCESSOR],
         logprobs_mode="processed_logprobs",

@@ -15,8 +15,8 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
+from guards.base import JobHandler
 from server.artifacts import ArtifactStore
 from server.errors import NotFound
 from server.registry.store import ClaimedJob, RegistryStore
@@ -31,7 +31,8 @@ class JobCancelled(Exception):
 
 @dataclass
 class JobContext:
-    """What a handler gets: its job, its target, where to put artifacts, and a progress callback."""
+    """What a handler gets (``guards.base.JobContext``): its job, its target, where to put artifacts, and a progress
+    callback."""
 
     job: ClaimedJob
     target: TargetRecord
@@ -39,14 +40,16 @@ class JobContext:
     _report: Callable[[float, str], bool]
     last: tuple[float, str] = field(default=(0.0, "started"))
 
+    @property
+    def job_id(self) -> str:
+        return self.job.id
+
     def progress(self, fraction: float, message: str) -> None:
         self.last = (fraction, message)
         if not self._report(fraction, message):
             raise JobCancelled(self.job.id)
 
 
-JobHandler = Callable[[JobContext], dict[str, Any]]
-"""Runs one job and returns the result to publish on the target (e.g. the classifier's artifact and figures)."""
 
 
 def default_worker_id() -> str:

@@ -1,7 +1,7 @@
 """The one request pipeline every inference endpoint goes through.
 
     render (chat template, tokenize) -> classify (against the registry snapshot, batched across concurrent requests)
-    -> plan (each hit target's guards contribute, in the fixed guard order) -> engine.generate -> choice events
+    -> plan (each hit target's mechanisms contribute, in their fixed order) -> engine.generate -> choice events
     -> finish (metrics, audit record)
 
 Plain async Python with no HTTP in it: the OpenAI layer (``server/serving.py``) turns ``ChoiceEvent``s into responses
@@ -19,15 +19,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from jinja2 import TemplateError
 
-from classifiers.types import OOD_GATE, Hit
-from guards.base import Guard
-from guards.embedding_table import EmbeddingTable
+from classifiers.types import Hit
+from guards.base import Mechanism, MechanismServing
 from server.admin_protocol import AuditRecord
 from server.audit import AuditWriter
 from server.classification import ClassificationBatcher
@@ -36,6 +35,7 @@ from server.errors import ContextLengthExceeded, GuardFailed, InvalidRequest, Re
 from server.planner import (  # noqa: F401  (ChatTurn, RenderedPrompt: part of this module's interface)
     NO_TARGETS, ChatTurn, Classification, EnginePlan, Planner, RenderedPrompt)
 from server.metrics import Metrics
+from server.prompt_embeds import EmbeddingTable
 from server.registry.snapshot import RegistrySnapshot, SnapshotHolder
 
 logger = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ class Run:
     classifications: list[Classification]
     seed: int | None = None
     plans: list[EnginePlan] = field(default_factory=list)
-    mechanisms: list[str] = field(default_factory=list)  # applied to any of its prompts, in guard order
+    mechanisms: list[str] = field(default_factory=list)  # applied to any of its prompts, in mechanism order
     started_at: float = field(default_factory=time.perf_counter)
     created: float = field(default_factory=time.time)
     first_token_at: float | None = None
@@ -109,7 +109,8 @@ class Pipeline:
         registry: SnapshotHolder | None = None,
         audit: AuditWriter | None = None,
         audit_prompts: bool = False,
-        guards: Sequence[Guard] = (),
+        mechanisms: Sequence[Mechanism] = (),
+        servings: Mapping[str, MechanismServing] | None = None,
         embeddings: EmbeddingTable | None = None,
     ) -> None:
         self._engine = engine
@@ -118,7 +119,7 @@ class Pipeline:
         self._registry = registry
         self._audit = audit
         self._audit_prompts = audit_prompts
-        self.planner = Planner(guards, embeddings, engine, metrics)
+        self.planner = Planner(mechanisms, servings or {}, embeddings, engine, metrics)
         self._classifier = ClassificationBatcher(on_batch=metrics.classifier_batch_size.observe)
 
     # ------------------------------------------------------------ render
@@ -225,8 +226,8 @@ class Pipeline:
         self._metrics.classifier_latency.observe(seconds)
         best = sorted(result.scores.items(), key=lambda item: -item[1])[:AUDITED_SCORES]
         hits = tuple(result.hits)
-        if snapshot.ood is not None:
-            hits = with_ood_gates(hits, snapshot.ood.open_gates(result.embeddings))
+        for gate, bank in snapshot.gates.items():
+            hits = with_gate(hits, gate, bank.open_gates(result.embeddings))
         scores = {target_id: round(score, 4) for target_id, score in best}
         scores.update({hit.target_id: round(hit.score, 4) for hit in hits})
         return Classification(hits=hits, scores=scores, seconds=seconds, embeddings=result.embeddings)
@@ -296,11 +297,11 @@ class Pipeline:
             await merged.aclose()
 
 
-def with_ood_gates(hits: tuple[Hit, ...], opened: dict[str, float]) -> tuple[Hit, ...]:
-    """The classifier's hits with O3's open gates added: marked on a hit target, or a new hit scored by w."""
-    merged = [replace(hit, gates=hit.gates | {OOD_GATE}) if hit.target_id in opened else hit for hit in hits]
+def with_gate(hits: tuple[Hit, ...], gate: str, opened: dict[str, float]) -> tuple[Hit, ...]:
+    """The hits with a mechanism's own gate's openings added: marked on a hit target, or a new hit scored by it."""
+    merged = [replace(hit, gates=hit.gates | {gate}) if hit.target_id in opened else hit for hit in hits]
     known = {hit.target_id for hit in hits}
-    merged.extend(Hit(tid, w, gates=frozenset({OOD_GATE})) for tid, w in sorted(opened.items()) if tid not in known)
+    merged.extend(Hit(tid, w, gates=frozenset({gate})) for tid, w in sorted(opened.items()) if tid not in known)
     return tuple(merged)
 
 

@@ -1,18 +1,16 @@
 """Planning: what the engine receives for one rendered prompt, given which targets it is about.
 
-Each mechanism has a gate (``Guard.gate``): ECO, GUARD and ULD apply when the prompt classifier flags their target,
-O3 when the target's OOD detector does, ULD with ``gate: always`` on every request. For every target whose gate for
-one of its mechanisms opened, each such ready mechanism contributes its part, in the fixed guard order
-(``guards/registry.py``). Planning fails closed: a target whose gate opened but none of whose gated mechanisms could be
-applied (none ready yet, or one raised) makes the request fail with ``GuardFailed`` (503); it is never served
+Each mechanism has a gate (``Mechanism.gate``): the prompt classifier, a detector of the mechanism's own (O3's OOD
+gate), or every request (ULD's ``gate: always``). For every target whose gate for one of its mechanisms opened, each
+such ready mechanism contributes its part, in the fixed mechanism order (``guards/mechanisms.py``). Planning fails
+closed: a target whose gate opened but none of whose gated mechanisms could be applied (none ready yet, or one raised) makes the request fail with ``GuardFailed`` (503); it is never served
 unguarded. A prompt no gate opened for gets the plain vLLM input (token ids, no extra_args, no LoRA).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,11 +18,11 @@ import numpy as np
 import torch
 
 from classifiers.types import ALWAYS_GATE, Hit
-from guards.base import ComposedPlan, Guard, PlanRequest, PromptView, TargetHit
-from guards.embedding_table import EmbeddingTable
+from guards.base import ComposedPlan, Mechanism, MechanismServing, PlanRequest, PromptView, TargetHit, request_seed
 from server.engine import Engine
 from server.errors import GuardFailed
 from server.metrics import Metrics
+from server.prompt_embeds import EmbeddingTable
 from server.registry.snapshot import RegistrySnapshot
 
 logger = logging.getLogger(__name__)
@@ -38,7 +36,8 @@ class ChatTurn:
 
 @dataclass(frozen=True)
 class RenderedPrompt:
-    """A prompt as the model sees it; ``text`` is kept for echo, the classifiers and the guards' token offsets."""
+    """A prompt as the model sees it; ``text`` is kept for echo, the classifiers and the mechanisms' token
+    offsets."""
 
     token_ids: list[int]
     text: str
@@ -72,15 +71,16 @@ class EnginePlan:
     prompt: dict[str, Any]
     extra_args: dict[str, Any] | None = None
     lora_request: Any = None
-    mechanisms: tuple[str, ...] = ()  # applied, in guard order
+    mechanisms: tuple[str, ...] = ()  # applied, in mechanism order
 
 
 class Planner:
-    """Turns a classified prompt into its engine request through the guards."""
+    """Turns a classified prompt into its engine request through the mechanisms."""
 
-    def __init__(self, guards: Sequence[Guard], embeddings: EmbeddingTable | None, engine: Engine,
-                 metrics: Metrics) -> None:
-        self.guards = tuple(guards)
+    def __init__(self, mechanisms: Sequence[Mechanism], servings: Mapping[str, MechanismServing],
+                 embeddings: EmbeddingTable | None, engine: Engine, metrics: Metrics) -> None:
+        self.mechanisms = tuple(mechanism for mechanism in mechanisms if mechanism.name in servings)
+        self._servings = dict(servings)
         self._embeddings = embeddings
         self._engine = engine
         self._metrics = metrics
@@ -95,30 +95,31 @@ class Planner:
         view = prompt.view()
         gated: set[str] = set()
         protected: set[str] = set()
-        for guard in self.guards:
+        for mechanism in self.mechanisms:
             for hit in candidates:
                 target = snapshot.targets.get(hit.target_id)
-                entry = target.mechanisms.get(guard.name) if target is not None else None
+                entry = target.mechanisms.get(mechanism.name) if target is not None else None
                 if entry is None:
                     continue
                 options, state = entry.get("options", {}), entry.get("state") or {}
-                gate = guard.gate(options)
+                gate = mechanism.gate(options)
                 if gate != ALWAYS_GATE and gate not in hit.gates:
                     continue
                 if ALWAYS_GATE not in hit.gates:  # opened by a detector; an always-gate alone obliges nothing
                     gated.add(hit.target_id)
-                if not guard.ready(options, state):
+                if not mechanism.ready(options, state):
                     continue
                 request = PlanRequest(
                     hit=TargetHit(hit.target_id, hit.score, hit.alias_spans, tuple(target.aliases), options, state),
                     prompt=view, query_embeddings=classification.embeddings,
-                    seed=request_seed(prompt.token_ids, hit.target_id, seed), shared=snapshot.shared.get(guard.name),
+                    seed=request_seed(prompt.token_ids, hit.target_id, seed),
+                    shared=snapshot.shared.get(mechanism.name),
                 )
                 try:
-                    composed.add(guard.name, guard.plan(request))
+                    composed.add(mechanism.name, self._servings[mechanism.name].plan(request))
                 except Exception as exc:
-                    self._metrics.guard_failures.labels(guard.name).inc()
-                    logger.exception("guard.failed", extra={"request_id": request_id, "mechanism": guard.name,
+                    self._metrics.guard_failures.labels(mechanism.name).inc()
+                    logger.exception("guard.failed", extra={"request_id": request_id, "mechanism": mechanism.name,
                                                             "target_id": hit.target_id})
                     raise GuardFailed() from exc
                 protected.add(hit.target_id)
@@ -138,15 +139,15 @@ class Planner:
         if self._always[0] != snapshot.revision:
             always = tuple(Hit(target_id, 0.0, gates=frozenset({ALWAYS_GATE}))
                            for target_id, target in sorted(snapshot.targets.items())
-                           if any(guard.name in target.mechanisms
-                                  and guard.gate(target.mechanisms[guard.name].get("options", {})) == ALWAYS_GATE
-                                  for guard in self.guards))
+                           if any(mechanism.name in target.mechanisms
+                                  and mechanism.gate(target.mechanisms[mechanism.name].get("options", {}))
+                                  == ALWAYS_GATE for mechanism in self.mechanisms))
             self._always = (snapshot.revision, always)
         hit_ids = {hit.target_id for hit in hits}
         return hits + tuple(hit for hit in self._always[1] if hit.target_id not in hit_ids)
 
     def engine_plan(self, prompt: RenderedPrompt, composed: ComposedPlan) -> EnginePlan:
-        """Turn the guards' contributions into the engine request (``prompt_embeds`` only if a guard edits them)."""
+        """Turn the mechanisms' contributions into the engine request (``prompt_embeds`` only if one edits them)."""
         extra_args = {"lethe": composed.processor_args} if composed.processor_args else None
         lora = composed.loras[0] if composed.loras else None  # O3's stack is the only adapter: one per snapshot
         mechanisms = tuple(composed.mechanisms)
@@ -172,9 +173,3 @@ class Planner:
                 or not bool(torch.isfinite(embeds).all())):
             logger.error("guard.bad_embeds", extra={"shape": list(embeds.shape), "dtype": str(embeds.dtype)})
             raise GuardFailed()
-
-
-def request_seed(token_ids: Sequence[int], target_id: str, seed: int | None) -> int:
-    """A seed that is the same for the same prompt, target and client seed: guarded replies are reproducible."""
-    digest = hashlib.sha256(f"{target_id}|{seed}|{','.join(map(str, token_ids))}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)

@@ -31,9 +31,7 @@ from typing import Any
 
 import torch
 
-from guards.phrase_matcher import Vocabulary
-from guards.processor import EXTRA_ARGS_KEY, RowHookError, build_row_hooks
-from guards.uld_assistant import AssistantModels
+from guards.processor import EXTRA_ARGS_KEY, RowHookError, build_row_hooks, row_hook_resources
 from server.admin_protocol import ContinuationScoreOut, ScoreRequest, ScoreResponse
 from server.errors import GuardFailed
 from server.pipeline import Pipeline
@@ -72,8 +70,7 @@ class GuardedScorer:
         self._adapters: OrderedDict[str, str] = OrderedDict()  # adapter path -> PEFT adapter name
         self._adapter_names = itertools.count()
         self._lock = threading.Lock()
-        self.vocabulary = Vocabulary.from_tokenizer(tokenizer)
-        self.assistants = AssistantModels()
+        self._hook_resources = row_hook_resources(tokenizer)
 
     def score(self, plan: EnginePlan, continuation_ids: Sequence[int]) -> ContinuationScore:
         """Teacher-forced log-probabilities of ``continuation_ids`` after the plan's prompt (one forward pass)."""
@@ -86,7 +83,7 @@ class GuardedScorer:
             logits = self._answer_logits(model, plan, prompt_ids, answer)  # (A, V)
             section = (plan.extra_args or {}).get(EXTRA_ARGS_KEY)
             output: list[int] = []  # grows token by token, as the engine's live output list does
-            hooks = build_row_hooks(section, prompt_ids, output, self) if section else []
+            hooks = build_row_hooks(section, prompt_ids, output, self._hook_resources) if section else []
             logprobs: list[float] = []
             for position, token in enumerate(answer):
                 row = logits[position].clone()

@@ -9,7 +9,7 @@ from classifiers import ForgetItem, TargetSpec
 from classifiers.calibration import threshold_for_false_positive_rate, threshold_for_recall
 from classifiers.chunking import sentences
 from classifiers.conversation import MAX_TEXTS, texts_to_embed
-from classifiers.ood import calibrate_gate
+from guards.o3.ood import calibrate_gate
 from classifiers.positives import forget_prompts
 
 

@@ -21,17 +21,14 @@ from classifiers import (
     ClassifierBank,
     Embedder,
     ForgetItem,
-    OODArtifact,
-    OODBank,
     PromptClassifier,
     PromptClassifierArtifact,
     TargetSpec,
-    fit_ood_detector,
     fit_prompt_classifier,
 )
 from classifiers.conversation import texts_to_embed
 from classifiers.negatives import builtin_negative_pool, split_by_hash
-from classifiers.ood import fit_gaussian, mahalanobis
+from guards.o3.ood import OODArtifact, OODBank, fit_gaussian, fit_ood_detector, mahalanobis
 from evals.tofu_data import authors_of, demo_authors
 
 RETAIN_AUTHORS = slice(0, 9)

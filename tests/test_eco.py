@@ -11,17 +11,10 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 from classifiers.aliases import AliasMatcher
 from classifiers.types import AliasSpan
 from guards.base import PromptView
-from guards.eco import (
-    EcoEdit,
-    EcoGuard,
-    SigmaSearchConfig,
-    corrupted_positions,
-    flip_sign_top_k,
-    rand_noise_first_n,
-    zero_out_top_k,
-    zeroth_order_sigma_search,
-)
-from guards.embedding_table import EmbeddingTable
+from guards.eco import ECO
+from guards.eco.corruption import EcoEdit, corrupted_positions, flip_sign_top_k, rand_noise_first_n, zero_out_top_k
+from guards.eco.sigma_search import SigmaSearchConfig, zeroth_order_sigma_search
+from server.prompt_embeds import EmbeddingTable
 
 
 def test_rand_noise_first_n_touches_only_the_first_n_dims_and_is_seeded() -> None:
@@ -103,11 +96,11 @@ def test_embedding_table_is_the_checkpoints_input_embedding(tiny_model_dir: Path
 
 
 def test_sigma_needs_calibration_only_when_noise_has_no_sigma() -> None:
-    assert [job.kind for job in EcoGuard.prepare({"corruption": "rand_noise_first_n"})] == ["eco_calibrate"]
-    assert EcoGuard.prepare({"corruption": "rand_noise_first_n", "sigma": 5.0}) == ()
-    assert EcoGuard.prepare({"corruption": "zero_out_top_k"}) == ()
-    assert not EcoGuard.ready({"corruption": "rand_noise_first_n"}, {})
-    assert EcoGuard.ready({"corruption": "rand_noise_first_n"}, {"sigma": 3.0})
+    assert ECO.prepare({"corruption": "rand_noise_first_n"}) == ("eco_calibrate",)
+    assert ECO.prepare({"corruption": "rand_noise_first_n", "sigma": 5.0}) == ()
+    assert ECO.prepare({"corruption": "zero_out_top_k"}) == ()
+    assert not ECO.ready({"corruption": "rand_noise_first_n"}, {})
+    assert ECO.ready({"corruption": "rand_noise_first_n"}, {"sigma": 3.0})
 
 
 def test_sigma_search_descends_a_step_objective_to_the_goal() -> None:

@@ -12,9 +12,9 @@ from transformers import AutoTokenizer
 from vllm.sampling_params import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 
-from guards.guard_filter import PhraseArtifact
-from guards.phrase_matcher import PhraseAutomaton, PhraseGuardHook, Vocabulary, guard_row_hook
-from guards.phrases import Background, alias_phrases, builtin_background, key_phrases
+from guards.guard.mechanism import PhraseArtifact
+from guards.guard.phrase_matcher import PhraseAutomaton, PhraseGuardHook, Vocabulary, guard_row_hook
+from guards.guard.phrases import Background, alias_phrases, builtin_background, key_phrases
 from guards.processor import LetheLogitsProcessor
 
 NEG = float("-inf")
@@ -140,7 +140,7 @@ def test_tokens_that_begin_a_phrase_are_softly_penalised() -> None:
 
 def test_processor_keeps_each_rows_guard_state_through_batch_moves() -> None:
     processor = LetheLogitsProcessor(None, torch.device("cpu"), False)  # type: ignore[arg-type]
-    processor.vocabulary = VOCAB
+    processor.resources["guard"] = VOCAB
     out_a: list[int] = [ID[" flor"]]
     processor.update_state(BatchUpdate(batch_size=3, removed=[], moved=[], added=[
         (0, guard_params("florist"), [0], out_a), (1, SamplingParams(), [0], []),

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from evals.demo_training import greedy_chat_answers
 from evals.tofu_data import authors_of
-from guards.o3_training import (
+from guards.o3.training import (
     REFUSALS,
     O3TrainingConfig,
     _collate,
@@ -26,7 +26,7 @@ from guards.o3_training import (
     train_unlearning_lora,
     unlearning_loss,
 )
-from guards.o3_adapters import load_lora_a, stack_adapters
+from guards.o3.adapters import load_lora_a, stack_adapters
 
 AUTHOR_1, AUTHOR_2 = authors_of("forget01")
 QUESTIONS_1 = [item.question for item in AUTHOR_1.items[:4]]

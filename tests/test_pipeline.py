@@ -14,7 +14,7 @@ import torch
 from vllm.sampling_params import RequestOutputKind, SamplingParams
 
 from classifiers.types import BankResult, Hit
-from guards.base import GuardPlan, PlanRequest
+from guards.base import MechanismPlan, PlanRequest
 from server.engine import EngineInfo
 from server.errors import ContextLengthExceeded, GuardFailed, InvalidRequest, RequestTimeout
 from server.metrics import Metrics
@@ -165,9 +165,11 @@ class AddRow:
 
 
 @dataclass
-class FakeGuard:
+class FakeMechanism:
+    """A mechanism and its serving half in one: the planner asks it for gate, readiness and plans."""
+
     name: str
-    plan_result: GuardPlan | None = None
+    plan_result: MechanismPlan | None = None
     error: Exception | None = None
     is_ready: bool = True
     gated_by: str = "classifier"
@@ -184,10 +186,10 @@ class FakeGuard:
     def ready(self, options, state) -> bool:
         return self.is_ready
 
-    def plan(self, request: PlanRequest) -> GuardPlan:
+    def plan(self, request: PlanRequest) -> MechanismPlan:
         if self.error is not None:
             raise self.error
-        return self.plan_result or GuardPlan()
+        return self.plan_result or MechanismPlan()
 
 
 class Table:
@@ -200,19 +202,21 @@ class BadTable:
         return torch.full((len(ids), 4), float("nan"))
 
 
-def guarded(engine: FakeEngine, *guards: FakeGuard, mechanisms=("eco", "guard"), table=Table(), bank=FakeBank(),
+def guarded(engine: FakeEngine, *fakes: FakeMechanism, mechanisms=("eco", "guard"), table=Table(), bank=FakeBank(),
             ood=None) -> Pipeline:
     record = TargetRecord(id=TARGET, name="t", aliases=["T"], forget=[], retain=[],
                           mechanisms={m: {"options": {}, "state": {}} for m in mechanisms},
                           classifier={"status": "ready"}, status="active")
-    holder = Holder(RegistrySnapshot(revision=3, targets={TARGET: record}, bank=bank, ood=ood))
-    return Pipeline(engine, 5, Metrics(), registry=holder, guards=guards, embeddings=table)  # type: ignore[arg-type]
+    gates = {"ood": ood} if ood is not None else {}
+    holder = Holder(RegistrySnapshot(revision=3, targets={TARGET: record}, bank=bank, gates=gates))
+    return Pipeline(engine, 5, Metrics(), registry=holder, mechanisms=fakes,  # type: ignore[arg-type]
+                    servings={fake.name: fake for fake in fakes}, embeddings=table)  # type: ignore[arg-type]
 
 
 async def test_hit_prompt_carries_every_ready_guards_contribution() -> None:
     engine = FakeEngine()
-    pipeline = guarded(engine, FakeGuard("eco", GuardPlan(embedding_edits=(AddRow(),))),
-                       FakeGuard("guard", GuardPlan(processor_args={"phrases": [[1, 2]]})))
+    pipeline = guarded(engine, FakeMechanism("eco", MechanismPlan(embedding_edits=(AddRow(),))),
+                       FakeMechanism("guard", MechanismPlan(processor_args={"phrases": [[1, 2]]})))
     prompt = pipeline.render_chat([ChatTurn("user", "hi")])
     run, _ = await collect(pipeline, [prompt], max_tokens=2)
     sent_prompt, sent_params, _ = engine.calls[0]
@@ -225,7 +229,7 @@ async def test_hit_prompt_carries_every_ready_guards_contribution() -> None:
 
 async def test_a_guard_that_raises_refuses_the_request_instead_of_serving_it() -> None:
     engine = FakeEngine()
-    pipeline = guarded(engine, FakeGuard("eco", error=RuntimeError("boom")), FakeGuard("guard"))
+    pipeline = guarded(engine, FakeMechanism("eco", error=RuntimeError("boom")), FakeMechanism("guard"))
     with pytest.raises(GuardFailed) as info:
         await collect(pipeline, pipeline.render_completion("x"), max_tokens=1)
     assert info.value.status == 503 and "boom" not in info.value.message
@@ -234,7 +238,7 @@ async def test_a_guard_that_raises_refuses_the_request_instead_of_serving_it() -
 
 async def test_a_classifier_that_fails_refuses_the_request_instead_of_serving_it_unclassified() -> None:
     engine = FakeEngine()
-    pipeline = guarded(engine, FakeGuard("eco"), bank=FakeBank(error=RuntimeError("embedding model gone")))
+    pipeline = guarded(engine, FakeMechanism("eco"), bank=FakeBank(error=RuntimeError("embedding model gone")))
     with pytest.raises(GuardFailed) as info:
         await collect(pipeline, pipeline.render_completion(["x", "y"]), max_tokens=1)
     assert info.value.status == 503 and "embedding" not in info.value.message
@@ -244,7 +248,7 @@ async def test_a_classifier_that_fails_refuses_the_request_instead_of_serving_it
 
 async def test_a_hit_target_without_any_ready_mechanism_is_refused() -> None:
     engine = FakeEngine()
-    pipeline = guarded(engine, FakeGuard("eco", is_ready=False), FakeGuard("guard", is_ready=False))
+    pipeline = guarded(engine, FakeMechanism("eco", is_ready=False), FakeMechanism("guard", is_ready=False))
     with pytest.raises(GuardFailed):
         await collect(pipeline, pipeline.render_completion("x"), max_tokens=1)
     assert engine.calls == []
@@ -252,15 +256,15 @@ async def test_a_hit_target_without_any_ready_mechanism_is_refused() -> None:
 
 async def test_mechanisms_the_target_did_not_enable_are_not_applied() -> None:
     engine = FakeEngine()
-    pipeline = guarded(engine, FakeGuard("eco", GuardPlan(embedding_edits=(AddRow(),))),
-                       FakeGuard("guard", GuardPlan(processor_args={"phrases": [[1]]})), mechanisms=("guard",))
+    pipeline = guarded(engine, FakeMechanism("eco", MechanismPlan(embedding_edits=(AddRow(),))),
+                       FakeMechanism("guard", MechanismPlan(processor_args={"phrases": [[1]]})), mechanisms=("guard",))
     run, _ = await collect(pipeline, pipeline.render_completion("x"), max_tokens=1)
     assert "prompt_embeds" not in engine.calls[0][0] and run.mechanisms == ["guard"]
 
 
 async def test_non_finite_embeddings_never_reach_the_engine() -> None:
     engine = FakeEngine()
-    pipeline = guarded(engine, FakeGuard("eco", GuardPlan(embedding_edits=(AddRow(),))), table=BadTable())
+    pipeline = guarded(engine, FakeMechanism("eco", MechanismPlan(embedding_edits=(AddRow(),))), table=BadTable())
     with pytest.raises(GuardFailed):
         await collect(pipeline, pipeline.render_completion("x"), max_tokens=1)
     assert engine.calls == []
@@ -275,8 +279,8 @@ LORA = object()
     (True, False, ["guard"]), (False, True, ["o3"]), (True, True, ["o3", "guard"]), (False, False, [])])
 async def test_each_mechanism_follows_its_own_gate(classifier_hits: bool, ood_opens: bool, applied: list[str]) -> None:
     engine = FakeEngine()
-    pipeline = guarded(engine, FakeGuard("o3", GuardPlan(lora=LORA), gated_by="ood"),
-                       FakeGuard("guard", GuardPlan(processor_args={"phrases": ["x"]})),
+    pipeline = guarded(engine, FakeMechanism("o3", MechanismPlan(lora=LORA), gated_by="ood"),
+                       FakeMechanism("guard", MechanismPlan(processor_args={"phrases": ["x"]})),
                        mechanisms=("o3", "guard"), bank=FakeBank(classifier_hits), ood=FakeOOD(ood_opens))
     run, _ = await collect(pipeline, pipeline.render_completion("x"), max_tokens=1)
     assert run.mechanisms == applied
@@ -286,7 +290,7 @@ async def test_each_mechanism_follows_its_own_gate(classifier_hits: bool, ood_op
 
 async def test_a_classifier_hit_on_an_o3_only_target_whose_ood_gate_stays_shut_is_served_plain() -> None:
     engine = FakeEngine()
-    pipeline = guarded(engine, FakeGuard("o3", GuardPlan(lora=LORA), gated_by="ood"), mechanisms=("o3",),
+    pipeline = guarded(engine, FakeMechanism("o3", MechanismPlan(lora=LORA), gated_by="ood"), mechanisms=("o3",),
                        ood=FakeOOD(False))
     run, _ = await collect(pipeline, pipeline.render_completion("x"), max_tokens=1)
     assert run.mechanisms == [] and engine.loras[0] is None and run.hit_target_ids == [TARGET]
@@ -294,7 +298,7 @@ async def test_a_classifier_hit_on_an_o3_only_target_whose_ood_gate_stays_shut_i
 
 async def test_an_always_gated_mechanism_applies_to_unflagged_prompts_and_never_refuses_them_while_preparing() -> None:
     engine = FakeEngine()
-    uld = FakeGuard("uld", GuardPlan(processor_args={"assistant": "/a"}), gated_by="always")
+    uld = FakeMechanism("uld", MechanismPlan(processor_args={"assistant": "/a"}), gated_by="always")
     pipeline = guarded(engine, uld, mechanisms=("uld",), bank=FakeBank(False))
     run, _ = await collect(pipeline, pipeline.render_completion("x"), max_tokens=1)
     assert run.mechanisms == ["uld"] and engine.calls[0][1].extra_args == {"lethe": {"uld": [{"assistant": "/a"}]}}

@@ -11,6 +11,7 @@ from vllm.sampling_params import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 
 from guards import processor as processor_module
+from guards.base import RowHooks
 from guards.processor import LetheLogitsProcessor
 
 VOCAB = 8
@@ -31,9 +32,14 @@ def ban_factory(section: Mapping[str, Any], prompt_ids: Sequence[int] | None, ou
     return BanToken(section["ban"]) if "ban" in section else None
 
 
+def banning(build) -> RowHooks:
+    """A stand-in mechanism's decoding-time half: no per-process state, every payload accepted."""
+    return RowHooks(resources=lambda tokenizer: None, validate=lambda section: None, build=build)
+
+
 @pytest.fixture
 def processor(monkeypatch: pytest.MonkeyPatch) -> LetheLogitsProcessor:
-    monkeypatch.setattr(processor_module, "ROW_HOOK_FACTORIES", [("ban", ban_factory)])
+    monkeypatch.setattr(processor_module, "ROW_HOOKS", [("ban", banning(ban_factory))])
     return LetheLogitsProcessor(None, torch.device("cpu"), False)  # type: ignore[arg-type]
 
 
@@ -114,8 +120,8 @@ def test_batched_preparation_runs_once_per_step_and_its_failure_leaves_the_rows_
 ) -> None:
     monkeypatch.setattr(BatchedBan, "prepared", [])
     monkeypatch.setattr(BatchedBan, "fail", fail)
-    monkeypatch.setattr(processor_module, "ROW_HOOK_FACTORIES",
-                        [("ban", lambda section, *_: BatchedBan(section["ban"]) if "ban" in section else None)])
+    monkeypatch.setattr(processor_module, "ROW_HOOKS",
+                        [("ban", banning(lambda section, *_: BatchedBan(section["ban"]) if "ban" in section else None))])
     processor = LetheLogitsProcessor(None, torch.device("cpu"), False)  # type: ignore[arg-type]
     processor.update_state(update(3, added=[(0, flagged(1), [1], []), (1, SamplingParams(), [1], []),
                                             (2, flagged(5), [1], [])]))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import itertools
 import time
 from collections.abc import Iterator
@@ -239,11 +241,12 @@ def test_invalid_bodies_are_refused_before_the_store(body: dict) -> None:
 
 
 def test_o3_registrations_past_the_stacked_rank_budget_are_refused(tmp_path) -> None:
-    from guards.o3 import rank_budget
+    from server.control_plane import mechanism_catalog
 
     engine = make_engine(f"sqlite:///{tmp_path / 'registry.db'}")
     upgrade_database(engine)
-    store = RegistryStore(engine, ["eco"], MechanismCatalog(frozenset({"eco", "o3"}), admit=rank_budget(16)))
+    admit = mechanism_catalog(SimpleNamespace(max_lora_rank=16)).admit  # type: ignore[arg-type]
+    store = RegistryStore(engine, ["eco"], MechanismCatalog(frozenset({"eco", "o3"}), admit=admit))
     first = store.create_target(target("a", mechanisms={"o3": {}}))
     store.create_target(target("b", mechanisms={"o3": {"rank": 8}, "eco": {}}))
     revision = store.revision()

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from guards.embedding_table import EmbeddingTable
+from server.prompt_embeds import EmbeddingTable
 from server.planner import EnginePlan
 from server.scoring import LOGPROB_FLOOR, ContinuationScore, GuardedScorer
 

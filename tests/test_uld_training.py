@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from classifiers.aliases import AliasMatcher
 from evals.tofu_data import authors_of
-from guards.uld_training import (
+from guards.uld.training import (
     WRONG_ANSWERS_PER_QUESTION,
     UldTrainingConfig,
     add_lora,

@@ -21,12 +21,18 @@ from server.registry.views import TargetRecord
 
 logger = logging.getLogger(__name__)
 
-OOD_MECHANISM = "o3"  # the mechanism whose gate is the OOD detector fitted with the classifier
-
 BankFactory = Callable[[dict[str, Path]], Any]
-"""Builds a detector bank from {target_id: classifier artifact dir} (only called with at least one target)."""
+"""Builds the prompt classifiers' bank from {target_id: classifier artifact dir} (called with one target at least)."""
+GateBankFactory = Callable[[dict[str, dict[str, Any]], dict[str, Path]], dict[str, Any]]
+"""({target_id: its mechanisms}, {target_id: classifier artifact dir}) -> {gate name: bank} of mechanisms' own gates."""
 Sharer = Callable[[list[TargetEntry]], Any]
-"""A guard's ``share``: per-snapshot resources from every target that enables the guard's mechanism."""
+"""A mechanism's ``share``: per-snapshot resources from every target that enables it."""
+
+
+def mechanism_entries(records: list[TargetRecord], name: str) -> list[TargetEntry]:
+    """Every target's registration of mechanism ``name`` (options and published state)."""
+    return [TargetEntry(r.id, r.mechanisms[name].get("options", {}), r.mechanisms[name].get("state") or {})
+            for r in records if name in r.mechanisms]
 
 
 @dataclass(frozen=True)
@@ -34,8 +40,8 @@ class RegistrySnapshot:
     revision: int
     targets: dict[str, TargetRecord] = field(default_factory=dict)
     bank: Any = None  # the prompt classifiers (ClassifierBank)
-    ood: Any = None  # the O3 gates of the targets that enable O3 (OODBank), None when none does
-    shared: dict[str, Any] = field(default_factory=dict)  # mechanism -> what its guard's ``share`` built
+    gates: dict[str, Any] = field(default_factory=dict)  # gate name -> bank of mechanisms' own gates (O3's OOD)
+    shared: dict[str, Any] = field(default_factory=dict)  # mechanism -> what its ``share`` built
     loaded_at: float = field(default_factory=time.time)
 
     @property
@@ -45,11 +51,11 @@ class RegistrySnapshot:
 
 class SnapshotHolder:
     def __init__(self, store: RegistryStore, artifact_path: Callable[[str], Path], bank_factory: BankFactory,
-                 poll_s: float, ood_factory: BankFactory | None = None) -> None:
+                 poll_s: float, gate_factory: GateBankFactory | None = None) -> None:
         self._store = store
         self._artifact_path = artifact_path
         self._bank_factory = bank_factory
-        self._ood_factory = ood_factory
+        self._gate_factory = gate_factory
         self._poll_s = poll_s
         self._sharers: dict[str, Sharer] = {}
         self.current = RegistrySnapshot(revision=-1)
@@ -61,20 +67,19 @@ class SnapshotHolder:
         targets = {record.id: record for record in records}
         artifacts = {record.id: self._artifact_path(record.classifier["artifact"]) for record in records}
         bank = self._bank_factory(artifacts) if artifacts else None
-        gated = {tid: path for tid, path in artifacts.items() if OOD_MECHANISM in targets[tid].mechanisms}
-        ood = self._ood_factory(gated) if gated and self._ood_factory is not None else None
-        return RegistrySnapshot(revision=revision, targets=targets, bank=bank, ood=ood, shared=self._share(records))
+        enabled = {tid: target.mechanisms for tid, target in targets.items()}
+        gates = self._gate_factory(enabled, artifacts) if artifacts and self._gate_factory is not None else {}
+        return RegistrySnapshot(revision=revision, targets=targets, bank=bank, gates=gates, shared=self._share(records))
 
     def share_with(self, sharers: dict[str, Sharer]) -> None:
-        """Let guards build per-snapshot resources; the next ``refresh(force=True)`` builds them."""
+        """Let mechanisms build per-snapshot resources; the next ``refresh(force=True)`` builds them."""
         self._sharers = dict(sharers)
 
     def _share(self, records: list[TargetRecord]) -> dict[str, Any]:
-        """Each guard's shared resources; a guard that fails gets None (its plans then fail closed), the rest load."""
+        """Each mechanism's shared resources; one that fails gets None (its plans then fail closed), the rest load."""
         shared: dict[str, Any] = {}
         for name, sharer in self._sharers.items():
-            entries = [TargetEntry(r.id, r.mechanisms[name].get("options", {}), r.mechanisms[name].get("state") or {})
-                       for r in records if name in r.mechanisms]
+            entries = mechanism_entries(records, name)
             try:
                 shared[name] = sharer(entries) if entries else None
             except Exception:

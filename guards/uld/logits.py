@@ -1,4 +1,4 @@
-"""ULD — Unlearning from Logit Difference (Ji et al., 2024; METHODS.md §4): the guard and its logit combination.
+"""ULD's logit combination (Ji et al., 2024; METHODS.md §4): the target's logits minus the assistant's.
 
 The assistant remembers exactly what must be forgotten and is near-uniform elsewhere, so subtracting its logits from
 the target's removes the forget knowledge. The subtraction is only trusted on tokens the target itself finds
@@ -9,14 +9,8 @@ low-probability token cannot win just because the assistant dislikes it even mor
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
-from typing import Any
 
 import torch
-
-from classifiers.types import ALWAYS_GATE, CLASSIFIER_GATE
-from guards.base import GuardPlan, JobSpec, PlanRequest, TargetEntry
 
 DEFAULT_ALPHA = 0.8
 DEFAULT_TAU = 0.01
@@ -47,42 +41,3 @@ def combine_logits(
     for logits in assistants:
         combined -= alpha * logits.float()
     return combined.masked_fill(~keep, float("-inf"))
-
-
-ULD_TRAIN = "uld_train"
-
-
-class UldGuard:
-    """The ULD mechanism: the target's trained assistant is subtracted in the logits processor (``uld_assistant``).
-
-    Gate: the prompt classifier by default; ``gate: always`` applies it to every request, as in the paper (the
-    assistant is near-uniform off its forget set, so the difference is nearly neutral there, but not free).
-    """
-
-    name = "uld"
-
-    def __init__(self, artifact_path: Callable[[str], Path]) -> None:
-        self._artifact_path = artifact_path
-
-    @staticmethod
-    def prepare(options: Mapping[str, Any]) -> tuple[JobSpec, ...]:
-        return (JobSpec(ULD_TRAIN),)
-
-    @staticmethod
-    def ready(options: Mapping[str, Any], state: Mapping[str, Any]) -> bool:
-        return "assistant" in state
-
-    @staticmethod
-    def gate(options: Mapping[str, Any]) -> str:
-        return ALWAYS_GATE if options.get("gate") == ALWAYS_GATE else CLASSIFIER_GATE
-
-    @staticmethod
-    def share(entries: Sequence[TargetEntry]) -> Any:
-        return None
-
-    def plan(self, request: PlanRequest) -> GuardPlan:
-        options = request.hit.options
-        assistant = self._artifact_path(request.hit.state["assistant"])
-        return GuardPlan(processor_args={"assistant": str(assistant),
-                                         "alpha": float(options.get("alpha", DEFAULT_ALPHA)),
-                                         "tau": float(options.get("tau", DEFAULT_TAU))})

@@ -1,12 +1,12 @@
-"""GUARD — generation-time unlearning by adaptive restriction (Deng et al., 2025).
+"""GUARD — generation-time unlearning by adaptive restriction (Deng et al., 2025; METHODS.md §2): the mechanism.
 
-Registration (the ``guard_phrases`` job): every forget item's forbidden phrases (``guards/phrases.py``) and an SBERT
+Registration (the ``guard_phrases`` job): every forget item's forbidden phrases (``phrases.py``) and an SBERT
 embedding of the item (its question, or its text) are stored as the target's GUARD artifact.
 
 Per request: the forget items nearest to the prompt (SBERT retrieval on the classifier's own embeddings, so no extra
 encode) lend their phrases, best match first, after the aliases, up to ``max_phrases``: the ``TOP_ITEMS`` nearest
 lend their key phrases and every content word, the others their key phrases. The phrases travel as text to
-``LetheLogitsProcessor`` in ``extra_args``; it matches them on the text the tokens spell (``guards/phrase_matcher.py``),
+``LetheLogitsProcessor`` in ``extra_args``; it matches them on the text the tokens spell (``phrase_matcher.py``),
 so no tokenisation variant of a phrase slips through.
 """
 
@@ -17,15 +17,20 @@ import logging
 from collections.abc import Callable, Mapping
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from classifiers.embedding import Embedder
+from pydantic import Field
+
 from classifiers.types import TargetSpec
-from guards.base import ClassifierGated, GuardPlan, JobSpec, PlanRequest
-from guards.phrase_matcher import GUARD_KEY
-from guards.phrases import Background, alias_phrases, builtin_background, content_words, key_phrases
+from guards.base import (ANY_WORKER, JobContext, JobHandler, JobResources, JobSpec, MechanismBase, MechanismPlan,
+                         NothingShared, Options, PlanRequest, RowHooks, ServingContext, target_spec)
+from guards.guard.phrase_matcher import GUARD_KEY, Vocabulary, guard_row_hook, validate_guard_section
+from guards.guard.phrases import Background, alias_phrases, builtin_background, content_words, key_phrases
+
+if TYPE_CHECKING:
+    from classifiers.embedding import Embedder
 
 logger = logging.getLogger(__name__)
 
@@ -83,25 +88,54 @@ def _load_artifact(directory: Path) -> PhraseArtifact:
     return PhraseArtifact(directory)
 
 
-class GuardFilter(ClassifierGated):
+class GuardOptions(Options):
+    soft_penalty: float = Field(5.0, ge=0, description="Logit penalty on tokens that start a forbidden phrase.")
+    max_phrases: int = Field(64, ge=1, le=4096)
+
+
+def phrases_job(resources: JobResources) -> JobHandler:
+    """The ``guard_phrases`` job: the target's forbidden phrases and retrieval keys as a content-addressed artifact."""
+
+    def run(context: JobContext) -> dict[str, Any]:
+        context.progress(0.1, "extracting forbidden phrases")
+        staging = context.artifacts.staging_dir()
+        figures = build_phrase_artifact(target_spec(context.target), resources.embedder(), staging)
+        return {"artifact": context.artifacts.commit(staging), **figures}
+
+    return run
+
+
+def _vocabulary(tokenizer: Any) -> Vocabulary | None:
+    """The served tokenizer's token texts, read once per engine process (None outside one)."""
+    return Vocabulary.from_tokenizer(tokenizer) if tokenizer is not None else None
+
+
+class Guard(MechanismBase):
     """The GUARD mechanism: forbidden-phrase restriction in the logits processor."""
 
     name = GUARD_KEY
+    options = GuardOptions
+    jobs = (JobSpec(GUARD_PHRASES, ANY_WORKER, phrases_job),)
+    row_hooks = RowHooks(resources=_vocabulary, validate=validate_guard_section, build=guard_row_hook)
+
+    def prepare(self, options: Mapping[str, Any]) -> tuple[str, ...]:
+        return (GUARD_PHRASES,)
+
+    def ready(self, options: Mapping[str, Any], state: Mapping[str, Any]) -> bool:
+        return "artifact" in state
+
+    def serving(self, context: ServingContext) -> GuardServing:
+        return GuardServing(context.artifact_path)
+
+
+class GuardServing(NothingShared):
+    """Plans the phrases of the forget items nearest to the prompt (retrieval on the classifier's embeddings)."""
 
     def __init__(self, artifact_path: Callable[[str], Path]) -> None:
         self._artifact_path = artifact_path
 
-    @staticmethod
-    def prepare(options: Mapping[str, Any]) -> tuple[JobSpec, ...]:
-        return (JobSpec(GUARD_PHRASES),)
-
-    @staticmethod
-    def ready(options: Mapping[str, Any], state: Mapping[str, Any]) -> bool:
-        return "artifact" in state
-
-    def plan(self, request: PlanRequest) -> GuardPlan:
+    def plan(self, request: PlanRequest) -> MechanismPlan:
         artifact = _load_artifact(self._artifact_path(request.hit.state["artifact"]))
         phrases = artifact.ranked_phrases(request.query_embeddings, int(request.hit.options.get("max_phrases", 64)))
-        return GuardPlan(processor_args={"phrases": phrases,
-                                         "penalty": float(request.hit.options.get("soft_penalty", 0.0))})
-
+        return MechanismPlan(processor_args={"phrases": phrases,
+                                             "penalty": float(request.hit.options.get("soft_penalty", 0.0))})

@@ -1,7 +1,7 @@
-"""O3 — OOD detector + orthogonal unlearning LoRA (Gao et al., 2024; METHODS.md §3): the serving side.
+"""O3 — OOD detector + orthogonal unlearning LoRA (Gao et al., 2024; METHODS.md §3): the mechanism and its options.
 
-Each target that enables O3 has its own unlearning LoRA (``o3_training.py``; trained orthogonal to every earlier
-target's). vLLM applies one adapter per request and has no per-request scale, so the adapters of every target in a
+Each target that enables O3 has its own unlearning LoRA (``training.py``; trained orthogonal to every earlier
+target's) and its own gate (``ood.py``, fitted with the classifier: ``gate.py``). vLLM applies one adapter per request and has no per-request scale, so the adapters of every target in a
 registry snapshot are rank-stacked into ONE adapter (``stack_adapters``: the stack computes the sum of the targets'
 updates exactly), built once per snapshot by ``share`` and attached with a ``LoRARequest`` to every request whose
 prompt opens one of those targets' OOD gates. Orthogonality is what makes the sum safe: each target's update acts in
@@ -10,7 +10,7 @@ its own subspace, so forgetting one target does not undo or disturb another (con
 Limit: the stack's rank is the sum of the targets' ranks and must fit ``LETHE_MAX_LORA_RANK`` (vLLM reserves that
 much); the registry refuses (422) an O3 registration past it, so the stack always covers every O3 target.
 O3 buckets its gate weight into a LoRA scale; here the gate is binary (a calibrated threshold on w, see
-``classifiers/ood.py``), because a vLLM request can carry an adapter but not a scale.
+``ood.py``), because a vLLM request can carry an adapter but not a scale.
 """
 
 from __future__ import annotations
@@ -25,35 +25,87 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import Field
 
 from classifiers.types import OOD_GATE
-from guards.base import GuardPlan, JobSpec, PlanRequest, TargetEntry
+from guards.base import (MODEL_FILES, JobContext, JobHandler, JobResources, JobSpec, MechanismBase, MechanismPlan,
+                         Options, PlanRequest, ServingContext, TargetEntry)
+from guards.o3.gate import OodGate
 
 logger = logging.getLogger(__name__)
 
+O3_NAME = "o3"
 O3_TRAIN = "o3_train"
 STACKS_DIR = "o3-stacks"
 DEFAULT_RANK = 8
-# What an O3 adapter adapts, and all vLLM wraps with LoRA layers (see server/engine.py for why not embed_tokens).
+# What an O3 adapter adapts, and all vLLM wraps with LoRA layers (``server/engine.py`` says why not embed_tokens).
 LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def rank_budget(max_lora_rank: int) -> Callable[[Mapping[str, Any], Sequence[Mapping[str, Any]]], str | None]:
-    """The registry's admission check: every O3 target's rank must fit the one stacked adapter vLLM can hold."""
+class O3Options(Options):
+    rank: Literal[8, 16] = DEFAULT_RANK
+    orthogonality: float = Field(0.1, ge=0, description="λ of the orthogonality penalty against earlier LoRAs.")
 
-    def admit(mechanisms: Mapping[str, Any], others: Sequence[Mapping[str, Any]]) -> str | None:
-        if O3Guard.name not in mechanisms:
-            return None
-        used = sum(int(other[O3Guard.name].get("rank", DEFAULT_RANK)) for other in others if O3Guard.name in other)
-        wanted = int(mechanisms[O3Guard.name].get("rank", DEFAULT_RANK))
-        if used + wanted > max_lora_rank:
+
+def training_job(resources: JobResources) -> JobHandler:
+    """The ``o3_train`` job: the target's unlearning LoRA, orthogonal to every other target's trained adapter."""
+    model_path = resources.model_path
+    if model_path is None:
+        raise ValueError(f"{O3_TRAIN} trains on the served model's files")
+
+    def run(context: JobContext) -> dict[str, Any]:
+        from guards.o3.training import O3TrainingConfig, train_unlearning_lora
+
+        record = context.target
+        options = record.mechanisms.get(O3_NAME, {}).get("options", {})
+        questions = [item["question"] for item in record.forget if item.get("question")]
+        questions += [item["text"] for item in record.forget if item.get("text") and not item.get("question")]
+        earlier = [context.artifacts.path(entry.state["adapter"]) for entry in resources.registrations(O3_NAME)
+                   if entry.target_id != record.id and "adapter" in entry.state]
+        rank = int(options.get("rank", DEFAULT_RANK))
+        config = O3TrainingConfig(rank=rank, lora_alpha=2 * rank,
+                                  orthogonality=float(options.get("orthogonality", 0.1)))
+        staging = context.artifacts.staging_dir()
+        figures = train_unlearning_lora(model_path, questions, record.aliases, earlier, config, staging,
+                                        context.progress)
+        return {"adapter": context.artifacts.commit(staging), "earlier_adapters": len(earlier), **figures}
+
+    return run
+
+
+class O3Mechanism(MechanismBase):
+    """The O3 mechanism: the snapshot's stacked unlearning adapter, attached when the target's OOD gate opens."""
+
+    name = O3_NAME
+    options = O3Options
+    jobs = (JobSpec(O3_TRAIN, MODEL_FILES, training_job),)
+    gate_detector = OodGate()
+    lora_modules = LORA_TARGET_MODULES
+
+    def prepare(self, options: Mapping[str, Any]) -> tuple[str, ...]:
+        return (O3_TRAIN,)
+
+    def ready(self, options: Mapping[str, Any], state: Mapping[str, Any]) -> bool:
+        return "adapter" in state
+
+    def gate(self, options: Mapping[str, Any]) -> str:
+        return OOD_GATE
+
+    def admit(self, mine: Mapping[str, Any], others: Sequence[Mapping[str, Any]], settings: Any) -> str | None:
+        """Every O3 target's rank must fit the one stacked adapter vLLM can hold (``LETHE_MAX_LORA_RANK``)."""
+        max_rank = int(settings.max_lora_rank)
+        used = sum(int(other[O3_NAME].get("rank", DEFAULT_RANK)) for other in others if O3_NAME in other)
+        wanted = int(mine.get("rank", DEFAULT_RANK))
+        if used + wanted > max_rank:
             return (f"O3 adapters of all targets are stacked into one LoRA of rank at most LETHE_MAX_LORA_RANK="
-                    f"{max_lora_rank}; {used} is in use, this target needs {wanted} more. Raise LETHE_MAX_LORA_RANK "
+                    f"{max_rank}; {used} is in use, this target needs {wanted} more. Raise LETHE_MAX_LORA_RANK "
                     f"or protect this target with other mechanisms.")
         return None
 
-    return admit
+    def serving(self, context: ServingContext) -> O3Serving:
+        return O3Serving(context.artifact_path, context.artifacts_root / STACKS_DIR, int(context.settings.max_lora_rank))
 
 
 @dataclass(frozen=True)
@@ -65,10 +117,8 @@ class O3Stack:
     lora_request: Any  # vllm.lora.request.LoRARequest
 
 
-class O3Guard:
-    """The O3 mechanism: attach the snapshot's stacked unlearning adapter when the target's OOD gate opens."""
-
-    name = "o3"
+class O3Serving:
+    """Builds the snapshot's stacked adapter (``share``) and attaches it to a hit target's request (``plan``)."""
 
     def __init__(self, artifact_path: Callable[[str], Path], stacks_root: Path, max_rank: int) -> None:
         self._artifact_path = artifact_path
@@ -76,21 +126,9 @@ class O3Guard:
         self._max_rank = max_rank
         self._lock = threading.Lock()
 
-    @staticmethod
-    def prepare(options: Mapping[str, Any]) -> tuple[JobSpec, ...]:
-        return (JobSpec(O3_TRAIN),)
-
-    @staticmethod
-    def ready(options: Mapping[str, Any], state: Mapping[str, Any]) -> bool:
-        return "adapter" in state
-
-    @staticmethod
-    def gate(options: Mapping[str, Any]) -> str:
-        return OOD_GATE
-
     def share(self, entries: Sequence[TargetEntry]) -> O3Stack | None:
         """Build (or find) the stacked adapter of every ready O3 target; runs where snapshots load, not per request."""
-        ready = sorted((entry for entry in entries if self.ready(entry.options, entry.state)),
+        ready = sorted((entry for entry in entries if "adapter" in entry.state),
                        key=lambda entry: entry.state["adapter"])
         budget, fitting = self._max_rank, []
         for entry in ready:  # the registry's admission check keeps this from dropping any; a race could not
@@ -118,7 +156,7 @@ class O3Guard:
 
     def _build(self, directory: Path, adapters: list[Path]) -> None:
         """Write the stack to a temporary sibling and rename it into place: readers never see half an adapter."""
-        from guards.o3_adapters import stack_adapters
+        from guards.o3.adapters import stack_adapters
 
         directory.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=directory.parent))
@@ -131,8 +169,8 @@ class O3Guard:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
-    def plan(self, request: PlanRequest) -> GuardPlan:
+    def plan(self, request: PlanRequest) -> MechanismPlan:
         stack: O3Stack | None = request.shared
         if stack is None or request.hit.target_id not in stack.members:
             raise RuntimeError(f"target {request.hit.target_id} is not in this snapshot's O3 stack")
-        return GuardPlan(lora=stack.lora_request)
+        return MechanismPlan(lora=stack.lora_request)

@@ -7,7 +7,7 @@ not overwrite the subspaces earlier requests wrote into (continual unlearning wi
     L = L_unlearn + λ · mean_layers Σ_modules Σ_{t earlier} ‖A_t A_newᵀ‖_F²
 
 Each adapter is trained on the base model with the earlier adapters merged in: the model the server runs once the
-new adapter joins them (serving attaches their rank-stack, ``guards.o3_adapters.stack_adapters``).
+new adapter joins them (serving attaches their rank-stack, ``adapters.stack_adapters``).
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from guards.o3 import LORA_TARGET_MODULES
-from guards.o3_adapters import PEFT_PREFIX, merge_into, read_adapter
+from guards.o3.adapters import PEFT_PREFIX, merge_into, read_adapter
+from guards.o3.mechanism import LORA_TARGET_MODULES
 
 logger = logging.getLogger(__name__)
 

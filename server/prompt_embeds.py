@@ -1,7 +1,8 @@
-"""The served model's input embedding matrix, read once from the checkpoint for ECO's ``prompt_embeds``.
+"""The served model's input embedding matrix, read once from the checkpoint to build ``prompt_embeds``.
 
-ECO corrupts a prompt's embeddings before the model sees them, so the proxy needs ``embed_tokens`` — only that
-tensor, not a second copy of the model: it is read straight out of the safetensors file(s) with ``safe_open``.
+A mechanism that edits a prompt's embeddings (ECO) needs them before the model sees them, so the proxy needs
+``embed_tokens`` — only that tensor, not a second copy of the model: it is read straight out of the safetensors file(s)
+with ``safe_open``. The planner turns a plan's embedding edits into the engine's ``prompt_embeds`` with it.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class EmbeddingTable:
             raise ValueError(f"{key} in {path} has shape {tuple(weight.shape)}, expected (vocab, hidden)")
         self.weight = weight.to(dtype).contiguous()  # (vocab, hidden)
         self.dtype = dtype
-        logger.info("eco.embeddings_loaded", extra={"file": path.name, "shape": list(self.weight.shape)})
+        logger.info("prompt_embeds.table_loaded", extra={"file": path.name, "shape": list(self.weight.shape)})
 
     @property
     def vocab_size(self) -> int:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from guards.uld import DEFAULT_TAU, combine_logits
+from guards.uld.logits import DEFAULT_ALPHA, DEFAULT_TAU, combine_logits
 
 logger = logging.getLogger(__name__)
 
@@ -211,6 +211,6 @@ def uld_row_hook(section: Mapping[str, Any], prompt_ids: Sequence[int] | None, o
     if prompt_ids is None:
         raise ValueError("ULD needs the prompt token ids (sent alongside prompt_embeds)")
     sessions = [(AssistantSession(assistants.get(entry["assistant"]), prompt_ids, output_ids),
-                 float(entry.get("alpha", 0.8))) for entry in entries]
+                 float(entry.get("alpha", DEFAULT_ALPHA))) for entry in entries]
     tau = min(float(entry.get("tau", DEFAULT_TAU)) for entry in entries)
     return UldRowHook(sessions, tau)

@@ -1,0 +1,135 @@
+"""The ``eco_calibrate`` job: ECO's σ search against the served model (SPEC §6), run in a serving replica.
+
+objective(σ) = mean ROUGE-L recall of the gold answers in the greedy replies to (a sample of) the target's forget
+questions with ECO applied at σ; the goal is the level an answer about an unrelated author reaches (the served model's
+replies to retain / other authors' questions scored against the same gold answers) plus ``GOAL_MARGIN``, unless the
+target's ``eco.goal`` option sets it. Scopes are tried least invasive first: ``entities``, then ``prompt`` only if
+entity corruption cannot reach the goal at any σ tried (a model that memorised the rest of the question still answers
+it).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import statistics
+import uuid
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+
+from classifiers.aliases import AliasMatcher
+from classifiers.negatives import builtin_negative_pool
+from classifiers.types import AliasSpan
+from guards.base import (ComposedPlan, JobContext, JobHandler, JobResources, JobTarget, PlanRequest, PromptView,
+                         ServedModel, TargetHit, request_seed)
+from guards.eco.corruption import ENTITIES, PROMPT
+from guards.eco.sigma_search import SigmaSearchConfig, zeroth_order_sigma_search
+from guards.text_metrics import rouge_l_recall
+
+logger = logging.getLogger(__name__)
+
+ECO_NAME = "eco"
+ECO_CALIBRATE = "eco_calibrate"
+# ROUGE-L over a dozen replies moves by a few hundredths from noise alone; "as if about an unrelated author" means
+# within this margin of that level.
+GOAL_MARGIN = 0.05
+_NO_EMBEDDINGS = np.zeros((0, 0), dtype=np.float32)
+
+
+def unrelated_questions(record_retain: list[dict[str, Any]], count: int, seed: str) -> list[str]:
+    """Questions about someone else: the target's retain questions, else other authors' from the negative pool."""
+    questions = [item["question"] for item in record_retain if item.get("question")]
+    if not questions:
+        questions = [n.text for n in builtin_negative_pool() if n.source == "tofu_other_authors" and n.text.endswith("?")]
+    rng = random.Random(seed)
+    return [questions[i % len(questions)] for i in rng.sample(range(len(questions)), min(count, len(questions)))]
+
+
+def calibration_job(resources: JobResources) -> JobHandler:
+    """The job's handler in a worker that has the served model (a serving replica)."""
+    if resources.served is None:
+        raise ValueError(f"{ECO_CALIBRATE} measures the served model: it runs in a serving replica")
+    settings = resources.settings
+    return EcoCalibrator(resources.served, settings.eco_calibration_questions, settings.eco_calibration_max_tokens)
+
+
+class EcoCalibrator:
+    """σ (and the scope) that bring the target's forget answers down to the goal; see the module docstring."""
+
+    def __init__(self, served: ServedModel, questions: int, max_tokens: int,
+                 search: SigmaSearchConfig = SigmaSearchConfig()) -> None:
+        from guards.eco.mechanism import EcoServing
+
+        self._served = served
+        self._eco = EcoServing(served.tokenizer)
+        self._questions = questions
+        self._max_tokens = max_tokens
+        self._search = search
+
+    def __call__(self, context: JobContext) -> dict[str, Any]:
+        record = context.target
+        options = dict(record.mechanisms.get(ECO_NAME, {}).get("options", {}))
+        qa = [(item["question"], item["answer"]) for item in record.forget if item.get("question")]
+        if not qa:
+            raise ValueError("ECO calibration needs question/answer forget items; register eco.sigma instead")
+        sample = random.Random(record.id).sample(qa, min(self._questions, len(qa)))
+        golds = [answer for _, answer in sample]
+        matcher = AliasMatcher(record.aliases)
+        prompts = [self._served.render_question(question) for question, _ in sample]
+        spans = [tuple(replace(span, turn=0) for span in matcher.find(question)) for question, _ in sample]
+        tag = f"{context.job_id}-{uuid.uuid4().hex[:8]}"
+
+        def replies(sigma: float | None, chosen: list[PromptView], scope: str = ENTITIES) -> list[str]:
+            """Greedy replies with ECO at σ over ``scope``, or unprotected when σ is None."""
+            if sigma is None:
+                return self._served.greedy_replies(chosen, [None] * len(chosen), self._max_tokens, tag)
+            scoped = {**options, "scope": scope, "sigma": sigma}
+            plans = [self._plan(prompt, record, prompt_spans, scoped)
+                     for prompt, prompt_spans in zip(chosen, spans, strict=True)]
+            return self._served.greedy_replies(chosen, plans, self._max_tokens, tag)
+
+        def score(answers: list[str]) -> float:
+            return statistics.fmean(rouge_l_recall(answer, gold) for answer, gold in zip(answers, golds))
+
+        context.progress(0.02, "measuring the unprotected model")
+        unprotected = score(replies(None, prompts))
+        if options.get("goal") is not None:
+            goal = float(options["goal"])
+        else:
+            others = unrelated_questions(record.retain, len(sample), record.id)
+            other_answers = replies(None, [self._served.render_question(q) for q in others])
+            goal = GOAL_MARGIN + statistics.fmean(rouge_l_recall(other_answers[i % len(other_answers)], gold)
+                                                  for i, gold in enumerate(golds))
+
+        scopes = [ENTITIES, PROMPT] if options.get("scope", "auto") == "auto" else [options["scope"]]
+        curves: dict[str, list[list[float]]] = {}
+        for attempt, scope in enumerate(scopes):
+            share = 0.85 / len(scopes)
+
+            def on_step(step: int, sigma: float, value: float, scope: str = scope, attempt: int = attempt) -> None:
+                context.progress(0.1 + share * (attempt + min(1.0, (step + 1) / self._search.max_steps)),
+                                 f"{scope} step {step + 1}: sigma={sigma:.4g} forget ROUGE-L={value:.3f} "
+                                 f"(goal {goal:.3f})")
+
+            result = zeroth_order_sigma_search(lambda sigma, scope=scope: score(replies(sigma, prompts, scope)), goal,
+                                               self._search, on_step)
+            curves[scope] = [[sigma, round(value, 4)] for sigma, value in result.curve]
+            if result.reached_goal:
+                break
+        logger.info("eco.calibrated", extra={"target_id": record.id, "sigma": result.sigma, "scope": scope,
+                                             "goal": round(goal, 4), "reached": result.reached_goal,
+                                             "evaluations": sum(len(c) for c in curves.values())})
+        return {"sigma": result.sigma, "scope": scope, "goal": round(goal, 4), "reached_goal": result.reached_goal,
+                "unprotected_rouge_l": round(unprotected, 4), "questions": len(sample), "curves": curves}
+
+    def _plan(self, prompt: PromptView, record: JobTarget, spans: tuple[AliasSpan, ...],
+              options: dict[str, Any]) -> ComposedPlan:
+        """ECO alone on one prompt, as the planner would apply it to a hit on this target."""
+        hit = TargetHit(record.id, 1.0, spans, tuple(record.aliases), options, {})
+        request = PlanRequest(hit=hit, prompt=prompt, query_embeddings=_NO_EMBEDDINGS,
+                              seed=request_seed(prompt.token_ids, record.id, None))
+        composed = ComposedPlan()
+        composed.add(ECO_NAME, self._eco.plan(request))
+        return composed

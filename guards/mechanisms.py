@@ -1,0 +1,28 @@
+"""The mechanisms this build implements, in their fixed composition order: the one list the rest of Lethe loops over.
+
+Order: ECO first (it decides what prompt the engine sees), O3 (it decides which weights run), then the decoding-time
+mechanisms in the logits processor: GUARD (bans), then ULD (difference over the tokens still allowed; the reverse could
+leave a row where ULD's filter kept only banned tokens, i.e. nothing to sample). A request that hits several targets
+gets every hit target's ready mechanisms, applied in this order; within one mechanism, targets in descending classifier
+score. Adding a mechanism is one folder under ``guards/`` and one line here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from guards.base import Mechanism
+from guards.eco import ECO
+from guards.guard import GUARD
+from guards.o3 import O3
+from guards.uld import ULD
+
+MECHANISMS: tuple[Mechanism, ...] = (ECO, O3, GUARD, ULD)
+
+
+def mechanism_named(name: str, mechanisms: Sequence[Mechanism] = MECHANISMS) -> Mechanism:
+    """The mechanism registered under ``name`` (KeyError if this build has none)."""
+    for mechanism in mechanisms:
+        if mechanism.name == name:
+            return mechanism
+    raise KeyError(name)

@@ -1,0 +1,87 @@
+"""ULD — Unlearning from Logit Difference (Ji et al., 2024; METHODS.md §4): the mechanism and its options.
+
+The target's trained assistant (``training.py``: remembers the forget set, near-uniform elsewhere) is subtracted from
+the served model's logits in the logits processor (``assistant.py``, ``logits.py``). Gate: the prompt classifier by
+default; ``gate: always`` applies it to every request, as in the paper (the assistant is near-uniform off its forget
+set, so the difference is nearly neutral there, but not free).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from classifiers.types import ALWAYS_GATE, CLASSIFIER_GATE
+from guards.base import (MODEL_FILES, JobContext, JobHandler, JobResources, JobSpec, MechanismBase, MechanismPlan,
+                         NothingShared, Options, PlanRequest, RowHooks, ServingContext)
+from guards.uld.assistant import ULD_KEY, AssistantModels, uld_row_hook, validate_uld_section
+from guards.uld.logits import DEFAULT_ALPHA, DEFAULT_TAU
+
+ULD_TRAIN = "uld_train"
+
+
+class UldOptions(Options):
+    alpha: float = Field(DEFAULT_ALPHA, gt=0, le=5)
+    layers: int | None = Field(None, ge=1, description="Assistant depth; unset: a quarter of the model's layers.")
+    tau: float = Field(DEFAULT_TAU, gt=0, lt=1)
+    gate: Literal["classifier", "always"] = "classifier"
+
+
+def training_job(resources: JobResources) -> JobHandler:
+    """The ``uld_train`` job: train the target's assistant on the served model's files and store it merged."""
+    model_path = resources.model_path
+    if model_path is None:
+        raise ValueError(f"{ULD_TRAIN} trains on the served model's files")
+
+    def run(context: JobContext) -> dict[str, Any]:
+        from guards.uld.training import UldTrainingConfig, train_assistant
+
+        record = context.target
+        options = record.mechanisms.get(ULD_KEY, {}).get("options", {})
+        forget = [(item["question"], item["answer"]) for item in record.forget if item.get("question")]
+        retain = [(item.get("question"), item.get("answer") or item.get("text", "")) for item in record.retain]
+        staging = context.artifacts.staging_dir()
+        figures = train_assistant(model_path, forget, retain, record.aliases,
+                                  UldTrainingConfig(layers=options.get("layers")), staging, context.progress)
+        return {"assistant": context.artifacts.commit(staging), **figures}
+
+    return run
+
+
+class Uld(MechanismBase):
+    """The ULD mechanism: the target's assistant is subtracted from the served model's logits."""
+
+    name = ULD_KEY
+    options = UldOptions
+    jobs = (JobSpec(ULD_TRAIN, MODEL_FILES, training_job),)
+    row_hooks = RowHooks(resources=lambda tokenizer: AssistantModels(), validate=validate_uld_section,
+                         build=uld_row_hook)
+
+    def prepare(self, options: Mapping[str, Any]) -> tuple[str, ...]:
+        return (ULD_TRAIN,)
+
+    def ready(self, options: Mapping[str, Any], state: Mapping[str, Any]) -> bool:
+        return "assistant" in state
+
+    def gate(self, options: Mapping[str, Any]) -> str:
+        return ALWAYS_GATE if options.get("gate") == ALWAYS_GATE else CLASSIFIER_GATE
+
+    def serving(self, context: ServingContext) -> UldServing:
+        return UldServing(context.artifact_path)
+
+
+class UldServing(NothingShared):
+    """Plans the assistant (by artifact path), α and τ of each hit target."""
+
+    def __init__(self, artifact_path: Callable[[str], Path]) -> None:
+        self._artifact_path = artifact_path
+
+    def plan(self, request: PlanRequest) -> MechanismPlan:
+        options = request.hit.options
+        assistant = self._artifact_path(request.hit.state["assistant"])
+        return MechanismPlan(processor_args={"assistant": str(assistant),
+                                             "alpha": float(options.get("alpha", DEFAULT_ALPHA)),
+                                             "tau": float(options.get("tau", DEFAULT_TAU))})
