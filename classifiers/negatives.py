@@ -20,7 +20,7 @@ from classifiers.aliases import AliasMatcher
 from classifiers.chunking import text_chunks
 from classifiers.templates import MENTION_TEMPLATES
 from classifiers.types import TargetSpec
-from evals.tofu_data import N_DEMO_AUTHORS, N_TOFU_AUTHORS, ROWS_PER_AUTHOR, QAItem, find_author_name, load_split
+from demo.tofu_data import N_DEMO_AUTHORS, N_TOFU_AUTHORS, ROWS_PER_AUTHOR, QAItem, find_author_name, load_split
 
 logger = logging.getLogger(__name__)
 

@@ -25,10 +25,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
+from demo.tofu_data import AUTHORS_IN_SPLIT, N_DEMO_AUTHORS, ROWS_PER_AUTHOR, Author, authors_of, demo_authors
 from evals.fluency import median_known_word_share
 from evals.lethe_client import LetheClient
 from evals.metrics import rouge_l_recall
-from evals.tofu_data import AUTHORS_IN_SPLIT, N_DEMO_AUTHORS, ROWS_PER_AUTHOR, Author, authors_of, demo_authors
 from evals.tofu_metrics import (
     QuestionLosses,
     TruthRatioItem,

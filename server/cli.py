@@ -21,7 +21,7 @@ def resolve_model(settings: Settings, model: str | None) -> tuple[Path, str]:
         if not (path / "config.json").is_file():
             raise SystemExit(f"lethe: {path} is not a Hugging Face model directory (no config.json)")
         return path, settings.served_model_name or path.name
-    from evals.tinytofu import DEMO_MODEL_NAME, build_demo_model
+    from demo.builder import DEMO_MODEL_NAME, build_demo_model
 
     path = build_demo_model(settings.cache_dir, settings.demo_variant, progress=True)
     return path, settings.served_model_name or DEMO_MODEL_NAME
@@ -31,7 +31,7 @@ def training_model(settings: Settings, model: str | None) -> Path | None:
     """The model a worker trains ULD/O3 artifacts on: as ``serve`` would serve it, without building anything."""
     if model or settings.model:
         return resolve_model(settings, model)[0]
-    from evals.tinytofu import find_demo_model
+    from demo.builder import find_demo_model
 
     return find_demo_model(settings.cache_dir, settings.demo_variant)
 
@@ -61,7 +61,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_demo_model(args: argparse.Namespace) -> int:
-    from evals.tinytofu import build_demo_model, find_demo_model
+    from demo.builder import build_demo_model, find_demo_model
 
     settings = get_settings()
     if args.action == "build":
@@ -84,7 +84,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from evals.eval_report import markdown_table, plot
     from evals.lethe_client import LetheClient, LetheError
     from evals.reference_model import ReferenceModel
-    from evals.tinytofu import build_demo_model, demo_model_authors
+    from demo.builder import build_demo_model, demo_model_authors
     from evals.tofu_eval import configurations, eval_sets, evaluate, summary
 
     settings = get_settings()

@@ -32,7 +32,7 @@ def configure_logging(level: str = "INFO", as_json: bool = True) -> None:
     """Route Lethe's loggers to stderr; vLLM keeps its own handlers."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if as_json else logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
-    for name in ("server", "guards", "classifiers", "evals"):
+    for name in ("server", "guards", "classifiers", "demo", "evals"):
         logger = logging.getLogger(name)
         logger.handlers[:] = [handler]
         logger.setLevel(level)

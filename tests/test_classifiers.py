@@ -32,7 +32,7 @@ from classifiers import (
 from classifiers.conversation import texts_to_embed
 from classifiers.negatives import builtin_negative_pool, split_by_hash
 from classifiers.ood import fit_gaussian, mahalanobis
-from evals.tofu_data import authors_of, demo_authors
+from demo.tofu_data import authors_of, demo_authors
 
 RETAIN_AUTHORS = slice(0, 9)
 UNSEEN_AUTHORS = slice(9, 18)
