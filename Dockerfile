@@ -28,6 +28,7 @@ COPY pyproject.toml README.md ./
 COPY server ./server
 COPY guards ./guards
 COPY classifiers ./classifiers
+COPY cli ./cli
 COPY demo ./demo
 COPY evals ./evals
 
