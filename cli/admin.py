@@ -6,39 +6,33 @@ import argparse
 import json
 import sys
 
+from server.admin_client import AdminClient, AdminClientError
 from server.config import get_settings
 
 
-def _admin_client(args: argparse.Namespace):
-    import httpx
-
+def _admin_client(args: argparse.Namespace) -> AdminClient:
     settings = get_settings()
     if not settings.admin_key:
         raise SystemExit("lethe: set LETHE_ADMIN_KEY to use the admin API")
-    return httpx.Client(base_url=args.url.rstrip("/"), headers={"Authorization": f"Bearer {settings.admin_key}"},
-                        timeout=60)
+    return AdminClient(args.url, settings.admin_key, timeout_s=60)
 
 
-def _check(response) -> dict:
-    if response.status_code >= 400:
-        try:
-            error = response.json()["error"]
-            message = error["message"]
-            details = error.get("details")
-        except (ValueError, KeyError, TypeError):
-            message, details = response.text, None
-        print(f"lethe: HTTP {response.status_code}: {message}", file=sys.stderr)
-        for detail in details or []:
-            print(f"  {'.'.join(detail['loc'])}: {detail['msg']}", file=sys.stderr)
-        raise SystemExit(1)
-    return response.json()
+def _report(error: AdminClientError) -> int:
+    """Print the server's error (and any validation details) as the command's failure; the exit status."""
+    if error.status is None:
+        print(f"lethe: {error}", file=sys.stderr)
+        return 1
+    print(f"lethe: HTTP {error.status}: {error.server_message}", file=sys.stderr)
+    for detail in error.details:
+        print(f"  {'.'.join(detail['loc'])}: {detail['msg']}", file=sys.stderr)
+    return 1
 
 
 def _print_json(data: object) -> None:
     print(json.dumps(data, indent=2))
 
 
-def follow_job(client, job_id: str, *, poll_s: float = 0.5) -> dict:
+def follow_job(client: AdminClient, job_id: str, *, poll_s: float = 0.5) -> dict:
     """Show a job's progress bar until it ends; returns the final job."""
     import time
 
@@ -46,7 +40,7 @@ def follow_job(client, job_id: str, *, poll_s: float = 0.5) -> dict:
 
     with tqdm(total=100, desc=job_id, unit="%", bar_format="{desc} {bar} {n:.0f}% {postfix}") as bar:
         while True:
-            job = _check(client.get(f"/admin/v1/jobs/{job_id}"))
+            job = client.job(job_id)
             bar.n = round(job["progress"] * 100)
             bar.set_postfix_str(f"{job['status']}: {job['message'][:60]}")
             if job["status"] in ("succeeded", "failed", "cancelled"):
@@ -56,31 +50,41 @@ def follow_job(client, job_id: str, *, poll_s: float = 0.5) -> dict:
 
 def cmd_targets(args: argparse.Namespace) -> int:
     with _admin_client(args) as client:
-        if args.action == "list":
-            for target in _check(client.get("/admin/v1/targets"))["data"]:
-                classifier = target["classifier"]
-                print(f"{target['id']}  {target['status']:<9} {target['name']}  "
-                      f"fpr={classifier['false_positive_rate']}  mechanisms={','.join(target['mechanisms'])}")
-            return 0
-        if args.action == "show":
-            _print_json(_check(client.get(f"/admin/v1/targets/{args.ref}")))
-            return 0
-        if args.action == "rm":
-            _print_json(_check(client.delete(f"/admin/v1/targets/{args.ref}")))
-            return 0
-        with open(args.file) as handle:
-            body = json.load(handle)
-        target = _check(client.post("/admin/v1/targets", json=body))
-        print(f"created {target['id']} ({target['name']}) at revision {target['revision']}")
-        if args.wait:
-            failed = [job for job in target["jobs"] if follow_job(client, job["id"])["status"] != "succeeded"]
-            _print_json(_check(client.get(f"/admin/v1/targets/{target['id']}"))["classifier"])
-            return 1 if failed else 0
+        try:
+            return _targets(client, args)
+        except AdminClientError as error:
+            return _report(error)
+
+
+def _targets(client: AdminClient, args: argparse.Namespace) -> int:
+    if args.action == "list":
+        for target in client.targets():
+            classifier = target["classifier"]
+            print(f"{target['id']}  {target['status']:<9} {target['name']}  "
+                  f"fpr={classifier['false_positive_rate']}  mechanisms={','.join(target['mechanisms'])}")
         return 0
+    if args.action == "show":
+        _print_json(client.target(args.ref))
+        return 0
+    if args.action == "rm":
+        _print_json(client.delete_target(args.ref))
+        return 0
+    with open(args.file) as handle:
+        body = json.load(handle)
+    target = client.create_target(body)
+    print(f"created {target['id']} ({target['name']}) at revision {target['revision']}")
+    if args.wait:
+        failed = [job for job in target["jobs"] if follow_job(client, job["id"])["status"] != "succeeded"]
+        _print_json(client.target(target["id"])["classifier"])
+        return 1 if failed else 0
+    return 0
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
     with _admin_client(args) as client:
-        job = follow_job(client, args.job_id) if args.follow else _check(client.get(f"/admin/v1/jobs/{args.job_id}"))
+        try:
+            job = follow_job(client, args.job_id) if args.follow else client.job(args.job_id)
+        except AdminClientError as error:
+            return _report(error)
         _print_json(job)
         return 0 if job["status"] != "failed" else 1

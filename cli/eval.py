@@ -14,9 +14,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from demo.builder import build_demo_model, demo_model_authors
     from evals.eval_report import markdown_table, plot
-    from evals.lethe_client import LetheClient, LetheError
     from evals.reference_model import ReferenceModel
     from evals.tofu_eval import configurations, eval_sets, evaluate, summary
+    from server.admin_client import AdminClient, AdminClientError
 
     settings = get_settings()
     if not settings.admin_key:
@@ -34,7 +34,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"tofu-{args.split}"
     json_path = Path(args.json or f"{stem}.json")
-    with LetheClient(args.base_url, api_key, settings.admin_key) as client, tqdm(total=steps, unit="step") as bar:
+    with AdminClient(args.base_url, settings.admin_key, api_key) as client, tqdm(total=steps, unit="step") as bar:
         def progress(message: str) -> None:
             bar.set_description(message)
             bar.update(1)
@@ -49,7 +49,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             model = client.model()
             results = evaluate(client, sets, runs, ReferenceModel(retain_dir, args.max_tokens), args.max_tokens,
                                args.job_timeout, progress, on_run=write_json)
-        except (LetheError, ValueError) as exc:
+        except (AdminClientError, ValueError) as exc:
             raise SystemExit(f"lethe: {exc} (the runs measured before this are in {json_path})") from exc
     table = markdown_table(args.split, model, results)
     Path(f"{stem}.md").write_text(table)
