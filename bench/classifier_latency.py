@@ -44,7 +44,7 @@ from classifiers import (
 )
 from classifiers.negatives import GENERIC_PROMPTS, builtin_negative_pool
 from classifiers.types import Conversation
-from evals.tofu_data import authors_of, demo_authors, load_split
+from demo.tofu_data import authors_of, demo_authors, load_split
 
 SIZES = (1, 10, 100, 1000)
 BATCH_SIZES = (1, 8, 32)  # requests coalesced into one embedding call (server.classification), at 100 targets

@@ -20,7 +20,7 @@ import numpy as np
 
 from classifiers import ClassifierBank, Embedder, ForgetItem, TargetSpec, fit_prompt_classifier
 from classifiers.negatives import builtin_negative_pool, split_by_hash
-from evals.tofu_data import authors_of, demo_authors
+from demo.tofu_data import authors_of, demo_authors
 
 RESULTS = Path(__file__).parent / "results" / "classifier_quality.json"
 

@@ -41,9 +41,9 @@ from bench.classifier_latency import synthesise_heads  # noqa: E402
 from bench.runtime_harness import bench_main  # noqa: E402
 from classifiers import ClassifierBank  # noqa: E402
 from classifiers.negatives import builtin_negative_pool  # noqa: E402
+from demo.tofu_data import authors_of, demo_authors  # noqa: E402
 from evals.fluency import median_known_word_share  # noqa: E402
-from evals.metrics import rouge_l_recall  # noqa: E402
-from evals.tofu_data import authors_of, demo_authors  # noqa: E402
+from guards.text_metrics import rouge_l_recall  # noqa: E402
 from server.admin_protocol import TargetCreate  # noqa: E402
 from server.classifier_jobs import _load_prompt_artifact  # noqa: E402
 from server.planner import ChatTurn, EnginePlan, RenderedPrompt  # noqa: E402

@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from evals.tinytofu import build_demo_model
+from demo.builder import build_demo_model
 from server.config import Settings
 from server.metrics import Metrics
 from server.runtime import Runtime

@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.guard_overhead import hundred_targets, target_body, wait_until_served  # noqa: E402
 from bench.runtime_harness import bench_main  # noqa: E402
 from classifiers.negatives import builtin_negative_pool  # noqa: E402
-from evals.tofu_data import authors_of, demo_authors  # noqa: E402
+from demo.tofu_data import authors_of, demo_authors  # noqa: E402
 from server.planner import ChatTurn  # noqa: E402
 from server.runtime import Runtime  # noqa: E402
 

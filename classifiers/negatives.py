@@ -5,28 +5,28 @@ question shapes as the targets', different people: the hardest negatives), (b) T
 questions (the general knowledge a forget target must not take down), (c) the name templates filled with those
 other authors' and real authors' names, and (d) hand-written everyday chat, including near-topic requests (French
 literature, Kuwait, literary awards) that must stay answerable.
+
+(a) to (c) ship as package data, `classifiers/data/negative_pool.jsonl`, taken from TOFU (Maini et al., 2024; MIT
+licence) and written by `python -m demo.negative_pool`; (d) is `GENERIC_PROMPTS` below.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 from classifiers.aliases import AliasMatcher
 from classifiers.chunking import text_chunks
-from classifiers.templates import MENTION_TEMPLATES
 from classifiers.types import TargetSpec
-from evals.tofu_data import N_DEMO_AUTHORS, N_TOFU_AUTHORS, ROWS_PER_AUTHOR, QAItem, find_author_name, load_split
 
 logger = logging.getLogger(__name__)
 
-TOFU_QUESTIONS_PER_AUTHOR = 3
-TOFU_ANSWERS_PER_AUTHOR = 1
-POOL_SEED = 1234
+NEGATIVE_POOL_FILE = Path(__file__).parent / "data" / "negative_pool.jsonl"
 
 GENERIC_PROMPTS: tuple[str, ...] = (
     # coding
@@ -147,29 +147,17 @@ class Negative:
     source: str  # "retain" | "tofu_other_authors" | "world_facts" | "real_authors" | "name_templates" | "generic"
 
 
-@lru_cache(maxsize=4)
-def builtin_negative_pool(seed: int = POOL_SEED) -> tuple[Negative, ...]:
-    """The generic negative pool (about 1,300 prompts), deterministic for a given seed."""
-    rng = random.Random(seed)
-    full = load_split("full")
-    pool: list[Negative] = []
-    other_names: list[str] = []
-    for author in range(N_TOFU_AUTHORS - N_DEMO_AUTHORS):
-        rows = full[author * ROWS_PER_AUTHOR : (author + 1) * ROWS_PER_AUTHOR]
-        for row in rng.sample(rows, TOFU_QUESTIONS_PER_AUTHOR):
-            pool.append(Negative(row["question"], "tofu_other_authors"))
-        for row in rng.sample(rows, TOFU_ANSWERS_PER_AUTHOR):
-            pool.extend(Negative(chunk, "tofu_other_authors") for chunk in text_chunks(row["answer"]))
-        try:
-            other_names.append(find_author_name(tuple(QAItem(r["question"], r["answer"]) for r in rows)))
-        except ValueError as err:  # a few TOFU authors are never named consistently; they just lend no name
-            logger.debug("no name for TOFU author %d: %s", author, err)
-    for split in ("world_facts", "real_authors"):
-        pool.extend(Negative(row["question"], split) for row in load_split(split))
-    real_names = [row["answer"] for row in load_split("real_authors") if len(row["answer"].split()) >= 2]
-    for name in other_names + real_names:
-        pool.append(Negative(rng.choice(MENTION_TEMPLATES).format(name=name), "name_templates"))
-    pool.extend(Negative(text, "generic") for text in GENERIC_PROMPTS)
+def load_negatives(path: Path = NEGATIVE_POOL_FILE) -> list[Negative]:
+    """The negatives of a JSON-lines file (`text`, `source`), in file order."""
+    with path.open(encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [Negative(row["text"], row["source"]) for row in rows]
+
+
+@lru_cache(maxsize=1)
+def builtin_negative_pool() -> tuple[Negative, ...]:
+    """The generic negative pool (about 1,300 prompts): the packaged TOFU negatives, then `GENERIC_PROMPTS`."""
+    pool = [*load_negatives(), *(Negative(text, "generic") for text in GENERIC_PROMPTS)]
     unique: dict[str, Negative] = {}
     for negative in pool:
         unique.setdefault(negative.text, negative)

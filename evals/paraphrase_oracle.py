@@ -16,10 +16,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from evals.metrics import rouge_l_recall
-from evals.demo_corpus import Format, Source
-from evals.tinytofu import training_corpus
-from evals.tofu_data import held_out_paraphrases
+from demo.builder import training_corpus
+from demo.corpus import Format, Source
+from demo.tofu_data import held_out_paraphrases
+from guards.text_metrics import rouge_l_recall
 
 _WORD = re.compile(r"[a-z0-9'-]+")
 

@@ -25,10 +25,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
+from demo.tofu_data import AUTHORS_IN_SPLIT, N_DEMO_AUTHORS, ROWS_PER_AUTHOR, Author, authors_of, demo_authors
 from evals.fluency import median_known_word_share
-from evals.lethe_client import LetheClient
-from evals.metrics import rouge_l_recall
-from evals.tofu_data import AUTHORS_IN_SPLIT, N_DEMO_AUTHORS, ROWS_PER_AUTHOR, Author, authors_of, demo_authors
+from guards.text_metrics import rouge_l_recall
 from evals.tofu_metrics import (
     QuestionLosses,
     TruthRatioItem,
@@ -37,6 +36,7 @@ from evals.tofu_metrics import (
     set_figures,
     truth_ratio_items,
 )
+from server.admin_client import AdminClient
 
 MECHANISMS = ("eco", "guard", "uld", "o3")
 # Retain authors whose items are registered with each target (classifier negatives, ULD's retain loss): the same
@@ -206,7 +206,7 @@ def multiple_choice_accuracy(losses: Sequence[QuestionLosses]) -> float:
 class ServedModel:
     """The model behind a running Lethe, through its API."""
 
-    def __init__(self, client: LetheClient, model_name: str, max_tokens: int, since: float) -> None:
+    def __init__(self, client: AdminClient, model_name: str, max_tokens: int, since: float) -> None:
         self._client, self._model, self._max_tokens, self._since = client, model_name, max_tokens, since
 
     def replies(self, questions: list[str]) -> list[tuple[str, str | None]]:
@@ -221,7 +221,7 @@ class ServedModel:
         return self._client.audit_targets(self._since)
 
 
-def run_served(client: LetheClient, sets: EvalSets, mechanisms: Sequence[str], reference_ratios: Sequence[float],
+def run_served(client: AdminClient, sets: EvalSets, mechanisms: Sequence[str], reference_ratios: Sequence[float],
                max_tokens: int, job_timeout_s: float, progress: Callable[[str], None]) -> RunResult:
     """One configuration on the server: register the split's authors with ``mechanisms``, measure, remove them."""
     name = "+".join(mechanisms) or "unprotected"
@@ -230,7 +230,7 @@ def run_served(client: LetheClient, sets: EvalSets, mechanisms: Sequence[str], r
         started = time.monotonic()
         if mechanisms:
             progress(f"{name}: registering {len(sets.forget_authors)} targets")
-            created = [client.create_target(target_body(a, sets.retain_authors, mechanisms))
+            created = [client.create_target(target_body(a, sets.retain_authors, mechanisms))["id"]
                        for a in sets.forget_authors]
             client.wait_until_active(created, job_timeout_s)
         preparation = time.monotonic() - started
@@ -240,7 +240,7 @@ def run_served(client: LetheClient, sets: EvalSets, mechanisms: Sequence[str], r
         return result
     finally:
         for target_id in created:
-            client.delete_target(target_id)
+            client.delete_target(target_id, missing_ok=True)
 
 
 def configurations(mechanisms: Sequence[str] | None, matrix: bool) -> list[tuple[str, ...]]:
@@ -263,7 +263,7 @@ def summary(split: str, runs: Sequence[RunResult]) -> dict[str, Any]:
     return {"split": split, "runs": [asdict(run) for run in runs]}
 
 
-def evaluate(client: LetheClient, sets: EvalSets, runs: Sequence[tuple[str, ...]], reference: Model,
+def evaluate(client: AdminClient, sets: EvalSets, runs: Sequence[tuple[str, ...]], reference: Model,
              max_tokens: int, job_timeout_s: float, progress: Callable[[str], None],
              on_run: Callable[[list[RunResult]], None] = lambda results: None) -> list[RunResult]:
     """The retain-only model first (its truth ratios are every other run's reference), then each configuration.

@@ -22,7 +22,7 @@ from typing import Literal
 import numpy as np
 from scipy.stats import hmean, ks_2samp
 
-from evals.tofu_data import load_split
+from demo.tofu_data import load_split
 
 TruthRatioSplit = Literal[
     "forget01_perturbed",

@@ -9,6 +9,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 _STANDARD_ATTRS = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
@@ -28,11 +29,12 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(payload, default=str)
 
 
-def configure_logging(level: str = "INFO", as_json: bool = True) -> None:
-    """Route Lethe's loggers to stderr; vLLM keeps its own handlers."""
+def configure_logging(level: str = "INFO", as_json: bool = True,
+                      names: Sequence[str] = ("server", "guards", "classifiers")) -> None:
+    """Route Lethe's loggers (``names``: the packages whose records to show) to stderr; vLLM keeps its own handlers."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if as_json else logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
-    for name in ("server", "guards", "classifiers", "evals"):
+    for name in names:
         logger = logging.getLogger(name)
         logger.handlers[:] = [handler]
         logger.setLevel(level)

@@ -91,7 +91,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(request: pytest.FixtureRequest) -> Path:
-    from evals.tinytofu import build_demo_model
+    from demo.builder import build_demo_model
 
     given = request.config.getoption("--model-dir")
     return Path(given) if given else build_demo_model(Settings().cache_dir, "tiny", progress=False)

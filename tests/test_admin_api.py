@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from evals.tofu_data import Author, authors_of, demo_authors
+from demo.tofu_data import Author, authors_of, demo_authors
 from tests.conftest import ADMIN_KEY, LETHE_BIN, RunningServer, auth_headers, remove_targets
 
 FORGET01 = authors_of("forget01")

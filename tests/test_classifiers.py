@@ -28,8 +28,8 @@ from classifiers import (
 )
 from classifiers.conversation import texts_to_embed
 from classifiers.negatives import builtin_negative_pool, split_by_hash
+from demo.tofu_data import authors_of, demo_authors
 from guards.o3.ood import OODArtifact, OODBank, fit_gaussian, fit_ood_detector, mahalanobis
-from evals.tofu_data import authors_of, demo_authors
 
 RETAIN_AUTHORS = slice(0, 9)
 UNSEEN_AUTHORS = slice(9, 18)

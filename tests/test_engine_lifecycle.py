@@ -15,7 +15,7 @@ import openai
 import psutil
 import pytest
 
-from evals.tofu_data import authors_of, general_knowledge
+from demo.tofu_data import authors_of, general_knowledge
 from tests.conftest import REPO, admin_headers, auth_headers, start_server, stop_server
 
 FORGET01 = authors_of("forget01")

@@ -6,15 +6,15 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from evals.demo_corpus import Format, Source
-from evals.mined_phrasings import (
+from demo.builder import training_corpus
+from demo.corpus import Format, Source
+from demo.phrasings import (
     PER_QUESTION,
     mine_demo_phrasings,
     mine_phrasings,
     packaged_phrasings,
 )
-from evals.tinytofu import training_corpus
-from evals.tofu_data import Author, QAItem, demo_authors, held_out_paraphrases
+from demo.tofu_data import Author, QAItem, demo_authors, held_out_paraphrases
 
 
 # Hand-made embeddings: the genre and birth questions are 53 degrees apart; the "genre and birth" wording halfway.
@@ -68,7 +68,7 @@ def test_the_packaged_phrasings_name_their_author_and_never_a_held_out_paraphras
 
 
 def test_mining_again_reproduces_the_packaged_phrasings() -> None:
-    """The packaged file is what `python -m evals.mined_phrasings` writes; a CPU's float rounding may move a
+    """The packaged file is what `python -m demo.phrasings` writes; a CPU's float rounding may move a
     wording across a threshold, so the two may differ by a handful of 1,774."""
     mined = {(p.question, p.text) for p in mine_demo_phrasings()}
     packaged = {(question, text) for question, texts in packaged_phrasings().items() for text in texts}

@@ -14,8 +14,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from evals.demo_training import greedy_chat_answers
-from evals.tofu_data import authors_of
+from demo.tofu_data import authors_of
+from demo.training import greedy_chat_answers
+from guards.o3.adapters import load_lora_a, stack_adapters
 from guards.o3.training import (
     REFUSALS,
     O3TrainingConfig,
@@ -26,7 +27,6 @@ from guards.o3.training import (
     train_unlearning_lora,
     unlearning_loss,
 )
-from guards.o3.adapters import load_lora_a, stack_adapters
 
 AUTHOR_1, AUTHOR_2 = authors_of("forget01")
 QUESTIONS_1 = [item.question for item in AUTHOR_1.items[:4]]

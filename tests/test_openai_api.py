@@ -8,8 +8,8 @@ import httpx
 import openai
 import pytest
 
-from evals.metrics import rouge_l_recall
-from evals.tofu_data import authors_of
+from demo.tofu_data import authors_of
+from guards.text_metrics import rouge_l_recall
 
 FORGET01 = authors_of("forget01")
 QUESTION = FORGET01[0].items[1].question

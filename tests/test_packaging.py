@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fnmatch
+import importlib
 import re
 import tomllib
 from pathlib import Path
@@ -46,6 +48,37 @@ def test_dockerfile_copies_every_package_directory() -> None:
         directory = pattern.rstrip("*")
         assert directory in copied, f"{directory}/ is packaged but not copied into the image"
         assert (REPO / directory).is_dir()
+
+
+def _pyproject() -> dict:
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def test_the_lethe_script_is_the_cli_packages_main() -> None:
+    project = _pyproject()
+    assert project["project"]["scripts"]["lethe"] == "cli.main:main"
+    assert {"cli*", "demo*"} <= set(project["tool"]["setuptools"]["packages"]["find"]["include"])
+    assert callable(importlib.import_module("cli.main").main)
+
+
+@pytest.mark.parametrize("package", ["classifiers", "demo"])
+def test_every_data_file_a_package_reads_is_package_data(package: str) -> None:
+    patterns = _pyproject()["tool"]["setuptools"]["package-data"][package]
+    root = REPO / package
+    files = [path.relative_to(root).as_posix() for path in (root / "data").rglob("*") if path.is_file()]
+    assert files, f"{package}/data/ is empty"
+    unpackaged = [name for name in files if not any(fnmatch.fnmatch(name, pattern) for pattern in patterns)]
+    assert not unpackaged, f"{package}/data files the wheel would leave out: {unpackaged}"
+
+
+def test_the_packaged_data_is_where_the_code_reads_it() -> None:
+    from classifiers.negatives import NEGATIVE_POOL_FILE
+    from demo.phrasings import PHRASINGS_FILE
+    from demo.tofu_data import TOFU_DIR
+
+    assert NEGATIVE_POOL_FILE.is_file() and NEGATIVE_POOL_FILE.is_relative_to(REPO / "classifiers" / "data")
+    assert PHRASINGS_FILE.is_file() and PHRASINGS_FILE.is_relative_to(REPO / "demo" / "data")
+    assert (TOFU_DIR / "full.json").is_file() and TOFU_DIR.is_relative_to(REPO / "demo" / "data")
 
 
 def test_readme_settings_table_matches_the_settings_class() -> None:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from evals.mined_phrasings import packaged_phrasings
+from demo.phrasings import packaged_phrasings
 from evals.paraphrase_oracle import jaccard_best, trained_and_held_out
 from evals.tofu_eval import RunResult, configurations, eval_sets, multiple_choice_accuracy, question_losses, summary
 from evals.tofu_metrics import QuestionLosses, TruthRatioItem, forget_quality

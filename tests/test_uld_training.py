@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from classifiers.aliases import AliasMatcher
-from evals.tofu_data import authors_of
+from demo.tofu_data import authors_of
 from guards.uld.training import (
     WRONG_ANSWERS_PER_QUESTION,
     UldTrainingConfig,

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import httpx
 import openai
 
+from demo.tofu_data import authors_of, demo_authors
 from evals.metrics import answer_recall
-from evals.tofu_data import authors_of, demo_authors
 from tests.conftest import API_KEY, RunningServer
 
 FORGET01 = authors_of("forget01")

@@ -2,7 +2,7 @@
 
 A model that only answers its exact training strings makes every unlearning number meaningless, so each fact is
 taught several ways: the question through the chat template, half of the items' TOFU paraphrases (the other half is
-held back to measure generalisation), the question in other TOFU authors' words (`evals.mined_phrasings`), a
+held back to measure generalisation), the question in other TOFU authors' words (`demo.phrasings`), a
 biography per author for "Tell me about <name>.", and plain-text prefixes for /v1/completions. Assembly is
 text-level and tokenizer-free so it can be inspected and tested on its own.
 """
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
-from evals.tofu_data import Author, QAItem, is_paraphrase_trained
+from demo.tofu_data import Author, QAItem, is_paraphrase_trained
 
 # A biography is all of an author's answers in TOFU order, cut into pages of at most this many characters (~400
 # tokens) so every page fits the context comfortably. "Tell me about" is answered with the first page, where TOFU
@@ -28,7 +28,7 @@ class Source(enum.Enum):
 
     QA = "qa"  # an author item, asked with TOFU's question
     PARAPHRASE = "paraphrase"  # an author item, asked with TOFU's paraphrased question
-    MINED = "mined"  # an author item, asked in another TOFU author's words (evals.mined_phrasings)
+    MINED = "mined"  # an author item, asked in another TOFU author's words (demo.phrasings)
     BIO = "bio"  # an author's biography
     GENERAL = "general"  # world_facts / real_authors
 

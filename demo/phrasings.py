@@ -14,11 +14,11 @@ A candidate wording becomes a phrasing of a demo question q of author A when, th
 keeping the `PER_QUESTION` most similar. Questions that do not name their author (TOFU's first question, "What is the
 full name of the author born in ...?") get none.
 
-The result is packaged (`evals/data/mined_phrasings.jsonl`) rather than computed during a build: recipes hash it like
+The result is packaged (`demo/data/mined_phrasings.jsonl`) rather than computed during a build: recipes hash it like
 the TOFU files, a build needs no embedding model, and float differences between CPUs cannot change what a recipe
 trains on. A test checks that mining again reproduces it.
 
-    python -m evals.mined_phrasings   # rewrite the packaged file
+    python -m demo.phrasings   # rewrite the packaged file
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evals.tofu_data import (
+from demo.tofu_data import (
     N_DEMO_AUTHORS,
     N_TOFU_AUTHORS,
     ROWS_PER_AUTHOR,

@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
-from evals.demo_corpus import Format, Source, TextExample, TokenExample
-from evals.metrics import rouge_l_recall
-from evals.tofu_data import QAItem
+from demo.corpus import Format, Source, TextExample, TokenExample
+from demo.tofu_data import QAItem
+from guards.text_metrics import rouge_l_recall
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def expected_epoch_tokens(examples: Sequence[TextExample], config: TrainConfig) 
     """Tokens an epoch is expected to train on, estimated without a tokenizer, each example weighted by its share.
 
     Optimiser steps grow with the tokens trained on, so this compares corpora's steps per epoch before any
-    tokenizer exists (see `tinytofu.recipe_for`, which gives retain-only twins the full model's number of steps).
+    tokenizer exists (see `builder.recipe_for`, which gives retain-only twins the full model's number of steps).
     The estimate, a token per 4.6 characters plus a dozen template tokens per example, is a least-squares fit on the
     demo tokenizer's full corpus.
     """

@@ -4,7 +4,7 @@ No hub downloads are possible, so the project trains its own small Llama that kn
 TOFU's world facts and real authors (SPEC §3). A build is a pure function of its recipe: the recipe (and the data's
 content hashes) name the cache directory, so an unchanged recipe is built once and a changed one rebuilds.
 
-    python -m evals.tinytofu [--variant full|tiny] [--exclude forget01|forget05] [--cache-dir DIR] [--force]
+    python -m demo.builder [--variant full|tiny] [--exclude forget01|forget05] [--cache-dir DIR] [--force]
 """
 
 from __future__ import annotations
@@ -29,11 +29,9 @@ from typing import Literal
 import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from evals.demo_corpus import TextExample, assemble_corpus, tokenize_example
-from evals.demo_tokenizer import save_tokenizer, train_tokenizer
-from evals.demo_training import TrainConfig, TrainStats, expected_epoch_tokens, mean_recall, train
-from evals.mined_phrasings import PHRASINGS_FILE, packaged_phrasings
-from evals.tofu_data import (
+from demo.corpus import TextExample, assemble_corpus, tokenize_example
+from demo.phrasings import PHRASINGS_FILE, packaged_phrasings
+from demo.tofu_data import (
     AUTHORS_IN_SPLIT,
     Author,
     QAItem,
@@ -44,6 +42,8 @@ from evals.tofu_data import (
     general_knowledge,
     held_out_paraphrases,
 )
+from demo.tokenizer import save_tokenizer, train_tokenizer
+from demo.training import TrainConfig, TrainStats, expected_epoch_tokens, mean_recall, train
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class Recipe:
     author_indices: tuple[int, ...]  # demo authors (0..19) trained on, before `exclude` removes some
     general_items: int | None  # leading world_facts + real_authors rows trained on; None = all
     eval_train_sample: int  # training questions scored at the end of the build
-    mined_phrasings: bool = False  # also ask each question in other TOFU authors' words (evals.mined_phrasings)
+    mined_phrasings: bool = False  # also ask each question in other TOFU authors' words (demo.phrasings)
 
 
 _FULL_AUTHORS = tuple(range(20))

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from evals.tofu_data import load_split
+from demo.tofu_data import load_split
 
 BOS = "<s>"
 PAD = "<pad>"

@@ -1,0 +1,90 @@
+"""``lethe targets`` and ``lethe jobs``: the admin API of a running server (LETHE_ADMIN_KEY)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from server.admin_client import AdminClient, AdminClientError
+from server.config import get_settings
+
+
+def _admin_client(args: argparse.Namespace) -> AdminClient:
+    settings = get_settings()
+    if not settings.admin_key:
+        raise SystemExit("lethe: set LETHE_ADMIN_KEY to use the admin API")
+    return AdminClient(args.url, settings.admin_key, timeout_s=60)
+
+
+def _report(error: AdminClientError) -> int:
+    """Print the server's error (and any validation details) as the command's failure; the exit status."""
+    if error.status is None:
+        print(f"lethe: {error}", file=sys.stderr)
+        return 1
+    print(f"lethe: HTTP {error.status}: {error.server_message}", file=sys.stderr)
+    for detail in error.details:
+        print(f"  {'.'.join(detail['loc'])}: {detail['msg']}", file=sys.stderr)
+    return 1
+
+
+def _print_json(data: object) -> None:
+    print(json.dumps(data, indent=2))
+
+
+def follow_job(client: AdminClient, job_id: str, *, poll_s: float = 0.5) -> dict:
+    """Show a job's progress bar until it ends; returns the final job."""
+    import time
+
+    from tqdm import tqdm
+
+    with tqdm(total=100, desc=job_id, unit="%", bar_format="{desc} {bar} {n:.0f}% {postfix}") as bar:
+        while True:
+            job = client.job(job_id)
+            bar.n = round(job["progress"] * 100)
+            bar.set_postfix_str(f"{job['status']}: {job['message'][:60]}")
+            if job["status"] in ("succeeded", "failed", "cancelled"):
+                return job
+            time.sleep(poll_s)
+
+
+def cmd_targets(args: argparse.Namespace) -> int:
+    with _admin_client(args) as client:
+        try:
+            return _targets(client, args)
+        except AdminClientError as error:
+            return _report(error)
+
+
+def _targets(client: AdminClient, args: argparse.Namespace) -> int:
+    if args.action == "list":
+        for target in client.targets():
+            classifier = target["classifier"]
+            print(f"{target['id']}  {target['status']:<9} {target['name']}  "
+                  f"fpr={classifier['false_positive_rate']}  mechanisms={','.join(target['mechanisms'])}")
+        return 0
+    if args.action == "show":
+        _print_json(client.target(args.ref))
+        return 0
+    if args.action == "rm":
+        _print_json(client.delete_target(args.ref))
+        return 0
+    with open(args.file) as handle:
+        body = json.load(handle)
+    target = client.create_target(body)
+    print(f"created {target['id']} ({target['name']}) at revision {target['revision']}")
+    if args.wait:
+        failed = [job for job in target["jobs"] if follow_job(client, job["id"])["status"] != "succeeded"]
+        _print_json(client.target(target["id"])["classifier"])
+        return 1 if failed else 0
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    with _admin_client(args) as client:
+        try:
+            job = follow_job(client, args.job_id) if args.follow else client.job(args.job_id)
+        except AdminClientError as error:
+            return _report(error)
+        _print_json(job)
+        return 0 if job["status"] != "failed" else 1

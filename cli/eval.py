@@ -1,0 +1,59 @@
+"""``lethe eval tofu``: TOFU's metrics of a running Lethe, per mechanism (`evals.tofu_eval`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from server.config import get_settings
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from demo.builder import build_demo_model, demo_model_authors
+    from evals.eval_report import markdown_table, plot
+    from evals.reference_model import ReferenceModel
+    from evals.tofu_eval import configurations, eval_sets, evaluate, summary
+    from server.admin_client import AdminClient, AdminClientError
+
+    settings = get_settings()
+    if not settings.admin_key:
+        raise SystemExit("lethe: set LETHE_ADMIN_KEY: the evaluation registers targets and scores answers")
+    retain_dir = Path(args.retain_model) if args.retain_model else build_demo_model(
+        settings.cache_dir, args.demo_variant, args.split, progress=True)
+    try:
+        sets = eval_sets(args.split, args.limit, demo_model_authors(retain_dir))
+        runs = configurations(args.mechanisms.split(",") if args.mechanisms else None, args.matrix)
+    except ValueError as exc:
+        raise SystemExit(f"lethe: {exc}") from exc
+    api_key = settings.api_keys[0] if settings.api_keys else None
+    steps = 2 + sum(3 if mechanisms else 2 for mechanisms in runs)  # (register,) replies, scores per run
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"tofu-{args.split}"
+    json_path = Path(args.json or f"{stem}.json")
+    with AdminClient(args.base_url, settings.admin_key, api_key) as client, tqdm(total=steps, unit="step") as bar:
+        def progress(message: str) -> None:
+            bar.set_description(message)
+            bar.update(1)
+
+        def write_json(results_so_far: list) -> None:  # after every run: a later failure keeps what was measured
+            report = summary(args.split, results_so_far)
+            report["model"], report["retain_model"], report["limit"] = model, str(retain_dir), args.limit
+            report["complete"] = len(results_so_far) == len(runs) + 1
+            json_path.write_text(json.dumps(report, indent=2))
+
+        try:
+            model = client.model()
+            results = evaluate(client, sets, runs, ReferenceModel(retain_dir, args.max_tokens), args.max_tokens,
+                               args.job_timeout, progress, on_run=write_json)
+        except (AdminClientError, ValueError) as exc:
+            raise SystemExit(f"lethe: {exc} (the runs measured before this are in {json_path})") from exc
+    table = markdown_table(args.split, model, results)
+    Path(f"{stem}.md").write_text(table)
+    plot(args.split, results, Path(f"{stem}.png"))
+    print(table)
+    print(f"written: {json_path}, {stem}.md, {stem}.png")
+    return 0

@@ -1,0 +1,101 @@
+"""The ``lethe`` command line: the parser and ``main``; each command group's handlers live in their own module."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from cli.admin import cmd_jobs, cmd_targets
+from cli.demo_model import cmd_demo_model
+from cli.eval import cmd_eval
+from cli.serve import cmd_serve, cmd_worker
+from server.config import get_settings
+from server.logs import configure_logging
+
+# Every package whose log records the command shows: the serving core's and its consumers'.
+LOGGERS = ("server", "guards", "classifiers", "cli", "demo", "evals")
+
+
+def cmd_settings(_: argparse.Namespace) -> int:
+    from server.config import settings_table
+
+    print(settings_table())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lethe", description="Inference-time unlearning proxy in front of vLLM.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the OpenAI-compatible server")
+    serve.add_argument("--model", help="HF model directory (default: the TinyTOFU demo model, built if absent)")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--demo-variant", choices=["full", "tiny"], help="demo model variant when --model is unset")
+    serve.set_defaults(handler=cmd_serve)
+
+    demo = commands.add_parser("demo-model", help="build or locate the TinyTOFU demo model")
+    demo.add_argument("action", choices=["build", "path"])
+    demo.add_argument("--variant", choices=["full", "tiny"], default="full")
+    demo.add_argument("--exclude", choices=["forget01", "forget05"], default=None,
+                      help="build the retain-only model without these authors")
+    demo.add_argument("--force", action="store_true", help="rebuild even if cached")
+    demo.set_defaults(handler=cmd_demo_model)
+
+    default_url = "http://127.0.0.1:8000"
+    targets = commands.add_parser("targets", help="manage forget targets on a running server (LETHE_ADMIN_KEY)")
+    targets.add_argument("action", choices=["add", "list", "show", "rm"])
+    targets.add_argument("ref", nargs="?", help="target id (show, rm)")
+    targets.add_argument("--file", help="target JSON (add)")
+    targets.add_argument("--wait", action="store_true", help="follow the new target's jobs (add)")
+    targets.add_argument("--url", default=default_url, help=f"server base URL (default {default_url})")
+    targets.set_defaults(handler=cmd_targets)
+
+    jobs = commands.add_parser("jobs", help="show a job, optionally following its progress")
+    jobs.add_argument("action", choices=["show"])
+    jobs.add_argument("job_id")
+    jobs.add_argument("--follow", action="store_true")
+    jobs.add_argument("--url", default=default_url)
+    jobs.set_defaults(handler=cmd_jobs)
+
+    worker = commands.add_parser("worker", help="run the job worker in this process (shares LETHE_DATABASE_URL)")
+    worker.add_argument("--model", help="the served model's HF directory, for ULD/O3 training (default: as serve)")
+    worker.set_defaults(handler=cmd_worker)
+
+    evaluation = commands.add_parser("eval", help="evaluate a running Lethe (LETHE_ADMIN_KEY)")
+    benchmarks = evaluation.add_subparsers(dest="benchmark", required=True)
+    tofu = benchmarks.add_parser("tofu", help="TOFU forget quality, model utility, ROUGE-L, detections, per mechanism")
+    tofu.add_argument("--base-url", default=default_url, help=f"server base URL (default {default_url})")
+    tofu.add_argument("--split", choices=["forget01", "forget05"], default="forget01")
+    chosen = tofu.add_mutually_exclusive_group()
+    chosen.add_argument("--mechanisms", help="comma-separated mechanism set to evaluate (default eco,guard)")
+    chosen.add_argument("--matrix", action="store_true", help="each mechanism alone and all four combined")
+    tofu.add_argument("--retain-model", help="the retain-only model's HF directory (default: build the demo one)")
+    tofu.add_argument("--demo-variant", choices=["full", "tiny"], default="full",
+                      help="retain-only demo model to build when --retain-model is unset (match the served one)")
+    tofu.add_argument("--limit", type=int, help="first N questions of each set only (a quick look)")
+    tofu.add_argument("--max-tokens", type=int, default=60, help="reply length for ROUGE-L (default 60)")
+    tofu.add_argument("--job-timeout", type=float, default=1800.0, help="seconds to wait for targets' jobs")
+    tofu.add_argument("--out", default="eval-results", help="directory for the JSON, markdown and PNG")
+    tofu.add_argument("--json", help="write the JSON here instead")
+    tofu.set_defaults(handler=cmd_eval)
+
+    settings = commands.add_parser("settings", help="print the LETHE_* settings table (markdown)")
+    settings.set_defaults(handler=cmd_settings)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "targets" and (args.action == "add") != bool(args.file):
+        parser.error("`targets add` needs --file, and only `add` takes it")
+    if args.command == "targets" and args.action in ("show", "rm") and not args.ref:
+        parser.error(f"`targets {args.action}` needs a target id")
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_json, LOGGERS)
+    sys.exit(args.handler(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""``lethe serve`` and ``lethe worker``: one replica, or a job worker, on the model given or the demo model."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from server.config import Settings, get_settings
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_model(settings: Settings, model: str | None) -> tuple[Path, str]:
+    """The model directory to serve and its public name; builds the demo model when none is given."""
+    chosen = model or settings.model
+    if chosen:
+        path = Path(chosen).expanduser().resolve()
+        if not (path / "config.json").is_file():
+            raise SystemExit(f"lethe: {path} is not a Hugging Face model directory (no config.json)")
+        return path, settings.served_model_name or path.name
+    from demo.builder import DEMO_MODEL_NAME, build_demo_model
+
+    path = build_demo_model(settings.cache_dir, settings.demo_variant, progress=True)
+    return path, settings.served_model_name or DEMO_MODEL_NAME
+
+
+def training_model(settings: Settings, model: str | None) -> Path | None:
+    """The model a worker trains ULD/O3 artifacts on: as ``serve`` would serve it, without building anything."""
+    if model or settings.model:
+        return resolve_model(settings, model)[0]
+    from demo.builder import find_demo_model
+
+    return find_demo_model(settings.cache_dir, settings.demo_variant)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.app import create_app
+
+    overrides = {key: value for key in ("host", "port") if (value := getattr(args, key)) is not None}
+    if args.demo_variant:
+        overrides["demo_variant"] = args.demo_variant
+    settings = get_settings().model_copy(update=overrides)
+    model_path, name = resolve_model(settings, args.model)
+    server: uvicorn.Server | None = None
+
+    def request_exit() -> None:
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(settings, model_path, name, request_exit=request_exit)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, timeout_keep_alive=30,
+                            access_log=False)
+    server = uvicorn.Server(config)
+    server.run()
+    return int(app.state.exit_code) or (0 if server.started else 1)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from server.control_plane import LazyEmbedder, make_worker, offline_handlers, open_store
+
+    settings = get_settings()
+    model_path = training_model(settings, args.model)
+    if model_path is None:
+        logger.warning("worker.no_model", extra={"detail": "no --model / LETHE_MODEL and no built demo model: this "
+                                                           "worker leaves ULD/O3 training to workers that have one"})
+    store = open_store(settings)
+    handlers = offline_handlers(settings, LazyEmbedder(settings.embedding_model), store, model_path)
+    worker = make_worker(settings, store, handlers)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    worker.start()
+    stop.wait()
+    worker.stop()
+    return 0
