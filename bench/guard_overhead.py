@@ -44,7 +44,7 @@ from classifiers.negatives import builtin_negative_pool  # noqa: E402
 from evals.fluency import median_known_word_share  # noqa: E402
 from evals.metrics import rouge_l_recall  # noqa: E402
 from evals.tofu_data import authors_of, demo_authors  # noqa: E402
-from server.admin_protocol import TargetCreate  # noqa: E402
+from server.admin.protocol import TargetCreate  # noqa: E402
 from server.classifier_jobs import _load_prompt_artifact  # noqa: E402
 from server.planner import ChatTurn, EnginePlan, RenderedPrompt  # noqa: E402
 from server.registry.snapshot import RegistrySnapshot  # noqa: E402

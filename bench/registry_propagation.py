@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from server.admin_protocol import TargetCreate
+from server.admin.protocol import TargetCreate
 from server.config import Settings
 from server.registry.database import make_engine, upgrade_database
 from server.registry.snapshot import SnapshotHolder

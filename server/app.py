@@ -14,7 +14,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server import admin_api, openai_api
+from server import openai_api
+from server.admin import router as admin_router
 from server.body_limit import BodyLimitMiddleware
 from server.config import Settings
 from server.engine import Engine
@@ -114,7 +115,7 @@ def create_app(
     app.state.exit_code = 0
     install_error_handlers(app)
     app.include_router(openai_api.router)
-    app.include_router(admin_api.router)
+    app.include_router(admin_router.router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
 
     @app.middleware("http")

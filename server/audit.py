@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 
-from server.admin_protocol import AuditRecord
+from server.admin.protocol import AuditRecord
 from server.registry.store import RegistryStore
 
 logger = logging.getLogger(__name__)

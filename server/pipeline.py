@@ -28,7 +28,7 @@ from jinja2 import TemplateError
 from classifiers.types import OOD_GATE, Hit
 from guards.base import Guard
 from guards.embedding_table import EmbeddingTable
-from server.admin_protocol import AuditRecord
+from server.admin.protocol import AuditRecord
 from server.audit import AuditWriter
 from server.classification import ClassificationBatcher
 from server.engine import Engine

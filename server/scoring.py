@@ -34,7 +34,7 @@ import torch
 from guards.phrase_matcher import Vocabulary
 from guards.processor import EXTRA_ARGS_KEY, RowHookError, build_row_hooks
 from guards.uld_assistant import AssistantModels
-from server.admin_protocol import ContinuationScoreOut, ScoreRequest, ScoreResponse
+from server.admin.protocol import ContinuationScoreOut, ScoreRequest, ScoreResponse
 from server.errors import GuardFailed
 from server.pipeline import Pipeline
 from server.planner import ChatTurn, EnginePlan

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from server.admin_protocol import TargetCreate
+from server.admin.protocol import TargetCreate
 from server.artifacts import ArtifactStore
 from server.jobs import JobContext, JobWorker
 from server.registry.database import make_engine, upgrade_database

@@ -11,7 +11,7 @@ import pytest
 from pydantic import ValidationError
 from sqlalchemy import create_engine, inspect, text, update
 
-from server.admin_protocol import AuditRecord, TargetCreate, TargetPatch
+from server.admin.protocol import AuditRecord, TargetCreate, TargetPatch
 from server.errors import Conflict, NotFound, Unprocessable
 from server.registry.database import make_engine, upgrade_database
 from server.registry.models import JobRow

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from evals.tofu_data import authors_of
-from server.admin_protocol import TargetCreate
+from server.admin.protocol import TargetCreate
 from server.registry.database import make_engine, upgrade_database
 from server.registry.store import FIT_CLASSIFIER, RegistryStore
 from tests.conftest import LETHE_BIN

@@ -18,7 +18,7 @@ from sqlalchemy import Engine, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from server.admin_protocol import (
+from server.admin.protocol import (
     AuditList,
     AuditRecord,
     Deleted,

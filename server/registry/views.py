@@ -1,4 +1,4 @@
-"""Registry rows as the API and the serving side see them (``admin_protocol`` models, ``TargetRecord``)."""
+"""Registry rows as the API and the serving side see them (``admin.protocol`` models, ``TargetRecord``)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from server.admin_protocol import ClassifierOut, ForgetItem, JobOut, MechanismOut, TargetOut
+from server.admin.protocol import ClassifierOut, ForgetItem, JobOut, MechanismOut, TargetOut
 from server.registry.models import JobRow, TargetRow
 
 

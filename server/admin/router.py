@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
-from server.admin_protocol import (
+from server.admin.protocol import (
     AuditList,
     Deleted,
     JobOut,
