@@ -14,17 +14,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server import openai_api
 from server.admin import router as admin_router
 from server.body_limit import BodyLimitMiddleware
 from server.config import Settings
 from server.engine import Engine
 from server.errors import InvalidRequest, LetheError, NotFound
 from server.metrics import Metrics
-from server.openai_api import ClientDisconnected
-from server.protocol import ErrorBody, ErrorResponse
+from server.openai import router as openai_router
+from server.openai.protocol import ErrorBody, ErrorResponse
+from server.openai.router import ClientDisconnected
+from server.openai.serving import OpenAIServing
 from server.runtime import Runtime
-from server.serving import OpenAIServing
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def create_app(
     app.state.metrics = metrics
     app.state.exit_code = 0
     install_error_handlers(app)
-    app.include_router(openai_api.router)
+    app.include_router(openai_router.router)
     app.include_router(admin_router.router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
 

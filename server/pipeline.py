@@ -4,10 +4,10 @@
     -> plan (each hit target's guards contribute, in the fixed guard order) -> engine.generate -> choice events
     -> finish (metrics, audit record)
 
-Plain async Python with no HTTP in it: the OpenAI layer (``server/serving.py``) turns ``ChoiceEvent``s into responses
-or SSE chunks, so streaming and non-streaming share one generation path. With no forget target hit, the plan is the
-plain vLLM input (token ids, no extra_args, no LoRA), which keeps unflagged traffic token-identical to plain vLLM; with
-no target registered at all, classification is skipped and costs nothing.
+Plain async Python with no HTTP in it: the OpenAI layer (``server/openai/serving.py``) turns ``ChoiceEvent``s into
+responses or SSE chunks, so streaming and non-streaming share one generation path. With no forget target hit, the
+plan is the plain vLLM input (token ids, no extra_args, no LoRA), which keeps unflagged traffic token-identical to
+plain vLLM; with no target registered at all, classification is skipped and costs nothing.
 
 Planning happens in ``start``, before any byte of the response exists, and fails closed: a prompt that hit a target
 is refused (``GuardFailed``, 503) when no mechanism of that target can be applied or one raises; it is never served

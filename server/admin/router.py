@@ -25,7 +25,7 @@ from server.admin.protocol import (
     TargetPatch,
 )
 from server.errors import AdminDisabled, AuthenticationFailed
-from server.protocol import ErrorResponse
+from server.openai.protocol import ErrorResponse
 from server.registry.store import RegistryStore
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {

@@ -13,8 +13,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
 from server.errors import AuthenticationFailed
-from server.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, ModelList
-from server.serving import OpenAIServing
+from server.openai.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, ModelList
+from server.openai.serving import OpenAIServing
 
 T = TypeVar("T")
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
