@@ -6,7 +6,6 @@ loop that streams tokens.
 
 from __future__ import annotations
 
-import hmac
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -24,6 +23,7 @@ from server.admin.protocol import (
     TargetOut,
     TargetPatch,
 )
+from server.auth import has_bearer_key
 from server.errors import AdminDisabled, AuthenticationFailed
 from server.openai.protocol import ErrorResponse
 from server.registry.store import RegistryStore
@@ -37,8 +37,7 @@ def require_admin_key(request: Request) -> None:
     key: str | None = request.app.state.settings.admin_key
     if not key:
         raise AdminDisabled()
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), key.encode()):
+    if not has_bearer_key(request, [key]):
         raise AuthenticationFailed("Invalid or missing admin key.")
 
 
