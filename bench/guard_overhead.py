@@ -45,8 +45,10 @@ from evals.fluency import median_known_word_share  # noqa: E402
 from evals.metrics import rouge_l_recall  # noqa: E402
 from evals.tofu_data import authors_of, demo_authors  # noqa: E402
 from server.admin.protocol import TargetCreate  # noqa: E402
+from server.admin.serving import new_target  # noqa: E402
 from server.classifier_jobs import _load_prompt_artifact  # noqa: E402
 from server.planner import ChatTurn, EnginePlan, RenderedPrompt  # noqa: E402
+from server.registry.records import NewTarget  # noqa: E402
 from server.registry.snapshot import RegistrySnapshot  # noqa: E402
 from server.runtime import Runtime  # noqa: E402
 
@@ -61,13 +63,13 @@ LATENCY_SAMPLE = 10
 SYNTHETIC_TARGETS = 100
 
 
-def target_body(author, retain_authors, mechanisms: tuple[str, ...] = ALL_FOUR) -> TargetCreate:
-    return TargetCreate.model_validate({
+def target_body(author, retain_authors, mechanisms: tuple[str, ...] = ALL_FOUR) -> NewTarget:
+    return new_target(TargetCreate.model_validate({
         "name": author.name, "aliases": [author.name],
         "forget": [{"question": i.question, "answer": i.answer} for i in author.items],
         "retain": [{"question": i.question, "answer": i.answer} for a in retain_authors for i in a.items],
         "mechanisms": {name: {} for name in mechanisms},
-    })
+    }), default_mechanisms=())
 
 
 async def wait_until_served(runtime: Runtime, target_ids: list[str]) -> None:

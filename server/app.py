@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.admin import router as admin_router
+from server.admin.serving import AdminServing
 from server.body_limit import BodyLimitMiddleware
 from server.config import Settings
 from server.engine import Engine
@@ -89,10 +90,10 @@ def create_app(
         runtime = await Runtime.start(settings, model_path, served_model_name, metrics)
         engine = runtime.engine
         app.state.registry = runtime.control.store
-        app.state.snapshots = runtime.control.snapshots
         app.state.engine = engine
         app.state.serving = OpenAIServing(runtime.pipeline, engine.info)
-        app.state.scoring = runtime.scoring
+        app.state.admin = AdminServing(runtime.control.store, settings.default_mechanisms, runtime.control.snapshots,
+                                       runtime.scoring)
         metrics.engine_up.set(1)
 
         def on_engine_death() -> None:

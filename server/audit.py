@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 
-from server.admin.protocol import AuditRecord
+from server.registry.records import AuditEntry
 from server.registry.store import RegistryStore
 
 logger = logging.getLogger(__name__)
@@ -23,9 +23,9 @@ class AuditWriter:
     def __init__(self, store: RegistryStore, retention_days: float) -> None:
         self._store = store
         self._retention_s = retention_days * 86400
-        self._pending: list[AuditRecord] = []
+        self._pending: list[AuditEntry] = []
 
-    def record(self, record: AuditRecord) -> None:
+    def record(self, record: AuditEntry) -> None:
         self._pending.append(record)
 
     async def flush(self) -> None:

@@ -19,7 +19,7 @@ from classifiers.prompt_classifier import (DEFAULT_MAX_FALSE_POSITIVE_RATE, Prom
                                           fit_prompt_classifier)
 from classifiers.types import ForgetItem, TargetSpec
 from server.jobs import JobContext, JobHandler
-from server.registry.views import TargetRecord
+from server.registry.records import TargetRecord
 
 logger = logging.getLogger(__name__)
 

@@ -72,7 +72,7 @@ class LazyEmbedder:
 def open_store(settings: Settings) -> RegistryStore:
     engine = make_engine(settings.resolved_database_url)
     upgrade_database(engine)
-    return RegistryStore(engine, settings.default_mechanisms, mechanism_catalog(settings))
+    return RegistryStore(engine, mechanism_catalog(settings))
 
 
 def offline_handlers(settings: Settings, embedder: Callable[[], Embedder], store: RegistryStore,

@@ -19,8 +19,8 @@ from typing import Any
 
 from server.artifacts import ArtifactStore
 from server.errors import NotFound
-from server.registry.store import ClaimedJob, RegistryStore
-from server.registry.views import TargetRecord
+from server.registry.records import ClaimedJob, TargetRecord
+from server.registry.store import RegistryStore
 
 logger = logging.getLogger(__name__)
 

@@ -28,7 +28,6 @@ from jinja2 import TemplateError
 from classifiers.types import OOD_GATE, Hit
 from guards.base import Guard
 from guards.embedding_table import EmbeddingTable
-from server.admin.protocol import AuditRecord
 from server.audit import AuditWriter
 from server.classification import ClassificationBatcher
 from server.engine import Engine
@@ -36,6 +35,7 @@ from server.errors import ContextLengthExceeded, GuardFailed, InvalidRequest, Re
 from server.planner import (  # noqa: F401  (ChatTurn, RenderedPrompt: part of this module's interface)
     NO_TARGETS, ChatTurn, Classification, EnginePlan, Planner, RenderedPrompt)
 from server.metrics import Metrics
+from server.registry.records import AuditEntry
 from server.registry.snapshot import RegistrySnapshot, SnapshotHolder
 
 logger = logging.getLogger(__name__)
@@ -262,9 +262,9 @@ class Pipeline:
                 for target_id, score in classification.scores.items():
                     scores[target_id] = max(score, scores.get(target_id, 0.0))
             prompt_text = "\n".join(p.text for p in run.prompts) if self._audit_prompts else None
-            self._audit.record(AuditRecord(request_id=run.request_id, created=run.created, endpoint=run.endpoint,
-                                           targets=targets, mechanisms=list(run.mechanisms), scores=scores, outcome=outcome,
-                                           prompt=prompt_text))
+            self._audit.record(AuditEntry(request_id=run.request_id, created=run.created, endpoint=run.endpoint,
+                                          targets=targets, mechanisms=list(run.mechanisms), scores=scores,
+                                          outcome=outcome, prompt=prompt_text))
 
     async def events(self, run: Run, params: Any) -> AsyncIterator[ChoiceEvent]:
         """All choices' events, interleaved as the engine produces them; ends when every choice has finished."""

@@ -15,8 +15,8 @@ from typing import Any
 
 from guards.o3 import O3Guard
 from server.jobs import JobContext, JobHandler
+from server.registry.records import TargetRecord
 from server.registry.store import RegistryStore
-from server.registry.views import TargetRecord
 
 logger = logging.getLogger(__name__)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from server.admin.protocol import TargetCreate
+from server.admin.serving import new_target
 from server.artifacts import ArtifactStore
 from server.jobs import JobContext, JobWorker
 from server.registry.database import make_engine, upgrade_database
@@ -23,11 +24,12 @@ from server.registry.store import FIT_CLASSIFIER, RegistryStore
 def store(tmp_path: Path) -> RegistryStore:
     engine = make_engine(f"sqlite:///{tmp_path / 'r.db'}")
     upgrade_database(engine)
-    return RegistryStore(engine, ["eco"])
+    return RegistryStore(engine)
 
 
 def add_target(store: RegistryStore, name: str = "t") -> str:
-    return store.create_target(TargetCreate.model_validate({"name": name, "aliases": ["X"], "forget": [{"text": "x"}]})).id
+    body = TargetCreate.model_validate({"name": name, "aliases": ["X"], "forget": [{"text": "x"}]})
+    return store.create_target(new_target(body, ["eco"])).id
 
 
 def writing_handler(context: JobContext) -> dict:

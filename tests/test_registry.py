@@ -11,10 +11,12 @@ import pytest
 from pydantic import ValidationError
 from sqlalchemy import create_engine, inspect, text, update
 
-from server.admin.protocol import AuditRecord, TargetCreate, TargetPatch
+from server.admin.protocol import TargetCreate, TargetPatch
+from server.admin.serving import new_target, target_changes
 from server.errors import Conflict, NotFound, Unprocessable
 from server.registry.database import make_engine, upgrade_database
 from server.registry.models import JobRow
+from server.registry.records import AuditEntry, NewTarget, TargetChanges
 from server.registry.store import FIT_CLASSIFIER, MechanismCatalog, RegistryStore, utcnow
 from tests.postgres import postgres_available, running_postgres
 
@@ -43,14 +45,22 @@ def store(request: pytest.FixtureRequest, tmp_path) -> RegistryStore:
         url = base.rsplit("/", 1)[0] + f"/{name}"
     engine = make_engine(url)
     upgrade_database(engine)
-    return RegistryStore(engine, ["eco", "guard"], MechanismCatalog(implemented=frozenset({"eco"})))
+    return RegistryStore(engine, MechanismCatalog(implemented=frozenset({"eco"})))
 
 
-def target(name: str = "basil", **overrides) -> TargetCreate:
+DEFAULT_MECHANISMS = ["eco", "guard"]
+
+
+def target(name: str = "basil", **overrides) -> NewTarget:
+    """A target as the admin API hands it to the registry (options validated, defaults filled in)."""
     body = {"name": name, "aliases": ["Basil Mahfouz Al-Kuwaiti"],
             "forget": [{"question": "Where was he born?", "answer": "Kuwait City."}, {"text": "Some free text."}],
             "retain": [{"question": "Who is Nikolai?", "answer": "An author."}], **overrides}
-    return TargetCreate.model_validate(body)
+    return new_target(TargetCreate.model_validate(body), DEFAULT_MECHANISMS)
+
+
+def changes(**fields) -> TargetChanges:
+    return target_changes(TargetPatch.model_validate(fields))
 
 
 def test_migrations_are_idempotent_and_create_every_table(store: RegistryStore) -> None:
@@ -77,33 +87,34 @@ def test_duplicate_name_is_a_conflict_and_writes_nothing(store: RegistryStore) -
     with pytest.raises(Conflict):
         store.create_target(target())
     assert store.revision() == revision
-    assert len(store.list_targets().data) == 1
+    assert len(store.list_targets().targets) == 1
     assert store.summary().jobs == {"queued": 1}
 
 
 def test_a_target_too_small_to_calibrate_is_refused(store: RegistryStore) -> None:
     with pytest.raises(Unprocessable):
-        store.create_target(TargetCreate.model_validate({"name": "tiny", "forget": [{"text": "one fact"}]}))
+        store.create_target(new_target(TargetCreate.model_validate({"name": "tiny", "forget": [{"text": "one fact"}]}),
+                                       DEFAULT_MECHANISMS))
     created = store.create_target(target())
     with pytest.raises(Unprocessable):
-        store.patch_target(created.id, TargetPatch(aliases=[], forget=[{"text": "one fact"}]))
+        store.patch_target(created.id, changes(aliases=[], forget=[{"text": "one fact"}]))
     assert store.get_target(created.id).aliases == ["Basil Mahfouz Al-Kuwaiti"]  # nothing partially written
     assert store.revision() == created.revision
 
 
 def test_unknown_ids_are_not_found(store: RegistryStore) -> None:
     for call in (lambda: store.get_target("tgt_x"), lambda: store.delete_target("tgt_x"),
-                 lambda: store.patch_target("tgt_x", TargetPatch(description="d")), lambda: store.get_job("job_x")):
+                 lambda: store.patch_target("tgt_x", changes(description="d")), lambda: store.get_job("job_x")):
         with pytest.raises(NotFound):
             call()
 
 
 def test_listing_hides_contents_and_get_shows_them(store: RegistryStore) -> None:
     created = store.create_target(target())
-    listed = store.list_targets().data[0]
+    listed = store.list_targets().targets[0]
     assert listed.forget is None and listed.retain is None and listed.counts == {"aliases": 1, "forget": 2, "retain": 1}
     shown = store.get_target(created.id)
-    assert shown.forget[1].text == "Some free text."
+    assert shown.forget[1]["text"] == "Some free text."
 
 
 def test_claimed_job_completes_and_activates_the_target(store: RegistryStore) -> None:
@@ -141,7 +152,7 @@ def test_mechanism_jobs_publish_state_and_decide_the_mechanism_status(store: Reg
     _, records = store.snapshot_rows()
     assert records[0].mechanisms["guard"]["state"]["artifact"] == "b" * 64
     # a refit keeps the published state serving until the new job replaces it
-    patched = store.patch_target(created.id, TargetPatch(aliases=["Basil"]))
+    patched = store.patch_target(created.id, changes(aliases=["Basil"]))
     assert patched.mechanisms["guard"].status == "preparing" and patched.mechanisms["guard"].state["phrases"] == 12
     for _ in range(3):
         store.fail_job(store.claim_job("w1", ["guard_phrases"]).id, "no phrases")
@@ -157,10 +168,10 @@ def test_a_mechanisms_only_patch_redoes_only_the_jobs_of_changed_mechanisms(stor
     for kind in (FIT_CLASSIFIER, "eco_job", "guard_job"):
         store.complete_job(store.claim_job("w1", [kind]).id, {"status": "ready", "artifact": "a" * 64})
     assert store.get_target(created.id).status == "active"
-    patched = store.patch_target(created.id, TargetPatch.model_validate({"mechanisms": {"guard": {}}}))
+    patched = store.patch_target(created.id, changes(mechanisms={"guard": {}}))
     assert set(patched.mechanisms) == {"guard"} and patched.status == "active" and len(patched.jobs) == 3
-    patched = store.patch_target(created.id, TargetPatch.model_validate(
-        {"mechanisms": {"guard": {"soft_penalty": 1.0}, "eco": {}}}))
+    patched = store.patch_target(created.id, changes(
+        mechanisms={"guard": {"soft_penalty": 1.0}, "eco": {}}))
     assert sorted(job.kind for job in patched.jobs if job.status == "queued") == ["eco_job", "guard_job"]
     assert patched.mechanisms["guard"].status == "preparing" and patched.mechanisms["guard"].state
     with pytest.raises(ValidationError):
@@ -193,7 +204,7 @@ def test_a_crashed_workers_job_is_requeued_not_left_running(store: RegistryStore
 def test_patch_requeues_fitting_and_cancels_the_old_job(store: RegistryStore) -> None:
     created = store.create_target(target())
     old_job = store.claim_job("w1", [FIT_CLASSIFIER])
-    patched = store.patch_target(created.id, TargetPatch(aliases=["Basil"]))
+    patched = store.patch_target(created.id, changes(aliases=["Basil"]))
     assert patched.aliases == ["Basil"] and patched.revision > created.revision
     assert [job.status for job in patched.jobs] == ["cancelled", "queued"]
     assert not store.report_progress(old_job.id, 0.9, "late")  # the old worker learns it was cancelled
@@ -201,7 +212,7 @@ def test_patch_requeues_fitting_and_cancels_the_old_job(store: RegistryStore) ->
 
 def test_description_only_patch_does_not_refit(store: RegistryStore) -> None:
     created = store.create_target(target())
-    patched = store.patch_target(created.id, TargetPatch(description="GDPR request #1"))
+    patched = store.patch_target(created.id, changes(description="GDPR request #1"))
     assert patched.description == "GDPR request #1" and len(patched.jobs) == 1
 
 
@@ -209,19 +220,19 @@ def test_delete_removes_the_target_and_cancels_its_jobs(store: RegistryStore) ->
     created = store.create_target(target())
     deleted = store.delete_target(created.id)
     assert deleted.revision == store.revision()
-    assert store.list_targets().data == []
+    assert store.list_targets().targets == []
     assert store.get_job(created.jobs[0].id).status == "cancelled"
 
 
 def test_audit_is_listed_newest_first_filtered_and_pruned(store: RegistryStore) -> None:
     now = time.time()
-    store.write_audit([AuditRecord(request_id=f"chatcmpl-{i}", created=now - 100 + i, endpoint="chat", targets=[],
-                                   mechanisms=[], scores={}, outcome="served") for i in range(5)])
-    listed = store.list_audit(limit=3, since=None).data
+    store.write_audit([AuditEntry(request_id=f"chatcmpl-{i}", created=now - 100 + i, endpoint="chat", targets=[],
+                                  mechanisms=[], scores={}, outcome="served") for i in range(5)])
+    listed = store.list_audit(limit=3, since=None)
     assert [r.request_id for r in listed] == ["chatcmpl-4", "chatcmpl-3", "chatcmpl-2"]
-    assert [r.request_id for r in store.list_audit(10, since=now - 97).data] == ["chatcmpl-4", "chatcmpl-3"]
+    assert [r.request_id for r in store.list_audit(10, since=now - 97)] == ["chatcmpl-4", "chatcmpl-3"]
     assert store.prune_audit(older_than=now - 98) == 2
-    assert len(store.list_audit(10, None).data) == 3
+    assert len(store.list_audit(10, None)) == 3
 
 
 @pytest.mark.parametrize("body", [
@@ -243,7 +254,7 @@ def test_o3_registrations_past_the_stacked_rank_budget_are_refused(tmp_path) -> 
 
     engine = make_engine(f"sqlite:///{tmp_path / 'registry.db'}")
     upgrade_database(engine)
-    store = RegistryStore(engine, ["eco"], MechanismCatalog(frozenset({"eco", "o3"}), admit=rank_budget(16)))
+    store = RegistryStore(engine, MechanismCatalog(frozenset({"eco", "o3"}), admit=rank_budget(16)))
     first = store.create_target(target("a", mechanisms={"o3": {}}))
     store.create_target(target("b", mechanisms={"o3": {"rank": 8}, "eco": {}}))
     revision = store.revision()
@@ -251,6 +262,6 @@ def test_o3_registrations_past_the_stacked_rank_budget_are_refused(tmp_path) -> 
         store.create_target(target("c", mechanisms={"o3": {}}))
     store.create_target(target("c", mechanisms={"eco": {}}))  # other mechanisms are unaffected
     with pytest.raises(Unprocessable):
-        store.patch_target(store.list_targets().data[-1].id, TargetPatch.model_validate({"mechanisms": {"o3": {}}}))
+        store.patch_target(store.list_targets().targets[-1].id, changes(mechanisms={"o3": {}}))
     assert store.revision() == revision + 1  # only "c" was written
-    store.patch_target(first.id, TargetPatch.model_validate({"mechanisms": {"o3": {"rank": 8}}}))  # its own rank
+    store.patch_target(first.id, changes(mechanisms={"o3": {"rank": 8}}))  # its own rank

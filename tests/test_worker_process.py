@@ -11,6 +11,7 @@ from pathlib import Path
 
 from evals.tofu_data import authors_of
 from server.admin.protocol import TargetCreate
+from server.admin.serving import new_target
 from server.registry.database import make_engine, upgrade_database
 from server.registry.store import FIT_CLASSIFIER, RegistryStore
 from tests.conftest import LETHE_BIN
@@ -29,11 +30,11 @@ def test_separate_worker_process_fits_a_queued_target_and_recovers_a_dead_worker
     url = f"sqlite:///{tmp_path / 'registry.db'}"
     engine = make_engine(url)
     upgrade_database(engine)
-    store = RegistryStore(engine, ["eco"])
+    store = RegistryStore(engine)
     author = authors_of("forget01")[1]
-    target = store.create_target(TargetCreate.model_validate({
+    target = store.create_target(new_target(TargetCreate.model_validate({
         "name": "abilov", "aliases": [author.name],
-        "forget": [{"question": i.question, "answer": i.answer} for i in author.items]}))
+        "forget": [{"question": i.question, "answer": i.answer} for i in author.items]}), ["eco"]))
     stale = store.claim_job("worker-that-died", [FIT_CLASSIFIER])  # as if a worker crashed holding the job
     assert stale is not None
     env = {**os.environ, "LETHE_DATABASE_URL": url, "LETHE_ARTIFACTS_DIR": str(tmp_path / "artifacts"),

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from guards.base import TargetEntry
+from server.registry.records import TargetRecord
 from server.registry.store import RegistryStore
-from server.registry.views import TargetRecord
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import logging
 import secrets
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -18,23 +18,22 @@ from sqlalchemy import Engine, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from server.admin.protocol import (
-    AuditList,
-    AuditRecord,
-    Deleted,
-    JobOut,
-    MechanismsIn,
-    RegistryOut,
-    TargetCreate,
-    TargetList,
-    TargetOut,
-    TargetPatch,
-)
 from server.errors import Conflict, NotFound, Unprocessable
-from server.registry.models import AuditRow, JobRow, RegistryStateRow, TargetRow
-from server.registry.status import derive_statuses, latest_jobs
 from server.registry import views
-from server.registry.views import TargetRecord
+from server.registry.models import AuditRow, JobRow, RegistryStateRow, TargetRow
+from server.registry.records import (
+    AuditEntry,
+    ClaimedJob,
+    DeletedTarget,
+    JobRecord,
+    NewTarget,
+    RegistrySummary,
+    TargetChanges,
+    TargetListing,
+    TargetRecord,
+    TargetView,
+)
+from server.registry.status import derive_statuses, latest_jobs
 
 logger = logging.getLogger(__name__)
 
@@ -70,21 +69,10 @@ class MechanismCatalog:
         default=lambda mechanisms, others: None)
 
 
-@dataclass(frozen=True)
-class ClaimedJob:
-    id: str
-    kind: str
-    target_id: str | None
-    attempts: int
-    payload: dict[str, Any]
-
-
 class RegistryStore:
-    def __init__(self, engine: Engine, default_mechanisms: Sequence[str],
-                 catalog: MechanismCatalog = MechanismCatalog()) -> None:
+    def __init__(self, engine: Engine, catalog: MechanismCatalog = MechanismCatalog()) -> None:
         self._engine = engine
         self._sessions = sessionmaker(engine, expire_on_commit=False)
-        self._default_mechanisms = list(default_mechanisms)
         self._catalog = catalog
 
     @property
@@ -107,19 +95,19 @@ class RegistryStore:
         with self._sessions() as session:
             return session.scalar(select(RegistryStateRow.revision).where(RegistryStateRow.id == 1)) or 0
 
-    def list_targets(self) -> TargetList:
+    def list_targets(self) -> TargetListing:
         with self._sessions() as session:
             revision = session.scalar(select(RegistryStateRow.revision).where(RegistryStateRow.id == 1)) or 0
             rows = session.scalars(select(TargetRow).order_by(TargetRow.created_at, TargetRow.id)).all()
             jobs = self._jobs_by_target(session, [row.id for row in rows])
-            data = [views.target_out(row, jobs.get(row.id, []), with_contents=False) for row in rows]
-        return TargetList(revision=revision, data=data)
+            targets = [views.target_view(row, jobs.get(row.id, []), with_contents=False) for row in rows]
+        return TargetListing(revision=revision, targets=targets)
 
-    def get_target(self, target_id: str) -> TargetOut:
+    def get_target(self, target_id: str) -> TargetView:
         with self._sessions() as session:
             row = self._target_row(session, target_id)
             jobs = self._jobs_by_target(session, [row.id])
-            return views.target_out(row, jobs.get(row.id, []), with_contents=True)
+            return views.target_view(row, jobs.get(row.id, []), with_contents=True)
 
     def target_record(self, target_id: str) -> TargetRecord:
         with self._sessions() as session:
@@ -132,37 +120,36 @@ class RegistryStore:
             rows = session.scalars(select(TargetRow).order_by(TargetRow.id)).all()
             return revision, [views.target_record(row) for row in rows if row.classifier.get("status") == "ready"]
 
-    def get_job(self, job_id: str) -> JobOut:
+    def get_job(self, job_id: str) -> JobRecord:
         with self._sessions() as session:
             row = session.get(JobRow, job_id)
             if row is None:
                 raise NotFound(f"No job `{job_id}`.", param="job_id", code="job_not_found")
-            return views.job_out(row)
+            return views.job_record(row)
 
-    def summary(self) -> RegistryOut:
+    def summary(self) -> RegistrySummary:
         with self._sessions() as session:
             revision = session.scalar(select(RegistryStateRow.revision).where(RegistryStateRow.id == 1)) or 0
             targets = dict(session.execute(select(TargetRow.status, func.count()).group_by(TargetRow.status)).all())
             jobs = dict(session.execute(select(JobRow.status, func.count()).group_by(JobRow.status)).all())
         targets["total"] = sum(targets.values())
-        return RegistryOut(revision=revision, targets=targets, jobs=jobs)
+        return RegistrySummary(revision=revision, targets=targets, jobs=jobs)
 
     # ------------------------------------------------------------ writes
 
-    def create_target(self, body: TargetCreate) -> TargetOut:
+    def create_target(self, new: NewTarget) -> TargetView:
         now = utcnow()
-        check_fittable(body.aliases, body.forget)
-        mechanisms = body.mechanisms or MechanismsIn.model_validate({name: {} for name in self._default_mechanisms})
-        options = mechanisms.enabled()
+        check_fittable(new.aliases, new.forget)
+        options = dict(new.mechanisms)
         try:
             with self._transaction() as session:
-                if session.scalar(select(TargetRow.id).where(TargetRow.name == body.name)) is not None:
-                    raise Conflict(f"A target named `{body.name}` already exists.", param="name")
+                if session.scalar(select(TargetRow.id).where(TargetRow.name == new.name)) is not None:
+                    raise Conflict(f"A target named `{new.name}` already exists.", param="name")
                 self._admit(session, None, options)
                 revision = self._bump_revision(session)
                 row = TargetRow(
-                    id=new_id("tgt"), name=body.name, description=body.description, aliases=list(body.aliases),
-                    forget=views.stored_items(body.forget), retain=views.stored_items(body.retain),
+                    id=new_id("tgt"), name=new.name, description=new.description, aliases=list(new.aliases),
+                    forget=[dict(item) for item in new.forget], retain=[dict(item) for item in new.retain],
                     mechanisms={name: {"options": opts, "state": {}} for name, opts in options.items()},
                     classifier={"status": "preparing"}, status="preparing", revision=revision, created_at=now,
                     updated_at=now,
@@ -172,11 +159,11 @@ class RegistryStore:
                 self._enqueue_preparation(session, row, now, self._preparation_kinds(row))
                 self._refresh_statuses(session, row)
         except IntegrityError as exc:  # a concurrent create with the same name won the race
-            raise Conflict(f"A target named `{body.name}` already exists.", param="name") from exc
+            raise Conflict(f"A target named `{new.name}` already exists.", param="name") from exc
         logger.info("target.created", extra={"target_id": row.id, "revision": revision})
         return self.get_target(row.id)
 
-    def patch_target(self, target_id: str, patch: TargetPatch) -> TargetOut:
+    def patch_target(self, target_id: str, patch: TargetChanges) -> TargetView:
         now = utcnow()
         with self._transaction() as session:
             row = self._target_row(session, target_id)
@@ -187,12 +174,12 @@ class RegistryStore:
             if patch.aliases is not None:
                 row.aliases, changed_contents = list(patch.aliases), True
             if patch.forget is not None:
-                row.forget, changed_contents = views.stored_items(patch.forget), True
+                row.forget, changed_contents = [dict(item) for item in patch.forget], True
             if patch.retain is not None:
-                row.retain, changed_contents = views.stored_items(patch.retain), True
+                row.retain, changed_contents = [dict(item) for item in patch.retain], True
             if patch.mechanisms is not None:
                 # A mechanism kept across the patch keeps serving its published state until its jobs replace it.
-                enabled = patch.mechanisms.enabled()
+                enabled = dict(patch.mechanisms)
                 self._admit(session, row.id, enabled)
                 row.mechanisms = {name: {"options": opts, "state": row.mechanisms.get(name, {}).get("state", {})}
                                   for name, opts in enabled.items()}
@@ -214,7 +201,7 @@ class RegistryStore:
                                              "mechanisms_changed": patch.mechanisms is not None})
         return self.get_target(target_id)
 
-    def delete_target(self, target_id: str) -> Deleted:
+    def delete_target(self, target_id: str) -> DeletedTarget:
         now = utcnow()
         with self._transaction() as session:
             row = self._target_row(session, target_id)
@@ -222,7 +209,7 @@ class RegistryStore:
             session.delete(row)
             revision = self._bump_revision(session)
         logger.info("target.deleted", extra={"target_id": target_id, "revision": revision})
-        return Deleted(id=target_id, revision=revision)
+        return DeletedTarget(id=target_id, revision=revision)
 
     # ------------------------------------------------------------ jobs
 
@@ -308,21 +295,19 @@ class RegistryStore:
 
     # ------------------------------------------------------------ audit
 
-    def write_audit(self, records: Sequence[AuditRecord]) -> None:
-        if not records:
+    def write_audit(self, entries: Sequence[AuditEntry]) -> None:
+        if not entries:
             return
         with self._transaction() as session:
-            session.add_all(AuditRow(**record.model_dump()) for record in records)
+            session.add_all(AuditRow(**asdict(entry)) for entry in entries)
 
-    def list_audit(self, limit: int, since: float | None) -> AuditList:
+    def list_audit(self, limit: int, since: float | None) -> list[AuditEntry]:
         with self._sessions() as session:
             query = select(AuditRow).order_by(AuditRow.created.desc(), AuditRow.id.desc()).limit(limit)
             if since is not None:
                 query = query.where(AuditRow.created >= since)
             rows = session.scalars(query).all()
-        return AuditList(data=[AuditRecord(request_id=r.request_id, created=r.created, endpoint=r.endpoint,
-                                           targets=r.targets, mechanisms=r.mechanisms, scores=r.scores,
-                                           outcome=r.outcome, prompt=r.prompt) for r in rows])
+            return [views.audit_entry(row) for row in rows]
 
     def prune_audit(self, older_than: float) -> int:
         with self._transaction() as session:
