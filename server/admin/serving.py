@@ -14,6 +14,7 @@ from server.admin.protocol import (
     AuditList,
     AuditRecord,
     ClassifierOut,
+    ContinuationScoreOut,
     Deleted,
     ForgetItem,
     JobOut,
@@ -27,10 +28,11 @@ from server.admin.protocol import (
     TargetOut,
     TargetPatch,
 )
+from server.planner import ChatTurn
 from server.registry.records import Item, JobRecord, NewTarget, TargetChanges, TargetView
 from server.registry.snapshot import SnapshotHolder
 from server.registry.store import RegistryStore
-from server.scoring import ScoringService
+from server.scoring import ScoredPrompt, ScoringService
 
 
 def stored_items(items: Sequence[ForgetItem]) -> list[Item]:
@@ -70,6 +72,13 @@ def target_out(view: TargetView) -> TargetOut:
         forget=[ForgetItem(**item) for item in view.forget] if view.forget is not None else None,
         retain=[ForgetItem(**item) for item in view.retain] if view.retain is not None else None,
     )
+
+
+def score_response(scored: ScoredPrompt) -> ScoreResponse:
+    return ScoreResponse(targets=scored.targets, mechanisms=scored.mechanisms, scores=[
+        ContinuationScoreOut(index=index, tokens=c.tokens, logprob=c.score.logprob, mean_loss=c.score.mean_loss,
+                             token_logprobs=list(c.score.token_logprobs))
+        for index, c in enumerate(scored.continuations)])
 
 
 class AdminServing:
@@ -112,4 +121,5 @@ class AdminServing:
         return AuditList(data=[AuditRecord(**asdict(entry)) for entry in self._registry.list_audit(limit, since)])
 
     async def score(self, body: ScoreRequest) -> ScoreResponse:
-        return await self._scoring.score(body)
+        scored = await self._scoring.score([ChatTurn(m.role, m.content) for m in body.messages], body.continuations)
+        return score_response(scored)
