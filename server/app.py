@@ -150,7 +150,7 @@ def create_app(
         metrics.engine_unfinished.set(engine.unfinished_requests if alive else 0)
         registry = getattr(request.app.state, "registry", None)
         if registry is not None:
-            summary = await asyncio.to_thread(registry.summary)
+            summary = await asyncio.to_thread(registry.targets.summary)
             for status, count in summary.jobs.items():
                 metrics.jobs.labels(status).set(count)
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")

@@ -25,9 +25,10 @@ from server.guard_jobs import guard_phrases_handler
 from server.training_jobs import o3_train_handler, uld_train_handler
 from server.jobs import JobHandler, JobWorker
 from server.metrics import Metrics
+from server.registry import Registry
+from server.registry.catalog import FIT_CLASSIFIER, MechanismCatalog
 from server.registry.database import make_engine, upgrade_database
 from server.registry.snapshot import RegistrySnapshot, SnapshotHolder
-from server.registry.store import FIT_CLASSIFIER, MechanismCatalog, RegistryStore
 
 logger = logging.getLogger(__name__)
 
@@ -69,13 +70,13 @@ class LazyEmbedder:
         return thread
 
 
-def open_store(settings: Settings) -> RegistryStore:
+def open_store(settings: Settings) -> Registry:
     engine = make_engine(settings.resolved_database_url)
     upgrade_database(engine)
-    return RegistryStore(engine, mechanism_catalog(settings))
+    return Registry.open(engine, mechanism_catalog(settings))
 
 
-def offline_handlers(settings: Settings, embedder: Callable[[], Embedder], store: RegistryStore,
+def offline_handlers(settings: Settings, embedder: Callable[[], Embedder], store: Registry,
                      model_path: Path | None) -> dict[str, JobHandler]:
     """The jobs a worker can run without the engine: the embedder's, and training if it has the model's files."""
     handlers = {FIT_CLASSIFIER: fit_classifier_handler(embedder, settings.classifier_recall,
@@ -83,11 +84,11 @@ def offline_handlers(settings: Settings, embedder: Callable[[], Embedder], store
                 GUARD_PHRASES: guard_phrases_handler(embedder)}
     if model_path is not None:
         handlers[ULD_TRAIN] = uld_train_handler(model_path)
-        handlers[O3_TRAIN] = o3_train_handler(model_path, store)
+        handlers[O3_TRAIN] = o3_train_handler(model_path, store.targets)
     return handlers
 
 
-def make_worker(settings: Settings, store: RegistryStore, handlers: dict[str, JobHandler]) -> JobWorker:
+def make_worker(settings: Settings, store: Registry, handlers: dict[str, JobHandler]) -> JobWorker:
     artifacts = ArtifactStore(settings.resolved_artifacts_dir)
     return JobWorker(store, artifacts, handlers, stale_after_s=settings.job_stale_after_s)
 
@@ -96,7 +97,7 @@ def make_worker(settings: Settings, store: RegistryStore, handlers: dict[str, Jo
 class ControlPlane:
     settings: Settings
     metrics: Metrics
-    store: RegistryStore
+    store: Registry
     snapshots: SnapshotHolder
     audit: AuditWriter
     artifacts: ArtifactStore
@@ -109,10 +110,10 @@ class ControlPlane:
         store = open_store(settings)
         embedder = LazyEmbedder(settings.embedding_model)
         artifacts = ArtifactStore(settings.resolved_artifacts_dir)
-        snapshots = SnapshotHolder(store, artifacts.path, bank_factory(embedder), settings.registry_poll_s,
+        snapshots = SnapshotHolder(store.targets, artifacts.path, bank_factory(embedder), settings.registry_poll_s,
                                    ood_bank_factory(embedder))
-        return cls(settings, metrics, store, snapshots, AuditWriter(store, settings.audit_retention_days), artifacts,
-                   embedder)
+        return cls(settings, metrics, store, snapshots, AuditWriter(store.audit, settings.audit_retention_days),
+                   artifacts, embedder)
 
     async def start(self) -> None:
         self.snapshots.on_swap.append(self._on_swap)

@@ -16,7 +16,7 @@ from typing import Any
 from guards.o3 import O3Guard
 from server.jobs import JobContext, JobHandler
 from server.registry.records import TargetRecord
-from server.registry.store import RegistryStore
+from server.registry.targets import TargetStore
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def uld_train_handler(model_path: Path) -> JobHandler:
     return run
 
 
-def earlier_o3_adapters(store: RegistryStore, target_id: str, artifact_path: Callable[[str], Path]) -> list[Path]:
+def earlier_o3_adapters(store: TargetStore, target_id: str, artifact_path: Callable[[str], Path]) -> list[Path]:
     """Every other target's trained O3 adapter: the new one is trained orthogonal to all of them."""
     _, records = store.snapshot_rows()
     return [artifact_path(state["adapter"]) for record in records if record.id != target_id
@@ -50,7 +50,7 @@ def _o3_state(record: TargetRecord) -> dict[str, Any]:
     return (record.mechanisms.get(O3Guard.name) or {}).get("state") or {}
 
 
-def o3_train_handler(model_path: Path, store: RegistryStore) -> JobHandler:
+def o3_train_handler(model_path: Path, store: TargetStore) -> JobHandler:
     """Train the target's O3 unlearning LoRA toward refusals, orthogonal to the earlier targets' adapters."""
 
     def run(context: JobContext) -> dict[str, Any]:

@@ -29,9 +29,9 @@ from server.admin.protocol import (
     TargetPatch,
 )
 from server.planner import ChatTurn
+from server.registry import Registry
 from server.registry.records import Item, JobRecord, NewTarget, TargetChanges, TargetView
 from server.registry.snapshot import SnapshotHolder
-from server.registry.store import RegistryStore
 from server.scoring import ScoredPrompt, ScoringService
 
 
@@ -84,7 +84,7 @@ def score_response(scored: ScoredPrompt) -> ScoreResponse:
 class AdminServing:
     """Every ``/admin/v1`` operation: protocol models in, registry or scoring calls, protocol models out."""
 
-    def __init__(self, registry: RegistryStore, default_mechanisms: Sequence[str], snapshots: SnapshotHolder,
+    def __init__(self, registry: Registry, default_mechanisms: Sequence[str], snapshots: SnapshotHolder,
                  scoring: ScoringService) -> None:
         self._registry = registry
         self._default_mechanisms = list(default_mechanisms)
@@ -92,33 +92,33 @@ class AdminServing:
         self._scoring = scoring
 
     def create_target(self, body: TargetCreate) -> TargetOut:
-        return target_out(self._registry.create_target(new_target(body, self._default_mechanisms)))
+        return target_out(self._registry.targets.create(new_target(body, self._default_mechanisms)))
 
     def list_targets(self) -> TargetList:
-        listing = self._registry.list_targets()
+        listing = self._registry.targets.listing()
         return TargetList(revision=listing.revision, data=[target_out(view) for view in listing.targets])
 
     def get_target(self, target_id: str) -> TargetOut:
-        return target_out(self._registry.get_target(target_id))
+        return target_out(self._registry.targets.get(target_id))
 
     def patch_target(self, target_id: str, body: TargetPatch) -> TargetOut:
-        return target_out(self._registry.patch_target(target_id, target_changes(body)))
+        return target_out(self._registry.targets.patch(target_id, target_changes(body)))
 
     def delete_target(self, target_id: str) -> Deleted:
-        deleted = self._registry.delete_target(target_id)
+        deleted = self._registry.targets.delete(target_id)
         return Deleted(id=deleted.id, revision=deleted.revision)
 
     def get_job(self, job_id: str) -> JobOut:
-        return job_out(self._registry.get_job(job_id))
+        return job_out(self._registry.jobs.get(job_id))
 
     def summary(self) -> RegistryOut:
         """The registry's counts, and the revision this replica's live snapshot serves."""
-        summary = self._registry.summary()
+        summary = self._registry.targets.summary()
         return RegistryOut(revision=summary.revision, serving_revision=self._snapshots.current.revision,
                            targets=summary.targets, jobs=summary.jobs)
 
     def audit(self, limit: int, since: float | None) -> AuditList:
-        return AuditList(data=[AuditRecord(**asdict(entry)) for entry in self._registry.list_audit(limit, since)])
+        return AuditList(data=[AuditRecord(**asdict(entry)) for entry in self._registry.audit.recent(limit, since)])
 
     async def score(self, body: ScoreRequest) -> ScoreResponse:
         scored = await self._scoring.score([ChatTurn(m.role, m.content) for m in body.messages], body.continuations)

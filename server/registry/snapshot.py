@@ -17,7 +17,7 @@ from typing import Any
 
 from guards.base import TargetEntry
 from server.registry.records import TargetRecord
-from server.registry.store import RegistryStore
+from server.registry.targets import TargetStore
 
 logger = logging.getLogger(__name__)
 
@@ -44,9 +44,9 @@ class RegistrySnapshot:
 
 
 class SnapshotHolder:
-    def __init__(self, store: RegistryStore, artifact_path: Callable[[str], Path], bank_factory: BankFactory,
+    def __init__(self, targets: TargetStore, artifact_path: Callable[[str], Path], bank_factory: BankFactory,
                  poll_s: float, ood_factory: BankFactory | None = None) -> None:
-        self._store = store
+        self._targets = targets
         self._artifact_path = artifact_path
         self._bank_factory = bank_factory
         self._ood_factory = ood_factory
@@ -57,7 +57,7 @@ class SnapshotHolder:
 
     def load(self) -> RegistrySnapshot:
         """Read the registry and build a snapshot (blocking: call from a thread)."""
-        revision, records = self._store.snapshot_rows()
+        revision, records = self._targets.snapshot_rows()
         targets = {record.id: record for record in records}
         artifacts = {record.id: self._artifact_path(record.classifier["artifact"]) for record in records}
         bank = self._bank_factory(artifacts) if artifacts else None
@@ -84,7 +84,7 @@ class SnapshotHolder:
 
     def refresh(self, force: bool = False) -> bool:
         """Swap in a new snapshot if the revision moved (or ``force``); True if it did (blocking)."""
-        if not force and self._store.revision() == self.current.revision:
+        if not force and self._targets.revision() == self.current.revision:
             return False
         snapshot = self.load()
         if force or snapshot.revision != self.current.revision:
