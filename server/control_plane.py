@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 def mechanism_catalog(settings: Settings) -> MechanismCatalog:
     return MechanismCatalog(frozenset(IMPLEMENTED_MECHANISMS), preparation_jobs, JOB_MECHANISM,
-                            rank_budget(settings.max_lora_rank))
+                            rank_budget(settings.max_lora_rank), classifier_fitted_gates=frozenset({"o3"}))
 
 
 class LazyEmbedder:

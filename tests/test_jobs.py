@@ -14,7 +14,7 @@ from server.admin.serving import new_target
 from server.artifacts import ArtifactStore
 from server.jobs import JobContext, JobWorker
 from server.registry import Registry
-from server.registry.catalog import FIT_CLASSIFIER
+from server.registry.catalog import FIT_CLASSIFIER, MechanismCatalog
 from server.registry.database import make_engine, upgrade_database
 from server.registry.models import JobRow
 from server.registry.snapshot import SnapshotHolder
@@ -27,8 +27,9 @@ def registry(tmp_path: Path) -> Registry:
     return Registry.open(engine)
 
 
-def add_target(registry: Registry, name: str = "t") -> str:
-    body = TargetCreate.model_validate({"name": name, "aliases": ["X"], "forget": [{"text": "x"}]})
+def add_target(registry: Registry, name: str = "t", mechanisms: dict | None = None) -> str:
+    body = TargetCreate.model_validate({"name": name, "aliases": ["X"], "forget": [{"text": "x"}],
+                                        "mechanisms": mechanisms})
     return registry.targets.create(new_target(body, ["eco"])).id
 
 
@@ -130,3 +131,19 @@ def test_snapshot_holder_swaps_when_the_revision_moves(registry: Registry, tmp_p
     assert old.targets == {}  # a request holding the old snapshot keeps seeing it unchanged
     assert not holder.refresh()  # nothing changed: no rebuild
     assert len(built) == 1
+
+
+def test_the_snapshot_stacks_classifier_fitted_gates_only_for_targets_that_enable_one(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'gates.db'}")
+    upgrade_database(engine)
+    registry = Registry.open(engine, MechanismCatalog(classifier_fitted_gates=frozenset({"o3"})))
+    artifacts = ArtifactStore(tmp_path / "artifacts")
+    gated = add_target(registry, "gated", {"o3": {}, "eco": {}})
+    add_target(registry, "plain", {"eco": {}})
+    worker = JobWorker(registry, artifacts, {FIT_CLASSIFIER: writing_handler})
+    while worker.run_once():
+        pass
+    holder = SnapshotHolder(registry.targets, artifacts.path, lambda dirs: sorted(dirs), poll_s=0.1,
+                            ood_factory=lambda dirs: sorted(dirs))
+    holder.refresh()
+    assert len(holder.current.bank) == 2 and holder.current.ood == [gated]

@@ -180,6 +180,17 @@ def test_a_mechanisms_only_patch_redoes_only_the_jobs_of_changed_mechanisms(regi
         TargetPatch.model_validate({"mechanisms": {}})
 
 
+def test_switching_a_classifier_fitted_gate_refits_the_classifier(registry: Registry) -> None:
+    registry = Registry.open(registry.database.engine, MechanismCatalog(
+        frozenset({"eco", "guard", "o3"}), classifier_fitted_gates=frozenset({"o3"})))
+    created = registry.targets.create(target(mechanisms={"eco": {}}))
+    registry.jobs.complete(registry.jobs.claim("w1", [FIT_CLASSIFIER]).id, {"status": "ready", "artifact": "a" * 64})
+    patched = registry.targets.patch(created.id, changes(mechanisms={"eco": {}, "guard": {}}))
+    assert [job.kind for job in patched.jobs if job.status == "queued"] == []
+    patched = registry.targets.patch(created.id, changes(mechanisms={"eco": {}, "o3": {}}))
+    assert [job.kind for job in patched.jobs if job.status == "queued"] == [FIT_CLASSIFIER]
+
+
 def test_failed_job_is_retried_then_fails_the_target(registry: Registry) -> None:
     created = registry.targets.create(target())
     for attempt in (1, 2, 3):

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 FIT_CLASSIFIER = "fit_classifier"
-CLASSIFIER_GATED = frozenset({"o3"})  # mechanisms whose gate is fitted with the classifier (see classifier_jobs.py)
 
 
 @dataclass(frozen=True)
@@ -22,6 +21,9 @@ class MechanismCatalog:
     # (a target's enabled mechanisms, every other target's) -> why the registry cannot take it, or None
     admit: Callable[[Mapping[str, Any], Sequence[Mapping[str, Any]]], str | None] = field(
         default=lambda mechanisms, others: None)
+    # Mechanisms whose gate the classifier job fits into the classifier artifact (O3's OOD detector): switching one on
+    # or off refits the classifier, and the live snapshot stacks those gates for the targets that enable one.
+    classifier_fitted_gates: frozenset[str] = frozenset()
 
     def preparation_kinds(self, mechanisms: Mapping[str, Any]) -> list[str]:
         """The classifier fit plus every job the target's mechanisms need (SPEC §4: ECO/GUARD serve meanwhile)."""
@@ -33,9 +35,10 @@ class MechanismCatalog:
 
     def changed_mechanism_kinds(self, before: Mapping[str, Any], after: Mapping[str, Any]) -> list[str]:
         """Jobs a mechanisms-only patch needs: those of new or re-optioned mechanisms, and a classifier refit when
-        a mechanism whose gate lives in the classifier artifact (O3's OOD detector) is switched on or off."""
+        a mechanism whose gate lives in the classifier artifact is switched on or off."""
         kinds = []
-        if CLASSIFIER_GATED & set(before) != CLASSIFIER_GATED & set(after):
+        gates = self.classifier_fitted_gates
+        if gates & set(before) != gates & set(after):
             kinds.append(FIT_CLASSIFIER)
         for name, entry in after.items():
             if name in self.implemented and before.get(name, {}).get("options") != entry["options"]:

@@ -21,8 +21,6 @@ from server.registry.targets import TargetStore
 
 logger = logging.getLogger(__name__)
 
-OOD_MECHANISM = "o3"  # the mechanism whose gate is the OOD detector fitted with the classifier
-
 BankFactory = Callable[[dict[str, Path]], Any]
 """Builds a detector bank from {target_id: classifier artifact dir} (only called with at least one target)."""
 Sharer = Callable[[list[TargetEntry]], Any]
@@ -61,7 +59,8 @@ class SnapshotHolder:
         targets = {record.id: record for record in records}
         artifacts = {record.id: self._artifact_path(record.classifier["artifact"]) for record in records}
         bank = self._bank_factory(artifacts) if artifacts else None
-        gated = {tid: path for tid, path in artifacts.items() if OOD_MECHANISM in targets[tid].mechanisms}
+        gates = self._targets.catalog.classifier_fitted_gates
+        gated = {tid: path for tid, path in artifacts.items() if not gates.isdisjoint(targets[tid].mechanisms)}
         ood = self._ood_factory(gated) if gated and self._ood_factory is not None else None
         return RegistrySnapshot(revision=revision, targets=targets, bank=bank, ood=ood, shared=self._share(records))
 
