@@ -44,9 +44,11 @@ from classifiers.negatives import builtin_negative_pool  # noqa: E402
 from demo.tofu_data import authors_of, demo_authors  # noqa: E402
 from evals.fluency import median_known_word_share  # noqa: E402
 from guards.text_metrics import rouge_l_recall  # noqa: E402
-from server.admin_protocol import TargetCreate  # noqa: E402
+from server.admin.protocol import TargetCreate  # noqa: E402
+from server.admin.serving import new_target  # noqa: E402
 from server.classifier_jobs import _load_prompt_artifact  # noqa: E402
 from server.planner import ChatTurn, EnginePlan, RenderedPrompt  # noqa: E402
+from server.registry.records import NewTarget  # noqa: E402
 from server.registry.snapshot import RegistrySnapshot  # noqa: E402
 from server.runtime import Runtime  # noqa: E402
 
@@ -61,22 +63,22 @@ LATENCY_SAMPLE = 10
 SYNTHETIC_TARGETS = 100
 
 
-def target_body(author, retain_authors, mechanisms: tuple[str, ...] = ALL_FOUR) -> TargetCreate:
-    return TargetCreate.model_validate({
+def target_body(author, retain_authors, mechanisms: tuple[str, ...] = ALL_FOUR) -> NewTarget:
+    return new_target(TargetCreate.model_validate({
         "name": author.name, "aliases": [author.name],
         "forget": [{"question": i.question, "answer": i.answer} for i in author.items],
         "retain": [{"question": i.question, "answer": i.answer} for a in retain_authors for i in a.items],
         "mechanisms": {name: {} for name in mechanisms},
-    })
+    }), default_mechanisms=())
 
 
 async def wait_until_served(runtime: Runtime, target_ids: list[str]) -> None:
-    store, snapshots = runtime.control.store, runtime.control.snapshots
+    targets, snapshots = runtime.control.store.targets, runtime.control.snapshots
     while True:
-        statuses = [store.get_target(tid).status for tid in target_ids]
+        statuses = [targets.get(tid).status for tid in target_ids]
         if "failed" in statuses:
             raise RuntimeError(f"target preparation failed: {statuses}")
-        if all(s == "active" for s in statuses) and snapshots.current.revision == store.revision():
+        if all(s == "active" for s in statuses) and snapshots.current.revision == targets.revision():
             return
         await asyncio.sleep(1)
 
@@ -175,12 +177,12 @@ async def measure(runtime: Runtime, rounds: int, model: str) -> dict:
     forget = authors_of("forget01")
     retain_authors = [a for a in demo_authors() if a.index in (0, 1, 2)]
     started = time.perf_counter()
-    ids = [runtime.control.store.create_target(target_body(a, retain_authors)).id for a in forget]
+    ids = [runtime.control.store.targets.create(target_body(a, retain_authors)).id for a in forget]
     await wait_until_served(runtime, ids)
     preparation_s = time.perf_counter() - started
     job_seconds: dict[str, list[float]] = {}
     for target_id in ids:
-        for job in runtime.control.store.get_target(target_id).jobs:
+        for job in runtime.control.store.targets.get(target_id).jobs:
             if job.status == "succeeded" and job.started_at and job.finished_at:
                 job_seconds.setdefault(job.kind, []).append(round((job.finished_at - job.started_at).total_seconds(), 1))
     holder = runtime.control.snapshots
@@ -226,7 +228,7 @@ async def measure(runtime: Runtime, rounds: int, model: str) -> dict:
         "model": model, "rounds": rounds, "max_tokens": MAX_TOKENS, "concurrency": CONCURRENCY,
         "preparation_seconds": round(preparation_s, 1),
         "job_seconds": job_seconds,
-        "eco_state": [{key: runtime.control.store.get_target(t).mechanisms["eco"].state.get(key)
+        "eco_state": [{key: runtime.control.store.targets.get(t).mechanisms["eco"].state.get(key)
                        for key in ("sigma", "scope", "goal", "reached_goal")} for t in ids],
         "quality": qualities,
         "flagged_cost_ratio": {name: round(ratio("unprotected", name), 3) for name in VARIANTS},

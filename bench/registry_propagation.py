@@ -19,11 +19,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from server.admin_protocol import TargetCreate
+from server.admin.protocol import TargetCreate
+from server.admin.serving import new_target
 from server.config import Settings
+from server.registry import Registry
 from server.registry.database import make_engine, upgrade_database
 from server.registry.snapshot import SnapshotHolder
-from server.registry.store import RegistryStore
 
 RESULTS = Path(__file__).parent / "results" / "registry_propagation.json"
 
@@ -31,8 +32,8 @@ RESULTS = Path(__file__).parent / "results" / "registry_propagation.json"
 async def measure(url: str, changes: int, poll_s: float) -> list[float]:
     engine = make_engine(url)
     upgrade_database(engine)
-    writer = RegistryStore(engine, ["eco"])
-    reader = RegistryStore(make_engine(url), ["eco"])
+    writer = Registry.open(engine).targets
+    reader = Registry.open(make_engine(url)).targets
     swapped: dict[int, float] = {}
     holder = SnapshotHolder(reader, Path, lambda _: None, poll_s)
     holder.on_swap.append(lambda snapshot: swapped.setdefault(snapshot.revision, time.perf_counter()))
@@ -41,9 +42,9 @@ async def measure(url: str, changes: int, poll_s: float) -> list[float]:
     try:
         for i in range(changes):
             await asyncio.sleep(random.uniform(0, poll_s))  # changes arrive at arbitrary phases of the poll
-            body = TargetCreate.model_validate({"name": f"bench-{time.time_ns()}-{i}", "aliases": ["Bench"],
-                                                "forget": [{"text": "x"}]})
-            created = await asyncio.to_thread(writer.create_target, body)
+            body = new_target(TargetCreate.model_validate({"name": f"bench-{time.time_ns()}-{i}", "aliases": ["Bench"],
+                                                           "forget": [{"text": "x"}]}), ["eco"])
+            created = await asyncio.to_thread(writer.create, body)
             committed = time.perf_counter()
             while not any(revision >= created.revision for revision in swapped):
                 await asyncio.sleep(0.005)

@@ -6,7 +6,8 @@ needs without being named anywhere else:
 - ``options``: the pydantic model of its registration options (the admin API's ``mechanisms`` field is built from them);
 - ``jobs``: the registration-time jobs it can run, each with what a worker needs to run it;
 - ``prepare``/``ready``: which of those jobs a registration needs, and whether what they published is enough to serve;
-- ``gate``/``gate_detector``: which detector's hit makes it apply, and its own detector if it brings one (O3's OOD gate);
+- ``gate``/``gate_detector``: which detector's hit makes it apply, and its own detector if it brings one (O3's OOD
+  gate);
 - ``admit``: a registration-time admission check (O3's rank budget);
 - ``serving``: its per-replica half, which ``share``s resources per registry snapshot and ``plan``s each request;
 - ``row_hooks``: its decoding-time half, run per batch row by the one logits processor (``guards/processor.py``).
@@ -34,7 +35,7 @@ from classifiers.types import CLASSIFIER_GATE, AliasSpan, ForgetItem, TargetSpec
 
 @dataclass(frozen=True)
 class PromptView:
-    """A rendered prompt as mechanisms see it: token ids, the text they were encoded from, and the conversation turns."""
+    """A rendered prompt as mechanisms see it: token ids, the text they were encoded from, the conversation turns."""
 
     token_ids: Sequence[int]
     text: str

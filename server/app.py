@@ -14,16 +14,18 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server import admin_api, openai_api
+from server.admin import router as admin_router
+from server.admin.serving import AdminServing
 from server.body_limit import BodyLimitMiddleware
 from server.config import Settings
 from server.engine import Engine
 from server.errors import InvalidRequest, LetheError, NotFound
 from server.metrics import Metrics
-from server.openai_api import ClientDisconnected
-from server.protocol import ErrorBody, ErrorResponse
+from server.openai import router as openai_router
+from server.openai.protocol import ErrorBody, ErrorResponse
+from server.openai.router import ClientDisconnected
+from server.openai.serving import OpenAIServing
 from server.runtime import Runtime
-from server.serving import OpenAIServing
 
 logger = logging.getLogger(__name__)
 
@@ -88,10 +90,10 @@ def create_app(
         runtime = await Runtime.start(settings, model_path, served_model_name, metrics)
         engine = runtime.engine
         app.state.registry = runtime.control.store
-        app.state.snapshots = runtime.control.snapshots
         app.state.engine = engine
         app.state.serving = OpenAIServing(runtime.pipeline, engine.info)
-        app.state.scoring = runtime.scoring
+        app.state.admin = AdminServing(runtime.control.store, settings.default_mechanisms, runtime.control.snapshots,
+                                       runtime.scoring)
         metrics.engine_up.set(1)
 
         def on_engine_death() -> None:
@@ -113,8 +115,8 @@ def create_app(
     app.state.metrics = metrics
     app.state.exit_code = 0
     install_error_handlers(app)
-    app.include_router(openai_api.router)
-    app.include_router(admin_api.router)
+    app.include_router(openai_router.router)
+    app.include_router(admin_router.router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
 
     @app.middleware("http")
@@ -148,7 +150,7 @@ def create_app(
         metrics.engine_unfinished.set(engine.unfinished_requests if alive else 0)
         registry = getattr(request.app.state, "registry", None)
         if registry is not None:
-            summary = await asyncio.to_thread(registry.summary)
+            summary = await asyncio.to_thread(registry.targets.summary)
             for status, count in summary.jobs.items():
                 metrics.jobs.labels(status).set(count)
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")

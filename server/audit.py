@@ -10,8 +10,8 @@ import asyncio
 import logging
 import time
 
-from server.admin_protocol import AuditRecord
-from server.registry.store import RegistryStore
+from server.registry.audit_log import AuditLog
+from server.registry.records import AuditEntry
 
 logger = logging.getLogger(__name__)
 
@@ -20,19 +20,19 @@ PRUNE_INTERVAL_S = 3600.0
 
 
 class AuditWriter:
-    def __init__(self, store: RegistryStore, retention_days: float) -> None:
-        self._store = store
+    def __init__(self, log: AuditLog, retention_days: float) -> None:
+        self._log = log
         self._retention_s = retention_days * 86400
-        self._pending: list[AuditRecord] = []
+        self._pending: list[AuditEntry] = []
 
-    def record(self, record: AuditRecord) -> None:
+    def record(self, record: AuditEntry) -> None:
         self._pending.append(record)
 
     async def flush(self) -> None:
         batch, self._pending = self._pending, []
         if batch:
             try:
-                await asyncio.to_thread(self._store.write_audit, batch)
+                await asyncio.to_thread(self._log.write, batch)
             except Exception:
                 logger.exception("audit.write_failed", extra={"records": len(batch)})
                 self._pending[:0] = batch  # keep them for the next flush rather than lose them
@@ -44,7 +44,7 @@ class AuditWriter:
                 await asyncio.sleep(FLUSH_INTERVAL_S)
                 await self.flush()
                 if time.monotonic() >= next_prune:
-                    removed = await asyncio.to_thread(self._store.prune_audit, time.time() - self._retention_s)
+                    removed = await asyncio.to_thread(self._log.prune, time.time() - self._retention_s)
                     if removed:
                         logger.info("audit.pruned", extra={"records": removed})
                     next_prune = time.monotonic() + PRUNE_INTERVAL_S

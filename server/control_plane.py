@@ -22,15 +22,17 @@ from server.classifier_jobs import bank_factory, fit_classifier_handler, gate_ba
 from server.config import Settings
 from server.jobs import JobWorker
 from server.metrics import Metrics
+from server.registry import Registry
+from server.registry.catalog import FIT_CLASSIFIER, MechanismCatalog
 from server.registry.database import make_engine, upgrade_database
 from server.registry.snapshot import RegistrySnapshot, SnapshotHolder, mechanism_entries
-from server.registry.store import FIT_CLASSIFIER, MechanismCatalog, RegistryStore
 
 logger = logging.getLogger(__name__)
 
 
 def mechanism_catalog(settings: Settings, mechanisms: Sequence[Mechanism] = MECHANISMS) -> MechanismCatalog:
-    """What the registry must know of the mechanisms: names, jobs per registration, admission checks."""
+    """What the registry must know of the mechanisms: names, jobs per registration, admission checks, and which
+    mechanisms bring a gate of their own that the classifier job fits (enabling one refits the classifier)."""
     by_name = {mechanism.name: mechanism for mechanism in mechanisms}
 
     def jobs_for(name: str, options: Mapping[str, Any]) -> list[str]:
@@ -43,7 +45,9 @@ def mechanism_catalog(settings: Settings, mechanisms: Sequence[Mechanism] = MECH
         return None
 
     return MechanismCatalog(frozenset(by_name), jobs_for,
-                            {spec.kind: mechanism.name for mechanism in mechanisms for spec in mechanism.jobs}, admit)
+                            {spec.kind: mechanism.name for mechanism in mechanisms for spec in mechanism.jobs}, admit,
+                            classifier_fitted_gates=frozenset(mechanism.name for mechanism in mechanisms
+                                                              if mechanism.gate_detector is not None))
 
 
 class LazyEmbedder:
@@ -78,10 +82,10 @@ class LazyEmbedder:
         return thread
 
 
-def open_store(settings: Settings) -> RegistryStore:
+def open_store(settings: Settings) -> Registry:
     engine = make_engine(settings.resolved_database_url)
     upgrade_database(engine)
-    return RegistryStore(engine, settings.default_mechanisms, mechanism_catalog(settings))
+    return Registry.open(engine, mechanism_catalog(settings))
 
 
 def mechanism_handlers(resources: JobResources, needs: set[str],
@@ -91,26 +95,26 @@ def mechanism_handlers(resources: JobResources, needs: set[str],
             if spec.needs in needs}
 
 
-def job_resources(settings: Settings, embedder: Callable[[], Embedder], store: RegistryStore,
+def job_resources(settings: Settings, embedder: Callable[[], Embedder], registry: Registry,
                   model_path: Path | None, served: ServedModel | None = None) -> JobResources:
     def registrations(name: str) -> list:
-        return mechanism_entries(store.snapshot_rows()[1], name)
+        return mechanism_entries(registry.targets.snapshot_rows()[1], name)
 
     return JobResources(settings=settings, embedder=embedder, model_path=model_path, served=served,
                         registrations=registrations)
 
 
-def offline_handlers(settings: Settings, embedder: Callable[[], Embedder], store: RegistryStore,
+def offline_handlers(settings: Settings, embedder: Callable[[], Embedder], registry: Registry,
                      model_path: Path | None) -> dict[str, JobHandler]:
     """The jobs a worker can run without the engine: the embedder's, and training if it has the model's files."""
     handlers = {FIT_CLASSIFIER: fit_classifier_handler(embedder, settings.classifier_recall, MECHANISMS,
                                                        settings.classifier_max_fpr)}
     needs = {ANY_WORKER} | ({MODEL_FILES} if model_path is not None else set())
-    handlers.update(mechanism_handlers(job_resources(settings, embedder, store, model_path), needs))
+    handlers.update(mechanism_handlers(job_resources(settings, embedder, registry, model_path), needs))
     return handlers
 
 
-def make_worker(settings: Settings, store: RegistryStore, handlers: dict[str, JobHandler]) -> JobWorker:
+def make_worker(settings: Settings, store: Registry, handlers: dict[str, JobHandler]) -> JobWorker:
     artifacts = ArtifactStore(settings.resolved_artifacts_dir)
     return JobWorker(store, artifacts, handlers, stale_after_s=settings.job_stale_after_s)
 
@@ -119,7 +123,7 @@ def make_worker(settings: Settings, store: RegistryStore, handlers: dict[str, Jo
 class ControlPlane:
     settings: Settings
     metrics: Metrics
-    store: RegistryStore
+    store: Registry
     snapshots: SnapshotHolder
     audit: AuditWriter
     artifacts: ArtifactStore
@@ -132,10 +136,10 @@ class ControlPlane:
         store = open_store(settings)
         embedder = LazyEmbedder(settings.embedding_model)
         artifacts = ArtifactStore(settings.resolved_artifacts_dir)
-        snapshots = SnapshotHolder(store, artifacts.path, bank_factory(embedder), settings.registry_poll_s,
+        snapshots = SnapshotHolder(store.targets, artifacts.path, bank_factory(embedder), settings.registry_poll_s,
                                    gate_bank_factory(embedder, MECHANISMS))
-        return cls(settings, metrics, store, snapshots, AuditWriter(store, settings.audit_retention_days), artifacts,
-                   embedder)
+        return cls(settings, metrics, store, snapshots, AuditWriter(store.audit, settings.audit_retention_days),
+                   artifacts, embedder)
 
     async def start(self) -> None:
         self.snapshots.on_swap.append(self._on_swap)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from http import HTTPStatus
 
-from server.protocol import ErrorBody, ErrorResponse
+from server.openai.protocol import ErrorBody, ErrorResponse
 
 
 class LetheError(Exception):

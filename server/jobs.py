@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from guards.base import JobHandler
 from server.artifacts import ArtifactStore
 from server.errors import NotFound
-from server.registry.store import ClaimedJob, RegistryStore
-from server.registry.views import TargetRecord
+from server.registry import Registry
+from server.registry.records import ClaimedJob, TargetRecord
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def default_worker_id() -> str:
 class JobWorker:
     def __init__(
         self,
-        store: RegistryStore,
+        registry: Registry,
         artifacts: ArtifactStore,
         handlers: dict[str, JobHandler],
         *,
@@ -68,7 +68,8 @@ class JobWorker:
         heartbeat_s: float = 5.0,
         stale_after_s: float = 60.0,
     ) -> None:
-        self._store = store
+        self._jobs = registry.jobs
+        self._targets = registry.targets
         self._artifacts = artifacts
         self._handlers = handlers
         self.worker_id = worker_id or default_worker_id()
@@ -95,7 +96,7 @@ class JobWorker:
         while not self._stop.is_set():
             try:
                 if time.monotonic() >= next_recovery:
-                    self._store.recover_stale_jobs(self._stale_after_s)
+                    self._jobs.recover_stale(self._stale_after_s)
                     next_recovery = time.monotonic() + self._stale_after_s / 4
                 if not self.run_once():
                     self._stop.wait(self._poll_s)
@@ -107,21 +108,21 @@ class JobWorker:
 
     def run_once(self) -> bool:
         """Claim and run one job; False if there was none."""
-        job = self._store.claim_job(self.worker_id, list(self._handlers))
+        job = self._jobs.claim(self.worker_id, list(self._handlers))
         if job is None:
             return False
         started = time.perf_counter()
         logger.info("job.started", extra={"job_id": job.id, "kind": job.kind, "attempt": job.attempts})
         try:
-            target = self._store.target_record(job.target_id) if job.target_id else None
+            target = self._targets.record(job.target_id) if job.target_id else None
         except NotFound:
             target = None
         if target is None:  # deleted between being queued and being claimed
-            self._store.cancel_job(job.id, "target deleted")
+            self._jobs.cancel(job.id, "target deleted")
             logger.info("job.cancelled", extra={"job_id": job.id, "reason": "target deleted"})
             return True
         context = JobContext(job=job, target=target, artifacts=self._artifacts,
-                             _report=lambda fraction, message: self._store.report_progress(job.id, fraction, message))
+                             _report=lambda fraction, message: self._jobs.report_progress(job.id, fraction, message))
         heartbeat_stop = threading.Event()
         heartbeat = threading.Thread(target=self._heartbeat, args=(context, heartbeat_stop), daemon=True)
         heartbeat.start()
@@ -131,9 +132,9 @@ class JobWorker:
             logger.info("job.cancelled", extra={"job_id": job.id})
         except Exception as exc:
             logger.exception("job.failed", extra={"job_id": job.id, "kind": job.kind})
-            self._store.fail_job(job.id, f"{type(exc).__name__}: {exc}")
+            self._jobs.fail(job.id, f"{type(exc).__name__}: {exc}")
         else:
-            self._store.complete_job(job.id, result)
+            self._jobs.complete(job.id, result)
             logger.info("job.succeeded", extra={"job_id": job.id, "seconds": round(time.perf_counter() - started, 2)})
         finally:
             heartbeat_stop.set()
@@ -142,4 +143,4 @@ class JobWorker:
 
     def _heartbeat(self, context: JobContext, stop: threading.Event) -> None:
         while not stop.wait(self._heartbeat_s):
-            self._store.report_progress(context.job.id, *context.last)
+            self._jobs.report_progress(context.job.id, *context.last)

@@ -4,10 +4,10 @@
     -> plan (each hit target's mechanisms contribute, in their fixed order) -> engine.generate -> choice events
     -> finish (metrics, audit record)
 
-Plain async Python with no HTTP in it: the OpenAI layer (``server/serving.py``) turns ``ChoiceEvent``s into responses
-or SSE chunks, so streaming and non-streaming share one generation path. With no forget target hit, the plan is the
-plain vLLM input (token ids, no extra_args, no LoRA), which keeps unflagged traffic token-identical to plain vLLM; with
-no target registered at all, classification is skipped and costs nothing.
+Plain async Python with no HTTP in it: the OpenAI layer (``server/openai/serving.py``) turns ``ChoiceEvent``s into
+responses or SSE chunks, so streaming and non-streaming share one generation path. With no forget target hit, the
+plan is the plain vLLM input (token ids, no extra_args, no LoRA), which keeps unflagged traffic token-identical to
+plain vLLM; with no target registered at all, classification is skipped and costs nothing.
 
 Planning happens in ``start``, before any byte of the response exists, and fails closed: a prompt that hit a target
 is refused (``GuardFailed``, 503) when no mechanism of that target can be applied or one raises; it is never served
@@ -27,7 +27,6 @@ from jinja2 import TemplateError
 
 from classifiers.types import Hit
 from guards.base import Mechanism, MechanismServing
-from server.admin_protocol import AuditRecord
 from server.audit import AuditWriter
 from server.classification import ClassificationBatcher
 from server.engine import Engine
@@ -36,6 +35,7 @@ from server.planner import (  # noqa: F401  (ChatTurn, RenderedPrompt: part of t
     NO_TARGETS, ChatTurn, Classification, EnginePlan, Planner, RenderedPrompt)
 from server.metrics import Metrics
 from server.prompt_embeds import EmbeddingTable
+from server.registry.records import AuditEntry
 from server.registry.snapshot import RegistrySnapshot, SnapshotHolder
 
 logger = logging.getLogger(__name__)
@@ -263,9 +263,9 @@ class Pipeline:
                 for target_id, score in classification.scores.items():
                     scores[target_id] = max(score, scores.get(target_id, 0.0))
             prompt_text = "\n".join(p.text for p in run.prompts) if self._audit_prompts else None
-            self._audit.record(AuditRecord(request_id=run.request_id, created=run.created, endpoint=run.endpoint,
-                                           targets=targets, mechanisms=list(run.mechanisms), scores=scores, outcome=outcome,
-                                           prompt=prompt_text))
+            self._audit.record(AuditEntry(request_id=run.request_id, created=run.created, endpoint=run.endpoint,
+                                          targets=targets, mechanisms=list(run.mechanisms), scores=scores,
+                                          outcome=outcome, prompt=prompt_text))
 
     async def events(self, run: Run, params: Any) -> AsyncIterator[ChoiceEvent]:
         """All choices' events, interleaved as the engine produces them; ends when every choice has finished."""

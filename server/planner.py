@@ -3,8 +3,9 @@
 Each mechanism has a gate (``Mechanism.gate``): the prompt classifier, a detector of the mechanism's own (O3's OOD
 gate), or every request (ULD's ``gate: always``). For every target whose gate for one of its mechanisms opened, each
 such ready mechanism contributes its part, in the fixed mechanism order (``guards/mechanisms.py``). Planning fails
-closed: a target whose gate opened but none of whose gated mechanisms could be applied (none ready yet, or one raised) makes the request fail with ``GuardFailed`` (503); it is never served
-unguarded. A prompt no gate opened for gets the plain vLLM input (token ids, no extra_args, no LoRA).
+closed: a target whose gate opened but none of whose gated mechanisms could be applied (none ready yet, or one raised)
+makes the request fail with ``GuardFailed`` (503); it is never served unguarded. A prompt no gate opened for gets the
+plain vLLM input (token ids, no extra_args, no LoRA).
 """
 
 from __future__ import annotations

@@ -32,7 +32,6 @@ from typing import Any
 import torch
 
 from guards.processor import EXTRA_ARGS_KEY, RowHookError, build_row_hooks, row_hook_resources
-from server.admin_protocol import ContinuationScoreOut, ScoreRequest, ScoreResponse
 from server.errors import GuardFailed
 from server.pipeline import Pipeline
 from server.planner import ChatTurn, EnginePlan
@@ -58,6 +57,21 @@ class ContinuationScore:
     def mean_loss(self) -> float:
         """Length-normalised negative log-likelihood: TOFU's per-answer loss."""
         return -self.logprob / max(1, len(self.token_logprobs))
+
+
+@dataclass(frozen=True)
+class ScoredContinuation:
+    tokens: list[str]  # each token's text, as OpenAI logprobs show it
+    score: ContinuationScore
+
+
+@dataclass(frozen=True)
+class ScoredPrompt:
+    """One scoring run: the targets the prompt hit, the mechanisms applied (in guard order), each continuation."""
+
+    targets: list[str]
+    mechanisms: list[str]
+    continuations: list[ScoredContinuation]
 
 
 class GuardedScorer:
@@ -158,34 +172,33 @@ class ScoringService:
         self._scorer = scorer
         self._tokenizer = tokenizer
 
-    async def score(self, request: ScoreRequest) -> ScoreResponse:
-        prompt = self._pipeline.render_chat([ChatTurn(m.role, m.content) for m in request.messages])
-        continuations = [self._token_ids(continuation) for continuation in request.continuations]
-        self._pipeline.check_budget([prompt], max(len(ids) for ids in continuations), "continuations")
+    async def score(self, messages: Sequence[ChatTurn],
+                    continuations: Sequence[str | Sequence[int]]) -> ScoredPrompt:
+        """Score each continuation (text, or the token ids a reply was generated as) after the chat ``messages``."""
+        prompt = self._pipeline.render_chat(messages)
+        token_ids = [self._token_ids(continuation) for continuation in continuations]
+        self._pipeline.check_budget([prompt], max(len(ids) for ids in token_ids), "continuations")
         run = await self._pipeline.start(f"score-{uuid.uuid4().hex}", "score", [prompt], 1)
         plan = run.plans[0]
         outcome = "error"
         try:
             scores = []
-            for index, ids in enumerate(continuations):
+            for ids in token_ids:
                 try:
                     result = await asyncio.to_thread(self._scorer.score, plan, ids)
                 except RowHookError as exc:
                     logger.exception("scoring.guard_failed", extra={"request_id": run.request_id})
                     raise GuardFailed() from exc
-                tokens = [self._tokenizer.decode([token]) for token in ids]
-                scores.append(ContinuationScoreOut(index=index, tokens=tokens, logprob=result.logprob,
-                                                   mean_loss=result.mean_loss,
-                                                   token_logprobs=list(result.token_logprobs)))
+                scores.append(ScoredContinuation([self._tokenizer.decode([token]) for token in ids], result))
             outcome = "served"
         except GuardFailed:
             outcome = "guard_failed"
             raise
         finally:
             self._pipeline.finish(run, outcome)
-        return ScoreResponse(targets=run.hit_target_ids, mechanisms=list(run.mechanisms), scores=scores)
+        return ScoredPrompt(targets=run.hit_target_ids, mechanisms=list(run.mechanisms), continuations=scores)
 
-    def _token_ids(self, continuation: str | list[int]) -> list[int]:
+    def _token_ids(self, continuation: str | Sequence[int]) -> list[int]:
         if isinstance(continuation, str):
             return list(self._tokenizer.encode(continuation, add_special_tokens=False))
         self._pipeline.check_token_ids(continuation, "continuations")

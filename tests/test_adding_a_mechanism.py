@@ -15,12 +15,12 @@ from vllm.v1.sample.logits_processor import BatchUpdate
 from classifiers.types import Hit
 from guards import processor as processor_module
 from guards.mechanisms import MECHANISMS
-from server.admin_protocol import mechanisms_model
+from server.admin.protocol import mechanisms_model
 from server.control_plane import mechanism_catalog
 from server.metrics import Metrics
 from server.planner import Classification, Planner, RenderedPrompt
 from server.registry.snapshot import RegistrySnapshot
-from server.registry.views import TargetRecord
+from server.registry.records import TargetRecord
 from tests.example_mechanism import SILENCE
 
 WITH_SILENCE = (*MECHANISMS, SILENCE)

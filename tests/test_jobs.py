@@ -5,29 +5,34 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
-
-from server.admin_protocol import TargetCreate
-from server.artifacts import ArtifactStore
-from server.jobs import JobContext, JobWorker
-from server.registry.database import make_engine, upgrade_database
-from server.registry.snapshot import SnapshotHolder
 from sqlalchemy import update
 
+from server.admin.protocol import TargetCreate
+from server.admin.serving import new_target
+from server.artifacts import ArtifactStore
+from server.classifier_jobs import gate_bank_factory
+from server.jobs import JobContext, JobWorker
+from server.registry import Registry
+from server.registry.catalog import FIT_CLASSIFIER, MechanismCatalog
+from server.registry.database import make_engine, upgrade_database
 from server.registry.models import JobRow
-from server.registry.store import FIT_CLASSIFIER, RegistryStore
+from server.registry.snapshot import SnapshotHolder
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> RegistryStore:
+def registry(tmp_path: Path) -> Registry:
     engine = make_engine(f"sqlite:///{tmp_path / 'r.db'}")
     upgrade_database(engine)
-    return RegistryStore(engine, ["eco"])
+    return Registry.open(engine)
 
 
-def add_target(store: RegistryStore, name: str = "t") -> str:
-    return store.create_target(TargetCreate.model_validate({"name": name, "aliases": ["X"], "forget": [{"text": "x"}]})).id
+def add_target(registry: Registry, name: str = "t", mechanisms: dict | None = None) -> str:
+    body = TargetCreate.model_validate({"name": name, "aliases": ["X"], "forget": [{"text": "x"}],
+                                        "mechanisms": mechanisms})
+    return registry.targets.create(new_target(body, ["eco"])).id
 
 
 def writing_handler(context: JobContext) -> dict:
@@ -37,14 +42,14 @@ def writing_handler(context: JobContext) -> dict:
     return {"status": "ready", "artifact": context.artifacts.commit(staging), "threshold": 0.5}
 
 
-def test_worker_runs_a_job_and_publishes_a_content_addressed_artifact(store: RegistryStore, tmp_path: Path) -> None:
+def test_worker_runs_a_job_and_publishes_a_content_addressed_artifact(registry: Registry, tmp_path: Path) -> None:
     artifacts = ArtifactStore(tmp_path / "artifacts")
-    target_id = add_target(store)
-    worker = JobWorker(store, artifacts, {FIT_CLASSIFIER: writing_handler})
+    target_id = add_target(registry)
+    worker = JobWorker(registry, artifacts, {FIT_CLASSIFIER: writing_handler})
     assert worker.run_once() and not worker.run_once()
-    shown = store.get_target(target_id)
+    shown = registry.targets.get(target_id)
     assert shown.status == "active" and shown.jobs[0].status == "succeeded"
-    revision, records = store.snapshot_rows()
+    revision, records = registry.targets.snapshot_rows()
     digest = records[0].classifier["artifact"]
     assert (artifacts.path(digest) / "weights.txt").read_text() == "t"
 
@@ -60,21 +65,21 @@ def test_identical_artifacts_share_one_address(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == [digests[0]]
 
 
-def test_a_raising_handler_is_retried_then_failed(store: RegistryStore, tmp_path: Path) -> None:
-    target_id = add_target(store)
+def test_a_raising_handler_is_retried_then_failed(registry: Registry, tmp_path: Path) -> None:
+    target_id = add_target(registry)
 
     def broken(_: JobContext) -> dict:
         raise RuntimeError("out of memory")
 
-    worker = JobWorker(store, ArtifactStore(tmp_path), {FIT_CLASSIFIER: broken})
+    worker = JobWorker(registry, ArtifactStore(tmp_path), {FIT_CLASSIFIER: broken})
     while worker.run_once():
         pass
-    job = store.get_target(target_id).jobs[0]
+    job = registry.targets.get(target_id).jobs[0]
     assert job.status == "failed" and job.attempts == 3 and "out of memory" in job.error
 
 
-def test_deleting_a_target_stops_its_running_job(store: RegistryStore, tmp_path: Path) -> None:
-    target_id = add_target(store)
+def test_deleting_a_target_stops_its_running_job(registry: Registry, tmp_path: Path) -> None:
+    target_id = add_target(registry)
     started, finished = threading.Event(), threading.Event()
     outcome: list[str] = []
 
@@ -91,39 +96,76 @@ def test_deleting_a_target_stops_its_running_job(store: RegistryStore, tmp_path:
             finished.set()
         return {"status": "ready", "artifact": "0" * 64}
 
-    worker = JobWorker(store, ArtifactStore(tmp_path), {FIT_CLASSIFIER: slow})
+    worker = JobWorker(registry, ArtifactStore(tmp_path), {FIT_CLASSIFIER: slow})
     thread = threading.Thread(target=worker.run_once)
     thread.start()
     assert started.wait(10)
-    store.delete_target(target_id)
+    registry.targets.delete(target_id)
     assert finished.wait(10)
     thread.join()
     assert outcome == ["JobCancelled"]
 
 
-def test_a_job_whose_target_was_deleted_is_cancelled_not_failed(store: RegistryStore, tmp_path: Path) -> None:
-    target_id = add_target(store)
-    job_id = store.get_target(target_id).jobs[0].id
-    claimed = store.claim_job("w1", [FIT_CLASSIFIER])
-    store.delete_target(target_id)
-    with store._sessions.begin() as session:  # as if the delete raced the claim: the job is still running
+def test_a_job_whose_target_was_deleted_is_cancelled_not_failed(registry: Registry, tmp_path: Path) -> None:
+    target_id = add_target(registry)
+    job_id = registry.targets.get(target_id).jobs[0].id
+    claimed = registry.jobs.claim("w1", [FIT_CLASSIFIER])
+    registry.targets.delete(target_id)
+    with registry.database.transaction() as session:  # as if the delete raced the claim: the job is still running
         session.execute(update(JobRow).where(JobRow.id == job_id).values(status="queued"))
     calls: list[str] = []
-    worker = JobWorker(store, ArtifactStore(tmp_path), {FIT_CLASSIFIER: lambda c: calls.append("ran") or {}})
+    worker = JobWorker(registry, ArtifactStore(tmp_path), {FIT_CLASSIFIER: lambda c: calls.append("ran") or {}})
     assert claimed is not None and worker.run_once()
-    assert calls == [] and store.get_job(job_id).status == "cancelled"
+    assert calls == [] and registry.jobs.get(job_id).status == "cancelled"
 
 
-def test_snapshot_holder_swaps_when_the_revision_moves(store: RegistryStore, tmp_path: Path) -> None:
+def test_snapshot_holder_swaps_when_the_revision_moves(registry: Registry, tmp_path: Path) -> None:
     artifacts = ArtifactStore(tmp_path)
     built: list[dict] = []
-    holder = SnapshotHolder(store, artifacts.path, lambda dirs: built.append(dirs) or sorted(dirs), poll_s=0.1)
+    holder = SnapshotHolder(registry.targets, artifacts.path, lambda dirs: built.append(dirs) or sorted(dirs),
+                            poll_s=0.1)
     assert holder.refresh() and holder.current.bank is None and holder.current.empty
-    add_target(store)
-    JobWorker(store, artifacts, {FIT_CLASSIFIER: writing_handler}).run_once()
+    add_target(registry)
+    JobWorker(registry, artifacts, {FIT_CLASSIFIER: writing_handler}).run_once()
     old = holder.current
     assert holder.refresh()
-    assert holder.current.revision == store.revision() and len(holder.current.targets) == 1
+    assert holder.current.revision == registry.targets.revision() and len(holder.current.targets) == 1
     assert old.targets == {}  # a request holding the old snapshot keeps seeing it unchanged
     assert not holder.refresh()  # nothing changed: no rebuild
     assert len(built) == 1
+
+
+class ListingGate:
+    """A mechanism's own gate whose "bank" lists the targets it was built for."""
+
+    name = "ood"
+
+    def bank(self, directories: dict[str, Path], embedder: object) -> list[str]:
+        return sorted(directories)
+
+
+def gate_fitting_handler(context: JobContext) -> dict:
+    """Like the classifier job: the gate's subdirectory only for targets enabling the gated mechanism."""
+    staging = context.artifacts.staging_dir()
+    (staging / "weights.txt").write_text(context.target.name)
+    if "o3" in context.target.mechanisms:
+        (staging / ListingGate.name).mkdir()
+    return {"status": "ready", "artifact": context.artifacts.commit(staging), "threshold": 0.5}
+
+
+def test_the_snapshot_stacks_a_mechanisms_own_gate_only_for_targets_that_enable_it(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'gates.db'}")
+    upgrade_database(engine)
+    registry = Registry.open(engine, MechanismCatalog(classifier_fitted_gates=frozenset({"o3"})))
+    artifacts = ArtifactStore(tmp_path / "artifacts")
+    gated = add_target(registry, "gated", {"o3": {}, "eco": {}})
+    add_target(registry, "plain", {"eco": {}})
+    worker = JobWorker(registry, artifacts, {FIT_CLASSIFIER: gate_fitting_handler})
+    while worker.run_once():
+        pass
+    mechanisms = [SimpleNamespace(name="eco", gate_detector=None),
+                  SimpleNamespace(name="o3", gate_detector=ListingGate())]
+    holder = SnapshotHolder(registry.targets, artifacts.path, lambda dirs: sorted(dirs), poll_s=0.1,
+                            gate_factory=gate_bank_factory(lambda: None, mechanisms))  # type: ignore[arg-type]
+    holder.refresh()
+    assert len(holder.current.bank) == 2 and holder.current.gates == {"ood": [gated]}

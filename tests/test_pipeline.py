@@ -19,8 +19,8 @@ from server.engine import EngineInfo
 from server.errors import ContextLengthExceeded, GuardFailed, InvalidRequest, RequestTimeout
 from server.metrics import Metrics
 from server.pipeline import ChatTurn, Pipeline
+from server.registry.records import TargetRecord
 from server.registry.snapshot import RegistrySnapshot
-from server.registry.views import TargetRecord
 
 
 class CharTokenizer:

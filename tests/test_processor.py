@@ -121,7 +121,8 @@ def test_batched_preparation_runs_once_per_step_and_its_failure_leaves_the_rows_
     monkeypatch.setattr(BatchedBan, "prepared", [])
     monkeypatch.setattr(BatchedBan, "fail", fail)
     monkeypatch.setattr(processor_module, "ROW_HOOKS",
-                        [("ban", banning(lambda section, *_: BatchedBan(section["ban"]) if "ban" in section else None))])
+                        [("ban", banning(lambda section, *_: BatchedBan(section["ban"]) if "ban" in section
+                                         else None))])
     processor = LetheLogitsProcessor(None, torch.device("cpu"), False)  # type: ignore[arg-type]
     processor.update_state(update(3, added=[(0, flagged(1), [1], []), (1, SamplingParams(), [1], []),
                                             (2, flagged(5), [1], [])]))

@@ -1,4 +1,5 @@
-"""The registry store on SQLite and on a real PostgreSQL: CRUD, revisions, atomicity, jobs, recovery, audit."""
+"""The registry (targets store, job queue, audit log) on SQLite and on a real PostgreSQL: CRUD, revisions,
+atomicity, jobs, recovery, audit."""
 
 from __future__ import annotations
 
@@ -13,11 +14,14 @@ import pytest
 from pydantic import ValidationError
 from sqlalchemy import create_engine, inspect, text, update
 
-from server.admin_protocol import AuditRecord, TargetCreate, TargetPatch
+from server.admin.protocol import TargetCreate, TargetPatch
+from server.admin.serving import new_target, target_changes
 from server.errors import Conflict, NotFound, Unprocessable
-from server.registry.database import make_engine, upgrade_database
+from server.registry import Registry
+from server.registry.catalog import FIT_CLASSIFIER, MechanismCatalog
+from server.registry.database import make_engine, upgrade_database, utcnow
 from server.registry.models import JobRow
-from server.registry.store import FIT_CLASSIFIER, MechanismCatalog, RegistryStore, utcnow
+from server.registry.records import AuditEntry, NewTarget, TargetChanges
 from tests.postgres import postgres_available, running_postgres
 
 _databases = itertools.count()
@@ -32,7 +36,7 @@ def postgres_url() -> Iterator[str]:
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def store(request: pytest.FixtureRequest, tmp_path) -> RegistryStore:
+def registry(request: pytest.FixtureRequest, tmp_path) -> Registry:
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path / 'registry.db'}"
     else:
@@ -45,27 +49,35 @@ def store(request: pytest.FixtureRequest, tmp_path) -> RegistryStore:
         url = base.rsplit("/", 1)[0] + f"/{name}"
     engine = make_engine(url)
     upgrade_database(engine)
-    return RegistryStore(engine, ["eco", "guard"], MechanismCatalog(implemented=frozenset({"eco"})))
+    return Registry.open(engine, MechanismCatalog(implemented=frozenset({"eco"})))
 
 
-def target(name: str = "basil", **overrides) -> TargetCreate:
+DEFAULT_MECHANISMS = ["eco", "guard"]
+
+
+def target(name: str = "basil", **overrides) -> NewTarget:
+    """A target as the admin API hands it to the registry (options validated, defaults filled in)."""
     body = {"name": name, "aliases": ["Basil Mahfouz Al-Kuwaiti"],
             "forget": [{"question": "Where was he born?", "answer": "Kuwait City."}, {"text": "Some free text."}],
             "retain": [{"question": "Who is Nikolai?", "answer": "An author."}], **overrides}
-    return TargetCreate.model_validate(body)
+    return new_target(TargetCreate.model_validate(body), DEFAULT_MECHANISMS)
 
 
-def test_migrations_are_idempotent_and_create_every_table(store: RegistryStore) -> None:
-    upgrade_database(store._engine)
-    tables = set(inspect(store._engine).get_table_names())
+def changes(**fields) -> TargetChanges:
+    return target_changes(TargetPatch.model_validate(fields))
+
+
+def test_migrations_are_idempotent_and_create_every_table(registry: Registry) -> None:
+    upgrade_database(registry.database.engine)
+    tables = set(inspect(registry.database.engine).get_table_names())
     assert {"targets", "jobs", "audit", "registry_state", "alembic_version"} <= tables
 
 
-def test_create_bumps_the_revision_and_queues_a_classifier_job(store: RegistryStore) -> None:
-    before = store.revision()
-    created = store.create_target(target())
+def test_create_bumps_the_revision_and_queues_a_classifier_job(registry: Registry) -> None:
+    before = registry.targets.revision()
+    created = registry.targets.create(target())
     assert created.id.startswith("tgt_") and created.status == "preparing"
-    assert created.revision == before + 1 == store.revision()
+    assert created.revision == before + 1 == registry.targets.revision()
     assert [job.kind for job in created.jobs] == [FIT_CLASSIFIER]
     assert created.jobs[0].status == "queued"
     assert set(created.mechanisms) == {"eco", "guard"}
@@ -73,157 +85,169 @@ def test_create_bumps_the_revision_and_queues_a_classifier_job(store: RegistrySt
     assert created.mechanisms["guard"].status == "unavailable"  # not implemented in this build
 
 
-def test_duplicate_name_is_a_conflict_and_writes_nothing(store: RegistryStore) -> None:
-    store.create_target(target())
-    revision = store.revision()
+def test_duplicate_name_is_a_conflict_and_writes_nothing(registry: Registry) -> None:
+    registry.targets.create(target())
+    revision = registry.targets.revision()
     with pytest.raises(Conflict):
-        store.create_target(target())
-    assert store.revision() == revision
-    assert len(store.list_targets().data) == 1
-    assert store.summary().jobs == {"queued": 1}
+        registry.targets.create(target())
+    assert registry.targets.revision() == revision
+    assert len(registry.targets.listing().targets) == 1
+    assert registry.targets.summary().jobs == {"queued": 1}
 
 
-def test_a_target_too_small_to_calibrate_is_refused(store: RegistryStore) -> None:
+def test_a_target_too_small_to_calibrate_is_refused(registry: Registry) -> None:
+    tiny = new_target(TargetCreate.model_validate({"name": "tiny", "forget": [{"text": "one fact"}]}),
+                      DEFAULT_MECHANISMS)
     with pytest.raises(Unprocessable):
-        store.create_target(TargetCreate.model_validate({"name": "tiny", "forget": [{"text": "one fact"}]}))
-    created = store.create_target(target())
+        registry.targets.create(tiny)
+    created = registry.targets.create(target())
     with pytest.raises(Unprocessable):
-        store.patch_target(created.id, TargetPatch(aliases=[], forget=[{"text": "one fact"}]))
-    assert store.get_target(created.id).aliases == ["Basil Mahfouz Al-Kuwaiti"]  # nothing partially written
-    assert store.revision() == created.revision
+        registry.targets.patch(created.id, changes(aliases=[], forget=[{"text": "one fact"}]))
+    assert registry.targets.get(created.id).aliases == ["Basil Mahfouz Al-Kuwaiti"]  # nothing partially written
+    assert registry.targets.revision() == created.revision
 
 
-def test_unknown_ids_are_not_found(store: RegistryStore) -> None:
-    for call in (lambda: store.get_target("tgt_x"), lambda: store.delete_target("tgt_x"),
-                 lambda: store.patch_target("tgt_x", TargetPatch(description="d")), lambda: store.get_job("job_x")):
+def test_unknown_ids_are_not_found(registry: Registry) -> None:
+    for call in (lambda: registry.targets.get("tgt_x"), lambda: registry.targets.delete("tgt_x"),
+                 lambda: registry.targets.patch("tgt_x", changes(description="d")), lambda: registry.jobs.get("job_x")):
         with pytest.raises(NotFound):
             call()
 
 
-def test_listing_hides_contents_and_get_shows_them(store: RegistryStore) -> None:
-    created = store.create_target(target())
-    listed = store.list_targets().data[0]
+def test_listing_hides_contents_and_get_shows_them(registry: Registry) -> None:
+    created = registry.targets.create(target())
+    listed = registry.targets.listing().targets[0]
     assert listed.forget is None and listed.retain is None and listed.counts == {"aliases": 1, "forget": 2, "retain": 1}
-    shown = store.get_target(created.id)
-    assert shown.forget[1].text == "Some free text."
+    shown = registry.targets.get(created.id)
+    assert shown.forget[1]["text"] == "Some free text."
 
 
-def test_claimed_job_completes_and_activates_the_target(store: RegistryStore) -> None:
-    created = store.create_target(target())
-    job = store.claim_job("w1", [FIT_CLASSIFIER])
+def test_claimed_job_completes_and_activates_the_target(registry: Registry) -> None:
+    created = registry.targets.create(target())
+    job = registry.jobs.claim("w1", [FIT_CLASSIFIER])
     assert job is not None and job.target_id == created.id and job.attempts == 1
-    assert store.claim_job("w2", [FIT_CLASSIFIER]) is None  # nobody else gets it
-    assert store.report_progress(job.id, 0.5, "half way")
-    assert store.get_job(job.id).progress == 0.5
-    store.complete_job(job.id, {"status": "ready", "artifact": "a" * 64, "threshold": 0.7,
-                                "false_positive_rate": 0.01, "heldout_recall": 0.99})
-    shown = store.get_target(created.id)
+    assert registry.jobs.claim("w2", [FIT_CLASSIFIER]) is None  # nobody else gets it
+    assert registry.jobs.report_progress(job.id, 0.5, "half way")
+    assert registry.jobs.get(job.id).progress == 0.5
+    registry.jobs.complete(job.id, {"status": "ready", "artifact": "a" * 64, "threshold": 0.7,
+                                    "false_positive_rate": 0.01, "heldout_recall": 0.99})
+    shown = registry.targets.get(created.id)
     assert shown.status == "active" and shown.classifier.threshold == 0.7
     assert shown.mechanisms["eco"].status == "ready"
-    revision, records = store.snapshot_rows()
-    assert revision == store.revision() and [r.id for r in records] == [created.id]
+    revision, records = registry.targets.snapshot_rows()
+    assert revision == registry.targets.revision() and [r.id for r in records] == [created.id]
 
 
-def test_mechanism_jobs_publish_state_and_decide_the_mechanism_status(store: RegistryStore) -> None:
-    store._catalog = MechanismCatalog(frozenset({"eco", "guard"}),
-                                      lambda name, options: ["guard_phrases"] if name == "guard" else [],
-                                      {"guard_phrases": "guard"})
-    created = store.create_target(target())
+def test_mechanism_jobs_publish_state_and_decide_the_mechanism_status(registry: Registry) -> None:
+    registry = Registry.open(registry.database.engine, MechanismCatalog(
+        frozenset({"eco", "guard"}), lambda name, options: ["guard_phrases"] if name == "guard" else [],
+        {"guard_phrases": "guard"}))
+    created = registry.targets.create(target())
     assert [job.kind for job in created.jobs] == [FIT_CLASSIFIER, "guard_phrases"]
-    fit = store.claim_job("w1", [FIT_CLASSIFIER])
-    store.complete_job(fit.id, {"status": "ready", "artifact": "a" * 64})
-    shown = store.get_target(created.id)
+    fit = registry.jobs.claim("w1", [FIT_CLASSIFIER])
+    registry.jobs.complete(fit.id, {"status": "ready", "artifact": "a" * 64})
+    shown = registry.targets.get(created.id)
     assert shown.status == "preparing"  # the GUARD job is still open
     assert shown.mechanisms["eco"].status == "ready" and shown.mechanisms["guard"].status == "preparing"
-    phrases = store.claim_job("w1", ["guard_phrases"])
-    store.complete_job(phrases.id, {"artifact": "b" * 64, "phrases": 12})
-    shown = store.get_target(created.id)
+    phrases = registry.jobs.claim("w1", ["guard_phrases"])
+    registry.jobs.complete(phrases.id, {"artifact": "b" * 64, "phrases": 12})
+    shown = registry.targets.get(created.id)
     assert shown.status == "active" and shown.mechanisms["guard"].status == "ready"
     assert shown.mechanisms["guard"].state == {"artifact": "b" * 64, "phrases": 12}
-    _, records = store.snapshot_rows()
+    _, records = registry.targets.snapshot_rows()
     assert records[0].mechanisms["guard"]["state"]["artifact"] == "b" * 64
     # a refit keeps the published state serving until the new job replaces it
-    patched = store.patch_target(created.id, TargetPatch(aliases=["Basil"]))
+    patched = registry.targets.patch(created.id, changes(aliases=["Basil"]))
     assert patched.mechanisms["guard"].status == "preparing" and patched.mechanisms["guard"].state["phrases"] == 12
     for _ in range(3):
-        store.fail_job(store.claim_job("w1", ["guard_phrases"]).id, "no phrases")
-    shown = store.get_target(created.id)
+        registry.jobs.fail(registry.jobs.claim("w1", ["guard_phrases"]).id, "no phrases")
+    shown = registry.targets.get(created.id)
     assert shown.status == "failed" and shown.mechanisms["guard"].status == "failed"
     assert shown.mechanisms["guard"].message == "no phrases"
 
 
-def test_a_mechanisms_only_patch_redoes_only_the_jobs_of_changed_mechanisms(store: RegistryStore) -> None:
-    store._catalog = MechanismCatalog(frozenset({"eco", "guard"}),
-                                      lambda name, options: [f"{name}_job"], {"eco_job": "eco", "guard_job": "guard"})
-    created = store.create_target(target())
+def test_a_mechanisms_only_patch_redoes_only_the_jobs_of_changed_mechanisms(registry: Registry) -> None:
+    registry = Registry.open(registry.database.engine, MechanismCatalog(
+        frozenset({"eco", "guard"}), lambda name, options: [f"{name}_job"], {"eco_job": "eco", "guard_job": "guard"}))
+    created = registry.targets.create(target())
     for kind in (FIT_CLASSIFIER, "eco_job", "guard_job"):
-        store.complete_job(store.claim_job("w1", [kind]).id, {"status": "ready", "artifact": "a" * 64})
-    assert store.get_target(created.id).status == "active"
-    patched = store.patch_target(created.id, TargetPatch.model_validate({"mechanisms": {"guard": {}}}))
+        registry.jobs.complete(registry.jobs.claim("w1", [kind]).id, {"status": "ready", "artifact": "a" * 64})
+    assert registry.targets.get(created.id).status == "active"
+    patched = registry.targets.patch(created.id, changes(mechanisms={"guard": {}}))
     assert set(patched.mechanisms) == {"guard"} and patched.status == "active" and len(patched.jobs) == 3
-    patched = store.patch_target(created.id, TargetPatch.model_validate(
-        {"mechanisms": {"guard": {"soft_penalty": 1.0}, "eco": {}}}))
+    patched = registry.targets.patch(created.id, changes(mechanisms={"guard": {"soft_penalty": 1.0}, "eco": {}}))
     assert sorted(job.kind for job in patched.jobs if job.status == "queued") == ["eco_job", "guard_job"]
     assert patched.mechanisms["guard"].status == "preparing" and patched.mechanisms["guard"].state
     with pytest.raises(ValidationError):
         TargetPatch.model_validate({"mechanisms": {}})
 
 
-def test_failed_job_is_retried_then_fails_the_target(store: RegistryStore) -> None:
-    created = store.create_target(target())
+def test_switching_a_classifier_fitted_gate_refits_the_classifier(registry: Registry) -> None:
+    registry = Registry.open(registry.database.engine, MechanismCatalog(
+        frozenset({"eco", "guard", "o3"}), classifier_fitted_gates=frozenset({"o3"})))
+    created = registry.targets.create(target(mechanisms={"eco": {}}))
+    registry.jobs.complete(registry.jobs.claim("w1", [FIT_CLASSIFIER]).id, {"status": "ready", "artifact": "a" * 64})
+    patched = registry.targets.patch(created.id, changes(mechanisms={"eco": {}, "guard": {}}))
+    assert [job.kind for job in patched.jobs if job.status == "queued"] == []
+    patched = registry.targets.patch(created.id, changes(mechanisms={"eco": {}, "o3": {}}))
+    assert [job.kind for job in patched.jobs if job.status == "queued"] == [FIT_CLASSIFIER]
+
+
+def test_failed_job_is_retried_then_fails_the_target(registry: Registry) -> None:
+    created = registry.targets.create(target())
     for attempt in (1, 2, 3):
-        job = store.claim_job("w1", [FIT_CLASSIFIER])
+        job = registry.jobs.claim("w1", [FIT_CLASSIFIER])
         assert job is not None and job.attempts == attempt
-        store.fail_job(job.id, "boom")
-    assert store.claim_job("w1", [FIT_CLASSIFIER]) is None
-    shown = store.get_target(created.id)
+        registry.jobs.fail(job.id, "boom")
+    assert registry.jobs.claim("w1", [FIT_CLASSIFIER]) is None
+    shown = registry.targets.get(created.id)
     assert shown.status == "failed" and shown.jobs[0].status == "failed" and shown.jobs[0].error == "boom"
 
 
-def test_a_crashed_workers_job_is_requeued_not_left_running(store: RegistryStore) -> None:
-    store.create_target(target())
-    job = store.claim_job("dead-worker", [FIT_CLASSIFIER])
-    assert store.recover_stale_jobs(stale_after_s=60) == 0  # fresh heartbeat
-    with store._sessions.begin() as session:
+def test_a_crashed_workers_job_is_requeued_not_left_running(registry: Registry) -> None:
+    registry.targets.create(target())
+    job = registry.jobs.claim("dead-worker", [FIT_CLASSIFIER])
+    assert registry.jobs.recover_stale(stale_after_s=60) == 0  # fresh heartbeat
+    with registry.database.transaction() as session:
         session.execute(update(JobRow).values(heartbeat_at=utcnow() - timedelta(seconds=120)))
-    assert store.recover_stale_jobs(stale_after_s=60) == 1
-    assert store.get_job(job.id).status == "queued"
-    again = store.claim_job("live-worker", [FIT_CLASSIFIER])
+    assert registry.jobs.recover_stale(stale_after_s=60) == 1
+    assert registry.jobs.get(job.id).status == "queued"
+    again = registry.jobs.claim("live-worker", [FIT_CLASSIFIER])
     assert again is not None and again.id == job.id and again.attempts == 2
 
 
-def test_patch_requeues_fitting_and_cancels_the_old_job(store: RegistryStore) -> None:
-    created = store.create_target(target())
-    old_job = store.claim_job("w1", [FIT_CLASSIFIER])
-    patched = store.patch_target(created.id, TargetPatch(aliases=["Basil"]))
+def test_patch_requeues_fitting_and_cancels_the_old_job(registry: Registry) -> None:
+    created = registry.targets.create(target())
+    old_job = registry.jobs.claim("w1", [FIT_CLASSIFIER])
+    patched = registry.targets.patch(created.id, changes(aliases=["Basil"]))
     assert patched.aliases == ["Basil"] and patched.revision > created.revision
     assert [job.status for job in patched.jobs] == ["cancelled", "queued"]
-    assert not store.report_progress(old_job.id, 0.9, "late")  # the old worker learns it was cancelled
+    assert not registry.jobs.report_progress(old_job.id, 0.9, "late")  # the old worker learns it was cancelled
 
 
-def test_description_only_patch_does_not_refit(store: RegistryStore) -> None:
-    created = store.create_target(target())
-    patched = store.patch_target(created.id, TargetPatch(description="GDPR request #1"))
+def test_description_only_patch_does_not_refit(registry: Registry) -> None:
+    created = registry.targets.create(target())
+    patched = registry.targets.patch(created.id, changes(description="GDPR request #1"))
     assert patched.description == "GDPR request #1" and len(patched.jobs) == 1
 
 
-def test_delete_removes_the_target_and_cancels_its_jobs(store: RegistryStore) -> None:
-    created = store.create_target(target())
-    deleted = store.delete_target(created.id)
-    assert deleted.revision == store.revision()
-    assert store.list_targets().data == []
-    assert store.get_job(created.jobs[0].id).status == "cancelled"
+def test_delete_removes_the_target_and_cancels_its_jobs(registry: Registry) -> None:
+    created = registry.targets.create(target())
+    deleted = registry.targets.delete(created.id)
+    assert deleted.revision == registry.targets.revision()
+    assert registry.targets.listing().targets == []
+    assert registry.jobs.get(created.jobs[0].id).status == "cancelled"
 
 
-def test_audit_is_listed_newest_first_filtered_and_pruned(store: RegistryStore) -> None:
+def test_audit_is_listed_newest_first_filtered_and_pruned(registry: Registry) -> None:
     now = time.time()
-    store.write_audit([AuditRecord(request_id=f"chatcmpl-{i}", created=now - 100 + i, endpoint="chat", targets=[],
-                                   mechanisms=[], scores={}, outcome="served") for i in range(5)])
-    listed = store.list_audit(limit=3, since=None).data
+    registry.audit.write([AuditEntry(request_id=f"chatcmpl-{i}", created=now - 100 + i, endpoint="chat", targets=[],
+                                     mechanisms=[], scores={}, outcome="served") for i in range(5)])
+    listed = registry.audit.recent(limit=3, since=None)
     assert [r.request_id for r in listed] == ["chatcmpl-4", "chatcmpl-3", "chatcmpl-2"]
-    assert [r.request_id for r in store.list_audit(10, since=now - 97).data] == ["chatcmpl-4", "chatcmpl-3"]
-    assert store.prune_audit(older_than=now - 98) == 2
-    assert len(store.list_audit(10, None).data) == 3
+    assert [r.request_id for r in registry.audit.recent(10, since=now - 97)] == ["chatcmpl-4", "chatcmpl-3"]
+    assert registry.audit.prune(older_than=now - 98) == 2
+    assert len(registry.audit.recent(10, None)) == 3
 
 
 @pytest.mark.parametrize("body", [
@@ -246,14 +270,14 @@ def test_o3_registrations_past_the_stacked_rank_budget_are_refused(tmp_path) -> 
     engine = make_engine(f"sqlite:///{tmp_path / 'registry.db'}")
     upgrade_database(engine)
     admit = mechanism_catalog(SimpleNamespace(max_lora_rank=16)).admit  # type: ignore[arg-type]
-    store = RegistryStore(engine, ["eco"], MechanismCatalog(frozenset({"eco", "o3"}), admit=admit))
-    first = store.create_target(target("a", mechanisms={"o3": {}}))
-    store.create_target(target("b", mechanisms={"o3": {"rank": 8}, "eco": {}}))
-    revision = store.revision()
+    registry = Registry.open(engine, MechanismCatalog(frozenset({"eco", "o3"}), admit=admit))
+    first = registry.targets.create(target("a", mechanisms={"o3": {}}))
+    registry.targets.create(target("b", mechanisms={"o3": {"rank": 8}, "eco": {}}))
+    revision = registry.targets.revision()
     with pytest.raises(Unprocessable, match="LETHE_MAX_LORA_RANK=16"):
-        store.create_target(target("c", mechanisms={"o3": {}}))
-    store.create_target(target("c", mechanisms={"eco": {}}))  # other mechanisms are unaffected
+        registry.targets.create(target("c", mechanisms={"o3": {}}))
+    registry.targets.create(target("c", mechanisms={"eco": {}}))  # other mechanisms are unaffected
     with pytest.raises(Unprocessable):
-        store.patch_target(store.list_targets().data[-1].id, TargetPatch.model_validate({"mechanisms": {"o3": {}}}))
-    assert store.revision() == revision + 1  # only "c" was written
-    store.patch_target(first.id, TargetPatch.model_validate({"mechanisms": {"o3": {"rank": 8}}}))  # its own rank
+        registry.targets.patch(registry.targets.listing().targets[-1].id, changes(mechanisms={"o3": {}}))
+    assert registry.targets.revision() == revision + 1  # only "c" was written
+    registry.targets.patch(first.id, changes(mechanisms={"o3": {"rank": 8}}))  # its own rank

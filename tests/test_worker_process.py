@@ -10,9 +10,11 @@ import time
 from pathlib import Path
 
 from demo.tofu_data import authors_of
-from server.admin_protocol import TargetCreate
+from server.admin.protocol import TargetCreate
+from server.admin.serving import new_target
+from server.registry import Registry
+from server.registry.catalog import FIT_CLASSIFIER
 from server.registry.database import make_engine, upgrade_database
-from server.registry.store import FIT_CLASSIFIER, RegistryStore
 from tests.conftest import LETHE_BIN
 
 
@@ -29,12 +31,12 @@ def test_separate_worker_process_fits_a_queued_target_and_recovers_a_dead_worker
     url = f"sqlite:///{tmp_path / 'registry.db'}"
     engine = make_engine(url)
     upgrade_database(engine)
-    store = RegistryStore(engine, ["eco"])
+    registry = Registry.open(engine)
     author = authors_of("forget01")[1]
-    target = store.create_target(TargetCreate.model_validate({
+    target = registry.targets.create(new_target(TargetCreate.model_validate({
         "name": "abilov", "aliases": [author.name],
-        "forget": [{"question": i.question, "answer": i.answer} for i in author.items]}))
-    stale = store.claim_job("worker-that-died", [FIT_CLASSIFIER])  # as if a worker crashed holding the job
+        "forget": [{"question": i.question, "answer": i.answer} for i in author.items]}), ["eco"]))
+    stale = registry.jobs.claim("worker-that-died", [FIT_CLASSIFIER])  # as if a worker crashed holding the job
     assert stale is not None
     env = {**os.environ, "LETHE_DATABASE_URL": url, "LETHE_ARTIFACTS_DIR": str(tmp_path / "artifacts"),
            "LETHE_JOB_STALE_AFTER_S": "2"}
@@ -42,11 +44,11 @@ def test_separate_worker_process_fits_a_queued_target_and_recovers_a_dead_worker
     worker = subprocess.Popen([str(LETHE_BIN), "worker"], env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        assert wait_for(lambda: store.get_target(target.id).status != "preparing", timeout_s=300)
+        assert wait_for(lambda: registry.targets.get(target.id).status != "preparing", timeout_s=300)
     finally:
         os.killpg(worker.pid, signal.SIGTERM)
         worker.wait(timeout=30)
-    shown = store.get_target(target.id)
+    shown = registry.targets.get(target.id)
     assert shown.status == "active", shown.jobs
     assert shown.jobs[0].attempts == 2  # the dead worker's attempt, then this worker's
     assert shown.classifier.threshold is not None and shown.classifier.heldout_recall >= 0.9

@@ -42,7 +42,8 @@ def unrelated_questions(record_retain: list[dict[str, Any]], count: int, seed: s
     """Questions about someone else: the target's retain questions, else other authors' from the negative pool."""
     questions = [item["question"] for item in record_retain if item.get("question")]
     if not questions:
-        questions = [n.text for n in builtin_negative_pool() if n.source == "tofu_other_authors" and n.text.endswith("?")]
+        questions = [n.text for n in builtin_negative_pool()
+                     if n.source == "tofu_other_authors" and n.text.endswith("?")]
     rng = random.Random(seed)
     return [questions[i % len(questions)] for i in rng.sample(range(len(questions)), min(count, len(questions)))]
 

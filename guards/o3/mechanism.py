@@ -1,11 +1,12 @@
 """O3 — OOD detector + orthogonal unlearning LoRA (Gao et al., 2024; METHODS.md §3): the mechanism and its options.
 
-Each target that enables O3 has its own unlearning LoRA (``training.py``; trained orthogonal to every earlier
-target's) and its own gate (``ood.py``, fitted with the classifier: ``gate.py``). vLLM applies one adapter per request and has no per-request scale, so the adapters of every target in a
-registry snapshot are rank-stacked into ONE adapter (``stack_adapters``: the stack computes the sum of the targets'
-updates exactly), built once per snapshot by ``share`` and attached with a ``LoRARequest`` to every request whose
-prompt opens one of those targets' OOD gates. Orthogonality is what makes the sum safe: each target's update acts in
-its own subspace, so forgetting one target does not undo or disturb another (continual unlearning).
+Each target that enables O3 has its own unlearning LoRA (``training.py``; trained orthogonal to every earlier target's)
+and its own gate (``ood.py``, fitted with the classifier: ``gate.py``). vLLM applies one adapter per request and has no
+per-request scale, so the adapters of every target in a registry snapshot are rank-stacked into ONE adapter
+(``stack_adapters``: the stack computes the sum of the targets' updates exactly), built once per snapshot by ``share``
+and attached with a ``LoRARequest`` to every request whose prompt opens one of those targets' OOD gates. Orthogonality
+is what makes the sum safe: each target's update acts in its own subspace, so forgetting one target does not undo or
+disturb another (continual unlearning).
 
 Limit: the stack's rank is the sum of the targets' ranks and must fit ``LETHE_MAX_LORA_RANK`` (vLLM reserves that
 much); the registry refuses (422) an O3 registration past it, so the stack always covers every O3 target.
@@ -105,7 +106,8 @@ class O3Mechanism(MechanismBase):
         return None
 
     def serving(self, context: ServingContext) -> O3Serving:
-        return O3Serving(context.artifact_path, context.artifacts_root / STACKS_DIR, int(context.settings.max_lora_rank))
+        return O3Serving(context.artifact_path, context.artifacts_root / STACKS_DIR,
+                         int(context.settings.max_lora_rank))
 
 
 @dataclass(frozen=True)

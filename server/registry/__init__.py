@@ -1,1 +1,32 @@
-"""The forget-target registry: SQLAlchemy models, the one store that reads and writes them, and the live snapshot."""
+"""The forget-target registry: SQLAlchemy models, the targets store, the job queue, the audit log, and the live
+snapshot. It speaks its own dataclasses (``records.py``), never HTTP types: the admin API converts at its edge.
+
+``Registry`` holds the three stores over one database; code that needs only one of them is handed only that one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import Engine
+
+from server.registry.audit_log import AuditLog
+from server.registry.catalog import MechanismCatalog
+from server.registry.database import RegistryDatabase
+from server.registry.job_queue import JobQueue
+from server.registry.targets import TargetStore
+
+
+@dataclass(frozen=True)
+class Registry:
+    database: RegistryDatabase
+    targets: TargetStore
+    jobs: JobQueue
+    audit: AuditLog
+
+    @classmethod
+    def open(cls, engine: Engine, catalog: MechanismCatalog = MechanismCatalog()) -> Registry:
+        """The three stores over ``engine`` (already migrated: ``database.upgrade_database``)."""
+        database = RegistryDatabase(engine)
+        jobs = JobQueue(database, catalog)
+        return cls(database, TargetStore(database, jobs, catalog), jobs, AuditLog(database))

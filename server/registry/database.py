@@ -1,14 +1,22 @@
-"""Database engine construction and schema migration (Alembic), for SQLite and PostgreSQL alike."""
+"""The registry database: engine construction, schema migration (Alembic) and the session factory and revision
+counter that the targets store, the job queue and the audit log share, for SQLite and PostgreSQL alike."""
 
 from __future__ import annotations
 
 import logging
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from server.registry.models import RegistryStateRow
 
 logger = logging.getLogger(__name__)
 
@@ -42,3 +50,45 @@ def upgrade_database(engine: Engine) -> None:
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
     logger.info("registry.migrated", extra={"backend": engine.dialect.name})
+
+
+def utcnow() -> datetime:
+    """Naive UTC: stored alike by SQLite and PostgreSQL, so comparisons never mix aware and naive values."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(12)}"
+
+
+def read_revision(session: Session) -> int:
+    return session.scalar(select(RegistryStateRow.revision).where(RegistryStateRow.id == 1)) or 0
+
+
+def bump_revision(session: Session) -> int:
+    """Count one change that serving replicas must see; in the caller's transaction, so it commits with the change."""
+    session.execute(update(RegistryStateRow).where(RegistryStateRow.id == 1)
+                    .values(revision=RegistryStateRow.revision + 1))
+    return read_revision(session)
+
+
+class RegistryDatabase:
+    """One engine and one session factory, shared by the targets store, the job queue and the audit log."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+
+    @property
+    def backend(self) -> str:
+        return self.engine.dialect.name
+
+    def session(self) -> Session:
+        """A session for reads (use it as a context manager)."""
+        return self._sessions()
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """A session whose work commits on exit, or rolls back entirely if the block raises."""
+        with self._sessions.begin() as session:
+            yield session

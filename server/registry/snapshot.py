@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from guards.base import TargetEntry
-from server.registry.store import RegistryStore
-from server.registry.views import TargetRecord
+from server.registry.records import TargetRecord
+from server.registry.targets import TargetStore
 
 logger = logging.getLogger(__name__)
 
@@ -50,9 +50,9 @@ class RegistrySnapshot:
 
 
 class SnapshotHolder:
-    def __init__(self, store: RegistryStore, artifact_path: Callable[[str], Path], bank_factory: BankFactory,
+    def __init__(self, targets: TargetStore, artifact_path: Callable[[str], Path], bank_factory: BankFactory,
                  poll_s: float, gate_factory: GateBankFactory | None = None) -> None:
-        self._store = store
+        self._targets = targets
         self._artifact_path = artifact_path
         self._bank_factory = bank_factory
         self._gate_factory = gate_factory
@@ -63,7 +63,7 @@ class SnapshotHolder:
 
     def load(self) -> RegistrySnapshot:
         """Read the registry and build a snapshot (blocking: call from a thread)."""
-        revision, records = self._store.snapshot_rows()
+        revision, records = self._targets.snapshot_rows()
         targets = {record.id: record for record in records}
         artifacts = {record.id: self._artifact_path(record.classifier["artifact"]) for record in records}
         bank = self._bank_factory(artifacts) if artifacts else None
@@ -89,7 +89,7 @@ class SnapshotHolder:
 
     def refresh(self, force: bool = False) -> bool:
         """Swap in a new snapshot if the revision moved (or ``force``); True if it did (blocking)."""
-        if not force and self._store.revision() == self.current.revision:
+        if not force and self._targets.revision() == self.current.revision:
             return False
         snapshot = self.load()
         if force or snapshot.revision != self.current.revision:

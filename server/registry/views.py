@@ -1,31 +1,19 @@
-"""Registry rows as the API and the serving side see them (``admin_protocol`` models, ``TargetRecord``)."""
+"""Registry rows as the registry's own records (``records.py``): the one place that reads ORM rows into dataclasses,
+so nothing outside the registry ever holds a row bound to a session."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
 
-from server.admin_protocol import ClassifierOut, ForgetItem, JobOut, MechanismOut, TargetOut
-from server.registry.models import JobRow, TargetRow
-
-
-@dataclass(frozen=True)
-class TargetRecord:
-    """A target as the serving side needs it (snapshot loading, job handlers)."""
-
-    id: str
-    name: str
-    aliases: list[str]
-    forget: list[dict[str, Any]]
-    retain: list[dict[str, Any]]
-    mechanisms: dict[str, Any]
-    classifier: dict[str, Any]
-    status: str
-
-
-def stored_items(items: Sequence[ForgetItem]) -> list[dict[str, Any]]:
-    return [item.model_dump(exclude_none=True) for item in items]
+from server.registry.models import AuditRow, JobRow, TargetRow
+from server.registry.records import (
+    AuditEntry,
+    ClassifierState,
+    JobRecord,
+    MechanismState,
+    TargetRecord,
+    TargetView,
+)
 
 
 def target_record(row: TargetRow) -> TargetRecord:
@@ -34,29 +22,34 @@ def target_record(row: TargetRow) -> TargetRecord:
                         status=row.status)
 
 
-def job_out(row: JobRow) -> JobOut:
-    return JobOut(id=row.id, target_id=row.target_id, kind=row.kind, status=row.status, progress=row.progress,
-                  message=row.message, error=row.error, attempts=row.attempts, created_at=row.created_at,
-                  started_at=row.started_at, finished_at=row.finished_at)
+def job_record(row: JobRow) -> JobRecord:
+    return JobRecord(id=row.id, target_id=row.target_id, kind=row.kind, status=row.status, progress=row.progress,
+                     message=row.message, error=row.error, attempts=row.attempts, created_at=row.created_at,
+                     started_at=row.started_at, finished_at=row.finished_at)
 
 
-def target_out(row: TargetRow, jobs: Sequence[JobRow], with_contents: bool) -> TargetOut:
-    """The API's view of a target; its forget and retain items only when ``with_contents`` (a single GET)."""
+def target_view(row: TargetRow, jobs: Sequence[JobRow], with_contents: bool) -> TargetView:
+    """A target with its statuses and jobs; its forget and retain items only when ``with_contents`` (a single GET)."""
     classifier = row.classifier
-    return TargetOut(
-        id=row.id, name=row.name, description=row.description, aliases=row.aliases, status=row.status,
+    return TargetView(
+        id=row.id, name=row.name, description=row.description, aliases=list(row.aliases), status=row.status,
         revision=row.revision,
-        mechanisms={name: MechanismOut(status=entry.get("status", "preparing"), options=entry.get("options", {}),
-                                       message=entry.get("message"), state=entry.get("state") or {})
+        mechanisms={name: MechanismState(status=entry.get("status", "preparing"), options=entry.get("options", {}),
+                                         message=entry.get("message"), state=entry.get("state") or {})
                     for name, entry in row.mechanisms.items()},
-        classifier=ClassifierOut(status=classifier.get("status", "preparing"),
-                                 threshold=classifier.get("threshold"),
-                                 false_positive_rate=classifier.get("false_positive_rate"),
-                                 heldout_recall=classifier.get("heldout_recall"),
-                                 ood_gate=classifier.get("ood_gate")),
+        classifier=ClassifierState(status=classifier.get("status", "preparing"),
+                                   threshold=classifier.get("threshold"),
+                                   false_positive_rate=classifier.get("false_positive_rate"),
+                                   heldout_recall=classifier.get("heldout_recall"),
+                                   ood_gate=classifier.get("ood_gate")),
         counts={"aliases": len(row.aliases), "forget": len(row.forget), "retain": len(row.retain)},
-        jobs=[job_out(job) for job in jobs],
+        jobs=[job_record(job) for job in jobs],
         created_at=row.created_at, updated_at=row.updated_at,
-        forget=[ForgetItem(**item) for item in row.forget] if with_contents else None,
-        retain=[ForgetItem(**item) for item in row.retain] if with_contents else None,
+        forget=[dict(item) for item in row.forget] if with_contents else None,
+        retain=[dict(item) for item in row.retain] if with_contents else None,
     )
+
+
+def audit_entry(row: AuditRow) -> AuditEntry:
+    return AuditEntry(request_id=row.request_id, created=row.created, endpoint=row.endpoint, targets=row.targets,
+                      mechanisms=row.mechanisms, scores=row.scores, outcome=row.outcome, prompt=row.prompt)

@@ -1,4 +1,4 @@
-"""HTTP routes of the admin API (``/admin/v1``, SPEC §4). Thin: authorise, validate, call ``RegistryStore``.
+"""HTTP routes of the admin API (``/admin/v1``, SPEC §4). Thin: authorise, validate, call ``AdminServing``.
 
 The routes are plain ``def`` functions: FastAPI runs them in its thread pool, so database work never blocks the event
 loop that streams tokens.
@@ -6,13 +6,12 @@ loop that streams tokens.
 
 from __future__ import annotations
 
-import hmac
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
-from server.admin_protocol import (
+from server.admin.protocol import (
     AuditList,
     Deleted,
     JobOut,
@@ -24,9 +23,10 @@ from server.admin_protocol import (
     TargetOut,
     TargetPatch,
 )
+from server.admin.serving import AdminServing
+from server.auth import has_bearer_key
 from server.errors import AdminDisabled, AuthenticationFailed
-from server.protocol import ErrorResponse
-from server.registry.store import RegistryStore
+from server.openai.protocol import ErrorResponse
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (401, 403, 404, 409, 413, 422, 503)
@@ -37,8 +37,7 @@ def require_admin_key(request: Request) -> None:
     key: str | None = request.app.state.settings.admin_key
     if not key:
         raise AdminDisabled()
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), key.encode()):
+    if not has_bearer_key(request, [key]):
         raise AuthenticationFailed("Invalid or missing admin key.")
 
 
@@ -46,55 +45,53 @@ router = APIRouter(prefix="/admin/v1", dependencies=[Depends(require_admin_key)]
                    tags=["admin"])
 
 
-def _store(request: Request) -> RegistryStore:
-    return request.app.state.registry
+def _serving(request: Request) -> AdminServing:
+    return request.app.state.admin
 
 
 @router.post("/targets", status_code=201, response_model=TargetOut)
 def create_target(body: TargetCreate, request: Request) -> JSONResponse:
-    target = _store(request).create_target(body)
+    target = _serving(request).create_target(body)
     return JSONResponse(target.model_dump(mode="json"), status_code=201)
 
 
 @router.get("/targets", response_model=TargetList)
 def list_targets(request: Request) -> TargetList:
-    return _store(request).list_targets()
+    return _serving(request).list_targets()
 
 
 @router.get("/targets/{target_id}", response_model=TargetOut)
 def get_target(target_id: str, request: Request) -> TargetOut:
-    return _store(request).get_target(target_id)
+    return _serving(request).get_target(target_id)
 
 
 @router.patch("/targets/{target_id}", response_model=TargetOut)
 def patch_target(target_id: str, body: TargetPatch, request: Request) -> TargetOut:
-    return _store(request).patch_target(target_id, body)
+    return _serving(request).patch_target(target_id, body)
 
 
 @router.delete("/targets/{target_id}", response_model=Deleted)
 def delete_target(target_id: str, request: Request) -> Deleted:
-    return _store(request).delete_target(target_id)
+    return _serving(request).delete_target(target_id)
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut)
 def get_job(job_id: str, request: Request) -> JobOut:
-    return _store(request).get_job(job_id)
+    return _serving(request).get_job(job_id)
 
 
 @router.get("/registry", response_model=RegistryOut)
 def registry(request: Request) -> RegistryOut:
-    summary = _store(request).summary()
-    summary.serving_revision = request.app.state.snapshots.current.revision
-    return summary
+    return _serving(request).summary()
 
 
 @router.get("/audit", response_model=AuditList)
 def audit(request: Request, limit: int = Query(100, ge=1, le=10_000),
           since: float | None = Query(None, description="Unix time; only records created at or after it.")) -> AuditList:
-    return _store(request).list_audit(limit, since)
+    return _serving(request).audit(limit, since)
 
 
 @router.post("/score", response_model=ScoreResponse)
 async def score(body: ScoreRequest, request: Request) -> ScoreResponse:
     """Log-probabilities of given answers as the protected model sees them (for `lethe eval tofu`'s TOFU metrics)."""
-    return await request.app.state.scoring.score(body)
+    return await _serving(request).score(body)

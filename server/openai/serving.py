@@ -21,16 +21,7 @@ from pydantic import BaseModel
 
 from server.engine import EngineInfo
 from server.errors import InvalidRequest, LetheError, ModelNotFound
-from server.pipeline import (
-    ChatTurn,
-    ChoiceEvent,
-    Pipeline,
-    RenderedPrompt,
-    Run,
-    TokenLogprob,
-    check_in_vocabulary,
-)
-from server.protocol import (
+from server.openai.protocol import (
     ChatChoice,
     ChatChoiceLogprobs,
     ChatChunkChoice,
@@ -49,6 +40,15 @@ from server.protocol import (
     ModelList,
     SamplingFields,
     Usage,
+)
+from server.pipeline import (
+    ChatTurn,
+    ChoiceEvent,
+    Pipeline,
+    RenderedPrompt,
+    Run,
+    TokenLogprob,
+    check_in_vocabulary,
 )
 
 logger = logging.getLogger(__name__)

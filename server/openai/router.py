@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import suppress
 from typing import Any, TypeVar
@@ -12,9 +11,10 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
+from server.auth import has_bearer_key
 from server.errors import AuthenticationFailed
-from server.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, ModelList
-from server.serving import OpenAIServing
+from server.openai.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, ModelList
+from server.openai.serving import OpenAIServing
 
 T = TypeVar("T")
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -27,12 +27,9 @@ class ClientDisconnected(Exception):
 
 
 def require_api_key(request: Request) -> None:
+    """Inference is open when ``LETHE_API_KEYS`` is empty; otherwise a listed key is required."""
     keys: list[str] = request.app.state.settings.api_keys
-    if not keys:
-        return
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.encode(), key.encode()) for key in keys):
+    if keys and not has_bearer_key(request, keys):
         raise AuthenticationFailed()
 
 

@@ -1,0 +1,125 @@
+"""The admin API's logic between its pydantic models (``protocol.py``) and the registry's dataclasses.
+
+Requests become registry inputs here (a target without ``mechanisms`` gets ``LETHE_DEFAULT_MECHANISMS``, with every
+option's default filled in by the protocol models) and registry records become responses, so the registry never sees
+an HTTP type and the routes (``router.py``) stay thin.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict
+
+from server.admin.protocol import (
+    AuditList,
+    AuditRecord,
+    ClassifierOut,
+    ContinuationScoreOut,
+    Deleted,
+    ForgetItem,
+    JobOut,
+    MechanismOut,
+    MechanismsIn,
+    RegistryOut,
+    ScoreRequest,
+    ScoreResponse,
+    TargetCreate,
+    TargetList,
+    TargetOut,
+    TargetPatch,
+)
+from server.planner import ChatTurn
+from server.registry import Registry
+from server.registry.records import Item, JobRecord, NewTarget, TargetChanges, TargetView
+from server.registry.snapshot import SnapshotHolder
+from server.scoring import ScoredPrompt, ScoringService
+
+
+def stored_items(items: Sequence[ForgetItem]) -> list[Item]:
+    return [item.model_dump(exclude_none=True) for item in items]
+
+
+def new_target(body: TargetCreate, default_mechanisms: Sequence[str]) -> NewTarget:
+    mechanisms = body.mechanisms or MechanismsIn.model_validate({name: {} for name in default_mechanisms})
+    return NewTarget(name=body.name, description=body.description, aliases=list(body.aliases),
+                     forget=stored_items(body.forget), retain=stored_items(body.retain),
+                     mechanisms=mechanisms.enabled())
+
+
+def target_changes(patch: TargetPatch) -> TargetChanges:
+    return TargetChanges(
+        description=patch.description,
+        aliases=list(patch.aliases) if patch.aliases is not None else None,
+        forget=stored_items(patch.forget) if patch.forget is not None else None,
+        retain=stored_items(patch.retain) if patch.retain is not None else None,
+        mechanisms=patch.mechanisms.enabled() if patch.mechanisms is not None else None,
+    )
+
+
+def job_out(job: JobRecord) -> JobOut:
+    return JobOut(**asdict(job))
+
+
+def target_out(view: TargetView) -> TargetOut:
+    return TargetOut(
+        id=view.id, name=view.name, description=view.description, aliases=view.aliases, status=view.status,
+        revision=view.revision,
+        mechanisms={name: MechanismOut(status=m.status, options=m.options, message=m.message, state=m.state)
+                    for name, m in view.mechanisms.items()},
+        classifier=ClassifierOut(**asdict(view.classifier)),
+        counts=view.counts, jobs=[job_out(job) for job in view.jobs],
+        created_at=view.created_at, updated_at=view.updated_at,
+        forget=[ForgetItem(**item) for item in view.forget] if view.forget is not None else None,
+        retain=[ForgetItem(**item) for item in view.retain] if view.retain is not None else None,
+    )
+
+
+def score_response(scored: ScoredPrompt) -> ScoreResponse:
+    return ScoreResponse(targets=scored.targets, mechanisms=scored.mechanisms, scores=[
+        ContinuationScoreOut(index=index, tokens=c.tokens, logprob=c.score.logprob, mean_loss=c.score.mean_loss,
+                             token_logprobs=list(c.score.token_logprobs))
+        for index, c in enumerate(scored.continuations)])
+
+
+class AdminServing:
+    """Every ``/admin/v1`` operation: protocol models in, registry or scoring calls, protocol models out."""
+
+    def __init__(self, registry: Registry, default_mechanisms: Sequence[str], snapshots: SnapshotHolder,
+                 scoring: ScoringService) -> None:
+        self._registry = registry
+        self._default_mechanisms = list(default_mechanisms)
+        self._snapshots = snapshots
+        self._scoring = scoring
+
+    def create_target(self, body: TargetCreate) -> TargetOut:
+        return target_out(self._registry.targets.create(new_target(body, self._default_mechanisms)))
+
+    def list_targets(self) -> TargetList:
+        listing = self._registry.targets.listing()
+        return TargetList(revision=listing.revision, data=[target_out(view) for view in listing.targets])
+
+    def get_target(self, target_id: str) -> TargetOut:
+        return target_out(self._registry.targets.get(target_id))
+
+    def patch_target(self, target_id: str, body: TargetPatch) -> TargetOut:
+        return target_out(self._registry.targets.patch(target_id, target_changes(body)))
+
+    def delete_target(self, target_id: str) -> Deleted:
+        deleted = self._registry.targets.delete(target_id)
+        return Deleted(id=deleted.id, revision=deleted.revision)
+
+    def get_job(self, job_id: str) -> JobOut:
+        return job_out(self._registry.jobs.get(job_id))
+
+    def summary(self) -> RegistryOut:
+        """The registry's counts, and the revision this replica's live snapshot serves."""
+        summary = self._registry.targets.summary()
+        return RegistryOut(revision=summary.revision, serving_revision=self._snapshots.current.revision,
+                           targets=summary.targets, jobs=summary.jobs)
+
+    def audit(self, limit: int, since: float | None) -> AuditList:
+        return AuditList(data=[AuditRecord(**asdict(entry)) for entry in self._registry.audit.recent(limit, since)])
+
+    async def score(self, body: ScoreRequest) -> ScoreResponse:
+        scored = await self._scoring.score([ChatTurn(m.role, m.content) for m in body.messages], body.continuations)
+        return score_response(scored)

@@ -1,0 +1,39 @@
+"""``AuditLog``: the stored audit trail, one entry per inference request (written in batches by ``server/audit.py``).
+
+Kept apart from targets and jobs: it is append-mostly, never bumps the registry revision, and is pruned by age.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict
+
+from sqlalchemy import delete, select
+
+from server.registry import views
+from server.registry.database import RegistryDatabase
+from server.registry.models import AuditRow
+from server.registry.records import AuditEntry
+
+
+class AuditLog:
+    def __init__(self, database: RegistryDatabase) -> None:
+        self._database = database
+
+    def write(self, entries: Sequence[AuditEntry]) -> None:
+        if not entries:
+            return
+        with self._database.transaction() as session:
+            session.add_all(AuditRow(**asdict(entry)) for entry in entries)
+
+    def recent(self, limit: int, since: float | None) -> list[AuditEntry]:
+        """Newest first, at most ``limit``, only those created at or after ``since`` (Unix time) when given."""
+        with self._database.session() as session:
+            query = select(AuditRow).order_by(AuditRow.created.desc(), AuditRow.id.desc()).limit(limit)
+            if since is not None:
+                query = query.where(AuditRow.created >= since)
+            return [views.audit_entry(row) for row in session.scalars(query).all()]
+
+    def prune(self, older_than: float) -> int:
+        with self._database.transaction() as session:
+            return session.execute(delete(AuditRow).where(AuditRow.created < older_than)).rowcount

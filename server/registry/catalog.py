@@ -1,0 +1,46 @@
+"""What the registry needs to know about the mechanisms of this build, without naming any of them.
+
+The catalog is built where the mechanisms are known (``server/control_plane.py``'s ``mechanism_catalog``, from
+``guards/registry.py``); the registry only asks it which jobs a target needs and whether a target can be admitted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+FIT_CLASSIFIER = "fit_classifier"
+
+
+@dataclass(frozen=True)
+class MechanismCatalog:
+    implemented: frozenset[str] = frozenset()
+    jobs_for: Callable[[str, Mapping[str, Any]], list[str]] = field(default=lambda name, options: [])
+    job_mechanism: Mapping[str, str] = field(default_factory=dict)  # job kind -> the mechanism it prepares
+    # (a target's enabled mechanisms, every other target's) -> why the registry cannot take it, or None
+    admit: Callable[[Mapping[str, Any], Sequence[Mapping[str, Any]]], str | None] = field(
+        default=lambda mechanisms, others: None)
+    # Mechanisms whose gate the classifier job fits into the classifier artifact (O3's OOD detector): switching one on
+    # or off refits the classifier, and the live snapshot stacks those gates for the targets that enable one.
+    classifier_fitted_gates: frozenset[str] = frozenset()
+
+    def preparation_kinds(self, mechanisms: Mapping[str, Any]) -> list[str]:
+        """The classifier fit plus every job the target's mechanisms need (SPEC §4: ECO/GUARD serve meanwhile)."""
+        kinds = [FIT_CLASSIFIER]
+        for name, entry in mechanisms.items():
+            if name in self.implemented:
+                kinds.extend(self.jobs_for(name, entry["options"]))
+        return kinds
+
+    def changed_mechanism_kinds(self, before: Mapping[str, Any], after: Mapping[str, Any]) -> list[str]:
+        """Jobs a mechanisms-only patch needs: those of new or re-optioned mechanisms, and a classifier refit when
+        a mechanism whose gate lives in the classifier artifact is switched on or off."""
+        kinds = []
+        gates = self.classifier_fitted_gates
+        if gates & set(before) != gates & set(after):
+            kinds.append(FIT_CLASSIFIER)
+        for name, entry in after.items():
+            if name in self.implemented and before.get(name, {}).get("options") != entry["options"]:
+                kinds.extend(self.jobs_for(name, entry["options"]))
+        return kinds

@@ -1,0 +1,179 @@
+"""``JobQueue``: the registry's preparation jobs (classifier fits, mechanism jobs) and how their outcomes reach targets.
+
+Workers claim, heartbeat, complete or fail jobs here; a completed job's result is published on its target and a
+failed one's error decides the target's status, in the same transaction that bumps the registry revision, so replicas
+never see a job's outcome without the target that carries it. The targets store enqueues and cancels jobs inside its
+own transactions through the session-level helpers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from server.errors import NotFound
+from server.registry import views
+from server.registry.catalog import FIT_CLASSIFIER, MechanismCatalog
+from server.registry.database import RegistryDatabase, bump_revision, new_id, utcnow
+from server.registry.models import JobRow, TargetRow
+from server.registry.records import ClaimedJob, JobRecord
+from server.registry.status import derive_statuses, latest_jobs
+
+logger = logging.getLogger(__name__)
+
+OPEN = ("queued", "running")
+MAX_ATTEMPTS = 3
+MAX_MESSAGE = 2000
+
+
+class JobQueue:
+    def __init__(self, database: RegistryDatabase, catalog: MechanismCatalog) -> None:
+        self._database = database
+        self._catalog = catalog
+
+    # ------------------------------------------------------------ reads
+
+    def get(self, job_id: str) -> JobRecord:
+        with self._database.session() as session:
+            row = session.get(JobRow, job_id)
+            if row is None:
+                raise NotFound(f"No job `{job_id}`.", param="job_id", code="job_not_found")
+            return views.job_record(row)
+
+    # ------------------------------------------------------------ workers
+
+    def claim(self, worker: str, kinds: Sequence[str]) -> ClaimedJob | None:
+        """Atomically move the oldest queued job to running (SKIP LOCKED on Postgres, a guarded UPDATE on SQLite)."""
+        now = utcnow()
+        with self._database.transaction() as session:
+            query = (select(JobRow).where(JobRow.status == "queued", JobRow.kind.in_(list(kinds)))
+                     .order_by(JobRow.created_at, JobRow.id).limit(1).with_for_update(skip_locked=True))
+            row = session.scalars(query).first()
+            if row is None:
+                return None
+            claimed = session.execute(
+                update(JobRow).where(JobRow.id == row.id, JobRow.status == "queued")
+                .values(status="running", worker=worker, started_at=now, heartbeat_at=now,
+                        attempts=JobRow.attempts + 1, message="started")
+            ).rowcount
+            if claimed != 1:
+                return None
+            session.refresh(row)
+            return ClaimedJob(id=row.id, kind=row.kind, target_id=row.target_id, attempts=row.attempts,
+                              payload=dict(row.payload))
+
+    def report_progress(self, job_id: str, progress: float, message: str) -> bool:
+        """Record progress and heartbeat; False if the job was cancelled meanwhile (the worker then stops)."""
+        with self._database.transaction() as session:
+            updated = session.execute(
+                update(JobRow).where(JobRow.id == job_id, JobRow.status == "running")
+                .values(progress=max(0.0, min(1.0, progress)), message=message[:MAX_MESSAGE], heartbeat_at=utcnow())
+            ).rowcount
+        return updated == 1
+
+    def complete(self, job_id: str, result: dict[str, Any]) -> None:
+        """Mark the job done and publish its result on the target, bumping the revision for the replicas.
+
+        A ``fit_classifier`` result becomes the target's classifier; a mechanism job's result becomes that
+        mechanism's published ``state`` (artifact digests, calibrated values).
+        """
+        now = utcnow()
+        with self._database.transaction() as session:
+            job = session.get(JobRow, job_id)
+            if job is None or job.status != "running":
+                return
+            job.status, job.progress, job.finished_at, job.message = "succeeded", 1.0, now, "done"
+            target = session.get(TargetRow, job.target_id) if job.target_id else None
+            if target is not None:
+                mechanism = self._catalog.job_mechanism.get(job.kind)
+                if job.kind == FIT_CLASSIFIER:
+                    target.classifier = result
+                elif mechanism in target.mechanisms:
+                    target.mechanisms = {**target.mechanisms,
+                                         mechanism: {**target.mechanisms[mechanism], "state": result}}
+                self._republish(session, target, now)
+
+    def cancel(self, job_id: str, reason: str) -> None:
+        with self._database.transaction() as session:
+            session.execute(update(JobRow).where(JobRow.id == job_id, JobRow.status.in_(OPEN))
+                            .values(status="cancelled", finished_at=utcnow(), message=reason[:MAX_MESSAGE]))
+
+    def fail(self, job_id: str, error: str) -> None:
+        """Requeue the job if attempts remain, otherwise mark it (and its target) failed."""
+        now = utcnow()
+        with self._database.transaction() as session:
+            job = session.get(JobRow, job_id)
+            if job is None or job.status != "running":
+                return
+            self._fail_or_retry(session, job, error, now)
+
+    def recover_stale(self, stale_after_s: float) -> int:
+        """Jobs whose worker stopped heart-beating (crash, kill -9) are retried or failed, never left running."""
+        now = utcnow()
+        cutoff = now - timedelta(seconds=stale_after_s)
+        with self._database.transaction() as session:
+            stale = session.scalars(select(JobRow).where(JobRow.status == "running", JobRow.heartbeat_at < cutoff)
+                                    .with_for_update(skip_locked=True)).all()
+            for job in stale:
+                self._fail_or_retry(session, job, f"worker {job.worker} stopped responding", now)
+        if stale:
+            logger.warning("jobs.recovered", extra={"count": len(stale)})
+        return len(stale)
+
+    # ------------------------------------------------------------ within a targets-store transaction
+
+    def enqueue(self, session: Session, target_id: str, kinds: Sequence[str], now: datetime) -> None:
+        for order, kind in enumerate(kinds):  # distinct timestamps: claimed in this order, the classifier first
+            session.add(JobRow(id=new_id("job"), target_id=target_id, kind=kind, status="queued", progress=0.0,
+                               message="queued", attempts=0, max_attempts=MAX_ATTEMPTS, payload={},
+                               created_at=now + timedelta(microseconds=order)))
+
+    def cancel_open(self, session: Session, target_id: str, now: datetime, kinds: Sequence[str] | None = None) -> None:
+        """Supersede the target's queued and running jobs (all of them, or those of ``kinds``)."""
+        query = update(JobRow).where(JobRow.target_id == target_id, JobRow.status.in_(OPEN))
+        if kinds is not None:
+            query = query.where(JobRow.kind.in_(list(kinds)))
+        session.execute(query.values(status="cancelled", finished_at=now, message="superseded"))
+
+    def refresh_statuses(self, session: Session, target: TargetRow) -> None:
+        """Re-derive the target's and its mechanisms' statuses (``status.derive_statuses``) from its jobs."""
+        jobs = session.scalars(select(JobRow).where(JobRow.target_id == target.id)
+                               .order_by(JobRow.created_at, JobRow.id))
+        statuses = derive_statuses(target.mechanisms, target.classifier.get("status", "preparing"), latest_jobs(jobs),
+                                   self._catalog.implemented, self._catalog.jobs_for)
+        target.mechanisms, target.status = statuses.mechanisms, statuses.target
+
+    def jobs_by_target(self, session: Session, target_ids: list[str]) -> dict[str, list[JobRow]]:
+        if not target_ids:
+            return {}
+        rows = session.scalars(select(JobRow).where(JobRow.target_id.in_(target_ids))
+                               .order_by(JobRow.created_at, JobRow.id)).all()
+        grouped: dict[str, list[JobRow]] = {}
+        for row in rows:
+            grouped.setdefault(row.target_id or "", []).append(row)
+        return grouped
+
+    # ------------------------------------------------------------ helpers
+
+    def _fail_or_retry(self, session: Session, job: JobRow, error: str, now: datetime) -> None:
+        if job.attempts < job.max_attempts:
+            job.status, job.error, job.worker = "queued", error, None
+            job.message = f"retrying after: {error}"[:MAX_MESSAGE]
+            return
+        job.status, job.error, job.finished_at, job.message = "failed", error, now, "failed"
+        target = session.get(TargetRow, job.target_id) if job.target_id else None
+        if target is not None:
+            if job.kind == FIT_CLASSIFIER and target.classifier.get("status") != "ready":
+                target.classifier = {**target.classifier, "status": "failed"}
+            self._republish(session, target, now)
+
+    def _republish(self, session: Session, target: TargetRow, now: datetime) -> None:
+        """A job outcome changed the target: re-derive its statuses and let the replicas see it."""
+        self.refresh_statuses(session, target)
+        target.updated_at = now
+        target.revision = bump_revision(session)
