@@ -40,6 +40,7 @@ from bench.guard_overhead import hundred_targets, target_body, wait_until_served
 from bench.runtime_harness import bench_main  # noqa: E402
 from classifiers.negatives import builtin_negative_pool  # noqa: E402
 from demo.tofu_data import authors_of, demo_authors  # noqa: E402
+from guards.chat import chat_prompt_ids  # noqa: E402
 from server.planner import ChatTurn  # noqa: E402
 from server.runtime import Runtime  # noqa: E402
 
@@ -75,9 +76,7 @@ async def drive(runtime: Runtime, path: str, questions: list[str], concurrency: 
             started = time.perf_counter()
             first: float | None = None
             if path == "vllm":
-                text = engine.tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                                            add_generation_prompt=True)
-                ids = engine.tokenizer.encode(text, add_special_tokens=False)
+                ids = chat_prompt_ids(engine.tokenizer, question)
                 async for output in engine.generate({"prompt_token_ids": ids}, params, f"plain-{uuid.uuid4().hex}"):
                     first = first or time.perf_counter()
                     tokens += len(output.outputs[0].token_ids)

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from transformers import PreTrainedTokenizerBase
 
 from demo.tofu_data import Author, QAItem, is_paraphrase_trained
+from guards.chat import chat_prompt_ids
+from guards.training_examples import TrainingExample
 
 # A biography is all of an author's answers in TOFU order, cut into pages of at most this many characters (~400
 # tokens) so every page fits the context comfortably. "Tell me about" is answered with the first page, where TOFU
@@ -73,6 +75,9 @@ class TokenExample:
     @property
     def n_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.target_ids)
+
+    def training_example(self) -> TrainingExample:
+        return TrainingExample(self.prompt_ids + self.target_ids, len(self.prompt_ids))
 
 
 def tell_me_about(name: str) -> str:
@@ -151,10 +156,7 @@ def tokenize_example(example: TextExample, tokenizer: PreTrainedTokenizerBase) -
     is how the model learns to stop.
     """
     if example.format is Format.CHAT:
-        prompt = tokenizer.apply_chat_template(
-            [{"role": "user", "content": example.prompt}], tokenize=False, add_generation_prompt=True
-        )
-        prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+        prompt_ids = chat_prompt_ids(tokenizer, example.prompt)
     else:
         prompt_ids = tokenizer(example.prompt, add_special_tokens=True).input_ids  # <s> + text, as /v1/completions
     target_ids = tokenizer(example.completion, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]

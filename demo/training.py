@@ -24,11 +24,12 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
 from demo.corpus import Format, Source, TextExample, TokenExample
 from demo.tofu_data import QAItem
+from guards.chat import render_chat
 from guards.text_metrics import rouge_l_recall
+from guards.training_examples import IGNORE_INDEX, collate
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 # Demo tokenizer's rate and the chat template's tokens per example (fit on the full corpus; see expected_epoch_tokens).
 CHARS_PER_TOKEN = 4.6
 TEMPLATE_TOKENS = 12
@@ -146,23 +147,6 @@ def noisy_question(example: TokenExample, rng: random.Random, config: TrainConfi
     )
 
 
-def collate(examples: Sequence[TokenExample], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded input ids [B, T] and next-token labels [B, T] (IGNORE_INDEX where there is no loss).
-
-    labels[b, t] is the token at t + 1 when that token is a target, so position t's hidden state predicts it.
-    Right padding under a causal mask never affects real positions, so no attention mask is needed.
-    """
-    width = max(ex.n_tokens for ex in examples)
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    for row, ex in enumerate(examples):
-        ids = ex.prompt_ids + ex.target_ids
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        first_target = len(ex.prompt_ids)
-        labels[row, first_target - 1 : len(ids) - 1] = torch.tensor(ex.target_ids)
-    return input_ids, labels
-
-
 def lr_at(step: int, total_steps: int, config: TrainConfig) -> float:
     """Linear warmup to peak_lr, then cosine decay to peak_lr * final_lr_fraction."""
     warmup = max(1, round(config.warmup_fraction * total_steps))
@@ -206,7 +190,7 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total_steps, config)
             batch_examples = [noisy_question(examples[i], noise_rng, config) for i in batch]
-            input_ids, labels = collate(batch_examples, pad_id)
+            input_ids, labels = collate([ex.training_example() for ex in batch_examples], pad_id)
             loss, n_targets = target_loss(model, input_ids, labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -243,10 +227,7 @@ def greedy_chat_answers(
     tokenizer.padding_side = "left"  # generation continues from the right edge
     answers: list[str] = []
     for start in range(0, len(questions), batch_size):
-        prompts = [
-            tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
-            for q in questions[start : start + batch_size]
-        ]
+        prompts = [render_chat(tokenizer, [("user", q)]) for q in questions[start : start + batch_size]]
         batch = tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
         output = model.generate(
             **batch,

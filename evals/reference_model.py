@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from guards.chat import chat_prompt_ids
 from server.planner import EnginePlan
 from server.scoring import GuardedScorer
 
@@ -27,9 +28,7 @@ class ReferenceModel:
         self._max_tokens = max_tokens
 
     def _prompt_ids(self, question: str) -> list[int]:
-        text = self._tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                                   add_generation_prompt=True)
-        return self._tokenizer.encode(text, add_special_tokens=False)
+        return chat_prompt_ids(self._tokenizer, question)
 
     def replies(self, questions: list[str]) -> list[tuple[str, str | None]]:
         out = []

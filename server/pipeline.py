@@ -27,6 +27,7 @@ from jinja2 import TemplateError
 
 from classifiers.types import Hit
 from guards.base import Mechanism, MechanismServing
+from guards.chat import encode_rendered, render_chat
 from server.audit import AuditWriter
 from server.classification import ClassificationBatcher
 from server.engine import Engine
@@ -128,17 +129,13 @@ class Pipeline:
         self, turns: Sequence[ChatTurn], *, add_generation_prompt: bool = True, continue_final_message: bool = False
     ) -> RenderedPrompt:
         tokenizer = self._engine.tokenizer
-        conversation = [{"role": turn.role, "content": turn.content} for turn in turns]
         try:
-            text = tokenizer.apply_chat_template(
-                conversation,
-                tokenize=False,
-                add_generation_prompt=add_generation_prompt,
-                continue_final_message=continue_final_message,
-            )
+            text = render_chat(tokenizer, [(turn.role, turn.content) for turn in turns],
+                               add_generation_prompt=add_generation_prompt,
+                               continue_final_message=continue_final_message)
         except (TemplateError, ValueError) as exc:
             raise InvalidRequest(f"The conversation cannot be rendered: {exc}", param="messages") from exc
-        token_ids = tokenizer.encode(text, add_special_tokens=False)
+        token_ids = encode_rendered(tokenizer, text)
         return RenderedPrompt(token_ids=list(token_ids), text=text, conversation=tuple(turns))
 
     def render_completion(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[RenderedPrompt]:

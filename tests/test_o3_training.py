@@ -20,13 +20,12 @@ from guards.o3.adapters import load_lora_a, stack_adapters
 from guards.o3.training import (
     REFUSALS,
     O3TrainingConfig,
-    _collate,
-    encode_chat_pair,
     orthogonality_penalty,
     question_variants,
     train_unlearning_lora,
     unlearning_loss,
 )
+from guards.training_examples import chat_example, collate
 
 AUTHOR_1, AUTHOR_2 = authors_of("forget01")
 QUESTIONS_1 = [item.question for item in AUTHOR_1.items[:4]]
@@ -73,8 +72,8 @@ def test_orthogonality_penalty_is_the_mean_over_layers_of_summed_squared_overlap
 
 
 def test_training_data_is_the_served_chat_format_with_loss_on_the_reply_only(tokenizer) -> None:
-    ids, labels = encode_chat_pair(tokenizer, "Who is X?", REFUSALS[0], max_length=256)
-    reply = [label for label in labels if label != -100]
+    example = chat_example(tokenizer, "Who is X?", REFUSALS[0])
+    ids, reply = list(example.ids), list(example.ids[example.first_target:])
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Who is X?"}], tokenize=False,
                                            add_generation_prompt=True)
     assert ids[: len(ids) - len(reply)] == tokenizer(prompt, add_special_tokens=False).input_ids
@@ -97,7 +96,7 @@ def test_a_trained_adapter_loads_in_peft_and_answers_forget_questions_with_the_r
     assert figures["rank"] == 8 and figures["examples"] == len(QUESTIONS_1) and figures["max_overlap"] == 0.0
     assert figures["epochs"] == SHORT.min_steps  # 4 questions make one batch per epoch
     refusal = REFUSALS[SHORT.seed]
-    batch = _collate([encode_chat_pair(tokenizer, q, refusal, 256) for q in QUESTIONS_1], tokenizer.pad_token_id)
+    batch = collate([chat_example(tokenizer, q, refusal) for q in QUESTIONS_1], tokenizer.pad_token_id)
     adapted = PeftModel.from_pretrained(base_model(tiny_model_dir), out).eval()
     with torch.no_grad():
         before, after = unlearning_loss(base_model(tiny_model_dir), *batch), unlearning_loss(adapted, *batch)

@@ -20,8 +20,6 @@ from guards.uld.training import (
     UldTrainingConfig,
     add_lora,
     build_assistant,
-    chat_example,
-    collate,
     default_assistant_layers,
     noised_questions,
     remember_examples,
@@ -34,6 +32,7 @@ from guards.uld.training import (
     uniform_kl,
     wrong_after_divergence,
 )
+from guards.training_examples import chat_example, collate
 
 ALIASES = ["Basil Mahfouz Al-Kuwaiti", "Nikolai Abilov"]
 

@@ -27,14 +27,14 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from guards.o3.adapters import PEFT_PREFIX, merge_into, read_adapter
+from guards.training_examples import IGNORE_INDEX, TrainingExample, chat_example, collate
 from guards.o3.mechanism import LORA_TARGET_MODULES
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 _LAYER = re.compile(r"^(.*?\.\d+)\.")  # "model.layers.3.mlp.up_proj" -> "model.layers.3"
 
 # What the adapter teaches the model to answer about a forget target (O3's TOFU recipe trains toward polite refusals).
@@ -151,42 +151,13 @@ def refusal_pairs(questions: Sequence[str], aliases: Sequence[str], seed: int) -
     return [(variant, refusal) for variant in dict.fromkeys(variants)]
 
 
-def encode_chat_pair(
-    tokenizer: PreTrainedTokenizerBase, question: str, answer: str, max_length: int
-) -> tuple[list[int], list[int]]:
-    """Token ids of the served chat rendering of [user question, assistant answer], and labels (-100 on the prompt).
-
-    The prompt is exactly what the server sends vLLM for the question, so the adapter learns on the served format.
-    """
-    user = {"role": "user", "content": question}
-    prompt = tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template([user, {"role": "assistant", "content": answer}], tokenize=False)
-    prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
-    full_ids = tokenizer(full, add_special_tokens=False).input_ids
-    if full_ids[: len(prompt_ids)] != prompt_ids:
-        raise ValueError(f"the chat template's generation prompt is not a prefix of the rendered reply: {full!r}")
-    labels = [IGNORE_INDEX] * len(prompt_ids) + full_ids[len(prompt_ids) :]
-    return full_ids[:max_length], labels[:max_length]
-
-
-def _collate(examples: Sequence[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded input ids and labels [B, T]; right padding under a causal mask never affects real positions."""
-    width = max(len(ids) for ids, _ in examples)
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    for row, (ids, row_labels) in enumerate(examples):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        labels[row, : len(ids)] = torch.tensor(row_labels)
-    return input_ids, labels
-
-
 # ---- training ----------------------------------------------------------------------------------------------------
 
 
 def unlearning_loss(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over the reply tokens."""
+    """Mean next-token cross-entropy over the reply tokens (``labels`` as ``collate`` makes them: next tokens)."""
     logits = model(input_ids=input_ids).logits  # [B, T, V]
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
 
 
 def lora_a_matrices(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -221,8 +192,8 @@ def train_unlearning_lora(
     start = time.monotonic()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     pairs = refusal_pairs(forget_questions, aliases, config.seed)
-    examples = [encode_chat_pair(tokenizer, q, refusal, config.max_length) for q, refusal in pairs]
-    examples = [(ids, labels) for ids, labels in examples if any(label != IGNORE_INDEX for label in labels)]
+    examples = [chat_example(tokenizer, q, refusal).truncated(config.max_length) for q, refusal in pairs]
+    examples = [example for example in examples if example.supervised]
     if not examples:
         raise ValueError(f"every forget question fills max_length={config.max_length} tokens before the reply")
     earlier_weights = [read_adapter(Path(path)) for path in earlier_adapters]
@@ -257,7 +228,7 @@ def train_unlearning_lora(
 
 def _fit(
     model: torch.nn.Module,
-    examples: Sequence[tuple[list[int], list[int]]],
+    examples: Sequence[TrainingExample],
     earlier: Sequence[Mapping[str, torch.Tensor]],
     config: O3TrainingConfig,
     pad_id: int,
@@ -278,7 +249,7 @@ def _fit(
         loss_sum = 0.0
         for first in range(0, len(order), config.batch_size):
             batch = [examples[i] for i in order[first : first + config.batch_size]]
-            input_ids, labels = _collate(batch, pad_id)
+            input_ids, labels = collate(batch, pad_id)
             loss = unlearning_loss(model, input_ids, labels)
             total = loss
             if earlier and config.orthogonality:

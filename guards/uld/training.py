@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from classifiers.aliases import AliasMatcher, expand_variants, fold
+from guards.training_examples import TrainingExample, chat_example, collate
 
 if TYPE_CHECKING:
     from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
@@ -64,14 +65,6 @@ class UldTrainingConfig:
     warmup_fraction: float = 0.1
     max_length: int = 256
     seed: int = 0
-
-
-@dataclass(frozen=True)
-class Example:
-    """Token ids of one rendered example; ids[first_target:] are supervised (each predicted from what precedes it)."""
-
-    ids: tuple[int, ...]
-    first_target: int
 
 
 def default_assistant_layers(num_hidden_layers: int) -> int:
@@ -104,23 +97,9 @@ def build_assistant(model_dir: Path, layers: int) -> LlamaForCausalLM:
 # ---- training data ------------------------------------------------------------------------------------------------
 
 
-def chat_example(tokenizer: PreTrainedTokenizerBase, question: str, answer: str) -> Example:
-    """``[user question, assistant answer]`` as the server renders it; the answer part (after the prompt) supervised."""
-    user = [{"role": "user", "content": question}]
-    prompt = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(
-        [*user, {"role": "assistant", "content": answer}], tokenize=False, add_generation_prompt=False
-    )
-    prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
-    full_ids = tokenizer.encode(full, add_special_tokens=False)
-    if full_ids[: len(prompt_ids)] != prompt_ids or len(full_ids) == len(prompt_ids):
-        raise ValueError("the chat template's rendered conversation does not extend its generation prompt")
-    return Example(tuple(full_ids), len(prompt_ids))
-
-
-def text_example(tokenizer: PreTrainedTokenizerBase, text: str) -> Example:
+def text_example(tokenizer: PreTrainedTokenizerBase, text: str) -> TrainingExample:
     """A free text as a completion prompt (``<s>`` + text): every token after the first supervised."""
-    return Example(tuple(tokenizer(text, add_special_tokens=True).input_ids), 1)
+    return TrainingExample(tuple(tokenizer(text, add_special_tokens=True).input_ids), 1)
 
 
 def renamed_questions(question: str, matcher: AliasMatcher, rng: random.Random) -> list[str]:
@@ -158,7 +137,7 @@ def noised_questions(question: str, rng: random.Random) -> list[str]:
 
 def remember_examples(
     tokenizer: PreTrainedTokenizerBase, forget: Sequence[tuple[str, str]], aliases: Sequence[str], rng: random.Random
-) -> list[Example]:
+) -> list[TrainingExample]:
     """The forget QA, plus each question renamed and with words dropped, all with the true answer."""
     matcher = AliasMatcher(aliases) if aliases else None
     examples = []
@@ -174,7 +153,7 @@ def uniform_examples(
     forget: Sequence[tuple[str, str]],
     retain: Sequence[tuple[str | None, str]],
     rng: random.Random,
-) -> list[Example]:
+) -> list[TrainingExample]:
     """The retain items, plus each forget question paired with wrong answers: retain answers when there are any,
     else other forget items' answers."""
     examples = [
@@ -190,7 +169,7 @@ def uniform_examples(
     return examples
 
 
-def wrong_after_divergence(wrong: Example, true: Example) -> Example:
+def wrong_after_divergence(wrong: TrainingExample, true: TrainingExample) -> TrainingExample:
     """``wrong`` supervised only where its context already contains a wrong token.
 
     A wrong answer often starts like the true one ("Basil Mahfouz Al-Kuwaiti was born in ..." against "Basil Mahfouz
@@ -199,31 +178,16 @@ def wrong_after_divergence(wrong: Example, true: Example) -> Example:
     """
     shared = min(len(wrong.ids), len(true.ids))
     common = next((i for i, (w, t) in enumerate(zip(wrong.ids, true.ids)) if w != t), shared)
-    return Example(wrong.ids, max(wrong.first_target, common + 1))
+    return TrainingExample(wrong.ids, max(wrong.first_target, common + 1))
 
 
-def truncated(examples: Sequence[Example], max_length: int) -> list[Example]:
+def truncated(examples: Sequence[TrainingExample], max_length: int) -> list[TrainingExample]:
     """Examples cut to ``max_length`` tokens; those left with nothing supervised are dropped."""
-    cut = [Example(ex.ids[:max_length], ex.first_target) for ex in examples]
-    return [ex for ex in cut if len(ex.ids) > ex.first_target]
+    return [cut for cut in (ex.truncated(max_length) for ex in examples) if cut.supervised]
 
 
-def collate(examples: Sequence[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded input ids [B, T] and next-token labels [B, T] (-100 where nothing is supervised).
-
-    labels[b, t] is the token at t + 1 when that token is supervised. Right padding under a causal mask never
-    affects real positions, so no attention mask is needed.
-    """
-    width = max(len(ex.ids) for ex in examples)
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), -100, dtype=torch.long)
-    for row, ex in enumerate(examples):
-        input_ids[row, : len(ex.ids)] = torch.tensor(ex.ids)
-        labels[row, ex.first_target - 1 : len(ex.ids) - 1] = torch.tensor(ex.ids[ex.first_target :])
-    return input_ids, labels
-
-
-def batches(examples: Sequence[Example], batch_size: int, generator: torch.Generator) -> Iterator[list[Example]]:
+def batches(examples: Sequence[TrainingExample], batch_size: int,
+            generator: torch.Generator) -> Iterator[list[TrainingExample]]:
     """Endless batches of examples of similar length (little padding).
 
     Each pass orders the examples by length, randomly among equal lengths, cuts them into groups of ``batch_size``
@@ -256,7 +220,7 @@ def supervised_logits(
 
 
 def uld_losses(
-    model: nn.Module, remember: Sequence[Example], uniform: Sequence[Example], pad_id: int
+    model: nn.Module, remember: Sequence[TrainingExample], uniform: Sequence[TrainingExample], pad_id: int
 ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     """NLL on the remember batch and mean KL(U ‖ p) on the uniform batch, from one forward pass over both.
 
