@@ -47,9 +47,10 @@ from guards.text_metrics import rouge_l_recall  # noqa: E402
 from server.admin.protocol import TargetCreate  # noqa: E402
 from server.admin.serving import new_target  # noqa: E402
 from server.classifier_jobs import _load_prompt_artifact  # noqa: E402
-from server.planner import ChatTurn, EnginePlan, RenderedPrompt  # noqa: E402
+from server.planner import ChatTurn, EnginePlan  # noqa: E402
 from server.registry.records import NewTarget  # noqa: E402
 from server.registry.snapshot import RegistrySnapshot  # noqa: E402
+from server.run import ChatPrompt, RunRequest  # noqa: E402
 from server.runtime import Runtime  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "guard_overhead.json"
@@ -90,6 +91,11 @@ def only(snapshot: RegistrySnapshot, mechanisms: tuple[str, ...]) -> RegistrySna
     return replace(snapshot, targets=targets)
 
 
+def question(text: str) -> ChatPrompt:
+    """One user question, rendered by the pipeline as a chat request is."""
+    return ChatPrompt((ChatTurn("user", text),))
+
+
 def replan_run(runtime: Runtime, run: Any, mechanisms: tuple[str, ...] | None) -> None:
     """Re-plan a started (hit) run with only ``mechanisms``, or as plain token ids ("unprotected") when None."""
     prompt = run.prompts[0]
@@ -100,7 +106,7 @@ def replan_run(runtime: Runtime, run: Any, mechanisms: tuple[str, ...] | None) -
         run.plans = [runtime.pipeline.plan(run, 0)]
 
 
-async def serve(runtime: Runtime, prompts: list[RenderedPrompt], concurrency: int,
+async def serve(runtime: Runtime, prompts: list[ChatPrompt], concurrency: int,
                 mechanisms: tuple[str, ...] | None = None, replan: bool = False) -> tuple[float, list[float], int]:
     """(tokens/s, per-request seconds, hits) for the prompts through the pipeline at a concurrency."""
     from vllm.sampling_params import RequestOutputKind, SamplingParams
@@ -112,16 +118,17 @@ async def serve(runtime: Runtime, prompts: list[RenderedPrompt], concurrency: in
     seconds: list[float] = []
     tokens = hits = 0
 
-    async def one(prompt: RenderedPrompt) -> None:
+    async def one(prompt: ChatPrompt) -> None:
         nonlocal tokens, hits
         async with limit:
             started = time.perf_counter()
-            run = await pipeline.start(f"bench-{uuid.uuid4().hex}", "chat", [prompt], 1)
+            run = await pipeline.start(RunRequest("chat", f"bench-{uuid.uuid4().hex}", prompt))
             hits += bool(run.hit_target_ids)
             if replan:
                 replan_run(runtime, run, mechanisms)
-            async for event in pipeline.events(run, params):
-                tokens += len(event.token_ids)
+            async with run:
+                async for event in run.events(params):
+                    tokens += len(event.token_ids)
             seconds.append(time.perf_counter() - started)
 
     started = time.perf_counter()
@@ -129,7 +136,7 @@ async def serve(runtime: Runtime, prompts: list[RenderedPrompt], concurrency: in
     return tokens / (time.perf_counter() - started), seconds, hits
 
 
-async def quality(runtime: Runtime, sets: dict[str, list[tuple[RenderedPrompt, str]]],
+async def quality(runtime: Runtime, sets: dict[str, list[tuple[ChatPrompt, str]]],
                   mechanisms: tuple[str, ...] | None) -> dict[str, list[tuple[float, str]]]:
     """(ROUGE-L recall of the gold answer, reply) per question of each set, greedy replies of at most 60 tokens."""
     from vllm.sampling_params import RequestOutputKind, SamplingParams
@@ -138,12 +145,13 @@ async def quality(runtime: Runtime, sets: dict[str, list[tuple[RenderedPrompt, s
     params = SamplingParams(temperature=0.0, max_tokens=60, output_kind=RequestOutputKind.DELTA)
     limit = asyncio.Semaphore(CONCURRENCY)
 
-    async def one(prompt: RenderedPrompt, gold: str) -> tuple[float, str]:
+    async def one(prompt: ChatPrompt, gold: str) -> tuple[float, str]:
         async with limit:
-            run = await pipeline.start(f"bench-{uuid.uuid4().hex}", "chat", [prompt], 1)
+            run = await pipeline.start(RunRequest("chat", f"bench-{uuid.uuid4().hex}", prompt))
             if run.hit_target_ids:
                 replan_run(runtime, run, mechanisms)
-            text = "".join([event.text async for event in pipeline.events(run, params)])
+            async with run:
+                text = "".join([event.text async for event in run.events(params)])
             return rouge_l_recall(text, gold), text
 
     return {name: list(await asyncio.gather(*(one(p, g) for p, g in items))) for name, items in sets.items()}
@@ -187,16 +195,15 @@ async def measure(runtime: Runtime, rounds: int, model: str) -> dict:
                 job_seconds.setdefault(job.kind, []).append(round((job.finished_at - job.started_at).total_seconds(), 1))
     holder = runtime.control.snapshots
     registered = holder.current
-    render = runtime.pipeline.render_chat
-    flagged = [render([ChatTurn("user", i.question)]) for a in forget for i in a.items]
-    unflagged = [render([ChatTurn("user", i.question)]) for a in retain_authors for i in a.items[:14]][:40]
+    flagged = [question(i.question) for a in forget for i in a.items]
+    unflagged = [question(i.question) for a in retain_authors for i in a.items[:14]][:40]
     empty = replace(registered, targets={}, bank=None)
     loaded = hundred_targets(registered, runtime)
 
     question_sets = {
-        "forget": [(render([ChatTurn("user", i.question)]), i.answer) for a in forget for i in a.items],
-        "paraphrase": [(render([ChatTurn("user", i.paraphrased_question)]), i.answer) for a in forget for i in a.items],
-        "retain": [(render([ChatTurn("user", i.question)]), i.answer) for a in retain_authors for i in a.items],
+        "forget": [(question(i.question), i.answer) for a in forget for i in a.items],
+        "paraphrase": [(question(i.paraphrased_question), i.answer) for a in forget for i in a.items],
+        "retain": [(question(i.question), i.answer) for a in retain_authors for i in a.items],
     }
     unprotected = await quality(runtime, question_sets, None)
     qualities = {name: quality_row(await quality(runtime, question_sets, mechanisms), unprotected)

@@ -42,6 +42,7 @@ from classifiers.negatives import builtin_negative_pool  # noqa: E402
 from demo.tofu_data import authors_of, demo_authors  # noqa: E402
 from guards.chat import chat_prompt_ids  # noqa: E402
 from server.planner import ChatTurn  # noqa: E402
+from server.run import ChatPrompt, RunRequest  # noqa: E402
 from server.runtime import Runtime  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "unflagged_traffic.json"
@@ -81,13 +82,13 @@ async def drive(runtime: Runtime, path: str, questions: list[str], concurrency: 
                     first = first or time.perf_counter()
                     tokens += len(output.outputs[0].token_ids)
             else:
-                prompt = pipeline.render_chat([ChatTurn("user", question)])
-                run = await pipeline.start(f"bench-{uuid.uuid4().hex}", "chat", [prompt], 1)
+                run = await pipeline.start(RunRequest("chat", f"bench-{uuid.uuid4().hex}",
+                                                      ChatPrompt((ChatTurn("user", question),))))
                 hits += bool(run.hit_target_ids)
-                async for event in pipeline.events(run, params):
-                    first = first or time.perf_counter()
-                    tokens += len(event.token_ids)
-                pipeline.finish(run)
+                async with run:
+                    async for event in run.events(params):
+                        first = first or time.perf_counter()
+                        tokens += len(event.token_ids)
             ttft.append((first or time.perf_counter()) - started)
 
     started = time.perf_counter()

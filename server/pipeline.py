@@ -4,8 +4,10 @@
     -> plan (each hit target's mechanisms contribute, in their fixed order) -> engine.generate -> choice events
     -> finish (metrics, audit record)
 
-Plain async Python with no HTTP in it: the OpenAI layer (``server/openai/serving.py``) turns ``ChoiceEvent``s into
-responses or SSE chunks, so streaming and non-streaming share one generation path. With no forget target hit, the
+An endpoint calls ``start`` once with a ``RunRequest`` and drives the ``Run`` it gets back as a context manager
+(``server/run.py``), which finishes it exactly once. Plain async Python with no HTTP in it: the OpenAI layer
+(``server/openai/serving.py``) turns ``ChoiceEvent``s into responses or SSE chunks, so streaming and non-streaming
+share one generation path; scoring (``server/scoring.py``) runs the same lifecycle. With no forget target hit, the
 plan is the plain vLLM input (token ids, no extra_args, no LoRA), which keeps unflagged traffic token-identical to
 plain vLLM; with no target registered at all, classification is skipped and costs nothing.
 
@@ -20,7 +22,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 from jinja2 import TemplateError
@@ -32,65 +34,17 @@ from server.audit import AuditWriter
 from server.classification import ClassificationBatcher
 from server.engine import Engine
 from server.errors import ContextLengthExceeded, GuardFailed, InvalidRequest, RequestTimeout
-from server.planner import (  # noqa: F401  (ChatTurn, RenderedPrompt: part of this module's interface)
-    NO_TARGETS, ChatTurn, Classification, EnginePlan, Planner, RenderedPrompt)
+from server.planner import NO_TARGETS, ChatTurn, Classification, EnginePlan, Planner, RenderedPrompt
 from server.metrics import Metrics
 from server.prompt_embeds import EmbeddingTable
 from server.registry.records import AuditEntry
 from server.registry.snapshot import RegistrySnapshot, SnapshotHolder
+from server.run import ChatPrompt, ChoiceEvent, CompletionPrompt, Run, RunRequest, TokenLogprob
 
 logger = logging.getLogger(__name__)
 
 
 AUDITED_SCORES = 5
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    token_id: int
-    token: str
-    logprob: float
-    top: tuple[tuple[int, str, float], ...]  # (id, text, logprob), best first
-
-
-@dataclass(frozen=True)
-class ChoiceEvent:
-    """New output of one choice: the text and tokens produced since the previous event of that choice."""
-
-    index: int
-    prompt_index: int
-    text: str
-    token_ids: tuple[int, ...]
-    logprobs: tuple[TokenLogprob, ...] | None
-    finish_reason: str | None
-    stop_reason: int | str | None
-
-
-@dataclass
-class Run:
-    """One inference request in flight; counters are final once its event stream is exhausted."""
-
-    request_id: str
-    endpoint: str
-    prompts: list[RenderedPrompt]
-    n: int
-    snapshot: RegistrySnapshot
-    classifications: list[Classification]
-    seed: int | None = None
-    plans: list[EnginePlan] = field(default_factory=list)
-    mechanisms: list[str] = field(default_factory=list)  # applied to any of its prompts, in mechanism order
-    started_at: float = field(default_factory=time.perf_counter)
-    created: float = field(default_factory=time.time)
-    first_token_at: float | None = None
-    completion_tokens: int = 0
-
-    @property
-    def prompt_tokens(self) -> int:
-        return sum(len(prompt.token_ids) for prompt in self.prompts)
-
-    @property
-    def hit_target_ids(self) -> list[str]:
-        return sorted({hit.target_id for c in self.classifications for hit in c.hits})
 
 
 def check_in_vocabulary(token_ids: Iterable[int], vocab_size: int, param: str) -> None:
@@ -190,28 +144,36 @@ class Pipeline:
 
     # ------------------------------------------------------------ generate
 
-    async def start(
-        self, request_id: str, endpoint: str, prompts: list[RenderedPrompt], n: int, seed: int | None = None
-    ) -> Run:
-        """Classify and plan the prompts against the current registry snapshot, which the run keeps to its end."""
+    async def start(self, request: RunRequest) -> Run:
+        """Render the request's prompts, check they fit, classify and plan them against the current registry snapshot
+        (which the run keeps to its end). A refusal after classification is accounted (``guard_failed``) before it
+        raises; the caller drives the returned run as a context manager (``server/run.py``)."""
+        prompts = self._render(request.prompt)
+        self.check_budget(prompts, request.max_tokens, request.budget_param)
         snapshot = self._registry.current if self._registry is not None else RegistrySnapshot(revision=0)
-        run = Run(request_id=request_id, endpoint=endpoint, prompts=prompts, n=n, snapshot=snapshot,
-                  classifications=[], seed=seed)
+        run = Run(request_id=request.request_id, endpoint=request.endpoint, prompts=prompts, n=request.n,
+                  snapshot=snapshot, generate=self._generate, on_finish=self._account, seed=request.seed)
         try:
             run.classifications = list(await asyncio.gather(*(self._classify(snapshot, p) for p in prompts)))
         except Exception as exc:  # an unclassified prompt may be about a target: refuse it, never serve it plain
-            logger.exception("classifier.failed", extra={"request_id": request_id})
+            logger.exception("classifier.failed", extra={"request_id": run.request_id})
             self._metrics.guard_failures.labels("classifier").inc()
-            self.finish(run, "guard_failed")
+            run.finish("guard_failed")
             raise GuardFailed() from exc
         for target_id in run.hit_target_ids:
             self._metrics.target_hits.labels(target_id).inc()
         try:
             run.plans = [self.plan(run, index) for index in range(len(prompts))]
         except GuardFailed:
-            self.finish(run, "guard_failed")
+            run.finish("guard_failed")
             raise
         return run
+
+    def _render(self, prompt: ChatPrompt | CompletionPrompt) -> list[RenderedPrompt]:
+        if isinstance(prompt, ChatPrompt):
+            return [self.render_chat(prompt.turns, add_generation_prompt=prompt.add_generation_prompt,
+                                     continue_final_message=prompt.continue_final_message)]
+        return self.render_completion(prompt)
 
     async def _classify(self, snapshot: RegistrySnapshot, prompt: RenderedPrompt) -> Classification:
         if snapshot.bank is None:
@@ -241,8 +203,8 @@ class Pipeline:
             text = output.outputs[0].text
         return text
 
-    def finish(self, run: Run, outcome: str = "served") -> None:
-        """Account for a finished (or failed) run: metrics, a structured log line and its audit record."""
+    def _account(self, run: Run, outcome: str) -> None:
+        """A finished (or failed) run's metrics, structured log line and audit record (``Run.finish`` calls it once)."""
         elapsed = time.perf_counter() - run.started_at
         self._metrics.prompt_tokens.inc(run.prompt_tokens)
         self._metrics.completion_tokens.inc(run.completion_tokens)
@@ -252,8 +214,9 @@ class Pipeline:
         targets = run.hit_target_ids
         logger.info("request.done", extra={
             "request_id": run.request_id, "endpoint": run.endpoint, "outcome": outcome, "targets": targets,
-            "mechanisms": run.mechanisms, "registry_revision": run.snapshot.revision, "prompt_tokens": run.prompt_tokens,
-            "completion_tokens": run.completion_tokens, "latency_s": round(elapsed, 4)})
+            "mechanisms": run.mechanisms, "registry_revision": run.snapshot.revision,
+            "prompt_tokens": run.prompt_tokens, "completion_tokens": run.completion_tokens,
+            "latency_s": round(elapsed, 4)})
         if self._audit is not None:
             scores: dict[str, float] = {}
             for classification in run.classifications:
@@ -264,8 +227,9 @@ class Pipeline:
                                           targets=targets, mechanisms=list(run.mechanisms), scores=scores,
                                           outcome=outcome, prompt=prompt_text))
 
-    async def events(self, run: Run, params: Any) -> AsyncIterator[ChoiceEvent]:
-        """All choices' events, interleaved as the engine produces them; ends when every choice has finished."""
+    async def _generate(self, run: Run, params: Any) -> AsyncIterator[ChoiceEvent]:
+        """All choices' events, interleaved as the engine produces them; ends when every choice has finished
+        (``Run.events``)."""
         from vllm.utils.async_utils import merge_async_iterators
 
         streams = []

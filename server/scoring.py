@@ -35,6 +35,7 @@ from guards.processor import EXTRA_ARGS_KEY, RowHookError, build_row_hooks, row_
 from server.errors import GuardFailed
 from server.pipeline import Pipeline
 from server.planner import ChatTurn, EnginePlan
+from server.run import ChatPrompt, RunRequest
 
 logger = logging.getLogger(__name__)
 
@@ -175,13 +176,12 @@ class ScoringService:
     async def score(self, messages: Sequence[ChatTurn],
                     continuations: Sequence[str | Sequence[int]]) -> ScoredPrompt:
         """Score each continuation (text, or the token ids a reply was generated as) after the chat ``messages``."""
-        prompt = self._pipeline.render_chat(messages)
         token_ids = [self._token_ids(continuation) for continuation in continuations]
-        self._pipeline.check_budget([prompt], max(len(ids) for ids in token_ids), "continuations")
-        run = await self._pipeline.start(f"score-{uuid.uuid4().hex}", "score", [prompt], 1)
+        run = await self._pipeline.start(RunRequest(
+            endpoint="score", request_id=f"score-{uuid.uuid4().hex}", prompt=ChatPrompt(tuple(messages)),
+            max_tokens=max(len(ids) for ids in token_ids), budget_param="continuations"))
         plan = run.plans[0]
-        outcome = "error"
-        try:
+        async with run:
             scores = []
             for ids in token_ids:
                 try:
@@ -190,12 +190,6 @@ class ScoringService:
                     logger.exception("scoring.guard_failed", extra={"request_id": run.request_id})
                     raise GuardFailed() from exc
                 scores.append(ScoredContinuation([self._tokenizer.decode([token]) for token in ids], result))
-            outcome = "served"
-        except GuardFailed:
-            outcome = "guard_failed"
-            raise
-        finally:
-            self._pipeline.finish(run, outcome)
         return ScoredPrompt(targets=run.hit_target_ids, mechanisms=list(run.mechanisms), continuations=scores)
 
     def _token_ids(self, continuation: str | Sequence[int]) -> list[int]:

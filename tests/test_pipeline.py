@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -21,6 +22,7 @@ from server.metrics import Metrics
 from server.pipeline import ChatTurn, Pipeline
 from server.registry.records import TargetRecord
 from server.registry.snapshot import RegistrySnapshot
+from server.run import ChatPrompt, RunRequest
 
 
 class CharTokenizer:
@@ -63,20 +65,25 @@ def make(engine: FakeEngine, timeout_s: float = 5) -> Pipeline:
     return Pipeline(engine, timeout_s, Metrics())  # type: ignore[arg-type]
 
 
+HI = ChatPrompt((ChatTurn("user", "hi"),))
+
+
 def params(**kwargs: Any) -> SamplingParams:
     return SamplingParams(output_kind=RequestOutputKind.DELTA, **kwargs)
 
 
-async def collect(pipeline: Pipeline, prompts, n: int = 1, **kwargs: Any):
-    run = await pipeline.start("req-1", "completions", prompts, n)
-    return run, [event async for event in pipeline.events(run, params(n=n, **kwargs))]
+async def collect(pipeline: Pipeline, prompt, n: int = 1, **kwargs: Any):
+    """One run of ``prompt`` (a ``ChatPrompt`` or a completions prompt) driven as the endpoints drive it."""
+    run = await pipeline.start(RunRequest("completions", "req-1", prompt, n))
+    async with run:
+        return run, [event async for event in run.events(params(n=n, **kwargs))]
 
 
 async def test_unflagged_prompt_reaches_the_engine_as_plain_token_ids() -> None:
     engine = FakeEngine()
     pipeline = make(engine)
-    prompt = pipeline.render_chat([ChatTurn("user", "hi")])
-    await collect(pipeline, [prompt], max_tokens=4)
+    prompt = pipeline.render_chat(HI.turns)
+    await collect(pipeline, HI, max_tokens=4)
     sent_prompt, sent_params, _ = engine.calls[0]
     assert sent_prompt == {"prompt_token_ids": prompt.token_ids}
     assert sent_params.extra_args is None
@@ -85,7 +92,7 @@ async def test_unflagged_prompt_reaches_the_engine_as_plain_token_ids() -> None:
 async def test_batched_prompts_get_choice_indices_prompt_major() -> None:
     engine = FakeEngine()
     pipeline = make(engine)
-    run, events = await collect(pipeline, pipeline.render_completion(["x", "yy"]), n=2, max_tokens=2)
+    run, events = await collect(pipeline, ["x", "yy"], n=2, max_tokens=2)
     assert sorted({e.index for e in events}) == [0, 1, 2, 3]
     assert {e.prompt_index for e in events if e.index >= 2} == {1}
     assert run.completion_tokens == 8 and run.prompt_tokens == 3
@@ -95,14 +102,14 @@ async def test_batched_prompts_get_choice_indices_prompt_major() -> None:
 async def test_unset_max_tokens_defaults_to_the_rest_of_the_context() -> None:
     engine = FakeEngine()
     pipeline = make(engine)
-    await collect(pipeline, pipeline.render_completion("hello"), max_tokens=None)
+    await collect(pipeline, "hello", max_tokens=None)
     assert engine.calls[0][1].max_tokens == 32 - 5
 
 
 async def test_generation_past_the_timeout_is_a_504_error() -> None:
     pipeline = make(FakeEngine(hang=True), timeout_s=0.2)
     with pytest.raises(RequestTimeout):
-        await collect(pipeline, pipeline.render_completion("x"), max_tokens=1)
+        await collect(pipeline, "x", max_tokens=1)
 
 
 def test_prompts_that_do_not_fit_the_context_are_refused() -> None:
@@ -217,8 +224,8 @@ async def test_hit_prompt_carries_every_ready_guards_contribution() -> None:
     engine = FakeEngine()
     pipeline = guarded(engine, FakeMechanism("eco", MechanismPlan(embedding_edits=(AddRow(),))),
                        FakeMechanism("guard", MechanismPlan(processor_args={"phrases": [[1, 2]]})))
-    prompt = pipeline.render_chat([ChatTurn("user", "hi")])
-    run, _ = await collect(pipeline, [prompt], max_tokens=2)
+    prompt = pipeline.render_chat(HI.turns)
+    run, _ = await collect(pipeline, HI, max_tokens=2)
     sent_prompt, sent_params, _ = engine.calls[0]
     assert sent_params.extra_args == {"lethe": {"guard": [{"phrases": [[1, 2]]}]}}
     assert sent_prompt["prompt_token_ids"] == prompt.token_ids
@@ -231,7 +238,7 @@ async def test_a_guard_that_raises_refuses_the_request_instead_of_serving_it() -
     engine = FakeEngine()
     pipeline = guarded(engine, FakeMechanism("eco", error=RuntimeError("boom")), FakeMechanism("guard"))
     with pytest.raises(GuardFailed) as info:
-        await collect(pipeline, pipeline.render_completion("x"), max_tokens=1)
+        await collect(pipeline, "x", max_tokens=1)
     assert info.value.status == 503 and "boom" not in info.value.message
     assert engine.calls == []
 
@@ -240,7 +247,7 @@ async def test_a_classifier_that_fails_refuses_the_request_instead_of_serving_it
     engine = FakeEngine()
     pipeline = guarded(engine, FakeMechanism("eco"), bank=FakeBank(error=RuntimeError("embedding model gone")))
     with pytest.raises(GuardFailed) as info:
-        await collect(pipeline, pipeline.render_completion(["x", "y"]), max_tokens=1)
+        await collect(pipeline, ["x", "y"], max_tokens=1)
     assert info.value.status == 503 and "embedding" not in info.value.message
     assert engine.calls == []
     assert pipeline._metrics.guard_failures.labels("classifier")._value.get() == 1
@@ -250,7 +257,7 @@ async def test_a_hit_target_without_any_ready_mechanism_is_refused() -> None:
     engine = FakeEngine()
     pipeline = guarded(engine, FakeMechanism("eco", is_ready=False), FakeMechanism("guard", is_ready=False))
     with pytest.raises(GuardFailed):
-        await collect(pipeline, pipeline.render_completion("x"), max_tokens=1)
+        await collect(pipeline, "x", max_tokens=1)
     assert engine.calls == []
 
 
@@ -258,7 +265,7 @@ async def test_mechanisms_the_target_did_not_enable_are_not_applied() -> None:
     engine = FakeEngine()
     pipeline = guarded(engine, FakeMechanism("eco", MechanismPlan(embedding_edits=(AddRow(),))),
                        FakeMechanism("guard", MechanismPlan(processor_args={"phrases": [[1]]})), mechanisms=("guard",))
-    run, _ = await collect(pipeline, pipeline.render_completion("x"), max_tokens=1)
+    run, _ = await collect(pipeline, "x", max_tokens=1)
     assert "prompt_embeds" not in engine.calls[0][0] and run.mechanisms == ["guard"]
 
 
@@ -266,7 +273,7 @@ async def test_non_finite_embeddings_never_reach_the_engine() -> None:
     engine = FakeEngine()
     pipeline = guarded(engine, FakeMechanism("eco", MechanismPlan(embedding_edits=(AddRow(),))), table=BadTable())
     with pytest.raises(GuardFailed):
-        await collect(pipeline, pipeline.render_completion("x"), max_tokens=1)
+        await collect(pipeline, "x", max_tokens=1)
     assert engine.calls == []
 
 
@@ -282,7 +289,7 @@ async def test_each_mechanism_follows_its_own_gate(classifier_hits: bool, ood_op
     pipeline = guarded(engine, FakeMechanism("o3", MechanismPlan(lora=LORA), gated_by="ood"),
                        FakeMechanism("guard", MechanismPlan(processor_args={"phrases": ["x"]})),
                        mechanisms=("o3", "guard"), bank=FakeBank(classifier_hits), ood=FakeOOD(ood_opens))
-    run, _ = await collect(pipeline, pipeline.render_completion("x"), max_tokens=1)
+    run, _ = await collect(pipeline, "x", max_tokens=1)
     assert run.mechanisms == applied
     assert (engine.loras[0] is LORA) == ("o3" in applied)
     assert (engine.calls[0][1].extra_args is not None) == ("guard" in applied)
@@ -292,7 +299,7 @@ async def test_a_classifier_hit_on_an_o3_only_target_whose_ood_gate_stays_shut_i
     engine = FakeEngine()
     pipeline = guarded(engine, FakeMechanism("o3", MechanismPlan(lora=LORA), gated_by="ood"), mechanisms=("o3",),
                        ood=FakeOOD(False))
-    run, _ = await collect(pipeline, pipeline.render_completion("x"), max_tokens=1)
+    run, _ = await collect(pipeline, "x", max_tokens=1)
     assert run.mechanisms == [] and engine.loras[0] is None and run.hit_target_ids == [TARGET]
 
 
@@ -300,8 +307,37 @@ async def test_an_always_gated_mechanism_applies_to_unflagged_prompts_and_never_
     engine = FakeEngine()
     uld = FakeMechanism("uld", MechanismPlan(processor_args={"assistant": "/a"}), gated_by="always")
     pipeline = guarded(engine, uld, mechanisms=("uld",), bank=FakeBank(False))
-    run, _ = await collect(pipeline, pipeline.render_completion("x"), max_tokens=1)
+    run, _ = await collect(pipeline, "x", max_tokens=1)
     assert run.mechanisms == ["uld"] and engine.calls[0][1].extra_args == {"lethe": {"uld": [{"assistant": "/a"}]}}
     uld.is_ready = False
-    run, _ = await collect(pipeline, pipeline.render_completion("x"), max_tokens=1)
+    run, _ = await collect(pipeline, "x", max_tokens=1)
     assert run.mechanisms == [] and engine.calls[1][1].extra_args is None
+
+
+# ---- the run's lifecycle: finished exactly once, with how it ended ----------------------------------------------
+
+
+@pytest.mark.parametrize(("raised", "outcome"), [
+    (None, "served"), (InvalidRequest("bad"), "error"), (GuardFailed(), "guard_failed"),
+    (asyncio.CancelledError(), "aborted"), (RuntimeError("bug"), "error")])
+async def test_a_run_is_finished_once_with_the_outcome_of_how_it_ended(raised: BaseException | None,
+                                                                     outcome: str) -> None:
+    audited: list = []
+    pipeline = Pipeline(FakeEngine(), 5, Metrics(), audit=SimpleNamespace(record=audited.append))  # type: ignore
+    run = await pipeline.start(RunRequest("chat", "req-1", HI))
+    with pytest.raises(type(raised)) if raised is not None else contextlib.nullcontext():
+        async with run:
+            async for _ in run.events(params(max_tokens=2)):
+                if raised is not None:
+                    raise raised
+    run.finish("served")  # a second finish changes nothing
+    assert [(entry.request_id, entry.outcome) for entry in audited] == [("req-1", outcome)]
+    assert run.outcome == outcome and audited[0].endpoint == "chat"
+
+
+async def test_a_request_refused_before_it_runs_is_not_a_run() -> None:
+    audited: list = []
+    pipeline = Pipeline(FakeEngine(), 5, Metrics(), audit=SimpleNamespace(record=audited.append))  # type: ignore
+    with pytest.raises(ContextLengthExceeded):
+        await pipeline.start(RunRequest("completions", "req-1", "z" * 40))
+    assert audited == []

@@ -7,13 +7,11 @@ events a streaming one would send, which is why the two are identical for the sa
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,15 +39,9 @@ from server.openai.protocol import (
     SamplingFields,
     Usage,
 )
-from server.pipeline import (
-    ChatTurn,
-    ChoiceEvent,
-    Pipeline,
-    RenderedPrompt,
-    Run,
-    TokenLogprob,
-    check_in_vocabulary,
-)
+from server.pipeline import Pipeline, check_in_vocabulary
+from server.planner import ChatTurn, RenderedPrompt
+from server.run import ChatPrompt, ChoiceEvent, Run, RunRequest, TokenLogprob
 
 logger = logging.getLogger(__name__)
 
@@ -153,26 +145,22 @@ class OpenAIServing:
 
     async def chat(self, request: ChatCompletionRequest) -> ChatCompletionResponse | AsyncIterator[str]:
         self._check_model(request.model)
-        turns = [ChatTurn(role=_template_role(m.role), content=m.text()) for m in request.messages]
-        prompt = self._pipeline.render_chat(
-            turns,
-            add_generation_prompt=request.add_generation_prompt,
-            continue_final_message=request.continue_final_message,
-        )
-        budget_param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
-        self._pipeline.check_budget([prompt], request.completion_budget, budget_param)
         top = (request.top_logprobs or 0) if request.logprobs else None
         params = sampling_params(request, request.completion_budget, top, self._info.vocab_size)
-        run = await self._pipeline.start(f"chatcmpl-{uuid.uuid4().hex}", "chat", [prompt], request.n,
-                                         seed=request.seed)
+        turns = tuple(ChatTurn(role=_template_role(m.role), content=m.text()) for m in request.messages)
+        run = await self._pipeline.start(RunRequest(
+            endpoint="chat", request_id=f"chatcmpl-{uuid.uuid4().hex}",
+            prompt=ChatPrompt(turns, request.add_generation_prompt, request.continue_final_message),
+            n=request.n, seed=request.seed, max_tokens=request.completion_budget,
+            budget_param="max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"))
         if request.stream:
             return self._chat_stream(request, run, params)
         return await self._chat_full(request, run, params)
 
     async def _chat_full(self, request: ChatCompletionRequest, run: Run, params: Any) -> ChatCompletionResponse:
         states = [ChoiceState() for _ in range(run.n)]
-        with self._accounted(run):
-            async for event in self._pipeline.events(run, params):
+        async with run:
+            async for event in run.events(params):
                 states[event.index].add(event)
         choices = [
             ChatChoice(
@@ -202,7 +190,7 @@ class OpenAIServing:
         for index in range(run.n):
             yield chunk([ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))],
                         _usage(run) if continuous else None)
-        async for event in self._pipeline.events(run, params):
+        async for event in run.events(params):
             if not event.text and event.finish_reason is None and not event.token_ids:
                 continue
             choice = ChatChunkChoice(
@@ -226,19 +214,18 @@ class OpenAIServing:
                 "they would bypass unlearning.",
                 param="prompt_logprobs" if request.prompt_logprobs is not None else "echo",
             )
-        prompts = self._pipeline.render_completion(request.prompt)
-        self._pipeline.check_budget(prompts, request.max_tokens, "max_tokens")
         params = sampling_params(request, request.max_tokens, request.logprobs, self._info.vocab_size)
-        run = await self._pipeline.start(f"cmpl-{uuid.uuid4().hex}", "completions", prompts, request.n,
-                                         seed=request.seed)
+        run = await self._pipeline.start(RunRequest(
+            endpoint="completions", request_id=f"cmpl-{uuid.uuid4().hex}", prompt=request.prompt, n=request.n,
+            seed=request.seed, max_tokens=request.max_tokens))
         if request.stream:
             return self._completion_stream(request, run, params)
         return await self._completion_full(request, run, params)
 
     async def _completion_full(self, request: CompletionRequest, run: Run, params: Any) -> CompletionResponse:
         states = [ChoiceState() for _ in range(len(run.prompts) * run.n)]
-        with self._accounted(run):
-            async for event in self._pipeline.events(run, params):
+        async with run:
+            async for event in run.events(params):
                 states[event.index].add(event)
         choices = []
         for index, state in enumerate(states):
@@ -269,7 +256,7 @@ class OpenAIServing:
             return sse(CompletionResponse(id=run.request_id, created=created, model=request.model, choices=choices,
                                           usage=usage))
 
-        async for event in self._pipeline.events(run, params):
+        async for event in run.events(params):
             if not event.text and event.finish_reason is None and not event.token_ids:
                 continue
             prefix = "" if echoed[event.index] else _echo_prefix(request, run.prompts[event.prompt_index])
@@ -287,26 +274,12 @@ class OpenAIServing:
     async def _framed(self, run: Run, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
         """SSE framing shared by both endpoints: an error after the first byte becomes a final error event."""
         try:
-            with self._accounted(run):
+            async with run:
                 async for line in chunks:
                     yield line
         except LetheError as exc:
             yield sse(exc.to_response())
         yield SSE_DONE
-
-    @contextmanager
-    def _accounted(self, run: Run) -> Iterator[None]:
-        """Every started run is finished exactly once, with how it ended, whatever ends it."""
-        try:
-            yield
-        except LetheError:
-            self._pipeline.finish(run, "error")
-            raise
-        except (asyncio.CancelledError, GeneratorExit):
-            self._pipeline.finish(run, "aborted")
-            raise
-        else:
-            self._pipeline.finish(run)
 
 
 def _template_role(role: str) -> str:
