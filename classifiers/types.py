@@ -7,26 +7,42 @@ plain frozen dataclasses (no ORM objects, no dicts of strings) lets both sides c
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Annotated, Any
 
 import numpy as np
+from pydantic import ConfigDict, StringConstraints, with_config
 
 # One chat turn as (role, content): "system", "user", "assistant", ... `/v1/completions` is one ("user", prompt) turn.
 Turn = tuple[str, str]
 Conversation = Sequence[Turn]
 
 
+ItemText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=20_000)]
+"""How long an item's text may be when it arrives over the admin API (pydantic applies it; plain construction not)."""
+
+
+@with_config(ConfigDict(extra="forbid"))
 @dataclass(frozen=True)
 class ForgetItem:
-    """One forget or retain item: a question/answer pair, or free text (`text`) to forget."""
+    """One forget or retain item: a question/answer pair, or free text (`text`) to forget.
 
-    question: str | None = None
-    answer: str | None = None
-    text: str | None = None
+    The one item type of every layer: the admin API validates request bodies into it (with the stricter rule that an
+    item is a whole question/answer pair or a text, ``server/admin/protocol.py``), the registry stores it as a dict
+    (``stored``), the classifiers and the mechanisms' jobs read it.
+    """
+
+    question: ItemText | None = None
+    answer: ItemText | None = None
+    text: ItemText | None = None
 
     def __post_init__(self) -> None:
         if not (self.question or self.answer or self.text):
             raise ValueError("a ForgetItem needs at least one of question, answer, text")
+
+    def stored(self) -> dict[str, Any]:
+        """The item as the registry stores it: only the fields it has."""
+        return {key: value for key, value in asdict(self).items() if value is not None}
 
 
 @dataclass(frozen=True)

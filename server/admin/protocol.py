@@ -10,14 +10,16 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, create_model, model_validator
+
+from classifiers.types import ForgetItem, ItemText
 
 from guards.base import Mechanism
 from guards.mechanisms import MECHANISMS
 
 MAX_ITEMS = 5000
 ShortText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
-LongText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=20_000)]
+LongText = ItemText
 TokenIds = Annotated[list[int], Field(min_length=1, max_length=20_000)]
 
 
@@ -25,23 +27,19 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class ForgetItem(Strict):
-    """Either a question/answer pair or a free text."""
+def _one_kind(item: ForgetItem) -> ForgetItem:
+    """A registered item is a whole question/answer pair or a free text, never a mix or a half."""
+    qa = item.question is not None or item.answer is not None
+    if qa and item.text is not None:
+        raise ValueError("an item is either {question, answer} or {text}, not both")
+    if qa and (item.question is None or item.answer is None):
+        raise ValueError("a question/answer item needs both `question` and `answer`")
+    if not qa and item.text is None:
+        raise ValueError("an item needs `question` and `answer`, or `text`")
+    return item
 
-    question: LongText | None = None
-    answer: LongText | None = None
-    text: LongText | None = None
 
-    @model_validator(mode="after")
-    def _one_kind(self) -> ForgetItem:
-        qa = self.question is not None or self.answer is not None
-        if qa and self.text is not None:
-            raise ValueError("an item is either {question, answer} or {text}, not both")
-        if qa and (self.question is None or self.answer is None):
-            raise ValueError("a question/answer item needs both `question` and `answer`")
-        if not qa and self.text is None:
-            raise ValueError("an item needs `question` and `answer`, or `text`")
-        return self
+RegisteredItem = Annotated[ForgetItem, AfterValidator(_one_kind)]
 
 
 class MechanismsBase(Strict):
@@ -72,16 +70,16 @@ class TargetCreate(Strict):
     name: ShortText
     description: Annotated[str, StringConstraints(max_length=5000)] = ""
     aliases: Annotated[list[ShortText], Field(max_length=100)] = Field(default_factory=list)
-    forget: Annotated[list[ForgetItem], Field(min_length=1, max_length=MAX_ITEMS)]
-    retain: Annotated[list[ForgetItem], Field(max_length=MAX_ITEMS)] = Field(default_factory=list)
+    forget: Annotated[list[RegisteredItem], Field(min_length=1, max_length=MAX_ITEMS)]
+    retain: Annotated[list[RegisteredItem], Field(max_length=MAX_ITEMS)] = Field(default_factory=list)
     mechanisms: MechanismsIn | None = None
 
 
 class TargetPatch(Strict):
     description: Annotated[str, StringConstraints(max_length=5000)] | None = None
     aliases: Annotated[list[ShortText], Field(max_length=100)] | None = None
-    forget: Annotated[list[ForgetItem], Field(min_length=1, max_length=MAX_ITEMS)] | None = None
-    retain: Annotated[list[ForgetItem], Field(max_length=MAX_ITEMS)] | None = None
+    forget: Annotated[list[RegisteredItem], Field(min_length=1, max_length=MAX_ITEMS)] | None = None
+    retain: Annotated[list[RegisteredItem], Field(max_length=MAX_ITEMS)] | None = None
     mechanisms: MechanismsIn | None = None
 
 

@@ -36,7 +36,7 @@ from server.scoring import ScoredPrompt, ScoringService
 
 
 def stored_items(items: Sequence[ForgetItem]) -> list[Item]:
-    return [item.model_dump(exclude_none=True) for item in items]
+    return [item.stored() for item in items]
 
 
 def new_target(body: TargetCreate, default_mechanisms: Sequence[str]) -> NewTarget:
