@@ -74,7 +74,7 @@ def target_body(author, retain_authors, mechanisms: tuple[str, ...] = ALL_FOUR) 
 
 
 async def wait_until_served(runtime: Runtime, target_ids: list[str]) -> None:
-    targets, snapshots = runtime.control.store.targets, runtime.control.snapshots
+    targets, snapshots = runtime.control.registry.targets, runtime.control.snapshots
     while True:
         statuses = [targets.get(tid).status for tid in target_ids]
         if "failed" in statuses:
@@ -185,14 +185,15 @@ async def measure(runtime: Runtime, rounds: int, model: str) -> dict:
     forget = authors_of("forget01")
     retain_authors = [a for a in demo_authors() if a.index in (0, 1, 2)]
     started = time.perf_counter()
-    ids = [runtime.control.store.targets.create(target_body(a, retain_authors)).id for a in forget]
+    ids = [runtime.control.registry.targets.create(target_body(a, retain_authors)).id for a in forget]
     await wait_until_served(runtime, ids)
     preparation_s = time.perf_counter() - started
     job_seconds: dict[str, list[float]] = {}
     for target_id in ids:
-        for job in runtime.control.store.targets.get(target_id).jobs:
+        for job in runtime.control.registry.targets.get(target_id).jobs:
             if job.status == "succeeded" and job.started_at and job.finished_at:
-                job_seconds.setdefault(job.kind, []).append(round((job.finished_at - job.started_at).total_seconds(), 1))
+                seconds = (job.finished_at - job.started_at).total_seconds()
+                job_seconds.setdefault(job.kind, []).append(round(seconds, 1))
     holder = runtime.control.snapshots
     registered = holder.current
     flagged = [question(i.question) for a in forget for i in a.items]
@@ -235,7 +236,7 @@ async def measure(runtime: Runtime, rounds: int, model: str) -> dict:
         "model": model, "rounds": rounds, "max_tokens": MAX_TOKENS, "concurrency": CONCURRENCY,
         "preparation_seconds": round(preparation_s, 1),
         "job_seconds": job_seconds,
-        "eco_state": [{key: runtime.control.store.targets.get(t).mechanisms["eco"].state.get(key)
+        "eco_state": [{key: runtime.control.registry.targets.get(t).mechanisms["eco"].state.get(key)
                        for key in ("sigma", "scope", "goal", "reached_goal")} for t in ids],
         "quality": qualities,
         "flagged_cost_ratio": {name: round(ratio("unprotected", name), 3) for name in VARIANTS},

@@ -1,4 +1,4 @@
-"""What the in-process serving benchmarks share: a replica started as `lethe serve` starts it, their flags, their output.
+"""What the in-process serving benchmarks share: a replica started as `lethe serve` starts it, their flags and output.
 
 Each benchmark supplies ``measure(runtime, rounds, model) -> summary`` and ``markdown(summary) -> str``; this module
 starts a ``Runtime`` on a throw-away data directory, runs the measurement, writes the JSON and prints the table.

@@ -102,7 +102,7 @@ def percentile(values: list[float], q: float) -> float:
 
 async def measure(runtime: Runtime, rounds: int, model: str) -> dict:
     forget, retain_authors = authors_of("forget01"), demo_authors()[:3]
-    ids = [runtime.control.store.targets.create(target_body(a, retain_authors, ("guard",))).id for a in forget]
+    ids = [runtime.control.registry.targets.create(target_body(a, retain_authors, ("guard",))).id for a in forget]
     await wait_until_served(runtime, ids)
     holder = runtime.control.snapshots
     registered = holder.current

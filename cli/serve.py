@@ -62,16 +62,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from server.control_plane import LazyEmbedder, make_worker, offline_handlers, open_store
+    from server.control_plane import LazyEmbedder, make_worker, offline_handlers, open_registry
 
     settings = get_settings()
     model_path = training_model(settings, args.model)
     if model_path is None:
         logger.warning("worker.no_model", extra={"detail": "no --model / LETHE_MODEL and no built demo model: this "
                                                            "worker leaves ULD/O3 training to workers that have one"})
-    store = open_store(settings)
-    handlers = offline_handlers(settings, LazyEmbedder(settings.embedding_model), store, model_path)
-    worker = make_worker(settings, store, handlers)
+    registry = open_registry(settings)
+    handlers = offline_handlers(settings, LazyEmbedder(settings.embedding_model), registry, model_path)
+    worker = make_worker(settings, registry, handlers)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -196,6 +196,11 @@ def target_spec(target: JobTarget) -> TargetSpec:
                       retain=items(target.retain))
 
 
+def registered_options(target: JobTarget, mechanism: str) -> dict[str, Any]:
+    """The options a target registered ``mechanism`` with (defaults filled in by the admin API)."""
+    return dict((target.mechanisms.get(mechanism) or {}).get("options") or {})
+
+
 JobHandler = Callable[[JobContext], dict[str, Any]]
 """Runs one job and returns the state to publish on the target's mechanism (artifact digests, figures)."""
 
@@ -224,6 +229,18 @@ class JobResources:
     model_path: Path | None = None  # the served model's directory (MODEL_FILES, SERVED_MODEL)
     served: ServedModel | None = None  # SERVED_MODEL only
     registrations: Callable[[str], list[TargetEntry]] = lambda mechanism: []  # every target's entry of a mechanism
+
+    def model_files(self, kind: str) -> Path:
+        """The served model's directory, for a job that trains on it (a worker without it cannot run ``kind``)."""
+        if self.model_path is None:
+            raise ValueError(f"{kind} trains on the served model's files, which this worker does not have")
+        return self.model_path
+
+    def served_model(self, kind: str) -> ServedModel:
+        """The served model, for a job that measures it (only a serving replica can run ``kind``)."""
+        if self.served is None:
+            raise ValueError(f"{kind} measures the served model: it runs in a serving replica")
+        return self.served
 
 
 @dataclass(frozen=True)

@@ -89,10 +89,10 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime = await Runtime.start(settings, model_path, served_model_name, metrics)
         engine = runtime.engine
-        app.state.registry = runtime.control.store
+        app.state.registry = runtime.control.registry
         app.state.engine = engine
         app.state.serving = OpenAIServing(runtime.pipeline, engine.info)
-        app.state.admin = AdminServing(runtime.control.store, settings.default_mechanisms, runtime.control.snapshots,
+        app.state.admin = AdminServing(runtime.control.registry, settings.default_mechanisms, runtime.control.snapshots,
                                        runtime.scoring)
         metrics.engine_up.set(1)
 

@@ -1,6 +1,6 @@
-"""The control plane of one replica: registry store, artifacts, live snapshot, embedded job worker, audit writer.
+"""The control plane of one replica: registry, artifacts, live snapshot, embedded job worker, audit writer.
 
-``lethe serve`` owns one; ``lethe worker`` builds only the parts a worker needs (store, artifacts, worker).
+``lethe serve`` owns one; ``lethe worker`` builds only the parts a worker needs (registry, artifacts, worker).
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ class LazyEmbedder:
         return thread
 
 
-def open_store(settings: Settings) -> Registry:
+def open_registry(settings: Settings) -> Registry:
     engine = make_engine(settings.resolved_database_url)
     upgrade_database(engine)
     return Registry.open(engine, mechanism_catalog(settings))
@@ -114,16 +114,16 @@ def offline_handlers(settings: Settings, embedder: Callable[[], Embedder], regis
     return handlers
 
 
-def make_worker(settings: Settings, store: Registry, handlers: dict[str, JobHandler]) -> JobWorker:
+def make_worker(settings: Settings, registry: Registry, handlers: dict[str, JobHandler]) -> JobWorker:
     artifacts = ArtifactStore(settings.resolved_artifacts_dir)
-    return JobWorker(store, artifacts, handlers, stale_after_s=settings.job_stale_after_s)
+    return JobWorker(registry, artifacts, handlers, stale_after_s=settings.job_stale_after_s)
 
 
 @dataclass
 class ControlPlane:
     settings: Settings
     metrics: Metrics
-    store: Registry
+    registry: Registry
     snapshots: SnapshotHolder
     audit: AuditWriter
     artifacts: ArtifactStore
@@ -133,12 +133,12 @@ class ControlPlane:
 
     @classmethod
     def open(cls, settings: Settings, metrics: Metrics) -> ControlPlane:
-        store = open_store(settings)
+        registry = open_registry(settings)
         embedder = LazyEmbedder(settings.embedding_model)
         artifacts = ArtifactStore(settings.resolved_artifacts_dir)
-        snapshots = SnapshotHolder(store.targets, artifacts.path, bank_factory(embedder), settings.registry_poll_s,
+        snapshots = SnapshotHolder(registry.targets, artifacts.path, bank_factory(embedder), settings.registry_poll_s,
                                    gate_bank_factory(embedder, MECHANISMS))
-        return cls(settings, metrics, store, snapshots, AuditWriter(store.audit, settings.audit_retention_days),
+        return cls(settings, metrics, registry, snapshots, AuditWriter(registry.audit, settings.audit_retention_days),
                    artifacts, embedder)
 
     async def start(self) -> None:
@@ -152,12 +152,12 @@ class ControlPlane:
         Jobs that measure the served model always run in a serving replica; the others run here too unless
         ``LETHE_EMBEDDED_WORKER=false`` hands them to ``lethe worker`` processes.
         """
-        resources = job_resources(self.settings, self.embedder, self.store, model_path, served)
+        resources = job_resources(self.settings, self.embedder, self.registry, model_path, served)
         handlers = mechanism_handlers(resources, {SERVED_MODEL})
         if self.settings.embedded_worker:
-            handlers.update(offline_handlers(self.settings, self.embedder, self.store, model_path))
+            handlers.update(offline_handlers(self.settings, self.embedder, self.registry, model_path))
         if handlers:
-            self.worker = make_worker(self.settings, self.store, handlers)
+            self.worker = make_worker(self.settings, self.registry, handlers)
             self.worker.start()
 
     def _on_swap(self, snapshot: RegistrySnapshot) -> None:

@@ -33,7 +33,8 @@ def configure_logging(level: str = "INFO", as_json: bool = True,
                       names: Sequence[str] = ("server", "guards", "classifiers")) -> None:
     """Route Lethe's loggers (``names``: the packages whose records to show) to stderr; vLLM keeps its own handlers."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if as_json else logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    plain = logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+    handler.setFormatter(JsonFormatter() if as_json else plain)
     for name in names:
         logger = logging.getLogger(name)
         logger.handlers[:] = [handler]

@@ -23,7 +23,7 @@ from classifiers.aliases import AliasMatcher
 from classifiers.negatives import builtin_negative_pool
 from classifiers.types import AliasSpan
 from guards.base import (ComposedPlan, JobContext, JobHandler, JobResources, JobTarget, PlanRequest, PromptView,
-                         ServedModel, TargetHit, request_seed)
+                         ServedModel, TargetHit, registered_options, request_seed)
 from guards.eco.corruption import ENTITIES, PROMPT
 from guards.eco.sigma_search import SigmaSearchConfig, zeroth_order_sigma_search
 from guards.text_metrics import rouge_l_recall
@@ -50,10 +50,9 @@ def unrelated_questions(record_retain: list[dict[str, Any]], count: int, seed: s
 
 def calibration_job(resources: JobResources) -> JobHandler:
     """The job's handler in a worker that has the served model (a serving replica)."""
-    if resources.served is None:
-        raise ValueError(f"{ECO_CALIBRATE} measures the served model: it runs in a serving replica")
     settings = resources.settings
-    return EcoCalibrator(resources.served, settings.eco_calibration_questions, settings.eco_calibration_max_tokens)
+    return EcoCalibrator(resources.served_model(ECO_CALIBRATE), settings.eco_calibration_questions,
+                         settings.eco_calibration_max_tokens)
 
 
 class EcoCalibrator:
@@ -71,7 +70,7 @@ class EcoCalibrator:
 
     def __call__(self, context: JobContext) -> dict[str, Any]:
         record = context.target
-        options = dict(record.mechanisms.get(ECO_NAME, {}).get("options", {}))
+        options = registered_options(record, ECO_NAME)
         qa = [(item["question"], item["answer"]) for item in record.forget if item.get("question")]
         if not qa:
             raise ValueError("ECO calibration needs question/answer forget items; register eco.sigma instead")

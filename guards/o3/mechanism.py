@@ -32,7 +32,7 @@ from pydantic import Field
 
 from classifiers.types import OOD_GATE
 from guards.base import (MODEL_FILES, JobContext, JobHandler, JobResources, JobSpec, MechanismBase, MechanismPlan,
-                         Options, PlanRequest, ServingContext, TargetEntry)
+                         Options, PlanRequest, ServingContext, TargetEntry, registered_options)
 from guards.o3.gate import OodGate
 
 logger = logging.getLogger(__name__)
@@ -52,15 +52,13 @@ class O3Options(Options):
 
 def training_job(resources: JobResources) -> JobHandler:
     """The ``o3_train`` job: the target's unlearning LoRA, orthogonal to every other target's trained adapter."""
-    model_path = resources.model_path
-    if model_path is None:
-        raise ValueError(f"{O3_TRAIN} trains on the served model's files")
+    model_path = resources.model_files(O3_TRAIN)
 
     def run(context: JobContext) -> dict[str, Any]:
         from guards.o3.training import O3TrainingConfig, train_unlearning_lora
 
         record = context.target
-        options = record.mechanisms.get(O3_NAME, {}).get("options", {})
+        options = registered_options(record, O3_NAME)
         questions = [item["question"] for item in record.forget if item.get("question")]
         questions += [item["text"] for item in record.forget if item.get("text") and not item.get("question")]
         earlier = [context.artifacts.path(entry.state["adapter"]) for entry in resources.registrations(O3_NAME)

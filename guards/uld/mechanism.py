@@ -16,7 +16,7 @@ from pydantic import Field
 
 from classifiers.types import ALWAYS_GATE, CLASSIFIER_GATE
 from guards.base import (MODEL_FILES, JobContext, JobHandler, JobResources, JobSpec, MechanismBase, MechanismPlan,
-                         NothingShared, Options, PlanRequest, RowHooks, ServingContext)
+                         NothingShared, Options, PlanRequest, RowHooks, ServingContext, registered_options)
 from guards.uld.assistant import ULD_KEY, AssistantModels, uld_row_hook, validate_uld_section
 from guards.uld.logits import DEFAULT_ALPHA, DEFAULT_TAU
 
@@ -32,15 +32,13 @@ class UldOptions(Options):
 
 def training_job(resources: JobResources) -> JobHandler:
     """The ``uld_train`` job: train the target's assistant on the served model's files and store it merged."""
-    model_path = resources.model_path
-    if model_path is None:
-        raise ValueError(f"{ULD_TRAIN} trains on the served model's files")
+    model_path = resources.model_files(ULD_TRAIN)
 
     def run(context: JobContext) -> dict[str, Any]:
         from guards.uld.training import UldTrainingConfig, train_assistant
 
         record = context.target
-        options = record.mechanisms.get(ULD_KEY, {}).get("options", {})
+        options = registered_options(record, ULD_KEY)
         forget = [(item["question"], item["answer"]) for item in record.forget if item.get("question")]
         retain = [(item.get("question"), item.get("answer") or item.get("text", "")) for item in record.retain]
         staging = context.artifacts.staging_dir()
