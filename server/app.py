@@ -92,8 +92,8 @@ def create_app(
         app.state.registry = runtime.control.registry
         app.state.engine = engine
         app.state.serving = OpenAIServing(runtime.pipeline, engine.info)
-        app.state.admin = AdminServing(runtime.control.registry, settings.default_mechanisms, runtime.control.snapshots,
-                                       runtime.scoring)
+        app.state.admin = AdminServing(runtime.control.registry, settings.default_mechanisms,
+                                       runtime.control.snapshots, runtime.scoring)
         metrics.engine_up.set(1)
 
         def on_engine_death() -> None:

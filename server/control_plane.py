@@ -83,6 +83,12 @@ class LazyEmbedder:
 
 
 def open_registry(settings: Settings) -> Registry:
+    """The registry database, migrated; refuses to start when ``LETHE_DEFAULT_MECHANISMS`` names a mechanism this
+    build lacks (else every registration that omits ``mechanisms`` would fail)."""
+    unknown = sorted(set(settings.default_mechanisms) - {mechanism.name for mechanism in MECHANISMS})
+    if unknown:
+        raise ValueError(f"LETHE_DEFAULT_MECHANISMS names unknown mechanisms {unknown}; this build has "
+                         f"{[mechanism.name for mechanism in MECHANISMS]}")
     engine = make_engine(settings.resolved_database_url)
     upgrade_database(engine)
     return Registry.open(engine, mechanism_catalog(settings))

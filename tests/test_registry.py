@@ -281,3 +281,12 @@ def test_o3_registrations_past_the_stacked_rank_budget_are_refused(tmp_path) -> 
         registry.targets.patch(registry.targets.listing().targets[-1].id, changes(mechanisms={"o3": {}}))
     assert registry.targets.revision() == revision + 1  # only "c" was written
     registry.targets.patch(first.id, changes(mechanisms={"o3": {"rank": 8}}))  # its own rank
+
+
+def test_a_default_mechanism_this_build_lacks_is_refused_at_start(tmp_path) -> None:
+    from server.config import Settings
+    from server.control_plane import open_registry
+
+    settings = Settings(data_dir=tmp_path, default_mechanisms=["eco", "forget-everything"])
+    with pytest.raises(ValueError, match="forget-everything"):
+        open_registry(settings)

@@ -1,7 +1,7 @@
 """What the registry needs to know about the mechanisms of this build, without naming any of them.
 
 The catalog is built where the mechanisms are known (``server/control_plane.py``'s ``mechanism_catalog``, from
-``guards/registry.py``); the registry only asks it which jobs a target needs and whether a target can be admitted.
+``guards/mechanisms.py``); the registry only asks it which jobs a target needs and whether a target can be admitted.
 """
 
 from __future__ import annotations
