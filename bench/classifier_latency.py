@@ -35,15 +35,13 @@ from classifiers import (
     ClassifierBank,
     Embedder,
     ForgetItem,
-    OODArtifact,
-    OODBank,
     PromptClassifierArtifact,
     TargetSpec,
-    fit_ood_detector,
     fit_prompt_classifier,
 )
 from classifiers.negatives import GENERIC_PROMPTS, builtin_negative_pool
 from classifiers.types import Conversation
+from guards.o3.ood import OODArtifact, OODBank, fit_ood_detector
 from demo.tofu_data import authors_of, demo_authors, load_split
 
 SIZES = (1, 10, 100, 1000)

@@ -1,8 +1,13 @@
-"""`make bench`'s summary: every benchmark's JSON gathered and rendered by that benchmark's own markdown."""
+"""`make bench`'s summary: every benchmark's JSON gathered and rendered by that benchmark's own markdown; every
+benchmark script importable."""
 
 from __future__ import annotations
 
+import importlib
 import json
+from pathlib import Path
+
+import pytest
 
 from bench.summary import BENCHMARKS, collect
 
@@ -17,3 +22,9 @@ def test_summary_renders_present_results_and_names_missing_ones(tmp_path):
     assert text.count("not run (no results file)") == len(BENCHMARKS) - 1
     for name in BENCHMARKS:
         assert f"`bench/{name}.py`" in text
+
+
+@pytest.mark.parametrize("script", sorted(path.stem for path in (Path(__file__).parent.parent / "bench").glob("*.py")))
+def test_every_benchmark_script_imports(script: str) -> None:
+    """`make bench` runs outside the suite: a moved module must not first break it there."""
+    importlib.import_module(f"bench.{script}")
