@@ -14,7 +14,7 @@ conversations) are scored by every bank size in turn, round-robin, so that load 
 skews all sizes alike; the O3 gates are timed afterwards on the same embeddings (see `measure`). The embedder's
 cache is off, so every request pays its embedding as a new prompt would; the embedding model runs on `--threads`
 threads (default 1: the cost of one request on one core). Last, the 100-target bank scores the workload in batches of
-1, 8 and 32 requests, as the server coalesces concurrent requests into one embedding call (``server.classification``),
+1, 8 and 32 requests, as the server coalesces concurrent requests into one embedding call (``server.classifier_batcher``),
 once with the served ONNX Runtime embeddings and once with PyTorch's, interleaved, for the ratio between them.
 
     python bench/classifier_latency.py [--threads N]   # prints a table, writes bench/results/classifier_latency.json
@@ -45,7 +45,7 @@ from guards.o3.ood import OODArtifact, OODBank, fit_ood_detector
 from demo.tofu_data import authors_of, demo_authors, load_split
 
 SIZES = (1, 10, 100, 1000)
-BATCH_SIZES = (1, 8, 32)  # requests coalesced into one embedding call (server.classification), at 100 targets
+BATCH_SIZES = (1, 8, 32)  # requests coalesced into one embedding call (server.classifier_batcher), at 100 targets
 BATCHED_BANK_SIZE = 100
 N_REQUESTS = 200
 WARMUP_REQUESTS = 10

@@ -29,6 +29,7 @@ import statistics
 import sys
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.classifier_latency import synthesise_heads  # noqa: E402
-from bench.runtime_harness import bench_main  # noqa: E402
+from bench.runtime_harness import bench_main, drive  # noqa: E402
 from classifiers import ClassifierBank  # noqa: E402
 from classifiers.negatives import builtin_negative_pool  # noqa: E402
 from demo.tofu_data import authors_of, demo_authors  # noqa: E402
@@ -111,29 +112,22 @@ async def serve(runtime: Runtime, prompts: list[ChatPrompt], concurrency: int,
     """(tokens/s, per-request seconds, hits) for the prompts through the pipeline at a concurrency."""
     from vllm.sampling_params import RequestOutputKind, SamplingParams
 
-    pipeline = runtime.pipeline
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True,
                             output_kind=RequestOutputKind.DELTA)
-    limit = asyncio.Semaphore(concurrency)
-    seconds: list[float] = []
-    tokens = hits = 0
+    hits = 0
 
-    async def one(prompt: ChatPrompt) -> None:
-        nonlocal tokens, hits
-        async with limit:
-            started = time.perf_counter()
-            run = await pipeline.start(RunRequest("chat", f"bench-{uuid.uuid4().hex}", prompt))
-            hits += bool(run.hit_target_ids)
-            if replan:
-                replan_run(runtime, run, mechanisms)
-            async with run:
-                async for event in run.events(params):
-                    tokens += len(event.token_ids)
-            seconds.append(time.perf_counter() - started)
+    async def send(prompt: ChatPrompt) -> AsyncIterator[int]:
+        nonlocal hits
+        run = await runtime.pipeline.start(RunRequest("chat", f"bench-{uuid.uuid4().hex}", prompt))
+        hits += bool(run.hit_target_ids)
+        if replan:
+            replan_run(runtime, run, mechanisms)
+        async with run:
+            async for event in run.events(params):
+                yield len(event.token_ids)
 
-    started = time.perf_counter()
-    await asyncio.gather(*(one(prompt) for prompt in prompts))
-    return tokens / (time.perf_counter() - started), seconds, hits
+    load = await drive(prompts, concurrency, send)
+    return load.tokens_per_s, load.seconds, hits
 
 
 async def quality(runtime: Runtime, sets: dict[str, list[tuple[ChatPrompt, str]]],

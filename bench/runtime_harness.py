@@ -1,4 +1,5 @@
-"""What the in-process serving benchmarks share: a replica started as `lethe serve` starts it, their flags and output.
+"""What the in-process serving benchmarks share: a replica started as `lethe serve` starts it, their flags and output,
+and the one load driver.
 
 Each benchmark supplies ``measure(runtime, rounds, model) -> summary`` and ``markdown(summary) -> str``; this module
 starts a ``Runtime`` on a throw-away data directory, runs the measurement, writes the JSON and prints the table.
@@ -11,8 +12,11 @@ import asyncio
 import json
 import logging
 import tempfile
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from demo.builder import build_demo_model
 from server.config import Settings
@@ -20,6 +24,40 @@ from server.metrics import Metrics
 from server.runtime import Runtime
 
 Measure = Callable[[Runtime, int, str], Awaitable[dict]]
+Request = TypeVar("Request")
+
+
+@dataclass
+class Load:
+    """What one load run measured: overall tokens/s, and per request its seconds and time to first token."""
+
+    tokens_per_s: float = 0.0
+    seconds: list[float] = field(default_factory=list)
+    ttft: list[float] = field(default_factory=list)
+
+
+async def drive(requests: Sequence[Request], concurrency: int,
+                send: Callable[[Request], AsyncIterator[int]]) -> Load:
+    """Send every request with at most ``concurrency`` in flight; ``send`` yields each step's number of new tokens."""
+    limit = asyncio.Semaphore(concurrency)
+    load, tokens = Load(), 0
+
+    async def one(request: Request) -> None:
+        nonlocal tokens
+        async with limit:
+            started, first = time.perf_counter(), None
+            async for new_tokens in send(request):
+                if first is None and new_tokens:
+                    first = time.perf_counter()
+                tokens += new_tokens
+            finished = time.perf_counter()
+            load.seconds.append(finished - started)
+            load.ttft.append((first or finished) - started)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one(request) for request in requests))
+    load.tokens_per_s = tokens / (time.perf_counter() - started)
+    return load
 
 
 async def run_with_runtime(args: argparse.Namespace, measure: Measure) -> dict:

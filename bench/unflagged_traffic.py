@@ -23,12 +23,11 @@ Throughput (tokens/s) and time to first token (p50, p99) at concurrency 1, 8 and
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import statistics
 import sys
-import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -37,7 +36,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.guard_overhead import hundred_targets, target_body, wait_until_served  # noqa: E402
-from bench.runtime_harness import bench_main  # noqa: E402
+from bench.runtime_harness import bench_main, drive  # noqa: E402
 from classifiers.negatives import builtin_negative_pool  # noqa: E402
 from demo.tofu_data import authors_of, demo_authors  # noqa: E402
 from guards.chat import chat_prompt_ids  # noqa: E402
@@ -60,40 +59,32 @@ def unflagged_questions() -> list[str]:
     return mixed[:PROMPTS]
 
 
-async def drive(runtime: Runtime, path: str, questions: list[str], concurrency: int) -> dict[str, float | list]:
-    """tokens/s and per-request TTFT of the questions through one path at one concurrency."""
+async def through(runtime: Runtime, path: str, questions: list[str], concurrency: int) -> dict[str, float | list]:
+    """tokens/s and per-request TTFT of the questions through one path ("vllm": the engine alone; otherwise Lethe's
+    pipeline) at one concurrency."""
     from vllm.sampling_params import RequestOutputKind, SamplingParams
 
     pipeline, engine = runtime.pipeline, runtime.engine
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True,
                             output_kind=RequestOutputKind.DELTA)
-    limit = asyncio.Semaphore(concurrency)
-    ttft: list[float] = []
-    tokens = hits = 0
+    hits = 0
 
-    async def one(question: str) -> None:
-        nonlocal tokens, hits
-        async with limit:
-            started = time.perf_counter()
-            first: float | None = None
-            if path == "vllm":
-                ids = chat_prompt_ids(engine.tokenizer, question)
-                async for output in engine.generate({"prompt_token_ids": ids}, params, f"plain-{uuid.uuid4().hex}"):
-                    first = first or time.perf_counter()
-                    tokens += len(output.outputs[0].token_ids)
-            else:
-                run = await pipeline.start(RunRequest("chat", f"bench-{uuid.uuid4().hex}",
-                                                      ChatPrompt((ChatTurn("user", question),))))
-                hits += bool(run.hit_target_ids)
-                async with run:
-                    async for event in run.events(params):
-                        first = first or time.perf_counter()
-                        tokens += len(event.token_ids)
-            ttft.append((first or time.perf_counter()) - started)
+    async def plain(question: str) -> AsyncIterator[int]:
+        ids = chat_prompt_ids(engine.tokenizer, question)
+        async for output in engine.generate({"prompt_token_ids": ids}, params, f"plain-{uuid.uuid4().hex}"):
+            yield len(output.outputs[0].token_ids)
 
-    started = time.perf_counter()
-    await asyncio.gather(*(one(q) for q in questions))
-    return {"tokens_per_s": tokens / (time.perf_counter() - started), "ttft": ttft, "hits": hits}
+    async def lethe(question: str) -> AsyncIterator[int]:
+        nonlocal hits
+        run = await pipeline.start(RunRequest("chat", f"bench-{uuid.uuid4().hex}",
+                                              ChatPrompt((ChatTurn("user", question),))))
+        hits += bool(run.hit_target_ids)
+        async with run:
+            async for event in run.events(params):
+                yield len(event.token_ids)
+
+    load = await drive(questions, concurrency, plain if path == "vllm" else lethe)
+    return {"tokens_per_s": load.tokens_per_s, "ttft": load.ttft, "hits": hits}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -114,14 +105,14 @@ async def measure(runtime: Runtime, rounds: int, model: str) -> dict:
     def unique(texts: list[str]) -> list[str]:
         return [f"{text} (ref {next(serial)})" for text in texts]
 
-    await drive(runtime, "vllm", questions[:8], 8)  # warm-up
+    await through(runtime, "vllm", questions[:8], 8)  # warm-up
     raw: dict[str, dict[int, list[dict]]] = {path: {c: [] for c in CONCURRENCIES} for path in PATHS}
     for round_index in range(rounds):
         order = PATHS[round_index % len(PATHS):] + PATHS[:round_index % len(PATHS)]
         for concurrency in CONCURRENCIES:
             for path in order:
                 holder.current = snapshots.get(path, registered)
-                raw[path][concurrency].append(await drive(runtime, path, unique(questions), concurrency))
+                raw[path][concurrency].append(await through(runtime, path, unique(questions), concurrency))
         print(f"round {round_index + 1}/{rounds} done", flush=True)
     holder.current = registered
 

@@ -31,7 +31,7 @@ from classifiers.types import Hit
 from guards.base import Mechanism, MechanismServing
 from guards.chat import encode_rendered, render_chat
 from server.audit import AuditWriter
-from server.classification import ClassificationBatcher
+from server.classifier_batcher import ClassificationBatcher
 from server.engine import Engine
 from server.errors import ContextLengthExceeded, GuardFailed, InvalidRequest, RequestTimeout
 from server.planner import NO_TARGETS, ChatTurn, Classification, EnginePlan, Planner, RenderedPrompt

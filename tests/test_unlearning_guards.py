@@ -116,7 +116,7 @@ def test_completions_endpoint_is_protected_too(
 def test_concurrent_prompts_classified_in_one_batch_get_the_verdicts_they_get_alone(
     targets: list[dict], lethe_server: RunningServer, model_name: str, admin: httpx.Client
 ) -> None:
-    """Concurrent requests share one embedding call (server/classification.py); none may get another's verdict.
+    """Concurrent requests share one embedding call (server/classifier_batcher.py); none may get another's verdict.
 
     The prompts carry a fresh suffix so that the concurrent run embeds them (in batches) rather than reading the
     embedding cache; the one-at-a-time run then reads what the batches cached, so a verdict that differs can only come

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from classifiers.types import BankResult, Conversation
-from server.classification import ClassificationBatcher
+from server.classifier_batcher import ClassificationBatcher
 
 
 class GatedBank:
