@@ -14,8 +14,9 @@ conversations) are scored by every bank size in turn, round-robin, so that load 
 skews all sizes alike; the O3 gates are timed afterwards on the same embeddings (see `measure`). The embedder's
 cache is off, so every request pays its embedding as a new prompt would; the embedding model runs on `--threads`
 threads (default 1: the cost of one request on one core). Last, the 100-target bank scores the workload in batches of
-1, 8 and 32 requests, as the server coalesces concurrent requests into one embedding call (``server.classifier_batcher``),
-once with the served ONNX Runtime embeddings and once with PyTorch's, interleaved, for the ratio between them.
+1, 8 and 32 requests, as the server coalesces concurrent requests into one embedding call
+(``server.classifier_batcher``), once with the served ONNX Runtime embeddings and once with PyTorch's, interleaved, for
+the ratio between them.
 
     python bench/classifier_latency.py [--threads N]   # prints a table, writes bench/results/classifier_latency.json
 """
