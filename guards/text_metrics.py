@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from functools import lru_cache
-
-from rouge_score import rouge_scorer
+from typing import Any
 
 
 @lru_cache(maxsize=1)
-def _rouge_l_scorer() -> rouge_scorer.RougeScorer:
-    # Building the scorer loads the Porter stemmer; do it once per process.
+def _rouge_l_scorer() -> Any:
+    # Importing rouge_score (NLTK) takes half a second and building the scorer loads the Porter stemmer: once per
+    # process, and only in one that scores (the engine process imports the mechanisms, never this).
+    from rouge_score import rouge_scorer
+
     return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
 
