@@ -19,7 +19,9 @@ Typos: a part of 5-9 letters matches at Levenshtein distance 1, of 10+ letters a
 "Abilof"), with sim = 1 - distance / length, and only by a run of as many tokens as the part has (so "Kuwaiti" alone
 is no typo of "Al-Kuwaiti"). Common words, alone or in runs, are only matched exactly ("Basel" is a city, not a typo
 of "Basil"). Candidates come from a deletion-neighbourhood index (SymSpell), so looking up a text costs dictionary
-probes per text token, not a scan over every target's names.
+probes per text token, not a scan over every target's names; a token too long to be any name part within its typo
+budget skips them, so the cost per token is bounded by the names indexed, not by the text (a 1,250-letter "word" once
+cost 40 s and 1 GB).
 """
 
 from __future__ import annotations
@@ -144,6 +146,9 @@ class AliasIndex:
         self._postings = dict(self._postings)
         self._neighbours = dict(self._neighbours)
         self._max_unit_edits = max((max_edits(k) for k in self._postings), default=0)
+        # A text unit more than the typo budget longer than every name part can match none: its deletion neighbourhood
+        # (quadratic in its length) is never built, so a lookup costs at most a bounded amount per token of the text.
+        self._max_fuzzy_length = max((len(k) for k in self._postings), default=0) + self._max_unit_edits
 
     def _add(self, target_id: str, alias: str) -> None:
         raw_parts = _raw_parts(alias)
@@ -212,7 +217,7 @@ class AliasIndex:
         """Part keys matching `unit`: exactly, or (unless `exact_only`) within the key's typo budget."""
         if unit in self._postings:
             yield unit, 1.0
-        if exact_only or len(unit) < 4 or self._max_unit_edits == 0:
+        if exact_only or len(unit) < 4 or len(unit) > self._max_fuzzy_length or self._max_unit_edits == 0:
             return
         seen = {unit}
         for variant in _deletions(unit, min(self._max_unit_edits, max_edits(unit) + 1)):
