@@ -46,6 +46,13 @@ class RenderedPrompt:
     from_text: bool = True  # False when the client sent token ids
     add_special_tokens: bool = False  # how `text` was encoded (completion strings get the BOS token)
 
+    @classmethod
+    def from_view(cls, prompt: PromptView) -> RenderedPrompt:
+        """The inverse of ``view``: a prompt a mechanism's job rendered, back as the planner takes it."""
+        return cls(token_ids=list(prompt.token_ids), text=prompt.text,
+                   conversation=tuple(ChatTurn(role, content) for role, content in prompt.turns),
+                   from_text=prompt.from_text, add_special_tokens=prompt.add_special_tokens)
+
     def view(self) -> PromptView:
         turns = tuple((turn.role, turn.content) for turn in self.conversation) or (("user", self.text),)
         return PromptView(token_ids=self.token_ids, text=self.text, turns=turns, from_text=self.from_text,

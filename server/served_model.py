@@ -40,9 +40,7 @@ class PipelineServedModel:
         return asyncio.run_coroutine_threadsafe(all_replies(), self._loop).result(timeout=GENERATION_TIMEOUT_S)
 
     def _engine_plan(self, prompt: PromptView, plan: ComposedPlan | None) -> EnginePlan:
-        rendered = RenderedPrompt(token_ids=list(prompt.token_ids), text=prompt.text,
-                                  conversation=tuple(ChatTurn(role, content) for role, content in prompt.turns),
-                                  from_text=prompt.from_text, add_special_tokens=prompt.add_special_tokens)
+        rendered = RenderedPrompt.from_view(prompt)
         if plan is None:
             return EnginePlan(prompt={"prompt_token_ids": rendered.token_ids})
         return self._pipeline.planner.engine_plan(rendered, plan)

@@ -3,12 +3,11 @@ atomicity, jobs, recovery, audit."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import itertools
 import time
 from collections.abc import Iterator
 from datetime import timedelta
+from types import SimpleNamespace
 
 import pytest
 from pydantic import ValidationError
