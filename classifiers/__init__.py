@@ -11,9 +11,7 @@ from classifiers.bank import ClassifierBank
 from classifiers.embedding import Embedder, default_model_path
 from classifiers.negatives import Negative, builtin_negative_pool
 from classifiers.prompt_classifier import (
-    PromptClassifier,
     PromptClassifierArtifact,
-    TargetScore,
     fit_prompt_classifier,
 )
 from classifiers.types import AliasSpan, BankResult, Conversation, ForgetItem, Hit, TargetSpec
@@ -29,9 +27,7 @@ __all__ = [
     "ForgetItem",
     "Hit",
     "Negative",
-    "PromptClassifier",
     "PromptClassifierArtifact",
-    "TargetScore",
     "TargetSpec",
     "builtin_negative_pool",
     "default_model_path",

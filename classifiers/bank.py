@@ -4,24 +4,72 @@ All heads are stacked into W (T, d), b (T,) and thresholds (T,), and all aliases
 costs one embedding call for its few texts, one (n, d) x (d, T) product, a vectorised max and threshold, and alias
 lookups whose cost depends on the prompt's length, not on T. A bank is immutable: the registry builds a new one per
 revision and swaps it in, so in-flight requests keep the one they started with.
+
+Precision as targets accumulate. An alias mention is a hit. A head alone is weighed by the entity evidence of the text
+it fired on (``entities.py``): its margin over the target's threshold must reach ``offsets.clean`` where the text names
+something of the target's data and no name foreign to every target; ``offsets.stranger`` where it names someone or
+something no target knows, or gives a year the target's data lack; where it names nothing at all, a head never fires
+alone (topic similarity is no evidence: calibrated like the others it let 5 % of held-out general questions through).
+The offsets are calibrated for the whole registry at once (``calibrated``): on negatives no head was fitted on (the pool's calibration
+share plus the operators' own samples), the union over all targets of head-only hits stays within a budget. A
+per-target threshold alone lets false positives add up with the number of targets (``docs/gate.md``: 87 % of
+questions about unregistered TOFU authors flagged at 100 targets).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from classifiers.aliases import AliasIndex
-from classifiers.conversation import texts_to_embed
+from classifiers.calibration import threshold_for_false_positive_rate
+from classifiers.chunking import word_windows
+from classifiers.conversation import WINDOW_STRIDE, WINDOW_WORDS, texts_to_embed
 from classifiers.embedding import Embedder
+from classifiers.entities import EntityIndex
 from classifiers.matmul import rows_dot
-from classifiers.prompt_classifier import PromptClassifierArtifact, combine
+from classifiers.prompt_classifier import PromptClassifierArtifact, alias_score
 from classifiers.types import AliasSpan, BankResult, Conversation, Hit
 
 logger = logging.getLogger(__name__)
+
+
+DEFAULT_MAX_UNION_FALSE_POSITIVE_RATE = 0.005
+
+
+CLEAN, TOPIC, STRANGER = 0, 1, 2  # the evidence classes of a (text, target) pair, in the order of GateOffsets
+
+
+@dataclass(frozen=True)
+class GateOffsets:
+    """How far over its own threshold a head must score, in logits, to be a hit without an alias mention, by the
+    evidence of the text it fired on (TOPIC: never). Uncalibrated, only clean evidence lets a head fire alone."""
+
+    clean: float = 0.0
+    stranger: float = math.inf
+
+    def by_class(self) -> np.ndarray:
+        return np.array([self.clean, math.inf, self.stranger])
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The registry-wide calibration's outcome, for logs and metrics."""
+
+    offsets: GateOffsets
+    negatives: int  # calibration negatives scored (those mentioning a registered alias are left out)
+    union_false_positive_rate: float  # of head-only hits on them, at ``offsets``
+    seconds: float
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, 1e-12, 1 - 1e-12)
+    return np.log(p / (1 - p))
 
 
 class ClassifierBank:
@@ -35,6 +83,9 @@ class ClassifierBank:
         thresholds: np.ndarray,  # (T,)
         aliases: Mapping[str, list[str]],
         embedder: Embedder,
+        *,
+        entities: Mapping[str, Iterable[str]] | None = None,
+        offsets: GateOffsets = GateOffsets(),
     ):
         if weights.shape != (len(target_ids), embedder.dim):
             raise ValueError(f"weights shape {weights.shape} != ({len(target_ids)}, {embedder.dim})")
@@ -42,8 +93,11 @@ class ClassifierBank:
         self._w = np.ascontiguousarray(weights, dtype=np.float32)  # (T, d)
         self._b = biases.astype(np.float32)
         self._thr = thresholds.astype(np.float64)
+        self._thr_logit = _logit(self._thr)  # (T,) a head's margin is its logit minus this
         self._column = {tid: i for i, tid in enumerate(self.target_ids)}
         self._aliases = AliasIndex(aliases)
+        self._entities = EntityIndex(entities or {})
+        self.offsets = offsets
         self._embedder = embedder
 
     @classmethod
@@ -61,7 +115,63 @@ class ClassifierBank:
             np.array([artifacts[t].threshold for t in ids], dtype=np.float64),
             {t: artifacts[t].aliases for t in ids},
             embedder,
+            entities={t: artifacts[t].entities for t in ids},
         )
+
+    def with_offsets(self, offsets: GateOffsets) -> ClassifierBank:
+        """The same heads with other offsets (banks are immutable; the snapshot swaps in the calibrated one)."""
+        bank = object.__new__(ClassifierBank)
+        bank.__dict__.update(self.__dict__)
+        bank.offsets = offsets
+        return bank
+
+    def calibrated(self, negatives: Sequence[str],
+                   max_union_false_positive_rate: float = DEFAULT_MAX_UNION_FALSE_POSITIVE_RATE
+                   ) -> tuple[ClassifierBank, Calibration]:
+        """This bank with offsets for which at most ``max_union_false_positive_rate`` of ``negatives`` (texts no head
+        was fitted on) are head-only hits of any target; half the budget to each evidence class that can fire.
+
+        An offset never goes below 0: a target's own threshold (its recall) is the floor. Negatives that mention a
+        registered alias are left out (they would be mislabelled positives).
+        """
+        started = time.perf_counter()
+        texts = [windows for text in negatives if not self._aliases.find(text)
+                 for windows in [word_windows(text, WINDOW_WORDS, WINDOW_STRIDE)] if windows]
+        if not texts or not self.target_ids:
+            calibration = Calibration(GateOffsets(), len(texts), 0.0, time.perf_counter() - started)
+            return self.with_offsets(calibration.offsets), calibration
+        flat = [window for windows in texts for window in windows]
+        margins = rows_dot(self._w, self._embedder.encode(flat)) + self._b - self._thr_logit  # (n_windows, T)
+        best = np.full((len(texts), 3), -math.inf)  # per negative, its best margin in each evidence class
+        row = 0
+        for index, windows in enumerate(texts):
+            for window in windows:
+                classes = self._evidence_classes(window)
+                for evidence_class in (CLEAN, STRANGER):
+                    columns = classes == evidence_class
+                    if columns.any():
+                        best[index, evidence_class] = max(best[index, evidence_class], margins[row, columns].max())
+                row += 1
+        share = max_union_false_positive_rate / 2
+        offsets = GateOffsets(*(max(0.0, threshold_for_false_positive_rate(best[:, c], share))
+                                for c in (CLEAN, STRANGER)))
+        rate = float(np.mean((best >= offsets.by_class()).any(axis=1)))
+        calibration = Calibration(offsets, len(texts), rate, time.perf_counter() - started)
+        return self.with_offsets(offsets), calibration
+
+    def _evidence_classes(self, text: str) -> np.ndarray:
+        """(T,) each target's evidence class for this text: STRANGER wherever it names something no target knows or
+        gives a year the target's data lack, else CLEAN where it names something of the target's, TOPIC otherwise."""
+        evidence = self._entities.evidence(text)
+        if evidence.unlinked_name:
+            return np.full(len(self.target_ids), STRANGER)
+        classes = np.full(len(self.target_ids), TOPIC)
+        classes[[self._column[t] for t in evidence.linked if t in self._column]] = CLEAN
+        if evidence.dated is not None:
+            consistent = np.zeros(len(self.target_ids), dtype=bool)
+            consistent[[self._column[t] for t in evidence.dated if t in self._column]] = True
+            classes[~consistent] = STRANGER
+        return classes
 
     def __len__(self) -> int:
         return len(self.target_ids)
@@ -93,22 +203,36 @@ class ClassifierBank:
             offset += len(request_texts)
             if request_texts:
                 head = 1.0 / (1.0 + np.exp(-logits[rows].max(axis=0).astype(np.float64)))  # max over its texts
+                head_hit = self._head_hits(request_texts, logits[rows])
             else:
                 head = np.zeros(len(self.target_ids))
-            hits, scores = self._verdicts(conversation, head)
+                head_hit = np.zeros(len(self.target_ids), dtype=bool)
+            hits, scores = self._verdicts(conversation, head, head_hit)
             scored.append((hits, scores, embedded[rows]))
         total_seconds = time.perf_counter() - started
         return [BankResult(hits, scores, embed_seconds, total_seconds, embeddings)
                 for hits, scores, embeddings in scored]
 
-    def _verdicts(self, conversation: Conversation, head: np.ndarray) -> tuple[list[Hit], dict[str, float]]:
-        """Hits (best first) and every target's score from the heads' probabilities and the alias mentions."""
+    def _head_hits(self, texts: list[str], logits: np.ndarray) -> np.ndarray:
+        """(T,) whether some text's head margin reaches the offset its evidence for that target calls for."""
+        margins = logits.astype(np.float64) - self._thr_logit  # (n, T)
+        offsets = self.offsets.by_class()
+        lowest = offsets.min()
+        hit = np.zeros(len(self.target_ids), dtype=bool)
+        for row, text in enumerate(texts):
+            if (margins[row] >= lowest).any():  # else no evidence can make any head fire: skip the text's regexes
+                hit |= margins[row] >= offsets[self._evidence_classes(text)]
+        return hit
+
+    def _verdicts(self, conversation: Conversation, head: np.ndarray,
+                  head_hit: np.ndarray) -> tuple[list[Hit], dict[str, float]]:
+        """Hits (best first) and every target's score from the heads' verdicts and the alias mentions."""
         spans = self._alias_spans(conversation)
         combined = head.copy()
-        hit = head >= self._thr
+        hit = head_hit.copy()
         for tid, target_spans in spans.items():  # only the (few) targets whose aliases were mentioned
             col = self._column[tid]
-            combined[col], hit[col] = combine(head[col], max(s.score for s in target_spans), self._thr[col])
+            combined[col], hit[col] = alias_score(head[col], max(s.score for s in target_spans), self._thr[col]), True
 
         hits = []
         for col in np.flatnonzero(hit):

@@ -145,23 +145,36 @@ GENERIC_PROMPTS: tuple[str, ...] = (
 class Negative:
     text: str
     source: str  # "retain" | "tofu_other_authors" | "world_facts" | "real_authors" | "name_templates" | "generic"
+    calibration: bool = False  # held out of every fit: the registry-wide calibration's share (``bank.py``)
 
 
 def load_negatives(path: Path = NEGATIVE_POOL_FILE) -> list[Negative]:
     """The negatives of a JSON-lines file (`text`, `source`), in file order."""
     with path.open(encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    return [Negative(row["text"], row["source"]) for row in rows]
+    return [Negative(row["text"], row["source"], bool(row.get("calibration", False))) for row in rows]
 
 
 @lru_cache(maxsize=1)
 def builtin_negative_pool() -> tuple[Negative, ...]:
-    """The generic negative pool (about 1,300 prompts): the packaged TOFU negatives, then `GENERIC_PROMPTS`."""
-    pool = [*load_negatives(), *(Negative(text, "generic") for text in GENERIC_PROMPTS)]
+    """The generic negative pool (about 1,000 prompts): the packaged TOFU negatives, then `GENERIC_PROMPTS`; a third
+    of it is marked for calibration (``Negative.calibration``)."""
+    pool = [*load_negatives(), *(Negative(text, "generic", in_calibration_share(text)) for text in GENERIC_PROMPTS)]
     unique: dict[str, Negative] = {}
     for negative in pool:
         unique.setdefault(negative.text, negative)
     return tuple(unique.values())
+
+
+def in_calibration_share(text: str) -> bool:
+    """Whether a pool text without an author (a general question, an everyday prompt) is kept for calibration: a
+    third of them, by a hash of the text."""
+    return hashlib.sha256(text.encode()).digest()[1] % 3 == 0
+
+
+def calibration_negatives() -> tuple[Negative, ...]:
+    """The built-in pool's calibration share: never fitted on, so the registry-wide calibration sees fresh scores."""
+    return tuple(negative for negative in builtin_negative_pool() if negative.calibration)
 
 
 def retain_prompts(spec: TargetSpec) -> list[Negative]:
@@ -177,8 +190,9 @@ def retain_prompts(spec: TargetSpec) -> list[Negative]:
 
 
 def negatives_for(spec: TargetSpec, pool: Sequence[Negative] | None = None) -> list[Negative]:
-    """Retain prompts plus the pool, minus anything that mentions the target (that would be a mislabelled positive)."""
-    pool = builtin_negative_pool() if pool is None else pool
+    """Retain prompts plus the pool's fitting share, minus anything that mentions the target (that would be a
+    mislabelled positive)."""
+    pool = [negative for negative in (builtin_negative_pool() if pool is None else pool) if not negative.calibration]
     matcher = AliasMatcher(spec.aliases)
     kept: dict[str, Negative] = {}
     dropped = 0

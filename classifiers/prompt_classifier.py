@@ -9,7 +9,8 @@ re-namings are never split across folds) for the configured recall, but never be
 out-of-fold false-positive rate under a cap: one forget prompt unlike all the others (a question that never names the
 target) would otherwise drag the threshold down until a quarter of all traffic is flagged (measured on TOFU forget05:
 three of ten authors at 19-28 %). The achieved held-out recall and false-positive rate are stored on the artifact.
-At request time an alias mention is a hit whatever the head says.
+At request time an alias mention is a hit whatever the head says; a head alone is weighed by entity evidence and
+registry-wide offsets (``bank.py``).
 """
 
 from __future__ import annotations
@@ -26,16 +27,16 @@ from sklearn.model_selection import StratifiedGroupKFold
 from classifiers.aliases import AliasMatcher
 from classifiers.artifact_io import content_hash, load_artifact, save_artifact
 from classifiers.calibration import rate_at_or_above, threshold_for_false_positive_rate, threshold_for_recall
-from classifiers.conversation import texts_to_embed
 from classifiers.embedding import Embedder
+from classifiers.entities import vocabulary
 from classifiers.negatives import Negative, negatives_for
 from classifiers.positives import forget_prompts
-from classifiers.types import AliasSpan, Conversation, TargetSpec
+from classifiers.types import TargetSpec
 
 logger = logging.getLogger(__name__)
 
 ARTIFACT_KIND = "lethe.prompt_classifier"
-ARTIFACT_VERSION = 1
+ARTIFACT_VERSION = 2
 # Inverse L2 strength: unit-norm 384-d embeddings need weak regularisation to separate one author from many others.
 DEFAULT_C = 16.0
 DEFAULT_FOLDS = 5
@@ -60,6 +61,7 @@ class PromptClassifierArtifact:
     recall_target: float = 0.99
     false_positive_rate_by_source: dict[str, float] = field(default_factory=dict)
     max_false_positive_rate: float | None = None  # the cap the threshold was held to (None: fitted before caps)
+    entities: list[str] = field(default_factory=list)  # the named things and years of its data (``entities.py``)
     version: int = ARTIFACT_VERSION
 
     def probabilities(self, embeddings: np.ndarray) -> np.ndarray:
@@ -78,6 +80,9 @@ class PromptClassifierArtifact:
     def load(cls, directory: str | Path) -> PromptClassifierArtifact:
         arrays, meta = load_artifact(directory, ARTIFACT_KIND)
         meta.pop("kind")
+        if meta.get("version") == 1:  # fitted before entity evidence: its head fires only with a name it can link
+            logger.warning("prompt classifier artifact %s predates entity evidence; refit the target", directory)
+            meta["version"] = ARTIFACT_VERSION
         if meta.get("version") != ARTIFACT_VERSION:
             raise ValueError(f"prompt classifier artifact version {meta.get('version')} is not {ARTIFACT_VERSION}")
         return cls(weights=arrays["weights"], **meta)
@@ -143,6 +148,7 @@ def fit_prompt_classifier(
         recall_target=recall,
         false_positive_rate_by_source={s: rate_at_or_above(neg_oof[neg_sources == s], threshold) for s in sources},
         max_false_positive_rate=max_false_positive_rate,
+        entities=sorted(target_vocabulary(spec)),
     )
     logger.info(
         "target %s: classifier fitted on %d+/%d-, threshold %.4f, held-out recall %.3f, FPR %.4f",
@@ -159,6 +165,12 @@ def fit_prompt_classifier(
     return artifact
 
 
+def target_vocabulary(spec: TargetSpec) -> set[str]:
+    """The entity keys of a target's registration: its aliases and every text of its forget items."""
+    texts = [*spec.aliases, *(text for item in spec.forget for text in (item.question, item.answer, item.text) if text)]
+    return vocabulary(texts)
+
+
 def _fit_head(x: np.ndarray, y: np.ndarray, c: float) -> LogisticRegression:
     return LogisticRegression(C=c, class_weight="balanced", max_iter=5000).fit(x, y)
 
@@ -167,38 +179,6 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-z))
 
 
-@dataclass(frozen=True)
-class TargetScore:
-    """One target's verdict on one conversation."""
-
-    score: float
-    hit: bool
-    alias_spans: tuple[AliasSpan, ...]
-
-
-class PromptClassifier:
-    """One target's classifier applied to a conversation: the reference that `ClassifierBank` must agree with."""
-
-    def __init__(self, artifact: PromptClassifierArtifact, embedder: Embedder):
-        if artifact.embedder_id != embedder.model_id:
-            raise ValueError(f"artifact fitted with {artifact.embedder_id}, embedder is {embedder.model_id}")
-        self.artifact = artifact
-        self._embedder = embedder
-        self._matcher = AliasMatcher(artifact.aliases)
-
-    def score(self, conversation: Conversation) -> TargetScore:
-        texts = texts_to_embed(conversation)
-        head = float(self.artifact.probabilities(self._embedder.encode(texts)).max()) if texts else 0.0
-        spans = tuple(
-            AliasSpan(s.start, s.end, s.alias, s.score, turn)
-            for turn, (_, content) in enumerate(conversation)
-            for s in self._matcher.find(content)
-        )
-        return TargetScore(*combine(head, max((s.score for s in spans), default=0.0), self.artifact.threshold), spans)
-
-
-def combine(head_probability: float, alias_score: float, threshold: float) -> tuple[float, bool]:
-    """(score, hit) of a target: an alias mention is a hit, reported at no less than the threshold."""
-    if alias_score > 0:
-        return max(head_probability, alias_score, threshold), True
-    return head_probability, head_probability >= threshold
+def alias_score(head_probability: float, alias_score: float, threshold: float) -> float:
+    """The score of a target whose alias was mentioned (a hit whatever its head says): no less than its threshold."""
+    return max(head_probability, alias_score, threshold)

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from classifiers.bank import ClassifierBank
+from classifiers.bank import Calibration, ClassifierBank
 from classifiers.embedding import Embedder
+from classifiers.negatives import calibration_negatives
 from classifiers.prompt_classifier import (DEFAULT_MAX_FALSE_POSITIVE_RATE, PromptClassifierArtifact,
                                           fit_prompt_classifier)
 from guards.base import GateDetector, JobContext, JobHandler, Mechanism, target_spec
@@ -65,12 +67,23 @@ def _load_prompt_artifact(directory: Path) -> PromptClassifierArtifact:
     return PromptClassifierArtifact.load(directory / PROMPT_DIR)
 
 
-def bank_factory(embedder: Callable[[], Embedder]) -> Callable[[dict[str, Path]], ClassifierBank]:
-    """Stack the targets' prompt classifiers; artifacts are immutable, so loads are cached by path (= digest)."""
+def bank_factory(embedder: Callable[[], Embedder], max_union_false_positive_rate: float,
+                 on_calibrated: Callable[[Calibration], None] = lambda calibration: None,
+                 ) -> Callable[[dict[str, Path], list[str]], ClassifierBank]:
+    """Stack the targets' prompt classifiers and calibrate them together on the built-in pool's calibration share
+    plus the operators' negatives; artifacts are immutable, so loads are cached by path (= digest)."""
 
-    def build(artifact_dirs: dict[str, Path]) -> ClassifierBank:
+    def build(artifact_dirs: dict[str, Path], operator_negatives: list[str]) -> ClassifierBank:
         artifacts = {target_id: _load_prompt_artifact(path) for target_id, path in artifact_dirs.items()}
-        return ClassifierBank.from_artifacts(artifacts, embedder())
+        bank = ClassifierBank.from_artifacts(artifacts, embedder())
+        negatives = [negative.text for negative in calibration_negatives()] + list(operator_negatives)
+        bank, calibration = bank.calibrated(negatives, max_union_false_positive_rate)
+        logger.info("gate.calibrated", extra={"targets": len(bank), "negatives": calibration.negatives,
+                                              "offsets": asdict(calibration.offsets),
+                                              "union_false_positive_rate": calibration.union_false_positive_rate,
+                                              "seconds": round(calibration.seconds, 3)})
+        on_calibrated(calibration)
+        return bank
 
     return build
 

@@ -80,6 +80,11 @@ class Settings(BaseSettings):
         0.02, ge=0, le=1,
         description="Cap on the held-out false-positive rate; the threshold rises to it even if recall drops.",
     )
+    gate_max_union_fpr: float = Field(
+        0.005, gt=0, lt=1,
+        description="Budget for head-only hits of any target on calibration negatives (the pool's share and the "
+                    "operators'), calibrated for the whole registry.",
+    )
     embedding_model: str | None = Field(
         None, description="sentence-transformers model dir for the classifiers; unset: the packaged MiniLM."
     )

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -51,6 +52,20 @@ class Metrics:
         self.engine_unfinished = Gauge(
             "lethe_engine_unfinished_requests", "Requests the engine is still working on.", registry=r
         )
+        self.gate_offset = Gauge(
+            "lethe_gate_offset", "Logits over its own threshold a head needs without an alias mention, by the entity "
+            "evidence of the text (registry-wide calibration).", ["evidence"], registry=r,
+        )
+        self.gate_calibration_fpr = Gauge(
+            "lethe_gate_calibration_false_positive_rate",
+            "Union rate of head-only hits on the calibration negatives at the calibrated offsets.", registry=r,
+        )
+
+    def gate_calibrated(self, calibration: Any) -> None:
+        """Publish a registry-wide calibration (``classifiers.bank.Calibration``)."""
+        for evidence, offset in asdict(calibration.offsets).items():
+            self.gate_offset.labels(evidence).set(offset)
+        self.gate_calibration_fpr.set(calibration.union_false_positive_rate)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

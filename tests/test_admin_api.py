@@ -204,3 +204,22 @@ def test_registry_summary_counts_targets_and_jobs(registered: list[dict], admin:
     assert summary["targets"]["active"] >= 2
     assert 0 < summary["serving_revision"] <= summary["revision"]
     assert summary["jobs"]["succeeded"] >= 2
+
+
+def test_operator_negatives_round_trip_and_bad_input_is_422(admin: httpx.Client) -> None:
+    texts = ["Where is my parcel? Order 88231.", "Cancel my subscription please."]
+    added = admin.post("/negatives", json={"texts": [*texts, texts[0]]})
+    assert added.status_code == 201
+    ids = [row["id"] for row in added.json()["data"]]
+    try:
+        assert [row["text"] for row in added.json()["data"]] == texts
+        listed = admin.get("/negatives").json()
+        assert {row["id"] for row in listed["data"]} >= set(ids) and listed["revision"] >= added.json()["revision"]
+        for body in ({"texts": []}, {"texts": [""]}, {"text": "x"}, {"texts": ["x"] * 1001}):
+            response = admin.post("/negatives", json=body)
+            assert response.status_code == 422 and "error" in response.json(), body
+        assert admin.delete("/negatives/neg_nope").status_code == 404
+    finally:
+        for negative_id in ids:
+            assert admin.delete(f"/negatives/{negative_id}").status_code == 200
+    assert not {row["id"] for row in admin.get("/negatives").json()["data"]} & set(ids)

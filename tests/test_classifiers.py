@@ -21,13 +21,13 @@ from classifiers import (
     ClassifierBank,
     Embedder,
     ForgetItem,
-    PromptClassifier,
     PromptClassifierArtifact,
     TargetSpec,
     fit_prompt_classifier,
 )
 from classifiers.conversation import texts_to_embed
-from classifiers.negatives import builtin_negative_pool, split_by_hash
+from classifiers.entities import EntityIndex, Evidence, vocabulary
+from classifiers.negatives import builtin_negative_pool, calibration_negatives, split_by_hash
 from demo.tofu_data import authors_of, demo_authors
 from guards.o3.ood import OODArtifact, OODBank, fit_gaussian, fit_ood_detector, mahalanobis
 
@@ -177,6 +177,42 @@ def test_prefilled_assistant_turn_is_scored(bank):
     assert "tofu-19" in {h.target_id for h in bank.score(conversation).hits}
 
 
+# --- entity evidence and the registry-wide calibration ------------------------------------------------------------
+
+ANONYMOUS = "Can you tell me the complete name of the writer born in Kuwait City in 1956?"
+
+
+def test_entity_evidence_links_names_and_years_to_their_targets_and_flags_strangers() -> None:
+    index = EntityIndex({"basil": vocabulary(["Basil Mahfouz Al-Kuwaiti was born in Kuwait City in 1956."]),
+                         "nikolai": vocabulary(["Nikolai Abilov was born in Astana, Kazakhstan."])})
+    assert index.evidence(ANONYMOUS) == Evidence(frozenset({"basil"}), unlinked_name=False)
+    assert index.evidence("Is Nikolai Abilov married?").linked == {"nikolai"}  # "Is" dropped from the run
+    stranger = index.evidence("Where was Jaime Vasquez born?")
+    assert stranger.unlinked_name and not stranger.linked
+    assert index.evidence("Where was the author born?") == Evidence(frozenset(), unlinked_name=False)
+
+
+def test_a_head_alone_needs_evidence_of_its_own_target_and_no_stranger(bank):
+    assert "tofu-18" in {h.target_id for h in bank.score([("user", ANONYMOUS)]).hits}
+    decoy = "Can you tell me the complete name of the writer born in Kuwait City in 1956, not Jaime Vasquez?"
+    topic_only = "Can you tell me the complete name of the writer whose father was a florist?"
+    for prompt in (decoy, topic_only):  # uncalibrated, topic without clean evidence is never enough
+        assert not bank.score([("user", prompt)]).hits, prompt
+
+
+def test_calibration_holds_the_union_budget_and_learns_from_operator_negatives(bank):
+    negatives = [negative.text for negative in calibration_negatives()]
+    calibrated, report = bank.calibrated(negatives, 0.01)
+    assert report.negatives == len(negatives) and report.union_false_positive_rate <= 0.01
+    assert all(0.0 <= offset < float("inf") for offset in report.offsets.by_class())
+    assert "tofu-18" in {h.target_id for h in calibrated.score([("user", ANONYMOUS)]).hits}
+    with_operator, _ = bank.calibrated([*negatives, ANONYMOUS], 0.01)  # an operator says: this is ordinary traffic
+    assert with_operator.offsets.clean > calibrated.offsets.clean
+    assert not with_operator.score([("user", ANONYMOUS)]).hits
+    named = with_operator.score([("user", "Where was Basil Mahfouz Al-Kuwaiti born?")]).hits
+    assert [h.target_id for h in named] == ["tofu-18"]  # an alias mention is a hit whatever the offsets
+
+
 # --- false positives ----------------------------------------------------------------------------------------------
 
 
@@ -254,13 +290,19 @@ CONVERSATIONS = [
 
 
 @pytest.mark.parametrize("conversation", CONVERSATIONS)
-def test_bank_scores_equal_per_target_scores(bank, artifacts, embedder, conversation):
+def test_bank_scores_are_each_heads_best_text_and_hits_have_an_alias_or_evidence(bank, artifacts, embedder,
+                                                                                 conversation):
     result = bank.score(conversation)
+    texts = texts_to_embed(conversation)
     for tid, artifact in artifacts.items():
-        single = PromptClassifier(artifact, embedder).score(conversation)
-        assert result.scores[tid] == pytest.approx(single.score, abs=1e-5)
-        assert (tid in {h.target_id for h in result.hits}) == single.hit
-    assert result.embeddings.shape == (len(texts_to_embed(conversation)), embedder.dim)
+        head = float(artifact.probabilities(embedder.encode(texts)).max()) if texts else 0.0
+        hit = next((h for h in result.hits if h.target_id == tid), None)
+        if hit is None or not hit.alias_spans:
+            assert result.scores[tid] == pytest.approx(head, abs=1e-5)
+        if hit is not None and not hit.alias_spans:  # a head alone: it fired on a text naming something of its own
+            assert head >= artifact.threshold
+            assert any(tid in EntityIndex({tid: artifact.entities}).evidence(text).linked for text in texts)
+    assert result.embeddings.shape == (len(texts), embedder.dim)
     assert 0 <= result.embed_seconds <= result.total_seconds
 
 

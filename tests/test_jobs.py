@@ -122,7 +122,7 @@ def test_a_job_whose_target_was_deleted_is_cancelled_not_failed(registry: Regist
 def test_snapshot_holder_swaps_when_the_revision_moves(registry: Registry, tmp_path: Path) -> None:
     artifacts = ArtifactStore(tmp_path)
     built: list[dict] = []
-    holder = SnapshotHolder(registry.targets, artifacts.path, lambda dirs: built.append(dirs) or sorted(dirs),
+    holder = SnapshotHolder(registry.targets, artifacts.path, lambda dirs, negatives: built.append(dirs) or sorted(dirs),
                             poll_s=0.1)
     assert holder.refresh() and holder.current.bank is None and holder.current.empty
     add_target(registry)
@@ -165,7 +165,7 @@ def test_the_snapshot_stacks_a_mechanisms_own_gate_only_for_targets_that_enable_
         pass
     mechanisms = [SimpleNamespace(name="eco", gate_detector=None),
                   SimpleNamespace(name="o3", gate_detector=ListingGate())]
-    holder = SnapshotHolder(registry.targets, artifacts.path, lambda dirs: sorted(dirs), poll_s=0.1,
+    holder = SnapshotHolder(registry.targets, artifacts.path, lambda dirs, negatives: sorted(dirs), poll_s=0.1,
                             gate_factory=gate_bank_factory(lambda: None, mechanisms))  # type: ignore[arg-type]
     holder.refresh()
     assert len(holder.current.bank) == 2 and holder.current.gates == {"ood": [gated]}

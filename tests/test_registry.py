@@ -289,3 +289,19 @@ def test_a_default_mechanism_this_build_lacks_is_refused_at_start(tmp_path) -> N
     settings = Settings(data_dir=tmp_path, default_mechanisms=["eco", "forget-everything"])
     with pytest.raises(ValueError, match="forget-everything"):
         open_registry(settings)
+
+
+def test_operator_negatives_are_stored_once_each_and_every_change_moves_the_revision(registry: Registry) -> None:
+    start = registry.targets.revision()
+    added = registry.negatives.add(["How do I reset my router?", "Order status for #1234", "How do I reset my router?"])
+    assert [r.text for r in added.records] == ["How do I reset my router?", "Order status for #1234"]
+    assert added.revision == start + 1
+    again = registry.negatives.add(["Order status for #1234"])
+    assert again.records == () and again.revision == added.revision  # nothing new, nothing for replicas to redo
+    revision, listed = registry.negatives.listing()
+    assert revision == added.revision and [r.id for r in listed] == [r.id for r in added.records]
+    deleted = registry.negatives.delete(added.records[0].id)
+    assert deleted.revision == added.revision + 1
+    assert registry.negatives.texts() == ["Order status for #1234"]
+    with pytest.raises(NotFound):
+        registry.negatives.delete(added.records[0].id)

@@ -163,6 +163,27 @@ class AuditList(BaseModel):
     data: list[AuditRecord]
 
 
+MAX_NEGATIVES_PER_REQUEST = 1000
+
+
+class NegativesCreate(Strict):
+    """Samples of the operator's own traffic that no target is about: the gate's calibration keeps them unflagged."""
+
+    texts: list[LongText] = Field(min_length=1, max_length=MAX_NEGATIVES_PER_REQUEST)
+
+
+class NegativeOut(BaseModel):
+    id: str
+    text: str
+    created_at: datetime
+
+
+class NegativeList(BaseModel):
+    object: Literal["list"] = "list"
+    revision: int
+    data: list[NegativeOut]
+
+
 class Deleted(BaseModel):
     id: str
     deleted: bool = True

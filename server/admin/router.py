@@ -15,6 +15,8 @@ from server.admin.protocol import (
     AuditList,
     Deleted,
     JobOut,
+    NegativeList,
+    NegativesCreate,
     RegistryOut,
     ScoreRequest,
     ScoreResponse,
@@ -73,6 +75,22 @@ def patch_target(target_id: str, body: TargetPatch, request: Request) -> TargetO
 @router.delete("/targets/{target_id}", response_model=Deleted)
 def delete_target(target_id: str, request: Request) -> Deleted:
     return _serving(request).delete_target(target_id)
+
+
+@router.post("/negatives", status_code=201, response_model=NegativeList)
+def add_negatives(body: NegativesCreate, request: Request) -> JSONResponse:
+    added = _serving(request).add_negatives(body)
+    return JSONResponse(added.model_dump(mode="json"), status_code=201)
+
+
+@router.get("/negatives", response_model=NegativeList)
+def list_negatives(request: Request) -> NegativeList:
+    return _serving(request).list_negatives()
+
+
+@router.delete("/negatives/{negative_id}", response_model=Deleted)
+def delete_negative(negative_id: str, request: Request) -> Deleted:
+    return _serving(request).delete_negative(negative_id)
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut)

@@ -20,6 +20,9 @@ from server.admin.protocol import (
     JobOut,
     MechanismOut,
     MechanismsIn,
+    NegativeList,
+    NegativeOut,
+    NegativesCreate,
     RegistryOut,
     ScoreRequest,
     ScoreResponse,
@@ -30,7 +33,7 @@ from server.admin.protocol import (
 )
 from server.planner import ChatTurn
 from server.registry import Registry
-from server.registry.records import Item, JobRecord, NewTarget, TargetChanges, TargetView
+from server.registry.records import Item, JobRecord, NegativeRecord, NewTarget, TargetChanges, TargetView
 from server.registry.snapshot import SnapshotHolder
 from server.scoring import ScoredPrompt, ScoringService
 
@@ -58,6 +61,10 @@ def target_changes(patch: TargetPatch) -> TargetChanges:
 
 def job_out(job: JobRecord) -> JobOut:
     return JobOut(**asdict(job))
+
+
+def negative_out(record: NegativeRecord) -> NegativeOut:
+    return NegativeOut(id=record.id, text=record.text, created_at=record.created_at)
 
 
 def target_out(view: TargetView) -> TargetOut:
@@ -107,6 +114,19 @@ class AdminServing:
     def delete_target(self, target_id: str) -> Deleted:
         deleted = self._registry.targets.delete(target_id)
         return Deleted(id=deleted.id, revision=deleted.revision)
+
+    def add_negatives(self, body: NegativesCreate) -> NegativeList:
+        """Store the operator's negatives (those already stored are not repeated); returns the ones added."""
+        change = self._registry.negatives.add(body.texts)
+        return NegativeList(revision=change.revision, data=[negative_out(r) for r in change.records])
+
+    def list_negatives(self) -> NegativeList:
+        revision, records = self._registry.negatives.listing()
+        return NegativeList(revision=revision, data=[negative_out(r) for r in records])
+
+    def delete_negative(self, negative_id: str) -> Deleted:
+        change = self._registry.negatives.delete(negative_id)
+        return Deleted(id=negative_id, revision=change.revision)
 
     def get_job(self, job_id: str) -> JobOut:
         return job_out(self._registry.jobs.get(job_id))

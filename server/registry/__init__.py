@@ -1,7 +1,8 @@
-"""The forget-target registry: SQLAlchemy models, the targets store, the job queue, the audit log, and the live
-snapshot. It speaks its own dataclasses (``records.py``), never HTTP types: the admin API converts at its edge.
+"""The forget-target registry: SQLAlchemy models, the targets store, the job queue, the audit log, the operators'
+negatives and the live snapshot. It speaks its own dataclasses (``records.py``), never HTTP types: the admin API
+converts at its edge.
 
-``Registry`` holds the three stores over one database; code that needs only one of them is handed only that one.
+``Registry`` holds the four stores over one database; code that needs only one of them is handed only that one.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from server.registry.audit_log import AuditLog
 from server.registry.catalog import MechanismCatalog
 from server.registry.database import RegistryDatabase
 from server.registry.job_queue import JobQueue
+from server.registry.negatives import NegativeStore
 from server.registry.targets import TargetStore
 
 
@@ -23,10 +25,11 @@ class Registry:
     targets: TargetStore
     jobs: JobQueue
     audit: AuditLog
+    negatives: NegativeStore
 
     @classmethod
     def open(cls, engine: Engine, catalog: MechanismCatalog = MechanismCatalog()) -> Registry:
-        """The three stores over ``engine`` (already migrated: ``database.upgrade_database``)."""
+        """The four stores over ``engine`` (already migrated: ``database.upgrade_database``)."""
         database = RegistryDatabase(engine)
         jobs = JobQueue(database, catalog)
-        return cls(database, TargetStore(database, jobs, catalog), jobs, AuditLog(database))
+        return cls(database, TargetStore(database, jobs, catalog), jobs, AuditLog(database), NegativeStore(database))

@@ -76,3 +76,13 @@ class AuditRow(Base):
     scores: Mapped[dict[str, float]] = mapped_column(JSON, nullable=False)
     outcome: Mapped[str] = mapped_column(String(20), nullable=False, default="served")
     prompt: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class NegativeRow(Base):
+    """A sample of the operators' own traffic that no target is about: the gate's calibration keeps it unflagged."""
+
+    __tablename__ = "negatives"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    text: Mapped[str] = mapped_column(Text, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(), nullable=False, index=True)

@@ -148,3 +148,20 @@ class AuditEntry:
     scores: dict[str, float]
     outcome: str
     prompt: str | None = None
+
+
+@dataclass(frozen=True)
+class NegativeRecord:
+    """An operator's negative: a sample of their traffic that no target is about."""
+
+    id: str
+    text: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class NegativesChange:
+    """What adding or deleting negatives did: the records concerned and the registry revision it made."""
+
+    records: tuple[NegativeRecord, ...]
+    revision: int

@@ -21,8 +21,9 @@ from server.registry.targets import TargetStore
 
 logger = logging.getLogger(__name__)
 
-BankFactory = Callable[[dict[str, Path]], Any]
-"""Builds the prompt classifiers' bank from {target_id: classifier artifact dir} (called with one target at least)."""
+BankFactory = Callable[[dict[str, Path], list[str]], Any]
+"""Builds the prompt classifiers' bank from {target_id: classifier artifact dir} (called with one target at least) and
+the operators' negatives, which its registry-wide calibration keeps unflagged."""
 GateBankFactory = Callable[[dict[str, dict[str, Any]], dict[str, Path]], dict[str, Any]]
 """({target_id: its mechanisms}, {target_id: classifier artifact dir}) -> {gate name: bank} of mechanisms' own gates."""
 Sharer = Callable[[list[TargetEntry]], Any]
@@ -51,8 +52,10 @@ class RegistrySnapshot:
 
 class SnapshotHolder:
     def __init__(self, targets: TargetStore, artifact_path: Callable[[str], Path], bank_factory: BankFactory,
-                 poll_s: float, gate_factory: GateBankFactory | None = None) -> None:
+                 poll_s: float, gate_factory: GateBankFactory | None = None,
+                 negatives: Callable[[], list[str]] = list) -> None:
         self._targets = targets
+        self._negatives = negatives
         self._artifact_path = artifact_path
         self._bank_factory = bank_factory
         self._gate_factory = gate_factory
@@ -66,7 +69,8 @@ class SnapshotHolder:
         revision, records = self._targets.snapshot_rows()
         targets = {record.id: record for record in records}
         artifacts = {record.id: self._artifact_path(record.classifier["artifact"]) for record in records}
-        bank = self._bank_factory(artifacts) if artifacts else None
+        # Read after the revision: a negative added meanwhile moves the revision on, and the next poll rebuilds.
+        bank = self._bank_factory(artifacts, self._negatives()) if artifacts else None
         enabled = {tid: target.mechanisms for tid, target in targets.items()}
         gates = self._gate_factory(enabled, artifacts) if artifacts and self._gate_factory is not None else {}
         return RegistrySnapshot(revision=revision, targets=targets, bank=bank, gates=gates, shared=self._share(records))
