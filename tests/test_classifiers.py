@@ -177,6 +177,12 @@ def test_prefilled_assistant_turn_is_scored(bank):
     assert "tofu-19" in {h.target_id for h in bank.score(conversation).hits}
 
 
+def test_invisible_characters_and_look_alikes_do_not_move_an_embedding(embedder):
+    plain, disguised = embedder.encode(["Where was Nikolai Abilov born?",
+                                        "Where was N\u0456k\u043el\u0430\u0456\u200b \u0410b\u0456l\u043ev born?"])
+    assert np.allclose(plain, disguised, atol=1e-6)
+
+
 # --- false positives ----------------------------------------------------------------------------------------------
 
 
