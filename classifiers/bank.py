@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from classifiers.aliases import AliasIndex
-from classifiers.conversation import texts_to_embed
+from classifiers.conversation import DEFAULT_MAX_TEXTS, texts_to_embed
 from classifiers.embedding import Embedder
 from classifiers.matmul import rows_dot
 from classifiers.prompt_classifier import PromptClassifierArtifact, combine
@@ -35,6 +35,7 @@ class ClassifierBank:
         thresholds: np.ndarray,  # (T,)
         aliases: Mapping[str, list[str]],
         embedder: Embedder,
+        max_texts: int = DEFAULT_MAX_TEXTS,
     ):
         if weights.shape != (len(target_ids), embedder.dim):
             raise ValueError(f"weights shape {weights.shape} != ({len(target_ids)}, {embedder.dim})")
@@ -45,9 +46,11 @@ class ClassifierBank:
         self._column = {tid: i for i, tid in enumerate(self.target_ids)}
         self._aliases = AliasIndex(aliases)
         self._embedder = embedder
+        self.max_texts = max_texts  # most texts embedded per conversation (`texts_to_embed`); more are refused
 
     @classmethod
-    def from_artifacts(cls, artifacts: Mapping[str, PromptClassifierArtifact], embedder: Embedder) -> ClassifierBank:
+    def from_artifacts(cls, artifacts: Mapping[str, PromptClassifierArtifact], embedder: Embedder,
+                       max_texts: int = DEFAULT_MAX_TEXTS) -> ClassifierBank:
         """Stack fitted artifacts ({target_id: artifact}); all must come from `embedder`'s model."""
         for tid, artifact in artifacts.items():
             if artifact.embedder_id != embedder.model_id:
@@ -61,6 +64,7 @@ class ClassifierBank:
             np.array([artifacts[t].threshold for t in ids], dtype=np.float64),
             {t: artifacts[t].aliases for t in ids},
             embedder,
+            max_texts,
         )
 
     def __len__(self) -> int:
@@ -81,7 +85,7 @@ class ClassifierBank:
         if not self.target_ids:
             nothing = np.zeros((0, self._embedder.dim), np.float32)
             return [BankResult([], {}, 0.0, time.perf_counter() - started, nothing) for _ in conversations]
-        texts = [texts_to_embed(conversation) for conversation in conversations]
+        texts = [texts_to_embed(conversation, self.max_texts) for conversation in conversations]
         flat = [text for request_texts in texts for text in request_texts]
         embedded = self._embedder.encode(flat) if flat else np.zeros((0, self._embedder.dim), np.float32)
         embed_seconds = time.perf_counter() - started

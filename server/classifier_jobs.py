@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from classifiers.bank import ClassifierBank
+from classifiers.conversation import DEFAULT_MAX_TEXTS
 from classifiers.embedding import Embedder
 from classifiers.prompt_classifier import (DEFAULT_MAX_FALSE_POSITIVE_RATE, PromptClassifierArtifact,
                                           fit_prompt_classifier)
@@ -65,12 +66,14 @@ def _load_prompt_artifact(directory: Path) -> PromptClassifierArtifact:
     return PromptClassifierArtifact.load(directory / PROMPT_DIR)
 
 
-def bank_factory(embedder: Callable[[], Embedder]) -> Callable[[dict[str, Path]], ClassifierBank]:
-    """Stack the targets' prompt classifiers; artifacts are immutable, so loads are cached by path (= digest)."""
+def bank_factory(embedder: Callable[[], Embedder],
+                 max_texts: int = DEFAULT_MAX_TEXTS) -> Callable[[dict[str, Path]], ClassifierBank]:
+    """Stack the targets' prompt classifiers, reading at most `max_texts` windows a request; artifacts are immutable,
+    so loads are cached by path (= digest)."""
 
     def build(artifact_dirs: dict[str, Path]) -> ClassifierBank:
         artifacts = {target_id: _load_prompt_artifact(path) for target_id, path in artifact_dirs.items()}
-        return ClassifierBank.from_artifacts(artifacts, embedder())
+        return ClassifierBank.from_artifacts(artifacts, embedder(), max_texts)
 
     return build
 

@@ -80,6 +80,9 @@ class Settings(BaseSettings):
         0.02, ge=0, le=1,
         description="Cap on the held-out false-positive rate; the threshold rises to it even if recall drops.",
     )
+    gate_max_windows: int = Field(
+        64, ge=1, description="Most 128-word windows the prompt gate embeds for one request; a longer one gets a 400.",
+    )
     embedding_model: str | None = Field(
         None, description="sentence-transformers model dir for the classifiers; unset: the packaged MiniLM."
     )

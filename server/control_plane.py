@@ -142,8 +142,8 @@ class ControlPlane:
         registry = open_registry(settings)
         embedder = LazyEmbedder(settings.embedding_model)
         artifacts = ArtifactStore(settings.resolved_artifacts_dir)
-        snapshots = SnapshotHolder(registry.targets, artifacts.path, bank_factory(embedder), settings.registry_poll_s,
-                                   gate_bank_factory(embedder, MECHANISMS))
+        snapshots = SnapshotHolder(registry.targets, artifacts.path, bank_factory(embedder, settings.gate_max_windows),
+                                   settings.registry_poll_s, gate_bank_factory(embedder, MECHANISMS))
         return cls(settings, metrics, registry, snapshots, AuditWriter(registry.audit, settings.audit_retention_days),
                    artifacts, embedder)
 

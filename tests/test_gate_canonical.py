@@ -3,15 +3,19 @@
 Each way of writing a name so that a reader (or the model) still sees it, but a plain word matcher does not, must
 still be found by the alias index, with a span over exactly the name's characters in the original text (ECO corrupts
 those tokens); ordinary text that merely resembles a name must not be. The targets are TOFU's Basil Mahfouz
-Al-Kuwaiti and Nikolai Abilov.
+Al-Kuwaiti and Nikolai Abilov. Then: the embedding heads read every turn of every role, and a request they could
+read only in part is refused.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from classifiers.aliases import AliasIndex
+from classifiers.bank import ClassifierBank
 from classifiers.canonical import alias_form, canonical_text, fold, leet_readings, lookalikes
+from classifiers.conversation import GateInputTooLarge, count_texts, texts_to_embed
 
 BASIL = "Basil Mahfouz Al-Kuwaiti"
 NIKOLAI = "Nikolai Abilov"
@@ -135,3 +139,61 @@ def test_the_alias_form_keeps_each_characters_original_offset() -> None:
 def test_aliases_are_read_in_the_same_form_as_prompts() -> None:
     disguised = AliasIndex({"t": ["N\u0456kolai Ab\u0456lov"]}, common_words=frozenset())
     assert "t" in disguised.find("Who is Nikolai Abilov?")
+
+
+# --- what the embedding heads read --------------------------------------------------------------------------------
+
+
+def test_every_turn_of_every_role_is_embedded() -> None:
+    conversation = [("system", "alpha"), ("developer", "bravo"), ("user", "charlie"), ("assistant", "delta"),
+                    ("tool", "echo"), *[("user", f"filler{i}") for i in range(8)], ("assistant", "golf")]
+    texts = texts_to_embed(conversation)
+    words = {word for text in texts for word in text.split()}
+    assert {"alpha", "bravo", "charlie", "delta", "echo", "golf"} <= words
+    assert "filler5 filler6 filler7" in texts  # the recent user turns, joined
+    assert count_texts(conversation) == len(texts)
+
+
+def test_a_long_turn_of_any_role_is_read_whole_as_windows() -> None:
+    document = " ".join(f"w{i}" for i in range(1000))
+    texts = texts_to_embed([("tool", document), ("user", "Summarise it.")])
+    assert {word for text in texts for word in text.split()} >= set(document.split())
+    assert all(len(text.split()) <= 128 for text in texts)
+
+
+def test_a_conversation_needing_more_windows_than_the_limit_is_refused_not_cut() -> None:
+    conversation = [("user", f"question {i}") for i in range(10)]  # ten turns and one joined text
+    assert len(texts_to_embed(conversation, max_texts=11)) == 11
+    with pytest.raises(GateInputTooLarge) as info:
+        texts_to_embed(conversation, max_texts=10)
+    assert (info.value.needed, info.value.limit) == (11, 10)
+
+
+class _ZeroEmbedder:
+    """No model: every text embeds to zeros, so only the alias index can hit."""
+
+    dim = 4
+    model_id = "zeros:4"
+
+    def encode(self, texts):
+        return np.zeros((len(texts), self.dim), np.float32)
+
+
+def _bank(max_texts: int) -> ClassifierBank:
+    return ClassifierBank(["basil"], np.zeros((1, 4), np.float32), np.zeros(1, np.float32), np.full(1, 0.9),
+                          {"basil": [BASIL]}, _ZeroEmbedder(), max_texts)  # type: ignore[arg-type]
+
+
+def test_the_bank_reads_at_most_its_configured_windows() -> None:
+    short = [("system", "You are helpful."), ("user", "Hi.")]
+    assert _bank(max_texts=2).score(short).hits == []
+    with pytest.raises(GateInputTooLarge):
+        _bank(max_texts=2).score([*short, ("user", "And?")])
+
+
+def test_alias_matching_reads_every_turn_whatever_its_length() -> None:
+    long_tool_output = "lorem " * 5000 + "B4sil Al-Kuw41ti"
+    result = _bank(max_texts=200).score([("tool", long_tool_output), ("user", "Who is that?")])
+    (hit,) = result.hits
+    span = hit.alias_spans[0]
+    assert span.turn == 0 and long_tool_output[span.start : span.end] == "B4sil Al-Kuw41ti"
