@@ -1,8 +1,11 @@
-"""Finding mentions of targets' names in text: case, punctuation, diacritics, partial names and typos tolerated.
+"""Finding mentions of targets' names in text: case, punctuation, diacritics, partial names, typos and spelling
+tricks tolerated.
 
-A name is split into *parts* at whitespace ("Basil", "Mahfouz", "Al-Kuwaiti"); a part's key is its letters, folded
-("alkuwaiti"), so "Al-Kuwaiti", "al kuwaiti", "AL-KUWAITI" and "Al-Kuwaití" are one key. A mention is a run of
-adjacent text tokens that matches, part by part, one of a target's aliases:
+Text and names are read in the canonical form of ``classifiers/canonical.py`` (format characters removed, look-alike
+letters mapped, compatibility forms unified), so "Ba\u200bsil", "Ваsil" (Cyrillic) and "Ｂａｓｉｌ" read "Basil"; spans
+still index the original text. A name is split into *parts* at whitespace ("Basil", "Mahfouz", "Al-Kuwaiti"); a
+part's key is its letters, folded ("alkuwaiti"), so "Al-Kuwaiti", "al kuwaiti", "AL-KUWAITI" and "Al-Kuwaití" are one
+key. A mention is a run of adjacent text tokens that matches, part by part, one of a target's aliases:
 
 - every part, in any order ("Basil Mahfouz Al-Kuwaiti", "Al-Kuwaiti Basil Mahfouz")              score 1.00 x sim
 - two or more parts of one alias ("Basil Al-Kuwaiti", "basil mahfouz")                          score 0.95 x sim
@@ -19,33 +22,55 @@ Typos: a part of 5-9 letters matches at Levenshtein distance 1, of 10+ letters a
 "Abilof"), with sim = 1 - distance / length, and only by a run of as many tokens as the part has (so "Kuwaiti" alone
 is no typo of "Al-Kuwaiti"). Common words, alone or in runs, are only matched exactly ("Basel" is a city, not a typo
 of "Basil"). Candidates come from a deletion-neighbourhood index (SymSpell), so looking up a text costs dictionary
-probes per text token, not a scan over every target's names; a token too long to be any name part within its typo
+probes per text token, not a scan over every target's names; a token too long to be any key within its typo
 budget skips them, so the cost per token is bounded by the names indexed, not by the text (a 1,250-letter "word" once
 cost 40 s and 1 GB).
+
+Names written to slip past a word matcher:
+
+- run together: "basilmahfouz" is one token; the concatenations of consecutive parts ("basilmahfouz",
+  "mahfouzalkuwaiti", the whole name) and of the first and last ("basilalkuwaiti") are indexed as *compound* keys
+  that stand for those parts, with the typo budget of their length (never one that is a common word or shorter than
+  6 letters: "Li Na" is no "Lina");
+  "BasilMahfouzAlKuwaiti" is split at its case changes instead.
+- spaced out: a run of 3 or more one-character tokens with the same short separator ("B a s i l", "A-l-K-u-w-a-i-t-i",
+  "K.u.w.a.i.t.i") is read as one token spanning the run, then split at its case changes like any other.
+- digits for letters: in a token that mixes letters with digits, "@" or "$" ("B4sil", "Kuw41ti"), those read as the
+  letters they imitate ("1" as "l" and, second reading, "i"); a number ("1956", "08/09/1956") stays a number.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-import unicodedata
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
 from rapidfuzz.distance import Levenshtein
 
+from classifiers.canonical import AliasForm, alias_form, fold, leet_readings
 from classifiers.types import AliasSpan
 
 logger = logging.getLogger(__name__)
 
-# A token: letters/digits, possibly followed by combining marks (decomposed diacritics stay inside the token).
-_TOKEN = re.compile(r"[^\W_](?:[^\W_]|[\u0300-\u036f])*")
+# A word of the canonical form: letters/digits, with "@" or "$" inside it ("B@sil", "Ba$il"), never at its edges.
+_WORD = re.compile(r"[^\W_]+(?:[@$][^\W_]+)*")
+# A word written in camelCase, split before each capital: "BasilMahfouz" -> "Basil" "Mahfouz", "McDonald" -> "Mc"
+# "Donald"; its pieces have two letters or more, so aLtErNaTiNg case ("mAhFoUz") stays one word.
+_CAMEL_CASE = re.compile(r"[A-Za-z][a-z]+(?:[A-Z][a-z]+)+")
+_CAPITAL = re.compile(r"[A-Z]")
+# What may separate the letters of a spaced-out word ("B a s i l", "B.a.s.i.l", "B-a-s-i-l", "B _ a _ s").
+_SPACING = frozenset(" .-_*/\\|~+:")
+_MAX_SPACING = 3
+_MIN_SPACED_RUN = 3
 # Characters that may separate the tokens of one name part: "Al-Kuwaiti", "Al Kuwaiti", "O'Brien", "R.R.".
 _PART_JOINERS = frozenset(" -'\u2019\u2010\u2011\u2013.")
 _APOSTROPHES = frozenset("'\u2019")
 _MAX_TOKENS_PER_PART = 3
+_MIN_COMPOUND_LETTERS = 6
 
 SCORE_ALL_PARTS = 1.0
 SCORE_SEVERAL_PARTS = 0.95
@@ -53,19 +78,13 @@ SCORE_LAST_PART = 0.9
 _MIN_DISTINCTIVE_LETTERS = 4
 
 
-def fold(text: str) -> str:
-    """Case- and diacritic-insensitive form of a token: NFKD, combining marks dropped, casefolded, letters only."""
-    decomposed = unicodedata.normalize("NFKD", text)
-    return "".join(ch for ch in decomposed if not unicodedata.combining(ch) and ch.isalnum()).casefold()
-
-
 def max_edits(key: str) -> int:
     """Typo budget of a name part: none for short parts (too many near neighbours), 1 for 5-9 letters, 2 from 10."""
-    if len(key) >= 10:
-        return 2
-    if len(key) >= 5:
-        return 1
-    return 0
+    return _budget(len(key))
+
+
+def _budget(length: int) -> int:
+    return 2 if length >= 10 else 1 if length >= 5 else 0
 
 
 @lru_cache(maxsize=1)
@@ -79,11 +98,13 @@ def default_common_words() -> frozenset[str]:
     return frozenset(fold(w) for w in words if w.isalpha() and not w.startswith("##") and len(w) > 1)
 
 
-@dataclass(frozen=True)
-class _Token:
-    key: str
-    start: int
+class _Token(NamedTuple):
+    keys: tuple[str, ...]  # folded readings, the plain one first ("kuw41ti" -> "kuwalti", "kuwaiti")
+    start: int  # offsets into the original text
     end: int
+    form_start: int  # offsets into its canonical form (where the gaps between tokens are read)
+    form_end: int
+    glued: bool  # split off the previous token at a case change (no gap between them)
 
 
 @dataclass(frozen=True)
@@ -97,28 +118,96 @@ class _Alias:
 @dataclass(frozen=True)
 class _PartMatch:
     alias: int
-    part: int
+    parts: tuple[int, ...]  # which parts of the alias (several for a compound key)
     first_token: int
     last_token: int
     sim: float
 
 
 def tokenize(text: str) -> list[_Token]:
-    """Folded word tokens with character offsets into `text`; a possessive "'s" is dropped."""
+    """Folded word tokens of `text`'s canonical form, with character offsets into `text`; a possessive "'s" is
+    dropped, a spaced-out run of letters is one token, a camelCase word is split."""
+    return _tokens(alias_form(text))
+
+
+def _tokens(form: AliasForm) -> list[_Token]:
     tokens = []
-    for match in _TOKEN.finditer(text):
-        key = fold(match.group(0))
-        if not key:
-            continue
-        if key == "s" and match.start() > 0 and text[match.start() - 1] in _APOSTROPHES:
-            continue
-        tokens.append(_Token(key, match.start(), match.end()))
+    for positions, glued in _split_case(form.text, _merge_spaced(form.text, _words(form.text))):
+        word = _chars(form.text, positions)
+        if word.isascii() and word.isalpha():
+            keys: tuple[str, ...] = (word.lower(),)
+        else:
+            keys = tuple(dict.fromkeys(key for key in map(fold, leet_readings(word)) if key))
+        if keys:
+            start, end = form.original_span(positions[0], positions[-1] + 1)
+            tokens.append(_Token(keys, start, end, positions[0], positions[-1] + 1, glued))
     return tokens
+
+
+def _chars(form: str, positions: Sequence[int]) -> str:
+    if isinstance(positions, range):
+        return form[positions.start : positions.stop]
+    return "".join(form[i] for i in positions)
+
+
+def _words(form: str) -> list[Sequence[int]]:
+    """The words of a canonical form, as the positions of their characters; a possessive "'s" is dropped."""
+    words: list[Sequence[int]] = []
+    for match in _WORD.finditer(form):
+        if match.group(0) in ("s", "S") and match.start() > 0 and form[match.start() - 1] in _APOSTROPHES:
+            continue
+        words.append(range(match.start(), match.end()))
+    return words
+
+
+def _merge_spaced(form: str, words: list[Sequence[int]]) -> list[Sequence[int]]:
+    """The words, each run of >= 3 one-character words with the same short spacing between them ("B a s i l",
+    "A-l-K-u-w-a-i-t-i") made one word of their characters."""
+    merged: list[Sequence[int]] = []
+    i = 0
+    while i < len(words):
+        end = _spaced_run_end(form, words, i) if len(words[i]) == 1 else i + 1
+        if end - i >= _MIN_SPACED_RUN:
+            merged.append([word[0] for word in words[i:end]])
+            i = end
+        else:
+            merged.append(words[i])
+            i += 1
+    return merged
+
+
+def _spaced_run_end(form: str, words: list[Sequence[int]], i: int) -> int:
+    """The end of the run of one-character words starting at `i` that share the spacing after the first."""
+    if len(words[i]) != 1 or i + 1 >= len(words):
+        return i + 1
+    gap = form[words[i][-1] + 1 : words[i + 1][0]]
+    if not 0 < len(gap) <= _MAX_SPACING or not all(ch in _SPACING for ch in gap):
+        return i + 1
+    end = i + 1
+    while end < len(words) and len(words[end]) == 1 and form[words[end - 1][-1] + 1 : words[end][0]] == gap:
+        end += 1
+    return end
+
+
+def _split_case(form: str, words: list[Sequence[int]]) -> Iterable[tuple[Sequence[int], bool]]:
+    """Each word's pieces at its camelCase changes, with whether a piece is glued to the one before it."""
+    for positions in words:
+        letters = _chars(form, positions)
+        if not _CAMEL_CASE.fullmatch(letters):
+            yield positions, False
+            continue
+        cuts = [0, *(m.start() for m in _CAPITAL.finditer(letters, 1)), len(letters)]
+        for n, (a, b) in enumerate(zip(cuts, cuts[1:])):
+            yield positions[a:b], n > 0
 
 
 def _raw_parts(alias: str) -> list[str]:
     """The whitespace/comma-separated parts of a name that contain letters, as written."""
     return [part for part in re.split(r"[\s,]+", alias) if fold(part)]
+
+
+def _part_key(raw_part: str) -> str:
+    return "".join(token.keys[0] for token in tokenize(raw_part))
 
 
 def _deletions(word: str, depth: int) -> set[str]:
@@ -131,28 +220,69 @@ def _deletions(word: str, depth: int) -> set[str]:
     return found
 
 
+class _KeyIndex:
+    """Keys (name parts, or compounds of parts run together), each found exactly or within its typo budget."""
+
+    def __init__(self) -> None:
+        self.postings: dict[str, list[tuple[int, tuple[int, ...]]]] = defaultdict(list)  # key -> (alias, parts)
+        self._neighbours: dict[str, set[str]] = defaultdict(set)  # deletion variant -> keys
+        self._key_tokens: dict[str, set[int]] = defaultdict(set)  # key -> how many tokens it is written as
+        self._depth: dict[int, int] = {}  # text unit length -> deletions a lookup of it needs
+
+    def add(self, key: str, posting: tuple[int, tuple[int, ...]], token_counts: Iterable[int]) -> None:
+        if key not in self.postings:
+            for variant in _deletions(key, max_edits(key)):
+                self._neighbours[variant].add(key)
+        self.postings[key].append(posting)
+        self._key_tokens[key].update(token_counts)
+
+    def freeze(self) -> None:
+        self.postings = dict(self.postings)
+        self._neighbours = dict(self._neighbours)
+        # A text unit can only be a typo of a key whose length is within that key's budget of its own, so its
+        # deletion neighbourhood (quadratic in its length) is built only as deep as the largest such budget, and not
+        # at all when there is none: a lookup costs at most a bounded amount per token of the text, however long.
+        for length in {len(k) for k in self.postings}:
+            budget = _budget(length)
+            for near in range(length - budget, length + budget + 1):
+                self._depth[near] = max(budget, self._depth.get(near, 0))
+
+    def lookup(self, unit: str, n_tokens: int, *, exact_only: bool) -> list[tuple[str, float]]:
+        """Keys matching `unit`: exactly, or (unless `exact_only`) within the key's typo budget."""
+        found = [(unit, 1.0)] if unit in self.postings else []
+        depth = self._depth.get(len(unit), 0)
+        if exact_only or depth == 0:
+            return found
+        seen = {unit}
+        for variant in _deletions(unit, depth):
+            for key in self._neighbours.get(variant, ()):
+                if key in seen or n_tokens not in self._key_tokens[key]:
+                    continue
+                seen.add(key)
+                budget = max_edits(key)
+                distance = Levenshtein.distance(unit, key, score_cutoff=budget)
+                if 0 < distance <= budget:
+                    found.append((key, 1.0 - distance / max(len(unit), len(key))))
+        return found
+
+
 class AliasIndex:
     """All active targets' aliases in one structure; `find(text)` costs the same for 1 or 1,000 targets."""
 
     def __init__(self, aliases_by_target: Mapping[str, Sequence[str]], *, common_words: frozenset[str] | None = None):
         self._common = default_common_words() if common_words is None else common_words
         self._aliases: list[_Alias] = []
-        self._postings: dict[str, list[tuple[int, int]]] = defaultdict(list)  # part key -> (alias, part)
-        self._neighbours: dict[str, set[str]] = defaultdict(set)  # deletion variant -> part keys
-        self._key_tokens: dict[str, set[int]] = defaultdict(set)  # part key -> how many tokens it is written as
+        self._parts = _KeyIndex()
+        self._compounds = _KeyIndex()  # several parts written as one token, looked up for single tokens
         for target_id, aliases in aliases_by_target.items():
             for alias in dict.fromkeys(a.strip() for a in aliases if a.strip()):
                 self._add(target_id, alias)
-        self._postings = dict(self._postings)
-        self._neighbours = dict(self._neighbours)
-        self._max_unit_edits = max((max_edits(k) for k in self._postings), default=0)
-        # A text unit more than the typo budget longer than every name part can match none: its deletion neighbourhood
-        # (quadratic in its length) is never built, so a lookup costs at most a bounded amount per token of the text.
-        self._max_fuzzy_length = max((len(k) for k in self._postings), default=0) + self._max_unit_edits
+        self._parts.freeze()
+        self._compounds.freeze()
 
     def _add(self, target_id: str, alias: str) -> None:
         raw_parts = _raw_parts(alias)
-        parts = tuple(fold(p) for p in raw_parts)
+        parts = tuple(_part_key(p) for p in raw_parts)
         if not parts:
             logger.warning("alias of target %s has no letters; ignored", target_id)
             return
@@ -163,14 +293,18 @@ class AliasIndex:
         )
         self._aliases.append(_Alias(target_id, alias, parts, alone_ok))
         for part_index, (raw, key) in enumerate(zip(raw_parts, parts)):
-            self._postings[key].append((alias_index, part_index))
-            self._key_tokens[key].add(len(tokenize(raw)))
-            for variant in _deletions(key, max_edits(key)):
-                self._neighbours[variant].add(key)
+            tokens = tokenize(raw)
+            # as many tokens as it is written with, or as it has words when its camelCase is not split ("Mcdonald")
+            counts = {len(tokens), sum(not t.glued for t in tokens)}
+            self._parts.add(key, (alias_index, (part_index,)), counts)
+        for combination in _compound_parts(len(parts)):
+            compound = "".join(parts[i] for i in combination)
+            if len(compound) >= _MIN_COMPOUND_LETTERS and compound not in self._common:
+                self._compounds.add(compound, (alias_index, combination), (1,))
 
     def _is_distinctive(self, raw_part: str, key: str) -> bool:
         """A last name that identifies its owner alone: hyphenated/apostrophed ("Al-Kuwaiti") or rare ("Abilov")."""
-        multi_token = len(tokenize(raw_part)) > 1
+        multi_token = sum(not token.glued for token in tokenize(raw_part)) > 1
         return multi_token or (len(key) >= _MIN_DISTINCTIVE_LETTERS and key not in self._common)
 
     @property
@@ -179,8 +313,9 @@ class AliasIndex:
 
     def find(self, text: str) -> dict[str, list[AliasSpan]]:
         """Mentions of every indexed target in `text`: {target_id: non-overlapping spans, best first}."""
-        tokens = tokenize(text)
-        matches = self._part_matches(text, tokens)
+        form = alias_form(text)
+        tokens = _tokens(form)
+        matches = self._part_matches(form, tokens)
         if not matches:
             return {}
         by_alias: dict[int, list[_PartMatch]] = defaultdict(list)
@@ -196,43 +331,45 @@ class AliasIndex:
                     candidates[alias.target_id].append(AliasSpan(start, end, alias.text, round(score, 4)))
         return {tid: _merge_overlapping(spans) for tid, spans in candidates.items()}
 
-    def _part_matches(self, text: str, tokens: list[_Token]) -> list[_PartMatch]:
-        """Every (alias part, run of 1-3 adjacent tokens) pair whose folded letters match exactly or within typos."""
-        matches: list[_PartMatch] = []
-        common = [t.key in self._common for t in tokens]
-        for first in range(len(tokens)):
-            unit = ""
-            for last in range(first, min(first + _MAX_TOKENS_PER_PART, len(tokens))):
-                if last > first and not _joinable(text, tokens[last - 1], tokens[last]):
+    def _part_matches(self, form: AliasForm, tokens: list[_Token]) -> list[_PartMatch]:
+        """Every (alias part, run of 1-3 adjacent tokens) pair whose folded letters match exactly or within typos, and
+        every (consecutive parts, single token) pair for a name written run together; best similarity per pair."""
+        best: dict[tuple[int, tuple[int, ...], int, int], float] = {}
+        common = [any(key in self._common for key in t.keys) for t in tokens]
+        joined = [False, *(_joinable(form.text, left, right) for left, right in zip(tokens, tokens[1:]))]
+        for first, token in enumerate(tokens):
+            units = token.keys
+            # Only exact matches for runs of common words ("the author" is no typo of anyone's name).
+            exact_only = common[first]
+            self._collect(self._compounds, units, 1, exact_only, (first, first), best)
+            last = first
+            while True:
+                self._collect(self._parts, units, last - first + 1, exact_only, (first, last), best)
+                last += 1
+                if last - first == _MAX_TOKENS_PER_PART or last == len(tokens) or not joined[last]:
                     break
-                unit += tokens[last].key
-                # Only exact matches for runs of common words ("the author" is no typo of anyone's name).
-                exact_only = all(common[first : last + 1])
-                for key, sim in self._lookup(unit, last - first + 1, exact_only=exact_only):
-                    for alias_index, part_index in self._postings[key]:
-                        matches.append(_PartMatch(alias_index, part_index, first, last, sim))
-        return matches
+                units = tuple(dict.fromkeys(unit + key for unit in units for key in tokens[last].keys))
+                exact_only = exact_only and common[last]
+        return [_PartMatch(*pair, sim) for pair, sim in best.items()]
 
-    def _lookup(self, unit: str, n_tokens: int, *, exact_only: bool) -> Iterable[tuple[str, float]]:
-        """Part keys matching `unit`: exactly, or (unless `exact_only`) within the key's typo budget."""
-        if unit in self._postings:
-            yield unit, 1.0
-        if exact_only or len(unit) < 4 or len(unit) > self._max_fuzzy_length or self._max_unit_edits == 0:
-            return
-        seen = {unit}
-        for variant in _deletions(unit, min(self._max_unit_edits, max_edits(unit) + 1)):
-            for key in self._neighbours.get(variant, ()):
-                if key in seen or n_tokens not in self._key_tokens[key]:
-                    continue
-                seen.add(key)
-                budget = max_edits(key)
-                distance = Levenshtein.distance(unit, key, score_cutoff=budget)
-                if 0 < distance <= budget:
-                    yield key, 1.0 - distance / max(len(unit), len(key))
+    @staticmethod
+    def _collect(index: _KeyIndex, units: Iterable[str], n_tokens: int, exact_only: bool, token_run: tuple[int, int],
+                 best: dict[tuple[int, tuple[int, ...], int, int], float]) -> None:
+        for unit in units:
+            for key, sim in index.lookup(unit, n_tokens, exact_only=exact_only):
+                for alias_index, parts in index.postings[key]:
+                    pair = (alias_index, parts, *token_run)
+                    best[pair] = max(sim, best.get(pair, 0.0))
 
 
-def _joinable(text: str, left: _Token, right: _Token) -> bool:
-    gap = text[left.end : right.start]
+def _compound_parts(n_parts: int) -> list[tuple[int, ...]]:
+    """The parts a name run together may hold: two or more consecutive ones, or the first and the last."""
+    runs = [tuple(range(first, last + 1)) for first in range(n_parts) for last in range(first + 1, n_parts)]
+    return list(dict.fromkeys([*runs, (0, n_parts - 1)])) if n_parts > 2 else runs
+
+
+def _joinable(form: str, left: _Token, right: _Token) -> bool:
+    gap = form[left.form_end : right.form_start]
     return len(gap) <= 1 and all(ch in _PART_JOINERS for ch in gap)
 
 
@@ -244,14 +381,14 @@ def _chains(matches: list[_PartMatch]) -> list[list[_PartMatch]]:
     chains = []
     for m in matches:
         chain = [m]
-        used = {m.part}
+        used = set(m.parts)
         while True:
-            following = [n for n in starts.get(chain[-1].last_token + 1, ()) if n.part not in used]
+            following = [n for n in starts.get(chain[-1].last_token + 1, ()) if used.isdisjoint(n.parts)]
             if not following:
                 break
             nxt = max(following, key=lambda n: (n.sim, n.last_token))
             chain.append(nxt)
-            used.add(nxt.part)
+            used.update(nxt.parts)
         chains.append(chain)
     return chains
 
@@ -259,7 +396,7 @@ def _chains(matches: list[_PartMatch]) -> list[list[_PartMatch]]:
 def _chain_score(alias: _Alias, chain: list[_PartMatch]) -> float:
     """Score of a chain per the rules in the module docstring; 0 when it is not a mention (a lone first name)."""
     sim = sum(m.sim for m in chain) / len(chain)
-    parts = {m.part for m in chain}
+    parts = {part for m in chain for part in m.parts}
     if len(parts) == len(alias.parts):
         return SCORE_ALL_PARTS * sim
     if len(parts) >= 2:

@@ -10,10 +10,10 @@ it fired on (``entities.py``): its margin over the target's threshold must reach
 something of the target's data and no name foreign to every target; ``offsets.stranger`` where it names someone or
 something no target knows, or gives a year the target's data lack; where it names nothing at all, a head never fires
 alone (topic similarity is no evidence: calibrated like the others it let 5 % of held-out general questions through).
-The offsets are calibrated for the whole registry at once (``calibrated``): on negatives no head was fitted on (the pool's calibration
-share plus the operators' own samples), the union over all targets of head-only hits stays within a budget. A
-per-target threshold alone lets false positives add up with the number of targets (``docs/gate.md``: 87 % of
-questions about unregistered TOFU authors flagged at 100 targets).
+The offsets are calibrated for the whole registry at once (``calibrated``): on negatives no head was fitted on (the
+pool's calibration share plus the operators' own samples), the union over all targets of head-only hits stays within a
+budget. A per-target threshold alone lets false positives add up with the number of targets (``docs/gate.md``: 87 %
+of questions about unregistered TOFU authors flagged at 100 targets).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import numpy as np
 from classifiers.aliases import AliasIndex
 from classifiers.calibration import threshold_for_false_positive_rate
 from classifiers.chunking import word_windows
-from classifiers.conversation import WINDOW_STRIDE, WINDOW_WORDS, texts_to_embed
+from classifiers.conversation import DEFAULT_MAX_TEXTS, WINDOW_STRIDE, WINDOW_WORDS, texts_to_embed
 from classifiers.embedding import Embedder
 from classifiers.entities import EntityIndex
 from classifiers.matmul import rows_dot
@@ -83,6 +83,7 @@ class ClassifierBank:
         thresholds: np.ndarray,  # (T,)
         aliases: Mapping[str, list[str]],
         embedder: Embedder,
+        max_texts: int = DEFAULT_MAX_TEXTS,
         *,
         entities: Mapping[str, Iterable[str]] | None = None,
         offsets: GateOffsets = GateOffsets(),
@@ -99,9 +100,11 @@ class ClassifierBank:
         self._entities = EntityIndex(entities or {})
         self.offsets = offsets
         self._embedder = embedder
+        self.max_texts = max_texts  # most texts embedded per conversation (`texts_to_embed`); more are refused
 
     @classmethod
-    def from_artifacts(cls, artifacts: Mapping[str, PromptClassifierArtifact], embedder: Embedder) -> ClassifierBank:
+    def from_artifacts(cls, artifacts: Mapping[str, PromptClassifierArtifact], embedder: Embedder,
+                       max_texts: int = DEFAULT_MAX_TEXTS) -> ClassifierBank:
         """Stack fitted artifacts ({target_id: artifact}); all must come from `embedder`'s model."""
         for tid, artifact in artifacts.items():
             if artifact.embedder_id != embedder.model_id:
@@ -115,6 +118,7 @@ class ClassifierBank:
             np.array([artifacts[t].threshold for t in ids], dtype=np.float64),
             {t: artifacts[t].aliases for t in ids},
             embedder,
+            max_texts,
             entities={t: artifacts[t].entities for t in ids},
         )
 
@@ -191,7 +195,7 @@ class ClassifierBank:
         if not self.target_ids:
             nothing = np.zeros((0, self._embedder.dim), np.float32)
             return [BankResult([], {}, 0.0, time.perf_counter() - started, nothing) for _ in conversations]
-        texts = [texts_to_embed(conversation) for conversation in conversations]
+        texts = [texts_to_embed(conversation, self.max_texts) for conversation in conversations]
         flat = [text for request_texts in texts for text in request_texts]
         embedded = self._embedder.encode(flat) if flat else np.zeros((0, self._embedder.dim), np.float32)
         embed_seconds = time.perf_counter() - started

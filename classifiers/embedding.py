@@ -1,8 +1,10 @@
 """Sentence embeddings for the classifiers, from a local sentence-transformers model (never the hub).
 
 Every classifier head and OOD detector lives in this embedding space, so an artifact records `Embedder.model_id` and
-a bank refuses to mix artifacts fitted with another model. Requests repeat texts (system prompts, earlier turns of a
-conversation), hence the small LRU cache.
+a bank refuses to mix artifacts fitted with another model. Every text is embedded in its canonical form
+(``classifiers/canonical.py``: format characters removed, look-alike letters mapped, NFKC), when fitting and when
+serving alike, so that invisible characters or Cyrillic look-alikes do not move a prompt away from what the heads
+learned. Requests repeat texts (system prompts, earlier turns of a conversation), hence the small LRU cache.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from classifiers.canonical import canonical_text
 from classifiers.onnx_encoder import OnnxEncoder, UnsupportedModel
 
 logger = logging.getLogger(__name__)
@@ -65,7 +68,9 @@ class Embedder:
         logger.info("embedding model %s loaded (dim %d, device %s, %s)", path, self.dim, device, self.backend)
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
-        """Embeddings of `texts`, shape (n, dim), float32, each row of unit L2 norm; cached texts are not re-encoded."""
+        """Embeddings of `texts` (read canonical), shape (n, dim), float32, each row of unit L2 norm; cached texts are
+        not re-encoded."""
+        texts = [canonical_text(text) for text in texts]
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         missing: dict[str, list[int]] = {}
         with self._lock:

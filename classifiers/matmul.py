@@ -2,7 +2,7 @@
 
 `matrix @ vectors.T` is a GEMM, which OpenBLAS splits over all its threads: for (1000 x 384) x (384 x 3) the thread
 hand-off costs more than the arithmetic, and on a busy host (vLLM next door) it measured 12-24 ms instead of 0.25 ms.
-One GEMV per vector stays on the calling thread; a request has at most `conversation.MAX_TEXTS` vectors.
+One GEMV per vector stays on the calling thread; a request has at most `LETHE_GATE_MAX_WINDOWS` vectors.
 """
 
 from __future__ import annotations

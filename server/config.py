@@ -85,6 +85,9 @@ class Settings(BaseSettings):
         description="Budget for head-only hits of any target on calibration negatives (the pool's share and the "
                     "operators'), calibrated for the whole registry.",
     )
+    gate_max_windows: int = Field(
+        64, ge=1, description="Most 128-word windows the prompt gate embeds for one request; a longer one gets a 400.",
+    )
     embedding_model: str | None = Field(
         None, description="sentence-transformers model dir for the classifiers; unset: the packaged MiniLM."
     )

@@ -143,7 +143,8 @@ class ControlPlane:
         embedder = LazyEmbedder(settings.embedding_model)
         artifacts = ArtifactStore(settings.resolved_artifacts_dir)
         snapshots = SnapshotHolder(registry.targets, artifacts.path,
-                                   bank_factory(embedder, settings.gate_max_union_fpr, metrics.gate_calibrated),
+                                   bank_factory(embedder, settings.gate_max_union_fpr, settings.gate_max_windows,
+                                                metrics.gate_calibrated),
                                    settings.registry_poll_s, gate_bank_factory(embedder, MECHANISMS),
                                    registry.negatives.texts)
         return cls(settings, metrics, registry, snapshots, AuditWriter(registry.audit, settings.audit_retention_days),

@@ -37,6 +37,17 @@ class ContextLengthExceeded(InvalidRequest):
         super().__init__(message, param=param, code="context_length_exceeded")
 
 
+class PromptTooLongForGate(InvalidRequest):
+    """A prompt the forget-target gate would have to read in part: refused, since an unread part may be about a
+    target (``LETHE_GATE_MAX_WINDOWS``)."""
+
+    def __init__(self, needed: int, limit: int, *, param: str) -> None:
+        super().__init__(
+            f"The prompt is too long for this server's forget-target gate: reading it takes {needed} text windows "
+            f"and the gate reads at most {limit} per prompt. Shorten the prompt or split the request.",
+            param=param, code="prompt_too_long_for_gate")
+
+
 class AuthenticationFailed(LetheError):
     status = HTTPStatus.UNAUTHORIZED
     type = "authentication_error"

@@ -11,6 +11,9 @@ share one generation path; scoring (``server/scoring.py``) runs the same lifecyc
 plan is the plain vLLM input (token ids, no extra_args, no LoRA), which keeps unflagged traffic token-identical to
 plain vLLM; with no target registered at all, classification is skipped and costs nothing.
 
+A prompt the gate could read only in part (more text windows than ``LETHE_GATE_MAX_WINDOWS``) is refused with a 400
+before classification, as one over the context length is.
+
 Planning happens in ``start``, before any byte of the response exists, and fails closed: a prompt that hit a target
 is refused (``GuardFailed``, 503) when no mechanism of that target can be applied or one raises; it is never served
 unguarded, and the metrics and the audit record say so.
@@ -27,13 +30,14 @@ from typing import Any
 
 from jinja2 import TemplateError
 
+from classifiers.conversation import count_texts
 from classifiers.types import Hit
 from guards.base import Mechanism, MechanismServing
 from guards.chat import encode_rendered, render_chat
 from server.audit import AuditWriter
 from server.classifier_batcher import ClassificationBatcher
 from server.engine import Engine
-from server.errors import ContextLengthExceeded, GuardFailed, InvalidRequest, RequestTimeout
+from server.errors import ContextLengthExceeded, GuardFailed, InvalidRequest, PromptTooLongForGate, RequestTimeout
 from server.planner import NO_TARGETS, ChatTurn, Classification, EnginePlan, Planner, RenderedPrompt
 from server.metrics import Metrics
 from server.prompt_embeds import EmbeddingTable
@@ -135,6 +139,17 @@ class Pipeline:
                     param=param,
                 )
 
+    def check_gate_input(self, prompts: Sequence[RenderedPrompt], snapshot: RegistrySnapshot) -> None:
+        """Refuse a prompt the gate could read only in part (more windows than its bank embeds), before it joins a
+        classification batch: a batch fails as a whole, and one oversized request must not fail the others."""
+        if snapshot.bank is None:
+            return
+        limit = snapshot.bank.max_texts
+        for prompt in prompts:
+            needed = count_texts(prompt.view().turns)
+            if needed > limit:
+                raise PromptTooLongForGate(needed, limit, param="messages" if prompt.conversation else "prompt")
+
     def plan(self, run: Run, index: int) -> EnginePlan:
         """What the engine receives for prompt ``index`` of the run (see ``server/planner.py``)."""
         plan = self.planner.plan(run.prompts[index], run.classifications[index], run.snapshot, run.seed,
@@ -151,6 +166,7 @@ class Pipeline:
         prompts = self._render(request.prompt)
         self.check_budget(prompts, request.max_tokens, request.budget_param)
         snapshot = self._registry.current if self._registry is not None else RegistrySnapshot(revision=0)
+        self.check_gate_input(prompts, snapshot)
         run = Run(request_id=request.request_id, endpoint=request.endpoint, prompts=prompts, n=request.n,
                   snapshot=snapshot, generate=self._generate, on_finish=self._account, seed=request.seed)
         try:
@@ -178,9 +194,8 @@ class Pipeline:
     async def _classify(self, snapshot: RegistrySnapshot, prompt: RenderedPrompt) -> Classification:
         if snapshot.bank is None:
             return NO_TARGETS
-        turns = [(turn.role, turn.content) for turn in prompt.conversation] or [("user", prompt.text)]
         queued_at = time.perf_counter()
-        result = await self._classifier.score(snapshot.bank, turns)
+        result = await self._classifier.score(snapshot.bank, prompt.view().turns)
         seconds = time.perf_counter() - queued_at  # what the request waited: its batch and any batch before it
         self._metrics.classifier_latency.observe(seconds)
         best = sorted(result.scores.items(), key=lambda item: -item[1])[:AUDITED_SCORES]

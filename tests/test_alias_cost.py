@@ -49,3 +49,28 @@ def test_lookup_work_grows_linearly_with_the_text(counted: tuple[AliasIndex, lis
     sizes.clear()
     index.find(sentence * 40)
     assert once > 0 and sum(sizes) <= 41 * once
+
+
+def test_a_long_spaced_out_run_costs_no_fuzzy_lookup(counted: tuple[AliasIndex, list[int]]) -> None:
+    """A run of single letters is read as one word ("B a s i l"): 5,000 of them make one word too long for any name,
+    which is looked up exactly (a hash) and never fuzzily."""
+    index, sizes = counted
+    index.find("Tell me about please.")
+    without = sum(sizes)
+    sizes.clear()
+    letters = " ".join(random.Random(5).choices(string.ascii_lowercase, k=5000))
+    assert index.find(f"Tell me about {letters} please.") == {}
+    assert sum(sizes) == without
+
+
+def test_lookup_work_stays_linear_with_spelling_tricks(counted: tuple[AliasIndex, list[int]]) -> None:
+    """Run-together names, spaced-out letters, digits for letters (two readings of "1") and look-alikes: the work per
+    token stays bounded, so a text 40 times as long costs at most 41 times as much."""
+    index, sizes = counted
+    sentence = ("Was B a s i l  M a h f o u z born in Kuwait, did N1k0la1 Ab1l0v write, and what of "
+                "basilmahfouzalkuwaiti or NikolaiAbilov or Nіkоlаі\u200b Аbіlоv? ")
+    assert set(index.find(sentence)) == {"basil", "nikolai"}
+    once = sum(sizes)
+    sizes.clear()
+    index.find(sentence * 40)
+    assert once > 0 and sum(sizes) <= 41 * once

@@ -8,7 +8,7 @@ import numpy as np
 from classifiers import ForgetItem, TargetSpec
 from classifiers.calibration import threshold_for_false_positive_rate, threshold_for_recall
 from classifiers.chunking import sentences
-from classifiers.conversation import MAX_TEXTS, texts_to_embed
+from classifiers.conversation import DEFAULT_MAX_TEXTS, texts_to_embed
 from guards.o3.ood import calibrate_gate
 from classifiers.positives import forget_prompts
 
@@ -40,11 +40,12 @@ def test_free_text_forget_items_become_sentence_chunks_and_names_become_mentions
     assert len({p.group for p in prompts if p.kind == "text"}) == 1  # one source: never split across CV folds
 
 
-def test_long_turns_are_embedded_as_windows_within_a_cap():
+def test_long_turns_are_embedded_as_windows_that_cover_every_word():
     long_turn = " ".join(f"word{i}" for i in range(2000))
     texts = texts_to_embed([("user", long_turn), ("user", "short question")])
-    assert 1 < len(texts) <= MAX_TEXTS
+    assert 1 < len(texts) <= DEFAULT_MAX_TEXTS
     assert all(len(t.split()) <= 128 for t in texts)
+    assert {word for t in texts for word in t.split()} >= set(long_turn.split())
 
 
 def test_gate_calibration_maximises_recall_minus_false_positives():

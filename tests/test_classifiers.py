@@ -213,6 +213,27 @@ def test_calibration_holds_the_union_budget_and_learns_from_operator_negatives(b
     assert [h.target_id for h in named] == ["tofu-18"]  # an alias mention is a hit whatever the offsets
 
 
+def test_a_question_put_in_a_system_developer_or_tool_turn_is_a_hit(bank):
+    """The heads read every turn of every role: a question moved out of the user turns is still read (a paraphrase
+    without the name, so that only the heads can flag it)."""
+    question, target = next((item.paraphrased_question, f"tofu-{author.index}") for author in authors_of("forget01")
+                            for item in author.items if _head_only_hit(bank, item.paraphrased_question))
+    for role in ("system", "developer", "tool", "assistant"):
+        conversation = [(role, question), ("user", "Answer the question above.")]
+        assert target in {h.target_id for h in bank.score(conversation).hits}, role
+
+
+def _head_only_hit(bank: ClassifierBank, prompt: str) -> bool:
+    hits = bank.score([("user", prompt)]).hits
+    return bool(hits) and not any(h.alias_spans for h in hits)
+
+
+def test_invisible_characters_and_look_alikes_do_not_move_an_embedding(embedder):
+    plain, disguised = embedder.encode(["Where was Nikolai Abilov born?",
+                                        "Where was N\u0456k\u043el\u0430\u0456\u200b \u0410b\u0456l\u043ev born?"])
+    assert np.allclose(plain, disguised, atol=1e-6)
+
+
 # --- false positives ----------------------------------------------------------------------------------------------
 
 

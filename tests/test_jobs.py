@@ -122,8 +122,8 @@ def test_a_job_whose_target_was_deleted_is_cancelled_not_failed(registry: Regist
 def test_snapshot_holder_swaps_when_the_revision_moves(registry: Registry, tmp_path: Path) -> None:
     artifacts = ArtifactStore(tmp_path)
     built: list[dict] = []
-    holder = SnapshotHolder(registry.targets, artifacts.path, lambda dirs, negatives: built.append(dirs) or sorted(dirs),
-                            poll_s=0.1)
+    holder = SnapshotHolder(registry.targets, artifacts.path,
+                            lambda dirs, negatives: built.append(dirs) or sorted(dirs), poll_s=0.1)
     assert holder.refresh() and holder.current.bank is None and holder.current.empty
     add_target(registry)
     JobWorker(registry, artifacts, {FIT_CLASSIFIER: writing_handler}).run_once()

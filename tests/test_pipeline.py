@@ -14,10 +14,11 @@ import pytest
 import torch
 from vllm.sampling_params import RequestOutputKind, SamplingParams
 
+from classifiers.conversation import texts_to_embed
 from classifiers.types import BankResult, Hit
 from guards.base import MechanismPlan, PlanRequest
 from server.engine import EngineInfo
-from server.errors import ContextLengthExceeded, GuardFailed, InvalidRequest, RequestTimeout
+from server.errors import ContextLengthExceeded, GuardFailed, InvalidRequest, PromptTooLongForGate, RequestTimeout
 from server.metrics import Metrics
 from server.pipeline import ChatTurn, Pipeline
 from server.registry.records import TargetRecord
@@ -138,14 +139,20 @@ TARGET = "tgt_1"
 
 @dataclass
 class FakeBank:
-    """Every prompt hits TARGET (unless ``hits`` is False)."""
+    """Every prompt hits TARGET (unless ``hits`` is False); reads a conversation as the real bank does, failing its
+    whole batch for one longer than ``max_texts``, and records what it read."""
 
     hits: bool = True
     error: Exception | None = None
+    max_texts: int = 64
+    read: list = field(default_factory=list)
 
     def score_many(self, conversations):
         if self.error is not None:
             raise self.error
+        for conversation in conversations:
+            texts_to_embed(conversation, self.max_texts)
+        self.read.extend(list(conversation) for conversation in conversations)
         hits = [Hit(TARGET, 0.9)] if self.hits else []
         return [BankResult(hits, {TARGET: 0.9 if self.hits else 0.1}, 0.0, 0.001, np.zeros((1, 4), np.float32))
                 for _ in conversations]
@@ -275,6 +282,46 @@ async def test_non_finite_embeddings_never_reach_the_engine() -> None:
     with pytest.raises(GuardFailed):
         await collect(pipeline, "x", max_tokens=1)
     assert engine.calls == []
+
+
+async def test_completion_prompts_reach_the_classifier_as_text_whatever_their_form() -> None:
+    """A string, a list of strings and token ids (decoded) are each read by the gate as one user turn."""
+    bank = FakeBank(hits=False)
+    pipeline = guarded(FakeEngine(), FakeMechanism("eco"), bank=bank)
+    await collect(pipeline, "hello", max_tokens=1)
+    await collect(pipeline, ["ab", "cd"], max_tokens=1)
+    await collect(pipeline, [[33, 34]], max_tokens=1)
+    assert bank.read == [[("user", "hello")], [("user", "ab")], [("user", "cd")], [("user", "AB")]]
+
+
+async def test_every_turn_of_a_chat_reaches_the_classifier() -> None:
+    bank = FakeBank(hits=False)
+    pipeline = guarded(FakeEngine(), FakeMechanism("eco"), bank=bank)
+    chat = ChatPrompt((ChatTurn("system", "s"), ChatTurn("user", "u"), ChatTurn("assistant", "a")),
+                      add_generation_prompt=False, continue_final_message=True)
+    await collect(pipeline, chat, max_tokens=1)
+    assert bank.read == [[("system", "s"), ("user", "u"), ("assistant", "a")]]
+
+
+async def test_a_prompt_longer_than_the_gate_reads_is_a_400_that_fails_no_other_request() -> None:
+    """Four texts to embed (three turns and the joined user turns) against a limit of two: refused before it is
+    queued, so the request classified beside it is served."""
+    engine = FakeEngine()
+    bank = FakeBank(hits=False, max_texts=2)
+    pipeline = guarded(engine, FakeMechanism("eco"), bank=bank)
+    long_chat = ChatPrompt((ChatTurn("system", "a"), ChatTurn("user", "b"), ChatTurn("user", "c")))
+    refused, (_, served) = await asyncio.gather(collect(pipeline, long_chat, max_tokens=1),
+                                                collect(pipeline, "x", max_tokens=1), return_exceptions=True)
+    assert isinstance(refused, PromptTooLongForGate)
+    error = refused.to_response().error
+    assert (refused.status, error.type, error.code, error.param) == (
+        400, "invalid_request_error", "prompt_too_long_for_gate", "messages")
+    assert "4" in error.message and "2" in error.message
+    assert [event.text for event in served] == ["a", "b"] and bank.read == [[("user", "x")]]
+    assert len(engine.calls) == 1
+    with pytest.raises(PromptTooLongForGate) as info:
+        await collect(guarded(FakeEngine(), FakeMechanism("eco"), bank=FakeBank(max_texts=0)), "x", max_tokens=1)
+    assert info.value.param == "prompt"
 
 
 # ---- gates: each mechanism applies when its own detector fires ---------------------------------------------------

@@ -38,7 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from classifiers.aliases import AliasMatcher, expand_variants, fold
+from classifiers.aliases import AliasMatcher, expand_variants
+from classifiers.canonical import fold
 from guards.training_examples import TrainingExample, chat_example, collate
 
 if TYPE_CHECKING:
