@@ -4,6 +4,9 @@ All heads are stacked into W (T, d), b (T,) and thresholds (T,), and all aliases
 costs one embedding call for its few texts, one (n, d) x (d, T) product, a vectorised max and threshold, and alias
 lookups whose cost depends on the prompt's length, not on T. A bank is immutable: the registry builds a new one per
 revision and swaps it in, so in-flight requests keep the one they started with.
+
+A target whose classifier is not fitted yet (just registered, or its fit failed) has no head: it is *alias-only*, hit
+by a mention of one of its aliases alone, at the alias score. A bank of alias-only targets makes no embedding call.
 """
 
 from __future__ import annotations
@@ -33,8 +36,9 @@ class ClassifierBank:
         weights: np.ndarray,  # (T, d)
         biases: np.ndarray,  # (T,)
         thresholds: np.ndarray,  # (T,)
-        aliases: Mapping[str, list[str]],
+        aliases: Mapping[str, Sequence[str]],  # of every target, alias-only ones included
         embedder: Embedder,
+        alias_only: Sequence[str] = (),  # targets without a head: detected by their aliases alone
     ):
         if weights.shape != (len(target_ids), embedder.dim):
             raise ValueError(f"weights shape {weights.shape} != ({len(target_ids)}, {embedder.dim})")
@@ -43,28 +47,33 @@ class ClassifierBank:
         self._b = biases.astype(np.float32)
         self._thr = thresholds.astype(np.float64)
         self._column = {tid: i for i, tid in enumerate(self.target_ids)}
+        self.alias_only_ids = [tid for tid in alias_only if tid not in self._column]
         self._aliases = AliasIndex(aliases)
         self._embedder = embedder
 
     @classmethod
-    def from_artifacts(cls, artifacts: Mapping[str, PromptClassifierArtifact], embedder: Embedder) -> ClassifierBank:
-        """Stack fitted artifacts ({target_id: artifact}); all must come from `embedder`'s model."""
+    def from_artifacts(cls, artifacts: Mapping[str, PromptClassifierArtifact], embedder: Embedder,
+                       alias_only: Mapping[str, Sequence[str]] | None = None) -> ClassifierBank:
+        """Stack fitted artifacts ({target_id: artifact}); all must come from `embedder`'s model. ``alias_only``:
+        {target_id: aliases} of targets with no fitted artifact yet."""
         for tid, artifact in artifacts.items():
             if artifact.embedder_id != embedder.model_id:
                 raise ValueError(f"target {tid}: fitted with {artifact.embedder_id}, embedder is {embedder.model_id}")
         ids = list(artifacts)
+        alias_only = {tid: list(aliases) for tid, aliases in (alias_only or {}).items() if tid not in artifacts}
         weights = np.stack([artifacts[t].weights for t in ids]) if ids else np.zeros((0, embedder.dim), np.float32)
         return cls(
             ids,
             weights,
             np.array([artifacts[t].bias for t in ids], dtype=np.float32),
             np.array([artifacts[t].threshold for t in ids], dtype=np.float64),
-            {t: artifacts[t].aliases for t in ids},
+            {**{t: artifacts[t].aliases for t in ids}, **alias_only},
             embedder,
+            list(alias_only),
         )
 
     def __len__(self) -> int:
-        return len(self.target_ids)
+        return len(self.target_ids) + len(self.alias_only_ids)
 
     def score(self, conversation: Conversation) -> BankResult:
         """Every target's score for this conversation, and the hits (score >= threshold or alias mention)."""
@@ -78,10 +87,11 @@ class ClassifierBank:
         Each result's timings are the batch's.
         """
         started = time.perf_counter()
-        if not self.target_ids:
+        if not len(self):
             nothing = np.zeros((0, self._embedder.dim), np.float32)
             return [BankResult([], {}, 0.0, time.perf_counter() - started, nothing) for _ in conversations]
-        texts = [texts_to_embed(conversation) for conversation in conversations]
+        # Without heads there is nothing to embed for: alias-only targets are found in the text itself.
+        texts = [texts_to_embed(conversation) if self.target_ids else [] for conversation in conversations]
         flat = [text for request_texts in texts for text in request_texts]
         embedded = self._embedder.encode(flat) if flat else np.zeros((0, self._embedder.dim), np.float32)
         embed_seconds = time.perf_counter() - started
@@ -106,16 +116,22 @@ class ClassifierBank:
         spans = self._alias_spans(conversation)
         combined = head.copy()
         hit = head >= self._thr
+        alias_scores = dict.fromkeys(self.alias_only_ids, 0.0)
         for tid, target_spans in spans.items():  # only the (few) targets whose aliases were mentioned
-            col = self._column[tid]
-            combined[col], hit[col] = combine(head[col], max(s.score for s in target_spans), self._thr[col])
+            alias_score = max(s.score for s in target_spans)
+            col = self._column.get(tid)
+            if col is None:  # no head yet: the mention alone is the verdict
+                alias_scores[tid] = alias_score
+                continue
+            combined[col], hit[col] = combine(head[col], alias_score, self._thr[col])
 
         hits = []
         for col in np.flatnonzero(hit):
             tid = self.target_ids[col]
             hits.append(Hit(tid, float(combined[col]), tuple(spans.get(tid, ()))))
+        hits.extend(Hit(tid, score, tuple(spans[tid])) for tid, score in alias_scores.items() if score > 0)
         hits.sort(key=lambda h: -h.score)
-        return hits, dict(zip(self.target_ids, combined.tolist()))
+        return hits, {**dict(zip(self.target_ids, combined.tolist())), **alias_scores}
 
     def _alias_spans(self, conversation: Conversation) -> dict[str, list[AliasSpan]]:
         """Alias mentions in every turn, tagged with the turn index: {target_id: spans, in conversation order}."""
