@@ -4,7 +4,7 @@ A mechanism (ECO, GUARD, ULD, O3: one folder each under ``guards/``) is one obje
 needs without being named anywhere else:
 
 - ``options``: the pydantic model of its registration options (the admin API's ``mechanisms`` field is built from them);
-- ``jobs``: the registration-time jobs it can run, each with what a worker needs to run it;
+- ``jobs``: the registration-time jobs it can run, each with what a worker needs to run it and its lane;
 - ``prepare``/``ready``: which of those jobs a registration needs, and whether what they published is enough to serve;
 - ``gate``/``gate_detector``: which detector's hit makes it apply, and its own detector if it brings one (O3's OOD
   gate);
@@ -149,6 +149,12 @@ ANY_WORKER = "any_worker"  # needs the sentence embedder only: any worker, ``let
 MODEL_FILES = "model_files"  # trains on the served model's files: a worker that has them
 SERVED_MODEL = "served_model"  # measures the served model: a serving replica, through its engine
 
+# Job lanes: each lane has its own worker thread (``lethe serve``) or ``lethe worker --lanes``, so the seconds-long
+# jobs that build a target's gate never queue behind the minutes-long jobs that train on, or measure, the model.
+GATE_LANE = "gate"  # the classifier fit and cheap gate-building jobs (GUARD's phrases)
+TRAINING_LANE = "training"  # ULD/O3 training, ECO's calibration: anything needing MODEL_FILES or SERVED_MODEL
+LANES = (GATE_LANE, TRAINING_LANE)
+
 
 class JobTarget(Protocol):
     """The registered target a job prepares (the registry's record of it)."""
@@ -245,11 +251,19 @@ class JobResources:
 
 @dataclass(frozen=True)
 class JobSpec:
-    """A registration-time job a mechanism can run: its kind, what a worker needs to run it, and its handler."""
+    """A registration-time job a mechanism can run: its kind, what a worker needs to run it, its handler, and the
+    lane its workers claim it in."""
 
     kind: str
     needs: str  # ANY_WORKER | MODEL_FILES | SERVED_MODEL
     handler: Callable[[JobResources], JobHandler]
+    lane: str = TRAINING_LANE  # GATE_LANE only for a cheap job that needs the embedder at most
+
+    def __post_init__(self) -> None:
+        if self.lane not in LANES:
+            raise ValueError(f"job {self.kind}: unknown lane {self.lane!r} (lanes: {LANES})")
+        if self.lane == GATE_LANE and self.needs != ANY_WORKER:
+            raise ValueError(f"job {self.kind} needs {self.needs}: it belongs in the {TRAINING_LANE} lane")
 
 
 # ---- gates and decoding-time hooks -----------------------------------------------------------------------------------

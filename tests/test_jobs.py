@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from pathlib import Path
@@ -10,11 +11,15 @@ from types import SimpleNamespace
 import pytest
 from sqlalchemy import update
 
+from guards.base import GATE_LANE, MODEL_FILES, TRAINING_LANE, JobSpec
 from server.admin.protocol import TargetCreate
 from server.admin.serving import new_target
 from server.artifacts import ArtifactStore
 from server.classifier_jobs import gate_bank_factory
+from server.config import Settings
+from server.control_plane import ControlPlane, job_lanes, make_workers
 from server.jobs import JobContext, JobWorker
+from server.metrics import Metrics
 from server.registry import Registry
 from server.registry.catalog import FIT_CLASSIFIER, MechanismCatalog
 from server.registry.database import make_engine, upgrade_database
@@ -169,3 +174,62 @@ def test_the_snapshot_stacks_a_mechanisms_own_gate_only_for_targets_that_enable_
                             gate_factory=gate_bank_factory(lambda: None, mechanisms))  # type: ignore[arg-type]
     holder.refresh()
     assert len(holder.current.bank) == 2 and holder.current.gates == {"ood": [gated]}
+
+
+# ---- job lanes: gate-building jobs never wait behind training ----------------------------------------------------
+
+
+def add_named_target(registry: Registry, name: str, alias: str, mechanisms: dict | None = None) -> str:
+    body = TargetCreate.model_validate({"name": name, "aliases": [alias], "mechanisms": mechanisms,
+                                        "forget": [{"question": f"Where was {alias} born?", "answer": "In Reykjavik."}]})
+    return registry.targets.create(new_target(body, ["guard"])).id
+
+
+def test_a_gate_job_is_claimed_in_the_gate_lane_while_the_training_lane_runs_an_older_job(tmp_path: Path) -> None:
+    training = SimpleNamespace(name="uld", jobs=(JobSpec("uld_train", MODEL_FILES, lambda resources: None),))
+    engine = make_engine(f"sqlite:///{tmp_path / 'lanes.db'}")
+    upgrade_database(engine)
+    registry = Registry.open(engine, MechanismCatalog(frozenset({"uld"}), lambda name, options: ["uld_train"],
+                                                      {"uld_train": "uld"}))
+    started, release = threading.Event(), threading.Event()
+
+    def train(context: JobContext) -> dict:
+        started.set()
+        assert release.wait(30)
+        return {"assistant": "0" * 64}
+
+    settings = Settings(data_dir=tmp_path, _env_file=None)
+    gate, trainer = make_workers(settings, registry, {FIT_CLASSIFIER: writing_handler, "uld_train": train},
+                                 mechanisms=[training])  # type: ignore[list-item]
+    assert (gate.lane, gate.kinds, trainer.lane, trainer.kinds) == ("gate", [FIT_CLASSIFIER], "training", ["uld_train"])
+    first = add_named_target(registry, "first", "Nikolai Abilov", {"uld": {}})
+    assert gate.run_once()  # the first target's classifier
+    running = threading.Thread(target=trainer.run_once)
+    running.start()
+    assert started.wait(10)  # its ten-minute training now holds the training lane
+    second = add_named_target(registry, "second", "Basil Mahfouz Al-Kuwaiti", {"uld": {}})
+    assert gate.run_once() and registry.targets.get(second).classifier.status == "ready"
+    assert registry.targets.get(first).jobs[1].status == "running"
+    release.set()
+    running.join()
+    assert registry.targets.get(first).status == "active"
+
+
+def test_a_gate_lane_job_cannot_need_the_model() -> None:
+    with pytest.raises(ValueError, match="training lane"):
+        JobSpec("train", MODEL_FILES, lambda resources: None, lane=GATE_LANE)
+    assert job_lanes()[FIT_CLASSIFIER] == GATE_LANE == job_lanes()["guard_phrases"]
+    assert {job_lanes()[kind] for kind in ("eco_calibrate", "uld_train", "o3_train")} == {TRAINING_LANE}
+
+
+def test_the_embedded_server_runs_one_worker_thread_per_lane(tmp_path: Path) -> None:
+    control = ControlPlane.open(Settings(data_dir=tmp_path, _env_file=None), Metrics())
+    control.start_worker(SimpleNamespace(tokenizer=None), tmp_path)  # type: ignore[arg-type]
+    try:
+        assert [(worker.lane, worker.kinds) for worker in control.workers] == [
+            ("gate", [FIT_CLASSIFIER, "guard_phrases"]), ("training", ["eco_calibrate", "o3_train", "uld_train"])]
+        threads = {thread.name for thread in threading.enumerate()}
+        assert {"lethe-job-worker-gate", "lethe-job-worker-training"} <= threads
+    finally:
+        asyncio.run(control.stop())
+    assert not any(thread.name.startswith("lethe-job-worker") for thread in threading.enumerate())

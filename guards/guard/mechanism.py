@@ -24,8 +24,8 @@ import numpy as np
 from pydantic import Field
 
 from classifiers.types import TargetSpec
-from guards.base import (ANY_WORKER, JobContext, JobHandler, JobResources, JobSpec, MechanismBase, MechanismPlan,
-                         NothingShared, Options, PlanRequest, RowHooks, ServingContext, target_spec)
+from guards.base import (ANY_WORKER, GATE_LANE, JobContext, JobHandler, JobResources, JobSpec, MechanismBase,
+                         MechanismPlan, NothingShared, Options, PlanRequest, RowHooks, ServingContext, target_spec)
 from guards.guard.phrase_matcher import GUARD_KEY, Vocabulary, guard_row_hook, validate_guard_section
 from guards.guard.phrases import Background, alias_phrases, builtin_background, content_words, key_phrases
 
@@ -115,7 +115,7 @@ class Guard(MechanismBase):
 
     name = GUARD_KEY
     options = GuardOptions
-    jobs = (JobSpec(GUARD_PHRASES, ANY_WORKER, phrases_job),)
+    jobs = (JobSpec(GUARD_PHRASES, ANY_WORKER, phrases_job, lane=GATE_LANE),)  # seconds: it builds no model
     row_hooks = RowHooks(resources=_vocabulary, validate=validate_guard_section, build=guard_row_hook)
 
     def prepare(self, options: Mapping[str, Any]) -> tuple[str, ...]:
