@@ -12,6 +12,8 @@ needs without being named anywhere else:
 - ``serving``: its per-replica half, which ``share``s resources per registry snapshot and ``plan``s each request;
 - ``row_hooks``: its decoding-time half, run per batch row by the one logits processor (``guards/processor.py``).
 
+A hit target none of whose gated mechanisms is ready gets ``InterimGuard``'s protection (``guards.mechanisms.INTERIM``).
+
 The server loops over ``guards.mechanisms.MECHANISMS`` in their fixed order and never branches on a name; a mechanism
 never sees HTTP, the database or the engine (``JobContext``, ``ServedModel`` and ``ServingContext`` are what it gets).
 """
@@ -102,9 +104,10 @@ class ComposedPlan:
     loras: list[Any] = field(default_factory=list)
     mechanisms: list[str] = field(default_factory=list)
 
-    def add(self, name: str, plan: MechanismPlan) -> None:
+    def add(self, name: str, plan: MechanismPlan, args_key: str | None = None) -> None:
+        """Record ``name``'s contribution; its processor args go to the row hook of ``args_key`` (default: ``name``)."""
         if plan.processor_args is not None:
-            self.processor_args.setdefault(name, []).append(dict(plan.processor_args))
+            self.processor_args.setdefault(args_key or name, []).append(dict(plan.processor_args))
         self.embedding_edits.extend(plan.embedding_edits)
         if plan.lora is not None:
             self.loras.append(plan.lora)
@@ -311,6 +314,23 @@ class RowHooks:
     resources: Callable[[Any], Any]
     validate: Callable[[Mapping[str, Any]], None]
     build: Callable[[Mapping[str, Any], Sequence[int] | None, list[int], Any], RowHook | None]
+
+
+# ---- interim protection ------------------------------------------------------------------------------------------
+
+
+class InterimGuard(Protocol):
+    """What protects a hit target none of whose gated mechanisms is ready yet (just registered, still training, or
+    its classifier could not be fitted), instead of refusing the request: a refusal would tell the client the target
+    is registered. ``prepare`` runs when the snapshot loads, from the target's record alone (no job); ``plan`` is its
+    contribution to one request, whose processor args travel to the row hook of mechanism ``row_hook_key``."""
+
+    name: str  # what the audit record and the metrics call it
+    row_hook_key: str
+
+    def prepare(self, target: JobTarget) -> Any: ...
+
+    def plan(self, prepared: Any, prompt: PromptView) -> MechanismPlan: ...
 
 
 # ---- the mechanism -------------------------------------------------------------------------------------------------

@@ -65,12 +65,14 @@ def _load_prompt_artifact(directory: Path) -> PromptClassifierArtifact:
     return PromptClassifierArtifact.load(directory / PROMPT_DIR)
 
 
-def bank_factory(embedder: Callable[[], Embedder]) -> Callable[[dict[str, Path]], ClassifierBank]:
-    """Stack the targets' prompt classifiers; artifacts are immutable, so loads are cached by path (= digest)."""
+def bank_factory(embedder: Callable[[], Embedder]) -> Callable[[dict[str, Path], dict[str, list[str]]],
+                                                                ClassifierBank]:
+    """Stack the targets' prompt classifiers, and the aliases of the targets not fitted yet; artifacts are immutable,
+    so loads are cached by path (= digest)."""
 
-    def build(artifact_dirs: dict[str, Path]) -> ClassifierBank:
+    def build(artifact_dirs: dict[str, Path], alias_only: dict[str, list[str]]) -> ClassifierBank:
         artifacts = {target_id: _load_prompt_artifact(path) for target_id, path in artifact_dirs.items()}
-        return ClassifierBank.from_artifacts(artifacts, embedder())
+        return ClassifierBank.from_artifacts(artifacts, embedder(), alias_only)
 
     return build
 

@@ -18,7 +18,7 @@ from typing import Any
 from classifiers.embedding import Embedder
 from guards.base import (ANY_WORKER, GATE_LANE, LANES, MODEL_FILES, SERVED_MODEL, TRAINING_LANE, JobHandler,
                          JobResources, Mechanism, ServedModel)
-from guards.mechanisms import MECHANISMS
+from guards.mechanisms import INTERIM, MECHANISMS
 from server.artifacts import ArtifactStore
 from server.audit import AuditWriter
 from server.classifier_jobs import bank_factory, fit_classifier_handler, gate_bank_factory
@@ -161,7 +161,7 @@ class ControlPlane:
         embedder = LazyEmbedder(settings.embedding_model)
         artifacts = ArtifactStore(settings.resolved_artifacts_dir)
         snapshots = SnapshotHolder(registry.targets, artifacts.path, bank_factory(embedder), settings.registry_poll_s,
-                                   gate_bank_factory(embedder, MECHANISMS))
+                                   gate_bank_factory(embedder, MECHANISMS), INTERIM.prepare)
         return cls(settings, metrics, registry, snapshots, AuditWriter(registry.audit, settings.audit_retention_days),
                    artifacts, embedder)
 

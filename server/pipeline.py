@@ -12,8 +12,9 @@ plan is the plain vLLM input (token ids, no extra_args, no LoRA), which keeps un
 plain vLLM; with no target registered at all, classification is skipped and costs nothing.
 
 Planning happens in ``start``, before any byte of the response exists, and fails closed: a prompt that hit a target
-is refused (``GuardFailed``, 503) when no mechanism of that target can be applied or one raises; it is never served
-unguarded, and the metrics and the audit record say so.
+none of whose mechanisms is ready gets interim protection, and is refused (``GuardFailed``, 503) when a mechanism
+raises or no protection at all can be applied; it is never served unguarded, and the metrics and the audit record say
+so.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any
 from jinja2 import TemplateError
 
 from classifiers.types import Hit
-from guards.base import Mechanism, MechanismServing
+from guards.base import InterimGuard, Mechanism, MechanismServing
 from guards.chat import encode_rendered, render_chat
 from server.audit import AuditWriter
 from server.classifier_batcher import ClassificationBatcher
@@ -67,6 +68,7 @@ class Pipeline:
         mechanisms: Sequence[Mechanism] = (),
         servings: Mapping[str, MechanismServing] | None = None,
         embeddings: EmbeddingTable | None = None,
+        interim: InterimGuard | None = None,
     ) -> None:
         self._engine = engine
         self._timeout_s = request_timeout_s
@@ -74,7 +76,7 @@ class Pipeline:
         self._registry = registry
         self._audit = audit
         self._audit_prompts = audit_prompts
-        self.planner = Planner(mechanisms, servings or {}, embeddings, engine, metrics)
+        self.planner = Planner(mechanisms, servings or {}, embeddings, engine, metrics, interim)
         self._classifier = ClassificationBatcher(on_batch=metrics.classifier_batch_size.observe)
 
     # ------------------------------------------------------------ render

@@ -203,6 +203,16 @@ def test_failed_job_is_retried_then_fails_the_target(registry: Registry) -> None
     assert shown.status == "failed" and shown.jobs[0].status == "failed" and shown.jobs[0].error == "boom"
 
 
+def test_every_target_is_in_the_snapshot_from_its_registration_and_leaves_it_with_its_deletion(
+        registry: Registry) -> None:
+    created = registry.targets.create(target())
+    revision, records = registry.targets.snapshot_rows()
+    assert revision == created.revision and [r.id for r in records] == [created.id]
+    assert not records[0].classifier_ready  # its fit is still queued: the replicas detect it by its aliases
+    deleted = registry.targets.delete(created.id)
+    assert registry.targets.snapshot_rows() == (deleted.revision, [])
+
+
 def test_a_crashed_workers_job_is_requeued_not_left_running(registry: Registry) -> None:
     registry.targets.create(target())
     job = registry.jobs.claim("dead-worker", [FIT_CLASSIFIER])

@@ -53,6 +53,11 @@ class TargetRecord:
     classifier: dict[str, Any]
     status: str
 
+    @property
+    def classifier_ready(self) -> bool:
+        """Whether its prompt classifier is fitted (else the live snapshot detects it by its aliases alone)."""
+        return self.classifier.get("status") == "ready"
+
 
 @dataclass(frozen=True)
 class JobRecord:
