@@ -186,6 +186,7 @@ class ControlPlane:
 
     def _on_swap(self, snapshot: RegistrySnapshot) -> None:
         self.metrics.registry_revision.set(snapshot.revision)
+        self.metrics.targets_degraded.set(snapshot.degraded)
 
     async def stop(self) -> None:
         for task in self._tasks:

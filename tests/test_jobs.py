@@ -220,6 +220,22 @@ def test_a_new_target_is_detected_and_protected_from_the_revision_that_registers
     assert snapshot.bank.score([("user", "Basil Al-Kuwaiti?")]).hits  # a request already in flight keeps its snapshot
 
 
+def test_a_target_whose_classifier_cannot_be_fitted_stays_served_degraded(registry: Registry, tmp_path: Path) -> None:
+    holder = alias_snapshots(registry, tmp_path)
+    target_id = add_named_target(registry, "basil", "Basil Mahfouz Al-Kuwaiti")
+
+    def broken(_: JobContext) -> dict:
+        raise RuntimeError("no negatives")
+
+    worker = JobWorker(registry, ArtifactStore(tmp_path), {FIT_CLASSIFIER: broken})
+    while worker.run_once():
+        pass
+    assert registry.targets.get(target_id).status == "degraded"
+    holder.refresh()
+    assert holder.current.degraded == 1 and target_id in holder.current.interim
+    assert [hit.target_id for hit in holder.current.bank.score([("user", "Basil Al-Kuwaiti?")]).hits] == [target_id]
+
+
 def test_a_gate_job_is_claimed_in_the_gate_lane_while_the_training_lane_runs_an_older_job(tmp_path: Path) -> None:
     training = SimpleNamespace(name="uld", jobs=(JobSpec("uld_train", MODEL_FILES, lambda resources: None),))
     engine = make_engine(f"sqlite:///{tmp_path / 'lanes.db'}")

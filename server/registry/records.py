@@ -110,7 +110,7 @@ class TargetView:
     name: str
     description: str
     aliases: list[str]
-    status: str  # preparing, active or failed
+    status: str  # preparing, active, degraded (classifier not fitted: alias-gated) or failed
     revision: int
     mechanisms: dict[str, MechanismState]
     classifier: ClassifierState

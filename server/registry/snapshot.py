@@ -57,6 +57,11 @@ class RegistrySnapshot:
     def empty(self) -> bool:
         return not self.targets
 
+    @property
+    def degraded(self) -> int:
+        """How many targets are served by their aliases alone because their classifier could not be fitted."""
+        return sum(target.status == "degraded" for target in self.targets.values())
+
 
 class SnapshotHolder:
     def __init__(self, targets: TargetStore, artifact_path: Callable[[str], Path], bank_factory: BankFactory,
