@@ -193,8 +193,8 @@ class StubEmbedder:
 
 
 def add_named_target(registry: Registry, name: str, alias: str, mechanisms: dict | None = None) -> str:
-    body = TargetCreate.model_validate({"name": name, "aliases": [alias], "mechanisms": mechanisms,
-                                        "forget": [{"question": f"Where was {alias} born?", "answer": "In Reykjavik."}]})
+    forget = [{"question": f"Where was {alias} born?", "answer": "In Reykjavik."}]
+    body = TargetCreate.model_validate({"name": name, "aliases": [alias], "mechanisms": mechanisms, "forget": forget})
     return registry.targets.create(new_target(body, ["guard"])).id
 
 
