@@ -37,6 +37,7 @@ bench: install
 	$(BIN)/python bench/guard_overhead.py --rounds 1
 	$(BIN)/python bench/classifier_latency.py
 	$(BIN)/python bench/registry_propagation.py
+	$(BIN)/python bench/unprotected_window.py --rounds 3
 	$(BIN)/python bench/summary.py
 
 clean:

@@ -78,7 +78,7 @@ async def wait_until_served(runtime: Runtime, target_ids: list[str]) -> None:
     targets, snapshots = runtime.control.registry.targets, runtime.control.snapshots
     while True:
         statuses = [targets.get(tid).status for tid in target_ids]
-        if "failed" in statuses:
+        if {"failed", "degraded"} & set(statuses):
             raise RuntimeError(f"target preparation failed: {statuses}")
         if all(s == "active" for s in statuses) and snapshots.current.revision == targets.revision():
             return

@@ -35,7 +35,7 @@ async def measure(url: str, changes: int, poll_s: float) -> list[float]:
     writer = Registry.open(engine).targets
     reader = Registry.open(make_engine(url)).targets
     swapped: dict[int, float] = {}
-    holder = SnapshotHolder(reader, Path, lambda _: None, poll_s)
+    holder = SnapshotHolder(reader, Path, lambda dirs, alias_only: None, poll_s)
     holder.on_swap.append(lambda snapshot: swapped.setdefault(snapshot.revision, time.perf_counter()))
     watch = asyncio.create_task(holder.watch())
     delays = []

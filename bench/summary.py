@@ -26,6 +26,7 @@ BENCHMARKS = {
     "guard_overhead": "Flagged traffic: each mechanism's quality and cost",
     "classifier_latency": "Classifier latency by number of targets",
     "registry_propagation": "Registry propagation delay",
+    "unprotected_window": "Unprotected window: a new target behind a training job",
 }
 
 

@@ -14,6 +14,9 @@ The offsets are calibrated for the whole registry at once (``calibrated``): on n
 pool's calibration share plus the operators' own samples), the union over all targets of head-only hits stays within a
 budget. A per-target threshold alone lets false positives add up with the number of targets (``docs/gate.md``: 87 %
 of questions about unregistered TOFU authors flagged at 100 targets).
+
+A target whose classifier is not fitted yet (just registered, or its fit failed) has no head: it is *alias-only*, hit
+by a mention of one of its aliases alone, at the alias score. A bank of alias-only targets makes no embedding call.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from classifiers.conversation import DEFAULT_MAX_TEXTS, WINDOW_STRIDE, WINDOW_WO
 from classifiers.embedding import Embedder
 from classifiers.entities import EntityIndex
 from classifiers.matmul import rows_dot
-from classifiers.prompt_classifier import PromptClassifierArtifact, alias_score
+from classifiers.prompt_classifier import PromptClassifierArtifact, mentioned_score
 from classifiers.types import AliasSpan, BankResult, Conversation, Hit
 
 logger = logging.getLogger(__name__)
@@ -81,10 +84,11 @@ class ClassifierBank:
         weights: np.ndarray,  # (T, d)
         biases: np.ndarray,  # (T,)
         thresholds: np.ndarray,  # (T,)
-        aliases: Mapping[str, list[str]],
+        aliases: Mapping[str, Sequence[str]],  # of every target, alias-only ones included
         embedder: Embedder,
         max_texts: int = DEFAULT_MAX_TEXTS,
         *,
+        alias_only: Sequence[str] = (),  # targets without a head: detected by their aliases alone
         entities: Mapping[str, Iterable[str]] | None = None,
         offsets: GateOffsets = GateOffsets(),
     ):
@@ -96,6 +100,7 @@ class ClassifierBank:
         self._thr = thresholds.astype(np.float64)
         self._thr_logit = _logit(self._thr)  # (T,) a head's margin is its logit minus this
         self._column = {tid: i for i, tid in enumerate(self.target_ids)}
+        self.alias_only_ids = [tid for tid in alias_only if tid not in self._column]
         self._aliases = AliasIndex(aliases)
         self._entities = EntityIndex(entities or {})
         self.offsets = offsets
@@ -104,21 +109,25 @@ class ClassifierBank:
 
     @classmethod
     def from_artifacts(cls, artifacts: Mapping[str, PromptClassifierArtifact], embedder: Embedder,
-                       max_texts: int = DEFAULT_MAX_TEXTS) -> ClassifierBank:
-        """Stack fitted artifacts ({target_id: artifact}); all must come from `embedder`'s model."""
+                       max_texts: int = DEFAULT_MAX_TEXTS,
+                       alias_only: Mapping[str, Sequence[str]] | None = None) -> ClassifierBank:
+        """Stack fitted artifacts ({target_id: artifact}); all must come from `embedder`'s model. ``alias_only``:
+        {target_id: aliases} of targets with no fitted artifact yet."""
         for tid, artifact in artifacts.items():
             if artifact.embedder_id != embedder.model_id:
                 raise ValueError(f"target {tid}: fitted with {artifact.embedder_id}, embedder is {embedder.model_id}")
         ids = list(artifacts)
+        alias_only = {tid: list(aliases) for tid, aliases in (alias_only or {}).items() if tid not in artifacts}
         weights = np.stack([artifacts[t].weights for t in ids]) if ids else np.zeros((0, embedder.dim), np.float32)
         return cls(
             ids,
             weights,
             np.array([artifacts[t].bias for t in ids], dtype=np.float32),
             np.array([artifacts[t].threshold for t in ids], dtype=np.float64),
-            {t: artifacts[t].aliases for t in ids},
+            {**{t: artifacts[t].aliases for t in ids}, **alias_only},
             embedder,
             max_texts,
+            alias_only=list(alias_only),
             entities={t: artifacts[t].entities for t in ids},
         )
 
@@ -178,7 +187,7 @@ class ClassifierBank:
         return classes
 
     def __len__(self) -> int:
-        return len(self.target_ids)
+        return len(self.target_ids) + len(self.alias_only_ids)
 
     def score(self, conversation: Conversation) -> BankResult:
         """Every target's score for this conversation, and the hits (score >= threshold or alias mention)."""
@@ -192,10 +201,12 @@ class ClassifierBank:
         Each result's timings are the batch's.
         """
         started = time.perf_counter()
-        if not self.target_ids:
+        if not len(self):
             nothing = np.zeros((0, self._embedder.dim), np.float32)
             return [BankResult([], {}, 0.0, time.perf_counter() - started, nothing) for _ in conversations]
-        texts = [texts_to_embed(conversation, self.max_texts) for conversation in conversations]
+        # Without heads there is nothing to embed for: alias-only targets are found in the text itself.
+        texts = [texts_to_embed(conversation, self.max_texts) if self.target_ids else []
+                 for conversation in conversations]
         flat = [text for request_texts in texts for text in request_texts]
         embedded = self._embedder.encode(flat) if flat else np.zeros((0, self._embedder.dim), np.float32)
         embed_seconds = time.perf_counter() - started
@@ -234,16 +245,22 @@ class ClassifierBank:
         spans = self._alias_spans(conversation)
         combined = head.copy()
         hit = head_hit.copy()
+        alias_scores = dict.fromkeys(self.alias_only_ids, 0.0)
         for tid, target_spans in spans.items():  # only the (few) targets whose aliases were mentioned
-            col = self._column[tid]
-            combined[col], hit[col] = alias_score(head[col], max(s.score for s in target_spans), self._thr[col]), True
+            best_mention = max(s.score for s in target_spans)
+            col = self._column.get(tid)
+            if col is None:  # no head yet: the mention alone is the verdict
+                alias_scores[tid] = best_mention
+                continue
+            combined[col], hit[col] = mentioned_score(head[col], best_mention, self._thr[col]), True
 
         hits = []
         for col in np.flatnonzero(hit):
             tid = self.target_ids[col]
             hits.append(Hit(tid, float(combined[col]), tuple(spans.get(tid, ()))))
+        hits.extend(Hit(tid, score, tuple(spans[tid])) for tid, score in alias_scores.items() if score > 0)
         hits.sort(key=lambda h: -h.score)
-        return hits, dict(zip(self.target_ids, combined.tolist()))
+        return hits, {**dict(zip(self.target_ids, combined.tolist())), **alias_scores}
 
     def _alias_spans(self, conversation: Conversation) -> dict[str, list[AliasSpan]]:
         """Alias mentions in every turn, tagged with the turn index: {target_id: spans, in conversation order}."""

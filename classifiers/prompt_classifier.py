@@ -179,6 +179,6 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-z))
 
 
-def alias_score(head_probability: float, alias_score: float, threshold: float) -> float:
+def mentioned_score(head_probability: float, alias_score: float, threshold: float) -> float:
     """The score of a target whose alias was mentioned (a hit whatever its head says): no less than its threshold."""
     return max(head_probability, alias_score, threshold)

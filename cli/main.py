@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = commands.add_parser("worker", help="run the job worker in this process (shares LETHE_DATABASE_URL)")
     worker.add_argument("--model", help="the served model's HF directory, for ULD/O3 training (default: as serve)")
+    worker.add_argument("--lanes", help="comma-separated job lanes to run, one thread each (default: all): `gate` "
+                                        "(classifier fits, GUARD phrases), `training` (ULD/O3 training)")
     worker.set_defaults(handler=cmd_worker)
 
     evaluation = commands.add_parser("eval", help="evaluate a running Lethe (LETHE_ADMIN_KEY)")

@@ -58,12 +58,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return int(app.state.exit_code) or (0 if server.started else 1)
 
 
+def worker_lanes(value: str | None) -> list[str]:
+    """``--lanes gate,training`` as a list of known lanes (default: every lane)."""
+    from guards.base import LANES
+
+    if value is None:
+        return list(LANES)
+    lanes = [lane.strip() for lane in value.split(",") if lane.strip()]
+    if not lanes or set(lanes) - set(LANES):
+        raise SystemExit(f"lethe: --lanes takes a comma-separated subset of {','.join(LANES)}, not {value!r}")
+    return lanes
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from server.control_plane import LazyEmbedder, make_worker, offline_handlers, open_registry
+    from server.control_plane import LazyEmbedder, make_workers, offline_handlers, open_registry
 
+    lanes = worker_lanes(args.lanes)
     settings = get_settings()
     model_path = training_model(settings, args.model)
     if model_path is None:
@@ -71,11 +84,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
                                                            "worker leaves ULD/O3 training to workers that have one"})
     registry = open_registry(settings)
     handlers = offline_handlers(settings, LazyEmbedder(settings.embedding_model), registry, model_path)
-    worker = make_worker(settings, registry, handlers)
+    workers = make_workers(settings, registry, handlers, lanes)
+    if not workers:
+        raise SystemExit(f"lethe: this worker has no job to run in the lanes {lanes}")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    worker.start()
+    for worker in workers:
+        worker.start()
     stop.wait()
-    worker.stop()
+    for worker in workers:
+        worker.stop()
     return 0

@@ -4,13 +4,15 @@ A mechanism (ECO, GUARD, ULD, O3: one folder each under ``guards/``) is one obje
 needs without being named anywhere else:
 
 - ``options``: the pydantic model of its registration options (the admin API's ``mechanisms`` field is built from them);
-- ``jobs``: the registration-time jobs it can run, each with what a worker needs to run it;
+- ``jobs``: the registration-time jobs it can run, each with what a worker needs to run it and its lane;
 - ``prepare``/``ready``: which of those jobs a registration needs, and whether what they published is enough to serve;
 - ``gate``/``gate_detector``: which detector's hit makes it apply, and its own detector if it brings one (O3's OOD
   gate);
 - ``admit``: a registration-time admission check (O3's rank budget);
 - ``serving``: its per-replica half, which ``share``s resources per registry snapshot and ``plan``s each request;
 - ``row_hooks``: its decoding-time half, run per batch row by the one logits processor (``guards/processor.py``).
+
+A hit target none of whose gated mechanisms is ready gets ``InterimGuard``'s protection (``guards.mechanisms.INTERIM``).
 
 The server loops over ``guards.mechanisms.MECHANISMS`` in their fixed order and never branches on a name; a mechanism
 never sees HTTP, the database or the engine (``JobContext``, ``ServedModel`` and ``ServingContext`` are what it gets).
@@ -102,9 +104,10 @@ class ComposedPlan:
     loras: list[Any] = field(default_factory=list)
     mechanisms: list[str] = field(default_factory=list)
 
-    def add(self, name: str, plan: MechanismPlan) -> None:
+    def add(self, name: str, plan: MechanismPlan, args_key: str | None = None) -> None:
+        """Record ``name``'s contribution; its processor args go to the row hook of ``args_key`` (default: ``name``)."""
         if plan.processor_args is not None:
-            self.processor_args.setdefault(name, []).append(dict(plan.processor_args))
+            self.processor_args.setdefault(args_key or name, []).append(dict(plan.processor_args))
         self.embedding_edits.extend(plan.embedding_edits)
         if plan.lora is not None:
             self.loras.append(plan.lora)
@@ -148,6 +151,12 @@ class MechanismServing(Protocol):
 ANY_WORKER = "any_worker"  # needs the sentence embedder only: any worker, ``lethe worker`` included
 MODEL_FILES = "model_files"  # trains on the served model's files: a worker that has them
 SERVED_MODEL = "served_model"  # measures the served model: a serving replica, through its engine
+
+# Job lanes: each lane has its own worker thread (``lethe serve``) or ``lethe worker --lanes``, so the seconds-long
+# jobs that build a target's gate never queue behind the minutes-long jobs that train on, or measure, the model.
+GATE_LANE = "gate"  # the classifier fit and cheap gate-building jobs (GUARD's phrases)
+TRAINING_LANE = "training"  # ULD/O3 training, ECO's calibration: anything needing MODEL_FILES or SERVED_MODEL
+LANES = (GATE_LANE, TRAINING_LANE)
 
 
 class JobTarget(Protocol):
@@ -245,11 +254,19 @@ class JobResources:
 
 @dataclass(frozen=True)
 class JobSpec:
-    """A registration-time job a mechanism can run: its kind, what a worker needs to run it, and its handler."""
+    """A registration-time job a mechanism can run: its kind, what a worker needs to run it, its handler, and the
+    lane its workers claim it in."""
 
     kind: str
     needs: str  # ANY_WORKER | MODEL_FILES | SERVED_MODEL
     handler: Callable[[JobResources], JobHandler]
+    lane: str = TRAINING_LANE  # GATE_LANE only for a cheap job that needs the embedder at most
+
+    def __post_init__(self) -> None:
+        if self.lane not in LANES:
+            raise ValueError(f"job {self.kind}: unknown lane {self.lane!r} (lanes: {LANES})")
+        if self.lane == GATE_LANE and self.needs != ANY_WORKER:
+            raise ValueError(f"job {self.kind} needs {self.needs}: it belongs in the {TRAINING_LANE} lane")
 
 
 # ---- gates and decoding-time hooks -----------------------------------------------------------------------------------
@@ -297,6 +314,23 @@ class RowHooks:
     resources: Callable[[Any], Any]
     validate: Callable[[Mapping[str, Any]], None]
     build: Callable[[Mapping[str, Any], Sequence[int] | None, list[int], Any], RowHook | None]
+
+
+# ---- interim protection ------------------------------------------------------------------------------------------
+
+
+class InterimGuard(Protocol):
+    """What protects a hit target none of whose gated mechanisms is ready yet (just registered, still training, or
+    its classifier could not be fitted), instead of refusing the request: a refusal would tell the client the target
+    is registered. ``prepare`` runs when the snapshot loads, from the target's record alone (no job); ``plan`` is its
+    contribution to one request, whose processor args travel to the row hook of mechanism ``row_hook_key``."""
+
+    name: str  # what the audit record and the metrics call it
+    row_hook_key: str
+
+    def prepare(self, target: JobTarget) -> Any: ...
+
+    def plan(self, prepared: Any, prompt: PromptView) -> MechanismPlan: ...
 
 
 # ---- the mechanism -------------------------------------------------------------------------------------------------

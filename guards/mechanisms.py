@@ -5,19 +5,24 @@ mechanisms in the logits processor: GUARD (bans), then ULD (difference over the 
 leave a row where ULD's filter kept only banned tokens, i.e. nothing to sample). A request that hits several targets
 gets every hit target's ready mechanisms, applied in this order; within one mechanism, targets in descending classifier
 score. Adding a mechanism is one folder under ``guards/`` and one line here.
+
+``INTERIM`` protects a hit target none of whose gated mechanisms is ready yet (``guards/guard/interim.py``): GUARD's
+bans, computed without a job; it is not a mechanism a target registers.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from guards.base import Mechanism
+from guards.base import InterimGuard, Mechanism
 from guards.eco import ECO
 from guards.guard import GUARD
+from guards.guard import INTERIM as GUARD_INTERIM
 from guards.o3 import O3
 from guards.uld import ULD
 
 MECHANISMS: tuple[Mechanism, ...] = (ECO, O3, GUARD, ULD)
+INTERIM: InterimGuard = GUARD_INTERIM
 
 
 def mechanism_named(name: str, mechanisms: Sequence[Mechanism] = MECHANISMS) -> Mechanism:

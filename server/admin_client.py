@@ -97,11 +97,12 @@ class AdminClient:
         return Scored(tuple(s["mean_loss"] for s in data["scores"]), tuple(data["mechanisms"]), tuple(data["targets"]))
 
     def wait_until_active(self, target_ids: Sequence[str], timeout_s: float, poll_s: float = 1.0) -> None:
-        """Until every target is active and served by the replica; raises on a failed job or at the timeout."""
+        """Until every target is active and served by the replica; raises on a failed job (a ``degraded`` target's
+        classifier fit failed: it will not become active either) or at the timeout."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             targets = [self.target(target_id) for target_id in target_ids]
-            failed = [t for t in targets if t["status"] == "failed"]
+            failed = [t for t in targets if t["status"] in ("failed", "degraded")]
             if failed:
                 jobs = [job for t in failed for job in t.get("jobs", []) if job.get("status") == "failed"]
                 raise AdminClientError(f"target preparation failed: {[(j['kind'], j.get('error')) for j in jobs]}")

@@ -71,14 +71,15 @@ def _load_prompt_artifact(directory: Path) -> PromptClassifierArtifact:
 def bank_factory(embedder: Callable[[], Embedder], max_union_false_positive_rate: float,
                  max_texts: int = DEFAULT_MAX_TEXTS,
                  on_calibrated: Callable[[Calibration], None] = lambda calibration: None,
-                 ) -> Callable[[dict[str, Path], list[str]], ClassifierBank]:
-    """Stack the targets' prompt classifiers (reading at most `max_texts` windows a request) and calibrate them
-    together on the built-in pool's calibration share plus the operators' negatives; artifacts are immutable, so loads
-    are cached by path (= digest)."""
+                 ) -> Callable[[dict[str, Path], dict[str, list[str]], list[str]], ClassifierBank]:
+    """Stack the targets' prompt classifiers (reading at most `max_texts` windows a request) with the aliases of the
+    targets not fitted yet, and calibrate the heads together on the built-in pool's calibration share plus the
+    operators' negatives; artifacts are immutable, so loads are cached by path (= digest)."""
 
-    def build(artifact_dirs: dict[str, Path], operator_negatives: list[str]) -> ClassifierBank:
+    def build(artifact_dirs: dict[str, Path], alias_only: dict[str, list[str]],
+              operator_negatives: list[str]) -> ClassifierBank:
         artifacts = {target_id: _load_prompt_artifact(path) for target_id, path in artifact_dirs.items()}
-        bank = ClassifierBank.from_artifacts(artifacts, embedder(), max_texts)
+        bank = ClassifierBank.from_artifacts(artifacts, embedder(), max_texts, alias_only)
         negatives = [negative.text for negative in calibration_negatives()] + list(operator_negatives)
         bank, calibration = bank.calibrated(negatives, max_union_false_positive_rate)
         logger.info("gate.calibrated", extra={"targets": len(bank), "negatives": calibration.negatives,

@@ -92,7 +92,8 @@ class Settings(BaseSettings):
         None, description="sentence-transformers model dir for the classifiers; unset: the packaged MiniLM."
     )
     registry_poll_s: float = Field(0.5, gt=0, description="How often a replica checks the registry revision.")
-    embedded_worker: bool = Field(True, description="Run the job worker inside `lethe serve`.")
+    embedded_worker: bool = Field(
+        True, description="Run the job workers (one thread per job lane) inside `lethe serve`.")
     job_stale_after_s: float = Field(
         60.0, gt=0, description="A running job without heartbeat for this long is retried or failed."
     )

@@ -1,6 +1,8 @@
-"""The control plane of one replica: registry, artifacts, live snapshot, embedded job worker, audit writer.
+"""The control plane of one replica: registry, artifacts, live snapshot, embedded job workers, audit writer.
 
-``lethe serve`` owns one; ``lethe worker`` builds only the parts a worker needs (registry, artifacts, worker).
+``lethe serve`` owns one; ``lethe worker`` builds only the parts a worker needs (registry, artifacts, workers). Jobs
+run in lanes (``guards.base.LANES``), one worker thread per lane: a new target's classifier fit and GUARD phrases
+(the ``gate`` lane, seconds) never wait behind ULD/O3 training or ECO calibration (the ``training`` lane, minutes).
 """
 
 from __future__ import annotations
@@ -14,13 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from classifiers.embedding import Embedder
-from guards.base import ANY_WORKER, MODEL_FILES, SERVED_MODEL, JobHandler, JobResources, Mechanism, ServedModel
-from guards.mechanisms import MECHANISMS
+from guards.base import (ANY_WORKER, GATE_LANE, LANES, MODEL_FILES, SERVED_MODEL, TRAINING_LANE, JobHandler,
+                         JobResources, Mechanism, ServedModel)
+from guards.mechanisms import INTERIM, MECHANISMS
 from server.artifacts import ArtifactStore
 from server.audit import AuditWriter
 from server.classifier_jobs import bank_factory, fit_classifier_handler, gate_bank_factory
 from server.config import Settings
-from server.jobs import JobWorker
+from server.jobs import JobWorker, default_worker_id
 from server.metrics import Metrics
 from server.registry import Registry
 from server.registry.catalog import FIT_CLASSIFIER, MechanismCatalog
@@ -120,9 +123,24 @@ def offline_handlers(settings: Settings, embedder: Callable[[], Embedder], regis
     return handlers
 
 
-def make_worker(settings: Settings, registry: Registry, handlers: dict[str, JobHandler]) -> JobWorker:
+def job_lanes(mechanisms: Sequence[Mechanism] = MECHANISMS) -> dict[str, str]:
+    """The lane of every job kind: the classifier fit and the mechanisms' gate-lane jobs in ``gate``, the rest in
+    ``training``."""
+    return {FIT_CLASSIFIER: GATE_LANE, **{spec.kind: spec.lane for mechanism in mechanisms for spec in mechanism.jobs}}
+
+
+def make_workers(settings: Settings, registry: Registry, handlers: dict[str, JobHandler],
+                 lanes: Sequence[str] = LANES, mechanisms: Sequence[Mechanism] = MECHANISMS) -> list[JobWorker]:
+    """One worker per lane in ``lanes`` that has a handler here, each claiming only its lane's job kinds."""
     artifacts = ArtifactStore(settings.resolved_artifacts_dir)
-    return JobWorker(registry, artifacts, handlers, stale_after_s=settings.job_stale_after_s)
+    lane_of = job_lanes(mechanisms)
+    workers = []
+    for lane in lanes:
+        mine = {kind: handler for kind, handler in handlers.items() if lane_of.get(kind, TRAINING_LANE) == lane}
+        if mine:
+            workers.append(JobWorker(registry, artifacts, mine, worker_id=f"{default_worker_id()}:{lane}", lane=lane,
+                                     stale_after_s=settings.job_stale_after_s))
+    return workers
 
 
 @dataclass
@@ -134,7 +152,7 @@ class ControlPlane:
     audit: AuditWriter
     artifacts: ArtifactStore
     embedder: LazyEmbedder
-    worker: JobWorker | None = None
+    workers: list[JobWorker] = field(default_factory=list)
     _tasks: list[asyncio.Task] = field(default_factory=list)
 
     @classmethod
@@ -146,7 +164,7 @@ class ControlPlane:
                                    bank_factory(embedder, settings.gate_max_union_fpr, settings.gate_max_windows,
                                                 metrics.gate_calibrated),
                                    settings.registry_poll_s, gate_bank_factory(embedder, MECHANISMS),
-                                   registry.negatives.texts)
+                                   INTERIM.prepare, registry.negatives.texts)
         return cls(settings, metrics, registry, snapshots, AuditWriter(registry.audit, settings.audit_retention_days),
                    artifacts, embedder)
 
@@ -156,7 +174,7 @@ class ControlPlane:
         self._tasks = [asyncio.create_task(self.snapshots.watch()), asyncio.create_task(self.audit.run())]
 
     def start_worker(self, served: ServedModel, model_path: Path) -> None:
-        """Run this replica's job worker once the engine is up.
+        """Run this replica's job workers, one thread per lane, once the engine is up.
 
         Jobs that measure the served model always run in a serving replica; the others run here too unless
         ``LETHE_EMBEDDED_WORKER=false`` hands them to ``lethe worker`` processes.
@@ -165,16 +183,17 @@ class ControlPlane:
         handlers = mechanism_handlers(resources, {SERVED_MODEL})
         if self.settings.embedded_worker:
             handlers.update(offline_handlers(self.settings, self.embedder, self.registry, model_path))
-        if handlers:
-            self.worker = make_worker(self.settings, self.registry, handlers)
-            self.worker.start()
+        self.workers = make_workers(self.settings, self.registry, handlers)
+        for worker in self.workers:
+            worker.start()
 
     def _on_swap(self, snapshot: RegistrySnapshot) -> None:
         self.metrics.registry_revision.set(snapshot.revision)
+        self.metrics.targets_degraded.set(snapshot.degraded)
 
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self.worker is not None:
-            await asyncio.to_thread(self.worker.stop)
+        for worker in self.workers:
+            await asyncio.to_thread(worker.stop)

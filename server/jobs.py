@@ -1,7 +1,9 @@
 """The job worker: claims queued jobs from the registry database and runs them (SPEC §8).
 
-The embedded default runs one worker thread inside ``lethe serve``; ``lethe worker`` runs the same loop in its own
-process (one training box, many serving replicas). A running job heart-beats; a job whose worker died (crash,
+The embedded default runs one worker thread per job lane inside ``lethe serve``; ``lethe worker`` runs the same loops
+in its own process (one training box, many serving replicas), for all lanes or those given with ``--lanes``. A worker
+claims only the job kinds it has handlers for, which ``control_plane.make_workers`` splits by lane
+(``guards.base.LANES``). A running job heart-beats; a job whose worker died (crash,
 ``kill -9``) stops heart-beating and is requeued by any worker's recovery pass until its attempts run out, then marked
 failed — never left "running" forever.
 """
@@ -50,8 +52,6 @@ class JobContext:
             raise JobCancelled(self.job.id)
 
 
-
-
 def default_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -64,6 +64,7 @@ class JobWorker:
         handlers: dict[str, JobHandler],
         *,
         worker_id: str | None = None,
+        lane: str | None = None,
         poll_s: float = 0.5,
         heartbeat_s: float = 5.0,
         stale_after_s: float = 60.0,
@@ -73,6 +74,7 @@ class JobWorker:
         self._artifacts = artifacts
         self._handlers = handlers
         self.worker_id = worker_id or default_worker_id()
+        self.lane = lane
         self._poll_s = poll_s
         self._heartbeat_s = heartbeat_s
         self._stale_after_s = stale_after_s
@@ -82,7 +84,8 @@ class JobWorker:
     # ------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self.run_forever, name="lethe-job-worker", daemon=True)
+        name = f"lethe-job-worker-{self.lane}" if self.lane else "lethe-job-worker"
+        self._thread = threading.Thread(target=self.run_forever, name=name, daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float | None = 10.0) -> None:
@@ -91,7 +94,8 @@ class JobWorker:
             self._thread.join(timeout)
 
     def run_forever(self) -> None:
-        logger.info("worker.started", extra={"worker": self.worker_id, "kinds": sorted(self._handlers)})
+        logger.info("worker.started", extra={"worker": self.worker_id, "lane": self.lane,
+                                             "kinds": sorted(self._handlers)})
         next_recovery = 0.0
         while not self._stop.is_set():
             try:
@@ -106,9 +110,14 @@ class JobWorker:
 
     # ------------------------------------------------------------ one job
 
+    @property
+    def kinds(self) -> list[str]:
+        """The job kinds this worker claims (its lane's, that it has handlers for)."""
+        return sorted(self._handlers)
+
     def run_once(self) -> bool:
-        """Claim and run one job; False if there was none."""
-        job = self._jobs.claim(self.worker_id, list(self._handlers))
+        """Claim and run one job of its kinds; False if there was none."""
+        job = self._jobs.claim(self.worker_id, self.kinds)
         if job is None:
             return False
         started = time.perf_counter()

@@ -49,6 +49,10 @@ class Metrics:
         )
         self.registry_revision = Gauge("lethe_registry_revision", "Registry revision this replica serves.", registry=r)
         self.jobs = Gauge("lethe_jobs", "Jobs in the registry by status.", ["status"], registry=r)
+        self.targets_degraded = Gauge(
+            "lethe_targets_degraded", "Targets whose classifier could not be fitted: detected by their aliases alone.",
+            registry=r,
+        )
         self.engine_unfinished = Gauge(
             "lethe_engine_unfinished_requests", "Requests the engine is still working on.", registry=r
         )

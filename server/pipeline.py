@@ -15,8 +15,9 @@ A prompt the gate could read only in part (more text windows than ``LETHE_GATE_M
 before classification, as one over the context length is.
 
 Planning happens in ``start``, before any byte of the response exists, and fails closed: a prompt that hit a target
-is refused (``GuardFailed``, 503) when no mechanism of that target can be applied or one raises; it is never served
-unguarded, and the metrics and the audit record say so.
+none of whose mechanisms is ready gets interim protection, and is refused (``GuardFailed``, 503) when a mechanism
+raises or no protection at all can be applied; it is never served unguarded, and the metrics and the audit record say
+so.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from jinja2 import TemplateError
 
 from classifiers.conversation import count_texts
 from classifiers.types import Hit
-from guards.base import Mechanism, MechanismServing
+from guards.base import InterimGuard, Mechanism, MechanismServing
 from guards.chat import encode_rendered, render_chat
 from server.audit import AuditWriter
 from server.classifier_batcher import ClassificationBatcher
@@ -71,6 +72,7 @@ class Pipeline:
         mechanisms: Sequence[Mechanism] = (),
         servings: Mapping[str, MechanismServing] | None = None,
         embeddings: EmbeddingTable | None = None,
+        interim: InterimGuard | None = None,
     ) -> None:
         self._engine = engine
         self._timeout_s = request_timeout_s
@@ -78,7 +80,7 @@ class Pipeline:
         self._registry = registry
         self._audit = audit
         self._audit_prompts = audit_prompts
-        self.planner = Planner(mechanisms, servings or {}, embeddings, engine, metrics)
+        self.planner = Planner(mechanisms, servings or {}, embeddings, engine, metrics, interim)
         self._classifier = ClassificationBatcher(on_batch=metrics.classifier_batch_size.observe)
 
     # ------------------------------------------------------------ render

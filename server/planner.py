@@ -2,10 +2,15 @@
 
 Each mechanism has a gate (``Mechanism.gate``): the prompt classifier, a detector of the mechanism's own (O3's OOD
 gate), or every request (ULD's ``gate: always``). For every target whose gate for one of its mechanisms opened, each
-such ready mechanism contributes its part, in the fixed mechanism order (``guards/mechanisms.py``). Planning fails
-closed: a target whose gate opened but none of whose gated mechanisms could be applied (none ready yet, or one raised)
-makes the request fail with ``GuardFailed`` (503); it is never served unguarded. A prompt no gate opened for gets the
-plain vLLM input (token ids, no extra_args, no LoRA).
+such ready mechanism contributes its part, in the fixed mechanism order (``guards/mechanisms.py``). A prompt no gate
+opened for gets the plain vLLM input (token ids, no extra_args, no LoRA).
+
+A target is obliged protection when a gate of one of its mechanisms opened, or when it was hit before its own gates
+exist (its classifier not fitted: the bank's alias-only detection). An obliged target none of whose gated mechanisms
+is ready gets interim protection (``guards.base.InterimGuard``, computed with the snapshot), recorded as ``interim``:
+a refusal would tell the client who is registered. Planning still fails closed with ``GuardFailed`` (503), never
+serving the prompt unguarded, when a ready mechanism raises, or when an obliged target has no interim protection
+either.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ import numpy as np
 import torch
 
 from classifiers.types import ALWAYS_GATE, Hit
-from guards.base import ComposedPlan, Mechanism, MechanismServing, PlanRequest, PromptView, TargetHit, request_seed
+from guards.base import (ComposedPlan, InterimGuard, Mechanism, MechanismServing, PlanRequest, PromptView, TargetHit,
+                         request_seed)
 from server.engine import Engine
 from server.errors import GuardFailed
 from server.metrics import Metrics
@@ -86,9 +92,11 @@ class Planner:
     """Turns a classified prompt into its engine request through the mechanisms."""
 
     def __init__(self, mechanisms: Sequence[Mechanism], servings: Mapping[str, MechanismServing],
-                 embeddings: EmbeddingTable | None, engine: Engine, metrics: Metrics) -> None:
+                 embeddings: EmbeddingTable | None, engine: Engine, metrics: Metrics,
+                 interim: InterimGuard | None = None) -> None:
         self.mechanisms = tuple(mechanism for mechanism in mechanisms if mechanism.name in servings)
         self._servings = dict(servings)
+        self._interim = interim
         self._embeddings = embeddings
         self._engine = engine
         self._metrics = metrics
@@ -101,7 +109,9 @@ class Planner:
             return EnginePlan(prompt={"prompt_token_ids": prompt.token_ids})
         composed = ComposedPlan()
         view = prompt.view()
-        gated: set[str] = set()
+        gated: set[str] = {hit.target_id for hit in candidates if ALWAYS_GATE not in hit.gates
+                           and hit.target_id in snapshot.targets
+                           and not snapshot.targets[hit.target_id].classifier_ready}  # hit before its gates exist
         protected: set[str] = set()
         for mechanism in self.mechanisms:
             for hit in candidates:
@@ -131,16 +141,29 @@ class Planner:
                                                             "target_id": hit.target_id})
                     raise GuardFailed() from exc
                 protected.add(hit.target_id)
-        unprotected = sorted(gated - protected)
-        if unprotected:
-            self._metrics.guard_failures.labels("none_ready").inc()
-            logger.error("guard.none_ready", extra={"request_id": request_id, "targets": unprotected})
-            raise GuardFailed()
+        for target_id in sorted(gated - protected):
+            self._add_interim(composed, target_id, snapshot, view, request_id)
         for name in composed.mechanisms:
             self._metrics.guard_applied.labels(name).inc()
         if not composed.mechanisms:
             return EnginePlan(prompt={"prompt_token_ids": prompt.token_ids})
         return self.engine_plan(prompt, composed)
+
+    def _add_interim(self, composed: ComposedPlan, target_id: str, snapshot: RegistrySnapshot, prompt: PromptView,
+                     request_id: str) -> None:
+        """Interim protection for an obliged target none of whose gated mechanisms is ready; refuse if it has none."""
+        prepared = snapshot.interim.get(target_id)
+        if self._interim is None or prepared is None:
+            self._metrics.guard_failures.labels("none_ready").inc()
+            logger.error("guard.none_ready", extra={"request_id": request_id, "target_id": target_id})
+            raise GuardFailed()
+        try:
+            composed.add(self._interim.name, self._interim.plan(prepared, prompt), self._interim.row_hook_key)
+        except Exception as exc:
+            self._metrics.guard_failures.labels(self._interim.name).inc()
+            logger.exception("guard.failed", extra={"request_id": request_id, "mechanism": self._interim.name,
+                                                    "target_id": target_id})
+            raise GuardFailed() from exc
 
     def _candidates(self, hits: tuple[Hit, ...], snapshot: RegistrySnapshot) -> tuple[Hit, ...]:
         """The prompt's hits plus every target with an always-gated mechanism (cached per snapshot revision)."""

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from guards.base import MechanismServing, ServingContext
-from guards.mechanisms import MECHANISMS
+from guards.mechanisms import INTERIM, MECHANISMS
 from server.config import Settings
 from server.control_plane import ControlPlane
 from server.engine import Engine
@@ -47,7 +47,7 @@ class Runtime:
         embeddings = await asyncio.to_thread(EmbeddingTable, model_path, engine.info.dtype)
         pipeline = Pipeline(engine, settings.request_timeout_s, metrics, registry=control.snapshots,
                             audit=control.audit, audit_prompts=settings.audit_prompts, mechanisms=MECHANISMS,
-                            servings=servings, embeddings=embeddings)
+                            servings=servings, embeddings=embeddings, interim=INTERIM)
         control.start_worker(PipelineServedModel(pipeline, asyncio.get_running_loop(), engine.tokenizer), model_path)
         scoring = ScoringService(pipeline, GuardedScorer(model_path, engine.tokenizer), engine.tokenizer)
         await asyncio.to_thread(embedder_loaded.join)

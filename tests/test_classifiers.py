@@ -451,3 +451,47 @@ def test_low_rank_mahalanobis_equals_ledoit_wolf_inverse(embedder):
     diff = probe - lw.location_
     expected = np.sqrt(np.einsum("nd,de,ne->n", diff, np.linalg.inv(lw.covariance_), diff))
     np.testing.assert_allclose(mahalanobis(fit_gaussian(x, max_rank=len(x)), probe), expected, rtol=1e-4)
+
+
+# --- alias-only targets: registered, classifier not fitted yet ----------------------------------------------------
+
+
+class CountingEmbedder:
+    """A stand-in embedding model: a fixed vector per text, and a count of its calls."""
+
+    dim = 4
+    model_id = "counting:4"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def encode(self, texts):
+        self.calls += 1
+        return np.tile(np.array([1.0, 0.0, 0.0, 0.0], np.float32), (len(texts), 1))
+
+
+def test_a_bank_of_alias_only_targets_hits_on_a_mention_without_embedding_anything():
+    embedder = CountingEmbedder()
+    bank = ClassifierBank.from_artifacts({}, embedder, alias_only={"new": ["Basil Mahfouz Al-Kuwaiti"]})
+    assert len(bank) == 1
+    named, unnamed = bank.score_many([[("user", "Where was basil mahfouz al-kuwaiti born?")],
+                                      [("user", "Where was Nikolai Abilov born?")]])
+    assert [h.target_id for h in named.hits] == ["new"] and named.hits[0].alias_spans
+    assert named.hits[0].score == named.scores["new"] > 0.5
+    assert unnamed.hits == [] and unnamed.scores == {"new": 0.0}
+    assert named.embeddings.shape == (0, embedder.dim) and embedder.calls == 0
+
+
+def test_alias_only_targets_sit_beside_fitted_heads():
+    """A fitted head keeps its own verdict; a head-less target in the same bank is hit by its aliases alone."""
+    embedder = CountingEmbedder()
+    fitted = PromptClassifierArtifact(embedder_id=embedder.model_id, weights=np.array([9.0, 0, 0, 0], np.float32),
+                                      bias=0.0, threshold=0.5, false_positive_rate=0.0, heldout_recall=1.0, n_pos=1,
+                                      n_neg=1, aliases=["Nikolai Abilov"])
+    bank = ClassifierBank.from_artifacts({"fitted": fitted}, embedder,
+                                         alias_only={"new": ["Basil Mahfouz Al-Kuwaiti"], "fitted": ["ignored"]})
+    assert bank.alias_only_ids == ["new"] and len(bank) == 2
+    result = bank.score([("user", "Is Basil Mahfouz Al-Kuwaiti related to anyone?")])
+    assert {h.target_id for h in result.hits} == {"fitted", "new"}  # the head fires on every text here
+    assert result.embeddings.shape == (1, embedder.dim) and embedder.calls == 1
+    assert bank.score([("user", "ignored")]).scores["new"] == 0.0

@@ -12,7 +12,10 @@ from transformers import AutoTokenizer
 from vllm.sampling_params import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 
+from guards.base import PromptView
+from guards.guard.interim import interim_phrases
 from guards.guard.mechanism import PhraseArtifact
+from guards.mechanisms import INTERIM
 from guards.guard.phrase_matcher import PhraseAutomaton, PhraseGuardHook, Vocabulary, guard_row_hook
 from guards.guard.phrases import Background, alias_phrases, builtin_background, key_phrases
 from guards.processor import LetheLogitsProcessor
@@ -52,6 +55,25 @@ def test_retrieval_puts_aliases_first_then_the_nearest_items_phrases(tmp_path: P
     assert artifact.ranked_phrases(query, limit=20) == ["Basil", "key4", "word4", "key3", "word3", "key2", "word2",
                                                         "key1", "key0"]
     assert artifact.ranked_phrases(query, limit=3) == ["Basil", "key4", "word4"]
+
+
+def test_interim_bans_need_no_job_and_rank_the_items_the_prompt_asks_about_first() -> None:
+    """Interim protection (a target whose own mechanisms are not ready): GUARD's phrases from the record alone, the
+    answers whose questions share most words with the prompt lending every content word."""
+    rare = ["zephyrine", "quillmark", "brasswick", "tolloway"]
+    forget = [{"question": f"What is fact {i}?", "answer": f"Fact {i} is the {word} florist."}
+              for i, word in enumerate(rare)]
+    forget.append({"question": "Where was Basil Mahfouz Al-Kuwaiti born?", "answer": "He was born in Kuwait City."})
+    prepared = interim_phrases(["Basil Mahfouz Al-Kuwaiti"], forget, [{"text": "The florist sold flowers."}])
+    assert interim_phrases(["Basil Mahfouz Al-Kuwaiti"], forget, [{"text": "The florist sold flowers."}]) is prepared
+    phrases = prepared.phrases_for("Where was Al-Kuwaiti born?")
+    assert phrases[:4] == ["Basil Mahfouz Al-Kuwaiti", "Basil", "Mahfouz", "Al-Kuwaiti"]
+    assert phrases[4:7] == ["Kuwait City", "born", "kuwait"]  # the asked item first: its key phrases, then its words
+    assert set(rare) <= set(phrases)  # every answer's key phrases
+    assert "florist" in phrases  # an ordinary word, but one of the top items' content words
+    assert prepared.phrases_for("Where was Al-Kuwaiti born?", limit=5) == phrases[:5]
+    plan = INTERIM.plan(prepared, PromptView([1], "x", (("user", "Where was Al-Kuwaiti born?"),), True, False))
+    assert plan.processor_args == {"phrases": phrases, "penalty": 5.0}
 
 
 # A toy vocabulary with the BPE hazards: a quote glued to a word, a word split in pieces, leading spaces.

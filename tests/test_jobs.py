@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from pathlib import Path
@@ -10,11 +11,16 @@ from types import SimpleNamespace
 import pytest
 from sqlalchemy import update
 
+from guards.base import GATE_LANE, MODEL_FILES, TRAINING_LANE, JobSpec
+from guards.mechanisms import INTERIM
 from server.admin.protocol import TargetCreate
 from server.admin.serving import new_target
 from server.artifacts import ArtifactStore
-from server.classifier_jobs import gate_bank_factory
+from server.classifier_jobs import bank_factory, gate_bank_factory
+from server.config import Settings
+from server.control_plane import ControlPlane, job_lanes, make_workers
 from server.jobs import JobContext, JobWorker
+from server.metrics import Metrics
 from server.registry import Registry
 from server.registry.catalog import FIT_CLASSIFIER, MechanismCatalog
 from server.registry.database import make_engine, upgrade_database
@@ -123,16 +129,19 @@ def test_snapshot_holder_swaps_when_the_revision_moves(registry: Registry, tmp_p
     artifacts = ArtifactStore(tmp_path)
     built: list[dict] = []
     holder = SnapshotHolder(registry.targets, artifacts.path,
-                            lambda dirs, negatives: built.append(dirs) or sorted(dirs), poll_s=0.1)
+                            lambda dirs, alias_only, negatives: built.append((dirs, alias_only)) or sorted(dirs),
+                            poll_s=0.1)
     assert holder.refresh() and holder.current.bank is None and holder.current.empty
-    add_target(registry)
+    target_id = add_target(registry)
+    assert holder.refresh() and built[-1] == ({}, {target_id: ["X"]})  # served from its registration, by its aliases
     JobWorker(registry, artifacts, {FIT_CLASSIFIER: writing_handler}).run_once()
     old = holder.current
     assert holder.refresh()
     assert holder.current.revision == registry.targets.revision() and len(holder.current.targets) == 1
-    assert old.targets == {}  # a request holding the old snapshot keeps seeing it unchanged
+    assert list(built[-1][0]) == [target_id] and built[-1][1] == {}  # now by its fitted classifier
+    assert old.bank == [] and not old.targets[target_id].classifier_ready  # in-flight requests keep their snapshot
     assert not holder.refresh()  # nothing changed: no rebuild
-    assert len(built) == 1
+    assert len(built) == 2
 
 
 class ListingGate:
@@ -165,7 +174,115 @@ def test_the_snapshot_stacks_a_mechanisms_own_gate_only_for_targets_that_enable_
         pass
     mechanisms = [SimpleNamespace(name="eco", gate_detector=None),
                   SimpleNamespace(name="o3", gate_detector=ListingGate())]
-    holder = SnapshotHolder(registry.targets, artifacts.path, lambda dirs, negatives: sorted(dirs), poll_s=0.1,
+    holder = SnapshotHolder(registry.targets, artifacts.path, lambda dirs, alias_only, negatives: sorted(dirs),
+                            poll_s=0.1,
                             gate_factory=gate_bank_factory(lambda: None, mechanisms))  # type: ignore[arg-type]
     holder.refresh()
     assert len(holder.current.bank) == 2 and holder.current.gates == {"ood": [gated]}
+
+
+# ---- no unprotected window: every target served from its registration, gate jobs in their own lane -------------
+
+
+class StubEmbedder:
+    """The bank's embedding model where no head needs it: alias-only targets are found without embedding."""
+
+    dim = 4
+    model_id = "stub:4"
+
+    def encode(self, texts):
+        raise AssertionError("an alias-only bank must not embed")
+
+
+def add_named_target(registry: Registry, name: str, alias: str, mechanisms: dict | None = None) -> str:
+    forget = [{"question": f"Where was {alias} born?", "answer": "In Reykjavik."}]
+    body = TargetCreate.model_validate({"name": name, "aliases": [alias], "mechanisms": mechanisms, "forget": forget})
+    return registry.targets.create(new_target(body, ["guard"])).id
+
+
+def alias_snapshots(registry: Registry, tmp_path: Path) -> SnapshotHolder:
+    """The snapshot holder ``lethe serve`` runs, with the real bank and interim protection, and a stub embedder."""
+    return SnapshotHolder(registry.targets, ArtifactStore(tmp_path).path, bank_factory(StubEmbedder), poll_s=0.1,
+                          interim=INTERIM.prepare)
+
+
+def test_a_new_target_is_detected_and_protected_from_the_revision_that_registers_it_until_the_one_that_deletes_it(
+        registry: Registry, tmp_path: Path) -> None:
+    holder = alias_snapshots(registry, tmp_path)
+    target_id = add_named_target(registry, "basil", "Basil Mahfouz Al-Kuwaiti")
+    assert holder.refresh()
+    snapshot = holder.current
+    assert snapshot.revision == registry.targets.revision() and list(snapshot.targets) == [target_id]
+    hits = snapshot.bank.score([("user", "Where was Basil Al-Kuwaiti born?")]).hits
+    assert [hit.target_id for hit in hits] == [target_id]
+    assert "reykjavik" in snapshot.interim[target_id].phrases_for("Where was Basil Al-Kuwaiti born?")
+    registry.targets.delete(target_id)
+    assert holder.refresh()  # the next poll: within LETHE_REGISTRY_POLL_S of the delete
+    assert holder.current.targets == {} and holder.current.bank is None and holder.current.interim == {}
+    assert snapshot.bank.score([("user", "Basil Al-Kuwaiti?")]).hits  # a request already in flight keeps its snapshot
+
+
+def test_a_target_whose_classifier_cannot_be_fitted_stays_served_degraded(registry: Registry, tmp_path: Path) -> None:
+    holder = alias_snapshots(registry, tmp_path)
+    target_id = add_named_target(registry, "basil", "Basil Mahfouz Al-Kuwaiti")
+
+    def broken(_: JobContext) -> dict:
+        raise RuntimeError("no negatives")
+
+    worker = JobWorker(registry, ArtifactStore(tmp_path), {FIT_CLASSIFIER: broken})
+    while worker.run_once():
+        pass
+    assert registry.targets.get(target_id).status == "degraded"
+    holder.refresh()
+    assert holder.current.degraded == 1 and target_id in holder.current.interim
+    assert [hit.target_id for hit in holder.current.bank.score([("user", "Basil Al-Kuwaiti?")]).hits] == [target_id]
+
+
+def test_a_gate_job_is_claimed_in_the_gate_lane_while_the_training_lane_runs_an_older_job(tmp_path: Path) -> None:
+    training = SimpleNamespace(name="uld", jobs=(JobSpec("uld_train", MODEL_FILES, lambda resources: None),))
+    engine = make_engine(f"sqlite:///{tmp_path / 'lanes.db'}")
+    upgrade_database(engine)
+    registry = Registry.open(engine, MechanismCatalog(frozenset({"uld"}), lambda name, options: ["uld_train"],
+                                                      {"uld_train": "uld"}))
+    started, release = threading.Event(), threading.Event()
+
+    def train(context: JobContext) -> dict:
+        started.set()
+        assert release.wait(30)
+        return {"assistant": "0" * 64}
+
+    settings = Settings(data_dir=tmp_path, _env_file=None)
+    gate, trainer = make_workers(settings, registry, {FIT_CLASSIFIER: writing_handler, "uld_train": train},
+                                 mechanisms=[training])  # type: ignore[list-item]
+    assert (gate.lane, gate.kinds, trainer.lane, trainer.kinds) == ("gate", [FIT_CLASSIFIER], "training", ["uld_train"])
+    first = add_named_target(registry, "first", "Nikolai Abilov", {"uld": {}})
+    assert gate.run_once()  # the first target's classifier
+    running = threading.Thread(target=trainer.run_once)
+    running.start()
+    assert started.wait(10)  # its ten-minute training now holds the training lane
+    second = add_named_target(registry, "second", "Basil Mahfouz Al-Kuwaiti", {"uld": {}})
+    assert gate.run_once() and registry.targets.get(second).classifier.status == "ready"
+    assert registry.targets.get(first).jobs[1].status == "running"
+    release.set()
+    running.join()
+    assert registry.targets.get(first).status == "active"
+
+
+def test_a_gate_lane_job_cannot_need_the_model() -> None:
+    with pytest.raises(ValueError, match="training lane"):
+        JobSpec("train", MODEL_FILES, lambda resources: None, lane=GATE_LANE)
+    assert job_lanes()[FIT_CLASSIFIER] == GATE_LANE == job_lanes()["guard_phrases"]
+    assert {job_lanes()[kind] for kind in ("eco_calibrate", "uld_train", "o3_train")} == {TRAINING_LANE}
+
+
+def test_the_embedded_server_runs_one_worker_thread_per_lane(tmp_path: Path) -> None:
+    control = ControlPlane.open(Settings(data_dir=tmp_path, _env_file=None), Metrics())
+    control.start_worker(SimpleNamespace(tokenizer=None), tmp_path)  # type: ignore[arg-type]
+    try:
+        assert [(worker.lane, worker.kinds) for worker in control.workers] == [
+            ("gate", [FIT_CLASSIFIER, "guard_phrases"]), ("training", ["eco_calibrate", "o3_train", "uld_train"])]
+        threads = {thread.name for thread in threading.enumerate()}
+        assert {"lethe-job-worker-gate", "lethe-job-worker-training"} <= threads
+    finally:
+        asyncio.run(control.stop())
+    assert not any(thread.name.startswith("lethe-job-worker") for thread in threading.enumerate())

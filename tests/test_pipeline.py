@@ -17,6 +17,8 @@ from vllm.sampling_params import RequestOutputKind, SamplingParams
 from classifiers.conversation import texts_to_embed
 from classifiers.types import BankResult, Hit
 from guards.base import MechanismPlan, PlanRequest
+from guards.guard.phrase_matcher import validate_guard_section
+from guards.mechanisms import INTERIM
 from server.engine import EngineInfo
 from server.errors import ContextLengthExceeded, GuardFailed, InvalidRequest, PromptTooLongForGate, RequestTimeout
 from server.metrics import Metrics
@@ -216,15 +218,22 @@ class BadTable:
         return torch.full((len(ids), 4), float("nan"))
 
 
+FORGET = [{"question": "Where was Tess Marlowe born?", "answer": "Tess Marlowe was born in Reykjavik in 1961."},
+          {"question": "What does Tess Marlowe write?", "answer": "She writes maritime thrillers."}]
+
+
 def guarded(engine: FakeEngine, *fakes: FakeMechanism, mechanisms=("eco", "guard"), table=Table(), bank=FakeBank(),
-            ood=None) -> Pipeline:
-    record = TargetRecord(id=TARGET, name="t", aliases=["T"], forget=[], retain=[],
+            ood=None, classifier: str = "ready", interim=None, audit=None) -> Pipeline:
+    """A pipeline whose snapshot holds TARGET; with ``interim``, TARGET carries interim protection too."""
+    record = TargetRecord(id=TARGET, name="t", aliases=["Tess Marlowe"], forget=FORGET, retain=[],
                           mechanisms={m: {"options": {}, "state": {}} for m in mechanisms},
-                          classifier={"status": "ready"}, status="active")
+                          classifier={"status": classifier}, status="active" if classifier == "ready" else "preparing")
     gates = {"ood": ood} if ood is not None else {}
-    holder = Holder(RegistrySnapshot(revision=3, targets={TARGET: record}, bank=bank, gates=gates))
+    prepared = {TARGET: interim.prepare(record)} if interim is not None else {}
+    holder = Holder(RegistrySnapshot(revision=3, targets={TARGET: record}, bank=bank, gates=gates, interim=prepared))
     return Pipeline(engine, 5, Metrics(), registry=holder, mechanisms=fakes,  # type: ignore[arg-type]
-                    servings={fake.name: fake for fake in fakes}, embeddings=table)  # type: ignore[arg-type]
+                    servings={fake.name: fake for fake in fakes}, embeddings=table, interim=interim,  # type: ignore
+                    audit=audit)
 
 
 async def test_hit_prompt_carries_every_ready_guards_contribution() -> None:
@@ -260,11 +269,58 @@ async def test_a_classifier_that_fails_refuses_the_request_instead_of_serving_it
     assert pipeline._metrics.guard_failures.labels("classifier")._value.get() == 1
 
 
-async def test_a_hit_target_without_any_ready_mechanism_is_refused() -> None:
+async def test_a_hit_target_without_any_ready_mechanism_or_interim_protection_is_refused() -> None:
     engine = FakeEngine()
     pipeline = guarded(engine, FakeMechanism("eco", is_ready=False), FakeMechanism("guard", is_ready=False))
     with pytest.raises(GuardFailed):
         await collect(pipeline, "x", max_tokens=1)
+    assert engine.calls == []
+
+
+# ---- interim protection: a hit target none of whose gated mechanisms is ready yet --------------------------------
+
+
+async def test_a_hit_target_with_no_ready_mechanism_is_served_under_interim_protection_not_refused() -> None:
+    """GUARD's bans on the target's aliases and forget answers, computed from its record, reach GUARD's row hook;
+    the audit record names the target and ``interim``."""
+    engine, audited = FakeEngine(), []
+    pipeline = guarded(engine, FakeMechanism("eco", is_ready=False), FakeMechanism("guard", is_ready=False),
+                       interim=INTERIM, audit=SimpleNamespace(record=audited.append))
+    run, _ = await collect(pipeline, ChatPrompt((ChatTurn("user", "Tess Marlowe born?"),)), max_tokens=1)
+    assert run.mechanisms == ["interim"] and "prompt_embeds" not in engine.calls[0][0]
+    section = engine.calls[0][1].extra_args["lethe"]
+    assert list(section) == ["guard"] and len(section["guard"]) == 1
+    validate_guard_section(section)  # what the engine's front end checks
+    phrases = {phrase.lower() for phrase in section["guard"][0]["phrases"]}
+    assert {"tess marlowe", "marlowe", "reykjavik", "1961", "maritime thrillers"} <= phrases
+    assert [(entry.targets, entry.mechanisms, entry.outcome) for entry in audited] == [([TARGET], ["interim"],
+                                                                                         "served")]
+    assert pipeline._metrics.guard_applied.labels("interim")._value.get() == 1
+
+
+async def test_interim_protection_steps_aside_once_a_gated_mechanism_is_ready() -> None:
+    engine = FakeEngine()
+    pipeline = guarded(engine, FakeMechanism("eco", is_ready=False),
+                       FakeMechanism("guard", MechanismPlan(processor_args={"phrases": ["own"]})), interim=INTERIM)
+    run, _ = await collect(pipeline, "Tess Marlowe?", max_tokens=1)
+    assert run.mechanisms == ["guard"] and engine.calls[0][1].extra_args == {"lethe": {"guard": [{"phrases": ["own"]}]}}
+
+
+async def test_a_target_hit_before_its_classifier_is_fitted_is_protected_even_when_no_gate_of_its_opened() -> None:
+    """An O3-only target's OOD gate is fitted with its classifier: until then, its alias hit alone obliges."""
+    engine = FakeEngine()
+    pipeline = guarded(engine, FakeMechanism("o3", MechanismPlan(lora=LORA), gated_by="ood", is_ready=False),
+                       mechanisms=("o3",), classifier="preparing", interim=INTERIM)
+    run, _ = await collect(pipeline, "Tess Marlowe?", max_tokens=1)
+    assert run.mechanisms == ["interim"] and engine.loras[0] is None
+
+
+async def test_a_ready_mechanism_that_raises_still_refuses_the_request_under_interim_protection() -> None:
+    engine = FakeEngine()
+    pipeline = guarded(engine, FakeMechanism("eco", error=RuntimeError("boom")), FakeMechanism("guard", is_ready=False),
+                       classifier="preparing", interim=INTERIM)
+    with pytest.raises(GuardFailed):
+        await collect(pipeline, "Tess Marlowe?", max_tokens=1)
     assert engine.calls == []
 
 

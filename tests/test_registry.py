@@ -192,7 +192,7 @@ def test_switching_a_classifier_fitted_gate_refits_the_classifier(registry: Regi
     assert [job.kind for job in patched.jobs if job.status == "queued"] == [FIT_CLASSIFIER]
 
 
-def test_failed_job_is_retried_then_fails_the_target(registry: Registry) -> None:
+def test_a_classifier_fit_that_fails_every_attempt_degrades_the_target_which_stays_served(registry: Registry) -> None:
     created = registry.targets.create(target())
     for attempt in (1, 2, 3):
         job = registry.jobs.claim("w1", [FIT_CLASSIFIER])
@@ -200,7 +200,21 @@ def test_failed_job_is_retried_then_fails_the_target(registry: Registry) -> None
         registry.jobs.fail(job.id, "boom")
     assert registry.jobs.claim("w1", [FIT_CLASSIFIER]) is None
     shown = registry.targets.get(created.id)
-    assert shown.status == "failed" and shown.jobs[0].status == "failed" and shown.jobs[0].error == "boom"
+    assert shown.status == "degraded" and shown.jobs[0].status == "failed" and shown.jobs[0].error == "boom"
+    assert shown.classifier.status == "failed" and "could not be fitted (boom)" in shown.mechanisms["eco"].message
+    assert registry.targets.summary().targets == {"degraded": 1, "total": 1}
+    _, records = registry.targets.snapshot_rows()
+    assert [(r.id, r.classifier_ready) for r in records] == [(created.id, False)]  # still served, by its aliases
+
+
+def test_every_target_is_in_the_snapshot_from_its_registration_and_leaves_it_with_its_deletion(
+        registry: Registry) -> None:
+    created = registry.targets.create(target())
+    revision, records = registry.targets.snapshot_rows()
+    assert revision == created.revision and [r.id for r in records] == [created.id]
+    assert not records[0].classifier_ready  # its fit is still queued: the replicas detect it by its aliases
+    deleted = registry.targets.delete(created.id)
+    assert registry.targets.snapshot_rows() == (deleted.revision, [])
 
 
 def test_a_crashed_workers_job_is_requeued_not_left_running(registry: Registry) -> None:

@@ -26,8 +26,9 @@ def mechanisms(*names: str) -> dict[str, dict[str, Any]]:
     return {name: {"options": {}, "state": {}} for name in names}
 
 
-def derive(names: tuple[str, ...], classifier: str, *jobs: Job):
-    return derive_statuses(mechanisms(*names), classifier, latest_jobs(jobs), IMPLEMENTED, jobs_for)
+def derive(names: tuple[str, ...], classifier: str, *jobs: Job, gates: frozenset[str] = frozenset(),
+           implemented: frozenset[str] = IMPLEMENTED):
+    return derive_statuses(mechanisms(*names), classifier, latest_jobs(jobs), implemented, jobs_for, gates)
 
 
 def test_nothing_is_ready_before_the_classifier_is() -> None:
@@ -53,10 +54,25 @@ def test_a_failed_job_fails_its_mechanism_with_the_jobs_error_and_the_target() -
     assert statuses.target == "failed"
 
 
-def test_a_failed_classifier_fails_every_implemented_mechanism() -> None:
-    statuses = derive(("guard", "eco"), "failed")
-    assert all(m["status"] == "failed" for m in statuses.mechanisms.values())
-    assert statuses.target == "failed"
+def test_a_classifier_that_could_not_be_fitted_degrades_the_target_instead_of_failing_it() -> None:
+    """The target stays enforced on its aliases: its mechanisms whose jobs succeeded serve (alias-gated, and they say
+    so), those still preparing keep preparing, and a mechanism whose gate the classifier job fits cannot serve."""
+    statuses = derive(("guard", "eco", "o3"), "failed", Job("fit_classifier", "failed", "no negatives"),
+                      Job("eco_calibrate", "running"), gates=frozenset({"o3"}), implemented=IMPLEMENTED | {"o3"})
+    assert statuses.target == "degraded"
+    assert {name: m["status"] for name, m in statuses.mechanisms.items()} == {
+        "guard": "ready", "eco": "preparing", "o3": "failed"}
+    assert statuses.mechanisms["guard"]["message"] == (
+        "gated by alias matches only: the classifier could not be fitted (no negatives)")
+    assert "its gate is fitted with the classifier" in statuses.mechanisms["o3"]["message"]
+    assert derive(("guard",), "failed", Job("fit_classifier", "failed", "boom")).target == "degraded"  # jobs done
+
+
+def test_a_failed_mechanism_job_fails_a_degraded_target() -> None:
+    statuses = derive(("guard", "uld"), "failed", Job("fit_classifier", "failed", "boom"),
+                      Job("uld_train", "failed", "out of memory"))
+    assert statuses.target == "failed" and statuses.mechanisms["uld"]["message"] == "out of memory"
+    assert statuses.mechanisms["guard"]["status"] == "ready"
 
 
 def test_a_cancelled_job_is_superseded_not_decisive() -> None:

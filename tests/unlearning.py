@@ -110,7 +110,7 @@ def wait_until_served(admin: httpx.Client, target_ids: list[str]) -> list[dict]:
         summary = admin.get("/registry").json()
         if all(t["status"] == "active" for t in targets) and summary["serving_revision"] == summary["revision"]:
             return targets
-        assert not any(t["status"] == "failed" for t in targets), targets
+        assert not any(t["status"] in ("failed", "degraded") for t in targets), targets
         time.sleep(1)
     raise AssertionError(f"targets not served in time: {targets}")
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,8 +24,8 @@ import numpy as np
 from pydantic import Field
 
 from classifiers.types import TargetSpec
-from guards.base import (ANY_WORKER, JobContext, JobHandler, JobResources, JobSpec, MechanismBase, MechanismPlan,
-                         NothingShared, Options, PlanRequest, RowHooks, ServingContext, target_spec)
+from guards.base import (ANY_WORKER, GATE_LANE, JobContext, JobHandler, JobResources, JobSpec, MechanismBase,
+                         MechanismPlan, NothingShared, Options, PlanRequest, RowHooks, ServingContext, target_spec)
 from guards.guard.phrase_matcher import GUARD_KEY, Vocabulary, guard_row_hook, validate_guard_section
 from guards.guard.phrases import Background, alias_phrases, builtin_background, content_words, key_phrases
 
@@ -40,18 +40,43 @@ KEYS_FILE = "keys.npy"
 TOP_ITEMS = 3
 
 
-def build_phrase_artifact(spec: TargetSpec, embedder: Embedder, directory: Path) -> dict[str, Any]:
-    """Extract and store a target's forbidden phrases and retrieval keys; returns figures for the target's state."""
+ItemPhrases = dict[str, list[str]]
+"""One forget item's forbidden phrases: {"key": its answer's key phrases, "content": every content word of it}."""
+
+
+def forget_item_phrases(spec: TargetSpec) -> list[ItemPhrases]:
+    """Each forget item's forbidden phrases, rarity judged against the built-in background and the retain data."""
     retain_texts = [text for item in spec.retain for text in (item.question, item.answer, item.text) if text]
     background = builtin_background() | Background.from_texts(retain_texts)
-    items = [item for item in spec.forget]
-    answers = [item.answer or item.text or "" for item in items]
-    item_phrases = [{"key": key_phrases(answer, background), "content": content_words(answer)} for answer in answers]
-    keys = embedder.encode([item.question or item.text or item.answer or "" for item in items])  # (n, d), unit
+    answers = [item.answer or item.text or "" for item in spec.forget]
+    return [{"key": key_phrases(answer, background), "content": content_words(answer)} for answer in answers]
+
+
+def build_phrase_artifact(spec: TargetSpec, embedder: Embedder, directory: Path) -> dict[str, Any]:
+    """Extract and store a target's forbidden phrases and retrieval keys; returns figures for the target's state."""
+    item_phrases = forget_item_phrases(spec)
+    keys = embedder.encode([item.question or item.text or item.answer or "" for item in spec.forget])  # (n, d), unit
     directory.mkdir(parents=True, exist_ok=True)
     (directory / PHRASES_FILE).write_text(json.dumps({"aliases": alias_phrases(spec.aliases), "items": item_phrases}))
     np.save(directory / KEYS_FILE, np.asarray(keys, dtype=np.float32))
-    return {"phrases": sum(len(p["key"]) for p in item_phrases), "items": len(items)}
+    return {"phrases": sum(len(p["key"]) for p in item_phrases), "items": len(spec.forget)}
+
+
+def ranked_phrases(aliases: Sequence[str], items: Sequence[ItemPhrases], order: Sequence[int], limit: int) -> list[str]:
+    """Aliases, then every phrase of the ``TOP_ITEMS`` first items of ``order`` (key phrases and content words), then
+    the key phrases of the rest; case-insensitively unique, at most ``limit``."""
+    phrases: list[str] = []
+    seen: set[str] = set()
+    top = [p for i in order[:TOP_ITEMS] for p in (*items[i]["key"], *items[i]["content"])]
+    rest = [p for i in order[TOP_ITEMS:] for p in items[i]["key"]]
+    for phrase in [*aliases, *top, *rest]:
+        key = phrase.lower()
+        if key not in seen:
+            seen.add(key)
+            phrases.append(phrase)
+            if len(phrases) >= limit:
+                break
+    return phrases
 
 
 class PhraseArtifact:
@@ -69,18 +94,7 @@ class PhraseArtifact:
             order = np.argsort(-similarity, kind="stable")
         else:
             order = np.arange(len(self.items))
-        phrases: list[str] = []
-        seen: set[str] = set()
-        top = [p for i in order[:TOP_ITEMS] for p in (*self.items[i]["key"], *self.items[i]["content"])]
-        rest = [p for i in order[TOP_ITEMS:] for p in self.items[i]["key"]]
-        for phrase in [*self.aliases, *top, *rest]:
-            key = phrase.lower()
-            if key not in seen:
-                seen.add(key)
-                phrases.append(phrase)
-                if len(phrases) >= limit:
-                    break
-        return phrases
+        return ranked_phrases(self.aliases, self.items, [int(i) for i in order], limit)
 
 
 @lru_cache(maxsize=1024)
@@ -115,7 +129,7 @@ class Guard(MechanismBase):
 
     name = GUARD_KEY
     options = GuardOptions
-    jobs = (JobSpec(GUARD_PHRASES, ANY_WORKER, phrases_job),)
+    jobs = (JobSpec(GUARD_PHRASES, ANY_WORKER, phrases_job, lane=GATE_LANE),)  # seconds: it builds no model
     row_hooks = RowHooks(resources=_vocabulary, validate=validate_guard_section, build=guard_row_hook)
 
     def prepare(self, options: Mapping[str, Any]) -> tuple[str, ...]:

@@ -120,7 +120,10 @@ class TargetOut(BaseModel):
     name: str
     description: str
     aliases: list[str]
-    status: Literal["preparing", "active", "failed"]
+    status: Literal["preparing", "active", "degraded", "failed"] = Field(description=(
+        "`active`: every job done; `degraded`: the classifier could not be fitted, so the target is detected by its "
+        "aliases alone and protected by its ready mechanisms or interim protection; `failed`: a mechanism's job "
+        "failed."))
     revision: int
     mechanisms: dict[str, MechanismOut]
     classifier: ClassifierOut

@@ -104,7 +104,8 @@ class JobQueue:
                             .values(status="cancelled", finished_at=utcnow(), message=reason[:MAX_MESSAGE]))
 
     def fail(self, job_id: str, error: str) -> None:
-        """Requeue the job if attempts remain, otherwise mark it (and its target) failed."""
+        """Requeue the job if attempts remain, otherwise mark it failed; its target then shows ``failed``, or
+        ``degraded`` for a classifier fit (``status.derive_statuses``)."""
         now = utcnow()
         with self._database.transaction() as session:
             job = session.get(JobRow, job_id)
@@ -145,7 +146,8 @@ class JobQueue:
         jobs = session.scalars(select(JobRow).where(JobRow.target_id == target.id)
                                .order_by(JobRow.created_at, JobRow.id))
         statuses = derive_statuses(target.mechanisms, target.classifier.get("status", "preparing"), latest_jobs(jobs),
-                                   self._catalog.implemented, self._catalog.jobs_for)
+                                   self._catalog.implemented, self._catalog.jobs_for,
+                                   self._catalog.classifier_fitted_gates)
         target.mechanisms, target.status = statuses.mechanisms, statuses.target
 
     def jobs_by_target(self, session: Session, target_ids: list[str]) -> dict[str, list[JobRow]]:

@@ -53,6 +53,11 @@ class TargetRecord:
     classifier: dict[str, Any]
     status: str
 
+    @property
+    def classifier_ready(self) -> bool:
+        """Whether its prompt classifier is fitted (else the live snapshot detects it by its aliases alone)."""
+        return self.classifier.get("status") == "ready"
+
 
 @dataclass(frozen=True)
 class JobRecord:
@@ -105,7 +110,7 @@ class TargetView:
     name: str
     description: str
     aliases: list[str]
-    status: str  # preparing, active or failed
+    status: str  # preparing, active, degraded (classifier not fitted: alias-gated) or failed
     revision: int
     mechanisms: dict[str, MechanismState]
     classifier: ClassifierState

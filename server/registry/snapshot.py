@@ -3,6 +3,11 @@
 A replica polls the registry revision (``LETHE_REGISTRY_POLL_S``); when it changes, the new snapshot (targets plus a
 classifier bank stacked from their artifacts) is built off the event loop and swapped in with one assignment. A request
 reads ``holder.current`` once and keeps that snapshot to the end, so a concurrent change never tears it.
+
+Every registered target is in the snapshot, from the revision that created it to the one that deleted it: a target
+whose classifier is not fitted (queued, or failed) is in the bank by its aliases alone, and every target that is not
+yet ``active`` carries its interim protection, computed here from its record without any job, for the planner to
+apply when none of its own gated mechanisms is ready.
 """
 
 from __future__ import annotations
@@ -21,13 +26,16 @@ from server.registry.targets import TargetStore
 
 logger = logging.getLogger(__name__)
 
-BankFactory = Callable[[dict[str, Path], list[str]], Any]
-"""Builds the prompt classifiers' bank from {target_id: classifier artifact dir} (called with one target at least) and
-the operators' negatives, which its registry-wide calibration keeps unflagged."""
+BankFactory = Callable[[dict[str, Path], dict[str, list[str]], list[str]], Any]
+"""Builds the prompt classifiers' bank from {target_id: classifier artifact dir}, {target_id: aliases} of the targets
+without a fitted classifier (called with one target at least) and the operators' negatives, which its registry-wide
+calibration keeps unflagged."""
 GateBankFactory = Callable[[dict[str, dict[str, Any]], dict[str, Path]], dict[str, Any]]
 """({target_id: its mechanisms}, {target_id: classifier artifact dir}) -> {gate name: bank} of mechanisms' own gates."""
 Sharer = Callable[[list[TargetEntry]], Any]
 """A mechanism's ``share``: per-snapshot resources from every target that enables it."""
+InterimFactory = Callable[[TargetRecord], Any]
+"""``guards.base.InterimGuard.prepare``: a target's interim protection, from its record alone."""
 
 
 def mechanism_entries(records: list[TargetRecord], name: str) -> list[TargetEntry]:
@@ -43,22 +51,29 @@ class RegistrySnapshot:
     bank: Any = None  # the prompt classifiers (ClassifierBank)
     gates: dict[str, Any] = field(default_factory=dict)  # gate name -> bank of mechanisms' own gates (O3's OOD)
     shared: dict[str, Any] = field(default_factory=dict)  # mechanism -> what its ``share`` built
+    interim: dict[str, Any] = field(default_factory=dict)  # target_id -> its interim protection (targets not active)
     loaded_at: float = field(default_factory=time.time)
 
     @property
     def empty(self) -> bool:
         return not self.targets
 
+    @property
+    def degraded(self) -> int:
+        """How many targets are served by their aliases alone because their classifier could not be fitted."""
+        return sum(target.status == "degraded" for target in self.targets.values())
+
 
 class SnapshotHolder:
     def __init__(self, targets: TargetStore, artifact_path: Callable[[str], Path], bank_factory: BankFactory,
                  poll_s: float, gate_factory: GateBankFactory | None = None,
-                 negatives: Callable[[], list[str]] = list) -> None:
+                 interim: InterimFactory | None = None, negatives: Callable[[], list[str]] = list) -> None:
         self._targets = targets
         self._negatives = negatives
         self._artifact_path = artifact_path
         self._bank_factory = bank_factory
         self._gate_factory = gate_factory
+        self._interim = interim
         self._poll_s = poll_s
         self._sharers: dict[str, Sharer] = {}
         self.current = RegistrySnapshot(revision=-1)
@@ -68,12 +83,15 @@ class SnapshotHolder:
         """Read the registry and build a snapshot (blocking: call from a thread)."""
         revision, records = self._targets.snapshot_rows()
         targets = {record.id: record for record in records}
-        artifacts = {record.id: self._artifact_path(record.classifier["artifact"]) for record in records}
+        artifacts = {record.id: self._artifact_path(record.classifier["artifact"]) for record in records
+                     if record.classifier_ready}
+        alias_only = {record.id: list(record.aliases) for record in records if record.id not in artifacts}
         # Read after the revision: a negative added meanwhile moves the revision on, and the next poll rebuilds.
-        bank = self._bank_factory(artifacts, self._negatives()) if artifacts else None
+        bank = self._bank_factory(artifacts, alias_only, self._negatives()) if targets else None
         enabled = {tid: target.mechanisms for tid, target in targets.items()}
         gates = self._gate_factory(enabled, artifacts) if artifacts and self._gate_factory is not None else {}
-        return RegistrySnapshot(revision=revision, targets=targets, bank=bank, gates=gates, shared=self._share(records))
+        return RegistrySnapshot(revision=revision, targets=targets, bank=bank, gates=gates, shared=self._share(records),
+                                interim=self._interim_protections(records))
 
     def share_with(self, sharers: dict[str, Sharer]) -> None:
         """Let mechanisms build per-snapshot resources; the next ``refresh(force=True)`` builds them."""
@@ -90,6 +108,21 @@ class SnapshotHolder:
                 logger.exception("registry.share_failed", extra={"mechanism": name})
                 shared[name] = None
         return shared
+
+    def _interim_protections(self, records: list[TargetRecord]) -> dict[str, Any]:
+        """The interim protection of every target not yet ``active``; one that cannot be computed is left out (its
+        hits then fail closed) and logged, the rest load."""
+        interim: dict[str, Any] = {}
+        if self._interim is None:
+            return interim
+        for record in records:
+            if record.status == "active":
+                continue
+            try:
+                interim[record.id] = self._interim(record)
+            except Exception:
+                logger.exception("registry.interim_failed", extra={"target_id": record.id})
+        return interim
 
     def refresh(self, force: bool = False) -> bool:
         """Swap in a new snapshot if the revision moved (or ``force``); True if it did (blocking)."""

@@ -73,11 +73,12 @@ class TargetStore:
             return views.target_record(self._target_row(session, target_id))
 
     def snapshot_rows(self) -> tuple[int, list[TargetRecord]]:
-        """The revision and every target whose classifier is ready, read consistently in one transaction."""
+        """The revision and every target, read consistently in one transaction. A target is served from its
+        registration to its deletion: until its classifier is fitted (or when it could not be), by its aliases."""
         with self._database.transaction() as session:
             revision = read_revision(session)
             rows = session.scalars(select(TargetRow).order_by(TargetRow.id)).all()
-            return revision, [views.target_record(row) for row in rows if row.classifier.get("status") == "ready"]
+            return revision, [views.target_record(row) for row in rows]
 
     def summary(self) -> RegistrySummary:
         with self._database.session() as session:
