@@ -45,7 +45,10 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_UNION_FALSE_POSITIVE_RATE = 0.005
 
 
-CLEAN, TOPIC, STRANGER = 0, 1, 2  # the evidence classes of a (text, target) pair, in the order of GateOffsets
+CLEAN, TOPIC, STRANGER, STRONG = 0, 1, 2, 3  # evidence classes of a (text, target) pair, in GateOffsets.by_class order
+# Two distinct facts of a target's data (a place and a year) are evidence enough to let its head fire somewhat below its
+# own threshold, at most this many logits: the threshold was set for recall on prompts that mostly name the target.
+STRONG_FLOOR = -2.0
 
 
 @dataclass(frozen=True)
@@ -55,9 +58,10 @@ class GateOffsets:
 
     clean: float = 0.0
     stranger: float = math.inf
+    strong: float = 0.0
 
     def by_class(self) -> np.ndarray:
-        return np.array([self.clean, math.inf, self.stranger])
+        return np.array([self.clean, math.inf, self.stranger, self.strong])
 
 
 @dataclass(frozen=True)
@@ -142,9 +146,10 @@ class ClassifierBank:
                    max_union_false_positive_rate: float = DEFAULT_MAX_UNION_FALSE_POSITIVE_RATE
                    ) -> tuple[ClassifierBank, Calibration]:
         """This bank with offsets for which at most ``max_union_false_positive_rate`` of ``negatives`` (texts no head
-        was fitted on) are head-only hits of any target; half the budget to each evidence class that can fire.
+        was fitted on) are head-only hits of any target; a third of the budget to each evidence class that can fire.
 
-        An offset never goes below 0: a target's own threshold (its recall) is the floor. Negatives that mention a
+        An offset never goes below 0 (a target's own threshold, set for its recall, is the floor), but for strong
+        evidence, which may go down to ``STRONG_FLOOR``. Negatives that mention a
         registered alias are left out (they would be mislabelled positives).
         """
         started = time.perf_counter()
@@ -155,31 +160,34 @@ class ClassifierBank:
             return self.with_offsets(calibration.offsets), calibration
         flat = [window for windows in texts for window in windows]
         margins = rows_dot(self._w, self._embedder.encode(flat)) + self._b - self._thr_logit  # (n_windows, T)
-        best = np.full((len(texts), 3), -math.inf)  # per negative, its best margin in each evidence class
+        best = np.full((len(texts), 4), -math.inf)  # per negative, its best margin in each evidence class
         row = 0
         for index, windows in enumerate(texts):
             for window in windows:
                 classes = self._evidence_classes(window)
-                for evidence_class in (CLEAN, STRANGER):
+                for evidence_class in (CLEAN, STRANGER, STRONG):
                     columns = classes == evidence_class
                     if columns.any():
                         best[index, evidence_class] = max(best[index, evidence_class], margins[row, columns].max())
                 row += 1
-        share = max_union_false_positive_rate / 2
-        offsets = GateOffsets(*(max(0.0, threshold_for_false_positive_rate(best[:, c], share))
-                                for c in (CLEAN, STRANGER)))
+        share = max_union_false_positive_rate / 3
+        clean, stranger, strong = (threshold_for_false_positive_rate(best[:, evidence_class], share)
+                                   for evidence_class in (CLEAN, STRANGER, STRONG))
+        offsets = GateOffsets(max(0.0, clean), max(0.0, stranger), max(STRONG_FLOOR, strong))
         rate = float(np.mean((best >= offsets.by_class()).any(axis=1)))
         calibration = Calibration(offsets, len(texts), rate, time.perf_counter() - started)
         return self.with_offsets(offsets), calibration
 
     def _evidence_classes(self, text: str) -> np.ndarray:
         """(T,) each target's evidence class for this text: STRANGER wherever it names something no target knows or
-        gives a year the target's data lack, else CLEAN where it names something of the target's, TOPIC otherwise."""
+        gives a year the target's data lack, else STRONG where it names two things of the target's, CLEAN one, TOPIC
+        none."""
         evidence = self._entities.evidence(text)
         if evidence.unlinked_name:
             return np.full(len(self.target_ids), STRANGER)
         classes = np.full(len(self.target_ids), TOPIC)
         classes[[self._column[t] for t in evidence.linked if t in self._column]] = CLEAN
+        classes[[self._column[t] for t in evidence.strongly_linked if t in self._column]] = STRONG
         if evidence.dated is not None:
             consistent = np.zeros(len(self.target_ids), dtype=bool)
             consistent[[self._column[t] for t in evidence.dated if t in self._column]] = True

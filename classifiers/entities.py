@@ -20,7 +20,7 @@ martinez") — anywhere else the first word is a first name ("Rani Kapoor" is no
 from __future__ import annotations
 
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -95,6 +95,7 @@ class Evidence:
     linked: frozenset[str]
     unlinked_name: bool
     dated: frozenset[str] | None = None  # None: the text gives no year
+    strongly_linked: frozenset[str] = frozenset()  # linked by two or more distinct mentions ("Kuwait City", "1956")
 
 
 class EntityIndex:
@@ -112,15 +113,16 @@ class EntityIndex:
 
     def evidence(self, text: str) -> Evidence:
         mentions = Mentions.of(text)
-        linked: set[str] = set()
+        links: Counter[str] = Counter()
         unlinked_name = False
-        for full, tail in mentions.runs:
+        for full, tail in dict.fromkeys(mentions.runs):
             owners = self._owners_of(full) | (self._owners_of(tail) if tail else frozenset())
-            linked |= owners
+            links.update(owners)
             unlinked_name = unlinked_name or not owners
         dated: frozenset[str] | None = None
         for year in mentions.years:
             owners = self._owners_of(year)
-            linked |= owners
+            links.update(owners)
             dated = owners if dated is None else dated & owners
-        return Evidence(frozenset(linked), unlinked_name, dated)
+        strong = frozenset(target for target, count in links.items() if count >= 2)
+        return Evidence(frozenset(links), unlinked_name, dated, strong)
