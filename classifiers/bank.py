@@ -34,7 +34,7 @@ from classifiers.calibration import threshold_for_false_positive_rate
 from classifiers.chunking import word_windows
 from classifiers.conversation import DEFAULT_MAX_TEXTS, WINDOW_STRIDE, WINDOW_WORDS, texts_to_embed
 from classifiers.embedding import Embedder
-from classifiers.entities import EntityIndex
+from classifiers.entities import EntityIndex, vocabulary
 from classifiers.matmul import rows_dot
 from classifiers.prompt_classifier import PromptClassifierArtifact, mentioned_score
 from classifiers.types import AliasSpan, BankResult, Conversation, Hit
@@ -132,7 +132,8 @@ class ClassifierBank:
             embedder,
             max_texts,
             alias_only=list(alias_only),
-            entities={t: artifacts[t].entities for t in ids},
+            # A head-less target's names are registered all the same: they are nobody's stranger.
+            entities={**{t: vocabulary(a) for t, a in alias_only.items()}, **{t: artifacts[t].entities for t in ids}},
         )
 
     def with_offsets(self, offsets: GateOffsets) -> ClassifierBank:

@@ -202,7 +202,8 @@ def add_named_target(registry: Registry, name: str, alias: str, mechanisms: dict
 
 def alias_snapshots(registry: Registry, tmp_path: Path) -> SnapshotHolder:
     """The snapshot holder ``lethe serve`` runs, with the real bank and interim protection, and a stub embedder."""
-    return SnapshotHolder(registry.targets, ArtifactStore(tmp_path).path, bank_factory(StubEmbedder), poll_s=0.1,
+    return SnapshotHolder(registry.targets, ArtifactStore(tmp_path).path, bank_factory(StubEmbedder, 0.005),
+                          poll_s=0.1,
                           interim=INTERIM.prepare)
 
 

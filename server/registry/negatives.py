@@ -8,6 +8,7 @@ target. Adding or deleting negatives bumps the registry revision: every replica 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import timedelta
 
 from sqlalchemy import delete, func, select
 
@@ -37,7 +38,9 @@ class NegativeStore:
             if count + len(new) > MAX_NEGATIVES:
                 raise Conflict(f"The registry holds at most {MAX_NEGATIVES} negatives ({count} stored); delete some "
                                "first.", param="texts")
-            rows = [NegativeRow(id=new_id("neg"), text=text, created_at=now) for text in new]
+            # Distinct timestamps keep the listing in the order given (ids are random).
+            rows = [NegativeRow(id=new_id("neg"), text=text, created_at=now + timedelta(microseconds=order))
+                    for order, text in enumerate(new)]
             session.add_all(rows)
             revision = bump_revision(session) if rows else read_revision(session)
             session.flush()
