@@ -15,6 +15,9 @@ from dataclasses import dataclass
 
 import httpx
 import openai
+from openai.types import CompletionChoice
+from openai.types.chat.chat_completion import Choice as ChatChoice
+from openai.types.chat.chat_completion_chunk import Choice as ChatChunkChoice
 
 from demo.tofu_data import authors_of, demo_authors
 from evals.metrics import answer_recall
@@ -40,32 +43,78 @@ PARAPHRASES = [Question(item.paraphrased_question, item.answer) for author in FO
 RETAIN_QUESTIONS = [Question(item.question, item.answer) for author in TINY_RETAIN_AUTHORS for item in author.items[:8]]
 
 
+@dataclass(frozen=True)
+class Request:
+    """One request to the server: a chat conversation (OpenAI messages) or, with `prompt`, a raw /v1/completions
+    prompt. With `continue_final`, the conversation's last turn is an assistant prefill that the model continues."""
+
+    messages: tuple[dict[str, str], ...] = ()
+    prompt: str | None = None
+    continue_final: bool = False
+
+
+def user_turn(text: str) -> Request:
+    return Request(messages=({"role": "user", "content": text},))
+
+
 async def replies_with_ids(server: RunningServer, model: str, questions: list[Question], *,
                    stream: bool = False) -> list[tuple[str, str]]:
-    """(reply text, response id) per question, greedy, at most CONCURRENCY requests in flight.
+    """(reply text, response id) per question, asked as one user turn."""
+    return await requests_with_ids(server, model, [user_turn(q.text) for q in questions], stream=stream)
+
+
+async def requests_with_ids(server: RunningServer, model: str, requests: list[Request], *,
+                            stream: bool = False) -> list[tuple[str, str]]:
+    """(reply text, response id) per request, greedy, MAX_TOKENS, at most CONCURRENCY requests in flight.
 
     A client per call: an async client's connections belong to the event loop that opened them.
     """
     limit = asyncio.Semaphore(CONCURRENCY)
     client = openai.AsyncOpenAI(base_url=f"{server.base_url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
 
-    async def ask(question: Question) -> tuple[str, str]:
+    async def send(request: Request) -> tuple[str, str]:
         async with limit:
-            messages = [{"role": "user", "content": question.text}]
+            if request.prompt is not None:
+                reply = await client.completions.create(model=model, prompt=request.prompt, temperature=0,
+                                                        max_tokens=MAX_TOKENS, stream=stream)
+            else:
+                continued = {"add_generation_prompt": False, "continue_final_message": True}
+                reply = await client.chat.completions.create(
+                    model=model, messages=list(request.messages), temperature=0, max_tokens=MAX_TOKENS,
+                    stream=stream, extra_body=continued if request.continue_final else None)
             if not stream:
-                reply = await client.chat.completions.create(model=model, messages=messages, temperature=0,
-                                                             max_tokens=MAX_TOKENS)
-                return reply.choices[0].message.content or "", reply.id
-            chunks = await client.chat.completions.create(model=model, messages=messages, temperature=0,
-                                                          max_tokens=MAX_TOKENS, stream=True)
+                return _choice_text(reply.choices[0]), reply.id
             parts, response_id = [], ""
-            async for chunk in chunks:
+            async for chunk in reply:
                 response_id = chunk.id
-                parts.extend(choice.delta.content or "" for choice in chunk.choices)
+                parts.extend(_choice_text(choice) for choice in chunk.choices)
             return "".join(parts), response_id
 
     async with client:
-        return list(await asyncio.gather(*(ask(q) for q in questions)))
+        return list(await asyncio.gather(*(send(r) for r in requests)))
+
+
+def _choice_text(choice: CompletionChoice | ChatChoice | ChatChunkChoice) -> str:
+    """The text of a completions choice (whole or streamed), a chat choice or a streamed chat delta."""
+    if isinstance(choice, CompletionChoice):
+        return choice.text
+    if isinstance(choice, ChatChunkChoice):
+        return choice.delta.content or ""
+    return choice.message.content or ""
+
+
+def audit_records(admin: httpx.Client, response_ids: list[str], since: float) -> dict[str, dict]:
+    """The audit records of these responses (created at or after `since`, Unix time), by response id; waits for
+    the batched writes."""
+    deadline = time.monotonic() + 10
+    while True:
+        records = {r["request_id"]: r
+                   for r in admin.get("/audit", params={"since": since, "limit": 10_000}).json()["data"]}
+        missing = set(response_ids) - set(records)
+        if not missing:
+            return records
+        assert time.monotonic() < deadline, f"{len(missing)} responses not audited after 10 s"
+        time.sleep(0.2)
 
 
 def replies(server: RunningServer, model: str, questions: list[Question], stream: bool = False) -> list[str]:
@@ -85,10 +134,15 @@ class Baseline:
 
 def measure_baseline(lethe_server: RunningServer, model_name: str, admin: httpx.Client) -> Baseline:
     """The unprotected model's replies; call it with no target registered."""
-    assert admin.get("/targets").json()["data"] == [], "another module left targets behind"
+    assert_no_targets(admin)
     return Baseline(forget=recalls(FORGET_QUESTIONS, replies(lethe_server, model_name, FORGET_QUESTIONS)),
                     paraphrase=recalls(PARAPHRASES, replies(lethe_server, model_name, PARAPHRASES)),
                     retain_texts=replies(lethe_server, model_name, RETAIN_QUESTIONS))
+
+
+def assert_no_targets(admin: httpx.Client) -> None:
+    """What the unprotected model says is measured with no target registered (modules remove theirs)."""
+    assert admin.get("/targets").json()["data"] == [], "another module left targets behind"
 
 
 def target_body(author, mechanisms: dict) -> dict:
