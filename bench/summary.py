@@ -20,13 +20,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 RESULTS_DIR = Path(__file__).parent / "results"
-# Benchmark module -> the title of its section, in the order `make bench` runs them.
+# Benchmark module -> the title of its section: those `make bench` runs, in its order, then those run on their own.
 BENCHMARKS = {
     "unflagged_traffic": "Unflagged traffic: Lethe vs the same AsyncLLM without it",
     "guard_overhead": "Flagged traffic: each mechanism's quality and cost",
     "classifier_latency": "Classifier latency by number of targets",
     "registry_propagation": "Registry propagation delay",
     "unprotected_window": "Unprotected window: a new target behind a training job",
+    "detection_scale": "The gate's recall and false positives as targets accumulate",
 }
 
 
