@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,6 +72,11 @@ class Calibration:
     negatives: int  # calibration negatives scored (those mentioning a registered alias are left out)
     union_false_positive_rate: float  # of head-only hits on them, at ``offsets``
     seconds: float
+
+
+def calibration_windows(negatives: Sequence[str]) -> list[list[str]]:
+    """Each calibration negative as the windows ``ClassifierBank.calibrated`` embeds (a request's window size)."""
+    return [word_windows(text, WINDOW_WORDS, WINDOW_STRIDE) for text in negatives]
 
 
 def _logit(p: np.ndarray) -> np.ndarray:
@@ -144,23 +149,26 @@ class ClassifierBank:
         return bank
 
     def calibrated(self, negatives: Sequence[str],
-                   max_union_false_positive_rate: float = DEFAULT_MAX_UNION_FALSE_POSITIVE_RATE
+                   max_union_false_positive_rate: float = DEFAULT_MAX_UNION_FALSE_POSITIVE_RATE,
+                   encode: Callable[[Sequence[str]], np.ndarray] | None = None,
                    ) -> tuple[ClassifierBank, Calibration]:
         """This bank with offsets for which at most ``max_union_false_positive_rate`` of ``negatives`` (texts no head
         was fitted on) are head-only hits of any target; a third of the budget to each evidence class that can fire.
 
         An offset never goes below 0 (a target's own threshold, set for its recall, is the floor), but for strong
         evidence, which may go down to ``STRONG_FLOOR``. Negatives that mention a
-        registered alias are left out (they would be mislabelled positives).
+        registered alias are left out (they would be mislabelled positives). ``encode`` embeds their windows
+        (``calibration_windows``; default: the bank's embedder): a replica keeps them embedded across rebuilds.
         """
         started = time.perf_counter()
-        texts = [windows for text in negatives if not self._aliases.find(text)
-                 for windows in [word_windows(text, WINDOW_WORDS, WINDOW_STRIDE)] if windows]
+        texts = [windows for text, windows in zip(negatives, calibration_windows(negatives), strict=True)
+                 if windows and not self._aliases.find(text)]
         if not texts or not self.target_ids:
             calibration = Calibration(GateOffsets(), len(texts), 0.0, time.perf_counter() - started)
             return self.with_offsets(calibration.offsets), calibration
         flat = [window for windows in texts for window in windows]
-        margins = rows_dot(self._w, self._embedder.encode(flat)) + self._b - self._thr_logit  # (n_windows, T)
+        embedded = (encode or self._embedder.encode)(flat)
+        margins = rows_dot(self._w, embedded) + self._b - self._thr_logit  # (n_windows, T)
         best = np.full((len(texts), 4), -math.inf)  # per negative, its best margin in each evidence class
         row = 0
         for index, windows in enumerate(texts):

@@ -21,7 +21,7 @@ from guards.base import (ANY_WORKER, GATE_LANE, LANES, MODEL_FILES, SERVED_MODEL
 from guards.mechanisms import INTERIM, MECHANISMS
 from server.artifacts import ArtifactStore
 from server.audit import AuditWriter
-from server.classifier_jobs import bank_factory, fit_classifier_handler, gate_bank_factory
+from server.classifier_jobs import CalibrationVectors, bank_factory, fit_classifier_handler, gate_bank_factory
 from server.config import Settings
 from server.jobs import JobWorker, default_worker_id
 from server.metrics import Metrics
@@ -68,15 +68,17 @@ class LazyEmbedder:
                 self._embedder = Embedder(self._model_path)
             return self._embedder
 
-    def load_in_background(self) -> threading.Thread:
+    def load_in_background(self, then: Callable[[], None] = lambda: None) -> threading.Thread:
         """Start loading now, off the caller's thread; join the returned thread to wait for it. A serving replica
         loads once its engine is up and is ready only when this is done too: loading (model, ONNX export) took 5 s on a
         busy 2-core host, and a replica that loaded on its first target served that registration past the 2 s
-        propagation budget. A failure is logged; the next use retries."""
+        propagation budget. ``then`` runs next, on that thread (the gate's calibration negatives are embedded there). A
+        failure is logged; the next use retries."""
 
         def load() -> None:
             try:
                 self()
+                then()
             except Exception:
                 logger.exception("embedder.preload_failed")
 
@@ -152,6 +154,7 @@ class ControlPlane:
     audit: AuditWriter
     artifacts: ArtifactStore
     embedder: LazyEmbedder
+    calibration: CalibrationVectors
     workers: list[JobWorker] = field(default_factory=list)
     _tasks: list[asyncio.Task] = field(default_factory=list)
 
@@ -160,13 +163,14 @@ class ControlPlane:
         registry = open_registry(settings)
         embedder = LazyEmbedder(settings.embedding_model)
         artifacts = ArtifactStore(settings.resolved_artifacts_dir)
+        calibration = CalibrationVectors(embedder)
         snapshots = SnapshotHolder(registry.targets, artifacts.path,
                                    bank_factory(embedder, settings.gate_max_union_fpr, settings.gate_max_windows,
-                                                metrics.gate_calibrated),
+                                                metrics.gate_calibrated, calibration),
                                    settings.registry_poll_s, gate_bank_factory(embedder, MECHANISMS),
                                    INTERIM.prepare, registry.negatives.texts)
         return cls(settings, metrics, registry, snapshots, AuditWriter(registry.audit, settings.audit_retention_days),
-                   artifacts, embedder)
+                   artifacts, embedder, calibration)
 
     async def start(self) -> None:
         self.snapshots.on_swap.append(self._on_swap)

@@ -39,7 +39,7 @@ class Runtime:
         engine = Engine(settings, model_path, served_model_name)
         engine.start()
         # After the engine's process exists (no fork while a thread holds torch's locks), in parallel with the rest.
-        embedder_loaded = control.embedder.load_in_background()
+        embedder_loaded = control.embedder.load_in_background(then=control.calibration.warm)
         context = ServingContext(engine.tokenizer, control.artifacts.path, control.artifacts.root, settings)
         servings = {mechanism.name: mechanism.serving(context) for mechanism in MECHANISMS}
         control.snapshots.share_with({name: serving.share for name, serving in servings.items()})

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from sqlalchemy import update
 
@@ -16,7 +17,7 @@ from guards.mechanisms import INTERIM
 from server.admin.protocol import TargetCreate
 from server.admin.serving import new_target
 from server.artifacts import ArtifactStore
-from server.classifier_jobs import bank_factory, gate_bank_factory
+from server.classifier_jobs import CalibrationVectors, bank_factory, gate_bank_factory
 from server.config import Settings
 from server.control_plane import ControlPlane, job_lanes, make_workers
 from server.jobs import JobContext, JobWorker
@@ -287,3 +288,19 @@ def test_the_embedded_server_runs_one_worker_thread_per_lane(tmp_path: Path) -> 
     finally:
         asyncio.run(control.stop())
     assert not any(thread.name.startswith("lethe-job-worker") for thread in threading.enumerate())
+
+
+def test_the_gate_calibration_embeds_each_negative_once_per_replica() -> None:
+    """A snapshot is rebuilt at every registry revision; re-embedding the ~350 calibration negatives each time once
+    held a registration 6.5 s past the propagation budget."""
+    calls: list[list[str]] = []
+
+    class Counting:
+        def encode(self, texts):
+            calls.append(list(texts))
+            return np.ones((len(texts), 4), np.float32)
+
+    vectors = CalibrationVectors(lambda: Counting())  # type: ignore[arg-type, return-value]
+    assert vectors.encode(["a", "b"]).shape == (2, 4)
+    assert vectors.encode(["b", "a", "c", "a"]).shape == (4, 4)
+    assert calls == [["a", "b"], ["c"]]
