@@ -11,7 +11,8 @@ The bank is then calibrated for the whole registry on the pool's calibration sha
   authors never registered here (180-189, the demo model's own), and the held-out half of TOFU's world-facts and
   real-authors questions with everyday prompts written apart from the pool's; n and the exact (Clopper-Pearson)
   one-sided 95 % upper bound beside each rate;
-- latency: one conversation at a time through ``ClassifierBank.score`` with the embedding cache off, p50 / p99.
+- latency: one conversation at a time through ``ClassifierBank.score`` with the embedding cache off, p50 / p99, and
+  the inputs that once stalled the gate (huge words, thousands of spaced-out letters, a long text).
 
 ``isolated`` repeats the counts with each target's own threshold alone (no entity evidence, no joint calibration):
 the gate before this design, for comparison.
@@ -24,6 +25,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import random
+import string
 import sys
 import time
 from dataclasses import asdict
@@ -42,8 +45,8 @@ from classifiers import (  # noqa: E402
     TargetSpec,
     fit_prompt_classifier,
 )
-from classifiers.types import BankResult  # noqa: E402
 from classifiers.negatives import calibration_negatives  # noqa: E402
+from classifiers.types import BankResult  # noqa: E402
 from demo.author_split import (  # noqa: E402
     HELDOUT,
     HELDOUT_CHAT_PROMPTS,
@@ -144,6 +147,33 @@ def fitted(order: list[TofuAuthor], embedder: Embedder, cache: Path | None) -> d
     return artifacts
 
 
+def pathological_prompts() -> dict[str, str]:
+    """Inputs that once stalled the gate (a 1,250-letter word cost 40 s and 1 GB in the alias lookup), with a plain
+    question as the yardstick."""
+    rng = random.Random(0)
+    plain = "Where was the author of the novel born, and what did her parents do?"
+    return {
+        "plain question": plain,
+        "one 400-letter word": f"Tell me about {''.join(rng.choices(string.ascii_lowercase, k=400))} please.",
+        "one 1,250-letter word": f"Tell me about {''.join(rng.choices(string.ascii_lowercase, k=1250))} please.",
+        "5,000 spaced-out letters": " ".join(rng.choices(string.ascii_lowercase, k=5000)),
+        "the plain question 40 times": " ".join([plain] * 40),
+    }
+
+
+def pathological_timings(bank: ClassifierBank, rounds: int = 5) -> dict[str, float]:
+    """Median ms of one ``score`` call per input (embedding included: long inputs are more windows to embed)."""
+    timings = {}
+    for name, prompt in pathological_prompts().items():
+        seconds = []
+        for _ in range(rounds):
+            started = time.perf_counter()
+            bank.score([("user", prompt)])
+            seconds.append(time.perf_counter() - started)
+        timings[name] = float(np.median(seconds) * 1e3)
+    return timings
+
+
 def run(sizes: tuple[int, ...], cache: Path | None = None) -> dict:
     embedder = Embedder()
     order = registration_order()[: max(sizes)]
@@ -174,8 +204,10 @@ def run(sizes: tuple[int, ...], cache: Path | None = None) -> dict:
         })
         logging.info("N=%d done", n)
     p50 = {r["targets"]: r["latency"]["p50_ms"] for r in rows}
+    largest = ClassifierBank.from_artifacts({f"tofu-{a.index}": artifacts[f"tofu-{a.index}"] for a in order}, uncached)
     return {"fit_seconds": fit_seconds, "fits": len(order), "sizes": rows,
-            "p50_ratio_largest_vs_smallest": p50[max(p50)] / p50[min(p50)]}
+            "p50_ratio_largest_vs_smallest": p50[max(p50)] / p50[min(p50)],
+            "pathological_ms": pathological_timings(largest)}
 
 
 def _rate(cell: dict) -> str:
@@ -203,6 +235,10 @@ def markdown(summary: dict) -> str:
     lines += ["", f"classification p50 at the largest N / at the smallest: "
                   f"{summary['p50_ratio_largest_vs_smallest']:.2f}x; {summary['fits']} targets fitted in "
                   f"{summary['fit_seconds']:.0f} s"]
+    pathological = summary.get("pathological_ms", {})
+    if pathological:
+        lines += ["", f"one `score` call at {summary['fits']} targets, median ms (embedding included)", "",
+                  "| input | ms |", "|---|--:|", *(f"| {name} | {ms:.1f} |" for name, ms in pathological.items())]
     return "\n".join(lines)
 
 

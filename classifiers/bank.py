@@ -119,26 +119,30 @@ class ClassifierBank:
     @classmethod
     def from_artifacts(cls, artifacts: Mapping[str, PromptClassifierArtifact], embedder: Embedder,
                        max_texts: int = DEFAULT_MAX_TEXTS,
-                       alias_only: Mapping[str, Sequence[str]] | None = None) -> ClassifierBank:
-        """Stack fitted artifacts ({target_id: artifact}); all must come from `embedder`'s model. ``alias_only``:
-        {target_id: aliases} of targets with no fitted artifact yet."""
+                       aliases: Mapping[str, Sequence[str]] | None = None) -> ClassifierBank:
+        """Stack fitted artifacts ({target_id: artifact}); all must come from `embedder`'s model. ``aliases``: the
+        registry's current {target_id: aliases}: a target without an artifact is alias-only, and a fitted target's
+        aliases changed since its fit are matched at once (without them, those it was fitted with)."""
         for tid, artifact in artifacts.items():
             if artifact.embedder_id != embedder.model_id:
                 raise ValueError(f"target {tid}: fitted with {artifact.embedder_id}, embedder is {embedder.model_id}")
         ids = list(artifacts)
-        alias_only = {tid: list(aliases) for tid, aliases in (alias_only or {}).items() if tid not in artifacts}
+        current = {tid: list(names) for tid, names in (aliases or {}).items()}
+        alias_only = {tid: names for tid, names in current.items() if tid not in artifacts}
+        fitted_aliases = {t: current.get(t, artifacts[t].aliases) for t in ids}
         weights = np.stack([artifacts[t].weights for t in ids]) if ids else np.zeros((0, embedder.dim), np.float32)
         return cls(
             ids,
             weights,
             np.array([artifacts[t].bias for t in ids], dtype=np.float32),
             np.array([artifacts[t].threshold for t in ids], dtype=np.float64),
-            {**{t: artifacts[t].aliases for t in ids}, **alias_only},
+            {**fitted_aliases, **alias_only},
             embedder,
             max_texts,
             alias_only=list(alias_only),
             # A head-less target's names are registered all the same: they are nobody's stranger.
-            entities={**{t: vocabulary(a) for t, a in alias_only.items()}, **{t: artifacts[t].entities for t in ids}},
+            entities={**{t: vocabulary(a) for t, a in alias_only.items()},
+                      **{t: {*artifacts[t].entities, *vocabulary(fitted_aliases[t])} for t in ids}},
         )
 
     def with_offsets(self, offsets: GateOffsets) -> ClassifierBank:

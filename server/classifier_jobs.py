@@ -105,14 +105,14 @@ def bank_factory(embedder: Callable[[], Embedder], max_union_false_positive_rate
                  on_calibrated: Callable[[Calibration], None] = lambda calibration: None,
                  vectors: CalibrationVectors | None = None,
                  ) -> Callable[[dict[str, Path], dict[str, list[str]], list[str]], ClassifierBank]:
-    """Stack the targets' prompt classifiers (reading at most `max_texts` windows a request) with the aliases of the
-    targets not fitted yet, and calibrate the heads together on the built-in pool's calibration share plus the
-    operators' negatives; artifacts are immutable, so loads are cached by path (= digest)."""
+    """Stack the targets' prompt classifiers (reading at most `max_texts` windows a request) with every target's current
+    aliases (the targets not fitted yet are alias-only), and calibrate the heads together on the built-in pool's
+    calibration share plus the operators' negatives; artifacts are immutable, so loads are cached by path (= digest)."""
 
-    def build(artifact_dirs: dict[str, Path], alias_only: dict[str, list[str]],
+    def build(artifact_dirs: dict[str, Path], aliases: dict[str, list[str]],
               operator_negatives: list[str]) -> ClassifierBank:
         artifacts = {target_id: _load_prompt_artifact(path) for target_id, path in artifact_dirs.items()}
-        bank = ClassifierBank.from_artifacts(artifacts, embedder(), max_texts, alias_only)
+        bank = ClassifierBank.from_artifacts(artifacts, embedder(), max_texts, aliases)
         negatives = builtin_calibration_texts() + list(operator_negatives)
         bank, calibration = bank.calibrated(negatives, max_union_false_positive_rate,
                                             vectors.encode if vectors is not None else None)

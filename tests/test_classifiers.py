@@ -475,7 +475,7 @@ class CountingEmbedder:
 
 def test_a_bank_of_alias_only_targets_hits_on_a_mention_without_embedding_anything():
     embedder = CountingEmbedder()
-    bank = ClassifierBank.from_artifacts({}, embedder, alias_only={"new": ["Basil Mahfouz Al-Kuwaiti"]})
+    bank = ClassifierBank.from_artifacts({}, embedder, aliases={"new": ["Basil Mahfouz Al-Kuwaiti"]})
     assert len(bank) == 1
     named, unnamed = bank.score_many([[("user", "Where was basil mahfouz al-kuwaiti born?")],
                                       [("user", "Where was Nikolai Abilov born?")]])
@@ -485,17 +485,20 @@ def test_a_bank_of_alias_only_targets_hits_on_a_mention_without_embedding_anythi
     assert named.embeddings.shape == (0, embedder.dim) and embedder.calls == 0
 
 
-def test_alias_only_targets_sit_beside_fitted_heads():
-    """A fitted head keeps its own verdict; a head-less target in the same bank is hit by its aliases alone."""
+def test_alias_only_targets_sit_beside_fitted_heads_whose_aliases_are_the_registrys_current_ones():
+    """A fitted head keeps its own verdict; a head-less target in the same bank is hit by its aliases alone; a fitted
+    target's aliases patched since its fit are matched before its refit."""
     embedder = CountingEmbedder()
     fitted = PromptClassifierArtifact(embedder_id=embedder.model_id, weights=np.array([9.0, 0, 0, 0], np.float32),
                                       bias=0.0, threshold=0.5, false_positive_rate=0.0, heldout_recall=1.0, n_pos=1,
                                       n_neg=1, aliases=["Nikolai Abilov"], entities=["kuwait city"])
-    bank = ClassifierBank.from_artifacts({"fitted": fitted}, embedder,
-                                         alias_only={"new": ["Basil Mahfouz Al-Kuwaiti"], "fitted": ["ignored"]})
+    current = {"new": ["Basil Mahfouz Al-Kuwaiti"], "fitted": ["Nikolai Abilov-Smith"]}
+    bank = ClassifierBank.from_artifacts({"fitted": fitted}, embedder, aliases=current)
     assert bank.alias_only_ids == ["new"] and len(bank) == 2
     # The head fires on every text here; "Kuwait City" is its evidence, and a head-less target's name is no stranger.
     result = bank.score([("user", "Is Basil Mahfouz Al-Kuwaiti from Kuwait City?")])
     assert {h.target_id for h in result.hits} == {"fitted", "new"}
     assert result.embeddings.shape == (1, embedder.dim) and embedder.calls == 1
     assert bank.score([("user", "ignored")]).scores["new"] == 0.0
+    renamed = bank.score([("user", "Who is Nikolai Abilov-Smith?")]).hits
+    assert any(hit.target_id == "fitted" and hit.alias_spans for hit in renamed)

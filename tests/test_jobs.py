@@ -130,7 +130,7 @@ def test_snapshot_holder_swaps_when_the_revision_moves(registry: Registry, tmp_p
     artifacts = ArtifactStore(tmp_path)
     built: list[dict] = []
     holder = SnapshotHolder(registry.targets, artifacts.path,
-                            lambda dirs, alias_only, negatives: built.append((dirs, alias_only)) or sorted(dirs),
+                            lambda dirs, aliases, negatives: built.append((dirs, aliases)) or sorted(dirs),
                             poll_s=0.1)
     assert holder.refresh() and holder.current.bank is None and holder.current.empty
     target_id = add_target(registry)
@@ -139,7 +139,7 @@ def test_snapshot_holder_swaps_when_the_revision_moves(registry: Registry, tmp_p
     old = holder.current
     assert holder.refresh()
     assert holder.current.revision == registry.targets.revision() and len(holder.current.targets) == 1
-    assert list(built[-1][0]) == [target_id] and built[-1][1] == {}  # now by its fitted classifier
+    assert list(built[-1][0]) == [target_id] and built[-1][1] == {target_id: ["X"]}  # now its fitted classifier too
     assert old.bank == [] and not old.targets[target_id].classifier_ready  # in-flight requests keep their snapshot
     assert not holder.refresh()  # nothing changed: no rebuild
     assert len(built) == 2
@@ -175,7 +175,7 @@ def test_the_snapshot_stacks_a_mechanisms_own_gate_only_for_targets_that_enable_
         pass
     mechanisms = [SimpleNamespace(name="eco", gate_detector=None),
                   SimpleNamespace(name="o3", gate_detector=ListingGate())]
-    holder = SnapshotHolder(registry.targets, artifacts.path, lambda dirs, alias_only, negatives: sorted(dirs),
+    holder = SnapshotHolder(registry.targets, artifacts.path, lambda dirs, aliases, negatives: sorted(dirs),
                             poll_s=0.1,
                             gate_factory=gate_bank_factory(lambda: None, mechanisms))  # type: ignore[arg-type]
     holder.refresh()

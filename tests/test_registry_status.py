@@ -88,3 +88,11 @@ def test_an_unimplemented_mechanism_is_unavailable_and_does_not_hold_the_target_
     statuses = derive(("guard", "o3"), "ready")
     assert statuses.mechanisms["o3"]["status"] == "unavailable"
     assert statuses.target == "active"
+
+
+def test_a_refit_that_fails_after_an_earlier_fit_degrades_the_target_and_says_what_serves() -> None:
+    statuses = derive(("guard",), "ready", Job("fit_classifier", "failed", "no negatives"))
+    assert statuses.target == "degraded"
+    assert statuses.mechanisms["guard"]["status"] == "ready"
+    assert "previous classifier" in statuses.mechanisms["guard"]["message"]
+    assert "no negatives" in statuses.mechanisms["guard"]["message"]

@@ -27,9 +27,9 @@ from server.registry.targets import TargetStore
 logger = logging.getLogger(__name__)
 
 BankFactory = Callable[[dict[str, Path], dict[str, list[str]], list[str]], Any]
-"""Builds the prompt classifiers' bank from {target_id: classifier artifact dir}, {target_id: aliases} of the targets
-without a fitted classifier (called with one target at least) and the operators' negatives, which its registry-wide
-calibration keeps unflagged."""
+"""Builds the prompt classifiers' bank from {target_id: classifier artifact dir} of the fitted targets, every target's
+current {target_id: aliases} (those without an artifact are alias-only; called with one target at least) and the
+operators' negatives, which its registry-wide calibration keeps unflagged."""
 GateBankFactory = Callable[[dict[str, dict[str, Any]], dict[str, Path]], dict[str, Any]]
 """({target_id: its mechanisms}, {target_id: classifier artifact dir}) -> {gate name: bank} of mechanisms' own gates."""
 Sharer = Callable[[list[TargetEntry]], Any]
@@ -60,7 +60,7 @@ class RegistrySnapshot:
 
     @property
     def degraded(self) -> int:
-        """How many targets are served by their aliases alone because their classifier could not be fitted."""
+        """How many targets are ``degraded``: their classifier (or its refit after a patch) could not be fitted."""
         return sum(target.status == "degraded" for target in self.targets.values())
 
 
@@ -85,9 +85,9 @@ class SnapshotHolder:
         targets = {record.id: record for record in records}
         artifacts = {record.id: self._artifact_path(record.classifier["artifact"]) for record in records
                      if record.classifier_ready}
-        alias_only = {record.id: list(record.aliases) for record in records if record.id not in artifacts}
+        aliases = {record.id: list(record.aliases) for record in records}  # current: a patch applies before its refit
         # Read after the revision: a negative added meanwhile moves the revision on, and the next poll rebuilds.
-        bank = self._bank_factory(artifacts, alias_only, self._negatives()) if targets else None
+        bank = self._bank_factory(artifacts, aliases, self._negatives()) if targets else None
         enabled = {tid: target.mechanisms for tid, target in targets.items()}
         gates = self._gate_factory(enabled, artifacts) if artifacts and self._gate_factory is not None else {}
         return RegistrySnapshot(revision=revision, targets=targets, bank=bank, gates=gates, shared=self._share(records),

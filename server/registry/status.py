@@ -55,6 +55,9 @@ def derive_statuses(
     ``classifier_fitted_gates``: the mechanisms whose own gate the classifier job fits."""
     degraded = classifier_status == "failed"
     fit = latest.get(FIT_CLASSIFIER)
+    # An earlier fit serves, but the latest (after a patch of the target's contents) could not be done: the head does
+    # not know the new contents, only the aliases do. Degraded too, never silently "active".
+    stale = classifier_status == "ready" and fit is not None and fit.status == "failed"
     why = f"the classifier could not be fitted ({fit.error})" if fit is not None and fit.error else \
         "the classifier could not be fitted"
     derived = {}
@@ -75,13 +78,15 @@ def derive_statuses(
             message = f"gated by alias matches only: {why}"
         elif classifier_status == "ready" and succeeded:
             status = "ready"
+            if stale:
+                message = f"gated by the previous classifier and the current aliases: the refit failed ({fit.error})"
         else:
             status = "preparing"
         derived[name] = {**entry, "status": status, "message": message}
     open_jobs = any(job.status in ("queued", "running") for job in latest.values())
     if job_failed:
         target = "failed"
-    elif degraded:
+    elif degraded or stale:
         target = "degraded"
     elif classifier_status == "ready" and not open_jobs:
         target = "active"
