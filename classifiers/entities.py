@@ -24,7 +24,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from classifiers.aliases import fold
+from classifiers.canonical import canonical_text, fold
 
 # A name word: a capitalised word, possibly hyphenated or with an apostrophe ("Al-Kuwaiti", "Tae-ho", "O'Brien").
 _NAME_WORD = r"[A-Z\u00C0-\u00DE][\w\u00C0-\u024F]*(?:['\u2019-][\w\u00C0-\u024F]+)*"
@@ -58,7 +58,7 @@ def vocabulary(texts: Iterable[str]) -> set[str]:
     """The entity keys a target's data define: every sub-run of two or more words of its capitalised runs, and its
     years."""
     keys: set[str] = set()
-    for text in texts:
+    for text in map(canonical_text, texts):
         for words in name_runs(text):
             for start in range(len(words)):
                 for stop in range(start + 2, len(words) + 1):  # two words at least: one alone is no name
@@ -112,7 +112,7 @@ class EntityIndex:
         return self._owners.get(key, frozenset())
 
     def evidence(self, text: str) -> Evidence:
-        mentions = Mentions.of(text)
+        mentions = Mentions.of(canonical_text(text))  # a disguised place or year is still that place or year
         links: Counter[str] = Counter()
         unlinked_name = False
         for full, tail in dict.fromkeys(mentions.runs):

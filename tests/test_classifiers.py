@@ -192,6 +192,8 @@ def test_entity_evidence_links_names_and_years_to_their_targets_and_flags_strang
     assert stranger.unlinked_name and not stranger.linked
     assert index.evidence("Where was the author born?") == Evidence(frozenset(), unlinked_name=False)
     assert index.evidence("Was Basil Mahfouz Al-Kuwaiti born in 1960?").dated == frozenset()  # a contradicting year
+    disguised = index.evidence("the writer born in Kuw\u0430it\u200b City in 1956")  # Cyrillic a, zero-width space
+    assert disguised.strongly_linked == {"basil"} and not disguised.unlinked_name
 
 
 def test_a_head_alone_needs_evidence_of_its_own_target_and_no_stranger(bank):
