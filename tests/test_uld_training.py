@@ -200,7 +200,9 @@ def test_a_wrong_answer_is_uniform_only_once_its_context_has_gone_wrong(tokenize
 def test_a_short_training_lowers_the_forget_nll_saves_a_loadable_model_and_repeats(tiny_model_dir: Path, tokenizer,
                                                                             forget_items, tmp_path: Path) -> None:
     retain = [(item.question, item.answer) for item in authors_of("forget01")[1].items[:2]]
-    config = UldTrainingConfig(epochs=10, learning_rate=1.5e-2)
+    # 20 epochs: 10 were enough on one tiny-model build (0.77 -> 0.09) but not on another, built from the same recipe
+    # and libraries on another host (0.93 -> 0.52); 20 take it to 0.09.
+    config = UldTrainingConfig(epochs=20, learning_rate=1.5e-2)
     reports: list[tuple[float, str]] = []
     stats = train_assistant(tiny_model_dir, forget_items, retain, ALIASES, config, tmp_path / "a",
                             progress=lambda f, m: reports.append((f, m)))
@@ -208,14 +210,14 @@ def test_a_short_training_lowers_the_forget_nll_saves_a_loadable_model_and_repea
     assistant = AutoModelForCausalLM.from_pretrained(tmp_path / "a").eval()
     before = forget_nll(build_assistant(tiny_model_dir, 1), tokenizer, forget_items)
     after = forget_nll(assistant, tokenizer, forget_items)
-    assert after < 0.5 * before  # measured: 0.77 -> 0.09
+    assert after < 0.5 * before  # measured: 0.93 -> 0.09
     assert assistant.config.num_hidden_layers == 1 == stats["layers"]
     assert (tmp_path / "a" / "model.safetensors").exists()
     assert json.loads(json.dumps(stats)) == stats
     assert stats["examples"]["uniform"] == len(retain) + 2 * len(forget_items)
     assert stats["examples"]["remember"] > 3 * len(forget_items)
-    assert [f for f, _ in reports] == pytest.approx([(i + 1) / 10 for i in range(10)])
-    assert reports[-1][1].startswith("epoch 10/10: nll ")
+    assert [f for f, _ in reports] == pytest.approx([(i + 1) / 20 for i in range(20)])
+    assert reports[-1][1].startswith("epoch 20/20: nll ")
 
     again = train_assistant(tiny_model_dir, forget_items, retain, ALIASES, config, tmp_path / "b")
     assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in stats.items() if k != "seconds"}
