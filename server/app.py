@@ -12,6 +12,8 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.admin import router as admin_router
@@ -19,7 +21,7 @@ from server.admin.serving import AdminServing
 from server.body_limit import BodyLimitMiddleware
 from server.config import Settings
 from server.engine import Engine
-from server.errors import InvalidRequest, LetheError, NotFound
+from server.errors import InvalidRequest, LetheError, NotFound, RegistryUnavailable
 from server.metrics import Metrics
 from server.openai import router as openai_router
 from server.openai.protocol import ErrorBody, ErrorResponse
@@ -54,6 +56,17 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(LetheError)
     async def _lethe_error(_: Request, exc: LetheError) -> JSONResponse:
         return _error(exc.status, exc.to_response())
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(InterfaceError)
+    @app.exception_handler(PoolTimeout)
+    async def _registry_unavailable(_: Request, exc: Exception) -> JSONResponse:
+        # The database is down or unreachable (its driver's message may name hosts: it is logged, not returned).
+        logger.warning("registry.unavailable", extra={"error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+        error = RegistryUnavailable()
+        response = _error(error.status, error.to_response())
+        response.headers["Retry-After"] = str(error.retry_after_s)
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

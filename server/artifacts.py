@@ -49,3 +49,30 @@ def directory_digest(directory: Path) -> str:
         digest.update(file.relative_to(directory).as_posix().encode() + b"\0")
         digest.update(hashlib.sha256(file.read_bytes()).digest())
     return digest.hexdigest()
+
+
+class JobArtifacts:
+    """One job's view of the store: remembers the staging directories it hands out, so that a job that fails or is
+    cancelled half-way (a full disk, a crash in training, a deleted target) leaves no partial files behind. Committed
+    artifacts are whole by construction (staged, then renamed into place)."""
+
+    def __init__(self, store: ArtifactStore) -> None:
+        self._store = store
+        self._staged: list[Path] = []
+
+    def path(self, digest: str) -> Path:
+        return self._store.path(digest)
+
+    def staging_dir(self) -> Path:
+        staging = self._store.staging_dir()
+        self._staged.append(staging)
+        return staging
+
+    def commit(self, staging: Path) -> str:
+        return self._store.commit(staging)
+
+    def discard_uncommitted(self) -> None:
+        """Remove what this job staged but never committed (a committed directory was moved away already)."""
+        for staging in self._staged:
+            shutil.rmtree(staging, ignore_errors=True)
+        self._staged.clear()

@@ -126,3 +126,16 @@ class GuardFailed(LetheError):
 
     def __init__(self) -> None:
         super().__init__("This request cannot be served right now; please retry later.", code="guard_unavailable")
+
+
+class RegistryUnavailable(LetheError):
+    """The registry database cannot be reached. Serving goes on from the last snapshot; what needs the database (admin
+    reads and writes) is refused with this until it is back, and nothing half-done is committed."""
+
+    status = HTTPStatus.SERVICE_UNAVAILABLE
+    type = "server_error"
+    retry_after_s = 5
+
+    def __init__(self) -> None:
+        super().__init__("The registry database is unavailable; nothing was changed. Retry later.",
+                         code="registry_unavailable")

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from guards.base import JobHandler
-from server.artifacts import ArtifactStore
+from server.artifacts import ArtifactStore, JobArtifacts
 from server.errors import NotFound
 from server.registry import Registry
 from server.registry.records import ClaimedJob, TargetRecord
@@ -38,7 +38,7 @@ class JobContext:
 
     job: ClaimedJob
     target: TargetRecord
-    artifacts: ArtifactStore
+    artifacts: JobArtifacts
     _report: Callable[[float, str], bool]
     last: tuple[float, str] = field(default=(0.0, "started"))
 
@@ -130,7 +130,7 @@ class JobWorker:
             self._jobs.cancel(job.id, "target deleted")
             logger.info("job.cancelled", extra={"job_id": job.id, "reason": "target deleted"})
             return True
-        context = JobContext(job=job, target=target, artifacts=self._artifacts,
+        context = JobContext(job=job, target=target, artifacts=JobArtifacts(self._artifacts),
                              _report=lambda fraction, message: self._jobs.report_progress(job.id, fraction, message))
         heartbeat_stop = threading.Event()
         heartbeat = threading.Thread(target=self._heartbeat, args=(context, heartbeat_stop), daemon=True)
@@ -148,6 +148,7 @@ class JobWorker:
         finally:
             heartbeat_stop.set()
             heartbeat.join()
+            context.artifacts.discard_uncommitted()
         return True
 
     def _heartbeat(self, context: JobContext, stop: threading.Event) -> None:

@@ -46,31 +46,60 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+class PostgresServer:
+    """One throwaway cluster on a loopback port, which a test can stop and start again (an outage) on the same data."""
+
+    def __init__(self) -> None:
+        prefix = _run_as_prefix()
+        assert prefix is not None
+        self._prefix = prefix
+        self.root = Path(tempfile.mkdtemp(prefix="lethe-pg-"))
+        self._data = self.root / "data"
+        if os.geteuid() == 0:
+            shutil.chown(self.root, "postgres", "postgres")
+        self.port = _free_port()
+        self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/lethe"
+        subprocess.run([*prefix, _bin("initdb"), "-D", str(self._data), "-A", "trust", "-U", "postgres", "--no-sync"],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off"
+        subprocess.run([*self._prefix, _bin("pg_ctl"), "-D", str(self._data), "-o", options, "-l",
+                        str(self.root / "log"), "-w", "start"], check=True, stdout=subprocess.DEVNULL)
+
+    def stop(self, mode: str = "fast") -> None:
+        """``fast`` ends every session (as a restart for maintenance does); ``immediate`` is a crash."""
+        subprocess.run([*self._prefix, _bin("pg_ctl"), "-D", str(self._data), "-m", mode, "stop"],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def create_database(self) -> None:
+        deadline = time.monotonic() + 30
+        while True:
+            created = subprocess.run([*self._prefix, _bin("createdb") or "createdb", "-h", "127.0.0.1", "-p",
+                                      str(self.port), "-U", "postgres", "lethe"], capture_output=True)
+            if created.returncode == 0 or time.monotonic() > deadline:
+                return
+            time.sleep(0.5)
+
+    def remove(self) -> None:
+        self.stop("immediate")
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@contextmanager
+def postgres_server() -> Iterator[PostgresServer]:
+    """A fresh running cluster with an empty ``lethe`` database; stopped and deleted after."""
+    server = PostgresServer()
+    try:
+        server.start()
+        server.create_database()
+        yield server
+    finally:
+        server.remove()
+
+
 @contextmanager
 def running_postgres() -> Iterator[str]:
     """Start a fresh cluster on a free loopback port; yields its SQLAlchemy URL; stops and deletes it after."""
-    prefix = _run_as_prefix()
-    assert prefix is not None
-    root = Path(tempfile.mkdtemp(prefix="lethe-pg-"))
-    data = root / "data"
-    if os.geteuid() == 0:
-        shutil.chown(root, "postgres", "postgres")
-    port = _free_port()
-    subprocess.run([*prefix, _bin("initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync"],
-                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
-    subprocess.run([*prefix, _bin("pg_ctl"), "-D", str(data), "-o", options, "-l", str(root / "log"), "-w", "start"],
-                   check=True, stdout=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            created = subprocess.run([*prefix, _bin("createdb") or "createdb", "-h", "127.0.0.1", "-p", str(port),
-                                      "-U", "postgres", "lethe"], capture_output=True)
-            if created.returncode == 0 or time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
-        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/lethe"
-    finally:
-        subprocess.run([*prefix, _bin("pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        shutil.rmtree(root, ignore_errors=True)
+    with postgres_server() as server:
+        yield server.url

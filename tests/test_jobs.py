@@ -85,6 +85,21 @@ def test_a_raising_handler_is_retried_then_failed(registry: Registry, tmp_path: 
     assert job.status == "failed" and job.attempts == 3 and "out of memory" in job.error
 
 
+def test_a_job_that_fails_half_way_leaves_no_staged_files(registry: Registry, tmp_path: Path) -> None:
+    """A full disk (or any failure) mid-write: the partial staging directory goes with the failed attempt."""
+    add_target(registry)
+    store = ArtifactStore(tmp_path / "artifacts")
+
+    def disk_full(context: JobContext) -> dict:
+        (context.artifacts.staging_dir() / "heads.npy").write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    worker = JobWorker(registry, store, {FIT_CLASSIFIER: disk_full})
+    while worker.run_once():
+        pass
+    assert list(store.root.iterdir()) == []
+
+
 def test_deleting_a_target_stops_its_running_job(registry: Registry, tmp_path: Path) -> None:
     target_id = add_target(registry)
     started, finished = threading.Event(), threading.Event()
