@@ -58,9 +58,15 @@ class TargetHit:
     state: Mapping[str, Any]  # what the mechanism's jobs published (artifact digests, calibrated values)
 
 
-def request_seed(token_ids: Sequence[int], target_id: str, seed: int | None) -> int:
-    """A seed that is the same for the same prompt, target and client seed: guarded replies are reproducible."""
-    digest = hashlib.sha256(f"{target_id}|{seed}|{','.join(map(str, token_ids))}".encode()).digest()
+def corruption_seed(token_ids: Sequence[int], target_id: str) -> int:
+    """The seed of a target's corruption of one prompt: the same prompt and target always get the same noise.
+
+    Nothing else a client sends enters it. The client's ``seed`` seeds sampling only: were it part of this seed, a
+    client could redraw the noise with each new ``seed`` until one draw let the answer through, while a retry now meets
+    the same corruption. The target id (96 random bits drawn at registration, the same on every replica) makes the
+    noise unpredictable to clients, and ECO's calibration measures σ on exactly the noise served for its questions.
+    """
+    digest = hashlib.sha256(f"{target_id}|{','.join(map(str, token_ids))}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
@@ -71,7 +77,7 @@ class PlanRequest:
     hit: TargetHit
     prompt: PromptView
     query_embeddings: np.ndarray  # (n, d) the classifier's embeddings of the prompt's texts, for retrieval
-    seed: int  # per-request seed: the same request gets the same corruption
+    seed: int  # ``corruption_seed`` of the prompt and target: never the client's sampling seed
     shared: Any = None  # what the mechanism's ``share`` built for the request's registry snapshot
 
 

@@ -154,8 +154,7 @@ class Pipeline:
 
     def plan(self, run: Run, index: int) -> EnginePlan:
         """What the engine receives for prompt ``index`` of the run (see ``server/planner.py``)."""
-        plan = self.planner.plan(run.prompts[index], run.classifications[index], run.snapshot, run.seed,
-                                 run.request_id)
+        plan = self.planner.plan(run.prompts[index], run.classifications[index], run.snapshot, run.request_id)
         run.mechanisms.extend(name for name in plan.mechanisms if name not in run.mechanisms)
         return plan
 
@@ -170,7 +169,7 @@ class Pipeline:
         snapshot = self._registry.current if self._registry is not None else RegistrySnapshot(revision=0)
         self.check_gate_input(prompts, snapshot)
         run = Run(request_id=request.request_id, endpoint=request.endpoint, prompts=prompts, n=request.n,
-                  snapshot=snapshot, generate=self._generate, on_finish=self._account, seed=request.seed)
+                  snapshot=snapshot, generate=self._generate, on_finish=self._account)
         try:
             run.classifications = list(await asyncio.gather(*(self._classify(snapshot, p) for p in prompts)))
         except Exception as exc:  # an unclassified prompt may be about a target: refuse it, never serve it plain

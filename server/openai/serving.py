@@ -151,7 +151,7 @@ class OpenAIServing:
         run = await self._pipeline.start(RunRequest(
             endpoint="chat", request_id=f"chatcmpl-{uuid.uuid4().hex}",
             prompt=ChatPrompt(turns, request.add_generation_prompt, request.continue_final_message),
-            n=request.n, seed=request.seed, max_tokens=request.completion_budget,
+            n=request.n, max_tokens=request.completion_budget,
             budget_param="max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"))
         if request.stream:
             return self._chat_stream(request, run, params)
@@ -217,7 +217,7 @@ class OpenAIServing:
         params = sampling_params(request, request.max_tokens, request.logprobs, self._info.vocab_size)
         run = await self._pipeline.start(RunRequest(
             endpoint="completions", request_id=f"cmpl-{uuid.uuid4().hex}", prompt=request.prompt, n=request.n,
-            seed=request.seed, max_tokens=request.max_tokens))
+            max_tokens=request.max_tokens))
         if request.stream:
             return self._completion_stream(request, run, params)
         return await self._completion_full(request, run, params)
