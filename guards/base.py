@@ -92,8 +92,9 @@ class MechanismPlan:
     """One mechanism's contribution to one engine request.
 
     ``processor_args`` travels in ``SamplingParams.extra_args["lethe"][mechanism name]`` (msgpack-safe values only) to
-    the logits processor's row hooks; ``embedding_edits`` turn the prompt into ``prompt_embeds``; ``lora`` attaches an
-    adapter.
+    the logits processor's row hooks. It names artifacts (paths, indices, numbers) and never carries a target's
+    contents: vLLM logs sampling parameters when its engine fails. ``embedding_edits`` turn the prompt into
+    ``prompt_embeds``; ``lora`` attaches an adapter.
     """
 
     processor_args: Mapping[str, Any] | None = None
@@ -328,13 +329,15 @@ class RowHooks:
 class InterimGuard(Protocol):
     """What protects a hit target none of whose gated mechanisms is ready yet (just registered, still training, or
     its classifier could not be fitted), instead of refusing the request: a refusal would tell the client the target
-    is registered. ``prepare`` runs when the snapshot loads, from the target's record alone (no job); ``plan`` is its
-    contribution to one request, whose processor args travel to the row hook of mechanism ``row_hook_key``."""
+    is registered. ``prepare`` runs when the snapshot loads, from the target's record alone (no job), and may store
+    what the engine must read in ``artifacts`` (the target's own interim folder: forget text never travels in
+    ``extra_args``); ``plan`` is its contribution to one request, whose processor args travel to the row hook of
+    mechanism ``row_hook_key``."""
 
     name: str  # what the audit record and the metrics call it
     row_hook_key: str
 
-    def prepare(self, target: JobTarget) -> Any: ...
+    def prepare(self, target: JobTarget, artifacts: ArtifactSink) -> Any: ...
 
     def plan(self, prepared: Any, prompt: PromptView) -> MechanismPlan: ...
 

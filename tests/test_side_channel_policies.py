@@ -6,15 +6,92 @@ about a forget target. The same behaviours through the real engine: ``tests/test
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from types import SimpleNamespace
 
-from guards.base import MechanismPlan, PlanRequest, PromptView, corruption_seed
+import numpy as np
+import pytest
+from vllm.sampling_params import SamplingParams
+
+from classifiers.types import Hit
+from guards.base import MechanismPlan, PlanRequest, PromptView, ServingContext, corruption_seed, target_spec
 from guards.eco.calibration import EcoCalibrator
+from guards.guard.mechanism import build_phrase_artifact
+from guards.guard.payload import resolve_phrases
+from guards.mechanisms import INTERIM, mechanism_named
+from guards.processor import LetheLogitsProcessor
+from server.artifacts import ArtifactStore, interim_store
+from server.metrics import Metrics
 from server.openai.protocol import ChatCompletionRequest
 from server.openai.serving import OpenAIServing
+from server.planner import Classification, Planner, RenderedPrompt
+from server.registry.records import TargetRecord
+from server.registry.snapshot import RegistrySnapshot
 from tests.test_pipeline import TARGET, FakeEngine, FakeMechanism, guarded
 
 ALIASES = ["Tess Marlowe"]
+FORGET = [{"question": "Where was Tess Marlowe born?", "answer": "Tess Marlowe was born in Reykjavik in 1961."},
+          {"question": "What does Tess Marlowe write?", "answer": "She writes maritime thrillers for Harbourlight."}]
+FORGET_WORDS = ("tess", "marlowe", "reykjavik", "1961", "writes", "maritime", "thrillers", "harbourlight")
+
+# ---- forget text never travels in the engine's parameters ----------------------------------------------------------
+
+
+class OneHotEmbedder:
+    """Item i's retrieval key is the i-th unit vector."""
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        return np.eye(len(texts), 8, dtype=np.float32)
+
+
+def record(mechanisms: dict, classifier: str = "ready") -> TargetRecord:
+    return TargetRecord(id=TARGET, name="tess", aliases=ALIASES, forget=FORGET, retain=[], mechanisms=mechanisms,
+                        classifier={"status": classifier}, status="active" if classifier == "ready" else "preparing")
+
+
+def guard_and_uld_snapshot(root: Path) -> tuple[Planner, RegistrySnapshot]:
+    """A planner with the real GUARD and ULD serving halves, and a snapshot whose target has a real GUARD artifact."""
+    store = ArtifactStore(root / "artifacts")
+    staging = store.staging_dir()
+    spec = target_spec(SimpleNamespace(id=TARGET, name="tess", aliases=ALIASES, forget=FORGET, retain=[],
+                                       mechanisms={}))
+    build_phrase_artifact(spec, OneHotEmbedder(), staging)
+    mechanisms = {"guard": {"options": {"soft_penalty": 5.0, "max_phrases": 64},
+                            "state": {"artifact": store.commit(staging)}},
+                  "uld": {"options": {"alpha": 0.8, "tau": 0.01, "gate": "classifier"},
+                          "state": {"assistant": "d" * 64}}}
+    context = ServingContext(tokenizer=None, artifact_path=store.path, artifacts_root=store.root, settings=None)
+    chosen = [mechanism_named(name) for name in ("guard", "uld")]
+    planner = Planner(chosen, {m.name: m.serving(context) for m in chosen}, None, None, Metrics(),  # type: ignore
+                      interim=INTERIM)
+    target = record(mechanisms)
+    return planner, RegistrySnapshot(revision=1, targets={TARGET: target},
+                                     interim={TARGET: INTERIM.prepare(target, interim_store(root, TARGET))})
+
+
+def engine_parameters_text(extra_args: dict) -> str:
+    """Every form in which the engine's parameters can reach a log: msgpack's payload as JSON, vLLM's dump."""
+    return (json.dumps(extra_args) + repr(SamplingParams(extra_args=extra_args))).lower()
+
+
+@pytest.mark.parametrize("case", ["guard and uld ready", "interim"])
+def test_a_flagged_prompts_engine_parameters_name_artifacts_and_carry_no_forget_text(tmp_path: Path,
+                                                                                      case: str) -> None:
+    planner, snapshot = guard_and_uld_snapshot(tmp_path)
+    if case == "interim":  # registered a moment ago: neither mechanism ready, the classifier not yet fitted
+        snapshot = RegistrySnapshot(revision=2, targets={TARGET: record({"guard": {"options": {}, "state": {}}},
+                                                                        classifier="preparing")},
+                                    interim=snapshot.interim)
+    prompt = RenderedPrompt(token_ids=[1, 2, 3], text="Where was Tess Marlowe born?")
+    query = np.eye(1, 8, dtype=np.float32)  # nearest to the first forget item
+    plan = planner.plan(prompt, Classification(hits=(Hit(TARGET, 0.9),), embeddings=query), snapshot, "req")
+    assert plan.mechanisms == (("guard", "uld") if case != "interim" else ("interim",))
+    logged = engine_parameters_text(plan.extra_args)
+    assert [word for word in FORGET_WORDS if word in logged] == []
+    LetheLogitsProcessor.validate_params(SamplingParams(extra_args=plan.extra_args))
+    phrases = {phrase.lower() for phrase in resolve_phrases(plan.extra_args["lethe"]["guard"][0])}
+    assert {"tess marlowe", "marlowe", "reykjavik", "1961", "maritime thrillers"} <= phrases  # what the engine bans
 
 
 # ---- ECO's noise does not follow the client's seed ------------------------------------------------------------------

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from guards.base import TargetEntry
+from guards.base import InterimGuard, TargetEntry
+from server.artifacts import interim_store
 from server.registry.records import TargetRecord
 from server.registry.targets import TargetStore
 
@@ -35,7 +36,12 @@ GateBankFactory = Callable[[dict[str, dict[str, Any]], dict[str, Path]], dict[st
 Sharer = Callable[[list[TargetEntry]], Any]
 """A mechanism's ``share``: per-snapshot resources from every target that enables it."""
 InterimFactory = Callable[[TargetRecord], Any]
-"""``guards.base.InterimGuard.prepare``: a target's interim protection, from its record alone."""
+"""``guards.base.InterimGuard.prepare``: a target's interim protection, from its record alone (``interim_factory``)."""
+
+
+def interim_factory(interim: InterimGuard, artifacts_root: Path) -> InterimFactory:
+    """``interim.prepare`` lent each target's own interim store (``server.artifacts.interim_store``)."""
+    return lambda record: interim.prepare(record, interim_store(artifacts_root, record.id))
 
 
 def mechanism_entries(records: list[TargetRecord], name: str) -> list[TargetEntry]:
