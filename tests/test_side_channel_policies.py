@@ -7,6 +7,7 @@ about a forget target. The same behaviours through the real engine: ``tests/test
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,16 +20,20 @@ from guards.base import MechanismPlan, PlanRequest, PromptView, ServingContext, 
 from guards.eco.calibration import EcoCalibrator
 from guards.guard.mechanism import build_phrase_artifact
 from guards.guard.payload import resolve_phrases
-from guards.mechanisms import INTERIM, mechanism_named
+from guards.mechanisms import INTERIM, MECHANISMS, mechanism_named
 from guards.processor import LetheLogitsProcessor
 from server.artifacts import ArtifactStore, interim_store
+from server.config import Settings
+from server.engine import _engine_args
+from server.errors import InvalidRequest
 from server.metrics import Metrics
-from server.openai.protocol import ChatCompletionRequest
+from server.openai.protocol import ChatCompletionRequest, CompletionRequest
 from server.openai.serving import OpenAIServing
+from server.pipeline import _choice_event
 from server.planner import Classification, Planner, RenderedPrompt
 from server.registry.records import TargetRecord
 from server.registry.snapshot import RegistrySnapshot
-from tests.test_pipeline import TARGET, FakeEngine, FakeMechanism, guarded
+from tests.test_pipeline import TARGET, FakeEngine, FakeMechanism, guarded, make
 
 ALIASES = ["Tess Marlowe"]
 FORGET = [{"question": "Where was Tess Marlowe born?", "answer": "Tess Marlowe was born in Reykjavik in 1961."},
@@ -129,3 +134,48 @@ def test_eco_calibration_measures_sigma_on_the_noise_served_for_the_same_prompt(
                         False)
     calibrator._plan(prompt, SimpleNamespace(id=TARGET, aliases=ALIASES), (), {"sigma": 1.0})  # type: ignore
     assert eco.seeds == [corruption_seed([5, 6, 7], TARGET)]
+
+
+# ---- logprobs -------------------------------------------------------------------------------------------------------
+
+
+def test_the_engine_returns_processed_logprobs_never_the_raw_distribution(tmp_path: Path) -> None:
+    args = _engine_args(Settings(data_dir=tmp_path, _env_file=None), tmp_path)
+    assert args.logprobs_mode == "processed_logprobs"
+
+
+def step_logprob(logprob: float, rank: int, text: str) -> SimpleNamespace:
+    return SimpleNamespace(logprob=logprob, rank=rank, decoded_token=text)
+
+
+def test_a_token_a_guard_banned_is_never_listed_among_the_top_logprobs() -> None:
+    """Processed logprobs give a banned token −inf; listed (as −9999), it would name the ban."""
+    step = {5: step_logprob(-0.1, 1, " the"), 9: step_logprob(-2.4, 2, " a"),
+            7: step_logprob(-math.inf, 3, " Reykjavik"), 8: step_logprob(math.nan, 4, " x")}
+    completion = SimpleNamespace(index=0, text=" the", token_ids=[5], logprobs=[step], finish_reason=None,
+                                 stop_reason=None)
+    (token,) = _choice_event(completion, 0, 1).logprobs
+    assert token.logprob == -0.1 and [(tid, text) for tid, text, _ in token.top] == [(5, " the"), (9, " a")]
+
+
+def test_a_non_finite_sampled_logprob_is_reported_at_the_floor() -> None:
+    step = {3: step_logprob(-math.inf, 1, "</s>")}
+    completion = SimpleNamespace(index=0, text="", token_ids=[3], logprobs=[step], finish_reason="stop",
+                                 stop_reason=None)
+    (token,) = _choice_event(completion, 0, 1).logprobs
+    assert token.logprob == -9999.0 and token.top == ()
+
+
+@pytest.mark.parametrize("fields", [{"prompt_logprobs": 1}, {"prompt_logprobs": 0}, {"echo": True, "logprobs": 0}])
+async def test_prompt_logprobs_are_refused_on_every_request_before_it_is_classified(fields: dict) -> None:
+    """vLLM computes prompt logprobs before any logits processor: they would score the unprotected model."""
+    engine = FakeEngine()
+    serving = OpenAIServing(make(engine), engine.info)
+    with pytest.raises(InvalidRequest):
+        await serving.completion(CompletionRequest(model="m", prompt="hi", max_tokens=1, **fields))
+    assert engine.calls == []
+
+
+def test_every_mechanism_in_this_build_is_covered_by_these_checks() -> None:
+    """ECO sends tensors, O3 a LoRA named by its stack's hash; GUARD and ULD, checked above, the only extra_args."""
+    assert [m.name for m in MECHANISMS if m.row_hooks is not None] == ["guard", "uld"]
