@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 from vllm.sampling_params import SamplingParams
 
 from classifiers.types import Hit
@@ -134,6 +135,25 @@ def test_eco_calibration_measures_sigma_on_the_noise_served_for_the_same_prompt(
                         False)
     calibrator._plan(prompt, SimpleNamespace(id=TARGET, aliases=ALIASES), (), {"sigma": 1.0})  # type: ignore
     assert eco.seeds == [corruption_seed([5, 6, 7], TARGET)]
+
+
+# ---- logit_bias ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bias", [{"42": 100}, {"42": -100}, {"7": 0.5, "8": -0.5}])
+def test_a_logit_bias_is_refused_on_every_request(bias: dict) -> None:
+    """vLLM applies the bias before Lethe's processor: {guess: 100} with max_tokens 1 would answer the guess unless
+    GUARD bans it. Refused for every prompt alike, before the prompt is even classified."""
+    with pytest.raises(ValidationError, match="logit_bias"):
+        ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], logit_bias=bias)
+    with pytest.raises(ValidationError, match="logit_bias"):
+        CompletionRequest(model="m", prompt="hi", logit_bias=bias)
+
+
+def test_an_empty_logit_bias_is_no_bias_and_is_accepted() -> None:
+    for bias in ({}, None):
+        request = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], logit_bias=bias)
+        assert request.logit_bias is None
 
 
 # ---- logprobs -------------------------------------------------------------------------------------------------------

@@ -54,7 +54,8 @@ def sse(payload: BaseModel | dict[str, Any]) -> str:
 
 
 def sampling_params(request: SamplingFields, max_tokens: int | None, logprobs: int | None, vocab_size: int) -> Any:
-    """Map the OpenAI fields a client set onto vLLM's SamplingParams; unset fields keep vLLM's defaults."""
+    """Map the OpenAI fields a client set onto vLLM's SamplingParams; unset fields keep vLLM's defaults. There is no
+    ``logit_bias`` to map: the protocol refuses it (``SamplingFields._refuse_logit_bias``)."""
     from vllm.exceptions import VLLMValidationError
     from vllm.sampling_params import RequestOutputKind, SamplingParams
 
@@ -80,27 +81,11 @@ def sampling_params(request: SamplingFields, max_tokens: int | None, logprobs: i
         "stop_token_ids": request.stop_token_ids,
     }
     kwargs.update({key: value for key, value in optional.items() if value is not None})
-    if request.logit_bias:
-        kwargs["logit_bias"] = _logit_bias(request.logit_bias, vocab_size)
     check_in_vocabulary(request.stop_token_ids or (), vocab_size, "stop_token_ids")
     try:
         return SamplingParams(**kwargs)
     except (ValueError, VLLMValidationError) as exc:
         raise InvalidRequest(str(exc), param=getattr(exc, "parameter", None)) from exc
-
-
-def _logit_bias(bias: dict[str, float], vocab_size: int) -> dict[int, float]:
-    parsed: dict[int, float] = {}
-    for key, value in bias.items():
-        try:
-            token = int(key)
-        except ValueError as exc:
-            raise InvalidRequest("`logit_bias` keys must be token ids.", param="logit_bias") from exc
-        check_in_vocabulary((token,), vocab_size, "logit_bias")
-        if not -100 <= value <= 100:
-            raise InvalidRequest("`logit_bias` values must lie in [-100, 100].", param="logit_bias")
-        parsed[token] = value
-    return parsed
 
 
 @dataclass
