@@ -6,8 +6,9 @@ reads ``holder.current`` once and keeps that snapshot to the end, so a concurren
 
 Every registered target is in the snapshot, from the revision that created it to the one that deleted it: a target
 whose classifier is not fitted (queued, or failed) is in the bank by its aliases alone, and every target that is not
-yet ``active`` carries its interim protection, computed here from its record without any job, for the planner to
-apply when none of its own gated mechanisms is ready.
+yet ``active`` carries its interim protection, computed here from its record without any job (and stored in the
+target's own interim folder, ``interim_factory``, for the engine to read), for the planner to apply when none of its
+own gated mechanisms is ready.
 """
 
 from __future__ import annotations
