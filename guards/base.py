@@ -58,9 +58,15 @@ class TargetHit:
     state: Mapping[str, Any]  # what the mechanism's jobs published (artifact digests, calibrated values)
 
 
-def request_seed(token_ids: Sequence[int], target_id: str, seed: int | None) -> int:
-    """A seed that is the same for the same prompt, target and client seed: guarded replies are reproducible."""
-    digest = hashlib.sha256(f"{target_id}|{seed}|{','.join(map(str, token_ids))}".encode()).digest()
+def corruption_seed(token_ids: Sequence[int], target_id: str) -> int:
+    """The seed of a target's corruption of one prompt: the same prompt and target always get the same noise.
+
+    Nothing else a client sends enters it. The client's ``seed`` seeds sampling only: were it part of this seed, a
+    client could redraw the noise with each new ``seed`` until one draw let the answer through, while a retry now meets
+    the same corruption. The target id (96 random bits drawn at registration, the same on every replica) makes the
+    noise unpredictable to clients, and ECO's calibration measures σ on exactly the noise served for its questions.
+    """
+    digest = hashlib.sha256(f"{target_id}|{','.join(map(str, token_ids))}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
@@ -71,7 +77,7 @@ class PlanRequest:
     hit: TargetHit
     prompt: PromptView
     query_embeddings: np.ndarray  # (n, d) the classifier's embeddings of the prompt's texts, for retrieval
-    seed: int  # per-request seed: the same request gets the same corruption
+    seed: int  # ``corruption_seed`` of the prompt and target: never the client's sampling seed
     shared: Any = None  # what the mechanism's ``share`` built for the request's registry snapshot
 
 
@@ -86,8 +92,9 @@ class MechanismPlan:
     """One mechanism's contribution to one engine request.
 
     ``processor_args`` travels in ``SamplingParams.extra_args["lethe"][mechanism name]`` (msgpack-safe values only) to
-    the logits processor's row hooks; ``embedding_edits`` turn the prompt into ``prompt_embeds``; ``lora`` attaches an
-    adapter.
+    the logits processor's row hooks. It names artifacts (paths, indices, numbers) and never carries a target's
+    contents: vLLM logs sampling parameters when its engine fails. ``embedding_edits`` turn the prompt into
+    ``prompt_embeds``; ``lora`` attaches an adapter.
     """
 
     processor_args: Mapping[str, Any] | None = None
@@ -322,13 +329,15 @@ class RowHooks:
 class InterimGuard(Protocol):
     """What protects a hit target none of whose gated mechanisms is ready yet (just registered, still training, or
     its classifier could not be fitted), instead of refusing the request: a refusal would tell the client the target
-    is registered. ``prepare`` runs when the snapshot loads, from the target's record alone (no job); ``plan`` is its
-    contribution to one request, whose processor args travel to the row hook of mechanism ``row_hook_key``."""
+    is registered. ``prepare`` runs when the snapshot loads, from the target's record alone (no job), and may store
+    what the engine must read in ``artifacts`` (the target's own interim folder: forget text never travels in
+    ``extra_args``); ``plan`` is its contribution to one request, whose processor args travel to the row hook of
+    mechanism ``row_hook_key``."""
 
     name: str  # what the audit record and the metrics call it
     row_hook_key: str
 
-    def prepare(self, target: JobTarget) -> Any: ...
+    def prepare(self, target: JobTarget, artifacts: ArtifactSink) -> Any: ...
 
     def plan(self, prepared: Any, prompt: PromptView) -> MechanismPlan: ...
 

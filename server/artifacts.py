@@ -2,15 +2,23 @@
 
 An artifact is a directory of files named by the SHA-256 of its contents; it is written to a temporary sibling and
 renamed into place, so a reader never sees a half-written artifact and two writers of the same content agree.
+
+Interim protection's phrase artifacts (``guards/guard/interim.py``) are kept apart, one store per target under
+``interim/<target_id>/``: they are written by every replica as snapshots load, referenced by no target's state, and
+hold the target's forget phrases, so erasing a target removes its folder whole.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
+
+INTERIM_DIR = "interim"
+_TARGET_ID = re.compile(r"[A-Za-z0-9_-]+")
 
 
 class ArtifactStore:
@@ -76,3 +84,15 @@ class JobArtifacts:
         for staging in self._staged:
             shutil.rmtree(staging, ignore_errors=True)
         self._staged.clear()
+
+
+def interim_dir(root: Path, target_id: str) -> Path:
+    """The folder of one target's interim phrase artifacts (see the module doc)."""
+    if not _TARGET_ID.fullmatch(target_id):
+        raise ValueError(f"not a target id: {target_id!r}")
+    return root / INTERIM_DIR / target_id
+
+
+def interim_store(root: Path, target_id: str) -> ArtifactStore:
+    """The content-addressed store of one target's interim phrase artifacts."""
+    return ArtifactStore(interim_dir(root, target_id))

@@ -28,7 +28,7 @@ from server.metrics import Metrics
 from server.registry import Registry
 from server.registry.catalog import FIT_CLASSIFIER, MechanismCatalog
 from server.registry.database import make_engine, upgrade_database
-from server.registry.snapshot import RegistrySnapshot, SnapshotHolder, mechanism_entries
+from server.registry.snapshot import RegistrySnapshot, SnapshotHolder, interim_factory, mechanism_entries
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ class ControlPlane:
                                    bank_factory(embedder, settings.gate_max_union_fpr, settings.gate_max_windows,
                                                 metrics.gate_calibrated, calibration),
                                    settings.registry_poll_s, gate_bank_factory(embedder, MECHANISMS),
-                                   INTERIM.prepare, registry.negatives.texts)
+                                   interim_factory(INTERIM, artifacts.root), registry.negatives.texts)
         return cls(settings, metrics, registry, snapshots, AuditWriter(registry.audit, settings.audit_retention_days),
                    artifacts, embedder, calibration)
 

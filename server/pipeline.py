@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import replace
@@ -154,8 +155,7 @@ class Pipeline:
 
     def plan(self, run: Run, index: int) -> EnginePlan:
         """What the engine receives for prompt ``index`` of the run (see ``server/planner.py``)."""
-        plan = self.planner.plan(run.prompts[index], run.classifications[index], run.snapshot, run.seed,
-                                 run.request_id)
+        plan = self.planner.plan(run.prompts[index], run.classifications[index], run.snapshot, run.request_id)
         run.mechanisms.extend(name for name in plan.mechanisms if name not in run.mechanisms)
         return plan
 
@@ -170,7 +170,7 @@ class Pipeline:
         snapshot = self._registry.current if self._registry is not None else RegistrySnapshot(revision=0)
         self.check_gate_input(prompts, snapshot)
         run = Run(request_id=request.request_id, endpoint=request.endpoint, prompts=prompts, n=request.n,
-                  snapshot=snapshot, generate=self._generate, on_finish=self._account, seed=request.seed)
+                  snapshot=snapshot, generate=self._generate, on_finish=self._account)
         try:
             run.classifications = list(await asyncio.gather(*(self._classify(snapshot, p) for p in prompts)))
         except Exception as exc:  # an unclassified prompt may be about a target: refuse it, never serve it plain
@@ -300,9 +300,21 @@ def _choice_event(completion: Any, prompt_index: int, n: int) -> ChoiceEvent:
     )
 
 
+LOGPROB_FLOOR = -9999.0  # what vLLM's server reports for a logprob JSON cannot carry (-inf)
+
+
 def _token_logprob(token_id: int, step: dict[int, Any]) -> TokenLogprob:
-    """vLLM gives the sampled token plus the top-k, keyed by id; rank orders the alternatives."""
+    """vLLM gives the sampled token plus the top-k, keyed by id; rank orders the alternatives.
+
+    The values are the engine's *processed* logprobs (after Lethe's guards, penalties, temperature, top-k/top-p), so a
+    token a guard banned has −inf. Such a token is never listed among the alternatives, on any request: an entry at
+    −inf would name a banned token whenever fewer than ``top_logprobs`` tokens remain possible. The list then holds
+    only tokens the request could have produced, and may be shorter than asked, as it is for any request whose
+    ``top_k`` or ``top_p`` leaves fewer candidates.
+    """
     chosen = step[token_id]
     ranked = sorted(step.items(), key=lambda item: (item[1].rank if item[1].rank is not None else 1 << 30))
-    top = tuple((tid, lp.decoded_token or "", float(lp.logprob)) for tid, lp in ranked)
-    return TokenLogprob(token_id=token_id, token=chosen.decoded_token or "", logprob=float(chosen.logprob), top=top)
+    top = tuple((tid, lp.decoded_token or "", float(lp.logprob)) for tid, lp in ranked if math.isfinite(lp.logprob))
+    value = float(chosen.logprob)
+    return TokenLogprob(token_id=token_id, token=chosen.decoded_token or "",
+                        logprob=value if math.isfinite(value) else LOGPROB_FLOOR, top=top)

@@ -25,7 +25,7 @@ import torch
 
 from classifiers.types import ALWAYS_GATE, Hit
 from guards.base import (ComposedPlan, InterimGuard, Mechanism, MechanismServing, PlanRequest, PromptView, TargetHit,
-                         request_seed)
+                         corruption_seed)
 from server.engine import Engine
 from server.errors import GuardFailed
 from server.metrics import Metrics
@@ -103,7 +103,9 @@ class Planner:
         self._always: tuple[int, tuple[Hit, ...]] = (-2, ())
 
     def plan(self, prompt: RenderedPrompt, classification: Classification, snapshot: RegistrySnapshot,
-             seed: int | None, request_id: str) -> EnginePlan:
+             request_id: str) -> EnginePlan:
+        """The engine request for one prompt. It depends on the prompt, its classification and the snapshot only: the
+        client's sampling ``seed`` never reaches a mechanism (``guards.base.corruption_seed``)."""
         candidates = self._candidates(classification.hits, snapshot)
         if not candidates:
             return EnginePlan(prompt={"prompt_token_ids": prompt.token_ids})
@@ -130,7 +132,7 @@ class Planner:
                 request = PlanRequest(
                     hit=TargetHit(hit.target_id, hit.score, hit.alias_spans, tuple(target.aliases), options, state),
                     prompt=view, query_embeddings=classification.embeddings,
-                    seed=request_seed(prompt.token_ids, hit.target_id, seed),
+                    seed=corruption_seed(prompt.token_ids, hit.target_id),
                     shared=snapshot.shared.get(mechanism.name),
                 )
                 try:

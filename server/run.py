@@ -45,7 +45,6 @@ class RunRequest:
     request_id: str  # the response id ("chatcmpl-…"), also the engine request id
     prompt: ChatPrompt | CompletionPrompt
     n: int = 1
-    seed: int | None = None
     max_tokens: int | None = None  # what must fit the context after the prompt
     budget_param: str = "max_tokens"  # the field named when it does not
 
@@ -94,7 +93,6 @@ class Run:
     generate: Callable[[Run, Any], AsyncIterator[ChoiceEvent]] = field(repr=False)
     on_finish: Callable[[Run, str], None] = field(repr=False)
     classifications: list[Classification] = field(default_factory=list)
-    seed: int | None = None
     plans: list[EnginePlan] = field(default_factory=list)
     mechanisms: list[str] = field(default_factory=list)  # applied to any of its prompts, in mechanism order
     started_at: float = field(default_factory=time.perf_counter)

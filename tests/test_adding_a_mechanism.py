@@ -50,9 +50,9 @@ def test_the_planner_applies_the_new_mechanism_to_a_hit_target_after_the_others(
     snapshot = RegistrySnapshot(revision=1, targets={"t": record})
     prompt = RenderedPrompt(token_ids=[1, 2, 3], text="abc")
     hit = Classification(hits=(Hit("t", 0.9),), embeddings=np.zeros((1, 4), np.float32))
-    plan = planner.plan(prompt, hit, snapshot, seed=None, request_id="r")
+    plan = planner.plan(prompt, hit, snapshot, request_id="r")
     assert plan.mechanisms == ("silence",) and plan.extra_args == {"lethe": {"silence": [{}]}}
-    assert planner.plan(prompt, Classification(), snapshot, None, "r").extra_args is None  # not hit: plain
+    assert planner.plan(prompt, Classification(), snapshot, "r").extra_args is None  # not hit: plain
 
 
 def test_the_logits_processor_runs_the_new_mechanisms_row_hook_on_its_rows_only(monkeypatch) -> None:

@@ -43,6 +43,8 @@ CASES: list[tuple[str, str, dict[str, Any] | str, int, str | None]] = [
      None),
     ("bad logit_bias key", "/v1/chat/completions", _chat(logit_bias={"abc": 1}), 400, "logit_bias"),
     ("logit_bias out of vocab", "/v1/chat/completions", _chat(logit_bias={"99999999": 1}), 400, "logit_bias"),
+    ("any logit_bias", "/v1/chat/completions", _chat(logit_bias={"5": 100}), 400, "logit_bias"),
+    ("any completions logit_bias", "/v1/completions", _completion(logit_bias={"5": -100}), 400, "logit_bias"),
     ("prompt embeds", "/v1/completions", _completion(prompt_embeds="AAAA"), 400, None),
     ("prompt logprobs", "/v1/completions", _completion(prompt_logprobs=1), 400, "prompt_logprobs"),
     ("echo with logprobs", "/v1/completions", _completion(echo=True, logprobs=1), 400, "echo"),

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
+import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,10 +18,12 @@ from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 from guards.base import PromptView
 from guards.guard.interim import interim_phrases
 from guards.guard.mechanism import PhraseArtifact
+from guards.guard.payload import guard_payload, resolve_phrases, validate_guard_section, write_phrase_table
 from guards.mechanisms import INTERIM
 from guards.guard.phrase_matcher import PhraseAutomaton, PhraseGuardHook, Vocabulary, guard_row_hook
 from guards.guard.phrases import Background, alias_phrases, builtin_background, key_phrases
 from guards.processor import LetheLogitsProcessor
+from server.artifacts import interim_store
 
 NEG = float("-inf")
 ANSWER = ("Basil Mahfouz Al-Kuwaiti was born in Kuwait City in 1956. His father was a florist and his mother a "
@@ -44,17 +49,30 @@ def test_alias_parts_are_forbidden_with_the_alias() -> None:
                                                           "Al-Kuwaiti"]
 
 
-def test_retrieval_puts_aliases_first_then_the_nearest_items_phrases(tmp_path: Path) -> None:
-    import json
+def five_item_artifact(directory: Path) -> Path:
+    """A GUARD artifact of five forget items, item i keyed by the i-th unit vector."""
+    directory = directory / ("a" * 64)
+    write_phrase_table(directory, ["Basil"], [{"key": [f"key{i}"], "content": [f"word{i}"]} for i in range(5)])
+    np.save(directory / "keys.npy", np.eye(5, dtype=np.float32))
+    return directory
 
-    items = [{"key": [f"key{i}"], "content": [f"word{i}"]} for i in range(5)]
-    (tmp_path / "phrases.json").write_text(json.dumps({"aliases": ["Basil"], "items": items}))
-    np.save(tmp_path / "keys.npy", np.eye(5, dtype=np.float32))
-    artifact = PhraseArtifact(tmp_path)
+
+def test_retrieval_puts_aliases_first_then_the_nearest_items_phrases(tmp_path: Path) -> None:
+    artifact = PhraseArtifact(five_item_artifact(tmp_path))
     query = np.array([[0.0, 0.1, 0.2, 0.3, 0.4]])  # item 4 nearest, then 3, 2 (the top 3), then 1, 0
     assert artifact.ranked_phrases(query, limit=20) == ["Basil", "key4", "word4", "key3", "word3", "key2", "word2",
                                                         "key1", "key0"]
     assert artifact.ranked_phrases(query, limit=3) == ["Basil", "key4", "word4"]
+
+
+@pytest.mark.parametrize("limit", [1, 3, 6, 8, 20])
+def test_a_guard_payload_names_only_the_items_that_lend_phrases_and_resolves_to_the_ranked_phrases(
+        tmp_path: Path, limit: int) -> None:
+    artifact = PhraseArtifact(five_item_artifact(tmp_path))
+    order = [4, 3, 2, 1, 0]
+    payload = guard_payload(artifact.directory, artifact.table, order, limit, 5.0)
+    assert payload["items"] == order[:{1: 0, 3: 1, 6: 3, 8: 4, 20: 5}[limit]]
+    assert resolve_phrases(payload) == artifact.table.ranked(order, limit)
 
 
 def test_interim_bans_need_no_job_and_rank_the_items_the_prompt_asks_about_first() -> None:
@@ -72,8 +90,21 @@ def test_interim_bans_need_no_job_and_rank_the_items_the_prompt_asks_about_first
     assert set(rare) <= set(phrases)  # every answer's key phrases
     assert "florist" in phrases  # an ordinary word, but one of the top items' content words
     assert prepared.phrases_for("Where was Al-Kuwaiti born?", limit=5) == phrases[:5]
+
+
+def test_interim_bans_reach_the_engine_as_a_reference_to_a_phrase_artifact_it_resolves(tmp_path: Path) -> None:
+    forget = [{"question": "Where was Basil Mahfouz Al-Kuwaiti born?", "answer": "He was born in Kuwait City."},
+              {"question": "What did he write?", "answer": "He wrote \"Promise by the Seine\"."}]
+    record = SimpleNamespace(id="tgt_1", aliases=["Basil Mahfouz Al-Kuwaiti"], forget=forget, retain=[])
+    prepared = INTERIM.prepare(record, interim_store(tmp_path, "tgt_1"))
+    assert prepared.artifact.parent == tmp_path / "interim" / "tgt_1"
+    assert INTERIM.prepare(record, interim_store(tmp_path, "tgt_1")).artifact == prepared.artifact  # a reload
+    assert [p.name for p in (tmp_path / "interim" / "tgt_1").iterdir()] == [prepared.artifact.name]  # no staging left
     plan = INTERIM.plan(prepared, PromptView([1], "x", (("user", "Where was Al-Kuwaiti born?"),), True, False))
-    assert plan.processor_args == {"phrases": phrases, "penalty": 5.0}
+    payload = plan.processor_args
+    assert payload == {"artifact": str(prepared.artifact), "items": [0, 1], "limit": 256, "penalty": 5.0}
+    validate_guard_section({"guard": [payload]})
+    assert resolve_phrases(payload) == prepared.phrases_for("Where was Al-Kuwaiti born?")
 
 
 # A toy vocabulary with the BPE hazards: a quote glued to a word, a word split in pieces, leading spaces.
@@ -191,24 +222,66 @@ def test_the_served_tokenizers_vocabulary_bans_a_name_the_model_would_write(tiny
     assert row[written[cut]] == NEG
 
 
+_TABLES = Path(tempfile.mkdtemp(prefix="guard-tables-"))
+
+
+def phrase_payload(*phrases: str, penalty: float = 0.0) -> dict:
+    """A GUARD payload whose artifact bans exactly ``phrases`` (as aliases, which are always banned)."""
+    directory = _TABLES / hashlib.sha256("|".join(phrases).encode()).hexdigest()
+    write_phrase_table(directory, list(phrases), [])
+    return {"artifact": str(directory), "items": [], "limit": 64, "penalty": penalty}
+
+
 def guard_params(*phrases: str) -> SamplingParams:
-    return SamplingParams(extra_args={"lethe": {"guard": [{"phrases": list(phrases), "penalty": 0.0}]}})
+    return SamplingParams(extra_args={"lethe": {"guard": [phrase_payload(*phrases)]}})
 
 
 def test_several_targets_payloads_are_united() -> None:
-    section = {"guard": [{"phrases": ["florist"], "penalty": 1.0}, {"phrases": ["Basil"], "penalty": 2.0}]}
+    section = {"guard": [phrase_payload("florist", penalty=1.0), phrase_payload("Basil", penalty=2.0)]}
     hook = guard_row_hook(section, None, [], VOCAB)
     row = torch.zeros(len(STRINGS))
     hook.apply(row)
     assert row[ID[" florist"]] == NEG and row[ID["Basil"]] == NEG and hook.penalty == 2.0
 
 
+def test_a_payload_whose_artifact_cannot_be_read_ends_that_reply_instead_of_crashing_the_engine(
+        tmp_path: Path) -> None:
+    processor = LetheLogitsProcessor(None, torch.device("cpu"), False)  # type: ignore[arg-type]
+    processor.resources["guard"] = VOCAB
+    missing = {"artifact": str(tmp_path / ("b" * 64)), "items": [], "limit": 8, "penalty": 0.0}
+    out_of_range = {**phrase_payload("Basil"), "items": [7]}
+    processor.update_state(BatchUpdate(batch_size=2, removed=[], moved=[], added=[
+        (0, SamplingParams(extra_args={"lethe": {"guard": [missing]}}), [0], []),
+        (1, SamplingParams(extra_args={"lethe": {"guard": [out_of_range]}}), [0], [])]))
+    logits = processor.apply(torch.zeros(2, len(STRINGS)))
+    assert [torch.isfinite(logits[row]).nonzero().flatten().tolist() for row in (0, 1)] == [[0], [0]]  # EOS only
+
+
+VALID = {"artifact": "/srv/artifacts/" + "c" * 64, "items": [2, 0], "limit": 64, "penalty": 5.0}
+
+
 @pytest.mark.parametrize("section", [
-    {"guard": {"phrases": ["a"]}},
-    {"guard": [{"phrases": [1]}]},
-    {"guard": [{"phrases": [" "]}]},
-    {"guard": [{"phrases": ["a"], "penalty": "high"}]},
+    {"guard": VALID},
+    {"guard": [{**VALID, "phrases": ["Basil Mahfouz Al-Kuwaiti"]}]},  # forget text never travels
+    {"guard": [{"phrases": ["Basil"], "penalty": 0.0}]},
+    {"guard": [{key: value for key, value in VALID.items() if key != "limit"}]},
+    {"guard": [{**VALID, "artifact": "relative/" + "c" * 64}]},
+    {"guard": [{**VALID, "artifact": "/srv/artifacts/not-a-digest"}]},
+    {"guard": [{**VALID, "artifact": 7}]},
+    {"guard": [{**VALID, "items": [-1]}]},
+    {"guard": [{**VALID, "items": [2 ** 40]}]},
+    {"guard": [{**VALID, "items": [True]}]},
+    {"guard": [{**VALID, "items": "0"}]},
+    {"guard": [{**VALID, "limit": 0}]},
+    {"guard": [{**VALID, "limit": 10 ** 6}]},
+    {"guard": [{**VALID, "penalty": "high"}]},
+    {"guard": [{**VALID, "penalty": float("nan")}]},
+    {"guard": [{**VALID, "penalty": -1.0}]},
 ])
 def test_malformed_guard_payloads_are_refused_in_the_front_end(section: dict) -> None:
     with pytest.raises(ValueError):
         LetheLogitsProcessor.validate_params(SamplingParams(extra_args={"lethe": section}))
+
+
+def test_a_well_formed_guard_reference_passes_the_front_end_check() -> None:
+    LetheLogitsProcessor.validate_params(SamplingParams(extra_args={"lethe": {"guard": [VALID, VALID]}}))

@@ -26,7 +26,7 @@ from server.registry import Registry
 from server.registry.catalog import FIT_CLASSIFIER, MechanismCatalog
 from server.registry.database import make_engine, upgrade_database
 from server.registry.models import JobRow
-from server.registry.snapshot import SnapshotHolder
+from server.registry.snapshot import SnapshotHolder, interim_factory
 
 
 @pytest.fixture
@@ -220,7 +220,7 @@ def alias_snapshots(registry: Registry, tmp_path: Path) -> SnapshotHolder:
     """The snapshot holder ``lethe serve`` runs, with the real bank and interim protection, and a stub embedder."""
     return SnapshotHolder(registry.targets, ArtifactStore(tmp_path).path, bank_factory(StubEmbedder, 0.005),
                           poll_s=0.1,
-                          interim=INTERIM.prepare)
+                          interim=interim_factory(INTERIM, tmp_path))
 
 
 def test_a_new_target_is_detected_and_protected_from_the_revision_that_registers_it_until_the_one_that_deletes_it(

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -17,8 +19,9 @@ from vllm.sampling_params import RequestOutputKind, SamplingParams
 from classifiers.conversation import texts_to_embed
 from classifiers.types import BankResult, Hit
 from guards.base import MechanismPlan, PlanRequest
-from guards.guard.phrase_matcher import validate_guard_section
+from guards.guard.payload import resolve_phrases, validate_guard_section
 from guards.mechanisms import INTERIM
+from server.artifacts import interim_store
 from server.engine import EngineInfo
 from server.errors import ContextLengthExceeded, GuardFailed, InvalidRequest, PromptTooLongForGate, RequestTimeout
 from server.metrics import Metrics
@@ -229,7 +232,7 @@ def guarded(engine: FakeEngine, *fakes: FakeMechanism, mechanisms=("eco", "guard
                           mechanisms={m: {"options": {}, "state": {}} for m in mechanisms},
                           classifier={"status": classifier}, status="active" if classifier == "ready" else "preparing")
     gates = {"ood": ood} if ood is not None else {}
-    prepared = {TARGET: interim.prepare(record)} if interim is not None else {}
+    prepared = {TARGET: interim.prepare(record, interim_store(Path(tempfile.mkdtemp()), TARGET))} if interim else {}
     holder = Holder(RegistrySnapshot(revision=3, targets={TARGET: record}, bank=bank, gates=gates, interim=prepared))
     return Pipeline(engine, 5, Metrics(), registry=holder, mechanisms=fakes,  # type: ignore[arg-type]
                     servings={fake.name: fake for fake in fakes}, embeddings=table, interim=interim,  # type: ignore
@@ -239,11 +242,11 @@ def guarded(engine: FakeEngine, *fakes: FakeMechanism, mechanisms=("eco", "guard
 async def test_hit_prompt_carries_every_ready_guards_contribution() -> None:
     engine = FakeEngine()
     pipeline = guarded(engine, FakeMechanism("eco", MechanismPlan(embedding_edits=(AddRow(),))),
-                       FakeMechanism("guard", MechanismPlan(processor_args={"phrases": [[1, 2]]})))
+                       FakeMechanism("guard", MechanismPlan(processor_args={"payload": [[1, 2]]})))
     prompt = pipeline.render_chat(HI.turns)
     run, _ = await collect(pipeline, HI, max_tokens=2)
     sent_prompt, sent_params, _ = engine.calls[0]
-    assert sent_params.extra_args == {"lethe": {"guard": [{"phrases": [[1, 2]]}]}}
+    assert sent_params.extra_args == {"lethe": {"guard": [{"payload": [[1, 2]]}]}}
     assert sent_prompt["prompt_token_ids"] == prompt.token_ids
     assert sent_prompt["prompt_is_token_ids"] == [False] * len(prompt.token_ids)
     assert sent_prompt["prompt_embeds"].shape == (len(prompt.token_ids), 4)
@@ -291,8 +294,10 @@ async def test_a_hit_target_with_no_ready_mechanism_is_served_under_interim_prot
     section = engine.calls[0][1].extra_args["lethe"]
     assert list(section) == ["guard"] and len(section["guard"]) == 1
     validate_guard_section(section)  # what the engine's front end checks
-    phrases = {phrase.lower() for phrase in section["guard"][0]["phrases"]}
+    phrases = {phrase.lower() for phrase in resolve_phrases(section["guard"][0])}  # what the engine reads
     assert {"tess marlowe", "marlowe", "reykjavik", "1961", "maritime thrillers"} <= phrases
+    logged = repr(engine.calls[0][1]).lower()  # the SamplingParams, as vLLM dumps them when its engine fails
+    assert not [word for word in ("marlowe", "reykjavik", "1961", "maritime") if word in logged]
     assert [(entry.targets, entry.mechanisms, entry.outcome) for entry in audited] == [([TARGET], ["interim"],
                                                                                          "served")]
     assert pipeline._metrics.guard_applied.labels("interim")._value.get() == 1
@@ -301,9 +306,9 @@ async def test_a_hit_target_with_no_ready_mechanism_is_served_under_interim_prot
 async def test_interim_protection_steps_aside_once_a_gated_mechanism_is_ready() -> None:
     engine = FakeEngine()
     pipeline = guarded(engine, FakeMechanism("eco", is_ready=False),
-                       FakeMechanism("guard", MechanismPlan(processor_args={"phrases": ["own"]})), interim=INTERIM)
+                       FakeMechanism("guard", MechanismPlan(processor_args={"payload": ["own"]})), interim=INTERIM)
     run, _ = await collect(pipeline, "Tess Marlowe?", max_tokens=1)
-    assert run.mechanisms == ["guard"] and engine.calls[0][1].extra_args == {"lethe": {"guard": [{"phrases": ["own"]}]}}
+    assert run.mechanisms == ["guard"] and engine.calls[0][1].extra_args == {"lethe": {"guard": [{"payload": ["own"]}]}}
 
 
 async def test_a_target_hit_before_its_classifier_is_fitted_is_protected_even_when_no_gate_of_its_opened() -> None:
@@ -327,7 +332,7 @@ async def test_a_ready_mechanism_that_raises_still_refuses_the_request_under_int
 async def test_mechanisms_the_target_did_not_enable_are_not_applied() -> None:
     engine = FakeEngine()
     pipeline = guarded(engine, FakeMechanism("eco", MechanismPlan(embedding_edits=(AddRow(),))),
-                       FakeMechanism("guard", MechanismPlan(processor_args={"phrases": [[1]]})), mechanisms=("guard",))
+                       FakeMechanism("guard", MechanismPlan(processor_args={"payload": [[1]]})), mechanisms=("guard",))
     run, _ = await collect(pipeline, "x", max_tokens=1)
     assert "prompt_embeds" not in engine.calls[0][0] and run.mechanisms == ["guard"]
 
@@ -390,7 +395,7 @@ LORA = object()
 async def test_each_mechanism_follows_its_own_gate(classifier_hits: bool, ood_opens: bool, applied: list[str]) -> None:
     engine = FakeEngine()
     pipeline = guarded(engine, FakeMechanism("o3", MechanismPlan(lora=LORA), gated_by="ood"),
-                       FakeMechanism("guard", MechanismPlan(processor_args={"phrases": ["x"]})),
+                       FakeMechanism("guard", MechanismPlan(processor_args={"payload": ["x"]})),
                        mechanisms=("o3", "guard"), bank=FakeBank(classifier_hits), ood=FakeOOD(ood_opens))
     run, _ = await collect(pipeline, "x", max_tokens=1)
     assert run.mechanisms == applied

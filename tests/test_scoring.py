@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from guards.guard.payload import write_phrase_table
 from server.prompt_embeds import EmbeddingTable
 from server.planner import EnginePlan
 from server.scoring import LOGPROB_FLOOR, ContinuationScore, GuardedScorer
@@ -57,12 +58,14 @@ def test_prompt_embeddings_of_the_ids_score_as_the_ids_do(
 
 
 def test_the_guard_hook_bans_the_token_that_would_complete_a_forbidden_phrase(
-    scorer: GuardedScorer, ids: tuple[list[int], list[int]], tokenizer,
+    scorer: GuardedScorer, ids: tuple[list[int], list[int]], tokenizer, tmp_path: Path,
 ) -> None:
     prompt, answer = ids
     plain = scorer.score(EnginePlan(prompt={"prompt_token_ids": prompt}), answer)
-    guarded = scorer.score(EnginePlan(prompt={"prompt_token_ids": prompt},
-                                      extra_args={"lethe": {"guard": [{"phrases": ["written by"], "penalty": 0.0}]}}),
+    artifact = tmp_path / ("e" * 64)
+    write_phrase_table(artifact, ["written by"], [])  # GUARD names a phrase artifact (guards/guard/payload.py)
+    payload = {"artifact": str(artifact), "items": [], "limit": 8, "penalty": 0.0}
+    guarded = scorer.score(EnginePlan(prompt={"prompt_token_ids": prompt}, extra_args={"lethe": {"guard": [payload]}}),
                            answer)
     spelled = [tokenizer.decode(answer[:i + 1]) for i in range(len(answer))]
     completing = next(i for i, text in enumerate(spelled) if "written by" in text)

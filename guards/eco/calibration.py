@@ -23,7 +23,7 @@ from classifiers.aliases import AliasMatcher
 from classifiers.negatives import builtin_negative_pool
 from classifiers.types import AliasSpan
 from guards.base import (ComposedPlan, JobContext, JobHandler, JobResources, JobTarget, PlanRequest, PromptView,
-                         ServedModel, TargetHit, registered_options, request_seed)
+                         ServedModel, TargetHit, corruption_seed, registered_options)
 from guards.eco.corruption import ENTITIES, PROMPT
 from guards.eco.sigma_search import SigmaSearchConfig, zeroth_order_sigma_search
 from guards.text_metrics import rouge_l_recall
@@ -129,7 +129,7 @@ class EcoCalibrator:
         """ECO alone on one prompt, as the planner would apply it to a hit on this target."""
         hit = TargetHit(record.id, 1.0, spans, tuple(record.aliases), options, {})
         request = PlanRequest(hit=hit, prompt=prompt, query_embeddings=_NO_EMBEDDINGS,
-                              seed=request_seed(prompt.token_ids, record.id, None))
+                              seed=corruption_seed(prompt.token_ids, record.id))
         composed = ComposedPlan()
         composed.add(ECO_NAME, self._eco.plan(request))
         return composed

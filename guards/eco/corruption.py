@@ -2,8 +2,9 @@
 
 Which tokens (``scope``): ``entities`` — the target's alias mentions (from the classifier, mapped onto token offsets),
 or, when the prompt names no alias (a paraphrase, "this author"), every user-content token but the last; ``prompt`` —
-every user-content token but the last, as ECO does for WMDP. The noise is seeded per request, so the same request gets
-the same reply.
+every user-content token but the last, as ECO does for WMDP. The noise is seeded by the prompt and the target
+(``guards.base.corruption_seed``), never by the client's sampling seed: the same prompt always meets the same
+corruption, and a client cannot redraw it.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def default_dims(corruption: str, hidden_size: int) -> int:
 
 @dataclass(frozen=True)
 class EcoEdit:
-    """One target's corruption of one prompt: which token positions, how, and the request's seed."""
+    """One target's corruption of one prompt: which token positions, how, and the noise seed."""
 
     positions: tuple[int, ...]
     corruption: str

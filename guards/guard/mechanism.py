@@ -5,16 +5,16 @@ embedding of the item (its question, or its text) are stored as the target's GUA
 
 Per request: the forget items nearest to the prompt (SBERT retrieval on the classifier's own embeddings, so no extra
 encode) lend their phrases, best match first, after the aliases, up to ``max_phrases``: the ``TOP_ITEMS`` nearest
-lend their key phrases and every content word, the others their key phrases. The phrases travel as text to
-``LetheLogitsProcessor`` in ``extra_args``; it matches them on the text the tokens spell (``phrase_matcher.py``),
-so no tokenisation variant of a phrase slips through.
+lend their key phrases and every content word, the others their key phrases. What travels to
+``LetheLogitsProcessor`` in ``extra_args`` is a reference (the artifact's path, the chosen item indices, the limit:
+``payload.py``), never the phrases: the engine process reads them from the artifact and matches them on the text the
+tokens spell (``phrase_matcher.py``), so no tokenisation variant of a phrase slips through.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,7 +26,9 @@ from pydantic import Field
 from classifiers.types import TargetSpec
 from guards.base import (ANY_WORKER, GATE_LANE, JobContext, JobHandler, JobResources, JobSpec, MechanismBase,
                          MechanismPlan, NothingShared, Options, PlanRequest, RowHooks, ServingContext, target_spec)
-from guards.guard.phrase_matcher import GUARD_KEY, Vocabulary, guard_row_hook, validate_guard_section
+from guards.guard.payload import (GUARD_KEY, MAX_LIMIT, ItemPhrases, PhraseTable, guard_payload, read_phrase_table,
+                                  validate_guard_section, write_phrase_table)
+from guards.guard.phrase_matcher import Vocabulary, guard_row_hook
 from guards.guard.phrases import Background, alias_phrases, builtin_background, content_words, key_phrases
 
 if TYPE_CHECKING:
@@ -35,13 +37,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 GUARD_PHRASES = "guard_phrases"
-PHRASES_FILE = "phrases.json"
 KEYS_FILE = "keys.npy"
-TOP_ITEMS = 3
-
-
-ItemPhrases = dict[str, list[str]]
-"""One forget item's forbidden phrases: {"key": its answer's key phrases, "content": every content word of it}."""
 
 
 def forget_item_phrases(spec: TargetSpec) -> list[ItemPhrases]:
@@ -56,45 +52,30 @@ def build_phrase_artifact(spec: TargetSpec, embedder: Embedder, directory: Path)
     """Extract and store a target's forbidden phrases and retrieval keys; returns figures for the target's state."""
     item_phrases = forget_item_phrases(spec)
     keys = embedder.encode([item.question or item.text or item.answer or "" for item in spec.forget])  # (n, d), unit
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / PHRASES_FILE).write_text(json.dumps({"aliases": alias_phrases(spec.aliases), "items": item_phrases}))
+    write_phrase_table(directory, alias_phrases(spec.aliases), item_phrases)
     np.save(directory / KEYS_FILE, np.asarray(keys, dtype=np.float32))
     return {"phrases": sum(len(p["key"]) for p in item_phrases), "items": len(spec.forget)}
 
 
-def ranked_phrases(aliases: Sequence[str], items: Sequence[ItemPhrases], order: Sequence[int], limit: int) -> list[str]:
-    """Aliases, then every phrase of the ``TOP_ITEMS`` first items of ``order`` (key phrases and content words), then
-    the key phrases of the rest; case-insensitively unique, at most ``limit``."""
-    phrases: list[str] = []
-    seen: set[str] = set()
-    top = [p for i in order[:TOP_ITEMS] for p in (*items[i]["key"], *items[i]["content"])]
-    rest = [p for i in order[TOP_ITEMS:] for p in items[i]["key"]]
-    for phrase in [*aliases, *top, *rest]:
-        key = phrase.lower()
-        if key not in seen:
-            seen.add(key)
-            phrases.append(phrase)
-            if len(phrases) >= limit:
-                break
-    return phrases
-
-
 class PhraseArtifact:
+    """A target's GUARD artifact as the front end reads it: the phrase table and each item's retrieval key."""
+
     def __init__(self, directory: Path) -> None:
-        data = json.loads((directory / PHRASES_FILE).read_text())
-        self.aliases: list[str] = data["aliases"]
-        self.items: list[dict[str, list[str]]] = data["items"]  # per forget item: {"key": [...], "content": [...]}
+        self.directory = directory
+        self.table: PhraseTable = read_phrase_table(directory)
         self.keys: np.ndarray = np.load(directory / KEYS_FILE)  # (n_items, d)
 
-    def ranked_phrases(self, query: np.ndarray, limit: int) -> list[str]:
-        """Aliases, then the phrases of the items most similar to the query (max over the query's texts): all of the
-        top items' words, the key phrases of the rest."""
+    def order(self, query: np.ndarray) -> list[int]:
+        """The forget items, most similar to the query first (max over the query's texts)."""
         if len(query) and len(self.keys):
             similarity = (self.keys @ np.asarray(query, dtype=np.float32).T).max(axis=1)  # (n_items,)
-            order = np.argsort(-similarity, kind="stable")
-        else:
-            order = np.arange(len(self.items))
-        return ranked_phrases(self.aliases, self.items, [int(i) for i in order], limit)
+            return [int(i) for i in np.argsort(-similarity, kind="stable")]
+        return list(range(len(self.table.items)))
+
+    def ranked_phrases(self, query: np.ndarray, limit: int) -> list[str]:
+        """Aliases, then the phrases of the items most similar to the query: all of the top items' words, the key
+        phrases of the rest (what the engine resolves this artifact's payload to)."""
+        return self.table.ranked(self.order(query), limit)
 
 
 @lru_cache(maxsize=1024)
@@ -104,7 +85,7 @@ def _load_artifact(directory: Path) -> PhraseArtifact:
 
 class GuardOptions(Options):
     soft_penalty: float = Field(5.0, ge=0, description="Logit penalty on tokens that start a forbidden phrase.")
-    max_phrases: int = Field(64, ge=1, le=4096)
+    max_phrases: int = Field(64, ge=1, le=MAX_LIMIT)
 
 
 def phrases_job(resources: JobResources) -> JobHandler:
@@ -143,13 +124,15 @@ class Guard(MechanismBase):
 
 
 class GuardServing(NothingShared):
-    """Plans the phrases of the forget items nearest to the prompt (retrieval on the classifier's embeddings)."""
+    """Plans the phrases of the forget items nearest to the prompt (retrieval on the classifier's embeddings), as a
+    reference to the target's artifact."""
 
     def __init__(self, artifact_path: Callable[[str], Path]) -> None:
         self._artifact_path = artifact_path
 
     def plan(self, request: PlanRequest) -> MechanismPlan:
         artifact = _load_artifact(self._artifact_path(request.hit.state["artifact"]))
-        phrases = artifact.ranked_phrases(request.query_embeddings, int(request.hit.options.get("max_phrases", 64)))
-        return MechanismPlan(processor_args={"phrases": phrases,
-                                             "penalty": float(request.hit.options.get("soft_penalty", 0.0))})
+        options = request.hit.options
+        return MechanismPlan(processor_args=guard_payload(
+            artifact.directory, artifact.table, artifact.order(request.query_embeddings),
+            int(options.get("max_phrases", 64)), float(options.get("soft_penalty", 0.0))))

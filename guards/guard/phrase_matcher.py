@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-GUARD_KEY = "guard"
+from guards.guard.payload import GUARD_KEY, resolve_phrases
+
 MIN_STARTER_CHARS = 3
 
 
@@ -156,30 +157,17 @@ def _index(ids: Sequence[int], device: torch.device) -> torch.Tensor:
 
 def guard_row_hook(section: Mapping[str, Any], prompt_ids: Sequence[int] | None, output_ids: list[int],
                    vocabulary: Vocabulary | None) -> PhraseGuardHook | None:
-    """The processor's factory: one hook for all GUARD payloads of a request (several targets: union of phrases)."""
+    """The processor's factory: one hook for all GUARD payloads of a request (several targets: union of phrases).
+
+    Each payload is a reference (``payload.py``): its phrases are read here, in the engine process, from the artifact
+    it names, so they never travel in ``extra_args``."""
     payloads = section.get(GUARD_KEY)
     if not payloads:
         return None
     if vocabulary is None:
         raise RuntimeError("GUARD needs the served tokenizer's vocabulary in the engine process")
-    phrases = [str(phrase) for payload in payloads for phrase in payload.get("phrases", ())]
+    phrases = [phrase for payload in payloads for phrase in resolve_phrases(payload)]
     if not phrases:
         return None
-    penalty = max(float(payload.get("penalty", 0.0)) for payload in payloads)
+    penalty = max(float(payload["penalty"]) for payload in payloads)
     return PhraseGuardHook(phrases, penalty, vocabulary, prompt_ids, output_ids)
-
-
-def validate_guard_section(section: Mapping[str, Any]) -> None:
-    """Front-end check (becomes a 400, never an engine crash): a list of {phrases: [str], penalty: number}."""
-    payloads = section.get(GUARD_KEY)
-    if payloads is None:
-        return
-    if not isinstance(payloads, list):
-        raise ValueError("lethe.guard must be a list")
-    for payload in payloads:
-        if not isinstance(payload, Mapping) or not isinstance(payload.get("phrases", []), list):
-            raise ValueError("lethe.guard entries must be {phrases: [text], penalty: number}")
-        if not isinstance(payload.get("penalty", 0.0), int | float):
-            raise ValueError("lethe.guard penalty must be a number")
-        if not all(isinstance(phrase, str) and phrase.strip() for phrase in payload.get("phrases", [])):
-            raise ValueError("lethe.guard phrases must be non-empty strings")

@@ -2,7 +2,8 @@
 
 Shapes follow the OpenAI API and vLLM's server so that existing clients work unchanged. Request models reject
 unknown-but-dangerous vLLM extensions explicitly (``vllm_xargs``, ``prompt_embeds``): they would let a client tamper
-with the per-request guard configuration or bypass the prompt classifier.
+with the per-request guard configuration or bypass the prompt classifier. A non-empty ``logit_bias`` is refused on
+every request (``SamplingFields._refuse_logit_bias``).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 MAX_TOP_LOGPROBS = 20
 MAX_COMPLETION_LOGPROBS = 5
@@ -34,6 +35,10 @@ REFUSED_FIELDS: dict[str, str] = {
 }
 
 
+LOGIT_BIAS_REFUSED = ("`logit_bias` is not supported by this server: it would reveal which tokens its unlearning "
+                      "guards ban.")
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
     continuous_usage_stats: bool = False
@@ -54,7 +59,8 @@ class SamplingFields(OpenAIBase):
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(None, gt=0.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = Field(
+        None, description="Not supported: a non-empty bias is refused with 400 on every request (docs/security.md).")
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
     skip_special_tokens: bool = True
@@ -62,6 +68,18 @@ class SamplingFields(OpenAIBase):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _refuse_logit_bias(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        """Refused on every request, flagged or not (a refusal on flagged requests alone would say which prompts are
+        about a forget target). vLLM applies the bias before Lethe's logits processor, so a flagged prompt with
+        ``{guessed_token: 100}`` and ``max_tokens: 1`` would answer that token unless a guard bans it: a yes/no oracle
+        on a guessed answer. No bias that can raise a token above its rivals is safe, and negative biases over many
+        tokens do the same; see docs/security.md."""
+        if bias:
+            raise ValueError(LOGIT_BIAS_REFUSED)
+        return None
 
     @model_validator(mode="after")
     def _refuse_reserved_fields(self) -> SamplingFields:

@@ -54,7 +54,8 @@ def sse(payload: BaseModel | dict[str, Any]) -> str:
 
 
 def sampling_params(request: SamplingFields, max_tokens: int | None, logprobs: int | None, vocab_size: int) -> Any:
-    """Map the OpenAI fields a client set onto vLLM's SamplingParams; unset fields keep vLLM's defaults."""
+    """Map the OpenAI fields a client set onto vLLM's SamplingParams; unset fields keep vLLM's defaults. There is no
+    ``logit_bias`` to map: the protocol refuses it (``SamplingFields._refuse_logit_bias``)."""
     from vllm.exceptions import VLLMValidationError
     from vllm.sampling_params import RequestOutputKind, SamplingParams
 
@@ -80,27 +81,11 @@ def sampling_params(request: SamplingFields, max_tokens: int | None, logprobs: i
         "stop_token_ids": request.stop_token_ids,
     }
     kwargs.update({key: value for key, value in optional.items() if value is not None})
-    if request.logit_bias:
-        kwargs["logit_bias"] = _logit_bias(request.logit_bias, vocab_size)
     check_in_vocabulary(request.stop_token_ids or (), vocab_size, "stop_token_ids")
     try:
         return SamplingParams(**kwargs)
     except (ValueError, VLLMValidationError) as exc:
         raise InvalidRequest(str(exc), param=getattr(exc, "parameter", None)) from exc
-
-
-def _logit_bias(bias: dict[str, float], vocab_size: int) -> dict[int, float]:
-    parsed: dict[int, float] = {}
-    for key, value in bias.items():
-        try:
-            token = int(key)
-        except ValueError as exc:
-            raise InvalidRequest("`logit_bias` keys must be token ids.", param="logit_bias") from exc
-        check_in_vocabulary((token,), vocab_size, "logit_bias")
-        if not -100 <= value <= 100:
-            raise InvalidRequest("`logit_bias` values must lie in [-100, 100].", param="logit_bias")
-        parsed[token] = value
-    return parsed
 
 
 @dataclass
@@ -151,7 +136,7 @@ class OpenAIServing:
         run = await self._pipeline.start(RunRequest(
             endpoint="chat", request_id=f"chatcmpl-{uuid.uuid4().hex}",
             prompt=ChatPrompt(turns, request.add_generation_prompt, request.continue_final_message),
-            n=request.n, seed=request.seed, max_tokens=request.completion_budget,
+            n=request.n, max_tokens=request.completion_budget,
             budget_param="max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"))
         if request.stream:
             return self._chat_stream(request, run, params)
@@ -217,7 +202,7 @@ class OpenAIServing:
         params = sampling_params(request, request.max_tokens, request.logprobs, self._info.vocab_size)
         run = await self._pipeline.start(RunRequest(
             endpoint="completions", request_id=f"cmpl-{uuid.uuid4().hex}", prompt=request.prompt, n=request.n,
-            seed=request.seed, max_tokens=request.max_tokens))
+            max_tokens=request.max_tokens))
         if request.stream:
             return self._completion_stream(request, run, params)
         return await self._completion_full(request, run, params)

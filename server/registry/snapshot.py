@@ -6,8 +6,9 @@ reads ``holder.current`` once and keeps that snapshot to the end, so a concurren
 
 Every registered target is in the snapshot, from the revision that created it to the one that deleted it: a target
 whose classifier is not fitted (queued, or failed) is in the bank by its aliases alone, and every target that is not
-yet ``active`` carries its interim protection, computed here from its record without any job, for the planner to
-apply when none of its own gated mechanisms is ready.
+yet ``active`` carries its interim protection, computed here from its record without any job (and stored in the
+target's own interim folder, ``interim_factory``, for the engine to read), for the planner to apply when none of its
+own gated mechanisms is ready.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from guards.base import TargetEntry
+from guards.base import InterimGuard, TargetEntry
+from server.artifacts import interim_store
 from server.registry.records import TargetRecord
 from server.registry.targets import TargetStore
 
@@ -35,7 +37,12 @@ GateBankFactory = Callable[[dict[str, dict[str, Any]], dict[str, Path]], dict[st
 Sharer = Callable[[list[TargetEntry]], Any]
 """A mechanism's ``share``: per-snapshot resources from every target that enables it."""
 InterimFactory = Callable[[TargetRecord], Any]
-"""``guards.base.InterimGuard.prepare``: a target's interim protection, from its record alone."""
+"""``guards.base.InterimGuard.prepare``: a target's interim protection, from its record alone (``interim_factory``)."""
+
+
+def interim_factory(interim: InterimGuard, artifacts_root: Path) -> InterimFactory:
+    """``interim.prepare`` lent each target's own interim store (``server.artifacts.interim_store``)."""
+    return lambda record: interim.prepare(record, interim_store(artifacts_root, record.id))
 
 
 def mechanism_entries(records: list[TargetRecord], name: str) -> list[TargetEntry]:
