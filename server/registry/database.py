@@ -22,6 +22,8 @@ logger = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 10_000
+SECURE_VACUUMED = 1  # SQLite ``user_version`` once the file was vacuumed with ``secure_delete`` on
+SCRUBBED_TABLES = ("targets", "jobs", "audit")  # the tables whose deleted or updated rows held a target's text
 
 
 def make_engine(url: str) -> Engine:
@@ -36,6 +38,8 @@ def make_engine(url: str) -> Engine:
             cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute("PRAGMA synchronous=FULL")
+            # Deleted rows are overwritten with zeros, not left in free pages (a deleted target's text).
+            cursor.execute("PRAGMA secure_delete=ON")
             cursor.close()
 
         return engine
@@ -86,6 +90,28 @@ class RegistryDatabase:
     def session(self) -> Session:
         """A session for reads (use it as a context manager)."""
         return self._sessions()
+
+    def scrub(self) -> bool:
+        """Erase from the database files what deleted rows left behind; True when done (else retry later).
+
+        SQLite: rows deleted under ``secure_delete`` are zeroed in the main file, but the write-ahead log still holds
+        every page version written since its last reset, the deleted text included: a TRUNCATE checkpoint copies the
+        current pages back and empties it. It fails (busy) while another connection reads an older snapshot. A file
+        that may predate ``secure_delete`` is vacuumed once (rebuilt without any free space), then marked by
+        ``user_version``. PostgreSQL: deleted or updated rows survive as dead tuples until VACUUM reclaims their
+        space (new rows then overwrite it), so the tables that held target text are vacuumed (see docs/security.md).
+        """
+        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+            if self.backend == "sqlite":
+                if connection.exec_driver_sql("PRAGMA user_version").scalar() < SECURE_VACUUMED:
+                    connection.exec_driver_sql("VACUUM")
+                    connection.exec_driver_sql(f"PRAGMA user_version={SECURE_VACUUMED}")
+                    logger.info("registry.vacuumed", extra={"backend": self.backend})
+                busy, _, _ = connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").one()
+                return busy == 0
+            if self.backend == "postgresql":
+                connection.exec_driver_sql(f"VACUUM {', '.join(SCRUBBED_TABLES)}")
+            return True
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
