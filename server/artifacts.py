@@ -2,6 +2,11 @@
 
 An artifact is a directory of files named by the SHA-256 of its contents; it is written to a temporary sibling and
 renamed into place, so a reader never sees a half-written artifact and two writers of the same content agree.
+
+A staging folder made for a job is named after the job and its attempt (``.staging-<job id>.<attempt>-…``), so the
+erasure pass (``server/artifact_gc.py``) can tell an abandoned one (its job is over) from one still being written.
+Committing touches the artifact's directory even when the content was already there: the erasure pass keeps an
+unreferenced artifact written that recently, since the job that wrote it has yet to publish it.
 """
 
 from __future__ import annotations
@@ -12,11 +17,18 @@ import shutil
 import tempfile
 from pathlib import Path
 
+STAGING_PREFIX = ".staging-"
+
 
 class ArtifactStore:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, owner: str | None = None) -> None:
         self.root = root
+        self.owner = owner
         self.root.mkdir(parents=True, exist_ok=True)
+
+    def owned_by(self, owner: str) -> ArtifactStore:
+        """The same store, whose staging folders carry ``owner`` (a job id and attempt: ``job_….3``)."""
+        return ArtifactStore(self.root, owner)
 
     def path(self, digest: str) -> Path:
         if len(digest) != 64 or any(ch not in "0123456789abcdef" for ch in digest):
@@ -25,22 +37,39 @@ class ArtifactStore:
 
     def staging_dir(self) -> Path:
         """A fresh directory to write an artifact into before ``commit``."""
-        return Path(tempfile.mkdtemp(prefix=".staging-", dir=self.root))
+        prefix = f"{STAGING_PREFIX}{self.owner}-" if self.owner else STAGING_PREFIX
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=self.root))
+
+    def discard_staging(self) -> None:
+        """Remove this owner's staging folders (its job failed or was cancelled before committing them)."""
+        if self.owner:
+            for staging in self.root.glob(f"{STAGING_PREFIX}{self.owner}-*"):
+                shutil.rmtree(staging, ignore_errors=True)
 
     def commit(self, staging: Path) -> str:
         """Hash the staged directory's files, move it to its content address, return the digest."""
         digest = directory_digest(staging)
         final = self.path(digest)
-        if final.exists():
+        if _touch(final):
             shutil.rmtree(staging)
-        else:
-            try:
-                os.rename(staging, final)
-            except OSError:
-                if not final.exists():
-                    raise
-                shutil.rmtree(staging)  # another writer committed the same content first
+            return digest
+        try:
+            os.rename(staging, final)
+        except OSError:
+            if not final.exists():
+                raise
+            shutil.rmtree(staging)  # another writer committed the same content first
+        _touch(final)
         return digest
+
+
+def _touch(directory: Path) -> bool:
+    """Mark ``directory`` as just written; False if it does not exist (any more)."""
+    try:
+        os.utime(directory)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def directory_digest(directory: Path) -> str:

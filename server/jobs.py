@@ -130,7 +130,9 @@ class JobWorker:
             self._jobs.cancel(job.id, "target deleted")
             logger.info("job.cancelled", extra={"job_id": job.id, "reason": "target deleted"})
             return True
-        context = JobContext(job=job, target=target, artifacts=self._artifacts,
+        # Staging folders named after this attempt: removed here if it fails, by the erasure pass if it died.
+        artifacts = self._artifacts.owned_by(f"{job.id}.{job.attempts}")
+        context = JobContext(job=job, target=target, artifacts=artifacts,
                              _report=lambda fraction, message: self._jobs.report_progress(job.id, fraction, message))
         heartbeat_stop = threading.Event()
         heartbeat = threading.Thread(target=self._heartbeat, args=(context, heartbeat_stop), daemon=True)
@@ -138,9 +140,11 @@ class JobWorker:
         try:
             result = self._handlers[job.kind](context)
         except JobCancelled:
+            artifacts.discard_staging()
             logger.info("job.cancelled", extra={"job_id": job.id})
         except Exception as exc:
             logger.exception("job.failed", extra={"job_id": job.id, "kind": job.kind})
+            artifacts.discard_staging()  # before a retry can claim the job
             self._jobs.fail(job.id, f"{type(exc).__name__}: {exc}")
         else:
             self._jobs.complete(job.id, result)
