@@ -7,6 +7,7 @@ import itertools
 import time
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -296,6 +297,25 @@ def test_a_deleted_targets_text_is_gone_from_every_table_and_a_tombstone_without
                                                                                          deleted.revision, True)
     assert [e.prompt for e in sorted(registry.audit.recent(10, None), key=lambda e: e.request_id)] == [
         None, None, "Who is Basil?", None]
+    if registry.database.backend == "postgresql":  # not only invisible: gone from the files of targets and jobs
+        assert not [table for table, data in postgres_table_files(registry, ["targets", "jobs"]).items()
+                    if b"quenterfeld" in data.lower() or b"glimmerfen" in data.lower()]
+
+
+def postgres_table_files(registry: Registry, tables: list[str]) -> dict[str, bytes]:
+    """{table: the bytes of its heap, TOAST and index files} after a checkpoint (the test cluster's own files)."""
+    files: dict[str, bytes] = {}
+    with registry.database.engine.connect() as connection:
+        connection.execute(text("CHECKPOINT"))
+        root = Path(connection.execute(text("SELECT current_setting('data_directory')")).scalar())
+        for table in tables:
+            relations = connection.execute(text(
+                "SELECT pg_relation_filepath(c.oid) FROM pg_class c WHERE c.oid = CAST(:t AS regclass) "
+                "OR c.oid = (SELECT reltoastrelid FROM pg_class WHERE oid = CAST(:t AS regclass)) "
+                "OR c.oid IN (SELECT indexrelid FROM pg_index WHERE indrelid = CAST(:t AS regclass))"), {"t": table})
+            files[table] = b"".join(path.read_bytes() for (relative,) in relations if relative
+                                    for path in [root / relative, *sorted(root.glob(f"{relative}.*"))])
+    return files
 
 
 def test_audit_is_listed_newest_first_filtered_and_pruned(registry: Registry) -> None:

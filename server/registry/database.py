@@ -23,7 +23,10 @@ logger = logging.getLogger(__name__)
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 SECURE_VACUUMED = 1  # SQLite ``user_version`` once the file was vacuumed with ``secure_delete`` on
-SCRUBBED_TABLES = ("targets", "jobs", "audit")  # the tables whose deleted or updated rows held a target's text
+# PostgreSQL tables whose deleted or updated rows held a target's text: rewritten (small), or vacuumed (large).
+REWRITTEN_TABLES = ("targets", "jobs")
+VACUUMED_TABLES = ("audit",)
+POSTGRES_VACUUM_LOCK_TIMEOUT = "5s"  # a full vacuum waits no longer for its lock (else retried at the next pass)
 
 
 def make_engine(url: str) -> Engine:
@@ -98,8 +101,11 @@ class RegistryDatabase:
         every page version written since its last reset, the deleted text included: a TRUNCATE checkpoint copies the
         current pages back and empties it. It fails (busy) while another connection reads an older snapshot. A file
         that may predate ``secure_delete`` is vacuumed once (rebuilt without any free space), then marked by
-        ``user_version``. PostgreSQL: deleted or updated rows survive as dead tuples until VACUUM reclaims their
-        space (new rows then overwrite it), so the tables that held target text are vacuumed (see docs/security.md).
+        ``user_version``. PostgreSQL: a deleted or updated row's bytes stay in the table's and its indexes' files
+        after VACUUM reclaims the space, until new rows overwrite them; VACUUM FULL rewrites the files without them.
+        The small tables that held a target's contents (targets, jobs) are rewritten so, under a lock timeout (a
+        full vacuum blocks their readers); the audit table, large and written all the time, only gets a plain VACUUM
+        (docs/security.md says what remains). ANALYZE refreshes the statistics, which sample column values.
         """
         with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
             if self.backend == "sqlite":
@@ -110,7 +116,9 @@ class RegistryDatabase:
                 busy, _, _ = connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").one()
                 return busy == 0
             if self.backend == "postgresql":
-                connection.exec_driver_sql(f"VACUUM {', '.join(SCRUBBED_TABLES)}")
+                connection.exec_driver_sql(f"SET lock_timeout = '{POSTGRES_VACUUM_LOCK_TIMEOUT}'")
+                connection.exec_driver_sql(f"VACUUM (FULL, ANALYZE) {', '.join(REWRITTEN_TABLES)}")
+                connection.exec_driver_sql(f"VACUUM (ANALYZE) {', '.join(VACUUMED_TABLES)}")
             return True
 
     @contextmanager
