@@ -43,6 +43,7 @@ from server.registry import Registry
 from server.registry.catalog import FIT_CLASSIFIER
 from server.registry.records import AuditEntry
 from server.registry.snapshot import mechanism_entries
+from tests.erasure_probe import files_holding
 
 ZORBLAX = {
     "name": "zorblax-quenterfeld",
@@ -120,17 +121,6 @@ def run_jobs(registry: Registry, settings: Settings) -> None:
     worker = JobWorker(registry, ArtifactStore(settings.resolved_artifacts_dir), handlers)
     while worker.run_once():
         pass
-
-
-def files_holding(root: Path, secrets: list[str]) -> dict[str, list[str]]:
-    """{file under root: the secrets it holds as bytes (case-insensitively)}."""
-    found = {}
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        data = path.read_bytes().lower()
-        hits = [secret for secret in secrets if secret.lower().encode() in data]
-        if hits:
-            found[path.relative_to(root).as_posix()] = hits
-    return found
 
 
 def audit(target_ids: list[str], prompt: str, request_id: str) -> AuditEntry:
