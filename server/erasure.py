@@ -13,8 +13,8 @@ reports the revision it serves (``ReplicaReporter``), and every ``LETHE_ERASURE_
    artifact no live target references and every O3 stack built from one (an artifact two targets share by content
    stays while either uses it; one written within ``LETHE_ERASURE_GRACE_S`` stays, its job may not have published it
    yet); replicas rebuild their stacks without the deleted target's adapter when they load the deletion's revision;
-4. scrub the database files (``RegistryDatabase.scrub``: SQLite checkpoint, PostgreSQL VACUUM);
-5. mark the tombstones purged once 3 left nothing unreferenced and 4 succeeded.
+4. when 3 left nothing unreferenced, scrub the database files (``RegistryDatabase.scrub``: SQLite checkpoint,
+   PostgreSQL VACUUM) and mark the tombstones purged.
 
 Every step is idempotent and safe when several replicas run it at once, so no leader is needed.
 """
@@ -78,7 +78,9 @@ class ErasurePass:
         if not report.lagging:
             sweep = self._collector.sweep_artifacts(state.referenced)
             report.artifacts_removed, report.artifacts_kept, swept = sweep.removed, sweep.kept, sweep.complete
-        if pending or not self._scrubbed_once:
+        # The rows went with the deletion; their copies in the database files go with the artifacts (on PostgreSQL a
+        # full vacuum per pass while a replica lags would lock the tables for nothing), and once per replica start.
+        if (pending and swept) or not self._scrubbed_once:
             report.scrubbed = self._registry.database.scrub()
             self._scrubbed_once = self._scrubbed_once or report.scrubbed
         if pending and swept and report.scrubbed:
