@@ -21,6 +21,7 @@ never sees HTTP, the database or the engine (``JobContext``, ``ServedModel`` and
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,14 +132,30 @@ class TargetEntry:
     state: Mapping[str, Any]
 
 
+DERIVED_MEMBERS = "members.json"
+"""In a derived artifact's directory (``ServingContext.artifacts_root/<folder>/<key>``, the folder one of its
+mechanism's ``derived_artifacts``): the JSON list of the artifact digests it was built from. The erasure pass deletes a derived artifact once one of them is purged (a deleted
+target's adapter inside O3's stack), and one without this file as unaccounted for."""
+
+
 @dataclass(frozen=True)
 class ServingContext:
     """What a serving replica lends its mechanisms' serving halves."""
 
     tokenizer: Any  # the served model's tokenizer
     artifact_path: Callable[[str], Path]  # digest -> directory of a content-addressed artifact
-    artifacts_root: Path  # where per-snapshot artifacts (O3's stacks) may be written
+    # Where per-snapshot derived artifacts (O3's stacks) may be written: each in <folder>/<key>/ (the folder declared
+    # in ``Mechanism.derived_artifacts``) with its ``DERIVED_MEMBERS`` file, written before it is renamed into place.
+    artifacts_root: Path
     settings: Any  # the server's settings, read by attribute (e.g. ``max_lora_rank``)
+
+
+def write_members(directory: Path, digests: Sequence[str]) -> None:
+    """Record which artifacts the derived artifact in ``directory`` was built from (atomically: a reader sees the
+    whole list or none)."""
+    partial = directory / f".{DERIVED_MEMBERS}.partial"
+    partial.write_text(json.dumps(sorted(digests)))
+    partial.replace(directory / DERIVED_MEMBERS)
 
 
 class MechanismServing(Protocol):
@@ -361,6 +378,9 @@ class Mechanism(Protocol):
     gate_detector: GateDetector | None
     row_hooks: RowHooks | None
     lora_modules: tuple[str, ...]  # the modules its adapters adapt: the engine wraps exactly these with LoRA layers
+    # Folders of ``ServingContext.artifacts_root`` where its serving half writes derived artifacts (O3's stacks): the
+    # erasure pass collects there those built from a purged artifact (``DERIVED_MEMBERS``).
+    derived_artifacts: tuple[str, ...]
 
     def prepare(self, options: Mapping[str, Any]) -> tuple[str, ...]:
         """The job kinds that must succeed before this mechanism can serve a target registered with ``options``."""
@@ -390,6 +410,7 @@ class MechanismBase:
     gate_detector: GateDetector | None = None
     row_hooks: RowHooks | None = None
     lora_modules: tuple[str, ...] = ()
+    derived_artifacts: tuple[str, ...] = ()
 
     def gate(self, options: Mapping[str, Any]) -> str:
         return CLASSIFIER_GATE

@@ -6,6 +6,11 @@ renamed into place, so a reader never sees a half-written artifact and two write
 Interim protection's phrase artifacts (``guards/guard/interim.py``) are kept apart, one store per target under
 ``interim/<target_id>/``: they are written by every replica as snapshots load, referenced by no target's state, and
 hold the target's forget phrases, so erasing a target removes its folder whole.
+
+A staging folder made for a job is named after the job and its attempt (``.staging-<job id>.<attempt>-…``), so the
+erasure pass (``server/artifact_gc.py``) can tell an abandoned one (its job is over) from one still being written.
+Committing touches the artifact's directory even when the content was already there: the erasure pass keeps an
+unreferenced artifact written that recently, since the job that wrote it has yet to publish it.
 """
 
 from __future__ import annotations
@@ -19,12 +24,18 @@ from pathlib import Path
 
 INTERIM_DIR = "interim"
 _TARGET_ID = re.compile(r"[A-Za-z0-9_-]+")
+STAGING_PREFIX = ".staging-"
 
 
 class ArtifactStore:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, owner: str | None = None) -> None:
         self.root = root
+        self.owner = owner
         self.root.mkdir(parents=True, exist_ok=True)
+
+    def owned_by(self, owner: str) -> ArtifactStore:
+        """The same store, whose staging folders carry ``owner`` (a job id and attempt: ``job_….3``)."""
+        return ArtifactStore(self.root, owner)
 
     def path(self, digest: str) -> Path:
         if len(digest) != 64 or any(ch not in "0123456789abcdef" for ch in digest):
@@ -33,22 +44,39 @@ class ArtifactStore:
 
     def staging_dir(self) -> Path:
         """A fresh directory to write an artifact into before ``commit``."""
-        return Path(tempfile.mkdtemp(prefix=".staging-", dir=self.root))
+        prefix = f"{STAGING_PREFIX}{self.owner}-" if self.owner else STAGING_PREFIX
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=self.root))
+
+    def discard_staging(self) -> None:
+        """Remove this owner's staging folders (its job failed or was cancelled before committing them)."""
+        if self.owner:
+            for staging in self.root.glob(f"{STAGING_PREFIX}{self.owner}-*"):
+                shutil.rmtree(staging, ignore_errors=True)
 
     def commit(self, staging: Path) -> str:
         """Hash the staged directory's files, move it to its content address, return the digest."""
         digest = directory_digest(staging)
         final = self.path(digest)
-        if final.exists():
+        if _touch(final):
             shutil.rmtree(staging)
-        else:
-            try:
-                os.rename(staging, final)
-            except OSError:
-                if not final.exists():
-                    raise
-                shutil.rmtree(staging)  # another writer committed the same content first
+            return digest
+        try:
+            os.rename(staging, final)
+        except OSError:
+            if not final.exists():
+                raise
+            shutil.rmtree(staging)  # another writer committed the same content first
+        _touch(final)
         return digest
+
+
+def _touch(directory: Path) -> bool:
+    """Mark ``directory`` as just written; False if it does not exist (any more)."""
+    try:
+        os.utime(directory)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def directory_digest(directory: Path) -> str:
@@ -57,33 +85,6 @@ def directory_digest(directory: Path) -> str:
         digest.update(file.relative_to(directory).as_posix().encode() + b"\0")
         digest.update(hashlib.sha256(file.read_bytes()).digest())
     return digest.hexdigest()
-
-
-class JobArtifacts:
-    """One job's view of the store: remembers the staging directories it hands out, so that a job that fails or is
-    cancelled half-way (a full disk, a crash in training, a deleted target) leaves no partial files behind. Committed
-    artifacts are whole by construction (staged, then renamed into place)."""
-
-    def __init__(self, store: ArtifactStore) -> None:
-        self._store = store
-        self._staged: list[Path] = []
-
-    def path(self, digest: str) -> Path:
-        return self._store.path(digest)
-
-    def staging_dir(self) -> Path:
-        staging = self._store.staging_dir()
-        self._staged.append(staging)
-        return staging
-
-    def commit(self, staging: Path) -> str:
-        return self._store.commit(staging)
-
-    def discard_uncommitted(self) -> None:
-        """Remove what this job staged but never committed (a committed directory was moved away already)."""
-        for staging in self._staged:
-            shutil.rmtree(staging, ignore_errors=True)
-        self._staged.clear()
 
 
 def interim_dir(root: Path, target_id: str) -> Path:

@@ -103,6 +103,22 @@ class Settings(BaseSettings):
     eco_calibration_max_tokens: int = Field(
         64, ge=8, le=1024, description="Reply length ECO's sigma calibration generates per question."
     )
+    erasure_interval_s: float = Field(
+        10.0, gt=0, description="How often a replica runs the erasure pass: purge of deleted targets' artifacts, audit "
+        "redaction, database scrub, removal of abandoned staging folders.",
+    )
+    erasure_grace_s: float = Field(
+        300.0, ge=0, description="An unreferenced artifact written (or written again) this recently is kept: the time "
+        "a job may take between storing an artifact and publishing it.",
+    )
+    staging_grace_s: float = Field(
+        3600.0, ge=0, description="A staging folder that no queued or running job owns is removed once untouched this "
+        "long.",
+    )
+    replica_stale_s: float = Field(
+        120.0, gt=0, description="A replica that has not reported for this long no longer holds back the purge of "
+        "deleted targets' artifacts.",
+    )
     audit_prompts: bool = Field(False, description="Store prompt text in audit records.")
     audit_retention_days: float = Field(30.0, gt=0, description="Audit records older than this are deleted.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")

@@ -1,4 +1,5 @@
-"""The control plane of one replica: registry, artifacts, live snapshot, embedded job workers, audit writer.
+"""The control plane of one replica: registry, artifacts, live snapshot, embedded job workers, audit writer, and the
+erasure of deleted targets (its serving-revision reports and erasure passes, ``server/erasure.py``).
 
 ``lethe serve`` owns one; ``lethe worker`` builds only the parts a worker needs (registry, artifacts, workers). Jobs
 run in lanes (``guards.base.LANES``), one worker thread per lane: a new target's classifier fit and GUARD phrases
@@ -19,10 +20,12 @@ from classifiers.embedding import Embedder
 from guards.base import (ANY_WORKER, GATE_LANE, LANES, MODEL_FILES, SERVED_MODEL, TRAINING_LANE, JobHandler,
                          JobResources, Mechanism, ServedModel)
 from guards.mechanisms import INTERIM, MECHANISMS
+from server.artifact_gc import ArtifactCollector
 from server.artifacts import ArtifactStore
 from server.audit import AuditWriter
 from server.classifier_jobs import CalibrationVectors, bank_factory, fit_classifier_handler, gate_bank_factory
 from server.config import Settings
+from server.erasure import ErasurePass, ReplicaReporter
 from server.jobs import JobWorker, default_worker_id
 from server.metrics import Metrics
 from server.registry import Registry
@@ -155,6 +158,8 @@ class ControlPlane:
     artifacts: ArtifactStore
     embedder: LazyEmbedder
     calibration: CalibrationVectors
+    reporter: ReplicaReporter
+    erasure: ErasurePass
     workers: list[JobWorker] = field(default_factory=list)
     _tasks: list[asyncio.Task] = field(default_factory=list)
 
@@ -169,13 +174,20 @@ class ControlPlane:
                                                 metrics.gate_calibrated, calibration),
                                    settings.registry_poll_s, gate_bank_factory(embedder, MECHANISMS),
                                    interim_factory(INTERIM, artifacts.root), registry.negatives.texts)
+        reporter = ReplicaReporter(registry, lambda: snapshots.current.revision, settings.registry_poll_s)
+        collector = ArtifactCollector(artifacts.root, settings.erasure_grace_s, settings.staging_grace_s,
+                                      [folder for mechanism in MECHANISMS for folder in mechanism.derived_artifacts])
         return cls(settings, metrics, registry, snapshots, AuditWriter(registry.audit, settings.audit_retention_days),
-                   artifacts, embedder, calibration)
+                   artifacts, embedder, calibration, reporter,
+                   ErasurePass(registry, collector, settings.replica_stale_s))
 
     async def start(self) -> None:
         self.snapshots.on_swap.append(self._on_swap)
+        await asyncio.to_thread(self.reporter.starting)
         await asyncio.to_thread(self.snapshots.refresh)
-        self._tasks = [asyncio.create_task(self.snapshots.watch()), asyncio.create_task(self.audit.run())]
+        self._tasks = [asyncio.create_task(self.snapshots.watch()), asyncio.create_task(self.audit.run()),
+                       asyncio.create_task(self.reporter.run()),
+                       asyncio.create_task(self.erasure.run(self.settings.erasure_interval_s))]
 
     def start_worker(self, served: ServedModel, model_path: Path) -> None:
         """Run this replica's job workers, one thread per lane, once the engine is up.
@@ -201,3 +213,4 @@ class ControlPlane:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for worker in self.workers:
             await asyncio.to_thread(worker.stop)
+        await asyncio.to_thread(self.reporter.leave)

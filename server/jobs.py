@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from guards.base import JobHandler
-from server.artifacts import ArtifactStore, JobArtifacts
+from server.artifacts import ArtifactStore
 from server.errors import NotFound
 from server.registry import Registry
 from server.registry.records import ClaimedJob, TargetRecord
@@ -38,7 +38,7 @@ class JobContext:
 
     job: ClaimedJob
     target: TargetRecord
-    artifacts: JobArtifacts
+    artifacts: ArtifactStore
     _report: Callable[[float, str], bool]
     last: tuple[float, str] = field(default=(0.0, "started"))
 
@@ -130,7 +130,9 @@ class JobWorker:
             self._jobs.cancel(job.id, "target deleted")
             logger.info("job.cancelled", extra={"job_id": job.id, "reason": "target deleted"})
             return True
-        context = JobContext(job=job, target=target, artifacts=JobArtifacts(self._artifacts),
+        # Staging folders named after this attempt: removed here if it fails, by the erasure pass if it died.
+        artifacts = self._artifacts.owned_by(f"{job.id}.{job.attempts}")
+        context = JobContext(job=job, target=target, artifacts=artifacts,
                              _report=lambda fraction, message: self._jobs.report_progress(job.id, fraction, message))
         heartbeat_stop = threading.Event()
         heartbeat = threading.Thread(target=self._heartbeat, args=(context, heartbeat_stop), daemon=True)
@@ -138,9 +140,11 @@ class JobWorker:
         try:
             result = self._handlers[job.kind](context)
         except JobCancelled:
+            artifacts.discard_staging()
             logger.info("job.cancelled", extra={"job_id": job.id})
         except Exception as exc:
             logger.exception("job.failed", extra={"job_id": job.id, "kind": job.kind})
+            artifacts.discard_staging()  # before a retry can claim the job
             self._jobs.fail(job.id, f"{type(exc).__name__}: {exc}")
         else:
             self._jobs.complete(job.id, result)
@@ -148,7 +152,6 @@ class JobWorker:
         finally:
             heartbeat_stop.set()
             heartbeat.join()
-            context.artifacts.discard_uncommitted()
         return True
 
     def _heartbeat(self, context: JobContext, stop: threading.Event) -> None:

@@ -105,9 +105,14 @@ def tokenizer(tiny_model_dir: Path):
     return AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
+# The shared server purges a deleted target's artifacts seconds after its deletion (tests/test_erasure_server.py);
+# the grace still covers a job's store-then-publish on a busy CI host.
+SHARED_SERVER_ENV = {"LETHE_ERASURE_GRACE_S": "15", "LETHE_ERASURE_INTERVAL_S": "1"}
+
+
 @pytest.fixture(scope="session")
 def lethe_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    server = start_server(tiny_model_dir, tmp_path_factory.mktemp("lethe") / "server.log")
+    server = start_server(tiny_model_dir, tmp_path_factory.mktemp("lethe") / "server.log", SHARED_SERVER_ENV)
     yield server
     stop_server(server)
 

@@ -7,6 +7,7 @@ import itertools
 import time
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -15,6 +16,8 @@ from sqlalchemy import create_engine, inspect, text, update
 
 from server.admin.protocol import TargetCreate, TargetPatch
 from server.admin.serving import new_target, target_changes
+from server.artifact_gc import ArtifactCollector
+from server.erasure import ErasurePass
 from server.errors import Conflict, NotFound, Unprocessable
 from server.registry import Registry
 from server.registry.catalog import FIT_CLASSIFIER, MechanismCatalog
@@ -250,6 +253,69 @@ def test_delete_removes_the_target_and_cancels_its_jobs(registry: Registry) -> N
     assert deleted.revision == registry.targets.revision()
     assert registry.targets.listing().targets == []
     assert registry.jobs.get(created.jobs[0].id).status == "cancelled"
+
+
+def every_row_as_text(registry: Registry) -> str:
+    """Every value of every row of every table, as one text."""
+    engine = registry.database.engine
+    with engine.connect() as connection:
+        return "\n".join(repr(tuple(row)) for table in inspect(engine).get_table_names()
+                         for row in connection.execute(text(f"SELECT * FROM {table}")))
+
+
+def test_a_deleted_targets_text_is_gone_from_every_table_and_a_tombstone_without_content_remains(
+        registry: Registry, tmp_path) -> None:
+    secret = target(name="zorblax", aliases=["Zorblax Quenterfeld"],
+                    forget=[{"question": "Where was he born?", "answer": "In Glimmerfen Abbey."}, {"text": "Orrery"}])
+    kept = registry.targets.create(target())
+    created = registry.targets.create(secret)
+    claimed = registry.jobs.claim("w1", [FIT_CLASSIFIER])
+    claimed = registry.jobs.claim("w1", [FIT_CLASSIFIER]) if claimed.target_id != created.id else claimed
+    registry.jobs.report_progress(claimed.id, 0.5, "embedding 'Where was Zorblax Quenterfeld born?'")
+    now = time.time()
+    registry.audit.write([
+        AuditEntry("chatcmpl-1", now, "chat", [created.id], ["eco"], {created.id: 0.9}, "served", "Zorblax born?"),
+        AuditEntry("chatcmpl-2", now, "chat", [], [], {}, "served", "who is ZORBLAX QUENTERFELD"),
+        AuditEntry("chatcmpl-3", now, "chat", [kept.id], ["eco"], {kept.id: 0.9}, "served", "Who is Basil?")])
+    assert "Glimmerfen" in every_row_as_text(registry)
+
+    deleted = registry.targets.delete(created.id)
+    registry.audit.write([AuditEntry("chatcmpl-4", now, "chat", [created.id], ["eco"], {created.id: 0.8}, "served",
+                                     "Tell me about Zorblax Quenterfeld")])  # a request in flight at the delete
+    collector = ArtifactCollector(tmp_path / "artifacts", grace_s=0, staging_grace_s=60)
+    report = ErasurePass(registry, collector, replica_stale_s=60).run_once()
+
+    assert report.purged == [created.id] and report.scrubbed
+    rows = every_row_as_text(registry)
+    assert not [word for word in ("Zorblax", "Quenterfeld", "Glimmerfen", "Orrery") if word.lower() in rows.lower()]
+    assert "Basil Mahfouz Al-Kuwaiti" in rows and "Who is Basil?" in rows
+    with pytest.raises(NotFound):
+        registry.targets.get(created.id)
+    assert registry.jobs.get(claimed.id).status == "cancelled" and registry.jobs.get(claimed.id).target_id is None
+    [tombstone] = registry.erasure.tombstones()
+    assert (tombstone.target_id, tombstone.revision, tombstone.purged_at is not None) == (created.id,
+                                                                                         deleted.revision, True)
+    assert [e.prompt for e in sorted(registry.audit.recent(10, None), key=lambda e: e.request_id)] == [
+        None, None, "Who is Basil?", None]
+    if registry.database.backend == "postgresql":  # not only invisible: gone from the files of targets and jobs
+        assert not [table for table, data in postgres_table_files(registry, ["targets", "jobs"]).items()
+                    if b"quenterfeld" in data.lower() or b"glimmerfen" in data.lower()]
+
+
+def postgres_table_files(registry: Registry, tables: list[str]) -> dict[str, bytes]:
+    """{table: the bytes of its heap, TOAST and index files} after a checkpoint (the test cluster's own files)."""
+    files: dict[str, bytes] = {}
+    with registry.database.engine.connect() as connection:
+        connection.execute(text("CHECKPOINT"))
+        root = Path(connection.execute(text("SELECT current_setting('data_directory')")).scalar())
+        for table in tables:
+            relations = connection.execute(text(
+                "SELECT pg_relation_filepath(c.oid) FROM pg_class c WHERE c.oid = CAST(:t AS regclass) "
+                "OR c.oid = (SELECT reltoastrelid FROM pg_class WHERE oid = CAST(:t AS regclass)) "
+                "OR c.oid IN (SELECT indexrelid FROM pg_index WHERE indrelid = CAST(:t AS regclass))"), {"t": table})
+            files[table] = b"".join(path.read_bytes() for (relative,) in relations if relative
+                                    for path in [root / relative, *sorted(root.glob(f"{relative}.*"))])
+    return files
 
 
 def test_audit_is_listed_newest_first_filtered_and_pruned(registry: Registry) -> None:

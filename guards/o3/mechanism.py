@@ -31,8 +31,9 @@ from typing import Any, Literal
 from pydantic import Field
 
 from classifiers.types import OOD_GATE
-from guards.base import (MODEL_FILES, JobContext, JobHandler, JobResources, JobSpec, MechanismBase, MechanismPlan,
-                         Options, PlanRequest, ServingContext, TargetEntry, registered_options)
+from guards.base import (DERIVED_MEMBERS, MODEL_FILES, JobContext, JobHandler, JobResources, JobSpec, MechanismBase,
+                         MechanismPlan, Options, PlanRequest, ServingContext, TargetEntry, registered_options,
+                         write_members)
 from guards.o3.gate import OodGate
 
 logger = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ class O3Mechanism(MechanismBase):
     jobs = (JobSpec(O3_TRAIN, MODEL_FILES, training_job),)
     gate_detector = OodGate()
     lora_modules = LORA_TARGET_MODULES
+    derived_artifacts = (STACKS_DIR,)
 
     def prepare(self, options: Mapping[str, Any]) -> tuple[str, ...]:
         return (O3_TRAIN,)
@@ -146,7 +148,9 @@ class O3Serving:
         directory = self._stacks_root / key
         with self._lock:
             if not (directory / "adapter_config.json").exists():
-                self._build(directory, [self._artifact_path(digest) for digest in digests])
+                self._build(directory, digests)
+            elif not (directory / DERIVED_MEMBERS).exists():  # built before stacks recorded their members
+                write_members(directory, digests)
         from vllm.lora.request import LoRARequest
 
         rank = int(json.loads((directory / "adapter_config.json").read_text())["r"])
@@ -154,14 +158,16 @@ class O3Serving:
         logger.info("o3.stack", extra={"targets": len(ready), "rank": rank, "adapter": key[:16]})
         return O3Stack(frozenset(entry.target_id for entry in ready), rank, request)
 
-    def _build(self, directory: Path, adapters: list[Path]) -> None:
-        """Write the stack to a temporary sibling and rename it into place: readers never see half an adapter."""
+    def _build(self, directory: Path, digests: Sequence[str]) -> None:
+        """Write the stack to a temporary sibling and rename it into place: readers never see half an adapter. Its
+        members file lets the erasure pass delete it once one of its adapters is purged (a deleted target's)."""
         from guards.o3.adapters import stack_adapters
 
         directory.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=directory.parent))
         try:
-            stack_adapters(adapters, staging)
+            stack_adapters([self._artifact_path(digest) for digest in digests], staging)
+            write_members(staging, digests)
             os.rename(staging, directory)
         except OSError:
             if not directory.exists():

@@ -1,8 +1,8 @@
 """The forget-target registry: SQLAlchemy models, the targets store, the job queue, the audit log, the operators'
-negatives and the live snapshot. It speaks its own dataclasses (``records.py``), never HTTP types: the admin API
-converts at its edge.
+negatives, the serving replicas, the erasure ledger and the live snapshot. It speaks its own dataclasses
+(``records.py``), never HTTP types: the admin API converts at its edge.
 
-``Registry`` holds the four stores over one database; code that needs only one of them is handed only that one.
+``Registry`` holds the stores over one database; code that needs only one of them is handed only that one.
 """
 
 from __future__ import annotations
@@ -14,8 +14,10 @@ from sqlalchemy import Engine
 from server.registry.audit_log import AuditLog
 from server.registry.catalog import MechanismCatalog
 from server.registry.database import RegistryDatabase
+from server.registry.erasure import ErasureLedger
 from server.registry.job_queue import JobQueue
 from server.registry.negatives import NegativeStore
+from server.registry.replicas import ReplicaStore
 from server.registry.targets import TargetStore
 
 
@@ -26,10 +28,13 @@ class Registry:
     jobs: JobQueue
     audit: AuditLog
     negatives: NegativeStore
+    replicas: ReplicaStore
+    erasure: ErasureLedger
 
     @classmethod
     def open(cls, engine: Engine, catalog: MechanismCatalog = MechanismCatalog()) -> Registry:
-        """The four stores over ``engine`` (already migrated: ``database.upgrade_database``)."""
+        """The stores over ``engine`` (already migrated: ``database.upgrade_database``)."""
         database = RegistryDatabase(engine)
         jobs = JobQueue(database, catalog)
-        return cls(database, TargetStore(database, jobs, catalog), jobs, AuditLog(database), NegativeStore(database))
+        return cls(database, TargetStore(database, jobs, catalog), jobs, AuditLog(database), NegativeStore(database),
+                   ReplicaStore(database), ErasureLedger(database))

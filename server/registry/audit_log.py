@@ -1,17 +1,20 @@
 """``AuditLog``: the stored audit trail, one entry per inference request (written in batches by ``server/audit.py``).
 
-Kept apart from targets and jobs: it is append-mostly, never bumps the registry revision, and is pruned by age.
+Kept apart from targets and jobs: it is append-mostly, never bumps the registry revision, and is pruned by age. A
+record that hit a deleted target is stored without its prompt, even when it arrives after the deletion (its request was
+still in flight): the deletion redacted the records already stored (``erasure.redact_prompts``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 from sqlalchemy import delete, select
 
 from server.registry import views
 from server.registry.database import RegistryDatabase
+from server.registry.erasure import deleted_among
 from server.registry.models import AuditRow
 from server.registry.records import AuditEntry
 
@@ -24,7 +27,10 @@ class AuditLog:
         if not entries:
             return
         with self._database.transaction() as session:
-            session.add_all(AuditRow(**asdict(entry)) for entry in entries)
+            deleted = deleted_among(session, {tid for entry in entries if entry.prompt is not None
+                                              for tid in entry.targets})
+            session.add_all(AuditRow(**asdict(replace(entry, prompt=None) if deleted & set(entry.targets) else entry))
+                            for entry in entries)
 
     def recent(self, limit: int, since: float | None) -> list[AuditEntry]:
         """Newest first, at most ``limit``, only those created at or after ``since`` (Unix time) when given."""

@@ -24,6 +24,11 @@ MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 CONNECT_TIMEOUT_S = 5
 POOL_TIMEOUT_S = 10
+SECURE_VACUUMED = 1  # SQLite ``user_version`` once the file was vacuumed with ``secure_delete`` on
+# PostgreSQL tables whose deleted or updated rows held a target's text: rewritten (small), or vacuumed (large).
+REWRITTEN_TABLES = ("targets", "jobs")
+VACUUMED_TABLES = ("audit",)
+POSTGRES_VACUUM_LOCK_TIMEOUT = "5s"  # a full vacuum waits no longer for its lock (else retried at the next pass)
 
 
 def make_engine(url: str) -> Engine:
@@ -38,6 +43,8 @@ def make_engine(url: str) -> Engine:
             cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute("PRAGMA synchronous=FULL")
+            # Deleted rows are overwritten with zeros, not left in free pages (a deleted target's text).
+            cursor.execute("PRAGMA secure_delete=ON")
             cursor.close()
 
         return engine
@@ -90,6 +97,33 @@ class RegistryDatabase:
     def session(self) -> Session:
         """A session for reads (use it as a context manager)."""
         return self._sessions()
+
+    def scrub(self) -> bool:
+        """Erase from the database files what deleted rows left behind; True when done (else retry later).
+
+        SQLite: rows deleted under ``secure_delete`` are zeroed in the main file, but the write-ahead log still holds
+        every page version written since its last reset, the deleted text included: a TRUNCATE checkpoint copies the
+        current pages back and empties it. It fails (busy) while another connection reads an older snapshot. A file
+        that may predate ``secure_delete`` is vacuumed once (rebuilt without any free space), then marked by
+        ``user_version``. PostgreSQL: a deleted or updated row's bytes stay in the table's and its indexes' files
+        after VACUUM reclaims the space, until new rows overwrite them; VACUUM FULL rewrites the files without them.
+        The small tables that held a target's contents (targets, jobs) are rewritten so, under a lock timeout (a
+        full vacuum blocks their readers); the audit table, large and written all the time, only gets a plain VACUUM
+        (docs/security.md says what remains). ANALYZE refreshes the statistics, which sample column values.
+        """
+        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+            if self.backend == "sqlite":
+                if connection.exec_driver_sql("PRAGMA user_version").scalar() < SECURE_VACUUMED:
+                    connection.exec_driver_sql("VACUUM")
+                    connection.exec_driver_sql(f"PRAGMA user_version={SECURE_VACUUMED}")
+                    logger.info("registry.vacuumed", extra={"backend": self.backend})
+                busy, _, _ = connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").one()
+                return busy == 0
+            if self.backend == "postgresql":
+                connection.exec_driver_sql(f"SET lock_timeout = '{POSTGRES_VACUUM_LOCK_TIMEOUT}'")
+                connection.exec_driver_sql(f"VACUUM (FULL, ANALYZE) {', '.join(REWRITTEN_TABLES)}")
+                connection.exec_driver_sql(f"VACUUM (ANALYZE) {', '.join(VACUUMED_TABLES)}")
+            return True
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:

@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 OPEN = ("queued", "running")
 MAX_ATTEMPTS = 3
 MAX_MESSAGE = 2000
+DELETED_TARGET = "target deleted"
 
 
 class JobQueue:
@@ -44,6 +45,14 @@ class JobQueue:
             if row is None:
                 raise NotFound(f"No job `{job_id}`.", param="job_id", code="job_not_found")
             return views.job_record(row)
+
+    def open_among(self, job_ids: Sequence[str]) -> set[str]:
+        """Which of ``job_ids`` are queued or running (their staging folders are still in use)."""
+        if not job_ids:
+            return set()
+        with self._database.session() as session:
+            return set(session.scalars(select(JobRow.id).where(JobRow.id.in_(list(job_ids)),
+                                                               JobRow.status.in_(OPEN))))
 
     # ------------------------------------------------------------ workers
 
@@ -140,6 +149,12 @@ class JobQueue:
         if kinds is not None:
             query = query.where(JobRow.kind.in_(list(kinds)))
         session.execute(query.values(status="cancelled", finished_at=now, message="superseded"))
+
+    def scrub(self, session: Session, target_id: str) -> None:
+        """Blank what the target's jobs recorded (messages, errors, payloads may quote its contents) before the target
+        is deleted; the jobs stay, with their status, as ``target deleted``."""
+        session.execute(update(JobRow).where(JobRow.target_id == target_id)
+                        .values(message=DELETED_TARGET, error=None, payload={}))
 
     def refresh_statuses(self, session: Session, target: TargetRow) -> None:
         """Re-derive the target's and its mechanisms' statuses (``status.derive_statuses``) from its jobs."""

@@ -86,3 +86,27 @@ class NegativeRow(Base):
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     text: Mapped[str] = mapped_column(Text, nullable=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(), nullable=False, index=True)
+
+
+class ReplicaRow(Base):
+    """A serving replica and the registry revision its live snapshot is at, reported every few seconds: the erasure
+    pass purges a deleted target's artifacts only once no live replica can still serve a snapshot that uses them."""
+
+    __tablename__ = "replicas"
+
+    id: Mapped[str] = mapped_column(String(120), primary_key=True)
+    serving_revision: Mapped[int] = mapped_column(Integer, nullable=False)
+    started_at: Mapped[datetime] = mapped_column(DateTime(), nullable=False)
+    last_seen: Mapped[datetime] = mapped_column(DateTime(), nullable=False, index=True)
+
+
+class TombstoneRow(Base):
+    """What remains of a deleted target: its id, when and at which revision it was deleted, and when everything else
+    of it was purged. Deliberately no name, alias or text."""
+
+    __tablename__ = "tombstones"
+
+    target_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    revision: Mapped[int] = mapped_column(Integer, nullable=False)
+    deleted_at: Mapped[datetime] = mapped_column(DateTime(), nullable=False)
+    purged_at: Mapped[datetime | None] = mapped_column(DateTime(), nullable=True, index=True)

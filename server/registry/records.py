@@ -170,3 +170,32 @@ class NegativesChange:
 
     records: tuple[NegativeRecord, ...]
     revision: int
+
+
+@dataclass(frozen=True)
+class ReplicaRecord:
+    """A serving replica as it last reported: the registry revision its live snapshot is at."""
+
+    id: str
+    serving_revision: int  # -1 while it starts and has no snapshot yet
+    last_seen: datetime
+
+
+@dataclass(frozen=True)
+class Tombstone:
+    """What remains of a deleted target: no name, alias or text."""
+
+    target_id: str
+    revision: int  # the registry revision its deletion made
+    deleted_at: datetime
+    purged_at: datetime | None  # when its artifacts, audit prompts and database pages were last seen erased
+
+
+@dataclass(frozen=True)
+class ErasureState:
+    """What one erasure pass reads from the registry, consistently: the revision, every artifact digest a live target
+    references, and the deletions not yet purged."""
+
+    revision: int
+    referenced: frozenset[str]
+    pending: tuple[Tombstone, ...]

@@ -19,6 +19,7 @@ from server.errors import Conflict, NotFound, Unprocessable
 from server.registry import views
 from server.registry.catalog import MechanismCatalog
 from server.registry.database import RegistryDatabase, bump_revision, new_id, read_revision, utcnow
+from server.registry.erasure import bury, redact_prompts
 from server.registry.job_queue import JobQueue
 from server.registry.models import JobRow, TargetRow
 from server.registry.records import (
@@ -155,13 +156,21 @@ class TargetStore:
         return self.get(target_id)
 
     def delete(self, target_id: str) -> DeletedTarget:
+        """Remove the target and, in the same transaction, what the database holds of it elsewhere: its jobs'
+        messages and errors are blanked, stored audit prompts that hit it or name an alias are redacted, and a
+        tombstone without content records the deletion. Its artifacts stay until the erasure pass can purge them
+        (``server/erasure.py``): a replica may still serve the previous revision."""
         now = utcnow()
         with self._database.transaction() as session:
             row = self._target_row(session, target_id)
             self._jobs.cancel_open(session, row.id, now)
+            self._jobs.scrub(session, row.id)
+            redacted = redact_prompts(session, [row.id], row.aliases)
             session.delete(row)
             revision = bump_revision(session)
-        logger.info("target.deleted", extra={"target_id": target_id, "revision": revision})
+            bury(session, target_id, revision, now)
+        logger.info("target.deleted", extra={"target_id": target_id, "revision": revision,
+                                             "audit_prompts_redacted": redacted})
         return DeletedTarget(id=target_id, revision=revision)
 
     # ------------------------------------------------------------ helpers
