@@ -24,7 +24,9 @@ TokenIds = Annotated[list[int], Field(min_length=1, max_length=20_000)]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Admin request bodies: unknown fields and non-finite numbers (``NaN``, ``Infinity``) are refused (422)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 def _one_kind(item: ForgetItem) -> ForgetItem:
