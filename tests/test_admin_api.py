@@ -129,6 +129,14 @@ def test_a_non_finite_option_is_422_and_writes_nothing(admin: httpx.Client, mech
     assert all(t["name"] != "non-finite" for t in admin.get("/targets").json()["data"])
 
 
+def test_an_alias_that_would_flag_every_request_is_422(admin: httpx.Client) -> None:
+    before = admin.get("/registry").json()["revision"]
+    response = admin.post("/targets", json={"name": "common-alias", "aliases": ["Some Person", "the"],
+                                            "forget": [{"text": "Some text to forget."}]})
+    assert response.status_code == 422 and response.json()["error"]["param"] == "aliases.1"
+    assert admin.get("/registry").json()["revision"] == before
+
+
 def test_unknown_ids_are_404(admin: httpx.Client) -> None:
     for response in (admin.get("/targets/tgt_nope"), admin.delete("/targets/tgt_nope"),
                      admin.patch("/targets/tgt_nope", json={"description": "x"}), admin.get("/jobs/job_nope")):

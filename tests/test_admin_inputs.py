@@ -1,5 +1,6 @@
-"""What the admin surface refuses before anything is committed: non-finite numbers in any mechanism option. Over HTTP
-on the real app with a SQLite registry and no engine (the same on the real server: ``tests/test_admin_api.py``)."""
+"""What the admin surface refuses before anything is committed: non-finite numbers in any mechanism option and aliases
+that would flag every request. Over HTTP on the real app with a SQLite registry and no engine (the same on the real
+server: ``tests/test_admin_api.py``)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
+from classifiers.aliases import alias_problem
 from guards.mechanisms import MECHANISMS
-from server.admin.protocol import MechanismsIn
+from server.admin.protocol import MechanismsIn, TargetCreate
 from server.admin.serving import AdminServing
 from server.app import create_app
 from server.config import Settings
@@ -78,3 +80,32 @@ def test_every_float_option_of_every_mechanism_refuses_nan_and_infinity(mechanis
 def test_the_audit_query_refuses_a_non_finite_since(admin) -> None:
     client, _ = admin
     assert client.get("/admin/v1/audit", params={"since": "nan"}, headers=HEADERS).status_code == 422
+
+
+# ---- aliases that would flag every request -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("alias", ["the", "The", "a", "I", "AI", "of the", "!!"])
+def test_an_alias_that_would_flag_every_request_is_refused_at_registration(admin, alias: str) -> None:
+    client, registry = admin
+    response = client.post("/admin/v1/targets", content=TARGET % (f'"Tess Marlowe", "{alias}"', '{"guard": {}}'),
+                           headers=HEADERS)
+    assert_refused_and_nothing_committed(client, registry, response, "aliases.1")
+    assert alias not in response.json()["error"]["message"].split()  # target contents never appear in an error
+
+
+def test_an_alias_that_would_flag_every_request_is_refused_in_a_patch(admin) -> None:
+    client, registry = admin
+    created = client.post("/admin/v1/targets", content=TARGET % ('"Tess Marlowe"', '{"guard": {}}'), headers=HEADERS)
+    assert created.status_code == 201, created.text
+    target_id, revision = created.json()["id"], registry.targets.listing().revision
+    response = client.patch(f"/admin/v1/targets/{target_id}", json={"aliases": ["Marlowe", "it"]}, headers=HEADERS)
+    assert response.status_code == 422 and response.json()["error"]["param"] == "aliases.1"
+    assert registry.targets.listing().revision == revision
+    assert registry.targets.get(target_id).aliases == ["Tess Marlowe"]
+
+
+@pytest.mark.parametrize("alias", ["Tess Marlowe", "Marlowe", "Li Na", "1984", "The Marlowe Trust", "Park Ji-sung"])
+def test_distinctive_aliases_are_accepted(alias: str) -> None:
+    assert alias_problem(alias) is None
+    TargetCreate.model_validate({"name": "t", "aliases": [alias], "forget": [{"text": "x"}]})
