@@ -14,6 +14,9 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
+MIN_ADMIN_KEY_CHARS = 16
+
+
 def _default_cache_dir() -> Path:
     return Path.home() / ".cache" / "lethe"
 
@@ -66,7 +69,8 @@ class Settings(BaseSettings):
         None, description="Shared directory of content-addressed artifacts; unset: `artifacts/` in the data dir."
     )
     admin_key: str | None = Field(
-        None, description="Bearer key of the admin API (`/admin/v1`); unset disables the admin API (403)."
+        None, description=f"Bearer key of the admin API (`/admin/v1`), at least {MIN_ADMIN_KEY_CHARS} characters; "
+                          "unset disables the admin API (403)."
     )
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Largest accepted request body (else 413).")
     default_mechanisms: Annotated[list[str], NoDecode] = Field(
@@ -113,6 +117,15 @@ class Settings(BaseSettings):
     def _rank_from_text(cls, value: object) -> object:
         # Environment values arrive as text, and a Literal of ints does not coerce "128" to 128.
         return int(value) if isinstance(value, str) and value.strip().isdigit() else value
+
+    @field_validator("admin_key")
+    @classmethod
+    def _long_admin_key(cls, value: str | None) -> str | None:
+        # A short bearer key can be guessed; the admin API can erase, add and read every target.
+        if value and len(value) < MIN_ADMIN_KEY_CHARS:
+            raise ValueError(f"the admin key must have at least {MIN_ADMIN_KEY_CHARS} characters (it has "
+                             f"{len(value)}): use a long random key, e.g. `openssl rand -hex 24`")
+        return value
 
     @field_validator("api_keys", "default_mechanisms", mode="before")
     @classmethod

@@ -1,28 +1,30 @@
-"""What the admin surface refuses before anything is committed: non-finite numbers in any mechanism option and aliases
-that would flag every request. Over HTTP on the real app with a SQLite registry and no engine (the same on the real
-server: ``tests/test_admin_api.py``)."""
+"""What the admin surface refuses before anything is committed: non-finite numbers in any mechanism option, aliases
+that would flag every request, and an admin key short enough to guess. Over HTTP on the real app with a SQLite
+registry and no engine (the same on the real server: ``tests/test_admin_api.py``)."""
 
 from __future__ import annotations
 
 import typing
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from classifiers.aliases import alias_problem
+from cli.main import main
 from guards.mechanisms import MECHANISMS
 from server.admin.protocol import MechanismsIn, TargetCreate
 from server.admin.serving import AdminServing
 from server.app import create_app
-from server.config import Settings
+from server.config import MIN_ADMIN_KEY_CHARS, Settings, get_settings
 from server.registry import Registry
 from server.registry.catalog import MechanismCatalog
 from server.registry.database import make_engine, upgrade_database
 
-ADMIN_KEY = "k" * 16
+ADMIN_KEY = "k" * MIN_ADMIN_KEY_CHARS
 HEADERS = {"Authorization": f"Bearer {ADMIN_KEY}", "content-type": "application/json"}
 TARGET = ('{"name": "tess", "aliases": [%s], "forget": [{"question": "Where was Tess Marlowe born?", '
           '"answer": "In Reykjavik."}], "mechanisms": %s}')
@@ -109,3 +111,26 @@ def test_an_alias_that_would_flag_every_request_is_refused_in_a_patch(admin) -> 
 def test_distinctive_aliases_are_accepted(alias: str) -> None:
     assert alias_problem(alias) is None
     TargetCreate.model_validate({"name": "t", "aliases": [alias], "forget": [{"text": "x"}]})
+
+
+# ---- the admin key -------------------------------------------------------------------------------------------------
+
+
+def test_a_short_admin_key_is_refused_by_the_settings() -> None:
+    with pytest.raises(ValidationError, match=f"at least {MIN_ADMIN_KEY_CHARS} characters"):
+        Settings(_env_file=None, admin_key="k" * (MIN_ADMIN_KEY_CHARS - 1))  # type: ignore[call-arg]
+    assert Settings(_env_file=None, admin_key=ADMIN_KEY).admin_key == ADMIN_KEY  # type: ignore[call-arg]
+    assert Settings(_env_file=None, admin_key="").admin_key == ""  # type: ignore[call-arg]  # empty: admin API off
+
+
+def test_lethe_serve_refuses_to_start_with_a_short_admin_key(monkeypatch, capsys: Any) -> None:
+    monkeypatch.setenv("LETHE_ADMIN_KEY", "change-me")
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(SystemExit) as info:
+            main(["serve", "--model", "/nonexistent"])
+    finally:
+        get_settings.cache_clear()
+    message = str(info.value.code)
+    assert "LETHE_ADMIN_KEY" in message and f"at least {MIN_ADMIN_KEY_CHARS} characters" in message
+    assert "change-me" not in message  # the key itself is never printed
