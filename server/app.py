@@ -24,6 +24,7 @@ from server.metrics import Metrics
 from server.openai import router as openai_router
 from server.openai.protocol import ErrorBody, ErrorResponse
 from server.openai.router import ClientDisconnected
+from server.openai.limits import RequestLimits
 from server.openai.serving import OpenAIServing
 from server.runtime import Runtime
 
@@ -91,7 +92,7 @@ def create_app(
         engine = runtime.engine
         app.state.registry = runtime.control.registry
         app.state.engine = engine
-        app.state.serving = OpenAIServing(runtime.pipeline, engine.info)
+        app.state.serving = OpenAIServing(runtime.pipeline, engine.info, RequestLimits.from_settings(settings))
         app.state.admin = AdminServing(runtime.control.registry, settings.default_mechanisms,
                                        runtime.control.snapshots, runtime.scoring)
         metrics.engine_up.set(1)

@@ -73,6 +73,11 @@ class Settings(BaseSettings):
                           "unset disables the admin API (403)."
     )
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Largest accepted request body (else 413).")
+    max_prompts_per_request: int = Field(
+        64, ge=1, description="Most prompts in one `/v1/completions` `prompt` list (else 400).")
+    max_sequences_per_request: int = Field(
+        128, ge=1, description="Most sequences (prompts × `n`) one inference request may ask for (else 400).")
+    max_messages: int = Field(256, ge=1, description="Most `messages` in one chat request (else 400).")
     default_mechanisms: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["eco", "guard"],
         description="Mechanisms a target gets when its `mechanisms` field is omitted (comma-separated).",

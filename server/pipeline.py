@@ -44,7 +44,8 @@ from server.metrics import Metrics
 from server.prompt_embeds import EmbeddingTable
 from server.registry.records import AuditEntry
 from server.registry.snapshot import RegistrySnapshot, SnapshotHolder
-from server.run import ChatPrompt, ChoiceEvent, CompletionPrompt, Run, RunRequest, TokenLogprob
+from server.run import (ChatPrompt, ChoiceEvent, CompletionPrompt, Run, RunRequest, TokenLogprob,
+                        completion_items)
 
 logger = logging.getLogger(__name__)
 
@@ -98,16 +99,10 @@ class Pipeline:
         token_ids = encode_rendered(tokenizer, text)
         return RenderedPrompt(token_ids=list(token_ids), text=text, conversation=tuple(turns))
 
-    def render_completion(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[RenderedPrompt]:
+    def render_completion(self, prompt: CompletionPrompt) -> list[RenderedPrompt]:
         tokenizer = self._engine.tokenizer
-        if isinstance(prompt, str):
-            items: list[str | list[int]] = [prompt]
-        elif prompt and all(isinstance(item, int) for item in prompt):
-            items = [list(prompt)]  # type: ignore[arg-type]
-        else:
-            items = list(prompt)  # type: ignore[arg-type]
         rendered = []
-        for item in items:
+        for item in completion_items(prompt):
             if isinstance(item, str):
                 rendered.append(RenderedPrompt(token_ids=list(tokenizer.encode(item)), text=item,
                                                add_special_tokens=True))

@@ -19,6 +19,7 @@ from pydantic import BaseModel
 
 from server.engine import EngineInfo
 from server.errors import InvalidRequest, LetheError, ModelNotFound
+from server.openai.limits import RequestLimits
 from server.openai.protocol import (
     ChatChoice,
     ChatChoiceLogprobs,
@@ -121,11 +122,15 @@ class ChoiceState:
 
 
 class OpenAIServing:
-    """The logic behind ``/v1/models``, ``/v1/chat/completions`` and ``/v1/completions``."""
+    """The logic behind ``/v1/models``, ``/v1/chat/completions`` and ``/v1/completions``.
 
-    def __init__(self, pipeline: Pipeline, info: EngineInfo) -> None:
+    A generation request is checked against the size limits (400) before its prompt is rendered.
+    """
+
+    def __init__(self, pipeline: Pipeline, info: EngineInfo, limits: RequestLimits | None = None) -> None:
         self._pipeline = pipeline
         self._info = info
+        self._limits = limits or RequestLimits()
         self._created = int(time.time())
 
     def models(self) -> ModelList:
@@ -145,6 +150,7 @@ class OpenAIServing:
 
     async def chat(self, request: ChatCompletionRequest) -> ChatCompletionResponse | AsyncIterator[str]:
         self._check_model(request.model)
+        self._limits.check_chat(request)
         top = (request.top_logprobs or 0) if request.logprobs else None
         params = sampling_params(request, request.completion_budget, top, self._info.vocab_size)
         turns = tuple(ChatTurn(role=_template_role(m.role), content=m.text()) for m in request.messages)
@@ -208,6 +214,7 @@ class OpenAIServing:
 
     async def completion(self, request: CompletionRequest) -> CompletionResponse | AsyncIterator[str]:
         self._check_model(request.model)
+        self._limits.check_completion(request)
         if request.prompt_logprobs is not None or (request.echo and request.logprobs is not None):
             raise InvalidRequest(
                 "Prompt logprobs (`prompt_logprobs`, or `echo` with `logprobs`) are not available on this server: "

@@ -1,0 +1,146 @@
+"""Bounded work per request, without an engine: size caps answered 400 before any prompt is read (the same on the
+real server: ``tests/test_errors.py``).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from pydantic import ValidationError
+
+from server.app import create_app
+from server.config import Settings
+from server.openai.limits import RequestLimits, RequestTooLarge
+from server.openai.protocol import MAX_INT32, ChatCompletionRequest, CompletionRequest
+from server.openai.serving import OpenAIServing
+from server.pipeline import Pipeline
+from server.run import RunRequest
+from tests.test_pipeline import FakeEngine
+
+MODEL_PATH = Path("/srv/models/private-checkout")
+
+
+def settings(**overrides: Any) -> Settings:
+    return Settings(_env_file=None, **overrides)  # type: ignore[call-arg]
+
+
+def make_app(engine: FakeEngine | None = None, **overrides: Any) -> tuple[FastAPI, FakeEngine, list[RunRequest]]:
+    """The real app (middleware, routes, error handlers) around a pipeline on a fake engine; records what reached
+    the pipeline."""
+    engine = engine or FakeEngine()
+    config = settings(**overrides)
+    app = create_app(config, MODEL_PATH, engine.info.served_model_name)
+    pipeline = Pipeline(engine, 5, app.state.metrics)  # type: ignore[arg-type]
+    started: list[RunRequest] = []
+    start = pipeline.start
+
+    async def recording_start(request: RunRequest):
+        started.append(request)
+        return await start(request)
+
+    pipeline.start = recording_start  # type: ignore[method-assign]
+    app.state.serving = OpenAIServing(pipeline, engine.info, RequestLimits.from_settings(config))
+    return app, engine, started
+
+
+def completion(**fields: Any) -> dict[str, Any]:
+    return {"model": "m", "prompt": "hi", "max_tokens": 2, **fields}
+
+
+def chat(**fields: Any) -> dict[str, Any]:
+    return {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **fields}
+
+
+def assert_openai_error(response: httpx.Response, status: int, param: str | None = None) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    if param is not None:
+        assert error["param"] == param, error
+    return error
+
+
+# ---- size caps: 400 before any prompt is rendered ------------------------------------------------------------------
+
+
+def test_a_hundred_thousand_prompts_are_refused_at_once_without_rendering_any() -> None:
+    app, engine, started = make_app()
+    client = TestClient(app)
+    began = time.perf_counter()
+    response = client.post("/v1/completions", json=completion(prompt=["a"] * 100_000))
+    error = assert_openai_error(response, 400, "prompt")
+    assert error["code"] == "array_above_max_length" and "64" in error["message"]
+    assert time.perf_counter() - began < 5
+    assert started == [] and engine.calls == []
+    assert client.post("/v1/completions", json=completion(prompt=["a"] * 64)).status_code == 200
+
+
+def test_prompts_times_n_is_capped() -> None:
+    app, _, started = make_app(max_sequences_per_request=8)
+    client = TestClient(app)
+    response = client.post("/v1/completions", json=completion(prompt=["a"] * 3, n=3, temperature=1))
+    error = assert_openai_error(response, 400, "n")
+    assert "9 sequences" in error["message"] and started == []
+    assert client.post("/v1/completions", json=completion(prompt=["a"] * 4, n=2, temperature=1)).status_code == 200
+
+
+def test_chat_messages_are_capped() -> None:
+    app, _, started = make_app(max_messages=4)
+    client = TestClient(app)
+    many = [{"role": "user", "content": "hi"}] * 5
+    assert_openai_error(client.post("/v1/chat/completions", json=chat(messages=many)), 400, "messages")
+    assert started == []
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("stop", "x" * 257),
+    ("stop", ["ok", "x" * 257]),
+    ("logit_bias", {str(i): 1 for i in range(301)}),
+    ("stop_token_ids", list(range(257))),
+    ("top_k", 2**64),
+    ("top_k", MAX_INT32 + 1),
+    ("min_tokens", 2**64),
+    ("max_tokens", 2**64),
+])
+def test_oversized_sampling_fields_are_refused_by_the_request_model(field: str, value: Any) -> None:
+    for model, body in ((ChatCompletionRequest, chat()), (CompletionRequest, completion())):
+        with pytest.raises(ValidationError) as info:
+            model.model_validate({**body, field: value})
+        assert info.value.errors()[0]["loc"][0] == field
+
+
+def test_the_largest_allowed_values_still_validate() -> None:
+    ChatCompletionRequest.model_validate(chat(stop=["x" * 256] * 16, logit_bias={str(i): 1 for i in range(300)},
+                                              stop_token_ids=list(range(256)), top_k=MAX_INT32, min_tokens=1))
+
+
+def test_an_oversized_top_k_is_a_400_not_a_500_over_http() -> None:
+    app, engine, _ = make_app()
+    response = TestClient(app).post("/v1/chat/completions", json=chat(top_k=2**64))
+    assert_openai_error(response, 400, "top_k")
+    assert engine.calls == []
+
+
+@pytest.mark.parametrize("raw", ['"temperature": NaN', '"top_p": Infinity', '"logit_bias": {"1": -Infinity}'])
+def test_non_finite_numbers_are_refused(raw: str) -> None:
+    app, _, started = make_app()
+    body = '{"model": "m", "messages": [{"role": "user", "content": "hi"}], ' + raw + "}"
+    response = TestClient(app).post("/v1/chat/completions", content=body,
+                                    headers={"content-type": "application/json"})
+    assert_openai_error(response, 400)
+    assert started == []
+
+
+def test_request_limits_count_sequences_per_prompt_form() -> None:
+    limits = RequestLimits(max_prompts=4, max_sequences=8)
+    assert limits.check_completion(CompletionRequest.model_validate(completion(prompt=[1, 2, 3], n=2))) == 2
+    assert limits.check_completion(CompletionRequest.model_validate(completion(prompt=[[1], [2]], n=4))) == 8
+    with pytest.raises(RequestTooLarge):
+        limits.check_completion(CompletionRequest.model_validate(completion(prompt=["a"] * 5)))
+    assert limits.check_chat(ChatCompletionRequest.model_validate(chat(n=8))) == 8
