@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -16,15 +16,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.admin import router as admin_router
 from server.admin.serving import AdminServing
+from server.admission import Admission, AdmissionMiddleware
 from server.body_limit import BodyLimitMiddleware
 from server.config import Settings
 from server.engine import Engine
 from server.errors import InvalidRequest, LetheError, NotFound
 from server.metrics import Metrics
 from server.openai import router as openai_router
+from server.openai.limits import RequestLimits
 from server.openai.protocol import ErrorBody, ErrorResponse
 from server.openai.router import ClientDisconnected
-from server.openai.limits import RequestLimits
 from server.openai.serving import OpenAIServing
 from server.runtime import Runtime
 
@@ -33,8 +34,8 @@ logger = logging.getLogger(__name__)
 CLIENT_CLOSED_REQUEST = 499
 
 
-def _error(status: int, body: ErrorResponse) -> JSONResponse:
-    return JSONResponse(body.model_dump(), status_code=status)
+def _error(status: int, body: ErrorResponse, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -54,7 +55,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(LetheError)
     async def _lethe_error(_: Request, exc: LetheError) -> JSONResponse:
-        return _error(exc.status, exc.to_response())
+        return _error(exc.status, exc.to_response(), exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -119,6 +120,9 @@ def create_app(
     app.include_router(openai_router.router)
     app.include_router(admin_router.router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.state.admission = Admission(settings.max_concurrent_requests, settings.max_sequences_in_flight)
+    generation_paths = [route.path for route in openai_router.router.routes if "POST" in getattr(route, "methods", ())]
+    app.add_middleware(AdmissionMiddleware, admission=app.state.admission, paths=generation_paths)
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next: Callable) -> Response:

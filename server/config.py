@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -78,6 +78,11 @@ class Settings(BaseSettings):
     max_sequences_per_request: int = Field(
         128, ge=1, description="Most sequences (prompts × `n`) one inference request may ask for (else 400).")
     max_messages: int = Field(256, ge=1, description="Most `messages` in one chat request (else 400).")
+    max_concurrent_requests: int = Field(
+        256, ge=1, description="Most inference requests in flight at once, streams included; past it, 429.")
+    max_sequences_in_flight: int = Field(
+        1024, ge=1, description="Most sequences (prompts × `n`) of the inference requests in flight, running or "
+                                "queued in the engine; past it, 429.")
     default_mechanisms: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["eco", "guard"],
         description="Mechanisms a target gets when its `mechanisms` field is omitted (comma-separated).",
@@ -131,6 +136,13 @@ class Settings(BaseSettings):
             raise ValueError(f"the admin key must have at least {MIN_ADMIN_KEY_CHARS} characters (it has "
                              f"{len(value)}): use a long random key, e.g. `openssl rand -hex 24`")
         return value
+
+    @model_validator(mode="after")
+    def _admissible_limits(self) -> Settings:
+        # A request within the per-request caps must be admissible on an idle server.
+        if self.max_sequences_in_flight < self.max_sequences_per_request:
+            raise ValueError("LETHE_MAX_SEQUENCES_IN_FLIGHT must be at least LETHE_MAX_SEQUENCES_PER_REQUEST")
+        return self
 
     @field_validator("api_keys", "default_mechanisms", mode="before")
     @classmethod

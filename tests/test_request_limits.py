@@ -1,9 +1,10 @@
-"""Bounded work per request, without an engine: size caps answered 400 before any prompt is read (the same on the
-real server: ``tests/test_errors.py``).
+"""Bounded work per request, without an engine: size caps answered 400 before any prompt is read and an admission
+limit answered 429 (the same on the real server: ``tests/test_errors.py``, ``tests/test_hardening_requests.py``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
+from server.admission import Admission
 from server.app import create_app
 from server.config import Settings
 from server.openai.limits import RequestLimits, RequestTooLarge
@@ -144,3 +146,80 @@ def test_request_limits_count_sequences_per_prompt_form() -> None:
     with pytest.raises(RequestTooLarge):
         limits.check_completion(CompletionRequest.model_validate(completion(prompt=["a"] * 5)))
     assert limits.check_chat(ChatCompletionRequest.model_validate(chat(n=8))) == 8
+
+
+# ---- admission: 429 with Retry-After, the same for every request ---------------------------------------------------
+
+
+def test_admission_counts_requests_and_sequences_and_gives_them_back_once() -> None:
+    admission = Admission(max_requests=2, max_sequences=4)
+    first = admission.enter()
+    first.reserve(3)
+    second = admission.enter()
+    with pytest.raises(Exception) as info:
+        admission.enter()
+    assert info.value.status == 429 and info.value.headers["Retry-After"]
+    with pytest.raises(Exception) as info:
+        second.reserve(2)
+    assert info.value.status == 429
+    second.reserve(1)
+    first.release()
+    first.release()
+    assert (admission.requests, admission.sequences) == (1, 1)
+    second.release()
+    assert (admission.requests, admission.sequences) == (0, 0)
+
+
+async def _wait_for(condition, timeout_s: float = 5) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+async def test_requests_past_the_admission_limit_get_429_with_retry_after_and_slots_come_back() -> None:
+    app, engine, started = make_app(FakeEngine(hang=True), max_concurrent_requests=1, max_connections=8)
+    admission: Admission = app.state.admission
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://lethe") as client:
+        held = asyncio.create_task(client.post("/v1/completions", json=completion()))
+        await _wait_for(lambda: len(engine.calls) == 1)
+        response = await client.post("/v1/chat/completions", json=chat())
+        error = assert_openai_error(response, 429)
+        assert (error["type"], error["code"]) == ("requests", "rate_limit_exceeded")
+        assert response.headers["retry-after"] == "1"
+        assert len(started) == 1  # the refused request was never rendered, so never classified
+        held.cancel()  # the client goes away: its slot must come back
+        await asyncio.gather(held, return_exceptions=True)
+        assert (admission.requests, admission.sequences) == (0, 0)
+        engine.hang = False
+        assert (await client.post("/v1/chat/completions", json=chat())).status_code == 200
+        assert (admission.requests, admission.sequences) == (0, 0)
+
+
+async def test_sequences_in_flight_are_bounded_too() -> None:
+    app, engine, _ = make_app(FakeEngine(hang=True), max_sequences_in_flight=4, max_sequences_per_request=4)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://lethe") as client:
+        held = asyncio.create_task(client.post("/v1/completions", json=completion(prompt=["a", "b", "c", "d"])))
+        await _wait_for(lambda: len(engine.calls) == 4)
+        assert_openai_error(await client.post("/v1/completions", json=completion()), 429)
+        held.cancel()
+        await asyncio.gather(held, return_exceptions=True)
+        assert (app.state.admission.requests, app.state.admission.sequences) == (0, 0)
+
+
+def test_a_refused_request_gives_its_slot_back() -> None:
+    app, _, _ = make_app(max_concurrent_requests=1, max_connections=8)
+    client = TestClient(app)
+    for _ in range(3):
+        assert_openai_error(client.post("/v1/completions", json=completion(prompt=["a"] * 100)), 400)
+    assert client.post("/v1/completions", json=completion()).status_code == 200
+    assert app.state.admission.requests == 0
+
+
+async def test_a_finished_stream_gives_its_slot_back() -> None:
+    app, _, _ = make_app(max_concurrent_requests=1, max_connections=8)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://lethe") as client:
+        for _ in range(2):
+            response = await client.post("/v1/chat/completions", json=chat(stream=True))
+            assert response.status_code == 200 and response.text.endswith("data: [DONE]\n\n")
+    assert (app.state.admission.requests, app.state.admission.sequences) == (0, 0)

@@ -17,6 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from server.admission import AdmissionSlot
 from server.engine import EngineInfo
 from server.errors import InvalidRequest, LetheError, ModelNotFound
 from server.openai.limits import RequestLimits
@@ -124,7 +125,8 @@ class ChoiceState:
 class OpenAIServing:
     """The logic behind ``/v1/models``, ``/v1/chat/completions`` and ``/v1/completions``.
 
-    A generation request is checked against the size limits (400) before its prompt is rendered.
+    A generation request is checked against the size limits (400), then reserves its sequences in its admission slot
+    (429), both before its prompt is rendered.
     """
 
     def __init__(self, pipeline: Pipeline, info: EngineInfo, limits: RequestLimits | None = None) -> None:
@@ -148,9 +150,10 @@ class OpenAIServing:
 
     # ------------------------------------------------------------ chat
 
-    async def chat(self, request: ChatCompletionRequest) -> ChatCompletionResponse | AsyncIterator[str]:
+    async def chat(self, request: ChatCompletionRequest,
+                   slot: AdmissionSlot) -> ChatCompletionResponse | AsyncIterator[str]:
         self._check_model(request.model)
-        self._limits.check_chat(request)
+        slot.reserve(self._limits.check_chat(request))
         top = (request.top_logprobs or 0) if request.logprobs else None
         params = sampling_params(request, request.completion_budget, top, self._info.vocab_size)
         turns = tuple(ChatTurn(role=_template_role(m.role), content=m.text()) for m in request.messages)
@@ -212,9 +215,10 @@ class OpenAIServing:
 
     # ------------------------------------------------------------ completions
 
-    async def completion(self, request: CompletionRequest) -> CompletionResponse | AsyncIterator[str]:
+    async def completion(self, request: CompletionRequest,
+                         slot: AdmissionSlot) -> CompletionResponse | AsyncIterator[str]:
         self._check_model(request.model)
-        self._limits.check_completion(request)
+        slot.reserve(self._limits.check_completion(request))
         if request.prompt_logprobs is not None or (request.echo and request.logprobs is not None):
             raise InvalidRequest(
                 "Prompt logprobs (`prompt_logprobs`, or `echo` with `logprobs`) are not available on this server: "

@@ -1,0 +1,79 @@
+"""Bounded work on the real server: an oversized request is refused at once and stalls no one, and overload is
+answered 429 with ``Retry-After``.
+
+The admission test runs on a server of its own with a small limit (``LETHE_MAX_CONCURRENT_REQUESTS=2``). The
+engine-free versions: ``tests/test_request_limits.py``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import API_KEY, RunningServer, auth_headers, start_server, stop_server
+
+LONG_STREAM = {"prompt": "The", "max_tokens": 1000, "ignore_eos": True, "stream": True, "temperature": 1}
+
+
+def test_a_hundred_thousand_prompts_are_refused_at_once_and_stall_no_one(http: httpx.Client, model_name: str) -> None:
+    """Once, this request got no answer in 120 s and every chat request hung for five minutes after it."""
+    started = time.monotonic()
+    response = http.post("/v1/completions", json={"model": model_name, "prompt": ["a"] * 100_000, "max_tokens": 1})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "prompt"
+    assert time.monotonic() - started < 10
+    reply = http.post("/v1/chat/completions", json={"model": model_name, "max_tokens": 2,
+                                                    "messages": [{"role": "user", "content": "Hi"}]}, timeout=30)
+    assert reply.status_code == 200
+
+
+@pytest.fixture(scope="module")
+def bounded_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    server = start_server(tiny_model_dir, tmp_path_factory.mktemp("bounded") / "server.log", {
+        "LETHE_MAX_CONCURRENT_REQUESTS": "2"})
+    yield server
+    stop_server(server)
+
+
+def _open_stream(stack: ExitStack, server: RunningServer, model: str) -> Iterator[str]:
+    """A long stream, opened and read up to its first chunk (so it holds its admission slot); its remaining lines."""
+    session = stack.enter_context(httpx.Client(base_url=server.base_url, headers=auth_headers(), timeout=120))
+    response = stack.enter_context(session.stream("POST", "/v1/completions", json={"model": model, **LONG_STREAM}))
+    assert response.status_code == 200, response.read()
+    lines = response.iter_lines()
+    assert next(line for line in lines if line.startswith("data: "))
+    return lines
+
+
+def _model(server: RunningServer) -> str:
+    return httpx.get(f"{server.base_url}/v1/models", headers=auth_headers()).json()["data"][0]["id"]
+
+
+def test_requests_past_the_admission_limit_get_429_with_retry_after(bounded_server: RunningServer) -> None:
+    model = _model(bounded_server)
+    client = openai.OpenAI(base_url=f"{bounded_server.base_url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+    with ExitStack() as stack:
+        for _ in range(2):
+            _open_stream(stack, bounded_server, model)
+        response = httpx.post(f"{bounded_server.base_url}/v1/chat/completions", headers=auth_headers(), timeout=30,
+                              json={"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+        assert response.status_code == 429, response.text
+        assert response.headers["retry-after"] == "1"
+        error = response.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"}
+        assert (error["type"], error["code"]) == ("requests", "rate_limit_exceeded")
+        with pytest.raises(openai.RateLimitError):
+            client.completions.create(model=model, prompt="Hi", max_tokens=2)
+    deadline = time.monotonic() + 30  # the closed streams give their slots back
+    while True:
+        try:
+            client.completions.create(model=model, prompt="Hi", max_tokens=2)
+            break
+        except openai.RateLimitError:
+            assert time.monotonic() < deadline, "slots of closed streams never came back"
+            time.sleep(0.2)
