@@ -11,6 +11,10 @@ share one generation path; scoring (``server/scoring.py``) runs the same lifecyc
 plan is the plain vLLM input (token ids, no extra_args, no LoRA), which keeps unflagged traffic token-identical to
 plain vLLM; with no target registered at all, classification is skipped and costs nothing.
 
+Rendering and tokenising run on one worker thread of the pipeline's own (as vLLM's server does: a fast tokenizer is
+not safe to share across threads that change its settings), never on the event loop: a long conversation or a batch
+of prompts delays other requests' rendering, not every stream and health check the replica serves.
+
 A prompt the gate could read only in part (more text windows than ``LETHE_GATE_MAX_WINDOWS``) is refused with a 400
 before classification, as one over the context length is.
 
@@ -26,6 +30,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
@@ -83,6 +88,11 @@ class Pipeline:
         self._audit_prompts = audit_prompts
         self.planner = Planner(mechanisms, servings or {}, embeddings, engine, metrics, interim)
         self._classifier = ClassificationBatcher(on_batch=metrics.classifier_batch_size.observe)
+        self._renderer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lethe-render")
+
+    def close(self) -> None:
+        """Stop the rendering thread (a render in progress finishes; queued ones are dropped)."""
+        self._renderer.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------ render
 
@@ -160,7 +170,7 @@ class Pipeline:
         """Render the request's prompts, check they fit, classify and plan them against the current registry snapshot
         (which the run keeps to its end). A refusal after classification is accounted (``guard_failed``) before it
         raises; the caller drives the returned run as a context manager (``server/run.py``)."""
-        prompts = self._render(request.prompt)
+        prompts = await asyncio.get_running_loop().run_in_executor(self._renderer, self._render, request.prompt)
         self.check_budget(prompts, request.max_tokens, request.budget_param)
         snapshot = self._registry.current if self._registry is not None else RegistrySnapshot(revision=0)
         self.check_gate_input(prompts, snapshot)

@@ -1,10 +1,12 @@
-"""Bounded work per request, without an engine: size caps answered 400 before any prompt is read and an admission
-limit answered 429 (the same on the real server: ``tests/test_errors.py``, ``tests/test_hardening_requests.py``).
+"""Bounded work per request, without an engine: size caps answered 400 before any prompt is read, an admission limit
+answered 429, and rendering off the event loop (the same on the real server: ``tests/test_errors.py``,
+``tests/test_hardening_requests.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -18,12 +20,13 @@ from pydantic import ValidationError
 from server.admission import Admission
 from server.app import create_app
 from server.config import Settings
+from server.metrics import Metrics
 from server.openai.limits import RequestLimits, RequestTooLarge
 from server.openai.protocol import MAX_INT32, ChatCompletionRequest, CompletionRequest
 from server.openai.serving import OpenAIServing
 from server.pipeline import Pipeline
 from server.run import RunRequest
-from tests.test_pipeline import FakeEngine
+from tests.test_pipeline import CharTokenizer, FakeEngine
 
 MODEL_PATH = Path("/srv/models/private-checkout")
 
@@ -223,3 +226,31 @@ async def test_a_finished_stream_gives_its_slot_back() -> None:
             response = await client.post("/v1/chat/completions", json=chat(stream=True))
             assert response.status_code == 200 and response.text.endswith("data: [DONE]\n\n")
     assert (app.state.admission.requests, app.state.admission.sequences) == (0, 0)
+
+
+# ---- rendering off the event loop ----------------------------------------------------------------------------------
+
+
+class SlowTokenizer(CharTokenizer):
+    """Tokenising waits (up to 2 s) until the event loop has run something else meanwhile."""
+
+    def __init__(self) -> None:
+        self.loop_ran = threading.Event()
+        self.saw_the_loop_run = False
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        self.saw_the_loop_run = self.loop_ran.wait(timeout=2)
+        return super().encode(text, add_special_tokens)
+
+
+async def test_rendering_and_tokenising_do_not_block_the_event_loop() -> None:
+    tokenizer = SlowTokenizer()
+    pipeline = Pipeline(FakeEngine(tokenizer=tokenizer), 5, Metrics())  # type: ignore[arg-type]
+    starting = asyncio.create_task(pipeline.start(RunRequest("completions", "req-1", "hello")))
+    await asyncio.sleep(0.05)  # runs only if tokenising is not holding the loop
+    tokenizer.loop_ran.set()
+    run = await starting
+    async with run:
+        pass
+    assert tokenizer.saw_the_loop_run
+    pipeline.close()
