@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 MIN_ADMIN_KEY_CHARS = 16
+STOP_GRACE_S = 20  # after LETHE_SHUTDOWN_TIMEOUT_S: the lifespan's own stop (job workers, engine), then a hard exit
 
 
 def _default_cache_dir() -> Path:
@@ -83,6 +84,12 @@ class Settings(BaseSettings):
     max_sequences_in_flight: int = Field(
         1024, ge=1, description="Most sequences (prompts × `n`) of the inference requests in flight, running or "
                                 "queued in the engine; past it, 429.")
+    max_connections: int = Field(
+        1024, ge=2, description="Most HTTP connections and requests the server holds at once, every path included; "
+                                "past it, 503 before a request is read. Keep it above LETHE_MAX_CONCURRENT_REQUESTS.")
+    shutdown_timeout_s: int = Field(
+        10, ge=1, description="After SIGTERM, how long open requests get to finish before they are cancelled; the "
+                              f"process exits at most {STOP_GRACE_S} s later, whatever is still stopping.")
     default_mechanisms: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["eco", "guard"],
         description="Mechanisms a target gets when its `mechanisms` field is omitted (comma-separated).",
@@ -139,9 +146,12 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _admissible_limits(self) -> Settings:
-        # A request within the per-request caps must be admissible on an idle server.
+        # A request within the per-request caps must be admissible on an idle server, and overload must meet the
+        # 429 of the admission limit before uvicorn's 503.
         if self.max_sequences_in_flight < self.max_sequences_per_request:
             raise ValueError("LETHE_MAX_SEQUENCES_IN_FLIGHT must be at least LETHE_MAX_SEQUENCES_PER_REQUEST")
+        if self.max_connections <= self.max_concurrent_requests:
+            raise ValueError("LETHE_MAX_CONNECTIONS must be above LETHE_MAX_CONCURRENT_REQUESTS")
         return self
 
     @field_validator("api_keys", "default_mechanisms", mode="before")

@@ -1,12 +1,15 @@
-"""Bounded work on the real server: an oversized request is refused at once and stalls no one, and overload is
-answered 429 with ``Retry-After``.
+"""Bounded work on the real server: an oversized request is refused at once and stalls no one, overload is answered
+429 with ``Retry-After``, and SIGTERM ends the server (streams and all) in bounded time.
 
-The admission test runs on a server of its own with a small limit (``LETHE_MAX_CONCURRENT_REQUESTS=2``). The
-engine-free versions: ``tests/test_request_limits.py``.
+The admission and shutdown tests run on a server of their own with small limits (``LETHE_MAX_CONCURRENT_REQUESTS=2``,
+``LETHE_SHUTDOWN_TIMEOUT_S=2``); the last test stops it. The engine-free versions: ``tests/test_request_limits.py``.
 """
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -14,10 +17,13 @@ from pathlib import Path
 
 import httpx
 import openai
+import psutil
 import pytest
 
+from server.config import STOP_GRACE_S
 from tests.conftest import API_KEY, RunningServer, auth_headers, start_server, stop_server
 
+SHUTDOWN_TIMEOUT_S = 2
 LONG_STREAM = {"prompt": "The", "max_tokens": 1000, "ignore_eos": True, "stream": True, "temperature": 1}
 
 
@@ -35,7 +41,8 @@ def test_a_hundred_thousand_prompts_are_refused_at_once_and_stall_no_one(http: h
 @pytest.fixture(scope="module")
 def bounded_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     server = start_server(tiny_model_dir, tmp_path_factory.mktemp("bounded") / "server.log", {
-        "LETHE_MAX_CONCURRENT_REQUESTS": "2"})
+        "LETHE_MAX_CONCURRENT_REQUESTS": "2", "LETHE_MAX_CONNECTIONS": "64",
+        "LETHE_SHUTDOWN_TIMEOUT_S": str(SHUTDOWN_TIMEOUT_S)})
     yield server
     stop_server(server)
 
@@ -77,3 +84,36 @@ def test_requests_past_the_admission_limit_get_429_with_retry_after(bounded_serv
         except openai.RateLimitError:
             assert time.monotonic() < deadline, "slots of closed streams never came back"
             time.sleep(0.2)
+
+
+def test_sigterm_ends_the_server_with_streams_open(bounded_server: RunningServer) -> None:
+    """Runs last: it stops the module's server. SIGTERM goes to the server process alone, as an orchestrator sends it."""
+    model = _model(bounded_server)
+    children = psutil.Process(bounded_server.process.pid).children(recursive=True)
+    ended: list[str] = []
+    with ExitStack() as stack:
+        streams = [_open_stream(stack, bounded_server, model) for _ in range(2)]
+
+        def drain(lines: Iterator[str]) -> None:
+            try:
+                for _ in lines:
+                    pass
+                ended.append("closed")
+            except httpx.HTTPError as exc:
+                ended.append(type(exc).__name__)
+
+        readers = [threading.Thread(target=drain, args=(lines,), daemon=True) for lines in streams]
+        for reader in readers:
+            reader.start()
+        started = time.monotonic()
+        os.kill(bounded_server.process.pid, signal.SIGTERM)
+        bounded_server.process.wait(timeout=SHUTDOWN_TIMEOUT_S + STOP_GRACE_S + 15)
+        stopped_after = time.monotonic() - started
+        for reader in readers:
+            reader.join(timeout=10)
+    assert len(ended) == 2, "a stream outlived its server"
+    assert stopped_after < SHUTDOWN_TIMEOUT_S + STOP_GRACE_S + 5, stopped_after
+    deadline = time.monotonic() + 15
+    while any(child.is_running() and child.status() != psutil.STATUS_ZOMBIE for child in children):
+        assert time.monotonic() < deadline, [c.cmdline() for c in children if c.is_running()]
+        time.sleep(0.2)

@@ -1,11 +1,12 @@
 """Bounded work per request, without an engine: size caps answered 400 before any prompt is read, an admission limit
-answered 429, and rendering off the event loop (the same on the real server: ``tests/test_errors.py``,
-``tests/test_hardening_requests.py``).
+answered 429, rendering off the event loop, and a stop that always ends (the same on the real server:
+``tests/test_errors.py``, ``tests/test_hardening_requests.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import signal
 import threading
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from pydantic import ValidationError
 from server.admission import Admission
 from server.app import create_app
 from server.config import Settings
+from server.http_server import LetheServer, StopDeadline, server_config
 from server.metrics import Metrics
 from server.openai.limits import RequestLimits, RequestTooLarge
 from server.openai.protocol import MAX_INT32, ChatCompletionRequest, CompletionRequest
@@ -254,3 +256,37 @@ async def test_rendering_and_tokenising_do_not_block_the_event_loop() -> None:
         pass
     assert tokenizer.saw_the_loop_run
     pipeline.close()
+
+
+# ---- stopping: bounded, whatever hangs -----------------------------------------------------------------------------
+
+
+def test_uvicorn_is_configured_to_cancel_open_requests_and_to_cap_connections() -> None:
+    config = server_config(FastAPI(), settings(shutdown_timeout_s=7, max_connections=300))
+    assert config.timeout_graceful_shutdown == 7
+    assert config.limit_concurrency == 300
+
+
+def test_the_stop_deadline_kills_children_and_exits_once_it_expires() -> None:
+    events: list[Any] = []
+    deadline = StopDeadline(0.05, exit_process=events.append, kill=lambda: events.append("kill"))
+    deadline.arm()
+    deadline.arm()
+    time.sleep(0.5)
+    assert events == ["kill", 1]
+
+
+def test_a_stop_signal_arms_the_deadline() -> None:
+    events: list[Any] = []
+    deadline = StopDeadline(0.01, exit_process=events.append, kill=lambda: None)
+    server = LetheServer(server_config(FastAPI(), settings()), deadline)
+    server.handle_exit(signal.SIGTERM, None)
+    time.sleep(0.3)
+    assert server.should_exit and events == [1]
+
+
+def test_settings_keep_a_request_within_the_caps_admissible() -> None:
+    with pytest.raises(ValidationError):
+        settings(max_sequences_per_request=64, max_sequences_in_flight=32)
+    with pytest.raises(ValidationError):
+        settings(max_concurrent_requests=100, max_connections=100)
