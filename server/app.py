@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from server.admin import router as admin_router
 from server.admin.serving import AdminServing
@@ -36,6 +37,17 @@ CLIENT_CLOSED_REQUEST = 499
 
 def _error(status: int, body: ErrorResponse, headers: Mapping[str, str] | None = None) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def endpoint_label(request: Request) -> str:
+    """The metrics label of a ``/v1`` request: the template of the route its path matches, after ``/v1/``
+    (``chat/completions``), or ``other`` for a path no route serves, so unknown paths add no time series. Matched here
+    rather than read from the routing, which a request refused by middleware (413, 429) never reaches."""
+    for route in request.app.router.routes:
+        path = getattr(route, "path", "")
+        if path.startswith("/v1/") and route.matches(request.scope)[0] != Match.NONE:
+            return path.removeprefix("/v1/")
+    return "other"
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -134,8 +146,7 @@ def create_app(
             response = await call_next(request)
         finally:
             metrics.in_flight.dec()
-        endpoint = request.url.path.removeprefix("/v1/")
-        metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        metrics.requests.labels(endpoint_label(request), str(response.status_code)).inc()
         logger.debug("http.response", extra={"path": request.url.path, "status": response.status_code,
                                              "seconds": round(time.perf_counter() - started, 4)})
         return response

@@ -183,8 +183,8 @@ class Pipeline:
             self._metrics.guard_failures.labels("classifier").inc()
             run.finish("guard_failed")
             raise GuardFailed() from exc
-        for target_id in run.hit_target_ids:
-            self._metrics.target_hits.labels(target_id).inc()
+        if run.hit_target_ids:
+            self._metrics.target_hits.inc()
         try:
             run.plans = [self.plan(run, index) for index in range(len(prompts))]
         except GuardFailed:

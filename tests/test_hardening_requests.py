@@ -38,6 +38,14 @@ def test_a_hundred_thousand_prompts_are_refused_at_once_and_stall_no_one(http: h
     assert reply.status_code == 200
 
 
+def test_metrics_name_no_target_and_no_unknown_path(http: httpx.Client) -> None:
+    for i in range(50):
+        http.get(f"/v1/probe-{i}")
+    metrics = http.get("/metrics").text
+    assert "probe-" not in metrics
+    assert 'target="' not in metrics
+
+
 @pytest.fixture(scope="module")
 def bounded_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     server = start_server(tiny_model_dir, tmp_path_factory.mktemp("bounded") / "server.log", {

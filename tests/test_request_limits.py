@@ -1,6 +1,6 @@
-"""Bounded work per request, without an engine: size caps answered 400 before any prompt is read, an admission limit
-answered 429, rendering off the event loop, and a stop that always ends (the same on the real server:
-``tests/test_errors.py``, ``tests/test_hardening_requests.py``).
+"""Bounded work per request and a safe request surface, without an engine: size caps answered 400 before any prompt
+is read, an admission limit answered 429, rendering off the event loop, bounded metrics labels, and a stop that always
+ends (the same on the real server: ``tests/test_errors.py``, ``tests/test_hardening_requests.py``).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from server.openai.protocol import MAX_INT32, ChatCompletionRequest, CompletionR
 from server.openai.serving import OpenAIServing
 from server.pipeline import Pipeline
 from server.run import RunRequest
-from tests.test_pipeline import CharTokenizer, FakeEngine
+from tests.test_pipeline import HI, CharTokenizer, FakeEngine, FakeMechanism, collect, guarded
 
 MODEL_PATH = Path("/srv/models/private-checkout")
 
@@ -199,6 +199,8 @@ async def test_requests_past_the_admission_limit_get_429_with_retry_after_and_sl
         engine.hang = False
         assert (await client.post("/v1/chat/completions", json=chat())).status_code == 200
         assert (admission.requests, admission.sequences) == (0, 0)
+        metrics = (await client.get("/metrics")).text
+        assert 'lethe_requests_total{endpoint="chat/completions",status="429"} 1.0' in metrics
 
 
 async def test_sequences_in_flight_are_bounded_too() -> None:
@@ -256,6 +258,30 @@ async def test_rendering_and_tokenising_do_not_block_the_event_loop() -> None:
         pass
     assert tokenizer.saw_the_loop_run
     pipeline.close()
+
+
+# ---- metrics: a bounded label set, nothing that names a target -----------------------------------------------------
+
+
+def test_unknown_paths_do_not_add_metrics_series() -> None:
+    app, _, _ = make_app()
+    client = TestClient(app)
+    for i in range(200):
+        assert client.get(f"/v1/probe-{i}").status_code == 404
+    client.post("/v1/completions", json=completion())
+    client.get("/v1/models")
+    series = [line for line in client.get("/metrics").text.splitlines() if line.startswith("lethe_requests_total{")]
+    endpoints = {line.split('endpoint="')[1].split('"')[0] for line in series}
+    assert endpoints == {"other", "completions", "models"}
+    assert 'lethe_requests_total{endpoint="other",status="404"} 200.0' in series
+
+
+async def test_target_hits_are_counted_without_naming_the_target() -> None:
+    pipeline = guarded(FakeEngine(), FakeMechanism("eco"), FakeMechanism("guard"))
+    await collect(pipeline, HI, max_tokens=1)
+    rendered = pipeline._metrics.render().decode()
+    assert "lethe_target_hits_total 1.0" in rendered
+    assert "tgt_1" not in rendered and "target=" not in rendered
 
 
 # ---- stopping: bounded, whatever hangs -----------------------------------------------------------------------------
