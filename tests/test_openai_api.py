@@ -24,6 +24,7 @@ def test_models_lists_the_served_model(client: openai.OpenAI, model_name: str) -
     models = client.models.list().data
     assert [m.id for m in models] == [model_name]
     assert models[0].model_extra["max_model_len"] == 1024
+    assert models[0].model_extra["root"] == model_name  # the name, never the model's path on the server's disk
 
 
 def test_chat_answers_a_memorised_tofu_question(client: openai.OpenAI, model_name: str) -> None:
@@ -85,23 +86,19 @@ def test_chat_logprobs_are_sorted_top_k(client: openai.OpenAI, model_name: str) 
         assert token.logprob <= 0.0
 
 
-def test_returned_logprobs_are_the_processed_ones(client: openai.OpenAI, model_name: str) -> None:
+def test_returned_logprobs_are_the_processed_ones(client: openai.OpenAI, model_name: str, tokenizer) -> None:
     """A +100 logit bias is applied before logprobs are taken: raw logprobs would not show it (and would leak)."""
     plain = chat(client, model_name, temperature=0, max_tokens=1, logprobs=True, top_logprobs=2)
     runner_up = plain.choices[0].logprobs.content[0].top_logprobs[1]
     biased = chat(client, model_name, temperature=0, max_tokens=1, logprobs=True, top_logprobs=1,
-                  logit_bias={str(_token_id(client, model_name, runner_up.token)): 100})
+                  logit_bias={str(_token_id(tokenizer, runner_up.token)): 100})
     first = biased.choices[0].logprobs.content[0]
     assert first.token == runner_up.token
     assert first.logprob == pytest.approx(0.0, abs=1e-3)
 
 
-def _token_id(client: openai.OpenAI, model_name: str, token_text: str) -> int:
-    """The served tokenizer's id for one token's text (the model dir is shown as `root` by /v1/models)."""
-    from transformers import AutoTokenizer
-
-    root = client.models.list().data[0].model_extra["root"]
-    tokenizer = AutoTokenizer.from_pretrained(root)
+def _token_id(tokenizer, token_text: str) -> int:
+    """The served tokenizer's id for one token's text."""
     ids = tokenizer.encode(token_text, add_special_tokens=False)
     assert len(ids) == 1, (token_text, ids)
     return ids[0]

@@ -1,6 +1,7 @@
 """Bounded work per request and a safe request surface, without an engine: size caps answered 400 before any prompt
-is read, an admission limit answered 429, rendering off the event loop, bounded metrics labels, and a stop that always
-ends (the same on the real server: ``tests/test_errors.py``, ``tests/test_hardening_requests.py``).
+is read, an admission limit answered 429, rendering off the event loop, bounded metrics labels, no model path on
+``/v1/models``, and a stop that always ends (the same on the real server: ``tests/test_errors.py``,
+``tests/test_hardening_requests.py``, ``tests/test_openai_api.py``).
 """
 
 from __future__ import annotations
@@ -282,6 +283,18 @@ async def test_target_hits_are_counted_without_naming_the_target() -> None:
     rendered = pipeline._metrics.render().decode()
     assert "lethe_target_hits_total 1.0" in rendered
     assert "tgt_1" not in rendered and "target=" not in rendered
+
+
+# ---- /v1/models ----------------------------------------------------------------------------------------------------
+
+
+def test_models_show_the_served_name_not_the_model_path() -> None:
+    app, _, _ = make_app()
+    response = TestClient(app).get("/v1/models")
+    assert response.status_code == 200
+    card = response.json()["data"][0]
+    assert card["id"] == card["root"] == "m"
+    assert str(MODEL_PATH) not in response.text and "private-checkout" not in response.text
 
 
 # ---- stopping: bounded, whatever hangs -----------------------------------------------------------------------------

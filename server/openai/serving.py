@@ -139,7 +139,7 @@ class OpenAIServing:
         card = ModelCard(
             id=self._info.served_model_name,
             created=self._created,
-            root=self._info.model_path,
+            root=self._info.served_model_name,  # vLLM shows the model's path here: not a client's business
             max_model_len=self._info.max_model_len,
         )
         return ModelList(data=[card])
