@@ -52,6 +52,14 @@ class PromptTooLongForGate(InvalidRequest):
             param=param, code="prompt_too_long_for_gate")
 
 
+class RequestTooLarge(InvalidRequest):
+    """A list in the request is longer than this server accepts (``LETHE_MAX_*``; OpenAI's code for it:
+    ``array_above_max_length``)."""
+
+    def __init__(self, message: str, *, param: str) -> None:
+        super().__init__(message, param=param, code="array_above_max_length")
+
+
 class AuthenticationFailed(LetheError):
     status = HTTPStatus.UNAUTHORIZED
     type = "authentication_error"

@@ -11,16 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from server.config import Settings
-from server.errors import InvalidRequest
+from server.errors import RequestTooLarge
 from server.openai.protocol import ChatCompletionRequest, CompletionRequest
 from server.run import completion_items
-
-
-class RequestTooLarge(InvalidRequest):
-    """A list in the request is longer than this server accepts (OpenAI's code for it: ``array_above_max_length``)."""
-
-    def __init__(self, message: str, *, param: str) -> None:
-        super().__init__(message, param=param, code="array_above_max_length")
 
 
 @dataclass(frozen=True)
