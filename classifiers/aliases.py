@@ -201,6 +201,30 @@ def _split_case(form: str, words: list[Sequence[int]]) -> Iterable[tuple[Sequenc
             yield positions[a:b], n > 0
 
 
+MIN_ALIAS_LETTERS = 3
+
+
+@lru_cache(maxsize=1)
+def _function_words() -> frozenset[str]:
+    """The most frequent English words (scikit-learn's stop-word list, which Lethe ships), folded."""
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
+    return frozenset(fold(word) for word in ENGLISH_STOP_WORDS)
+
+
+def alias_problem(alias: str) -> str | None:
+    """Why ``alias`` cannot be registered, or None. A mention of an alias is a hit wherever it appears, so one of
+    fewer than three letters ("I", "AI") or of common words only ("the", "of the") would flag nearly every prompt and
+    put every reply under a target's guards. (A common surname as the last part of a longer alias is fine: it never
+    counts alone.)"""
+    keys = [_part_key(part) for part in _raw_parts(alias)]
+    if sum(len(key) for key in keys) < MIN_ALIAS_LETTERS:
+        return f"an alias needs at least {MIN_ALIAS_LETTERS} letters or digits"
+    if all(key in _function_words() for key in keys):
+        return "an alias of common words only would flag nearly every request; use a distinctive name"
+    return None
+
+
 def _raw_parts(alias: str) -> list[str]:
     """The whitespace/comma-separated parts of a name that contain letters, as written."""
     return [part for part in re.split(r"[\s,]+", alias) if fold(part)]

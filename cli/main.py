@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
+
+from pydantic import ValidationError
 
 from cli.admin import cmd_jobs, cmd_targets
 from cli.demo_model import cmd_demo_model
 from cli.eval import cmd_eval
 from cli.serve import cmd_serve, cmd_worker
-from server.config import get_settings
+from server.config import Settings, get_settings
 from server.logs import configure_logging
 
 # Every package whose log records the command shows: the serving core's and its consumers'.
@@ -21,6 +24,20 @@ def cmd_settings(_: argparse.Namespace) -> int:
 
     print(settings_table())
     return 0
+
+
+def load_settings() -> Settings:
+    """The settings, or an exit with one line per invalid one (never their values: a key is a secret)."""
+    try:
+        return get_settings()
+    except ValidationError as exc:
+        problems = "; ".join(_problem(error) for error in exc.errors())
+        raise SystemExit(f"lethe: invalid settings: {problems}") from None
+
+
+def _problem(error: Any) -> str:
+    message = str(error["msg"]).removeprefix("Value error, ")
+    return f"LETHE_{str(error['loc'][0]).upper()}: {message}" if error.get("loc") else message
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("`targets add` needs --file, and only `add` takes it")
     if args.command == "targets" and args.action in ("show", "rm") and not args.ref:
         parser.error(f"`targets {args.action}` needs a target id")
-    settings = get_settings()
+    settings = load_settings()
     configure_logging(settings.log_level, settings.log_json, LOGGERS)
     sys.exit(args.handler(args))
 

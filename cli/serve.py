@@ -35,25 +35,22 @@ def training_model(settings: Settings, model: str | None) -> Path | None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from server.app import create_app
+    from server.http_server import LetheServer, make_server
 
     overrides = {key: value for key in ("host", "port") if (value := getattr(args, key)) is not None}
     if args.demo_variant:
         overrides["demo_variant"] = args.demo_variant
     settings = get_settings().model_copy(update=overrides)
     model_path, name = resolve_model(settings, args.model)
-    server: uvicorn.Server | None = None
+    server: LetheServer | None = None
 
     def request_exit() -> None:
         if server is not None:
-            server.should_exit = True
+            server.request_stop()
 
     app = create_app(settings, model_path, name, request_exit=request_exit)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, timeout_keep_alive=30,
-                            access_log=False)
-    server = uvicorn.Server(config)
+    server = make_server(app, settings)
     server.run()
     return int(app.state.exit_code) or (0 if server.started else 1)
 

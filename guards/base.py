@@ -364,9 +364,10 @@ class InterimGuard(Protocol):
 
 class Options(BaseModel):
     """Base of every mechanism's options model: unknown options are refused (422), so a typo never silently falls
-    back to a default."""
+    back to a default; so are ``NaN`` and ``Infinity`` in any number (an infinite sigma or penalty would be stored,
+    then fail every request that hits the target and every listing that serialises it)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Mechanism(Protocol):

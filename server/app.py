@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -15,15 +15,18 @@ from fastapi.responses import JSONResponse, Response
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from server.admin import router as admin_router
 from server.admin.serving import AdminServing
+from server.admission import Admission, AdmissionMiddleware
 from server.body_limit import BodyLimitMiddleware
 from server.config import Settings
 from server.engine import Engine
 from server.errors import InvalidRequest, LetheError, NotFound, RegistryUnavailable
 from server.metrics import Metrics
 from server.openai import router as openai_router
+from server.openai.limits import RequestLimits
 from server.openai.protocol import ErrorBody, ErrorResponse
 from server.openai.router import ClientDisconnected
 from server.openai.serving import OpenAIServing
@@ -34,8 +37,19 @@ logger = logging.getLogger(__name__)
 CLIENT_CLOSED_REQUEST = 499
 
 
-def _error(status: int, body: ErrorResponse) -> JSONResponse:
-    return JSONResponse(body.model_dump(), status_code=status)
+def _error(status: int, body: ErrorResponse, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def endpoint_label(request: Request) -> str:
+    """The metrics label of a ``/v1`` request: the template of the route its path matches, after ``/v1/``
+    (``chat/completions``), or ``other`` for a path no route serves, so unknown paths add no time series. Matched here
+    rather than read from the routing, which a request refused by middleware (413, 429) never reaches."""
+    for route in request.app.router.routes:
+        path = getattr(route, "path", "")
+        if path.startswith("/v1/") and route.matches(request.scope)[0] != Match.NONE:
+            return path.removeprefix("/v1/")
+    return "other"
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -55,7 +69,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(LetheError)
     async def _lethe_error(_: Request, exc: LetheError) -> JSONResponse:
-        return _error(exc.status, exc.to_response())
+        return _error(exc.status, exc.to_response(), exc.headers)
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(InterfaceError)
@@ -104,7 +118,7 @@ def create_app(
         engine = runtime.engine
         app.state.registry = runtime.control.registry
         app.state.engine = engine
-        app.state.serving = OpenAIServing(runtime.pipeline, engine.info)
+        app.state.serving = OpenAIServing(runtime.pipeline, engine.info, RequestLimits.from_settings(settings))
         app.state.admin = AdminServing(runtime.control.registry, settings.default_mechanisms,
                                        runtime.control.snapshots, runtime.scoring)
         metrics.engine_up.set(1)
@@ -131,6 +145,9 @@ def create_app(
     app.include_router(openai_router.router)
     app.include_router(admin_router.router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.state.admission = Admission(settings.max_concurrent_requests, settings.max_sequences_in_flight)
+    generation_paths = [route.path for route in openai_router.router.routes if "POST" in getattr(route, "methods", ())]
+    app.add_middleware(AdmissionMiddleware, admission=app.state.admission, paths=generation_paths)
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next: Callable) -> Response:
@@ -142,8 +159,7 @@ def create_app(
             response = await call_next(request)
         finally:
             metrics.in_flight.dec()
-        endpoint = request.url.path.removeprefix("/v1/")
-        metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        metrics.requests.labels(endpoint_label(request), str(response.status_code)).inc()
         logger.debug("http.response", extra={"path": request.url.path, "status": response.status_code,
                                              "seconds": round(time.perf_counter() - started, 4)})
         return response

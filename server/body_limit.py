@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from server.errors import PayloadTooLarge
+from server.errors import PayloadTooLarge, send_error
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -57,7 +56,4 @@ class BodyLimitMiddleware:
             await self._reject(send)
 
     async def _reject(self, send: Any) -> None:
-        body = json.dumps(PayloadTooLarge(self.max_bytes).to_response().model_dump()).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        await send_error(send, PayloadTooLarge(self.max_bytes))

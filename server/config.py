@@ -10,8 +10,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+MIN_ADMIN_KEY_CHARS = 16
+STOP_GRACE_S = 20  # after LETHE_SHUTDOWN_TIMEOUT_S: the lifespan's own stop (job workers, engine), then a hard exit
 
 
 def _default_cache_dir() -> Path:
@@ -66,9 +70,26 @@ class Settings(BaseSettings):
         None, description="Shared directory of content-addressed artifacts; unset: `artifacts/` in the data dir."
     )
     admin_key: str | None = Field(
-        None, description="Bearer key of the admin API (`/admin/v1`); unset disables the admin API (403)."
+        None, description=f"Bearer key of the admin API (`/admin/v1`), at least {MIN_ADMIN_KEY_CHARS} characters; "
+                          "unset disables the admin API (403)."
     )
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Largest accepted request body (else 413).")
+    max_prompts_per_request: int = Field(
+        64, ge=1, description="Most prompts in one `/v1/completions` `prompt` list (else 400).")
+    max_sequences_per_request: int = Field(
+        128, ge=1, description="Most sequences (prompts × `n`) one inference request may ask for (else 400).")
+    max_messages: int = Field(256, ge=1, description="Most `messages` in one chat request (else 400).")
+    max_concurrent_requests: int = Field(
+        256, ge=1, description="Most inference requests in flight at once, streams included; past it, 429.")
+    max_sequences_in_flight: int = Field(
+        1024, ge=1, description="Most sequences (prompts × `n`) of the inference requests in flight, running or "
+                                "queued in the engine; past it, 429.")
+    max_connections: int = Field(
+        1024, ge=2, description="Most HTTP connections and requests the server holds at once, every path included; "
+                                "past it, 503 before a request is read. Keep it above LETHE_MAX_CONCURRENT_REQUESTS.")
+    shutdown_timeout_s: int = Field(
+        10, ge=1, description="After SIGTERM, how long open requests get to finish before they are cancelled; the "
+                              f"process exits at most {STOP_GRACE_S} s later, whatever is still stopping.")
     default_mechanisms: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["eco", "guard"],
         description="Mechanisms a target gets when its `mechanisms` field is omitted (comma-separated).",
@@ -129,6 +150,25 @@ class Settings(BaseSettings):
     def _rank_from_text(cls, value: object) -> object:
         # Environment values arrive as text, and a Literal of ints does not coerce "128" to 128.
         return int(value) if isinstance(value, str) and value.strip().isdigit() else value
+
+    @field_validator("admin_key")
+    @classmethod
+    def _long_admin_key(cls, value: str | None) -> str | None:
+        # A short bearer key can be guessed; the admin API can erase, add and read every target.
+        if value and len(value) < MIN_ADMIN_KEY_CHARS:
+            raise ValueError(f"the admin key must have at least {MIN_ADMIN_KEY_CHARS} characters (it has "
+                             f"{len(value)}): use a long random key, e.g. `openssl rand -hex 24`")
+        return value
+
+    @model_validator(mode="after")
+    def _admissible_limits(self) -> Settings:
+        # A request within the per-request caps must be admissible on an idle server, and overload must meet the
+        # 429 of the admission limit before uvicorn's 503.
+        if self.max_sequences_in_flight < self.max_sequences_per_request:
+            raise ValueError("LETHE_MAX_SEQUENCES_IN_FLIGHT must be at least LETHE_MAX_SEQUENCES_PER_REQUEST")
+        if self.max_connections <= self.max_concurrent_requests:
+            raise ValueError("LETHE_MAX_CONNECTIONS must be above LETHE_MAX_CONCURRENT_REQUESTS")
+        return self
 
     @field_validator("api_keys", "default_mechanisms", mode="before")
     @classmethod

@@ -6,7 +6,10 @@ status. Messages must never carry forget-target contents: they reach inference c
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from http import HTTPStatus
+from typing import Any, ClassVar
 
 from server.openai.protocol import ErrorBody, ErrorResponse
 
@@ -16,6 +19,7 @@ class LetheError(Exception):
 
     status: HTTPStatus = HTTPStatus.INTERNAL_SERVER_ERROR
     type: str = "server_error"
+    headers: ClassVar[Mapping[str, str]] = {}  # extra response headers (``Retry-After``)
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
@@ -46,6 +50,14 @@ class PromptTooLongForGate(InvalidRequest):
             f"The prompt is too long for this server's forget-target gate: reading it takes {needed} text windows "
             f"and the gate reads at most {limit} per prompt. Shorten the prompt or split the request.",
             param=param, code="prompt_too_long_for_gate")
+
+
+class RequestTooLarge(InvalidRequest):
+    """A list in the request is longer than this server accepts (``LETHE_MAX_*``; OpenAI's code for it:
+    ``array_above_max_length``)."""
+
+    def __init__(self, message: str, *, param: str) -> None:
+        super().__init__(message, param=param, code="array_above_max_length")
 
 
 class AuthenticationFailed(LetheError):
@@ -100,6 +112,18 @@ class PayloadTooLarge(LetheError):
         super().__init__(f"The request body exceeds the limit of {limit} bytes.", code="payload_too_large")
 
 
+class Overloaded(LetheError):
+    """The server holds as many inference requests (or sequences) as it admits: retry shortly (OpenAI's 429 shape:
+    type ``requests``, code ``rate_limit_exceeded``). Answered alike for every request, before its prompt is read."""
+
+    status = HTTPStatus.TOO_MANY_REQUESTS
+    type = "requests"
+    headers = {"Retry-After": "1"}
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="rate_limit_exceeded")
+
+
 class EngineUnavailable(LetheError):
     """The vLLM engine died or is shutting down; the orchestrator restarts the process."""
 
@@ -126,6 +150,15 @@ class GuardFailed(LetheError):
 
     def __init__(self) -> None:
         super().__init__("This request cannot be served right now; please retry later.", code="guard_unavailable")
+
+
+async def send_error(send: Any, error: LetheError) -> None:
+    """Answer ``error`` from ASGI middleware, which runs outside FastAPI's exception handlers."""
+    body = json.dumps(error.to_response().model_dump()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               *((name.lower().encode(), value.encode()) for name, value in error.headers.items())]
+    await send({"type": "http.response.start", "status": int(error.status), "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 class RegistryUnavailable(LetheError):

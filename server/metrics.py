@@ -1,4 +1,9 @@
-"""Prometheus metrics, all prefixed ``lethe_``, in a registry of their own (so tests can build several apps)."""
+"""Prometheus metrics, all prefixed ``lethe_``, in a registry of their own (so tests can build several apps).
+
+``/metrics`` is unauthenticated, so no label names a target (which targets exist, and which a prompt hit, would tell
+anyone who filed an erasure request) and every label takes a bounded set of values (an unbounded one, such as a raw
+request path, would let any client add time series without end).
+"""
 
 from __future__ import annotations
 
@@ -17,7 +22,8 @@ class Metrics:
     def __post_init__(self) -> None:
         r = self.registry
         self.requests = Counter(
-            "lethe_requests", "Inference requests by endpoint and HTTP status.", ["endpoint", "status"], registry=r
+            "lethe_requests", "Requests under /v1 by endpoint (route template, or `other`) and HTTP status.",
+            ["endpoint", "status"], registry=r,
         )
         self.in_flight = Gauge("lethe_requests_in_flight", "Inference requests being served.", registry=r)
         self.latency = Histogram(
@@ -31,7 +37,7 @@ class Metrics:
         self.prompt_tokens = Counter("lethe_prompt_tokens", "Prompt tokens processed.", registry=r)
         self.completion_tokens = Counter("lethe_completion_tokens", "Completion tokens generated.", registry=r)
         self.engine_up = Gauge("lethe_engine_up", "1 while the vLLM engine is alive, else 0.", registry=r)
-        self.target_hits = Counter("lethe_target_hits", "Requests that hit a forget target.", ["target"], registry=r)
+        self.target_hits = Counter("lethe_target_hits", "Requests that hit a forget target (any).", registry=r)
         self.guard_applied = Counter(
             "lethe_guard_applied", "Prompts a mechanism was applied to.", ["mechanism"], registry=r
         )

@@ -11,6 +11,10 @@ share one generation path; scoring (``server/scoring.py``) runs the same lifecyc
 plan is the plain vLLM input (token ids, no extra_args, no LoRA), which keeps unflagged traffic token-identical to
 plain vLLM; with no target registered at all, classification is skipped and costs nothing.
 
+Rendering and tokenising run on one worker thread of the pipeline's own (as vLLM's server does: a fast tokenizer is
+not safe to share across threads that change its settings), never on the event loop: a long conversation or a batch
+of prompts delays other requests' rendering, not every stream and health check the replica serves.
+
 A prompt the gate could read only in part (more text windows than ``LETHE_GATE_MAX_WINDOWS``) is refused with a 400
 before classification, as one over the context length is.
 
@@ -27,6 +31,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
@@ -45,7 +50,8 @@ from server.metrics import Metrics
 from server.prompt_embeds import EmbeddingTable
 from server.registry.records import AuditEntry
 from server.registry.snapshot import RegistrySnapshot, SnapshotHolder
-from server.run import ChatPrompt, ChoiceEvent, CompletionPrompt, Run, RunRequest, TokenLogprob
+from server.run import (ChatPrompt, ChoiceEvent, CompletionPrompt, Run, RunRequest, TokenLogprob,
+                        completion_items)
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +89,11 @@ class Pipeline:
         self._audit_prompts = audit_prompts
         self.planner = Planner(mechanisms, servings or {}, embeddings, engine, metrics, interim)
         self._classifier = ClassificationBatcher(on_batch=metrics.classifier_batch_size.observe)
+        self._renderer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lethe-render")
+
+    def close(self) -> None:
+        """Stop the rendering thread (a render in progress finishes; queued ones are dropped)."""
+        self._renderer.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------ render
 
@@ -99,16 +110,10 @@ class Pipeline:
         token_ids = encode_rendered(tokenizer, text)
         return RenderedPrompt(token_ids=list(token_ids), text=text, conversation=tuple(turns))
 
-    def render_completion(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[RenderedPrompt]:
+    def render_completion(self, prompt: CompletionPrompt) -> list[RenderedPrompt]:
         tokenizer = self._engine.tokenizer
-        if isinstance(prompt, str):
-            items: list[str | list[int]] = [prompt]
-        elif prompt and all(isinstance(item, int) for item in prompt):
-            items = [list(prompt)]  # type: ignore[arg-type]
-        else:
-            items = list(prompt)  # type: ignore[arg-type]
         rendered = []
-        for item in items:
+        for item in completion_items(prompt):
             if isinstance(item, str):
                 rendered.append(RenderedPrompt(token_ids=list(tokenizer.encode(item)), text=item,
                                                add_special_tokens=True))
@@ -165,7 +170,7 @@ class Pipeline:
         """Render the request's prompts, check they fit, classify and plan them against the current registry snapshot
         (which the run keeps to its end). A refusal after classification is accounted (``guard_failed``) before it
         raises; the caller drives the returned run as a context manager (``server/run.py``)."""
-        prompts = self._render(request.prompt)
+        prompts = await asyncio.get_running_loop().run_in_executor(self._renderer, self._render, request.prompt)
         self.check_budget(prompts, request.max_tokens, request.budget_param)
         snapshot = self._registry.current if self._registry is not None else RegistrySnapshot(revision=0)
         self.check_gate_input(prompts, snapshot)
@@ -178,8 +183,8 @@ class Pipeline:
             self._metrics.guard_failures.labels("classifier").inc()
             run.finish("guard_failed")
             raise GuardFailed() from exc
-        for target_id in run.hit_target_ids:
-            self._metrics.target_hits.labels(target_id).inc()
+        if run.hit_target_ids:
+            self._metrics.target_hits.inc()
         try:
             run.plans = [self.plan(run, index) for index in range(len(prompts))]
         except GuardFailed:

@@ -28,6 +28,15 @@ from server.registry.snapshot import RegistrySnapshot
 CompletionPrompt = str | list[str] | list[int] | list[list[int]]
 
 
+def completion_items(prompt: CompletionPrompt) -> list[str | list[int]]:
+    """The prompts of a completions ``prompt``: one text, a batch of texts, one token-id list or a batch of them."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if prompt and all(isinstance(item, int) for item in prompt):
+        return [list(prompt)]  # type: ignore[arg-type]
+    return list(prompt)  # type: ignore[arg-type]
+
+
 @dataclass(frozen=True)
 class ChatPrompt:
     """A conversation to render with the served model's chat template."""

@@ -55,4 +55,5 @@ class Runtime:
 
     async def stop(self) -> None:
         await self.control.stop()
+        self.pipeline.close()
         self.engine.shutdown()

@@ -25,7 +25,7 @@ from server.config import Settings
 REPO = Path(__file__).resolve().parent.parent
 LETHE_BIN = Path(sys.executable).parent / "lethe"
 API_KEY = "test-inference-key"
-ADMIN_KEY = "test-admin-key"
+ADMIN_KEY = "test-admin-key-of-26-chars"
 STARTUP_TIMEOUT_S = 240
 
 

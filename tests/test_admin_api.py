@@ -115,6 +115,28 @@ def test_malformed_json_is_422_and_writes_nothing(admin: httpx.Client) -> None:
     assert admin.get("/registry").json()["revision"] == before
 
 
+@pytest.mark.parametrize("mechanisms", ['{"eco": {"sigma": Infinity}}', '{"guard": {"soft_penalty": NaN}}',
+                                        '{"o3": {"orthogonality": Infinity}}'])
+def test_a_non_finite_option_is_422_and_writes_nothing(admin: httpx.Client, mechanisms: str) -> None:
+    before = admin.get("/registry").json()["revision"]
+    body = ('{"name": "non-finite", "aliases": ["Nonfinite Person"], "forget": [{"text": "Some text to forget."}], '
+            f'"mechanisms": {mechanisms}}}')
+    response = admin.post("/targets", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["param"].startswith("mechanisms.")
+    assert admin.get("/registry").json()["revision"] == before
+    assert admin.get("/targets").status_code == 200
+    assert all(t["name"] != "non-finite" for t in admin.get("/targets").json()["data"])
+
+
+def test_an_alias_that_would_flag_every_request_is_422(admin: httpx.Client) -> None:
+    before = admin.get("/registry").json()["revision"]
+    response = admin.post("/targets", json={"name": "common-alias", "aliases": ["Some Person", "the"],
+                                            "forget": [{"text": "Some text to forget."}]})
+    assert response.status_code == 422 and response.json()["error"]["param"] == "aliases.1"
+    assert admin.get("/registry").json()["revision"] == before
+
+
 def test_unknown_ids_are_404(admin: httpx.Client) -> None:
     for response in (admin.get("/targets/tgt_nope"), admin.delete("/targets/tgt_nope"),
                      admin.patch("/targets/tgt_nope", json={"description": "x"}), admin.get("/jobs/job_nope")):

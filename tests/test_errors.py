@@ -53,6 +53,18 @@ CASES: list[tuple[str, str, dict[str, Any] | str, int, str | None]] = [
     ("empty prompt list", "/v1/completions", _completion(prompt=[]), 400, None),
     ("completion prompt too long", "/v1/completions", _completion(prompt=LONG_TEXT), 400, "prompt"),
     ("wrong prompt type", "/v1/completions", _completion(prompt={"a": 1}), 400, "prompt"),
+    # bounded work: each refused before any prompt is rendered (defaults of the LETHE_MAX_* settings)
+    ("a hundred thousand prompts", "/v1/completions", _completion(prompt=["a"] * 100_000), 400, "prompt"),
+    ("prompts times n", "/v1/completions", _completion(prompt=["a"] * 64, n=4, temperature=1), 400, "n"),
+    ("too many messages", "/v1/chat/completions", _chat(messages=[{"role": "user", "content": "x"}] * 257), 400,
+     "messages"),
+    ("stop string too long", "/v1/chat/completions", _chat(stop="x" * 257), 400, "stop"),
+    ("too many logit_bias entries", "/v1/chat/completions", _chat(logit_bias={str(i): 1 for i in range(301)}), 400,
+     "logit_bias"),
+    ("too many stop_token_ids", "/v1/chat/completions", _chat(stop_token_ids=list(range(257))), 400,
+     "stop_token_ids"),
+    ("top_k past int64", "/v1/chat/completions", _chat(top_k=2**64), 400, "top_k"),
+    ("min_tokens past int64", "/v1/completions", _completion(min_tokens=2**64), 400, "min_tokens"),
 ]
 
 

@@ -36,8 +36,11 @@ def registry(tmp_path: Path) -> Registry:
     return Registry.open(engine)
 
 
+ALIAS = "Xavier Quill"
+
+
 def add_target(registry: Registry, name: str = "t", mechanisms: dict | None = None) -> str:
-    body = TargetCreate.model_validate({"name": name, "aliases": ["X"], "forget": [{"text": "x"}],
+    body = TargetCreate.model_validate({"name": name, "aliases": [ALIAS], "forget": [{"text": "x"}],
                                         "mechanisms": mechanisms})
     return registry.targets.create(new_target(body, ["eco"])).id
 
@@ -149,12 +152,12 @@ def test_snapshot_holder_swaps_when_the_revision_moves(registry: Registry, tmp_p
                             poll_s=0.1)
     assert holder.refresh() and holder.current.bank is None and holder.current.empty
     target_id = add_target(registry)
-    assert holder.refresh() and built[-1] == ({}, {target_id: ["X"]})  # served from its registration, by its aliases
+    assert holder.refresh() and built[-1] == ({}, {target_id: [ALIAS]})  # served from its registration, by its aliases
     JobWorker(registry, artifacts, {FIT_CLASSIFIER: writing_handler}).run_once()
     old = holder.current
     assert holder.refresh()
     assert holder.current.revision == registry.targets.revision() and len(holder.current.targets) == 1
-    assert list(built[-1][0]) == [target_id] and built[-1][1] == {target_id: ["X"]}  # now its fitted classifier too
+    assert list(built[-1][0]) == [target_id] and built[-1][1] == {target_id: [ALIAS]}  # now its fitted classifier too
     assert old.bank == [] and not old.targets[target_id].classifier_ready  # in-flight requests keep their snapshot
     assert not holder.refresh()  # nothing changed: no rebuild
     assert len(built) == 2

@@ -24,6 +24,7 @@ def test_models_lists_the_served_model(client: openai.OpenAI, model_name: str) -
     models = client.models.list().data
     assert [m.id for m in models] == [model_name]
     assert models[0].model_extra["max_model_len"] == 1024
+    assert models[0].model_extra["root"] == model_name  # the name, never the model's path on the server's disk
 
 
 def test_chat_answers_a_memorised_tofu_question(client: openai.OpenAI, model_name: str) -> None:

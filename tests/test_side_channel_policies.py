@@ -23,6 +23,7 @@ from guards.guard.mechanism import build_phrase_artifact
 from guards.guard.payload import resolve_phrases
 from guards.mechanisms import INTERIM, MECHANISMS, mechanism_named
 from guards.processor import LetheLogitsProcessor
+from server.admission import Admission
 from server.artifacts import ArtifactStore, interim_store
 from server.config import Settings
 from server.engine import _engine_args
@@ -115,13 +116,18 @@ class RecordingEco(FakeMechanism):
         return MechanismPlan()
 
 
+def slot():
+    """An admission slot, as the middleware hands every inference request."""
+    return Admission(max_requests=8, max_sequences=64).enter()
+
+
 async def test_a_clients_seed_seeds_sampling_but_never_the_corruption_of_its_prompt() -> None:
     """Were the client's seed in ECO's noise seed, a client could redraw the corruption until one draw leaked."""
     engine, eco = FakeEngine(), RecordingEco()
     serving = OpenAIServing(guarded(engine, eco), engine.info)
     for seed in (1, 2, None):
         await serving.chat(ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "Tess Marlowe?"}],
-                                                 seed=seed, max_tokens=2))
+                                                 seed=seed, max_tokens=2), slot())
     prompt_ids = engine.calls[0][0]["prompt_token_ids"]
     assert eco.seeds == [corruption_seed(prompt_ids, TARGET)] * 3
     assert [params.seed for _, params, _ in engine.calls] == [1, 2, None]
@@ -192,7 +198,7 @@ async def test_prompt_logprobs_are_refused_on_every_request_before_it_is_classif
     engine = FakeEngine()
     serving = OpenAIServing(make(engine), engine.info)
     with pytest.raises(InvalidRequest):
-        await serving.completion(CompletionRequest(model="m", prompt="hi", max_tokens=1, **fields))
+        await serving.completion(CompletionRequest(model="m", prompt="hi", max_tokens=1, **fields), slot())
     assert engine.calls == []
 
 

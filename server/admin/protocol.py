@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, create_model, model_validator
 
+from classifiers.aliases import alias_problem
 from classifiers.types import ForgetItem, ItemText
 
 from guards.base import Mechanism
@@ -23,8 +24,22 @@ LongText = ItemText
 TokenIds = Annotated[list[int], Field(min_length=1, max_length=20_000)]
 
 
+def _distinctive(alias: str) -> str:
+    """Refuse an alias that would flag nearly every request (the message does not repeat it: target contents never
+    appear in an error)."""
+    problem = alias_problem(alias)
+    if problem is not None:
+        raise ValueError(problem)
+    return alias
+
+
+Alias = Annotated[ShortText, AfterValidator(_distinctive)]
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Admin request bodies: unknown fields and non-finite numbers (``NaN``, ``Infinity``) are refused (422)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 def _one_kind(item: ForgetItem) -> ForgetItem:
@@ -69,7 +84,7 @@ MechanismsIn = mechanisms_model(MECHANISMS)
 class TargetCreate(Strict):
     name: ShortText
     description: Annotated[str, StringConstraints(max_length=5000)] = ""
-    aliases: Annotated[list[ShortText], Field(max_length=100)] = Field(default_factory=list)
+    aliases: Annotated[list[Alias], Field(max_length=100)] = Field(default_factory=list)
     forget: Annotated[list[RegisteredItem], Field(min_length=1, max_length=MAX_ITEMS)]
     retain: Annotated[list[RegisteredItem], Field(max_length=MAX_ITEMS)] = Field(default_factory=list)
     mechanisms: MechanismsIn | None = None
@@ -77,7 +92,7 @@ class TargetCreate(Strict):
 
 class TargetPatch(Strict):
     description: Annotated[str, StringConstraints(max_length=5000)] | None = None
-    aliases: Annotated[list[ShortText], Field(max_length=100)] | None = None
+    aliases: Annotated[list[Alias], Field(max_length=100)] | None = None
     forget: Annotated[list[RegisteredItem], Field(min_length=1, max_length=MAX_ITEMS)] | None = None
     retain: Annotated[list[RegisteredItem], Field(max_length=MAX_ITEMS)] | None = None
     mechanisms: MechanismsIn | None = None

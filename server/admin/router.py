@@ -105,7 +105,8 @@ def registry(request: Request) -> RegistryOut:
 
 @router.get("/audit", response_model=AuditList)
 def audit(request: Request, limit: int = Query(100, ge=1, le=10_000),
-          since: float | None = Query(None, description="Unix time; only records created at or after it."),
+          since: float | None = Query(None, allow_inf_nan=False,
+                                      description="Unix time; only records created at or after it."),
           ) -> AuditList:
     return _serving(request).audit(limit, since)
 

@@ -16,12 +16,19 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serial
 MAX_TOP_LOGPROBS = 20
 MAX_COMPLETION_LOGPROBS = 5
 MAX_N = 16
+# Bounds on the size of one request's fields, checked before any prompt is read (the configurable ones, prompts,
+# messages and sequences, are in ``server/openai/limits.py``).
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+MAX_STOP_TOKEN_IDS = 256
+MAX_INT32 = 2**31 - 1  # integers the engine stores as int32; larger ones once broke its msgpack (a 500)
 
 
 class OpenAIBase(BaseModel):
-    """Unknown fields are ignored (OpenAI SDKs send extras), except the ones listed in ``REFUSED_FIELDS``."""
+    """Unknown fields are ignored (OpenAI SDKs send extras), except the ones listed in ``REFUSED_FIELDS``. ``NaN`` and
+    ``Infinity`` (which Python's JSON parser accepts) are refused in every number."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
 
 REFUSED_FIELDS: dict[str, str] = {
@@ -51,17 +58,17 @@ class SamplingFields(OpenAIBase):
     n: int = Field(1, ge=1, le=MAX_N)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1)
+    top_k: int | None = Field(None, ge=-1, le=MAX_INT32)  # past the vocabulary: every token (vLLM's reading)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(None, gt=0.0, le=2.0)
     logit_bias: dict[str, float] | None = Field(
         None, description="Not supported: a non-empty bias is refused with 400 on every request (docs/security.md).")
-    min_tokens: int = Field(0, ge=0)
+    min_tokens: int = Field(0, ge=0, le=MAX_INT32)
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     return_tokens_as_token_ids: bool = False  # vLLM's: logprob tokens as ``token_id:<id>``
@@ -81,15 +88,20 @@ class SamplingFields(OpenAIBase):
             raise ValueError(LOGIT_BIAS_REFUSED)
         return None
 
+    @field_validator("stop")
+    @classmethod
+    def _bounded_stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if len(stops) > MAX_STOP_STRINGS or any(not 0 < len(s) <= MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"`stop` takes at most {MAX_STOP_STRINGS} non-empty strings of at most "
+                             f"{MAX_STOP_CHARS} characters each.")
+        return stop
+
     @model_validator(mode="after")
     def _refuse_reserved_fields(self) -> SamplingFields:
         for name, message in REFUSED_FIELDS.items():
             if (self.model_extra or {}).get(name) is not None:
                 raise ValueError(message)
-        if self.stop is not None:
-            stops = [self.stop] if isinstance(self.stop, str) else self.stop
-            if len(stops) > 16 or any(not s for s in stops):
-                raise ValueError("`stop` takes at most 16 non-empty strings.")
         if self.stream_options is not None and not self.stream:
             raise ValueError("`stream_options` is only allowed when `stream` is true.")
         return self
@@ -128,8 +140,8 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     add_generation_prompt: bool = True
@@ -230,7 +242,7 @@ PromptInput = str | list[str] | list[int] | list[list[int]]
 
 class CompletionRequest(SamplingFields):
     prompt: PromptInput
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=1, le=MAX_INT32)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
     prompt_logprobs: int | None = None

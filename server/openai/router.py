@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
+from server.admission import STATE_KEY, AdmissionSlot
 from server.auth import has_bearer_key
 from server.errors import AuthenticationFailed
 from server.openai.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, ModelList
@@ -18,7 +19,7 @@ from server.openai.serving import OpenAIServing
 
 T = TypeVar("T")
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 404, 503, 504)
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 429, 503, 504)
 }
 
 
@@ -38,6 +39,11 @@ router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], respon
 
 def _serving(request: Request) -> OpenAIServing:
     return request.app.state.serving
+
+
+def _slot(request: Request) -> AdmissionSlot:
+    """The admission slot ``AdmissionMiddleware`` gave this request."""
+    return getattr(request.state, STATE_KEY)
 
 
 async def _client_gone(request: Request) -> None:
@@ -75,9 +81,9 @@ async def list_models(request: Request) -> ModelList:
 
 @router.post("/chat/completions")
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
-    return _respond(await until_disconnected(request, _serving(request).chat(body)))
+    return _respond(await until_disconnected(request, _serving(request).chat(body, _slot(request))))
 
 
 @router.post("/completions")
 async def create_completion(body: CompletionRequest, request: Request) -> Response:
-    return _respond(await until_disconnected(request, _serving(request).completion(body)))
+    return _respond(await until_disconnected(request, _serving(request).completion(body, _slot(request))))

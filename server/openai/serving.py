@@ -17,8 +17,10 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from server.admission import AdmissionSlot
 from server.engine import EngineInfo
 from server.errors import InvalidRequest, LetheError, ModelNotFound
+from server.openai.limits import RequestLimits
 from server.openai.protocol import (
     ChatChoice,
     ChatChoiceLogprobs,
@@ -106,18 +108,23 @@ class ChoiceState:
 
 
 class OpenAIServing:
-    """The logic behind ``/v1/models``, ``/v1/chat/completions`` and ``/v1/completions``."""
+    """The logic behind ``/v1/models``, ``/v1/chat/completions`` and ``/v1/completions``.
 
-    def __init__(self, pipeline: Pipeline, info: EngineInfo) -> None:
+    A generation request is checked against the size limits (400), then reserves its sequences in its admission slot
+    (429), both before its prompt is rendered.
+    """
+
+    def __init__(self, pipeline: Pipeline, info: EngineInfo, limits: RequestLimits | None = None) -> None:
         self._pipeline = pipeline
         self._info = info
+        self._limits = limits or RequestLimits()
         self._created = int(time.time())
 
     def models(self) -> ModelList:
         card = ModelCard(
             id=self._info.served_model_name,
             created=self._created,
-            root=self._info.model_path,
+            root=self._info.served_model_name,  # vLLM shows the model's path here: not a client's business
             max_model_len=self._info.max_model_len,
         )
         return ModelList(data=[card])
@@ -128,8 +135,10 @@ class OpenAIServing:
 
     # ------------------------------------------------------------ chat
 
-    async def chat(self, request: ChatCompletionRequest) -> ChatCompletionResponse | AsyncIterator[str]:
+    async def chat(self, request: ChatCompletionRequest,
+                   slot: AdmissionSlot) -> ChatCompletionResponse | AsyncIterator[str]:
         self._check_model(request.model)
+        slot.reserve(self._limits.check_chat(request))
         top = (request.top_logprobs or 0) if request.logprobs else None
         params = sampling_params(request, request.completion_budget, top, self._info.vocab_size)
         turns = tuple(ChatTurn(role=_template_role(m.role), content=m.text()) for m in request.messages)
@@ -191,8 +200,10 @@ class OpenAIServing:
 
     # ------------------------------------------------------------ completions
 
-    async def completion(self, request: CompletionRequest) -> CompletionResponse | AsyncIterator[str]:
+    async def completion(self, request: CompletionRequest,
+                         slot: AdmissionSlot) -> CompletionResponse | AsyncIterator[str]:
         self._check_model(request.model)
+        slot.reserve(self._limits.check_completion(request))
         if request.prompt_logprobs is not None or (request.echo and request.logprobs is not None):
             raise InvalidRequest(
                 "Prompt logprobs (`prompt_logprobs`, or `echo` with `logprobs`) are not available on this server: "
