@@ -134,8 +134,9 @@ class TargetEntry:
 
 DERIVED_MEMBERS = "members.json"
 """In a derived artifact's directory (``ServingContext.artifacts_root/<folder>/<key>``, the folder one of its
-mechanism's ``derived_artifacts``): the JSON list of the artifact digests it was built from. The erasure pass deletes a derived artifact once one of them is purged (a deleted
-target's adapter inside O3's stack), and one without this file as unaccounted for."""
+mechanism's ``derived_artifacts``): the JSON list of the artifact digests it was built from. The erasure pass
+deletes a derived artifact once one of them is purged (a deleted target's adapter inside O3's stack), and one without
+this file as unaccounted for."""
 
 
 @dataclass(frozen=True)

@@ -56,8 +56,8 @@ class Metrics:
         self.registry_revision = Gauge("lethe_registry_revision", "Registry revision this replica serves.", registry=r)
         self.jobs = Gauge("lethe_jobs", "Jobs in the registry by status.", ["status"], registry=r)
         self.targets_degraded = Gauge(
-            "lethe_targets_degraded", "Targets whose classifier (or its refit) could not be fitted: detected by their aliases (and any older classifier).",
-            registry=r,
+            "lethe_targets_degraded", "Targets whose classifier (or its refit) could not be fitted: detected by their "
+            "aliases (and any older classifier).", registry=r,
         )
         self.engine_unfinished = Gauge(
             "lethe_engine_unfinished_requests", "Requests the engine is still working on.", registry=r

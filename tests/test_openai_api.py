@@ -130,7 +130,7 @@ def test_completion_logprobs_have_offsets(client: openai.OpenAI, model_name: str
 
 
 def test_tokens_as_token_ids_name_each_generated_token(client: openai.OpenAI, model_name: str, tokenizer) -> None:
-    """vLLM's ``return_tokens_as_token_ids``: each logprob token reads ``token_id:<id>``, the ids decode to the reply."""
+    """vLLM's ``return_tokens_as_token_ids``: logprob tokens read ``token_id:<id>``, and the ids decode to the reply."""
     reply = chat(client, model_name, temperature=0, max_tokens=8, logprobs=True, top_logprobs=2,
                  extra_body={"return_tokens_as_token_ids": True})
     choice = reply.choices[0]
