@@ -5,8 +5,9 @@ Three kinds of leftovers, each with its own rule:
 - **Artifacts** (``<root>/<digest>``) that no live target references, and **derived artifacts**
   (``<root>/<folder>/<key>`` in a folder a mechanism declares, ``Mechanism.derived_artifacts``: O3's stacks) built
   from one of those or not saying what they were built from (``guards.base.DERIVED_MEMBERS``). The caller decides
-  *whether* they may go (no live replica may still serve a revision that used them); this module only refuses those written within ``grace_s``: a job publishes its artifact
-  moments after storing it, and a commit of content already present touches it (``ArtifactStore.commit``).
+  *whether* they may go (no live replica may still serve a revision that used them); this module only refuses those
+  written within ``grace_s``: a job publishes its artifact moments after storing it, and a commit of content already
+  present touches it (``ArtifactStore.commit``).
 - **Staging folders** (``.staging-*``): a job's goes as soon as its job is over; one without a job (an O3 stack
   being built, or written before staging folders carried their job) once untouched for ``staging_grace_s``.
 - **Trash** (``.trash-*``) of an interrupted pass, after the same grace.
