@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -24,10 +25,12 @@ from server.config import STOP_GRACE_S
 from tests.conftest import API_KEY, RunningServer, auth_headers, start_server, stop_server
 
 SHUTDOWN_TIMEOUT_S = 2
-# Megabytes of SSE (16 choices x 1000 tokens with logprobs): a client that stops reading holds the stream, and its
-# admission slot, open on any machine, however fast its engine.
-LONG_STREAM = {"prompt": "The", "max_tokens": 1000, "ignore_eos": True, "stream": True, "n": 16, "temperature": 1,
-               "logprobs": 5}
+# Tens of megabytes of SSE (16 choices x 1000 tokens, each with its 20 top logprobs) behind a client receive buffer of
+# a few kilobytes: a client that stops reading holds the stream, and its admission slot, open however fast the engine
+# is (the server's socket buffer takes at most a few megabytes; uvicorn then waits for the client).
+LONG_STREAM = {"messages": [{"role": "user", "content": "The"}], "max_tokens": 1000, "ignore_eos": True,
+               "stream": True, "n": 16, "temperature": 1, "logprobs": True, "top_logprobs": 20}
+SMALL_RECEIVE_BUFFER = [(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)]
 
 
 def test_a_hundred_thousand_prompts_are_refused_at_once_and_stall_no_one(http: httpx.Client, model_name: str) -> None:
@@ -58,10 +61,14 @@ def bounded_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactor
     stop_server(server)
 
 
-def _open_stream(stack: ExitStack, server: RunningServer, model: str) -> Iterator[str]:
-    """A long stream, opened and read up to its first chunk (so it holds its admission slot); its remaining lines."""
-    session = stack.enter_context(httpx.Client(base_url=server.base_url, headers=auth_headers(), timeout=120))
-    response = stack.enter_context(session.stream("POST", "/v1/completions", json={"model": model, **LONG_STREAM}))
+def _open_stream(stack: ExitStack, server: RunningServer, model: str, *, stalled: bool = False) -> Iterator[str]:
+    """A long stream, opened and read up to its first chunk (so it holds its admission slot); its remaining lines.
+    ``stalled``: behind a tiny receive buffer, so the server cannot finish it while the client does not read."""
+    transport = httpx.HTTPTransport(socket_options=SMALL_RECEIVE_BUFFER if stalled else None)
+    session = stack.enter_context(httpx.Client(base_url=server.base_url, headers=auth_headers(), timeout=120,
+                                               transport=transport))
+    response = stack.enter_context(session.stream("POST", "/v1/chat/completions",
+                                                  json={"model": model, **LONG_STREAM}))
     assert response.status_code == 200, response.read()
     lines = response.iter_lines()
     assert next(line for line in lines if line.startswith("data: "))
@@ -76,8 +83,8 @@ def test_requests_past_the_admission_limit_get_429_with_retry_after(bounded_serv
     model = _model(bounded_server)
     client = openai.OpenAI(base_url=f"{bounded_server.base_url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
     with ExitStack() as stack:
-        for _ in range(2):
-            _open_stream(stack, bounded_server, model)
+        # held: a dropped iterator closes its connection
+        streams = [_open_stream(stack, bounded_server, model, stalled=True) for _ in range(2)]
         response = httpx.post(f"{bounded_server.base_url}/v1/chat/completions", headers=auth_headers(), timeout=30,
                               json={"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
         assert response.status_code == 429, response.text
@@ -87,6 +94,7 @@ def test_requests_past_the_admission_limit_get_429_with_retry_after(bounded_serv
         assert (error["type"], error["code"]) == ("requests", "rate_limit_exceeded")
         with pytest.raises(openai.RateLimitError):
             client.completions.create(model=model, prompt="Hi", max_tokens=2)
+        del streams
     deadline = time.monotonic() + 30  # the closed streams give their slots back
     while True:
         try:
