@@ -90,6 +90,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 @pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """One throwaway PostgreSQL server for the session's registry tests (``tests.postgres.fresh_database`` gives each
+    test its own database on it)."""
+    from tests.postgres import postgres_available, running_postgres
+
+    if not postgres_available():
+        pytest.fail("PostgreSQL is not installed: .ci/run installs Debian's `postgresql` package")
+    with running_postgres() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(request: pytest.FixtureRequest) -> Path:
     from demo.builder import build_demo_model
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import itertools
 import os
 import shutil
 import socket
@@ -11,7 +12,10 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+
+_databases = itertools.count()
 
 
 def _bin(name: str) -> str | None:
@@ -46,9 +50,29 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@dataclass
+class PostgresServer:
+    """A running throwaway cluster that a test can stop and start again (an outage of the registry database)."""
+
+    url: str
+    _data: Path
+    _options: str
+    _log: Path
+
+    def stop(self) -> None:
+        """Stop the server at once (``-m immediate``: like a crash, open connections are cut)."""
+        subprocess.run([*_run_as_prefix(), _bin("pg_ctl"), "-D", str(self._data), "-m", "immediate", "stop"],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def start(self) -> None:
+        subprocess.run([*_run_as_prefix(), _bin("pg_ctl"), "-D", str(self._data), "-o", self._options, "-l",
+                        str(self._log), "-w", "start"], check=True, stdout=subprocess.DEVNULL)
+
+
 @contextmanager
-def running_postgres() -> Iterator[str]:
-    """Start a fresh cluster on a free loopback port; yields its SQLAlchemy URL; stops and deletes it after."""
+def postgres_server() -> Iterator[PostgresServer]:
+    """Start a fresh cluster on a free loopback port; yields it (``.url``: its SQLAlchemy URL); stops and deletes it
+    after."""
     prefix = _run_as_prefix()
     assert prefix is not None
     root = Path(tempfile.mkdtemp(prefix="lethe-pg-"))
@@ -59,8 +83,8 @@ def running_postgres() -> Iterator[str]:
     subprocess.run([*prefix, _bin("initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync"],
                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
-    subprocess.run([*prefix, _bin("pg_ctl"), "-D", str(data), "-o", options, "-l", str(root / "log"), "-w", "start"],
-                   check=True, stdout=subprocess.DEVNULL)
+    server = PostgresServer(f"postgresql+psycopg://postgres@127.0.0.1:{port}/lethe", data, options, root / "log")
+    server.start()
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -69,8 +93,26 @@ def running_postgres() -> Iterator[str]:
             if created.returncode == 0 or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
-        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/lethe"
+        yield server
     finally:
-        subprocess.run([*prefix, _bin("pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        server.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def fresh_database(server_url: str) -> str:
+    """A new empty database on the server of ``server_url``; returns its URL (one per test: no shared state)."""
+    from sqlalchemy import create_engine, text
+
+    name = f"t{next(_databases)}_{os.getpid()}_{int(time.time() * 1000) % 10**8}"
+    admin = create_engine(server_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f"CREATE DATABASE {name}"))
+    admin.dispose()
+    return server_url.rsplit("/", 1)[0] + f"/{name}"
+
+
+@contextmanager
+def running_postgres() -> Iterator[str]:
+    """Start a fresh cluster on a free loopback port; yields its SQLAlchemy URL; stops and deletes it after."""
+    with postgres_server() as server:
+        yield server.url

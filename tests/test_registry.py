@@ -3,15 +3,13 @@ atomicity, jobs, recovery, audit."""
 
 from __future__ import annotations
 
-import itertools
 import time
-from collections.abc import Iterator
 from datetime import timedelta
 from types import SimpleNamespace
 
 import pytest
 from pydantic import ValidationError
-from sqlalchemy import create_engine, inspect, text, update
+from sqlalchemy import inspect, update
 
 from server.admin.protocol import TargetCreate, TargetPatch
 from server.admin.serving import new_target, target_changes
@@ -21,31 +19,14 @@ from server.registry.catalog import FIT_CLASSIFIER, MechanismCatalog
 from server.registry.database import make_engine, upgrade_database, utcnow
 from server.registry.models import JobRow
 from server.registry.records import AuditEntry, NewTarget, TargetChanges
-from tests.postgres import postgres_available, running_postgres
-
-_databases = itertools.count()
-
-
-@pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    if not postgres_available():
-        pytest.fail("PostgreSQL is not installed: .ci/run installs Debian's `postgresql` package")
-    with running_postgres() as url:
-        yield url
-
+from tests.postgres import fresh_database
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def registry(request: pytest.FixtureRequest, tmp_path) -> Registry:
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path / 'registry.db'}"
     else:
-        base = request.getfixturevalue("postgres_url")
-        name = f"t{next(_databases)}_{int(time.time() * 1000) % 10**8}"
-        admin = create_engine(base, isolation_level="AUTOCOMMIT")
-        with admin.connect() as connection:
-            connection.execute(text(f"CREATE DATABASE {name}"))
-        admin.dispose()
-        url = base.rsplit("/", 1)[0] + f"/{name}"
+        url = fresh_database(request.getfixturevalue("postgres_url"))
     engine = make_engine(url)
     upgrade_database(engine)
     return Registry.open(engine, MechanismCatalog(implemented=frozenset({"eco"})))
