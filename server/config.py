@@ -105,6 +105,10 @@ class Settings(BaseSettings):
     )
     audit_prompts: bool = Field(False, description="Store prompt text in audit records.")
     audit_retention_days: float = Field(30.0, gt=0, description="Audit records older than this are deleted.")
+    audit_buffer_mib: float = Field(
+        64.0, gt=0, description="Memory for audit records waiting while the database is unreachable; past it the "
+                                "oldest are dropped (`lethe_audit_dropped_total`).",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
     log_json: bool = Field(True, description="Emit logs as one JSON object per line.")
 

@@ -169,8 +169,9 @@ class ControlPlane:
                                                 metrics.gate_calibrated, calibration),
                                    settings.registry_poll_s, gate_bank_factory(embedder, MECHANISMS),
                                    INTERIM.prepare, registry.negatives.texts)
-        return cls(settings, metrics, registry, snapshots, AuditWriter(registry.audit, settings.audit_retention_days),
-                   artifacts, embedder, calibration)
+        audit = AuditWriter(registry.audit, settings.audit_retention_days,
+                            int(settings.audit_buffer_mib * 1024 * 1024), metrics)
+        return cls(settings, metrics, registry, snapshots, audit, artifacts, embedder, calibration)
 
     async def start(self) -> None:
         self.snapshots.on_swap.append(self._on_swap)

@@ -1,12 +1,17 @@
 """``AuditLog``: the stored audit trail, one entry per inference request (written in batches by ``server/audit.py``).
 
 Kept apart from targets and jobs: it is append-mostly, never bumps the registry revision, and is pruned by age.
+
+Text is stored as the database can hold it (``storable``): a client's prompt may carry U+0000, which PostgreSQL's text
+columns refuse, or a lone surrogate (JSON's ``"\\ud83d"``), which no UTF-8 database can encode; either would make the
+whole batch fail on every retry. Both become U+FFFD.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 from sqlalchemy import delete, select
 
@@ -14,6 +19,19 @@ from server.registry import views
 from server.registry.database import RegistryDatabase
 from server.registry.models import AuditRow
 from server.registry.records import AuditEntry
+
+
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def storable_text(text: str) -> str:
+    """``text`` with what a database cannot store (NUL, lone surrogates) replaced by U+FFFD."""
+    return _UNSTORABLE.sub("\ufffd", text)
+
+
+def storable(entry: AuditEntry) -> AuditEntry:
+    """The entry with its client-controlled text made storable (only the prompt: the rest is Lethe's own)."""
+    return replace(entry, prompt=storable_text(entry.prompt)) if entry.prompt else entry
 
 
 class AuditLog:
@@ -24,7 +42,17 @@ class AuditLog:
         if not entries:
             return
         with self._database.transaction() as session:
-            session.add_all(AuditRow(**asdict(entry)) for entry in entries)
+            session.add_all(AuditRow(**asdict(storable(entry))) for entry in entries)
+
+    def reachable(self) -> bool:
+        """Whether the audit table can be read now: after a failed write, tells an outage (keep the records, retry)
+        from a record the database refuses (drop that one)."""
+        try:
+            with self._database.session() as session:
+                session.execute(select(AuditRow.id).limit(0)).all()
+        except Exception:
+            return False
+        return True
 
     def recent(self, limit: int, since: float | None) -> list[AuditEntry]:
         """Newest first, at most ``limit``, only those created at or after ``since`` (Unix time) when given."""

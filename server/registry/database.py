@@ -25,9 +25,14 @@ SQLITE_BUSY_TIMEOUT_MS = 10_000
 
 
 def make_engine(url: str) -> Engine:
-    """An engine tuned per backend: SQLite in WAL mode so several replicas can share one file safely."""
+    """An engine tuned per backend: SQLite in WAL mode so several replicas can share one file safely.
+
+    ``hide_parameters``: a database error's message otherwise quotes the statement's values, and those are target
+    contents or audited prompts, which must never reach the logs.
+    """
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False})
+        engine = create_engine(url, hide_parameters=True,
+                               connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False})
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection: Any, _: Any) -> None:
@@ -39,7 +44,7 @@ def make_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    return create_engine(url, hide_parameters=True, pool_pre_ping=True, pool_size=5, max_overflow=5)
 
 
 def upgrade_database(engine: Engine) -> None:
