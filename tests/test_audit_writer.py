@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from pathlib import Path
 
 import pytest
 from sqlalchemy.exc import OperationalError
@@ -18,16 +17,11 @@ from server.registry import Registry
 from server.registry.database import make_engine, upgrade_database
 from server.registry.models import AuditRow
 from server.registry.records import AuditEntry
-from tests.postgres import fresh_database
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def registry(request: pytest.FixtureRequest, tmp_path: Path) -> Registry:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'audit.db'}"
-    else:
-        url = fresh_database(request.getfixturevalue("postgres_url"))
-    engine = make_engine(url)
+@pytest.fixture
+def registry(database_url: str) -> Registry:
+    engine = make_engine(database_url)
     upgrade_database(engine)
     return Registry.open(engine)
 
