@@ -148,11 +148,7 @@ def create_app(
         alive = engine is not None and engine.alive
         metrics.engine_up.set(1 if alive else 0)
         metrics.engine_unfinished.set(engine.unfinished_requests if alive else 0)
-        registry = getattr(request.app.state, "registry", None)
-        if registry is not None:
-            summary = await asyncio.to_thread(registry.targets.summary)
-            for status, count in summary.jobs.items():
-                metrics.jobs.labels(status).set(count)
+        # Job counts come from the control plane's background refresh: a scrape never queries the database.
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
     return app

@@ -21,6 +21,7 @@ from guards.base import (ANY_WORKER, GATE_LANE, LANES, MODEL_FILES, SERVED_MODEL
 from guards.mechanisms import INTERIM, MECHANISMS
 from server.artifacts import ArtifactStore
 from server.audit import AuditWriter
+from server.backoff import Backoff
 from server.classifier_jobs import CalibrationVectors, bank_factory, fit_classifier_handler, gate_bank_factory
 from server.config import Settings
 from server.jobs import JobWorker, default_worker_id
@@ -31,6 +32,10 @@ from server.registry.database import make_engine, upgrade_database
 from server.registry.snapshot import RegistrySnapshot, SnapshotHolder, mechanism_entries
 
 logger = logging.getLogger(__name__)
+
+JOB_COUNTS_INTERVAL_S = 5.0  # how often `lethe_jobs` is refreshed from the database (a scrape never queries it)
+MAX_BACKOFF_S = 30.0
+JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 
 
 def mechanism_catalog(settings: Settings, mechanisms: Sequence[Mechanism] = MECHANISMS) -> MechanismCatalog:
@@ -176,7 +181,8 @@ class ControlPlane:
     async def start(self) -> None:
         self.snapshots.on_swap.append(self._on_swap)
         await asyncio.to_thread(self.snapshots.refresh)
-        self._tasks = [asyncio.create_task(self.snapshots.watch()), asyncio.create_task(self.audit.run())]
+        self._tasks = [asyncio.create_task(self.snapshots.watch()), asyncio.create_task(self.audit.run()),
+                       asyncio.create_task(self.watch_job_counts())]
 
     def start_worker(self, served: ServedModel, model_path: Path) -> None:
         """Run this replica's job workers, one thread per lane, once the engine is up.
@@ -191,6 +197,25 @@ class ControlPlane:
         self.workers = make_workers(self.settings, self.registry, handlers)
         for worker in self.workers:
             worker.start()
+
+    async def watch_job_counts(self) -> None:
+        """Keep ``lethe_jobs`` current from the database, off the scrape path: ``/metrics`` only reads the last counts,
+        so it answers during a database outage too (the counts then stay at their last values, and
+        ``lethe_background_failures_total{task="job_counts"}`` grows)."""
+        retry = Backoff(JOB_COUNTS_INTERVAL_S, MAX_BACKOFF_S)
+        while True:
+            try:
+                summary = await asyncio.to_thread(self.registry.targets.summary)
+            except Exception as exc:
+                if not retry.failures:
+                    logger.warning("registry.job_counts_failed", extra={"error": type(exc).__name__})
+                self.metrics.background_failures.labels("job_counts").inc()
+                retry.failed()
+            else:
+                for status in {*JOB_STATUSES, *summary.jobs}:  # a status whose jobs are all gone reads 0, not stale
+                    self.metrics.jobs.labels(status).set(summary.jobs.get(status, 0))
+                retry.succeeded()
+            await asyncio.sleep(retry.delay)
 
     def _on_swap(self, snapshot: RegistrySnapshot) -> None:
         self.metrics.registry_revision.set(snapshot.revision)

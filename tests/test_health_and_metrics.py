@@ -1,0 +1,72 @@
+"""`/metrics` and the health probes answer from what the replica already knows: a database outage never fails a scrape,
+and job counts are refreshed in the background (the app without its engine, a real SQLite registry)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from server import control_plane as control_plane_module
+from server.app import create_app
+from server.config import Settings
+from server.control_plane import ControlPlane
+from server.metrics import Metrics
+from server.registry.models import JobRow
+from tests.test_jobs import add_target
+
+
+class Unreachable:
+    """A registry whose database is down: every use raises."""
+
+    def __getattr__(self, name: str):
+        raise ConnectionError("the registry database is unreachable")
+
+
+@pytest.fixture(scope="module")
+def app():
+    return create_app(Settings(), Path("/nonexistent"), "model")
+
+
+def test_metrics_never_query_the_database(app) -> None:
+    app.state.registry = Unreachable()
+    response = TestClient(app).get("/metrics")
+    assert response.status_code == 200 and "lethe_engine_up" in response.text
+
+
+def test_job_counts_are_refreshed_in_the_background_and_survive_an_outage(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(control_plane_module, "JOB_COUNTS_INTERVAL_S", 0.02)
+    monkeypatch.setattr(control_plane_module, "MAX_BACKOFF_S", 0.05)
+    metrics = Metrics()
+    control = ControlPlane.open(Settings(data_dir=tmp_path), metrics)
+    add_target(control.registry)  # queues its jobs
+
+    def count(status: str) -> float | None:
+        return metrics.registry.get_sample_value("lethe_jobs", {"status": status})
+
+    async def until(condition) -> None:
+        deadline = time.monotonic() + 10
+        while not condition():
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+
+    async def scenario() -> None:
+        task = asyncio.create_task(control.watch_job_counts())
+        await until(lambda: (count("queued") or 0) > 0)
+        queued = count("queued")
+        assert count("running") == 0
+        JobRow.__table__.drop(control.registry.database.engine)  # the database loses the table: an outage
+        failures = lambda: metrics.registry.get_sample_value("lethe_background_failures_total",  # noqa: E731
+                                                             {"task": "job_counts"}) or 0
+        await until(lambda: failures() >= 2)
+        assert not task.done() and count("queued") == queued  # the last counts stay
+        JobRow.__table__.create(control.registry.database.engine)  # back, empty
+        await until(lambda: count("queued") == 0)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(scenario())
