@@ -135,7 +135,13 @@ class ServingContext:
 
 
 class MechanismServing(Protocol):
-    """A mechanism's per-replica half."""
+    """A mechanism's per-replica half.
+
+    A serving half whose targets publish artifacts may also define ``check(entry: TargetEntry) -> None``, raising if
+    this replica cannot read the artifacts of ``entry.state``. The snapshot then serves that target as if the
+    mechanism were not ready yet (its other mechanisms, or interim protection), reports it ``degraded``, and loads
+    every other target (``server/registry/readable.py``): one unreadable file never blocks the registry.
+    """
 
     def share(self, entries: Sequence[TargetEntry]) -> Any:
         """Per-snapshot resources across every target that enables the mechanism (None if none needed)."""

@@ -22,7 +22,8 @@ from guards.mechanisms import INTERIM, MECHANISMS
 from server.artifacts import ArtifactStore
 from server.audit import AuditWriter
 from server.backoff import Backoff
-from server.classifier_jobs import CalibrationVectors, bank_factory, fit_classifier_handler, gate_bank_factory
+from server.classifier_jobs import (CalibrationVectors, bank_factory, check_classifier_artifact, fit_classifier_handler,
+                                   gate_bank_factory)
 from server.config import Settings
 from server.jobs import JobWorker, default_worker_id
 from server.metrics import Metrics
@@ -173,14 +174,13 @@ class ControlPlane:
                                    bank_factory(embedder, settings.gate_max_union_fpr, settings.gate_max_windows,
                                                 metrics.gate_calibrated, calibration),
                                    settings.registry_poll_s, gate_bank_factory(embedder, MECHANISMS),
-                                   INTERIM.prepare, registry.negatives.texts)
+                                   INTERIM.prepare, registry.negatives.texts, check_classifier_artifact)
         audit = AuditWriter(registry.audit, settings.audit_retention_days,
                             int(settings.audit_buffer_mib * 1024 * 1024), metrics)
         return cls(settings, metrics, registry, snapshots, audit, artifacts, embedder, calibration)
 
     async def start(self) -> None:
-        self.snapshots.on_swap.append(self._on_swap)
-        await asyncio.to_thread(self.snapshots.refresh)
+        await self.start_snapshots()
         self._tasks = [asyncio.create_task(self.snapshots.watch()), asyncio.create_task(self.audit.run()),
                        asyncio.create_task(self.watch_job_counts())]
 
@@ -217,9 +217,19 @@ class ControlPlane:
                 retry.succeeded()
             await asyncio.sleep(retry.delay)
 
+    async def start_snapshots(self) -> None:
+        """Report every snapshot swap and failed reload in the metrics, and load a first snapshot. A first load that
+        fails does not stop the start (the watch retries it); the replica is not ready and serves no request until
+        one is loaded (``/health/ready``, ``pipeline``)."""
+        self.snapshots.on_swap.append(self._on_swap)
+        self.snapshots.on_failure.append(lambda _: self.metrics.background_failures.labels("registry_reload").inc())
+        if not await self.snapshots.reload():
+            logger.error("registry.initial_load_failed", extra={"retry_s": self.settings.registry_poll_s})
+
     def _on_swap(self, snapshot: RegistrySnapshot) -> None:
         self.metrics.registry_revision.set(snapshot.revision)
         self.metrics.targets_degraded.set(snapshot.degraded)
+        self.metrics.targets_unreadable.set(len(snapshot.unreadable))
 
     async def stop(self) -> None:
         for task in self._tasks:

@@ -64,6 +64,10 @@ class Metrics:
         self.audit_pending = Gauge(
             "lethe_audit_pending_records", "Audit records waiting to be written.", registry=r,
         )
+        self.targets_unreadable = Gauge(
+            "lethe_targets_unreadable", "Targets served degraded because an artifact of theirs cannot be read by this "
+            "replica (`GET /admin/v1/targets` says which and why).", registry=r,
+        )
         self.engine_unfinished = Gauge(
             "lethe_engine_unfinished_requests", "Requests the engine is still working on.", registry=r
         )

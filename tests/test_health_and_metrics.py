@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from fastapi.testclient import TestClient
@@ -16,6 +17,7 @@ from server.config import Settings
 from server.control_plane import ControlPlane
 from server.metrics import Metrics
 from server.registry.models import JobRow
+from server.registry.snapshot import RegistrySnapshot
 from tests.test_jobs import add_target
 
 
@@ -70,3 +72,28 @@ def test_job_counts_are_refreshed_in_the_background_and_survive_an_outage(tmp_pa
         await asyncio.gather(task, return_exceptions=True)
 
     asyncio.run(scenario())
+
+
+class FakeEngine:
+    def __init__(self, alive: bool) -> None:
+        self.alive = alive
+        self.unfinished_requests = 0
+
+
+def probe(app, path: str, engine: FakeEngine | None, snapshot_revision: int | None) -> int:
+    app.state.engine = engine
+    app.state.snapshots = SimpleNamespace(current=RegistrySnapshot(revision=snapshot_revision)) \
+        if snapshot_revision is not None else None
+    return TestClient(app).get(path).status_code
+
+
+@pytest.mark.parametrize("engine, revision, live, ready, health", [
+    (FakeEngine(True), 4, 200, 200, 200),
+    (FakeEngine(True), -1, 200, 503, 200),  # no snapshot loaded yet (or ever, the database being down): not ready
+    (FakeEngine(True), None, 200, 503, 200),
+    (FakeEngine(False), 4, 503, 503, 503),  # a dead engine never recovers: restart the process
+])
+def test_liveness_and_readiness(app, engine, revision, live, ready, health) -> None:
+    assert probe(app, "/health/live", engine, revision) == live
+    assert probe(app, "/health/ready", engine, revision) == ready
+    assert probe(app, "/health", engine, revision) == health

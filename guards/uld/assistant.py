@@ -10,10 +10,12 @@ Assistants are loaded by artifact path (content-addressed, so a path never chang
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,6 +26,27 @@ logger = logging.getLogger(__name__)
 
 ULD_KEY = "uld"
 DEFAULT_CACHED_ASSISTANTS = 8
+
+
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"  # a sharded save (a large served model's assistant)
+
+
+def check_assistant(path: Path) -> None:
+    """Raise if the assistant saved in ``path`` cannot be read: its config must parse and every weights file's header
+    must list tensors. Cheap (no weights are read): the front end runs it when a snapshot loads, the engine process
+    loads the weights."""
+    from safetensors import safe_open
+
+    json.loads((path / "config.json").read_text())
+    if (path / WEIGHTS_INDEX).exists():
+        files = sorted(set(json.loads((path / WEIGHTS_INDEX).read_text())["weight_map"].values()))
+    else:
+        files = [WEIGHTS_FILE]
+    for name in files:
+        with safe_open(str(path / name), framework="pt") as weights:
+            if not list(weights.keys()):
+                raise ValueError(f"the assistant's {name} holds no tensor")
 
 
 class AssistantModels:

@@ -16,8 +16,8 @@ from pydantic import Field
 
 from classifiers.types import ALWAYS_GATE, CLASSIFIER_GATE
 from guards.base import (MODEL_FILES, JobContext, JobHandler, JobResources, JobSpec, MechanismBase, MechanismPlan,
-                         NothingShared, Options, PlanRequest, RowHooks, ServingContext, registered_options)
-from guards.uld.assistant import ULD_KEY, AssistantModels, uld_row_hook, validate_uld_section
+                         NothingShared, Options, PlanRequest, RowHooks, ServingContext, TargetEntry, registered_options)
+from guards.uld.assistant import ULD_KEY, AssistantModels, check_assistant, uld_row_hook, validate_uld_section
 from guards.uld.logits import DEFAULT_ALPHA, DEFAULT_TAU
 
 ULD_TRAIN = "uld_train"
@@ -76,6 +76,12 @@ class UldServing(NothingShared):
 
     def __init__(self, artifact_path: Callable[[str], Path]) -> None:
         self._artifact_path = artifact_path
+
+    def check(self, entry: TargetEntry) -> None:
+        """Read the assistant's config and weights header (not the weights: the engine process loads those);
+        raises if this replica cannot."""
+        if "assistant" in entry.state:
+            check_assistant(self._artifact_path(entry.state["assistant"]))
 
     def plan(self, request: PlanRequest) -> MechanismPlan:
         options = request.hit.options
