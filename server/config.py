@@ -103,6 +103,10 @@ class Settings(BaseSettings):
     eco_calibration_max_tokens: int = Field(
         64, ge=8, le=1024, description="Reply length ECO's sigma calibration generates per question."
     )
+    uld_assistant_memory_gib: float = Field(
+        4.0, gt=0, description="Memory the engine may use for ULD assistants; every ULD target of the served registry "
+                               "is kept loaded within it (one that does not fit is protected without ULD, logged).",
+    )
     audit_prompts: bool = Field(False, description="Store prompt text in audit records.")
     audit_retention_days: float = Field(30.0, gt=0, description="Audit records older than this are deleted.")
     audit_buffer_mib: float = Field(

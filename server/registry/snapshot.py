@@ -149,12 +149,14 @@ class SnapshotHolder:
         self._rebuild = True
 
     def _share(self, records: list[TargetRecord]) -> dict[str, Any]:
-        """Each mechanism's shared resources; one that fails gets None (its plans then fail closed), the rest load."""
+        """Each mechanism's shared resources, even with no target enabling it (so it can let go of what an earlier
+        snapshot needed: ULD's assistants held in the engine); one that fails gets None (its plans then fail closed),
+        the rest load."""
         shared: dict[str, Any] = {}
         for name, sharer in self._sharers.items():
             entries = mechanism_entries(records, name)
             try:
-                shared[name] = sharer(entries) if entries else None
+                shared[name] = sharer(entries)
             except Exception:
                 logger.exception("registry.share_failed", extra={"mechanism": name})
                 shared[name] = None
