@@ -200,3 +200,11 @@ def test_a_snapshot_without_uld_targets_releases_the_engines_assistants() -> Non
     serving.share([TargetEntry("t", {}, {"assistant": "d" * 64})])
     serving.share([])  # the last ULD target was deleted
     assert engine.calls[-1]["assistants"] == []
+
+
+def test_an_engine_that_does_not_answer_never_holds_a_snapshot_back() -> None:
+    engine = EngineSide(fail_first=10**9)
+    planner, serving = uld_planner(engine)
+    started = time.monotonic()
+    shared = serving.share([TargetEntry("t", {}, {"assistant": "d" * 64})])
+    assert time.monotonic() - started < 1 and plan_for(planner, shared) == ("interim",)

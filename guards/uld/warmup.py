@@ -1,9 +1,10 @@
 """The front end's half of ULD's assistant loading: which assistants the engine has loaded, kept current.
 
 When a registry snapshot loads (``UldServing.share``, off the event loop), the snapshot's assistants are sent to the
-engine to be loaded in the background (``cache.py``), and ``want`` waits up to ``WAIT_S`` for them, so a snapshot
-that adds an assistant usually swaps in with it already loaded. Past that wait (a slow disk, a large model), the
-snapshot swaps in anyway and a background thread keeps asking the engine until every assistant is loaded. Meanwhile
+engine to be loaded in the background (``cache.py``), and ``want`` waits up to ``WAIT_S`` for those new to this
+snapshot, so a snapshot that adds an assistant usually swaps in with it already loaded. Past that wait (a slow disk, a
+large model, an assistant over the memory budget) or at once when the engine does not answer, the snapshot swaps in
+anyway and a background thread keeps asking the engine until every assistant is loaded. Meanwhile
 ``plan`` raises ``NotReady`` for a target whose assistant is not loaded yet: the target is protected by its other
 mechanisms or interim protection, and the engine never meets an assistant it would have to load inside a step.
 """
@@ -52,12 +53,14 @@ class AssistantWarmup:
         return set(self._wanted) <= self._loaded
 
     def want(self, assistants: Sequence[str]) -> AssistantWarmup:
-        """Have the engine load ``assistants`` (and only keep those for sure); wait up to ``wait_s`` for them, then
-        let a background thread follow the rest. Returns itself: the snapshot's live view."""
+        """Have the engine load ``assistants`` (and only keep those for sure); wait up to ``wait_s`` for the ones new
+        to this snapshot while the engine answers, then let a background thread follow the rest. Returns itself: the
+        snapshot's live view."""
         with self._lock:
+            new = set(assistants) - set(self._wanted)
             self._wanted = tuple(dict.fromkeys(assistants))
         deadline = time.monotonic() + self._wait_s
-        while not self.poll() or not self.complete:
+        while self.poll() and not new <= self._loaded:  # an engine that does not answer is not waited for
             if time.monotonic() >= deadline:
                 logger.warning("uld.assistants_loading", extra={"wanted": len(self._wanted),
                                                                 "loaded": len(self._loaded)})
