@@ -151,6 +151,17 @@ def make_workers(settings: Settings, registry: Registry, handlers: dict[str, Job
     return workers
 
 
+def report_ended(task: asyncio.Task) -> None:
+    """A background loop runs until the replica stops and handles its own failures; one that ends otherwise is a bug
+    that must not go unnoticed (its work, e.g. registry reloads, has stopped): logged as an error."""
+    if task.cancelled():
+        return
+    error = task.exception()
+    logger.error("background.task_ended", extra={"task": task.get_name(),
+                                                 "error": type(error).__name__ if error else None},
+                 exc_info=error)
+
+
 @dataclass
 class ControlPlane:
     settings: Settings
@@ -181,8 +192,11 @@ class ControlPlane:
 
     async def start(self) -> None:
         await self.start_snapshots()
-        self._tasks = [asyncio.create_task(self.snapshots.watch()), asyncio.create_task(self.audit.run()),
-                       asyncio.create_task(self.watch_job_counts())]
+        self._tasks = [asyncio.create_task(self.snapshots.watch(), name="registry-watch"),
+                       asyncio.create_task(self.audit.run(), name="audit-writer"),
+                       asyncio.create_task(self.watch_job_counts(), name="job-counts")]
+        for task in self._tasks:
+            task.add_done_callback(report_ended)
 
     def start_worker(self, served: ServedModel, model_path: Path) -> None:
         """Run this replica's job workers, one thread per lane, once the engine is up.

@@ -4,6 +4,7 @@ and job counts are refreshed in the background (the app without its engine, a re
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -97,3 +98,23 @@ def test_liveness_and_readiness(app, engine, revision, live, ready, health) -> N
     assert probe(app, "/health/live", engine, revision) == live
     assert probe(app, "/health/ready", engine, revision) == ready
     assert probe(app, "/health", engine, revision) == health
+
+
+def test_a_background_loop_that_ends_is_logged_as_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    control = ControlPlane.open(Settings(data_dir=tmp_path), Metrics())
+
+    async def broken_run() -> None:
+        raise RuntimeError("a bug in the audit writer")
+
+    monkeypatch.setattr(control.audit, "run", broken_run)
+
+    async def scenario() -> None:
+        await control.start()
+        await asyncio.sleep(0.05)
+        await control.stop()
+
+    with caplog.at_level(logging.ERROR, logger="server"):
+        asyncio.run(scenario())
+    ended = [record for record in caplog.records if record.getMessage() == "background.task_ended"]
+    assert [(record.task, record.error) for record in ended] == [("audit-writer", "RuntimeError")]
