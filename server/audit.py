@@ -48,13 +48,14 @@ class AuditWriter:
         self._metrics = metrics
         self._pending: deque[tuple[AuditEntry, int]] = deque()
         self._pending_bytes = 0
+        self._writing = 0  # records of the batch being written now
         self._dropped_unlogged = 0
         self._drop_logged_at = -DROP_LOG_INTERVAL_S
 
     @property
     def pending(self) -> int:
-        """Records waiting to be written."""
-        return len(self._pending)
+        """Records waiting to be written, those being written included."""
+        return len(self._pending) + self._writing
 
     def record(self, record: AuditEntry) -> None:
         """Queue one record (on the event loop; never blocks, never raises)."""
@@ -67,11 +68,14 @@ class AuditWriter:
         self._pending_bytes = 0
         if not batch:
             return True
+        self._writing = len(batch)
         try:
             unwritten = await asyncio.to_thread(self._write, batch)
         except Exception:  # not expected (``_write`` handles the database's errors); keep the records regardless
             logger.exception("audit.write_failed", extra={"records": len(batch)})
             unwritten = batch
+        finally:
+            self._writing = 0
         self._keep(unwritten, at_front=True)
         if unwritten:
             self._count_failure("audit_write")
