@@ -38,8 +38,8 @@ from guards.chat import encode_rendered, render_chat
 from server.audit import AuditWriter
 from server.classifier_batcher import ClassificationBatcher
 from server.engine import Engine
-from server.errors import (ContextLengthExceeded, GuardFailed, InvalidRequest, PromptTooLongForGate, RegistryUnavailable,
-                           RequestTimeout)
+from server.errors import (ContextLengthExceeded, GuardFailed, InvalidRequest, PromptTooLongForGate,
+                           RegistryUnavailable, RequestTimeout)
 from server.planner import NO_TARGETS, ChatTurn, Classification, EnginePlan, Planner, RenderedPrompt
 from server.metrics import Metrics
 from server.prompt_embeds import EmbeddingTable

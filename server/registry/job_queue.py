@@ -4,8 +4,8 @@ Workers claim, heartbeat, complete or fail jobs here; a completed job's result i
 failed one's error decides the target's status, in the same transaction that bumps the registry revision, so replicas
 never see a job's outcome without the target that carries it. Every write after the claim is fenced by the claim
 (``ClaimedJob``: worker and attempt): a run whose job was requeued by the recovery pass, and perhaps claimed again,
-can no longer report, complete or fail it (``server/job_lease.py``). The targets store enqueues and cancels jobs inside its
-own transactions through the session-level helpers.
+can no longer report, complete or fail it (``server/job_lease.py``). The targets store enqueues and cancels jobs
+inside its own transactions through the session-level helpers.
 """
 
 from __future__ import annotations
