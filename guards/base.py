@@ -149,6 +149,16 @@ class ServingContext:
     # in ``Mechanism.derived_artifacts``) with its ``DERIVED_MEMBERS`` file, written before it is renamed into place.
     artifacts_root: Path
     settings: Any  # the server's settings, read by attribute (e.g. ``max_lora_rank``)
+    # Asks the engine process to load a mechanism's artifacts ahead of its requests (``RowHooks.warm`` there):
+    # (mechanism name, request) -> the artifacts loaded now. Blocking: call it from ``share``, which runs off the event
+    # loop. None where no engine runs (tests, evaluation), where artifacts load on first use.
+    warm: Callable[[str, Mapping[str, Any]], list[str]] | None = None
+
+
+class NotReady(Exception):
+    """Raised by a serving half's ``plan`` when it cannot serve this target on this replica yet (ULD: its assistant is
+    still loading in the engine). The planner then treats the mechanism as not ready for the target: its other
+    mechanisms, or interim protection, protect it; never a refusal, never unguarded."""
 
 
 def write_members(directory: Path, digests: Sequence[str]) -> None:
@@ -160,7 +170,13 @@ def write_members(directory: Path, digests: Sequence[str]) -> None:
 
 
 class MechanismServing(Protocol):
-    """A mechanism's per-replica half."""
+    """A mechanism's per-replica half.
+
+    A serving half whose targets publish artifacts may also define ``check(entry: TargetEntry) -> None``, raising if
+    this replica cannot read the artifacts of ``entry.state``. The snapshot then serves that target as if the
+    mechanism were not ready yet (its other mechanisms, or interim protection), reports it ``degraded``, and loads
+    every other target (``server/registry/readable.py``): one unreadable file never blocks the registry.
+    """
 
     def share(self, entries: Sequence[TargetEntry]) -> Any:
         """Per-snapshot resources across every target that enables the mechanism (None if none needed)."""
@@ -334,11 +350,18 @@ class RowHooks:
     ``validate(section)`` checks, in the front end, the request's ``extra_args["lethe"]`` for the mechanism's payloads
     (a bad one becomes a 400, never an engine crash); ``build(section, prompt_ids, output_ids, resources)`` makes one
     request's hook from its payloads (``section[name]``, one per hit target), or None if it needs none.
+
+    Optional, for state that is slow to build (ULD's assistants): ``engine_resources(tokenizer)`` builds it in the
+    engine process instead of ``resources`` (there, a hook build must never wait on a disk load: it runs inside a
+    decoding step), and ``warm(resources, request)`` loads artifacts ahead of requests in the background when the
+    front end asks (``ServingContext.warm``), returning those loaded.
     """
 
     resources: Callable[[Any], Any]
     validate: Callable[[Mapping[str, Any]], None]
     build: Callable[[Mapping[str, Any], Sequence[int] | None, list[int], Any], RowHook | None]
+    engine_resources: Callable[[Any], Any] | None = None
+    warm: Callable[[Any, Mapping[str, Any]], list[str]] | None = None
 
 
 # ---- interim protection ------------------------------------------------------------------------------------------

@@ -46,9 +46,11 @@ class RowHookError(RuntimeError):
         self.mechanism = mechanism
 
 
-def row_hook_resources(tokenizer: Any) -> dict[str, Any]:
-    """Each decoding-time mechanism's per-process state (``tokenizer`` is None outside an engine)."""
-    return {name: hooks.resources(tokenizer) for name, hooks in ROW_HOOKS}
+def row_hook_resources(tokenizer: Any, in_engine: bool = False) -> dict[str, Any]:
+    """Each decoding-time mechanism's per-process state (``tokenizer`` is None outside an engine); ``in_engine``: for
+    the engine's processor, where a hook build must never wait (``RowHooks.engine_resources``)."""
+    return {name: (hooks.engine_resources if in_engine and hooks.engine_resources is not None else hooks.resources)(
+        tokenizer) for name, hooks in ROW_HOOKS}
 
 
 def build_row_hooks(section: Mapping[str, Any], prompt_ids: Sequence[int] | None, output_ids: list[int],
@@ -96,7 +98,7 @@ class LetheLogitsProcessor(LogitsProcessor):
         self.rows: dict[int, list[RowHook]] = {}
         tokenizer = _served_tokenizer(vllm_config) if vllm_config is not None else None
         self.eos_token_id = int(tokenizer.eos_token_id or 0) if tokenizer is not None else 0
-        self.resources = row_hook_resources(tokenizer)
+        self.resources = row_hook_resources(tokenizer, in_engine=True)
 
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
@@ -107,6 +109,14 @@ class LetheLogitsProcessor(LogitsProcessor):
         if section is not None:
             for _, row_hooks in ROW_HOOKS:
                 row_hooks.validate(section)
+
+    def warm(self, mechanism: str, request: Mapping[str, Any]) -> list[str]:
+        """Load a mechanism's artifacts ahead of its requests, in the background (the front end's ``collective_rpc``
+        through ``guards.engine_extension``); returns those loaded now. Returns at once: it runs between steps."""
+        for name, row_hooks in ROW_HOOKS:
+            if name == mechanism and row_hooks.warm is not None:
+                return list(row_hooks.warm(self.resources[name], request))
+        return []
 
     def is_argmax_invariant(self) -> bool:
         # Mechanisms change which token wins, so the processor must also run for greedy batches.

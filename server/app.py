@@ -106,6 +106,11 @@ def install_error_handlers(app: FastAPI) -> None:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
 
 
+def _engine_alive(request: Request) -> bool:
+    engine: Engine | None = getattr(request.app.state, "engine", None)
+    return engine is not None and engine.alive
+
+
 def create_app(
     settings: Settings, model_path: Path, served_model_name: str, request_exit: Callable[[], None] | None = None
 ) -> FastAPI:
@@ -117,6 +122,7 @@ def create_app(
         runtime = await Runtime.start(settings, model_path, served_model_name, metrics)
         engine = runtime.engine
         app.state.registry = runtime.control.registry
+        app.state.snapshots = runtime.control.snapshots
         app.state.engine = engine
         app.state.serving = OpenAIServing(runtime.pipeline, engine.info, RequestLimits.from_settings(settings))
         app.state.admin = AdminServing(runtime.control.registry, settings.default_mechanisms,
@@ -166,22 +172,36 @@ def create_app(
 
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:
-        engine: Engine | None = getattr(request.app.state, "engine", None)
-        if engine is None or not engine.alive:
+        """200 while the engine is alive (the orchestrator's single probe, as vLLM's own server has it)."""
+        if not _engine_alive(request):
             return JSONResponse({"status": "unavailable"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/health/live")
+    async def live(request: Request) -> JSONResponse:
+        """Liveness: the process answers and its engine is not dead (a dead engine never recovers: restart it)."""
+        engine: Engine | None = getattr(request.app.state, "engine", None)
+        if engine is not None and not engine.alive:
+            return JSONResponse({"status": "unavailable"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/health/ready")
+    async def ready(request: Request) -> JSONResponse:
+        """Readiness: the engine is alive and a registry snapshot is loaded, so every request can be guarded."""
+        snapshots = getattr(request.app.state, "snapshots", None)
+        if not _engine_alive(request):
+            return JSONResponse({"status": "unavailable", "reason": "engine"}, status_code=503)
+        if snapshots is None or not snapshots.current.loaded:
+            return JSONResponse({"status": "unavailable", "reason": "registry"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
     async def prometheus_metrics(request: Request) -> Response:
         engine: Engine | None = getattr(request.app.state, "engine", None)
-        alive = engine is not None and engine.alive
+        alive = _engine_alive(request)
         metrics.engine_up.set(1 if alive else 0)
         metrics.engine_unfinished.set(engine.unfinished_requests if alive else 0)
-        registry = getattr(request.app.state, "registry", None)
-        if registry is not None:
-            summary = await asyncio.to_thread(registry.targets.summary)
-            for status, count in summary.jobs.items():
-                metrics.jobs.labels(status).set(count)
+        # Job counts come from the control plane's background refresh: a scrape never queries the database.
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
     return app

@@ -60,7 +60,7 @@ class ClassificationBatcher:
             if not live:
                 continue
             bank = live[0].bank
-            self._on_batch(len(live))
+            self._report(len(live))
             try:
                 results = await asyncio.to_thread(bank.score_many, [waiting.conversation for waiting in live])
             except Exception as error:  # noqa: BLE001 - handed to each waiter, whose request fails closed
@@ -72,6 +72,14 @@ class ClassificationBatcher:
             for waiting, result in zip(live, results, strict=True):
                 if not waiting.future.done():
                     waiting.future.set_result(result)
+
+    def _report(self, size: int) -> None:
+        """Tell ``on_batch`` (a metric): its failure is logged, never the batch's (an exception here would end the
+        drain task and leave the batch's requests waiting forever)."""
+        try:
+            self._on_batch(size)
+        except Exception:
+            logger.exception("classifier.batch_report_failed")
 
     def _next_batch(self) -> tuple[list[_Waiting], list[_Waiting]]:
         """The oldest request's bank's queued requests (up to the cap), and the rest in arrival order."""

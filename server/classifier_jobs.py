@@ -71,6 +71,12 @@ def _load_prompt_artifact(directory: Path) -> PromptClassifierArtifact:
     return PromptClassifierArtifact.load(directory / PROMPT_DIR)
 
 
+def check_classifier_artifact(directory: Path) -> None:
+    """Raise if the prompt classifier of this classifier artifact cannot be read; a readable one is then cached for
+    the bank (``registry/readable.py``: an unreadable one degrades its own target, not the snapshot)."""
+    _load_prompt_artifact(directory)
+
+
 class CalibrationVectors:
     """The calibration negatives' embeddings, kept for the replica's life: a snapshot rebuild (every registry revision)
     then recalibrates in a fraction of a second instead of re-embedding some 350 texts (6.6 s on 2 cores), which once

@@ -140,8 +140,16 @@ class Settings(BaseSettings):
         120.0, gt=0, description="A replica that has not reported for this long no longer holds back the purge of "
         "deleted targets' artifacts.",
     )
+    uld_assistant_memory_gib: float = Field(
+        4.0, gt=0, description="Memory the engine may use for ULD assistants; every ULD target of the served registry "
+                               "is kept loaded within it (one that does not fit is protected without ULD, logged).",
+    )
     audit_prompts: bool = Field(False, description="Store prompt text in audit records.")
     audit_retention_days: float = Field(30.0, gt=0, description="Audit records older than this are deleted.")
+    audit_buffer_mib: float = Field(
+        64.0, gt=0, description="Memory for audit records waiting while the database is unreachable; past it the "
+                                "oldest are dropped (`lethe_audit_dropped_total`).",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
     log_json: bool = Field(True, description="Emit logs as one JSON object per line.")
 

@@ -23,7 +23,9 @@ from guards.mechanisms import INTERIM, MECHANISMS
 from server.artifact_gc import ArtifactCollector
 from server.artifacts import ArtifactStore
 from server.audit import AuditWriter
-from server.classifier_jobs import CalibrationVectors, bank_factory, fit_classifier_handler, gate_bank_factory
+from server.backoff import Backoff
+from server.classifier_jobs import (CalibrationVectors, bank_factory, check_classifier_artifact, fit_classifier_handler,
+                                   gate_bank_factory)
 from server.config import Settings
 from server.erasure import ErasurePass, ReplicaReporter
 from server.jobs import JobWorker, default_worker_id
@@ -34,6 +36,10 @@ from server.registry.database import make_engine, upgrade_database
 from server.registry.snapshot import RegistrySnapshot, SnapshotHolder, interim_factory, mechanism_entries
 
 logger = logging.getLogger(__name__)
+
+JOB_COUNTS_INTERVAL_S = 5.0  # how often `lethe_jobs` is refreshed from the database (a scrape never queries it)
+MAX_BACKOFF_S = 30.0
+JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 
 
 def mechanism_catalog(settings: Settings, mechanisms: Sequence[Mechanism] = MECHANISMS) -> MechanismCatalog:
@@ -148,6 +154,17 @@ def make_workers(settings: Settings, registry: Registry, handlers: dict[str, Job
     return workers
 
 
+def report_ended(task: asyncio.Task) -> None:
+    """A background loop runs until the replica stops and handles its own failures; one that ends otherwise is a bug
+    that must not go unnoticed (its work, e.g. registry reloads, has stopped): logged as an error."""
+    if task.cancelled():
+        return
+    error = task.exception()
+    logger.error("background.task_ended", extra={"task": task.get_name(),
+                                                 "error": type(error).__name__ if error else None},
+                 exc_info=error)
+
+
 @dataclass
 class ControlPlane:
     settings: Settings
@@ -173,21 +190,26 @@ class ControlPlane:
                                    bank_factory(embedder, settings.gate_max_union_fpr, settings.gate_max_windows,
                                                 metrics.gate_calibrated, calibration),
                                    settings.registry_poll_s, gate_bank_factory(embedder, MECHANISMS),
-                                   interim_factory(INTERIM, artifacts.root), registry.negatives.texts)
+                                   interim_factory(INTERIM, artifacts.root), registry.negatives.texts,
+                                   check_classifier_artifact)
+        audit = AuditWriter(registry.audit, settings.audit_retention_days,
+                            int(settings.audit_buffer_mib * 1024 * 1024), metrics)
         reporter = ReplicaReporter(registry, lambda: snapshots.current.revision, settings.registry_poll_s)
         collector = ArtifactCollector(artifacts.root, settings.erasure_grace_s, settings.staging_grace_s,
                                       [folder for mechanism in MECHANISMS for folder in mechanism.derived_artifacts])
-        return cls(settings, metrics, registry, snapshots, AuditWriter(registry.audit, settings.audit_retention_days),
-                   artifacts, embedder, calibration, reporter,
+        return cls(settings, metrics, registry, snapshots, audit, artifacts, embedder, calibration, reporter,
                    ErasurePass(registry, collector, settings.replica_stale_s))
 
     async def start(self) -> None:
-        self.snapshots.on_swap.append(self._on_swap)
         await asyncio.to_thread(self.reporter.starting)
-        await asyncio.to_thread(self.snapshots.refresh)
-        self._tasks = [asyncio.create_task(self.snapshots.watch()), asyncio.create_task(self.audit.run()),
-                       asyncio.create_task(self.reporter.run()),
-                       asyncio.create_task(self.erasure.run(self.settings.erasure_interval_s))]
+        await self.start_snapshots()
+        self._tasks = [asyncio.create_task(self.snapshots.watch(), name="registry-watch"),
+                       asyncio.create_task(self.audit.run(), name="audit-writer"),
+                       asyncio.create_task(self.watch_job_counts(), name="job-counts"),
+                       asyncio.create_task(self.reporter.run(), name="replica-reporter"),
+                       asyncio.create_task(self.erasure.run(self.settings.erasure_interval_s), name="erasure")]
+        for task in self._tasks:
+            task.add_done_callback(report_ended)
 
     def start_worker(self, served: ServedModel, model_path: Path) -> None:
         """Run this replica's job workers, one thread per lane, once the engine is up.
@@ -203,9 +225,38 @@ class ControlPlane:
         for worker in self.workers:
             worker.start()
 
+    async def watch_job_counts(self) -> None:
+        """Keep ``lethe_jobs`` current from the database, off the scrape path: ``/metrics`` only reads the last counts,
+        so it answers during a database outage too (the counts then stay at their last values, and
+        ``lethe_background_failures_total{task="job_counts"}`` grows)."""
+        retry = Backoff(JOB_COUNTS_INTERVAL_S, MAX_BACKOFF_S)
+        while True:
+            try:
+                summary = await asyncio.to_thread(self.registry.targets.summary)
+            except Exception as exc:
+                if not retry.failures:
+                    logger.warning("registry.job_counts_failed", extra={"error": type(exc).__name__})
+                self.metrics.background_failures.labels("job_counts").inc()
+                retry.failed()
+            else:
+                for status in {*JOB_STATUSES, *summary.jobs}:  # a status whose jobs are all gone reads 0, not stale
+                    self.metrics.jobs.labels(status).set(summary.jobs.get(status, 0))
+                retry.succeeded()
+            await asyncio.sleep(retry.delay)
+
+    async def start_snapshots(self) -> None:
+        """Report every snapshot swap and failed reload in the metrics, and load a first snapshot. A first load that
+        fails does not stop the start (the watch retries it); the replica is not ready and serves no request until
+        one is loaded (``/health/ready``, ``pipeline``)."""
+        self.snapshots.on_swap.append(self._on_swap)
+        self.snapshots.on_failure.append(lambda _: self.metrics.background_failures.labels("registry_reload").inc())
+        if not await self.snapshots.reload():
+            logger.error("registry.initial_load_failed", extra={"retry_s": self.settings.registry_poll_s})
+
     def _on_swap(self, snapshot: RegistrySnapshot) -> None:
         self.metrics.registry_revision.set(snapshot.revision)
         self.metrics.targets_degraded.set(snapshot.degraded)
+        self.metrics.targets_unreadable.set(len(snapshot.unreadable))
 
     async def stop(self) -> None:
         for task in self._tasks:

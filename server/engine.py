@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,8 @@ from server.errors import EngineUnavailable, InvalidRequest
 logger = logging.getLogger(__name__)
 
 LOGITS_PROCESSOR = "guards.processor:LetheLogitsProcessor"
+WORKER_EXTENSION = "guards.engine_extension:LetheWorkerExtension"  # what `warm` calls in the engine process
+WARM_TIMEOUT_S = 30.0  # a warm call returns at once (loading runs in the background there); past this, it failed
 LIVENESS_POLL_S = 1.0
 
 
@@ -66,6 +68,7 @@ def _engine_args(settings: Settings, model_path: Path) -> Any:
         lora_target_modules=sorted({module for mechanism in MECHANISMS for module in mechanism.lora_modules}),
         max_logprobs=20,
         logits_processors=[LOGITS_PROCESSOR],
+        worker_extension_cls=WORKER_EXTENSION,
         logprobs_mode="processed_logprobs",
         seed=0,
         disable_log_stats=True,
@@ -140,6 +143,27 @@ class Engine:
         except ValueError as exc:
             # vLLM's input processor and the logits processors' validate_params raise ValueError for bad requests.
             raise InvalidRequest(str(exc)) from exc
+
+    async def warm(self, mechanism: str, request: Mapping[str, Any]) -> list[str]:
+        """Ask the engine process to load a mechanism's artifacts ahead of its requests (``RowHooks.warm`` there, in
+        the background); the artifacts loaded now."""
+        if not self.alive:
+            raise EngineUnavailable()
+        replies = await self._llm.collective_rpc("lethe_warm", timeout=WARM_TIMEOUT_S, args=(mechanism, dict(request)))
+        loaded = [set(reply) for reply in replies]  # one reply per worker: loaded only where every worker has it
+        return sorted(set.intersection(*loaded)) if loaded else []
+
+    def warm_from_thread(self, loop: asyncio.AbstractEventLoop) -> Callable[[str, Mapping[str, Any]], list[str]]:
+        """``warm`` for code running in a worker thread (a snapshot load): it blocks that thread, never the loop."""
+
+        def warm(mechanism: str, request: Mapping[str, Any]) -> list[str]:
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:
+                return asyncio.run_coroutine_threadsafe(self.warm(mechanism, request), loop).result(WARM_TIMEOUT_S)
+            raise RuntimeError("warm would block the event loop: call it from a worker thread")
+
+        return warm
 
     async def abort(self, request_id: str) -> None:
         await self._llm.abort(request_id)

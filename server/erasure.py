@@ -124,8 +124,13 @@ class ReplicaReporter:
         self._poll_s = poll_s
 
     def starting(self) -> None:
-        """Announce the replica before it reads its first snapshot, so no purge runs under it meanwhile."""
-        self._registry.replicas.report(self.id, STARTING)
+        """Announce the replica before it reads its first snapshot, so no purge runs under it meanwhile. A replica
+        starts even when the database is down (it serves once a snapshot loads); ``run`` reports as soon as it can,
+        and no purge can run before the database is back anyway."""
+        try:
+            self._registry.replicas.report(self.id, STARTING)
+        except Exception:
+            logger.exception("replica.report_failed", extra={"replica": self.id})
 
     async def run(self) -> None:
         reported, next_report = None, 0.0

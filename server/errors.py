@@ -134,6 +134,17 @@ class EngineUnavailable(LetheError):
         super().__init__(message, code="engine_unavailable")
 
 
+class RegistryUnavailable(LetheError):
+    """The replica has not loaded a snapshot of the forget-target registry yet (it is starting, or its database is
+    unreachable since it started): serving now could serve a registered target unguarded."""
+
+    status = HTTPStatus.SERVICE_UNAVAILABLE
+    type = "server_error"
+
+    def __init__(self) -> None:
+        super().__init__("The server is not ready yet; please retry later.", code="registry_unavailable")
+
+
 class RequestTimeout(LetheError):
     status = HTTPStatus.GATEWAY_TIMEOUT
     type = "server_error"

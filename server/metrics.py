@@ -59,6 +59,21 @@ class Metrics:
             "lethe_targets_degraded", "Targets whose classifier (or its refit) could not be fitted: detected by their "
             "aliases (and any older classifier).", registry=r,
         )
+        self.background_failures = Counter(
+            "lethe_background_failures", "Failed runs of a background task (each logged and retried): audit_write, "
+            "audit_prune, registry_reload, job_counts.", ["task"], registry=r,
+        )
+        self.audit_dropped = Counter(
+            "lethe_audit_dropped", "Audit records lost: `buffer_full` (the oldest, while the database was "
+            "unreachable), `rejected` (a record the database refused on its own).", ["reason"], registry=r,
+        )
+        self.audit_pending = Gauge(
+            "lethe_audit_pending_records", "Audit records waiting to be written.", registry=r,
+        )
+        self.targets_unreadable = Gauge(
+            "lethe_targets_unreadable", "Targets served degraded because an artifact of theirs cannot be read by this "
+            "replica (`GET /admin/v1/targets` says which and why).", registry=r,
+        )
         self.engine_unfinished = Gauge(
             "lethe_engine_unfinished_requests", "Requests the engine is still working on.", registry=r
         )

@@ -44,7 +44,8 @@ from guards.chat import encode_rendered, render_chat
 from server.audit import AuditWriter
 from server.classifier_batcher import ClassificationBatcher
 from server.engine import Engine
-from server.errors import ContextLengthExceeded, GuardFailed, InvalidRequest, PromptTooLongForGate, RequestTimeout
+from server.errors import (ContextLengthExceeded, GuardFailed, InvalidRequest, PromptTooLongForGate,
+                           RegistryUnavailable, RequestTimeout)
 from server.planner import NO_TARGETS, ChatTurn, Classification, EnginePlan, Planner, RenderedPrompt
 from server.metrics import Metrics
 from server.prompt_embeds import EmbeddingTable
@@ -170,9 +171,11 @@ class Pipeline:
         """Render the request's prompts, check they fit, classify and plan them against the current registry snapshot
         (which the run keeps to its end). A refusal after classification is accounted (``guard_failed``) before it
         raises; the caller drives the returned run as a context manager (``server/run.py``)."""
+        snapshot = self._registry.current if self._registry is not None else RegistrySnapshot(revision=0)
+        if not snapshot.loaded:  # no registry read yet: any prompt could be about a target, so none is served
+            raise RegistryUnavailable()
         prompts = await asyncio.get_running_loop().run_in_executor(self._renderer, self._render, request.prompt)
         self.check_budget(prompts, request.max_tokens, request.budget_param)
-        snapshot = self._registry.current if self._registry is not None else RegistrySnapshot(revision=0)
         self.check_gate_input(prompts, snapshot)
         run = Run(request_id=request.request_id, endpoint=request.endpoint, prompts=prompts, n=request.n,
                   snapshot=snapshot, generate=self._generate, on_finish=self._account)

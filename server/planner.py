@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from classifiers.types import ALWAYS_GATE, Hit
-from guards.base import (ComposedPlan, InterimGuard, Mechanism, MechanismServing, PlanRequest, PromptView, TargetHit,
-                         corruption_seed)
+from guards.base import (ComposedPlan, InterimGuard, Mechanism, MechanismServing, NotReady, PlanRequest, PromptView,
+                         TargetHit, corruption_seed)
 from server.engine import Engine
 from server.errors import GuardFailed
 from server.metrics import Metrics
@@ -137,6 +137,8 @@ class Planner:
                 )
                 try:
                     composed.add(mechanism.name, self._servings[mechanism.name].plan(request))
+                except NotReady:  # not servable here yet (ULD's assistant loading): as if not ready, never refused
+                    continue
                 except Exception as exc:
                     self._metrics.guard_failures.labels(mechanism.name).inc()
                     logger.exception("guard.failed", extra={"request_id": request_id, "mechanism": mechanism.name,

@@ -40,10 +40,11 @@ class Runtime:
         engine.start()
         # After the engine's process exists (no fork while a thread holds torch's locks), in parallel with the rest.
         embedder_loaded = control.embedder.load_in_background(then=control.calibration.warm)
-        context = ServingContext(engine.tokenizer, control.artifacts.path, control.artifacts.root, settings)
+        context = ServingContext(engine.tokenizer, control.artifacts.path, control.artifacts.root, settings,
+                                 warm=engine.warm_from_thread(asyncio.get_running_loop()))
         servings = {mechanism.name: mechanism.serving(context) for mechanism in MECHANISMS}
-        control.snapshots.share_with({name: serving.share for name, serving in servings.items()})
-        await asyncio.to_thread(control.snapshots.refresh, True)
+        control.snapshots.serve_with(servings)
+        await control.snapshots.reload(force=True)  # a failure leaves the rebuild to the watch; never a crash
         embeddings = await asyncio.to_thread(EmbeddingTable, model_path, engine.info.dtype)
         pipeline = Pipeline(engine, settings.request_timeout_s, metrics, registry=control.snapshots,
                             audit=control.audit, audit_prompts=settings.audit_prompts, mechanisms=MECHANISMS,

@@ -90,6 +90,28 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 @pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """One throwaway PostgreSQL server for the session's registry tests (``tests.postgres.fresh_database`` gives each
+    test its own database on it)."""
+    from tests.postgres import postgres_available, running_postgres
+
+    if not postgres_available():
+        pytest.fail("PostgreSQL is not installed: .ci/run installs Debian's `postgresql` package")
+    with running_postgres() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty registry database URL, once on SQLite and once on the session's PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'registry.db'}"
+    from tests.postgres import fresh_database
+
+    return fresh_database(request.getfixturevalue("postgres_url"))
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(request: pytest.FixtureRequest) -> Path:
     from demo.builder import build_demo_model
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import itertools
 import os
 import shutil
 import socket
@@ -11,7 +12,10 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+
+_databases = itertools.count()
 
 
 def _bin(name: str) -> str | None:
@@ -67,8 +71,9 @@ class PostgresServer:
         subprocess.run([*self._prefix, _bin("pg_ctl"), "-D", str(self._data), "-o", options, "-l",
                         str(self.root / "log"), "-w", "start"], check=True, stdout=subprocess.DEVNULL)
 
-    def stop(self, mode: str = "fast") -> None:
-        """``fast`` ends every session (as a restart for maintenance does); ``immediate`` is a crash."""
+    def stop(self, mode: str = "immediate") -> None:
+        """``immediate`` is a crash (open connections are cut); ``fast`` ends every session as a restart for
+        maintenance does."""
         subprocess.run([*self._prefix, _bin("pg_ctl"), "-D", str(self._data), "-m", mode, "stop"],
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -96,6 +101,18 @@ def postgres_server() -> Iterator[PostgresServer]:
         yield server
     finally:
         server.remove()
+
+
+def fresh_database(server_url: str) -> str:
+    """A new empty database on the server of ``server_url``; returns its URL (one per test: no shared state)."""
+    from sqlalchemy import create_engine, text
+
+    name = f"t{next(_databases)}_{os.getpid()}_{int(time.time() * 1000) % 10**8}"
+    admin = create_engine(server_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f"CREATE DATABASE {name}"))
+    admin.dispose()
+    return server_url.rsplit("/", 1)[0] + f"/{name}"
 
 
 @contextmanager

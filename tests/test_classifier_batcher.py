@@ -108,3 +108,14 @@ async def test_a_failing_batch_fails_each_of_its_requests_and_the_batcher_recove
 def test_the_batch_cap_must_be_positive():
     with pytest.raises(ValueError, match="at least 1"):
         ClassificationBatcher(max_batch_requests=0)
+
+
+async def test_a_failing_batch_size_report_neither_stalls_nor_fails_the_requests() -> None:
+    def broken_metric(size: int) -> None:
+        raise ValueError("metrics backend broken")
+
+    bank = GatedBank()
+    bank.gate.set()
+    batcher = ClassificationBatcher(on_batch=broken_metric)
+    result = await asyncio.wait_for(batcher.score(bank, _conversation("hello")), timeout=5)
+    assert result.scores == {"bank": 5.0}

@@ -3,16 +3,14 @@ atomicity, jobs, recovery, audit."""
 
 from __future__ import annotations
 
-import itertools
 import time
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 from pydantic import ValidationError
-from sqlalchemy import create_engine, inspect, text, update
+from sqlalchemy import inspect, text, update
 
 from server.admin.protocol import TargetCreate, TargetPatch
 from server.admin.serving import new_target, target_changes
@@ -24,31 +22,14 @@ from server.registry.catalog import FIT_CLASSIFIER, MechanismCatalog
 from server.registry.database import make_engine, upgrade_database, utcnow
 from server.registry.models import JobRow
 from server.registry.records import AuditEntry, NewTarget, TargetChanges
-from tests.postgres import postgres_available, running_postgres
-
-_databases = itertools.count()
-
-
-@pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    if not postgres_available():
-        pytest.fail("PostgreSQL is not installed: .ci/run installs Debian's `postgresql` package")
-    with running_postgres() as url:
-        yield url
-
+from tests.postgres import fresh_database
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def registry(request: pytest.FixtureRequest, tmp_path) -> Registry:
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path / 'registry.db'}"
     else:
-        base = request.getfixturevalue("postgres_url")
-        name = f"t{next(_databases)}_{int(time.time() * 1000) % 10**8}"
-        admin = create_engine(base, isolation_level="AUTOCOMMIT")
-        with admin.connect() as connection:
-            connection.execute(text(f"CREATE DATABASE {name}"))
-        admin.dispose()
-        url = base.rsplit("/", 1)[0] + f"/{name}"
+        url = fresh_database(request.getfixturevalue("postgres_url"))
     engine = make_engine(url)
     upgrade_database(engine)
     return Registry.open(engine, MechanismCatalog(implemented=frozenset({"eco"})))
@@ -129,9 +110,9 @@ def test_claimed_job_completes_and_activates_the_target(registry: Registry) -> N
     job = registry.jobs.claim("w1", [FIT_CLASSIFIER])
     assert job is not None and job.target_id == created.id and job.attempts == 1
     assert registry.jobs.claim("w2", [FIT_CLASSIFIER]) is None  # nobody else gets it
-    assert registry.jobs.report_progress(job.id, 0.5, "half way")
+    assert registry.jobs.report_progress(job, 0.5, "half way")
     assert registry.jobs.get(job.id).progress == 0.5
-    registry.jobs.complete(job.id, {"status": "ready", "artifact": "a" * 64, "threshold": 0.7,
+    registry.jobs.complete(job, {"status": "ready", "artifact": "a" * 64, "threshold": 0.7,
                                     "false_positive_rate": 0.01, "heldout_recall": 0.99})
     shown = registry.targets.get(created.id)
     assert shown.status == "active" and shown.classifier.threshold == 0.7
@@ -147,12 +128,12 @@ def test_mechanism_jobs_publish_state_and_decide_the_mechanism_status(registry: 
     created = registry.targets.create(target())
     assert [job.kind for job in created.jobs] == [FIT_CLASSIFIER, "guard_phrases"]
     fit = registry.jobs.claim("w1", [FIT_CLASSIFIER])
-    registry.jobs.complete(fit.id, {"status": "ready", "artifact": "a" * 64})
+    registry.jobs.complete(fit, {"status": "ready", "artifact": "a" * 64})
     shown = registry.targets.get(created.id)
     assert shown.status == "preparing"  # the GUARD job is still open
     assert shown.mechanisms["eco"].status == "ready" and shown.mechanisms["guard"].status == "preparing"
     phrases = registry.jobs.claim("w1", ["guard_phrases"])
-    registry.jobs.complete(phrases.id, {"artifact": "b" * 64, "phrases": 12})
+    registry.jobs.complete(phrases, {"artifact": "b" * 64, "phrases": 12})
     shown = registry.targets.get(created.id)
     assert shown.status == "active" and shown.mechanisms["guard"].status == "ready"
     assert shown.mechanisms["guard"].state == {"artifact": "b" * 64, "phrases": 12}
@@ -162,7 +143,7 @@ def test_mechanism_jobs_publish_state_and_decide_the_mechanism_status(registry: 
     patched = registry.targets.patch(created.id, changes(aliases=["Basil"]))
     assert patched.mechanisms["guard"].status == "preparing" and patched.mechanisms["guard"].state["phrases"] == 12
     for _ in range(3):
-        registry.jobs.fail(registry.jobs.claim("w1", ["guard_phrases"]).id, "no phrases")
+        registry.jobs.fail(registry.jobs.claim("w1", ["guard_phrases"]), "no phrases")
     shown = registry.targets.get(created.id)
     assert shown.status == "failed" and shown.mechanisms["guard"].status == "failed"
     assert shown.mechanisms["guard"].message == "no phrases"
@@ -173,7 +154,7 @@ def test_a_mechanisms_only_patch_redoes_only_the_jobs_of_changed_mechanisms(regi
         frozenset({"eco", "guard"}), lambda name, options: [f"{name}_job"], {"eco_job": "eco", "guard_job": "guard"}))
     created = registry.targets.create(target())
     for kind in (FIT_CLASSIFIER, "eco_job", "guard_job"):
-        registry.jobs.complete(registry.jobs.claim("w1", [kind]).id, {"status": "ready", "artifact": "a" * 64})
+        registry.jobs.complete(registry.jobs.claim("w1", [kind]), {"status": "ready", "artifact": "a" * 64})
     assert registry.targets.get(created.id).status == "active"
     patched = registry.targets.patch(created.id, changes(mechanisms={"guard": {}}))
     assert set(patched.mechanisms) == {"guard"} and patched.status == "active" and len(patched.jobs) == 3
@@ -188,7 +169,7 @@ def test_switching_a_classifier_fitted_gate_refits_the_classifier(registry: Regi
     registry = Registry.open(registry.database.engine, MechanismCatalog(
         frozenset({"eco", "guard", "o3"}), classifier_fitted_gates=frozenset({"o3"})))
     created = registry.targets.create(target(mechanisms={"eco": {}}))
-    registry.jobs.complete(registry.jobs.claim("w1", [FIT_CLASSIFIER]).id, {"status": "ready", "artifact": "a" * 64})
+    registry.jobs.complete(registry.jobs.claim("w1", [FIT_CLASSIFIER]), {"status": "ready", "artifact": "a" * 64})
     patched = registry.targets.patch(created.id, changes(mechanisms={"eco": {}, "guard": {}}))
     assert [job.kind for job in patched.jobs if job.status == "queued"] == []
     patched = registry.targets.patch(created.id, changes(mechanisms={"eco": {}, "o3": {}}))
@@ -200,7 +181,7 @@ def test_a_classifier_fit_that_fails_every_attempt_degrades_the_target_which_sta
     for attempt in (1, 2, 3):
         job = registry.jobs.claim("w1", [FIT_CLASSIFIER])
         assert job is not None and job.attempts == attempt
-        registry.jobs.fail(job.id, "boom")
+        registry.jobs.fail(job, "boom")
     assert registry.jobs.claim("w1", [FIT_CLASSIFIER]) is None
     shown = registry.targets.get(created.id)
     assert shown.status == "degraded" and shown.jobs[0].status == "failed" and shown.jobs[0].error == "boom"
@@ -238,7 +219,7 @@ def test_patch_requeues_fitting_and_cancels_the_old_job(registry: Registry) -> N
     patched = registry.targets.patch(created.id, changes(aliases=["Basil"]))
     assert patched.aliases == ["Basil"] and patched.revision > created.revision
     assert [job.status for job in patched.jobs] == ["cancelled", "queued"]
-    assert not registry.jobs.report_progress(old_job.id, 0.9, "late")  # the old worker learns it was cancelled
+    assert not registry.jobs.report_progress(old_job, 0.9, "late")  # the old worker learns it was cancelled
 
 
 def test_description_only_patch_does_not_refit(registry: Registry) -> None:
@@ -271,7 +252,7 @@ def test_a_deleted_targets_text_is_gone_from_every_table_and_a_tombstone_without
     created = registry.targets.create(secret)
     claimed = registry.jobs.claim("w1", [FIT_CLASSIFIER])
     claimed = registry.jobs.claim("w1", [FIT_CLASSIFIER]) if claimed.target_id != created.id else claimed
-    registry.jobs.report_progress(claimed.id, 0.5, "embedding 'Where was Zorblax Quenterfeld born?'")
+    registry.jobs.report_progress(claimed, 0.5, "embedding 'Where was Zorblax Quenterfeld born?'")
     now = time.time()
     registry.audit.write([
         AuditEntry("chatcmpl-1", now, "chat", [created.id], ["eco"], {created.id: 0.9}, "served", "Zorblax born?"),

@@ -14,8 +14,8 @@ from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 
 from guards.processor import LetheLogitsProcessor
 from guards.uld.logits import combine_logits, kept_tokens
-from guards.uld.assistant import (AssistantModels, AssistantSession, advance_together, uld_row_hook,
-                                  validate_uld_section)
+from guards.uld.assistant import AssistantSession, advance_together, uld_row_hook, validate_uld_section
+from guards.uld.cache import AssistantModels
 
 VOCAB = 32
 
@@ -106,7 +106,7 @@ def uld_params(path: Path, alpha: float = 1.0) -> SamplingParams:
 
 def test_processor_rows_keep_their_own_assistant_cache_through_add_move_and_remove(assistant_dir: Path) -> None:
     processor = LetheLogitsProcessor(None, torch.device("cpu"), False)  # type: ignore[arg-type]
-    model = processor.resources["uld"].get(str(assistant_dir))
+    model = processor.resources["uld"].load(str(assistant_dir))  # as the front end's warm-up has it
     prompt_a, out_a, prompt_b, out_b = [1, 2], [], [7, 8, 9], []
     processor.update_state(BatchUpdate(batch_size=3, removed=[], moved=[], added=[
         (0, uld_params(assistant_dir), prompt_a, out_a), (1, SamplingParams(), [3], []),

@@ -25,7 +25,8 @@ from pydantic import Field
 
 from classifiers.types import TargetSpec
 from guards.base import (ANY_WORKER, GATE_LANE, JobContext, JobHandler, JobResources, JobSpec, MechanismBase,
-                         MechanismPlan, NothingShared, Options, PlanRequest, RowHooks, ServingContext, target_spec)
+                         MechanismPlan, NothingShared, Options, PlanRequest, RowHooks, ServingContext, TargetEntry,
+                         target_spec)
 from guards.guard.payload import (GUARD_KEY, MAX_LIMIT, ItemPhrases, PhraseTable, guard_payload, read_phrase_table,
                                   validate_guard_section, write_phrase_table)
 from guards.guard.phrase_matcher import Vocabulary, guard_row_hook
@@ -129,6 +130,11 @@ class GuardServing(NothingShared):
 
     def __init__(self, artifact_path: Callable[[str], Path]) -> None:
         self._artifact_path = artifact_path
+
+    def check(self, entry: TargetEntry) -> None:
+        """Read the target's phrase artifact (cached for its requests); raises if this replica cannot."""
+        if "artifact" in entry.state:
+            _load_artifact(self._artifact_path(entry.state["artifact"]))
 
     def plan(self, request: PlanRequest) -> MechanismPlan:
         artifact = _load_artifact(self._artifact_path(request.hit.state["artifact"]))

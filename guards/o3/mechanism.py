@@ -128,6 +128,13 @@ class O3Serving:
         self._max_rank = max_rank
         self._lock = threading.Lock()
 
+    def check(self, entry: TargetEntry) -> None:
+        """Read the target's adapter; raises if this replica cannot (it is then left out of the stack)."""
+        if "adapter" in entry.state:
+            from guards.o3.adapters import read_adapter
+
+            read_adapter(self._artifact_path(entry.state["adapter"]))
+
     def share(self, entries: Sequence[TargetEntry]) -> O3Stack | None:
         """Build (or find) the stacked adapter of every ready O3 target; runs where snapshots load, not per request."""
         ready = sorted((entry for entry in entries if "adapter" in entry.state),

@@ -5,53 +5,24 @@ logits processor: each flagged request gets an ``AssistantSession`` that feeds t
 one token per step, keeping the assistant's KV cache for exactly as long as the request's row lives. Rows move and are
 removed by vLLM's batch updates; the session travels with the row's hook, so it is freed with the request.
 
-Assistants are loaded by artifact path (content-addressed, so a path never changes meaning) and kept in a small LRU.
+Assistants are loaded by artifact path and cached per process (``cache.py``): warmed ahead of requests in the engine,
+where a request never waits on a load.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
+from guards.uld.cache import AssistantModels
 from guards.uld.logits import DEFAULT_ALPHA, DEFAULT_TAU, combine_logits
 
 logger = logging.getLogger(__name__)
 
 ULD_KEY = "uld"
-DEFAULT_CACHED_ASSISTANTS = 8
-
-
-class AssistantModels:
-    """Loaded assistants by artifact path, least recently used evicted past ``capacity``."""
-
-    def __init__(self, capacity: int = DEFAULT_CACHED_ASSISTANTS) -> None:
-        self._capacity = capacity
-        self._models: OrderedDict[str, Any] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, path: str) -> Any:
-        with self._lock:
-            if path in self._models:
-                self._models.move_to_end(path)
-                return self._models[path]
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        with self._lock:
-            self._models[path] = model
-            while len(self._models) > self._capacity:
-                evicted, _ = self._models.popitem(last=False)
-                logger.info("uld.assistant_evicted", extra={"path": evicted})
-        logger.info("uld.assistant_loaded", extra={"path": path})
-        return model
-
-    def __len__(self) -> int:
-        return len(self._models)
 
 
 class AssistantSession:

@@ -8,7 +8,7 @@ set, so the difference is nearly neutral there, but not free).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,8 +16,10 @@ from pydantic import Field
 
 from classifiers.types import ALWAYS_GATE, CLASSIFIER_GATE
 from guards.base import (MODEL_FILES, JobContext, JobHandler, JobResources, JobSpec, MechanismBase, MechanismPlan,
-                         NothingShared, Options, PlanRequest, RowHooks, ServingContext, registered_options)
-from guards.uld.assistant import ULD_KEY, AssistantModels, uld_row_hook, validate_uld_section
+                         NotReady, Options, PlanRequest, RowHooks, ServingContext, TargetEntry, registered_options)
+from guards.uld.assistant import ULD_KEY, uld_row_hook, validate_uld_section
+from guards.uld.cache import DEFAULT_MEMORY_BYTES, AssistantModels, check_assistant
+from guards.uld.warmup import AssistantWarmup, Warm
 from guards.uld.logits import DEFAULT_ALPHA, DEFAULT_TAU
 
 ULD_TRAIN = "uld_train"
@@ -56,7 +58,9 @@ class Uld(MechanismBase):
     options = UldOptions
     jobs = (JobSpec(ULD_TRAIN, MODEL_FILES, training_job),)
     row_hooks = RowHooks(resources=lambda tokenizer: AssistantModels(), validate=validate_uld_section,
-                         build=uld_row_hook)
+                         build=uld_row_hook,
+                         engine_resources=lambda tokenizer: AssistantModels(block_on_miss=False),
+                         warm=lambda assistants, request: assistants.warm(request))
 
     def prepare(self, options: Mapping[str, Any]) -> tuple[str, ...]:
         return (ULD_TRAIN,)
@@ -68,18 +72,39 @@ class Uld(MechanismBase):
         return ALWAYS_GATE if options.get("gate") == ALWAYS_GATE else CLASSIFIER_GATE
 
     def serving(self, context: ServingContext) -> UldServing:
-        return UldServing(context.artifact_path)
+        memory = getattr(context.settings, "uld_assistant_memory_gib", None)
+        return UldServing(context.artifact_path, context.warm,
+                          int(memory * 1024**3) if memory is not None else DEFAULT_MEMORY_BYTES)
 
 
-class UldServing(NothingShared):
-    """Plans the assistant (by artifact path), α and τ of each hit target."""
+class UldServing:
+    """Plans the assistant (by artifact path), α and τ of each hit target, once the engine has loaded it."""
 
-    def __init__(self, artifact_path: Callable[[str], Path]) -> None:
+    def __init__(self, artifact_path: Callable[[str], Path], warm: Warm | None = None,
+                 memory_bytes: int = DEFAULT_MEMORY_BYTES) -> None:
         self._artifact_path = artifact_path
+        self._warmup = AssistantWarmup(warm, memory_bytes) if warm is not None else None
+
+    def share(self, entries: Sequence[TargetEntry]) -> AssistantWarmup | None:
+        """Have the engine load the snapshot's assistants (``warmup.py``); None where no engine runs (they then load
+        on first use, outside any decoding step)."""
+        if self._warmup is None:
+            return None
+        return self._warmup.want([str(self._artifact_path(entry.state["assistant"])) for entry in entries
+                                  if "assistant" in entry.state])
+
+    def check(self, entry: TargetEntry) -> None:
+        """Read the assistant's config and weights header (not the weights: the engine process loads those);
+        raises if this replica cannot."""
+        if "assistant" in entry.state:
+            check_assistant(self._artifact_path(entry.state["assistant"]))
 
     def plan(self, request: PlanRequest) -> MechanismPlan:
         options = request.hit.options
         assistant = self._artifact_path(request.hit.state["assistant"])
+        warmup: AssistantWarmup | None = request.shared
+        if warmup is not None and not warmup.loaded(str(assistant)):
+            raise NotReady(f"the assistant of {request.hit.target_id} is still loading in the engine")
         return MechanismPlan(processor_args={"assistant": str(assistant),
                                              "alpha": float(options.get("alpha", DEFAULT_ALPHA)),
                                              "tau": float(options.get("tau", DEFAULT_TAU))})

@@ -137,8 +137,11 @@ class TargetOut(BaseModel):
     aliases: list[str]
     status: Literal["preparing", "active", "degraded", "failed"] = Field(description=(
         "`active`: every job done; `degraded`: the classifier could not be fitted, so the target is detected by its "
-        "aliases alone and protected by its ready mechanisms or interim protection; `failed`: a mechanism's job "
-        "failed."))
+        "aliases alone and protected by its ready mechanisms or interim protection, or this replica cannot read one "
+        "of its artifacts (`message` says which); `failed`: a mechanism's job failed."))
+    message: str | None = Field(None, description=(
+        "Why this replica serves the target `degraded` when an artifact of its cannot be read here (what serves it "
+        "meanwhile); unset otherwise."))
     revision: int
     mechanisms: dict[str, MechanismOut]
     classifier: ClassifierOut

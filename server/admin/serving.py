@@ -7,7 +7,7 @@ an HTTP type and the routes (``router.py``) stay thin.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 
 from server.admin.protocol import (
@@ -33,6 +33,7 @@ from server.admin.protocol import (
 )
 from server.planner import ChatTurn
 from server.registry import Registry
+from server.registry.readable import CLASSIFIER
 from server.registry.records import Item, JobRecord, NegativeRecord, NewTarget, TargetChanges, TargetView
 from server.registry.snapshot import SnapshotHolder
 from server.scoring import ScoredPrompt, ScoringService
@@ -81,6 +82,22 @@ def target_out(view: TargetView) -> TargetOut:
     )
 
 
+def served_as(target: TargetOut, unreadable: Mapping[str, str] | None) -> TargetOut:
+    """The target as this replica serves it: ``degraded``, saying why, when it cannot read some of its artifacts
+    (``server/registry/readable.py``); the registry's own view otherwise."""
+    if not unreadable:
+        return target
+    parts = "; ".join(f"{part} ({why})" for part, why in sorted(unreadable.items()))
+    serving = ("detected by its aliases alone, " if CLASSIFIER in unreadable else "") + \
+        "protected by its other ready mechanisms or interim protection"
+    mechanisms = {name: mechanism.model_copy(update={"status": "failed",
+                                                     "message": f"this replica cannot read its artifact ({why})"})
+                  if (why := unreadable.get(name)) else mechanism
+                  for name, mechanism in target.mechanisms.items()}
+    return target.model_copy(update={"status": "degraded", "mechanisms": mechanisms,
+                                     "message": f"this replica cannot read: {parts}; meanwhile {serving}"})
+
+
 def score_response(scored: ScoredPrompt) -> ScoreResponse:
     return ScoreResponse(targets=scored.targets, mechanisms=scored.mechanisms, scores=[
         ContinuationScoreOut(index=index, tokens=c.tokens, logprob=c.score.logprob, mean_loss=c.score.mean_loss,
@@ -99,17 +116,20 @@ class AdminServing:
         self._scoring = scoring
 
     def create_target(self, body: TargetCreate) -> TargetOut:
-        return target_out(self._registry.targets.create(new_target(body, self._default_mechanisms)))
+        return self._out(self._registry.targets.create(new_target(body, self._default_mechanisms)))
 
     def list_targets(self) -> TargetList:
         listing = self._registry.targets.listing()
-        return TargetList(revision=listing.revision, data=[target_out(view) for view in listing.targets])
+        return TargetList(revision=listing.revision, data=[self._out(view) for view in listing.targets])
 
     def get_target(self, target_id: str) -> TargetOut:
-        return target_out(self._registry.targets.get(target_id))
+        return self._out(self._registry.targets.get(target_id))
 
     def patch_target(self, target_id: str, body: TargetPatch) -> TargetOut:
-        return target_out(self._registry.targets.patch(target_id, target_changes(body)))
+        return self._out(self._registry.targets.patch(target_id, target_changes(body)))
+
+    def _out(self, view: TargetView) -> TargetOut:
+        return served_as(target_out(view), self._snapshots.current.unreadable.get(view.id))
 
     def delete_target(self, target_id: str) -> Deleted:
         deleted = self._registry.targets.delete(target_id)

@@ -32,9 +32,14 @@ POSTGRES_VACUUM_LOCK_TIMEOUT = "5s"  # a full vacuum waits no longer for its loc
 
 
 def make_engine(url: str) -> Engine:
-    """An engine tuned per backend: SQLite in WAL mode so several replicas can share one file safely."""
+    """An engine tuned per backend: SQLite in WAL mode so several replicas can share one file safely.
+
+    ``hide_parameters``: a database error's message otherwise quotes the statement's values, and those are target
+    contents or audited prompts, which must never reach the logs.
+    """
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False})
+        engine = create_engine(url, hide_parameters=True,
+                               connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False})
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection: Any, _: Any) -> None:
@@ -49,8 +54,8 @@ def make_engine(url: str) -> Engine:
 
         return engine
     # A database that stops answering must fail a request within seconds (an admin 503), not hang it.
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5, pool_timeout=POOL_TIMEOUT_S,
-                         connect_args={"connect_timeout": CONNECT_TIMEOUT_S})
+    return create_engine(url, hide_parameters=True, pool_pre_ping=True, pool_size=5, max_overflow=5,
+                         pool_timeout=POOL_TIMEOUT_S, connect_args={"connect_timeout": CONNECT_TIMEOUT_S})
 
 
 def upgrade_database(engine: Engine) -> None:

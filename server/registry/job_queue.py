@@ -2,8 +2,10 @@
 
 Workers claim, heartbeat, complete or fail jobs here; a completed job's result is published on its target and a
 failed one's error decides the target's status, in the same transaction that bumps the registry revision, so replicas
-never see a job's outcome without the target that carries it. The targets store enqueues and cancels jobs inside its
-own transactions through the session-level helpers.
+never see a job's outcome without the target that carries it. Every write after the claim is fenced by the claim
+(``ClaimedJob``: worker and attempt): a run whose job was requeued by the recovery pass, and perhaps claimed again,
+can no longer report, complete or fail it (``server/job_lease.py``). The targets store enqueues and cancels jobs
+inside its own transactions through the session-level helpers.
 """
 
 from __future__ import annotations
@@ -30,6 +32,12 @@ OPEN = ("queued", "running")
 MAX_ATTEMPTS = 3
 MAX_MESSAGE = 2000
 DELETED_TARGET = "target deleted"
+
+
+def _held_by(job: ClaimedJob) -> tuple[Any, ...]:
+    """The WHERE clause of a fenced write: the row is still running under this claim's worker and attempt."""
+    return (JobRow.id == job.id, JobRow.status == "running", JobRow.worker == job.worker,
+            JobRow.attempts == job.attempts)
 
 
 class JobQueue:
@@ -74,29 +82,35 @@ class JobQueue:
                 return None
             session.refresh(row)
             return ClaimedJob(id=row.id, kind=row.kind, target_id=row.target_id, attempts=row.attempts,
-                              payload=dict(row.payload))
+                              payload=dict(row.payload), worker=worker)
 
-    def report_progress(self, job_id: str, progress: float, message: str) -> bool:
-        """Record progress and heartbeat; False if the job was cancelled meanwhile (the worker then stops)."""
+    def report_progress(self, job: ClaimedJob, progress: float, message: str) -> bool:
+        """Record progress and renew the claim's lease (the heartbeat); False if the job is no longer this claim's
+        (cancelled, or requeued and perhaps claimed again): the run then stops."""
         with self._database.transaction() as session:
             updated = session.execute(
-                update(JobRow).where(JobRow.id == job_id, JobRow.status == "running")
+                update(JobRow).where(*_held_by(job))
                 .values(progress=max(0.0, min(1.0, progress)), message=message[:MAX_MESSAGE], heartbeat_at=utcnow())
             ).rowcount
         return updated == 1
 
-    def complete(self, job_id: str, result: dict[str, Any]) -> None:
-        """Mark the job done and publish its result on the target, bumping the revision for the replicas.
+    def complete(self, job: ClaimedJob, result: dict[str, Any]) -> bool:
+        """Mark the job done and publish its result on the target, bumping the revision for the replicas; False (and
+        nothing written) if the claim no longer holds the job.
 
         A ``fit_classifier`` result becomes the target's classifier; a mechanism job's result becomes that
-        mechanism's published ``state`` (artifact digests, calibrated values).
+        mechanism's published ``state`` (artifact digests, calibrated values). The fenced UPDATE comes first: on
+        PostgreSQL it waits for a concurrent recovery pass and re-checks the claim after it, on SQLite writers are
+        serialised, so a result is published only by the run that still holds the job.
         """
         now = utcnow()
         with self._database.transaction() as session:
-            job = session.get(JobRow, job_id)
-            if job is None or job.status != "running":
-                return
-            job.status, job.progress, job.finished_at, job.message = "succeeded", 1.0, now, "done"
+            finished = session.execute(
+                update(JobRow).where(*_held_by(job))
+                .values(status="succeeded", progress=1.0, finished_at=now, message="done")
+            ).rowcount
+            if finished != 1:
+                return False
             target = session.get(TargetRow, job.target_id) if job.target_id else None
             if target is not None:
                 mechanism = self._catalog.job_mechanism.get(job.kind)
@@ -106,21 +120,25 @@ class JobQueue:
                     target.mechanisms = {**target.mechanisms,
                                          mechanism: {**target.mechanisms[mechanism], "state": result}}
                 self._republish(session, target, now)
+        return True
 
-    def cancel(self, job_id: str, reason: str) -> None:
+    def cancel(self, job: ClaimedJob, reason: str) -> bool:
+        """Cancel a claimed job (its target is gone); False if the claim no longer holds it."""
         with self._database.transaction() as session:
-            session.execute(update(JobRow).where(JobRow.id == job_id, JobRow.status.in_(OPEN))
-                            .values(status="cancelled", finished_at=utcnow(), message=reason[:MAX_MESSAGE]))
+            return session.execute(update(JobRow).where(*_held_by(job))
+                                   .values(status="cancelled", finished_at=utcnow(),
+                                           message=reason[:MAX_MESSAGE])).rowcount == 1
 
-    def fail(self, job_id: str, error: str) -> None:
+    def fail(self, job: ClaimedJob, error: str) -> bool:
         """Requeue the job if attempts remain, otherwise mark it failed; its target then shows ``failed``, or
-        ``degraded`` for a classifier fit (``status.derive_statuses``)."""
+        ``degraded`` for a classifier fit (``status.derive_statuses``). False if the claim no longer holds it."""
         now = utcnow()
         with self._database.transaction() as session:
-            job = session.get(JobRow, job_id)
-            if job is None or job.status != "running":
-                return
-            self._fail_or_retry(session, job, error, now)
+            row = session.scalars(select(JobRow).where(*_held_by(job)).with_for_update()).first()
+            if row is None:
+                return False
+            self._fail_or_retry(session, row, error, now)
+        return True
 
     def recover_stale(self, stale_after_s: float) -> int:
         """Jobs whose worker stopped heart-beating (crash, kill -9) are retried or failed, never left running."""

@@ -76,13 +76,15 @@ class JobRecord:
 
 @dataclass(frozen=True)
 class ClaimedJob:
-    """A job a worker now owns: what its handler needs to run it."""
+    """A job a worker now owns: what its handler needs to run it. ``worker`` and ``attempts`` are the claim's fencing
+    token: the queue accepts this run's writes only while the job's row still carries both (``server/job_lease.py``)."""
 
     id: str
     kind: str
     target_id: str | None
     attempts: int
     payload: dict[str, Any]
+    worker: str = ""
 
 
 @dataclass(frozen=True)

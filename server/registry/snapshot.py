@@ -9,6 +9,11 @@ whose classifier is not fitted (queued, or failed) is in the bank by its aliases
 yet ``active`` carries its interim protection, computed here from its record without any job (and stored in the
 target's own interim folder, ``interim_factory``, for the engine to read), for the planner to apply when none of its
 own gated mechanisms is ready.
+
+A reload loads per target (``readable.py``): an artifact this replica cannot read degrades its own target, and every
+other target, new registration and delete still applies. A reload that fails as a whole (the database unreachable)
+keeps the last snapshot serving and is retried with a backoff; until a first snapshot is loaded (``loaded``), the
+replica is not ready and serves nothing.
 """
 
 from __future__ import annotations
@@ -16,13 +21,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from guards.base import InterimGuard, TargetEntry
 from server.artifacts import interim_store
+from server.backoff import Backoff
+from server.registry.readable import CLASSIFIER, ArtifactChecker, ClassifierCheck, degrade, describe
 from server.registry.records import TargetRecord
 from server.registry.targets import TargetStore
 
@@ -59,7 +66,13 @@ class RegistrySnapshot:
     gates: dict[str, Any] = field(default_factory=dict)  # gate name -> bank of mechanisms' own gates (O3's OOD)
     shared: dict[str, Any] = field(default_factory=dict)  # mechanism -> what its ``share`` built
     interim: dict[str, Any] = field(default_factory=dict)  # target_id -> its interim protection (targets not active)
+    unreadable: dict[str, dict[str, str]] = field(default_factory=dict)  # target_id -> {part: why} (``readable.py``)
     loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def loaded(self) -> bool:
+        """Whether this is a snapshot of the registry (the holder's placeholder before the first load is not)."""
+        return self.revision >= 0
 
     @property
     def empty(self) -> bool:
@@ -67,14 +80,16 @@ class RegistrySnapshot:
 
     @property
     def degraded(self) -> int:
-        """How many targets are ``degraded``: their classifier (or its refit after a patch) could not be fitted."""
+        """How many targets are served ``degraded``: their classifier (or its refit after a patch) could not be
+        fitted, or an artifact of theirs cannot be read here."""
         return sum(target.status == "degraded" for target in self.targets.values())
 
 
 class SnapshotHolder:
     def __init__(self, targets: TargetStore, artifact_path: Callable[[str], Path], bank_factory: BankFactory,
                  poll_s: float, gate_factory: GateBankFactory | None = None,
-                 interim: InterimFactory | None = None, negatives: Callable[[], list[str]] = list) -> None:
+                 interim: InterimFactory | None = None, negatives: Callable[[], list[str]] = list,
+                 classifier_check: ClassifierCheck | None = None, max_backoff_s: float = 30.0) -> None:
         self._targets = targets
         self._negatives = negatives
         self._artifact_path = artifact_path
@@ -82,35 +97,73 @@ class SnapshotHolder:
         self._gate_factory = gate_factory
         self._interim = interim
         self._poll_s = poll_s
+        self._max_backoff_s = max_backoff_s
+        self._checker = ArtifactChecker(artifact_path, classifier_check)
         self._sharers: dict[str, Sharer] = {}
+        self._rebuild = False  # the next refresh rebuilds even at the same revision (a forced one failed)
+        self._failures = 0  # consecutive failed reloads
         self.current = RegistrySnapshot(revision=-1)
         self.on_swap: list[Callable[[RegistrySnapshot], None]] = []
+        self.on_failure: list[Callable[[BaseException], None]] = []
 
     def load(self) -> RegistrySnapshot:
-        """Read the registry and build a snapshot (blocking: call from a thread)."""
+        """Read the registry and build a snapshot, per target (blocking: call from a thread)."""
         revision, records = self._targets.snapshot_rows()
-        targets = {record.id: record for record in records}
+        served = self._checker.served(records)
+        records, unreadable = served.records, served.unreadable
         artifacts = {record.id: self._artifact_path(record.classifier["artifact"]) for record in records
                      if record.classifier_ready}
+        enabled = {record.id: record.mechanisms for record in records}
+        gates, broken = self._gates(enabled, artifacts)
+        if broken:  # a gate fitted with the classifier cannot be read: the classifier artifact is unreadable
+            for target_id, why in broken.items():
+                unreadable[target_id] = {**unreadable.get(target_id, {}), CLASSIFIER: why}
+                artifacts.pop(target_id)
+            records = [degrade(record, unreadable[record.id]) if record.id in broken else record
+                       for record in records]
+        targets = {record.id: record for record in records}
         aliases = {record.id: list(record.aliases) for record in records}  # current: a patch applies before its refit
         # Read after the revision: a negative added meanwhile moves the revision on, and the next poll rebuilds.
         bank = self._bank_factory(artifacts, aliases, self._negatives()) if targets else None
-        enabled = {tid: target.mechanisms for tid, target in targets.items()}
-        gates = self._gate_factory(enabled, artifacts) if artifacts and self._gate_factory is not None else {}
         return RegistrySnapshot(revision=revision, targets=targets, bank=bank, gates=gates, shared=self._share(records),
-                                interim=self._interim_protections(records))
+                                interim=self._interim_protections(records), unreadable=unreadable)
 
-    def share_with(self, sharers: dict[str, Sharer]) -> None:
-        """Let mechanisms build per-snapshot resources; the next ``refresh(force=True)`` builds them."""
-        self._sharers = dict(sharers)
+    def _gates(self, enabled: dict[str, dict[str, Any]],
+               artifacts: dict[str, Path]) -> tuple[dict[str, Any], dict[str, str]]:
+        """The mechanisms' own gate banks, and {target_id: why} for the targets whose gate artifact cannot be read
+        (found one target at a time, only when stacking them all fails; a gate bank loads no model)."""
+        if not artifacts or self._gate_factory is None:
+            return {}, {}
+        try:
+            return self._gate_factory(enabled, artifacts), {}
+        except Exception:
+            logger.warning("registry.gates_unreadable", extra={"targets": len(artifacts)})
+        broken: dict[str, str] = {}
+        for target_id, path in artifacts.items():
+            try:
+                self._gate_factory({target_id: enabled[target_id]}, {target_id: path})
+            except Exception as exc:
+                broken[target_id] = f"its gate: {describe(exc)}"
+        readable = {target_id: path for target_id, path in artifacts.items() if target_id not in broken}
+        return (self._gate_factory(enabled, readable) if readable else {}), broken
+
+    def serve_with(self, servings: Mapping[str, Any]) -> None:
+        """Let mechanisms build per-snapshot resources (``share``) and check their targets' artifacts (``check``,
+        optional: ``guards.base.MechanismServing``); the next ``refresh`` rebuilds with them."""
+        self._sharers = {name: serving.share for name, serving in servings.items()}
+        self._checker.checks = {name: serving.check for name, serving in servings.items()
+                                if callable(getattr(serving, "check", None))}
+        self._rebuild = True
 
     def _share(self, records: list[TargetRecord]) -> dict[str, Any]:
-        """Each mechanism's shared resources; one that fails gets None (its plans then fail closed), the rest load."""
+        """Each mechanism's shared resources, even with no target enabling it (so it can let go of what an earlier
+        snapshot needed: ULD's assistants held in the engine); one that fails gets None (its plans then fail closed),
+        the rest load."""
         shared: dict[str, Any] = {}
         for name, sharer in self._sharers.items():
             entries = mechanism_entries(records, name)
             try:
-                shared[name] = sharer(entries) if entries else None
+                shared[name] = sharer(entries)
             except Exception:
                 logger.exception("registry.share_failed", extra={"mechanism": name})
                 shared[name] = None
@@ -132,22 +185,50 @@ class SnapshotHolder:
         return interim
 
     def refresh(self, force: bool = False) -> bool:
-        """Swap in a new snapshot if the revision moved (or ``force``); True if it did (blocking)."""
+        """Swap in a new snapshot if the revision moved (or ``force``, or a forced refresh failed before); True if it
+        did (blocking). Raises if the registry cannot be read at all: the current snapshot then stays."""
+        force = force or self._rebuild
         if not force and self._targets.revision() == self.current.revision:
             return False
+        self._rebuild = force
         snapshot = self.load()
+        self._rebuild = False
         if force or snapshot.revision != self.current.revision:
             self.current = snapshot
-            logger.info("registry.reloaded", extra={"revision": snapshot.revision, "targets": len(snapshot.targets)})
+            logger.info("registry.reloaded", extra={"revision": snapshot.revision, "targets": len(snapshot.targets),
+                                                    "unreadable": len(snapshot.unreadable)})
             for callback in self.on_swap:
                 callback(snapshot)
         return True
 
+    async def reload(self, force: bool = False) -> bool:
+        """``refresh`` off the event loop, never raising: a failure is logged (once per run of failures, with its
+        trace), reported to ``on_failure`` and left to the next try. True if the snapshot is current."""
+        try:
+            await asyncio.to_thread(self.refresh, force)
+        except Exception as exc:
+            self._failures += 1
+            if self._failures == 1:
+                logger.exception("registry.reload_failed", extra={"serving_revision": self.current.revision})
+            else:
+                logger.warning("registry.reload_failed", extra={"serving_revision": self.current.revision,
+                                                                "error": type(exc).__name__,
+                                                                "failures": self._failures})
+            for callback in self.on_failure:
+                callback(exc)
+            return False
+        if self._failures:
+            logger.info("registry.reload_recovered", extra={"failures": self._failures,
+                                                            "revision": self.current.revision})
+        self._failures = 0
+        return True
+
     async def watch(self) -> None:
-        """Poll forever; errors are logged and retried, the last good snapshot keeps serving."""
+        """Poll forever; a failed reload backs off (up to ``max_backoff_s``) while the last good snapshot serves."""
+        retry = Backoff(self._poll_s, self._max_backoff_s)
         while True:
-            try:
-                await asyncio.to_thread(self.refresh)
-            except Exception:
-                logger.exception("registry.reload_failed")
-            await asyncio.sleep(self._poll_s)
+            if await self.reload():
+                retry.succeeded()
+            else:
+                retry.failed()
+            await asyncio.sleep(retry.delay)

@@ -1,0 +1,120 @@
+"""`/metrics` and the health probes answer from what the replica already knows: a database outage never fails a scrape,
+and job counts are refreshed in the background (the app without its engine, a real SQLite registry)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from fastapi.testclient import TestClient
+
+from server import control_plane as control_plane_module
+from server.app import create_app
+from server.config import Settings
+from server.control_plane import ControlPlane
+from server.metrics import Metrics
+from server.registry.models import JobRow
+from server.registry.snapshot import RegistrySnapshot
+from tests.test_jobs import add_target
+
+
+class Unreachable:
+    """A registry whose database is down: every use raises."""
+
+    def __getattr__(self, name: str):
+        raise ConnectionError("the registry database is unreachable")
+
+
+@pytest.fixture(scope="module")
+def app():
+    return create_app(Settings(), Path("/nonexistent"), "model")
+
+
+def test_metrics_never_query_the_database(app) -> None:
+    app.state.registry = Unreachable()
+    response = TestClient(app).get("/metrics")
+    assert response.status_code == 200 and "lethe_engine_up" in response.text
+
+
+def test_job_counts_are_refreshed_in_the_background_and_survive_an_outage(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(control_plane_module, "JOB_COUNTS_INTERVAL_S", 0.02)
+    monkeypatch.setattr(control_plane_module, "MAX_BACKOFF_S", 0.05)
+    metrics = Metrics()
+    control = ControlPlane.open(Settings(data_dir=tmp_path), metrics)
+    add_target(control.registry)  # queues its jobs
+
+    def count(status: str) -> float | None:
+        return metrics.registry.get_sample_value("lethe_jobs", {"status": status})
+
+    async def until(condition) -> None:
+        deadline = time.monotonic() + 10
+        while not condition():
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+
+    async def scenario() -> None:
+        task = asyncio.create_task(control.watch_job_counts())
+        await until(lambda: (count("queued") or 0) > 0)
+        queued = count("queued")
+        assert count("running") == 0
+        JobRow.__table__.drop(control.registry.database.engine)  # the database loses the table: an outage
+        failures = lambda: metrics.registry.get_sample_value("lethe_background_failures_total",  # noqa: E731
+                                                             {"task": "job_counts"}) or 0
+        await until(lambda: failures() >= 2)
+        assert not task.done() and count("queued") == queued  # the last counts stay
+        JobRow.__table__.create(control.registry.database.engine)  # back, empty
+        await until(lambda: count("queued") == 0)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(scenario())
+
+
+class FakeEngine:
+    def __init__(self, alive: bool) -> None:
+        self.alive = alive
+        self.unfinished_requests = 0
+
+
+def probe(app, path: str, engine: FakeEngine | None, snapshot_revision: int | None) -> int:
+    app.state.engine = engine
+    app.state.snapshots = SimpleNamespace(current=RegistrySnapshot(revision=snapshot_revision)) \
+        if snapshot_revision is not None else None
+    return TestClient(app).get(path).status_code
+
+
+@pytest.mark.parametrize("engine, revision, live, ready, health", [
+    (FakeEngine(True), 4, 200, 200, 200),
+    (FakeEngine(True), -1, 200, 503, 200),  # no snapshot loaded yet (or ever, the database being down): not ready
+    (FakeEngine(True), None, 200, 503, 200),
+    (FakeEngine(False), 4, 503, 503, 503),  # a dead engine never recovers: restart the process
+])
+def test_liveness_and_readiness(app, engine, revision, live, ready, health) -> None:
+    assert probe(app, "/health/live", engine, revision) == live
+    assert probe(app, "/health/ready", engine, revision) == ready
+    assert probe(app, "/health", engine, revision) == health
+
+
+def test_a_background_loop_that_ends_is_logged_as_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    control = ControlPlane.open(Settings(data_dir=tmp_path), Metrics())
+
+    async def broken_run() -> None:
+        raise RuntimeError("a bug in the audit writer")
+
+    monkeypatch.setattr(control.audit, "run", broken_run)
+
+    async def scenario() -> None:
+        await control.start()
+        await asyncio.sleep(0.05)
+        await control.stop()
+
+    with caplog.at_level(logging.ERROR, logger="server"):
+        asyncio.run(scenario())
+    ended = [record for record in caplog.records if record.getMessage() == "background.task_ended"]
+    assert [(record.task, record.error) for record in ended] == [("audit-writer", "RuntimeError")]
