@@ -78,9 +78,7 @@ def install_error_handlers(app: FastAPI) -> None:
         # The database is down or unreachable (its driver's message may name hosts: it is logged, not returned).
         logger.warning("registry.unavailable", extra={"error": f"{type(exc).__name__}: {str(exc)[:300]}"})
         error = RegistryUnavailable()
-        response = _error(error.status, error.to_response())
-        response.headers["Retry-After"] = str(error.retry_after_s)
-        return response
+        return _error(error.status, error.to_response(), error.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

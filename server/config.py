@@ -51,7 +51,9 @@ class Settings(BaseSettings):
     )
     max_model_len: int = Field(1024, ge=16, description="Context length given to vLLM (prompt + completion).")
     max_num_seqs: int = Field(32, ge=1, description="Most sequences vLLM schedules in one batch.")
-    dtype: str = Field("auto", description="Model dtype for vLLM; `auto` means float32 on CPU, the checkpoint's on GPU.")
+    dtype: str = Field(
+        "auto", description="Model dtype for vLLM; `auto` means float32 on CPU, the checkpoint's on GPU."
+    )
     kv_cache_gib: int = Field(1, ge=1, description="KV-cache size in GiB on CPU (becomes `VLLM_CPU_KVCACHE_SPACE`).")
     max_lora_rank: Literal[8, 16, 32, 64, 128, 256] = Field(
         64, description="Largest LoRA rank vLLM reserves room for (O3 stacks one rank-8 block per target)."

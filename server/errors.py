@@ -135,14 +135,19 @@ class EngineUnavailable(LetheError):
 
 
 class RegistryUnavailable(LetheError):
-    """The replica has not loaded a snapshot of the forget-target registry yet (it is starting, or its database is
-    unreachable since it started): serving now could serve a registered target unguarded."""
+    """The forget-target registry cannot be read. Inference is refused with it only while the replica has loaded no
+    snapshot yet (it is starting, or its database has been unreachable since it started): serving then could serve a
+    registered target unguarded. Once a snapshot is loaded, serving goes on from it through a database outage, and only
+    what needs the database (the admin API) is refused, with nothing half-done committed."""
 
     status = HTTPStatus.SERVICE_UNAVAILABLE
     type = "server_error"
+    headers = {"Retry-After": "5"}
 
-    def __init__(self) -> None:
-        super().__init__("The server is not ready yet; please retry later.", code="registry_unavailable")
+    DATABASE_DOWN = "The registry database is unavailable; nothing was changed. Retry later."
+
+    def __init__(self, message: str = DATABASE_DOWN) -> None:
+        super().__init__(message, code="registry_unavailable")
 
 
 class RequestTimeout(LetheError):
@@ -170,16 +175,3 @@ async def send_error(send: Any, error: LetheError) -> None:
                *((name.lower().encode(), value.encode()) for name, value in error.headers.items())]
     await send({"type": "http.response.start", "status": int(error.status), "headers": headers})
     await send({"type": "http.response.body", "body": body})
-
-
-class RegistryUnavailable(LetheError):
-    """The registry database cannot be reached. Serving goes on from the last snapshot; what needs the database (admin
-    reads and writes) is refused with this until it is back, and nothing half-done is committed."""
-
-    status = HTTPStatus.SERVICE_UNAVAILABLE
-    type = "server_error"
-    retry_after_s = 5
-
-    def __init__(self) -> None:
-        super().__init__("The registry database is unavailable; nothing was changed. Retry later.",
-                         code="registry_unavailable")

@@ -160,7 +160,8 @@ class JobWorker:
         except Exception as exc:
             logger.exception("job.failed", extra={"job_id": job.id, "kind": job.kind})
             artifacts.discard_staging()  # before a retry can claim the job
-            self._finish(job, "fail", lambda: self._jobs.fail(job, f"{type(exc).__name__}: {exc}"))
+            error = f"{type(exc).__name__}: {exc}"
+            self._finish(job, "fail", lambda: self._jobs.fail(job, error))
         else:
             if self._finish(job, "complete", lambda: self._jobs.complete(job, result)):
                 logger.info("job.succeeded", extra={"job_id": job.id,

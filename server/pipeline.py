@@ -173,7 +173,7 @@ class Pipeline:
         raises; the caller drives the returned run as a context manager (``server/run.py``)."""
         snapshot = self._registry.current if self._registry is not None else RegistrySnapshot(revision=0)
         if not snapshot.loaded:  # no registry read yet: any prompt could be about a target, so none is served
-            raise RegistryUnavailable()
+            raise RegistryUnavailable("The server is not ready yet; please retry later.")
         prompts = await asyncio.get_running_loop().run_in_executor(self._renderer, self._render, request.prompt)
         self.check_budget(prompts, request.max_tokens, request.budget_param)
         self.check_gate_input(prompts, snapshot)

@@ -36,7 +36,8 @@ def admin(tmp_path: Path) -> tuple[TestClient, Registry]:
     upgrade_database(engine)
     registry = Registry.open(engine, MechanismCatalog(implemented=frozenset(m.name for m in MECHANISMS)))
     app = create_app(Settings(_env_file=None, admin_key=ADMIN_KEY), tmp_path / "model", "m")  # type: ignore[call-arg]
-    app.state.admin = AdminServing(registry, ["guard"], SimpleNamespace(current=SimpleNamespace(revision=0, unreadable={})),
+    snapshots = SimpleNamespace(current=SimpleNamespace(revision=0, unreadable={}))
+    app.state.admin = AdminServing(registry, ["guard"], snapshots,
                                    None)  # type: ignore[arg-type]
     return TestClient(app), registry
 
