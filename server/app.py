@@ -20,10 +20,11 @@ from starlette.routing import Match
 from server.admin import router as admin_router
 from server.admin.serving import AdminServing
 from server.admission import Admission, AdmissionMiddleware
+from server.auth import has_bearer_key
 from server.body_limit import BodyLimitMiddleware
 from server.config import Settings
 from server.engine import Engine
-from server.errors import InvalidRequest, LetheError, NotFound, RegistryUnavailable
+from server.errors import AuthenticationFailed, InvalidRequest, LetheError, NotFound, RegistryUnavailable
 from server.metrics import Metrics
 from server.openai import router as openai_router
 from server.openai.limits import RequestLimits
@@ -195,6 +196,9 @@ def create_app(
 
     @app.get("/metrics")
     async def prometheus_metrics(request: Request) -> Response:
+        key = request.app.state.settings.metrics_key
+        if key and not has_bearer_key(request, [key]):
+            raise AuthenticationFailed("Invalid or missing metrics key.")
         engine: Engine | None = getattr(request.app.state, "engine", None)
         alive = _engine_alive(request)
         metrics.engine_up.set(1 if alive else 0)

@@ -75,6 +75,11 @@ class Settings(BaseSettings):
         None, description=f"Bearer key of the admin API (`/admin/v1`), at least {MIN_ADMIN_KEY_CHARS} characters; "
                           "unset disables the admin API (403)."
     )
+    metrics_key: str | None = Field(
+        None, description="Bearer key `/metrics` requires when set (Prometheus: `authorization.credentials`); unset "
+                          "leaves it open. Its counters name no target, but a client watching them on a quiet server "
+                          "could see its own prompt counted as a hit.",
+    )
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Largest accepted request body (else 413).")
     max_prompts_per_request: int = Field(
         64, ge=1, description="Most prompts in one `/v1/completions` `prompt` list (else 400).")

@@ -40,6 +40,16 @@ def test_metrics_never_query_the_database(app) -> None:
     assert response.status_code == 200 and "lethe_engine_up" in response.text
 
 
+def test_metrics_behind_a_key_when_one_is_set() -> None:
+    """A client watching the hit counter on a quiet server could see its own prompt counted: operators can close it."""
+    client = TestClient(create_app(Settings(metrics_key="scrape-key-0123456789"), Path("/nonexistent"), "model"))
+    refused = client.get("/metrics")
+    assert refused.status_code == 401 and refused.json()["error"]["type"] == "authentication_error"
+    assert client.get("/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    scraped = client.get("/metrics", headers={"Authorization": "Bearer scrape-key-0123456789"})
+    assert scraped.status_code == 200 and "lethe_target_hits_total" in scraped.text
+
+
 def test_job_counts_are_refreshed_in_the_background_and_survive_an_outage(tmp_path: Path,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(control_plane_module, "JOB_COUNTS_INTERVAL_S", 0.02)
