@@ -23,7 +23,7 @@ from server.errors import EngineUnavailable, InvalidRequest
 logger = logging.getLogger(__name__)
 
 LOGITS_PROCESSOR = "guards.processor:LetheLogitsProcessor"
-WORKER_EXTENSION = "guards.engine_extension:LetheWorkerExtension"  # what `warm` calls in the engine process
+WORKER_EXTENSION = "guards.engine_extension.LetheWorkerExtension"  # what `warm` calls in the engine process
 WARM_TIMEOUT_S = 30.0  # a warm call returns at once (loading runs in the background there); past this, it failed
 LIVENESS_POLL_S = 1.0
 

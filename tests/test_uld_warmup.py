@@ -210,3 +210,13 @@ def test_an_engine_that_does_not_answer_never_holds_a_snapshot_back() -> None:
     started = time.monotonic()
     shared = serving.share([TargetEntry("t", {}, {"assistant": "d" * 64})])
     assert time.monotonic() - started < 1 and plan_for(planner, shared) == ("interim",)
+
+
+def test_the_worker_extension_is_named_as_vllm_resolves_it() -> None:
+    """vLLM imports ``worker_extension_cls`` by its dotted name in every worker; a name it cannot resolve stops the
+    engine from starting at all."""
+    from vllm.utils.import_utils import resolve_obj_by_qualname
+
+    from server.engine import WORKER_EXTENSION
+
+    assert resolve_obj_by_qualname(WORKER_EXTENSION) is LetheWorkerExtension
