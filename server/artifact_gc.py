@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from guards.base import DERIVED_MEMBERS
-from server.artifacts import STAGING_PREFIX, interim_dir
+from server.artifacts import STAGING_PREFIX
 
 logger = logging.getLogger(__name__)
 
@@ -71,17 +71,6 @@ class ArtifactCollector:
             else:
                 sweep.kept += 1
         return sweep
-
-    def remove_interim(self, target_ids: Collection[str]) -> list[str]:
-        """Delete the interim phrase folders of deleted targets (``interim/<target_id>/``: their phrases). Called once
-        no replica serves a revision that still holds them, so none writes them again."""
-        removed = []
-        for target_id in target_ids:
-            folder = interim_dir(self.root, target_id)
-            if folder.exists():
-                shutil.rmtree(folder, ignore_errors=True)
-                removed.append(folder.relative_to(self.root).as_posix())
-        return removed
 
     def sweep_staging(self, open_jobs: Callable[[list[str]], set[str]], now: float | None = None) -> list[str]:
         """Delete staging folders of jobs that are over (``open_jobs`` says which of some job ids still run or wait),

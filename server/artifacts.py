@@ -3,9 +3,9 @@
 An artifact is a directory of files named by the SHA-256 of its contents; it is written to a temporary sibling and
 renamed into place, so a reader never sees a half-written artifact and two writers of the same content agree.
 
-Interim protection's phrase artifacts (``guards/guard/interim.py``) are kept apart, one store per target under
-``interim/<target_id>/``: they are written by every replica as snapshots load, referenced by no target's state, and
-hold the target's forget phrases, so erasing a target removes its folder whole.
+Interim protection's phrase artifacts (``guards/guard/interim.py``) are not kept here: every replica writes its own as
+snapshots load, into a folder of its own in memory (``LocalInterim``), one store per target under
+``interim/<target_id>/``, so a full artifacts volume never leaves a new target without interim protection.
 
 A staging folder made for a job is named after the job and its attempt (``.staging-<job id>.<attempt>-…``), so the
 erasure pass (``server/artifact_gc.py``) can tell an abandoned one (its job is over) from one still being written.
@@ -97,3 +97,61 @@ def interim_dir(root: Path, target_id: str) -> Path:
 def interim_store(root: Path, target_id: str) -> ArtifactStore:
     """The content-addressed store of one target's interim phrase artifacts."""
     return ArtifactStore(interim_dir(root, target_id))
+
+
+def default_runtime_dir() -> Path:
+    """Memory-backed when the host has it (``/dev/shm``): files there never reach a disk."""
+    shm = Path("/dev/shm")
+    return shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+
+
+class LocalInterim:
+    """This replica's interim phrase artifacts, in a folder of its own under ``parent`` (``default_runtime_dir``).
+
+    They hold a target's forget phrases, so they live no longer than needed: a target's folder goes when a snapshot
+    without the target is served (``keep_only``), the whole folder when the replica stops (``close``), and a folder
+    left by a replica that was killed is removed by the next replica started on the host.
+    """
+
+    PREFIX = "lethe-interim-"
+
+    def __init__(self, parent: Path | None = None) -> None:
+        parent = parent or default_runtime_dir()
+        _remove_dead_replicas_folders(parent, self.PREFIX)
+        self.root = Path(tempfile.mkdtemp(prefix=f"{self.PREFIX}{os.getpid()}-", dir=parent))
+
+    def keep_only(self, target_ids: set[str] | frozenset[str]) -> list[str]:
+        """Remove the folders of targets not in ``target_ids``; returns their ids."""
+        removed = []
+        for folder in _children(self.root / INTERIM_DIR):
+            if folder.name not in target_ids:
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(folder.name)
+        return removed
+
+    def close(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _children(folder: Path) -> list[Path]:
+    try:
+        return list(folder.iterdir())
+    except FileNotFoundError:
+        return []
+
+
+def _remove_dead_replicas_folders(parent: Path, prefix: str) -> None:
+    for folder in _children(parent):
+        pid = folder.name.removeprefix(prefix).split("-", 1)[0]
+        if folder.name.startswith(prefix) and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

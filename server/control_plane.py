@@ -21,7 +21,7 @@ from guards.base import (ANY_WORKER, GATE_LANE, LANES, MODEL_FILES, SERVED_MODEL
                          JobResources, Mechanism, ServedModel)
 from guards.mechanisms import INTERIM, MECHANISMS
 from server.artifact_gc import ArtifactCollector
-from server.artifacts import ArtifactStore
+from server.artifacts import ArtifactStore, LocalInterim
 from server.audit import AuditWriter
 from server.backoff import Backoff
 from server.classifier_jobs import (CalibrationVectors, bank_factory, check_classifier_artifact, fit_classifier_handler,
@@ -140,9 +140,24 @@ def job_lanes(mechanisms: Sequence[Mechanism] = MECHANISMS) -> dict[str, str]:
     return {FIT_CLASSIFIER: GATE_LANE, **{spec.kind: spec.lane for mechanism in mechanisms for spec in mechanism.jobs}}
 
 
+LAZY_TRANSFORMERS_NAMES = ("AutoConfig", "AutoTokenizer", "AutoModelForCausalLM", "PreTrainedTokenizerFast",
+                           "get_linear_schedule_with_warmup")
+
+
+def preload_job_libraries() -> None:
+    """Resolve transformers' lazily imported names once, on one thread, before the lanes start. Two lanes resolving
+    them at once (the embedder's first load in the gate lane, a ULD training in the training lane) saw a half-imported
+    module: ``ImportError: cannot import name 'AutoConfig'``, and the training failed."""
+    import transformers
+
+    for name in LAZY_TRANSFORMERS_NAMES:
+        getattr(transformers, name)
+
+
 def make_workers(settings: Settings, registry: Registry, handlers: dict[str, JobHandler],
                  lanes: Sequence[str] = LANES, mechanisms: Sequence[Mechanism] = MECHANISMS) -> list[JobWorker]:
     """One worker per lane in ``lanes`` that has a handler here, each claiming only its lane's job kinds."""
+    preload_job_libraries()
     artifacts = ArtifactStore(settings.resolved_artifacts_dir)
     lane_of = job_lanes(mechanisms)
     workers = []
@@ -177,6 +192,7 @@ class ControlPlane:
     calibration: CalibrationVectors
     reporter: ReplicaReporter
     erasure: ErasurePass
+    interim: LocalInterim
     workers: list[JobWorker] = field(default_factory=list)
     _tasks: list[asyncio.Task] = field(default_factory=list)
 
@@ -186,11 +202,12 @@ class ControlPlane:
         embedder = LazyEmbedder(settings.embedding_model)
         artifacts = ArtifactStore(settings.resolved_artifacts_dir)
         calibration = CalibrationVectors(embedder)
+        interim = LocalInterim()
         snapshots = SnapshotHolder(registry.targets, artifacts.path,
                                    bank_factory(embedder, settings.gate_max_union_fpr, settings.gate_max_windows,
                                                 metrics.gate_calibrated, calibration),
                                    settings.registry_poll_s, gate_bank_factory(embedder, MECHANISMS),
-                                   interim_factory(INTERIM, artifacts.root), registry.negatives.texts,
+                                   interim_factory(INTERIM, interim.root), registry.negatives.texts,
                                    check_classifier_artifact)
         audit = AuditWriter(registry.audit, settings.audit_retention_days,
                             int(settings.audit_buffer_mib * 1024 * 1024), metrics)
@@ -198,7 +215,7 @@ class ControlPlane:
         collector = ArtifactCollector(artifacts.root, settings.erasure_grace_s, settings.staging_grace_s,
                                       [folder for mechanism in MECHANISMS for folder in mechanism.derived_artifacts])
         return cls(settings, metrics, registry, snapshots, audit, artifacts, embedder, calibration, reporter,
-                   ErasurePass(registry, collector, settings.replica_stale_s))
+                   ErasurePass(registry, collector, settings.replica_stale_s), interim)
 
     async def start(self) -> None:
         await asyncio.to_thread(self.reporter.starting)
@@ -254,6 +271,7 @@ class ControlPlane:
             logger.error("registry.initial_load_failed", extra={"retry_s": self.settings.registry_poll_s})
 
     def _on_swap(self, snapshot: RegistrySnapshot) -> None:
+        self.interim.keep_only(set(snapshot.targets))  # a deleted target's phrases leave this replica with it
         self.metrics.registry_revision.set(snapshot.revision)
         self.metrics.targets_degraded.set(snapshot.degraded)
         self.metrics.targets_unreadable.set(len(snapshot.unreadable))
@@ -265,3 +283,4 @@ class ControlPlane:
         for worker in self.workers:
             await asyncio.to_thread(worker.stop)
         await asyncio.to_thread(self.reporter.leave)
+        self.interim.close()

@@ -12,8 +12,8 @@ reports the revision it serves (``ReplicaReporter``), and every ``LETHE_ERASURE_
 3. once every live replica (reported within ``LETHE_REPLICA_STALE_S``) serves the current revision, delete every
    artifact no live target references and every O3 stack built from one (an artifact two targets share by content
    stays while either uses it; one written within ``LETHE_ERASURE_GRACE_S`` stays, its job may not have published it
-   yet), and the deleted targets' interim phrase folders; replicas rebuild their stacks without the deleted target's
-   adapter when they load the deletion's revision;
+   yet); replicas rebuild their stacks without the deleted target's adapter when they load the deletion's revision
+   (and drop its interim phrases, kept in memory of their own: ``server.artifacts.LocalInterim``);
 4. when 3 left nothing unreferenced, scrub the database files (``RegistryDatabase.scrub``: SQLite checkpoint,
    PostgreSQL VACUUM) and mark the tombstones purged.
 
@@ -79,7 +79,6 @@ class ErasurePass:
         if not report.lagging:
             sweep = self._collector.sweep_artifacts(state.referenced)
             report.artifacts_removed, report.artifacts_kept, swept = sweep.removed, sweep.kept, sweep.complete
-            report.artifacts_removed += self._collector.remove_interim(pending)
         # The rows went with the deletion; their copies in the database files go with the artifacts (on PostgreSQL a
         # full vacuum per pass while a replica lags would lock the tables for nothing), and once per replica start.
         if (pending and swept) or not self._scrubbed_once:

@@ -31,7 +31,7 @@ from guards.uld.mechanism import ULD_TRAIN
 from server.admin.protocol import TargetCreate
 from server.admin.serving import new_target
 from server.artifact_gc import ArtifactCollector
-from server.artifacts import ArtifactStore, interim_store
+from server.artifacts import ArtifactStore, LocalInterim, interim_dir, interim_store
 from server.classifier_jobs import fit_classifier_handler
 from server.config import Settings
 from server.control_plane import ControlPlane, open_registry
@@ -159,11 +159,6 @@ def test_a_deleted_target_leaves_no_byte_of_its_aliases_or_answers_under_the_dat
     registry.audit.write([audit([zorblax], "Where was Zorblax Quenterfeld born?", "chatcmpl-1"),
                           audit([], "tell me about z. quenterfeld", "chatcmpl-2"),  # a miss naming an alias
                           audit([mirelda], "What did Mirelda Ostrovane write?", "chatcmpl-3")])
-    for target_id, secret in ((zorblax, "Zorblax Quenterfeld"), (mirelda, "Mirelda Ostrovane")):
-        interim = interim_store(artifacts.root, target_id)  # what a replica writes for interim protection
-        staged = interim.staging_dir()
-        (staged / "phrases.json").write_text(f'{{"aliases": ["{secret}"]}}')
-        interim.commit(staged)
     crashed_attempt = artifacts.owned_by(f"{registry.targets.get(zorblax).jobs[-1].id}.1").staging_dir()
     (crashed_attempt / "partial.bin").write_text("Glimmerfen Abbey")
     before = files_holding(settings.data_dir, ZORBLAX_SECRETS)
@@ -185,7 +180,6 @@ def test_a_deleted_target_leaves_no_byte_of_its_aliases_or_answers_under_the_dat
     assert files_holding(settings.data_dir, ZORBLAX_SECRETS) == {}
     remaining = files_holding(settings.data_dir, MIRELDA_SECRETS)
     assert any(path.startswith("artifacts/") for path in remaining) and "lethe.db" in remaining
-    assert any(path.startswith(f"artifacts/interim/{mirelda}/") for path in remaining)
     record = registry.targets.record(mirelda)
     for digest in [record.classifier["artifact"], *(record.mechanisms[m]["state"][k] for m, k in
                                                     [("guard", "artifact"), ("uld", "assistant"), ("o3", "adapter")])]:
@@ -312,3 +306,21 @@ def test_a_replica_reports_the_revision_it_serves_and_leaves_the_table_when_it_s
 
     assert asyncio.run(serve_briefly()) == [(control.reporter.id, control.registry.targets.revision())]
     assert control.registry.replicas.live(60) == []
+
+
+def test_a_replicas_interim_phrases_live_in_its_own_memory_folder_and_leave_with_their_target(tmp_path: Path) -> None:
+    """Interim phrases are written as snapshots load, by every replica: into a folder of its own (never the shared
+    artifacts volume, which may be full), removed with the target, with the replica, or after the replica was killed."""
+    dead = tmp_path / f"{LocalInterim.PREFIX}999999999-abc"  # a pid no process has: a replica killed earlier
+    dead.mkdir()
+    local = LocalInterim(tmp_path)
+    assert not dead.exists() and local.root.parent == tmp_path
+    for target_id in ("tgt_a", "tgt_b"):
+        store = interim_store(local.root, target_id)
+        staged = store.staging_dir()
+        (staged / "phrases.json").write_text('{"aliases": ["Zorblax Quenterfeld"]}')
+        store.commit(staged)
+    assert local.keep_only({"tgt_b"}) == ["tgt_a"]
+    assert files_holding(local.root, ["Zorblax"]) and not interim_dir(local.root, "tgt_a").exists()
+    local.close()
+    assert not local.root.exists()

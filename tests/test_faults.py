@@ -229,6 +229,8 @@ def test_kill_9_of_server_mid_stream_and_mid_training_then_of_a_worker_mid_train
     registry = Registry.open(make_engine(postgres.url))
     model = model_of(first_server)
     with admin_client(first_server) as admin:
+        guarded_id = register(admin, FORGET01[0], {"guard": {}}, name="fault-kill-guarded")
+        wait_until(lambda: served(admin, guarded_id), 300, "the guarded target is served")
         training_id = register(admin, FORGET01[1], {"uld": {}}, name="fault-training")
         job_id = next(job["id"] for job in admin.get(f"/targets/{training_id}").json()["jobs"]
                       if job["kind"] != "fit_classifier")
@@ -267,14 +269,15 @@ def test_kill_9_of_server_mid_stream_and_mid_training_then_of_a_worker_mid_train
                 workers[-1].wait()
         with admin_client(server) as admin:
             assert {target["id"] for target in admin.get("/targets").json()["data"]} == committed
-            outage_target = next(t["id"] for t in admin.get("/targets").json()["data"] if t["name"] == "fault-outage")
             reply = ask(server, model_of(server), naming_question(FORGET01[0]))
             assert reply.status_code == 200
             record = wait_until(lambda: next((r for r in admin.get("/audit", params={"limit": 50}).json()["data"]
                                               if r["request_id"] == reply.json()["id"]), None), 10, "audited")
-            assert outage_target in record["targets"]
+            assert guarded_id in record["targets"]
             for target_id in committed:
-                admin.delete(f"/targets/{target_id}")
+                deleted = admin.delete(f"/targets/{target_id}")
+                assert deleted.status_code == 200, deleted.text
+        print("job after delete:", registry.jobs.get(job_id))
         wait_until(lambda: job_ended(registry, job_id), 60, "deleting the target stops the recovered training")
     finally:
         for worker in workers:

@@ -7,7 +7,7 @@ reads ``holder.current`` once and keeps that snapshot to the end, so a concurren
 Every registered target is in the snapshot, from the revision that created it to the one that deleted it: a target
 whose classifier is not fitted (queued, or failed) is in the bank by its aliases alone, and every target that is not
 yet ``active`` carries its interim protection, computed here from its record without any job (and stored in the
-target's own interim folder, ``interim_factory``, for the engine to read), for the planner to apply when none of its
+target's own interim folder in the replica's memory, ``interim_factory``, for the engine to read), for the planner to apply when none of its
 own gated mechanisms is ready.
 
 A reload loads per target (``readable.py``): an artifact this replica cannot read degrades its own target, and every
