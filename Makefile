@@ -38,6 +38,7 @@ bench: install
 	$(BIN)/python bench/classifier_latency.py
 	$(BIN)/python bench/registry_propagation.py
 	$(BIN)/python bench/unprotected_window.py --rounds 3
+	$(BIN)/python bench/load.py --seconds 60
 	$(BIN)/python bench/summary.py
 
 clean:

@@ -27,6 +27,7 @@ BENCHMARKS = {
     "classifier_latency": "Classifier latency by number of targets",
     "registry_propagation": "Registry propagation delay",
     "unprotected_window": "Unprotected window: a new target behind a training job",
+    "load": "Load: 64 streaming clients, resident memory before and after",
     "detection_scale": "The gate's recall and false positives as targets accumulate",
 }
 
