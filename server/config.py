@@ -119,7 +119,9 @@ class Settings(BaseSettings):
     embedding_model: str | None = Field(
         None, description="sentence-transformers model dir for the classifiers; unset: the packaged MiniLM."
     )
-    registry_poll_s: float = Field(0.5, gt=0, description="How often a replica checks the registry revision.")
+    registry_poll_s: float = Field(
+        0.25, gt=0, description="How often a replica checks the registry revision (one indexed row)."
+    )
     embedded_worker: bool = Field(
         True, description="Run the job workers (one thread per job lane) inside `lethe serve`.")
     job_stale_after_s: float = Field(

@@ -160,7 +160,7 @@ def admin(lethe_server: RunningServer) -> Iterator[httpx.Client]:
 
 def remove_targets(admin: httpx.Client, target_ids: list[str]) -> None:
     """Delete a module's targets and wait until the server serves the registry without them: the next module's
-    requests must not meet a target that is deleted but still in the served snapshot (the poll takes up to 0.5 s)."""
+    requests must not meet a target that is deleted but still in the served snapshot (the poll takes up to 0.25 s)."""
     revision = 0
     for target_id in target_ids:
         response = admin.delete(f"/targets/{target_id}")

@@ -56,9 +56,14 @@ class AssistantWarmup:
         """Have the engine load ``assistants`` (and only keep those for sure); wait up to ``wait_s`` for the ones new
         to this snapshot while the engine answers, then let a background thread follow the rest. Returns itself: the
         snapshot's live view."""
+        wanted = tuple(dict.fromkeys(assistants))
         with self._lock:
-            new = set(assistants) - set(self._wanted)
-            self._wanted = tuple(dict.fromkeys(assistants))
+            new = set(wanted) - set(self._wanted)
+            changed, self._wanted = wanted != self._wanted, wanted
+        if not new:  # nothing to wait for: a snapshot without new assistants never waits on an engine round trip
+            if changed:  # the engine may let go of the dropped ones: tell it off the snapshot's path
+                threading.Thread(target=self.poll, name="lethe-uld-release", daemon=True).start()
+            return self
         deadline = time.monotonic() + self._wait_s
         while self.poll() and not new <= self._loaded:  # an engine that does not answer is not waited for
             if time.monotonic() >= deadline:
