@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from guards.base import DERIVED_MEMBERS
-from server.artifacts import STAGING_PREFIX
+from server.artifacts import STAGING_PREFIX, subfolders
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class ArtifactCollector:
         """Delete staging folders of jobs that are over (``open_jobs`` says which of some job ids still run or wait),
         job-less ones untouched for ``staging_grace_s``, and old trash."""
         cutoff = (time.time() if now is None else now) - self._staging_grace_s
-        leftovers = [path for folder in (self.root, *self._namespaces()) for path in _children(folder)
+        leftovers = [path for folder in (self.root, *self._namespaces()) for path in subfolders(folder)
                      if path.name.startswith((STAGING_PREFIX, TRASH_PREFIX))]
         owners = {path: match.group(1) for path in leftovers if (match := JOB_STAGING.match(path.name))}
         running = open_jobs(sorted(set(owners.values()))) if owners else set()
@@ -89,11 +89,11 @@ class ArtifactCollector:
         return removed
 
     def _unreferenced(self, referenced: set[str]) -> Iterator[Path]:
-        for path in _children(self.root):
+        for path in subfolders(self.root):
             if DIGEST_NAME.fullmatch(path.name) and path.name not in referenced:
                 yield path
         for namespace in self._namespaces():
-            for path in _children(namespace):
+            for path in subfolders(namespace):
                 if not path.name.startswith(".") and not _members(path) <= referenced:
                     yield path
 
@@ -125,13 +125,6 @@ class ArtifactCollector:
             logger.error("erasure.remove_failed", extra={"path": path.relative_to(self.root).as_posix()})
             return False
         return True
-
-
-def _children(folder: Path) -> list[Path]:
-    try:
-        return [path for path in folder.iterdir() if path.is_dir() and not path.is_symlink()]
-    except FileNotFoundError:
-        return []
 
 
 def _abandoned(path: Path, owner: str | None, running: set[str], cutoff: float) -> bool:

@@ -22,6 +22,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import psutil
+
 INTERIM_DIR = "interim"
 _TARGET_ID = re.compile(r"[A-Za-z0-9_-]+")
 STAGING_PREFIX = ".staging-"
@@ -123,7 +125,7 @@ class LocalInterim:
     def keep_only(self, target_ids: set[str] | frozenset[str]) -> list[str]:
         """Remove the folders of targets not in ``target_ids``; returns their ids."""
         removed = []
-        for folder in _children(self.root / INTERIM_DIR):
+        for folder in subfolders(self.root / INTERIM_DIR):
             if folder.name not in target_ids:
                 shutil.rmtree(folder, ignore_errors=True)
                 removed.append(folder.name)
@@ -133,25 +135,17 @@ class LocalInterim:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def _children(folder: Path) -> list[Path]:
+def subfolders(folder: Path) -> list[Path]:
+    """The directories directly in ``folder`` (none if it does not exist); symlinks are never followed, so removing
+    what this lists cannot reach outside the store."""
     try:
-        return list(folder.iterdir())
+        return [path for path in folder.iterdir() if path.is_dir() and not path.is_symlink()]
     except FileNotFoundError:
         return []
 
 
 def _remove_dead_replicas_folders(parent: Path, prefix: str) -> None:
-    for folder in _children(parent):
+    for folder in subfolders(parent):
         pid = folder.name.removeprefix(prefix).split("-", 1)[0]
-        if folder.name.startswith(prefix) and pid.isdigit() and not _alive(int(pid)):
+        if folder.name.startswith(prefix) and pid.isdigit() and not psutil.pid_exists(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
