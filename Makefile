@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 EXTRA ?= cpu
 PYTEST_ARGS ?=
 
-.PHONY: install serve test demo-model bench clean
+.PHONY: install serve test demo-model bench deploy-test clean
 
 install: $(STAMP)
 
@@ -40,6 +40,11 @@ bench: install
 	$(BIN)/python bench/unprotected_window.py --rounds 3
 	$(BIN)/python bench/load.py --seconds 60
 	$(BIN)/python bench/summary.py
+
+# Builds the images and runs the compose stack end to end (docs/deployment.md): root, Docker, ~25 min on 2 cores.
+# Not part of `make test`; run it before every change to Dockerfile or deploy/.
+deploy-test: install
+	$(BIN)/python deploy/stack_test.py
 
 clean:
 	rm -rf $(VENV)
