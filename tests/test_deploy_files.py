@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import tomllib
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -78,6 +79,15 @@ def test_the_image_caches_dependencies_before_the_source_and_keeps_state_on_its_
     assert "ARG BASE=python:3.11-slim-bookworm" in dockerfile and "ARG VARIANT=cpu" in builder
     assert "ca-certificates.crt" not in dockerfile, "the CA bundle comes in as a build secret only"
     assert "/health/ready" in runtime
+    assert "pip uninstall -y torchvision torchaudio torchcodec" in builder
+
+
+def test_the_image_copies_every_package_directory() -> None:
+    copied = set(re.findall(r"^COPY (\S+) ", (ROOT / "Dockerfile").read_text(), re.MULTILINE))
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    for pattern in packages["include"]:
+        directory = pattern.rstrip("*")
+        assert directory in copied, f"{directory}/ is packaged but not copied into the image"
 
 
 def test_the_shell_entrypoints_parse() -> None:

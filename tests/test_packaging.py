@@ -1,4 +1,5 @@
-"""Static checks of what cannot run here: the container recipe, the docs' settings table, the set-up commands."""
+"""Static checks of the packaging: the docs' settings table, the set-up commands, the package layout (the container
+recipe: tests/test_deploy_files.py)."""
 
 from __future__ import annotations
 
@@ -13,41 +14,6 @@ import pytest
 from server.config import settings_table
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _dockerfile_instructions() -> list[tuple[str, str]]:
-    text = (REPO / "Dockerfile").read_text().replace("\\\n", " ")
-    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
-    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1] if " " in line else "") for line in lines]
-
-
-def test_dockerfile_runs_lethe_as_non_root_with_a_health_check() -> None:
-    instructions = _dockerfile_instructions()
-    kinds = [kind for kind, _ in instructions]
-    assert kinds[0] in ("ARG", "FROM") and "FROM" in kinds
-    users = [arg for kind, arg in instructions if kind == "USER"]
-    assert users and users[-1] not in ("root", "0")
-    assert ("EXPOSE", "8000") in instructions
-    healthcheck = next(arg for kind, arg in instructions if kind == "HEALTHCHECK")
-    assert "/health" in healthcheck
-    assert ("ENTRYPOINT", '["lethe"]') in instructions
-
-
-def test_dockerfile_builds_cpu_by_default_and_gpu_by_build_arg() -> None:
-    instructions = _dockerfile_instructions()
-    assert ("ARG", "VARIANT=cpu") in instructions
-    install = " ".join(arg for kind, arg in instructions if kind == "RUN" and "pip install" in arg)
-    assert '".[gpu]"' in install and '".[cpu]"' in install
-    assert "pip uninstall -y torchvision torchaudio torchcodec" in install
-
-
-def test_dockerfile_copies_every_package_directory() -> None:
-    copied = {arg.split()[0] for kind, arg in _dockerfile_instructions() if kind == "COPY"}
-    packages = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
-    for pattern in packages["include"]:
-        directory = pattern.rstrip("*")
-        assert directory in copied, f"{directory}/ is packaged but not copied into the image"
-        assert (REPO / directory).is_dir()
 
 
 def _pyproject() -> dict:
