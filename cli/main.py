@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from cli.admin import cmd_jobs, cmd_targets
 from cli.demo_model import cmd_demo_model
 from cli.eval import cmd_eval
+from cli.migrate import cmd_migrate
 from cli.serve import cmd_serve, cmd_worker
 from server.config import Settings, get_settings
 from server.logs import configure_logging
@@ -98,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     tofu.add_argument("--out", default="eval-results", help="directory for the JSON, markdown and PNG")
     tofu.add_argument("--json", help="write the JSON here instead")
     tofu.set_defaults(handler=cmd_eval)
+
+    migrate = commands.add_parser("migrate", help="bring the registry database (LETHE_DATABASE_URL) to the newest "
+                                                  "schema and exit (every replica also does at start)")
+    migrate.set_defaults(handler=cmd_migrate)
 
     settings = commands.add_parser("settings", help="print the LETHE_* settings table (markdown)")
     settings.set_defaults(handler=cmd_settings)

@@ -25,6 +25,7 @@ from server.body_limit import BodyLimitMiddleware
 from server.config import Settings
 from server.engine import Engine
 from server.errors import AuthenticationFailed, InvalidRequest, LetheError, NotFound, RegistryUnavailable
+from server.health import readiness
 from server.metrics import Metrics
 from server.openai import router as openai_router
 from server.openai.limits import RequestLimits
@@ -171,7 +172,8 @@ def create_app(
 
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:
-        """200 while the engine is alive (the orchestrator's single probe, as vLLM's own server has it)."""
+        """200 while the engine is alive: the single probe of vLLM's own server and Docker's ``HEALTHCHECK``, kept a
+        liveness probe (restarting a replica because its registry is behind would not help it)."""
         if not _engine_alive(request):
             return JSONResponse({"status": "unavailable"}, status_code=503)
         return JSONResponse({"status": "ok"})
@@ -186,13 +188,11 @@ def create_app(
 
     @app.get("/health/ready")
     async def ready(request: Request) -> JSONResponse:
-        """Readiness: the engine is alive and a registry snapshot is loaded, so every request can be guarded."""
+        """Readiness (``server.health.readiness``): the engine is alive and the registry snapshot can be trusted."""
         snapshots = getattr(request.app.state, "snapshots", None)
-        if not _engine_alive(request):
-            return JSONResponse({"status": "unavailable", "reason": "engine"}, status_code=503)
-        if snapshots is None or not snapshots.current.loaded:
-            return JSONResponse({"status": "unavailable", "reason": "registry"}, status_code=503)
-        return JSONResponse({"status": "ok"})
+        decision = readiness(_engine_alive(request), snapshots.health() if snapshots is not None else None,
+                             request.app.state.settings.registry_max_staleness_s)
+        return JSONResponse(decision.body(), status_code=200 if decision.ready else 503)
 
     @app.get("/metrics")
     async def prometheus_metrics(request: Request) -> Response:

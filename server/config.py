@@ -122,6 +122,11 @@ class Settings(BaseSettings):
     registry_poll_s: float = Field(
         0.25, gt=0, description="How often a replica checks the registry revision (one indexed row)."
     )
+    registry_max_staleness_s: float = Field(
+        30.0, gt=0, description="`/health/ready` answers 503 once this replica's reloads fail while the registry "
+        "answers (it cannot load what other replicas serve) and its snapshot was last confirmed current longer ago "
+        "than this; with the registry unreachable it stays ready, `degraded`.",
+    )
     embedded_worker: bool = Field(
         True, description="Run the job workers (one thread per job lane) inside `lethe serve`.")
     job_stale_after_s: float = Field(

@@ -262,10 +262,11 @@ class ControlPlane:
             await asyncio.sleep(retry.delay)
 
     async def start_snapshots(self) -> None:
-        """Report every snapshot swap and failed reload in the metrics, and load a first snapshot. A first load that
-        fails does not stop the start (the watch retries it); the replica is not ready and serves no request until
-        one is loaded (``/health/ready``, ``pipeline``)."""
+        """Report every snapshot swap, failed reload and the snapshot's staleness in the metrics, and load a first
+        snapshot. A first load that fails does not stop the start (the watch retries it); the replica is not ready
+        and serves no request until one is loaded (``/health/ready``, ``pipeline``)."""
         self.snapshots.on_swap.append(self._on_swap)
+        self.metrics.watch_registry(self.snapshots.health)
         self.snapshots.on_failure.append(lambda _: self.metrics.background_failures.labels("registry_reload").inc())
         if not await self.snapshots.reload():
             logger.error("registry.initial_load_failed", extra={"retry_s": self.settings.registry_poll_s})

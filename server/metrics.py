@@ -7,6 +7,7 @@ request path, would let any client add time series without end).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -54,6 +55,18 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64), registry=r,
         )
         self.registry_revision = Gauge("lethe_registry_revision", "Registry revision this replica serves.", registry=r)
+        self.registry_staleness = Gauge(
+            "lethe_registry_staleness_seconds", "Seconds since this replica last confirmed its registry snapshot "
+            "current (a poll that found the revision unchanged, or a swap), at scrape time.", registry=r,
+        )
+        self.registry_reachable = Gauge(
+            "lethe_registry_reachable", "0 while this replica's snapshot reloads fail because the registry database "
+            "is unreachable, else 1.", registry=r,
+        )
+        self.registry_load_failing = Gauge(
+            "lethe_registry_load_failing", "1 while the registry answers but this replica fails to build or load "
+            "its snapshot, else 0.", registry=r,
+        )
         self.jobs = Gauge("lethe_jobs", "Jobs in the registry by status.", ["status"], registry=r)
         self.targets_degraded = Gauge(
             "lethe_targets_degraded", "Targets whose classifier (or its refit) could not be fitted: detected by their "
@@ -91,6 +104,12 @@ class Metrics:
         for evidence, offset in asdict(calibration.offsets).items():
             self.gate_offset.labels(evidence).set(offset)
         self.gate_calibration_fpr.set(calibration.union_false_positive_rate)
+
+    def watch_registry(self, health: Callable[[], Any]) -> None:
+        """Read the registry gauges from ``health`` (``SnapshotHolder.health``) at each scrape."""
+        self.registry_staleness.set_function(lambda: health().staleness_s)
+        self.registry_reachable.set_function(lambda: float(health().reachable))
+        self.registry_load_failing.set_function(lambda: float(health().load_failing))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -170,6 +171,43 @@ def test_postgres_outage_under_load_keeps_serving_refuses_admin_writes_and_loses
             "every request served during the outage is audited once the database is back")
         assert audited
         assert admin.delete(f"/targets/{after.json()['id']}").status_code == 200
+
+
+def readiness(server: RunningServer) -> dict:
+    """The body of ``/health/ready``, which must answer 200 (a registry outage never takes a replica out)."""
+    probe = httpx.get(f"{server.base_url}/health/ready", timeout=10)
+    assert probe.status_code == 200, probe.text
+    return probe.json()
+
+
+def registry_gauge(server: RunningServer, name: str) -> float:
+    metrics = httpx.get(f"{server.base_url}/metrics", timeout=10).text
+    return float(re.search(rf"^{name} (\S+)$", metrics, re.MULTILINE).group(1))
+
+
+def test_a_postgres_outage_keeps_the_replica_ready_and_degraded_while_its_registry_staleness_grows(
+        first_server: RunningServer, postgres: PostgresServer) -> None:
+    wait_until(lambda: readiness(first_server)["registry"] == "current", 60, "the snapshot is current")
+    assert registry_gauge(first_server, "lethe_registry_reachable") == 1
+    postgres.stop("fast")
+    try:
+        down = wait_until(lambda: (body := readiness(first_server))["registry"] == "unreachable" and body, 30,
+                          "the replica sees the registry unreachable")
+        assert down["status"] == "degraded" and down["revision"] >= 0, down
+        assert registry_gauge(first_server, "lethe_registry_reachable") == 0
+        assert registry_gauge(first_server, "lethe_registry_load_failing") == 0
+        before = registry_gauge(first_server, "lethe_registry_staleness_seconds")
+        time.sleep(4)
+        later = readiness(first_server)
+        assert later["registry"] == "unreachable" and later["staleness_s"] >= down["staleness_s"] + 3, later
+        assert registry_gauge(first_server, "lethe_registry_staleness_seconds") >= before + 3
+    finally:
+        postgres.start()
+    back = wait_until(lambda: (body := readiness(first_server))["status"] == "ok" and body, 60,
+                      "the replica confirms its snapshot once PostgreSQL is back")
+    assert back["registry"] == "current" and back["staleness_s"] < 5, back
+    assert registry_gauge(first_server, "lethe_registry_reachable") == 1
+    assert registry_gauge(first_server, "lethe_registry_staleness_seconds") < 5
 
 
 # ---------------------------------------------------------------- the artifacts disk fills up

@@ -18,7 +18,7 @@ from server.config import Settings
 from server.control_plane import ControlPlane
 from server.metrics import Metrics
 from server.registry.models import JobRow
-from server.registry.snapshot import RegistrySnapshot
+from server.registry.snapshot import RegistryHealth
 from tests.test_jobs import add_target
 
 
@@ -93,7 +93,7 @@ class FakeEngine:
 
 def probe(app, path: str, engine: FakeEngine | None, snapshot_revision: int | None) -> int:
     app.state.engine = engine
-    app.state.snapshots = SimpleNamespace(current=RegistrySnapshot(revision=snapshot_revision)) \
+    app.state.snapshots = SimpleNamespace(health=lambda: RegistryHealth(snapshot_revision, 0.1, None)) \
         if snapshot_revision is not None else None
     return TestClient(app).get(path).status_code
 

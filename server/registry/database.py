@@ -3,6 +3,7 @@ counter that the targets store, the job queue and the audit log share, for SQLit
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import secrets
 from collections.abc import Iterator
@@ -13,7 +14,10 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, select, update
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import Connection, Engine, create_engine, event, select, text, update
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
 from server.registry.models import RegistryStateRow
@@ -29,6 +33,10 @@ SECURE_VACUUMED = 1  # SQLite ``user_version`` once the file was vacuumed with `
 REWRITTEN_TABLES = ("targets", "jobs")
 VACUUMED_TABLES = ("audit",)
 POSTGRES_VACUUM_LOCK_TIMEOUT = "5s"  # a full vacuum waits no longer for its lock (else retried at the next pass)
+MIGRATION_LOCK_KEY = 0x6C657468_656D6967  # PostgreSQL advisory lock key of the migrations ("lethemig" in ASCII)
+UNREACHABLE_ERRORS = (OperationalError, InterfaceError, PoolTimeout)
+"""What SQLAlchemy raises when the database is down or unreachable (refused, timed out, connection lost, pool
+exhausted), as opposed to a query it answered with an error."""
 
 
 def make_engine(url: str) -> Engine:
@@ -58,14 +66,49 @@ def make_engine(url: str) -> Engine:
                          pool_timeout=POOL_TIMEOUT_S, connect_args={"connect_timeout": CONNECT_TIMEOUT_S})
 
 
-def upgrade_database(engine: Engine) -> None:
-    """Bring the schema to the newest migration; safe to call from every replica at start."""
+def upgrade_database(engine: Engine) -> str | None:
+    """Bring the schema to the newest migration and return its revision; safe to call from every replica at once.
+
+    Replicas that start together take turns: on PostgreSQL under a session-level advisory lock held on the migrating
+    connection, on SQLite under an exclusive ``flock`` of ``<database file>.migrate.lock`` (an in-memory database has
+    no other user). Whoever comes second finds the schema at head and has nothing to do.
+    """
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
-    with engine.begin() as connection:
-        config.attributes["connection"] = connection
-        command.upgrade(config, "head")
-    logger.info("registry.migrated", extra={"backend": engine.dialect.name})
+    with _migration_lock(engine) as connection:
+        with connection.begin():
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+        revision = MigrationContext.configure(connection).get_current_revision()
+        connection.commit()
+    logger.info("registry.migrated", extra={"backend": engine.dialect.name, "schema_revision": revision})
+    return revision
+
+
+@contextmanager
+def _migration_lock(engine: Engine) -> Iterator[Connection]:
+    """A connection held alone, among every process migrating this database, until the block ends."""
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as connection:
+            connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+            connection.commit()
+            try:
+                yield connection
+            finally:
+                if not connection.invalidated:  # a lost connection's session, and its lock, are gone already
+                    connection.rollback()
+                    connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK_KEY})
+                    connection.commit()
+        return
+    database = engine.url.database if engine.dialect.name == "sqlite" else None
+    if not database or database == ":memory:" or database.startswith("file:"):
+        with engine.connect() as connection:
+            yield connection
+        return
+    with open(f"{database}.migrate.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        with engine.connect() as connection:
+            yield connection
 
 
 def utcnow() -> datetime:

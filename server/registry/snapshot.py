@@ -7,13 +7,16 @@ reads ``holder.current`` once and keeps that snapshot to the end, so a concurren
 Every registered target is in the snapshot, from the revision that created it to the one that deleted it: a target
 whose classifier is not fitted (queued, or failed) is in the bank by its aliases alone, and every target that is not
 yet ``active`` carries its interim protection, computed here from its record without any job (and stored in the
-target's own interim folder in the replica's memory, ``interim_factory``, for the engine to read), for the planner to apply when none of its
-own gated mechanisms is ready.
+target's own interim folder in the replica's memory, ``interim_factory``, for the engine to read), for the planner to
+apply when none of its own gated mechanisms is ready.
 
 A reload loads per target (``readable.py``): an artifact this replica cannot read degrades its own target, and every
-other target, new registration and delete still applies. A reload that fails as a whole (the database unreachable)
-keeps the last snapshot serving and is retried with a backoff; until a first snapshot is loaded (``loaded``), the
-replica is not ready and serves nothing.
+other target, new registration and delete still applies. A reload that fails as a whole keeps the last snapshot
+serving and is retried with a backoff; until a first snapshot is loaded (``loaded``), the replica is not ready and
+serves nothing. The holder tells the two ways a reload fails apart (``health``): the registry unreachable
+(``UNREACHABLE``: every replica is then in the same place) or the registry answering while this replica fails to build
+its snapshot (``LOAD_FAILED``: others may serve what it cannot), and how long ago it last confirmed its snapshot
+current; ``server/health.py`` decides readiness from that.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Any
 from guards.base import InterimGuard, TargetEntry
 from server.artifacts import interim_store
 from server.backoff import Backoff
+from server.registry.database import UNREACHABLE_ERRORS
 from server.registry.readable import CLASSIFIER, ArtifactChecker, ClassifierCheck, degrade, describe
 from server.registry.records import TargetRecord
 from server.registry.targets import TargetStore
@@ -45,6 +49,33 @@ Sharer = Callable[[list[TargetEntry]], Any]
 """A mechanism's ``share``: per-snapshot resources from every target that enables it."""
 InterimFactory = Callable[[TargetRecord], Any]
 """``guards.base.InterimGuard.prepare``: a target's interim protection, from its record alone (``interim_factory``)."""
+
+
+UNREACHABLE = "unreachable"
+"""A reload failed reading the registry: the database is down or unreachable (``UNREACHABLE_ERRORS``)."""
+LOAD_FAILED = "load_failed"
+"""A reload failed otherwise: the registry answered, and this replica could not build or load the snapshot."""
+
+
+@dataclass(frozen=True)
+class RegistryHealth:
+    """How current a replica's snapshot is, from what the holder already knows (no query)."""
+
+    revision: int  # of the snapshot served; -1 before the first is loaded
+    staleness_s: float  # since the snapshot was last confirmed current (before any confirmation: since the start)
+    failure: str | None  # the kind of the current run of failed reloads (UNREACHABLE, LOAD_FAILED), None if none
+
+    @property
+    def loaded(self) -> bool:
+        return self.revision >= 0
+
+    @property
+    def reachable(self) -> bool:
+        return self.failure != UNREACHABLE
+
+    @property
+    def load_failing(self) -> bool:
+        return self.failure == LOAD_FAILED
 
 
 def interim_factory(interim: InterimGuard, artifacts_root: Path) -> InterimFactory:
@@ -89,7 +120,8 @@ class SnapshotHolder:
     def __init__(self, targets: TargetStore, artifact_path: Callable[[str], Path], bank_factory: BankFactory,
                  poll_s: float, gate_factory: GateBankFactory | None = None,
                  interim: InterimFactory | None = None, negatives: Callable[[], list[str]] = list,
-                 classifier_check: ClassifierCheck | None = None, max_backoff_s: float = 30.0) -> None:
+                 classifier_check: ClassifierCheck | None = None, max_backoff_s: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._targets = targets
         self._negatives = negatives
         self._artifact_path = artifact_path
@@ -102,6 +134,9 @@ class SnapshotHolder:
         self._sharers: dict[str, Sharer] = {}
         self._rebuild = False  # the next refresh rebuilds even at the same revision (a forced one failed)
         self._failures = 0  # consecutive failed reloads
+        self._clock = clock
+        self._confirmed_at = clock()  # when a refresh last found the snapshot current, or swapped one in
+        self.failure: str | None = None  # UNREACHABLE or LOAD_FAILED while reloads fail
         self.current = RegistrySnapshot(revision=-1)
         self.on_swap: list[Callable[[RegistrySnapshot], None]] = []
         self.on_failure: list[Callable[[BaseException], None]] = []
@@ -186,9 +221,12 @@ class SnapshotHolder:
 
     def refresh(self, force: bool = False) -> bool:
         """Swap in a new snapshot if the revision moved (or ``force``, or a forced refresh failed before); True if it
-        did (blocking). Raises if the registry cannot be read at all: the current snapshot then stays."""
+        did (blocking). Raises if the registry cannot be read at all: the current snapshot then stays. A call that
+        returns confirms the snapshot current as of its start (``health``)."""
+        started = self._clock()
         force = force or self._rebuild
         if not force and self._targets.revision() == self.current.revision:
+            self._confirmed_at = started
             return False
         self._rebuild = force
         snapshot = self.load()
@@ -199,20 +237,27 @@ class SnapshotHolder:
                                                     "unreadable": len(snapshot.unreadable)})
             for callback in self.on_swap:
                 callback(snapshot)
+        self._confirmed_at = started
         return True
 
+    def health(self) -> RegistryHealth:
+        return RegistryHealth(self.current.revision, max(0.0, self._clock() - self._confirmed_at), self.failure)
+
     async def reload(self, force: bool = False) -> bool:
-        """``refresh`` off the event loop, never raising: a failure is logged (once per run of failures, with its
-        trace), reported to ``on_failure`` and left to the next try. True if the snapshot is current."""
+        """``refresh`` off the event loop, never raising: a failure is logged (with its trace once per run of failures
+        of one kind, ``UNREACHABLE`` or ``LOAD_FAILED``), reported to ``on_failure`` and left to the next try. True if
+        the snapshot is current."""
         try:
             await asyncio.to_thread(self.refresh, force)
         except Exception as exc:
             self._failures += 1
-            if self._failures == 1:
-                logger.exception("registry.reload_failed", extra={"serving_revision": self.current.revision})
+            failure, self.failure = self.failure, UNREACHABLE if isinstance(exc, UNREACHABLE_ERRORS) else LOAD_FAILED
+            if failure != self.failure:  # the first of a run, or another kind of failure: with its trace
+                logger.exception("registry.reload_failed", extra={"serving_revision": self.current.revision,
+                                                                  "failure": self.failure})
             else:
                 logger.warning("registry.reload_failed", extra={"serving_revision": self.current.revision,
-                                                                "error": type(exc).__name__,
+                                                                "error": type(exc).__name__, "failure": self.failure,
                                                                 "failures": self._failures})
             for callback in self.on_failure:
                 callback(exc)
@@ -221,6 +266,7 @@ class SnapshotHolder:
             logger.info("registry.reload_recovered", extra={"failures": self._failures,
                                                             "revision": self.current.revision})
         self._failures = 0
+        self.failure = None
         return True
 
     async def watch(self) -> None:
