@@ -2,7 +2,7 @@
 
 Everything Lethe asks of vLLM goes through ``Engine``: startup with the options unlearning needs (prompt embeddings for
 ECO, LoRA for O3, the Lethe logits processor for GUARD/ULD, *processed* logprobs so that returned probabilities are the
-guarded ones) and the operator's own (``engine_args``), generation, abort, and liveness.
+guarded ones) and the operator's own (``engine_args``), vLLM's Prometheus metrics, generation, abort, and liveness.
 vLLM's EngineCore runs in child processes; if it dies the engine can never recover, so ``Engine`` reports it and the
 server exits non-zero for the orchestrator to restart it.
 """
@@ -60,7 +60,7 @@ LETHE_ENGINE_ARGS = {
     "worker_extension_cls": "Lethe sets its own (it loads the mechanisms' artifacts)",
     "logprobs_mode": "Lethe returns processed logprobs: the guarded ones",
     "max_logprobs": "Lethe's API bounds logprobs itself",
-    "disable_log_stats": "Lethe decides vLLM's stat logging",
+    "disable_log_stats": "Lethe exports vLLM's metrics on /metrics and logs no stats",
 }
 
 
@@ -140,6 +140,8 @@ def engine_args(settings: Settings, model_path: Path, served_model_name: str) ->
         logits_processors=[LOGITS_PROCESSOR],
         worker_extension_cls=WORKER_EXTENSION,
         logprobs_mode="processed_logprobs",
+        # Off: vLLM's default stat loggers (its periodic stats line). `Engine.start` hands the AsyncLLM its Prometheus
+        # logger alone, which turns the engine's stats back on; /metrics exports what it records.
         disable_log_stats=True,
         **chosen,
     )
@@ -158,6 +160,7 @@ class Engine:
     def start(self) -> None:
         """Build the AsyncLLM (blocks for the engine start, ~30 s on CPU)."""
         from vllm.v1.engine.async_llm import AsyncLLM
+        from vllm.v1.metrics.loggers import PrometheusStatLogger
 
         if _is_cpu_platform():
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self._settings.kv_cache_gib)
@@ -165,7 +168,8 @@ class Engine:
             # The V2 model runner rejects V1-interface logits processors (VLLM_NOTES §1).
             os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
         logger.info("engine.starting", extra={"model": str(self._model_path)})
-        self._llm = AsyncLLM.from_engine_args(engine_args(self._settings, self._model_path, self._served_model_name))
+        self._llm = AsyncLLM.from_engine_args(engine_args(self._settings, self._model_path, self._served_model_name),
+                                              stat_loggers=[PrometheusStatLogger])
         logger.info("engine.started", extra={"max_model_len": self.info.max_model_len})
 
     @property
