@@ -12,7 +12,7 @@ from cli.admin import cmd_jobs, cmd_targets
 from cli.demo_model import cmd_demo_model
 from cli.eval import cmd_eval
 from cli.migrate import cmd_migrate
-from cli.serve import cmd_serve, cmd_worker
+from cli.serve import add_serve_arguments, cmd_serve, cmd_worker
 from server.config import Settings, get_settings
 from server.logs import configure_logging
 
@@ -46,10 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the OpenAI-compatible server")
-    serve.add_argument("--model", help="HF model directory (default: the TinyTOFU demo model, built if absent)")
-    serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
-    serve.add_argument("--demo-variant", choices=["full", "tiny"], help="demo model variant when --model is unset")
+    add_serve_arguments(serve)
     serve.set_defaults(handler=cmd_serve)
 
     demo = commands.add_parser("demo-model", help="build or locate the TinyTOFU demo model")
@@ -109,9 +106,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line as ``parser`` reads it, but for the words after ``--``: ``lethe serve``'s vLLM engine
+    arguments (``engine_args``), which vLLM's own parser reads."""
+    words = sys.argv[1:] if argv is None else list(argv)
+    cut = words.index("--") if "--" in words else len(words)
+    args = parser.parse_args(words[:cut])
+    if cut < len(words):
+        if args.command != "serve":
+            parser.error("only `lethe serve` takes arguments after `--` (vLLM engine arguments)")
+        args.engine_args = words[cut + 1:]
+    return args
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     if args.command == "targets" and (args.action == "add") != bool(args.file):
         parser.error("`targets add` needs --file, and only `add` takes it")
     if args.command == "targets" and args.action in ("show", "rm") and not args.ref:

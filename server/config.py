@@ -1,11 +1,12 @@
 """Every ``LETHE_*`` setting, typed and defaulted, in one place.
 
 Nothing else in Lethe reads ``os.environ`` for its own configuration; the README's settings table is checked against
-this class by ``tests/test_config.py``.
+this class by ``tests/test_packaging.py``.
 """
 
 from __future__ import annotations
 
+import shlex
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -15,6 +16,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 MIN_ADMIN_KEY_CHARS = 16
+# The settings that are vLLM engine arguments of the same name and meaning (and `lethe serve` flags).
+ENGINE_SETTINGS = ("served_model_name", "max_model_len", "dtype", "tensor_parallel_size", "gpu_memory_utilization",
+                   "max_num_seqs", "enforce_eager")
 STOP_GRACE_S = 20  # after LETHE_SHUTDOWN_TIMEOUT_S: the lifespan's own stop (job workers, engine), then a hard exit
 
 
@@ -59,6 +63,17 @@ class Settings(BaseSettings):
         64, description="Largest LoRA rank vLLM reserves room for (O3 stacks one rank-8 block per target)."
     )
     enforce_eager: bool = Field(True, description="Skip CUDA-graph / torch.compile capture (faster start).")
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="GPUs the model is split across (vLLM's tensor parallelism).")
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description="Share of GPU memory vLLM may use (on CPU: of host RAM, unused while "
+                                      "`LETHE_KV_CACHE_GIB` sizes the cache); unset: vLLM's default.",
+    )
+    engine_args: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Other vLLM engine arguments, as `vllm serve` takes them (`--enable-prefix-caching "
+                    "--max-num-batched-tokens 4096`); `lethe serve MODEL -- ARGS` adds to them.",
+    )
     request_timeout_s: float = Field(
         600.0, gt=0, description="A request still generating after this long is aborted with 504."
     )
@@ -192,6 +207,11 @@ class Settings(BaseSettings):
             raise ValueError("LETHE_MAX_CONNECTIONS must be above LETHE_MAX_CONCURRENT_REQUESTS")
         return self
 
+    @field_validator("engine_args", mode="before")
+    @classmethod
+    def _split_words(cls, value: object) -> object:
+        return shlex.split(value) if isinstance(value, str) else value
+
     @field_validator("api_keys", "default_mechanisms", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
@@ -227,7 +247,7 @@ def settings_table() -> str:
     for name, field in Settings.model_fields.items():
         if field.default_factory is not None:
             default = {"api_keys": "empty", "cache_dir": "`~/.cache/lethe`", "data_dir": "`~/.local/share/lethe`",
-                       "default_mechanisms": "`eco,guard`"}[name]
+                       "default_mechanisms": "`eco,guard`", "engine_args": "empty"}[name]
         elif field.default is None:
             default = "unset"
         else:

@@ -2,22 +2,25 @@
 
 Everything Lethe asks of vLLM goes through ``Engine``: startup with the options unlearning needs (prompt embeddings for
 ECO, LoRA for O3, the Lethe logits processor for GUARD/ULD, *processed* logprobs so that returned probabilities are the
-guarded ones), generation, abort, and liveness. vLLM's EngineCore runs in child processes; if it dies the engine can
-never recover, so ``Engine`` reports it and the server exits non-zero for the orchestrator to restart it.
+guarded ones) and the operator's own (``engine_args``), vLLM's Prometheus metrics, generation, abort, and liveness.
+vLLM's EngineCore runs in child processes; if it dies the engine can never recover, so ``Engine`` reports it and the
+server exits non-zero for the orchestrator to restart it.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from guards.mechanisms import MECHANISMS
-from server.config import Settings
+from server.config import ENGINE_SETTINGS, Settings
 from server.errors import EngineUnavailable, InvalidRequest
 
 logger = logging.getLogger(__name__)
@@ -45,20 +48,87 @@ def _is_cpu_platform() -> bool:
     return current_platform.is_cpu()
 
 
-def _engine_args(settings: Settings, model_path: Path) -> Any:
+# vLLM engine arguments Lethe sets itself, refused among the operator's (`lethe serve -- ...`, LETHE_ENGINE_ARGS).
+LETHE_ENGINE_ARGS = {
+    "model": "give the model as `lethe serve MODEL` (or --model, LETHE_MODEL)",
+    "tokenizer": "Lethe uses the model directory's own tokenizer (its gate and ECO's embeddings read it)",
+    "enable_prompt_embeds": "Lethe turns it on (ECO sends prompt embeddings)",
+    "enable_lora": "Lethe turns it on (O3 serves LoRA adapters)",
+    "lora_target_modules": "Lethe sets them from the mechanisms' adapters",
+    "max_lora_rank": "set LETHE_MAX_LORA_RANK (O3 sizes its adapter stacks by it)",
+    "logits_processors": "Lethe sets its own (GUARD and ULD run in it)",
+    "worker_extension_cls": "Lethe sets its own (it loads the mechanisms' artifacts)",
+    "logprobs_mode": "Lethe returns processed logprobs: the guarded ones",
+    "max_logprobs": "Lethe's API bounds logprobs itself",
+    "disable_log_stats": "Lethe exports vLLM's metrics on /metrics and logs no stats",
+}
+
+
+class EngineArgsRefused(ValueError):
+    """An engine argument Lethe cannot pass through to vLLM."""
+
+
+@lru_cache(maxsize=1)
+def _vllm_parser() -> Any:
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser(prog="lethe serve", description="vLLM engine arguments, given after `--`.",
+                                    usage="lethe serve [MODEL] [options] -- [vLLM engine arguments]")
+    return AsyncEngineArgs.add_cli_args(parser)
+
+
+def parse_engine_args(words: Sequence[str]) -> dict[str, Any]:
+    """The ``AsyncEngineArgs`` fields that ``words`` set, read by vLLM's own parser as ``vllm serve`` reads them: its
+    names, types, errors (an argparse exit) and ``--help``. Only the arguments given; those Lethe sets itself raise
+    ``EngineArgsRefused``."""
+    import dataclasses
+
     from vllm.engine.arg_utils import AsyncEngineArgs
 
-    on_cpu = _is_cpu_platform()
+    if not words:
+        return {}
+    parser = _vllm_parser()
+    unset = object()  # a namespace that already has every name keeps argparse's defaults out of it
+    parsed = parser.parse_args(list(words), argparse.Namespace(**{action.dest: unset for action in parser._actions}))
+    given = {name: value for name, value in vars(parsed).items() if value is not unset}
+    options = {action.dest: action.option_strings[0] for action in parser._actions if action.option_strings}
+    fields = {field.name for field in dataclasses.fields(AsyncEngineArgs)}
+    for name in given:
+        option = options.get(name, name)
+        if name in LETHE_ENGINE_ARGS:
+            raise EngineArgsRefused(f"{option} is not accepted among vLLM's engine arguments: "
+                                    f"{LETHE_ENGINE_ARGS[name]}")
+        if name in ENGINE_SETTINGS:
+            raise EngineArgsRefused(f"{option} is a `lethe serve` option (LETHE_{name.upper()}): give it before `--`")
+        if name not in fields:
+            raise EngineArgsRefused(f"{option} is not an argument of vLLM's AsyncEngineArgs")
+    return given
+
+
+def engine_args(settings: Settings, model_path: Path, served_model_name: str) -> Any:
+    """vLLM's ``AsyncEngineArgs``, from one place: what unlearning needs, the engine settings (which `lethe serve`'s
+    flags override) and the other engine arguments (``LETHE_ENGINE_ARGS``, then the words after `lethe serve --`)."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
     dtype = settings.dtype
-    if dtype == "auto" and on_cpu:
+    if dtype == "auto" and _is_cpu_platform():
         dtype = "float32"  # bf16 kernels died with SIGILL on this CPU class (VLLM_NOTES §5)
+    chosen: dict[str, Any] = {
+        "served_model_name": served_model_name,  # the `model_name` label of vLLM's metrics: never the path on disk
+        "dtype": dtype,
+        "max_model_len": settings.max_model_len,
+        "max_num_seqs": settings.max_num_seqs,
+        "enforce_eager": settings.enforce_eager,
+        "tensor_parallel_size": settings.tensor_parallel_size,
+        "seed": 0,
+    }
+    if settings.gpu_memory_utilization is not None:
+        chosen["gpu_memory_utilization"] = settings.gpu_memory_utilization
+    chosen.update(parse_engine_args(settings.engine_args))
     return AsyncEngineArgs(
         model=str(model_path),
         tokenizer=str(model_path),
-        dtype=dtype,
-        max_model_len=settings.max_model_len,
-        max_num_seqs=settings.max_num_seqs,
-        enforce_eager=settings.enforce_eager,
         enable_prompt_embeds=True,
         enable_lora=True,
         max_lora_rank=settings.max_lora_rank,
@@ -70,8 +140,10 @@ def _engine_args(settings: Settings, model_path: Path) -> Any:
         logits_processors=[LOGITS_PROCESSOR],
         worker_extension_cls=WORKER_EXTENSION,
         logprobs_mode="processed_logprobs",
-        seed=0,
+        # Off: vLLM's default stat loggers (its periodic stats line). `Engine.start` hands the AsyncLLM its Prometheus
+        # logger alone, which turns the engine's stats back on; /metrics exports what it records.
         disable_log_stats=True,
+        **chosen,
     )
 
 
@@ -88,6 +160,7 @@ class Engine:
     def start(self) -> None:
         """Build the AsyncLLM (blocks for the engine start, ~30 s on CPU)."""
         from vllm.v1.engine.async_llm import AsyncLLM
+        from vllm.v1.metrics.loggers import PrometheusStatLogger
 
         if _is_cpu_platform():
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self._settings.kv_cache_gib)
@@ -95,7 +168,8 @@ class Engine:
             # The V2 model runner rejects V1-interface logits processors (VLLM_NOTES §1).
             os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
         logger.info("engine.starting", extra={"model": str(self._model_path)})
-        self._llm = AsyncLLM.from_engine_args(_engine_args(self._settings, self._model_path))
+        self._llm = AsyncLLM.from_engine_args(engine_args(self._settings, self._model_path, self._served_model_name),
+                                              stat_loggers=[PrometheusStatLogger])
         logger.info("engine.started", extra={"max_model_len": self.info.max_model_len})
 
     @property

@@ -1,19 +1,42 @@
-"""Prometheus metrics, all prefixed ``lethe_``, in a registry of their own (so tests can build several apps).
+"""Prometheus metrics: Lethe's, all prefixed ``lethe_``, in a registry of their own (so tests can build several apps),
+and vLLM's own ``vllm:*`` series beside them.
 
 ``/metrics`` is unauthenticated, so no label names a target (which targets exist, and which a prompt hit, would tell
 anyone who filed an erasure request) and every label takes a bounded set of values (an unbounded one, such as a raw
-request path, would let any client add time series without end).
+request path, would let any client add time series without end). vLLM's labels are the served model name, the engine
+index and bounded reasons; its one series that names LoRA adapters is left out (``VllmMetrics``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+VLLM_PREFIX = "vllm:"
+# Its labels list the LoRA adapters running and waiting: O3's stacks, one new series for each change of the registry.
+VLLM_LEFT_OUT = frozenset({"vllm:lora_requests_info"})
+
+
+class VllmMetrics(Collector):
+    """vLLM's metrics as they are at each scrape. vLLM's ``PrometheusStatLogger``, which ``Engine`` hands the AsyncLLM,
+    registers them in prometheus_client's global registry in this (the front-end) process and updates them from the
+    engine's stats; a new engine replaces them there."""
+
+    def __init__(self, source: CollectorRegistry = REGISTRY) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._source.collect():
+            if family.name.startswith(VLLM_PREFIX) and family.name not in VLLM_LEFT_OUT:
+                yield family
 
 
 @dataclass
@@ -22,6 +45,7 @@ class Metrics:
 
     def __post_init__(self) -> None:
         r = self.registry
+        r.register(VllmMetrics())
         self.requests = Counter(
             "lethe_requests", "Requests under /v1 by endpoint (route template, or `other`) and HTTP status.",
             ["endpoint", "status"], registry=r,

@@ -14,6 +14,7 @@ import httpx
 import openai
 import psutil
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from demo.tofu_data import authors_of, general_knowledge
 from tests.conftest import REPO, admin_headers, auth_headers, start_server, stop_server
@@ -122,6 +123,20 @@ def test_health_and_metrics_report_a_live_engine(http: httpx.Client, client: ope
     assert 'lethe_requests_total{endpoint="chat/completions",status="200"}' in metrics
     assert "lethe_time_to_first_token_seconds_count" in metrics
     assert "lethe_completion_tokens_total" in metrics
+
+
+def test_metrics_carry_vllms_own_series_beside_lethes(http: httpx.Client, client: openai.OpenAI,
+                                                     model_name: str) -> None:
+    client.completions.create(model=model_name, prompt="The", max_tokens=2)
+    text = http.get("/metrics").text
+    families = {family.name: family for family in text_string_to_metric_families(text)}  # valid exposition
+    assert "lethe_engine_up" in families and "vllm:num_requests_running" in families
+    prompt_tokens = families["vllm:prompt_tokens"].samples
+    assert prompt_tokens and all(sample.labels["model_name"] == model_name for sample in prompt_tokens)
+    assert sum(sample.value for sample in prompt_tokens if sample.name == "vllm:prompt_tokens_total") > 0
+    assert "vllm:lora_requests_info" not in text  # its labels list the LoRA adapters (O3's stacks) running
+    help_lines = [line for line in text.splitlines() if line.startswith(("# HELP", "# TYPE"))]
+    assert len(help_lines) == len(set(help_lines))
 
 
 def test_openapi_docs_are_served(http: httpx.Client) -> None:

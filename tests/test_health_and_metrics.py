@@ -11,6 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client import REGISTRY, Counter, Gauge
+from prometheus_client.parser import text_string_to_metric_families
 
 from server import control_plane as control_plane_module
 from server.app import create_app
@@ -48,6 +50,27 @@ def test_metrics_behind_a_key_when_one_is_set() -> None:
     assert client.get("/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 401
     scraped = client.get("/metrics", headers={"Authorization": "Bearer scrape-key-0123456789"})
     assert scraped.status_code == 200 and "lethe_target_hits_total" in scraped.text
+
+
+def test_metrics_carry_vllms_series_beside_lethes_as_valid_exposition(app) -> None:
+    """vLLM's Prometheus logger writes its `vllm:` series into prometheus_client's global registry (as the engine's does
+    in `lethe serve`): /metrics shows them once each, but not the one whose labels list the LoRA adapters running."""
+    prompt_tokens = Counter("vllm:prompt_tokens", "Number of prefill tokens processed.", ["model_name", "engine"])
+    lora_info = Gauge("vllm:lora_requests_info", "Running stats on lora requests.",
+                      ["max_lora", "waiting_lora_adapters", "running_lora_adapters"])
+    try:
+        prompt_tokens.labels("model", "0").inc(7)
+        lora_info.labels("1", "", "o3-0123456789abcdef").set(1)
+        text = TestClient(app).get("/metrics").text
+    finally:
+        REGISTRY.unregister(prompt_tokens)
+        REGISTRY.unregister(lora_info)
+    families = {family.name: family for family in text_string_to_metric_families(text)}
+    assert families["vllm:prompt_tokens"].samples[0].value == 7 and "lethe_engine_up" in families
+    assert "vllm:lora_requests_info" not in text and "o3-" not in text
+    assert "process_cpu_seconds_total" not in text  # the global registry's other collectors stay out
+    help_lines = [line for line in text.splitlines() if line.startswith(("# HELP", "# TYPE"))]
+    assert len(help_lines) == len(set(help_lines))
 
 
 def test_job_counts_are_refreshed_in_the_background_and_survive_an_outage(tmp_path: Path,

@@ -26,7 +26,7 @@ from guards.processor import LetheLogitsProcessor
 from server.admission import Admission
 from server.artifacts import ArtifactStore, interim_store
 from server.config import Settings
-from server.engine import _engine_args
+from server.engine import engine_args
 from server.errors import InvalidRequest
 from server.metrics import Metrics
 from server.openai.protocol import ChatCompletionRequest, CompletionRequest
@@ -166,7 +166,7 @@ def test_an_empty_logit_bias_is_no_bias_and_is_accepted() -> None:
 
 
 def test_the_engine_returns_processed_logprobs_never_the_raw_distribution(tmp_path: Path) -> None:
-    args = _engine_args(Settings(data_dir=tmp_path, _env_file=None), tmp_path)
+    args = engine_args(Settings(data_dir=tmp_path, _env_file=None), tmp_path, "model")
     assert args.logprobs_mode == "processed_logprobs"
 
 
