@@ -18,7 +18,7 @@ from guards.row_hooks import RowHookError
 from server.errors import GuardFailed
 from server.guarded_scorer import ContinuationScore, GuardedScorer
 from server.pipeline import Pipeline
-from server.planner import ChatTurn, EnginePlan
+from server.planner import ChatTurn
 from server.run import ChatPrompt, RunRequest
 
 logger = logging.getLogger(__name__)
