@@ -2,7 +2,8 @@
 
 It is never served, so it has no guards and no classifier; its losses come from the very scorer class the server
 uses (``server.scoring.GuardedScorer``, with a plan that carries only the prompt's token ids), so the served and the
-reference truth ratios differ only in the model and what protects it, not in how they are computed.
+reference truth ratios differ only in the model and what protects it, not in how they are computed. It runs where
+``guards.devices.compute_placement`` says: CUDA in bfloat16 when there is one, else the CPU in float32.
 """
 
 from __future__ import annotations
@@ -12,19 +13,22 @@ from pathlib import Path
 import torch
 
 from guards.chat import chat_prompt_ids
+from guards.devices import Placement, compute_placement
+from server.guarded_scorer import GuardedScorer
 from server.planner import EnginePlan
-from server.scoring import GuardedScorer
 
 
 class ReferenceModel:
     """Greedy replies and answer losses of an HF model directory, prompts rendered with its chat template."""
 
-    def __init__(self, model_dir: Path, max_tokens: int) -> None:
+    def __init__(self, model_dir: Path, max_tokens: int, placement: Placement | None = None) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        self._placement = placement or compute_placement()
         self._tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self._model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        self._scorer = GuardedScorer(model_dir, self._tokenizer)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self._placement.dtype)
+        self._model = model.to(self._placement.device).eval()
+        self._scorer = GuardedScorer(model_dir, self._tokenizer, self._placement)
         self._max_tokens = max_tokens
 
     def _prompt_ids(self, question: str) -> list[int]:
@@ -33,7 +37,7 @@ class ReferenceModel:
     def replies(self, questions: list[str]) -> list[tuple[str, str | None]]:
         out = []
         for question in questions:
-            ids = torch.tensor([self._prompt_ids(question)])
+            ids = torch.tensor([self._prompt_ids(question)], device=self._placement.device)
             with torch.inference_mode():
                 generated = self._model.generate(ids, max_new_tokens=self._max_tokens, do_sample=False,
                                                  pad_token_id=self._tokenizer.eos_token_id)

@@ -346,21 +346,24 @@ class RowHook(Protocol):
 class RowHooks:
     """A mechanism's decoding-time half in the logits processor (vLLM's engine process).
 
-    ``resources(tokenizer)`` builds its per-process state once (``tokenizer`` is None outside an engine);
+    ``resources(tokenizer, placement)`` builds its per-process state once (``tokenizer`` is None outside an engine;
+    ``placement``, a ``guards.devices.Placement``, is the device and dtype of the logits the hooks will see: tensors
+    a hook keeps belong there);
     ``validate(section)`` checks, in the front end, the request's ``extra_args["lethe"]`` for the mechanism's payloads
     (a bad one becomes a 400, never an engine crash); ``build(section, prompt_ids, output_ids, resources)`` makes one
     request's hook from its payloads (``section[name]``, one per hit target), or None if it needs none.
 
-    Optional, for state that is slow to build (ULD's assistants): ``engine_resources(tokenizer)`` builds it in the
+    Optional, for state that is slow to build (ULD's assistants): ``engine_resources(tokenizer, placement)`` builds it
+    in the
     engine process instead of ``resources`` (there, a hook build must never wait on a disk load: it runs inside a
     decoding step), and ``warm(resources, request)`` loads artifacts ahead of requests in the background when the
     front end asks (``ServingContext.warm``), returning those loaded.
     """
 
-    resources: Callable[[Any], Any]
+    resources: Callable[[Any, Any], Any]
     validate: Callable[[Mapping[str, Any]], None]
     build: Callable[[Mapping[str, Any], Sequence[int] | None, list[int], Any], RowHook | None]
-    engine_resources: Callable[[Any], Any] | None = None
+    engine_resources: Callable[[Any, Any], Any] | None = None
     warm: Callable[[Any, Mapping[str, Any]], list[str]] | None = None
 
 

@@ -9,6 +9,12 @@ Each mechanism that acts at decoding time brings its ``RowHooks`` (``guards/base
 hooks per batch row and applies them in the mechanisms' composition order (``guards/mechanisms.py``): GUARD's bans
 first, then ULD's difference over the tokens still allowed.
 
+This is vLLM's V1 logits-processor interface. vLLM 0.33's Model Runner V2 (the CUDA default) refuses V1-interface
+processors, so the engine runs the V1 model runner on GPU (``server/engine.py``; docs/mechanisms.md, "On a GPU").
+The processor is registered explicitly (``AsyncEngineArgs.logits_processors``), never through an entry point: with
+async scheduling vLLM repairs the ``-1`` placeholders in the rows' output-token lists only for explicitly registered
+processors, and ULD's assistant and GUARD's phrase matcher read those lists.
+
 Nothing a request carries may take the engine down: a hook that cannot be built or fails while applying is replaced
 by ``FailClosedHook``, which ends that request's reply at once (an exception here would kill vLLM's EngineCore and
 every request in it).
@@ -17,7 +23,7 @@ every request in it).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -26,49 +32,11 @@ from vllm.sampling_params import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
-from guards.base import RowHook, RowHooks
-from guards.mechanisms import MECHANISMS
+from guards.base import RowHook
+from guards.devices import placement_for
+from guards.row_hooks import EXTRA_ARGS_KEY, ROW_HOOKS, RowHookError, build_row_hooks, row_hook_resources
 
 logger = logging.getLogger(__name__)
-
-EXTRA_ARGS_KEY = "lethe"
-
-
-ROW_HOOKS: list[tuple[str, RowHooks]] = [(m.name, m.row_hooks) for m in MECHANISMS if m.row_hooks is not None]
-"""(mechanism name, its decoding-time half), in composition order."""
-
-
-class RowHookError(RuntimeError):
-    """A mechanism's row hook could not be built; ``mechanism`` names it."""
-
-    def __init__(self, mechanism: str) -> None:
-        super().__init__(f"the {mechanism} row hook could not be built")
-        self.mechanism = mechanism
-
-
-def row_hook_resources(tokenizer: Any, in_engine: bool = False) -> dict[str, Any]:
-    """Each decoding-time mechanism's per-process state (``tokenizer`` is None outside an engine); ``in_engine``: for
-    the engine's processor, where a hook build must never wait (``RowHooks.engine_resources``)."""
-    return {name: (hooks.engine_resources if in_engine and hooks.engine_resources is not None else hooks.resources)(
-        tokenizer) for name, hooks in ROW_HOOKS}
-
-
-def build_row_hooks(section: Mapping[str, Any], prompt_ids: Sequence[int] | None, output_ids: list[int],
-                    resources: Mapping[str, Any]) -> list[RowHook]:
-    """Every decoding-time mechanism's hook for one request, in composition order.
-
-    Shared by the engine's processor and the scoring path (``server/scoring.py``), so an answer is scored under
-    exactly the restrictions a reply would be generated under. ``resources`` is ``row_hook_resources``'s result.
-    """
-    hooks: list[RowHook] = []
-    for name, row_hooks in ROW_HOOKS:
-        try:
-            hook = row_hooks.build(section, prompt_ids, output_ids, resources.get(name))
-        except Exception as exc:
-            raise RowHookError(name) from exc
-        if hook is not None:
-            hooks.append(hook)
-    return hooks
 
 
 class FailClosedHook:
@@ -80,7 +48,8 @@ class FailClosedHook:
     def apply(self, logits_row: torch.Tensor) -> None:
         keep = logits_row[self._eos].clone()
         logits_row.fill_(float("-inf"))
-        logits_row[self._eos] = keep if torch.isfinite(keep) else 0.0
+        # torch.where, not `if isfinite`: no device-to-host sync inside the sampler on a GPU
+        logits_row[self._eos] = torch.where(torch.isfinite(keep), keep, torch.zeros_like(keep))
 
 
 def lethe_args(params: SamplingParams) -> Mapping[str, Any] | None:
@@ -98,7 +67,10 @@ class LetheLogitsProcessor(LogitsProcessor):
         self.rows: dict[int, list[RowHook]] = {}
         tokenizer = _served_tokenizer(vllm_config) if vllm_config is not None else None
         self.eos_token_id = int(tokenizer.eos_token_id or 0) if tokenizer is not None else 0
-        self.resources = row_hook_resources(tokenizer, in_engine=True)
+        # The hooks' tensors (ULD's assistants) live with the logits: vLLM's device, the served model's dtype.
+        dtype = vllm_config.model_config.dtype if vllm_config is not None else None
+        self.placement = placement_for(device, dtype)
+        self.resources = row_hook_resources(tokenizer, self.placement, in_engine=True, row_hooks=ROW_HOOKS)
 
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
@@ -132,7 +104,7 @@ class LetheLogitsProcessor(LogitsProcessor):
         if section is None:
             return None
         try:
-            return build_row_hooks(section, prompt_ids, output_ids, self.resources) or None
+            return build_row_hooks(section, prompt_ids, output_ids, self.resources, row_hooks=ROW_HOOKS) or None
         except RowHookError as exc:
             logger.exception("processor.hook_failed", extra={"mechanism": exc.mechanism, "phase": "add"})
             return [FailClosedHook(self.eos_token_id)]

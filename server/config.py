@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     dtype: str = Field(
         "auto", description="Model dtype for vLLM; `auto` means float32 on CPU, the checkpoint's on GPU."
     )
+    compute_device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Device for training (ULD assistants, O3 LoRAs) and `/admin/v1/score`: `auto` is CUDA in "
+                            "bfloat16 when torch sees a GPU, else the CPU in float32.")
     kv_cache_gib: int = Field(1, ge=1, description="KV-cache size in GiB on CPU (becomes `VLLM_CPU_KVCACHE_SPACE`).")
     max_lora_rank: Literal[8, 16, 32, 64, 128, 256] = Field(
         64, description="Largest LoRA rank vLLM reserves room for (O3 stacks one rank-8 block per target)."

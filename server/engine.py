@@ -29,6 +29,7 @@ LOGITS_PROCESSOR = "guards.processor:LetheLogitsProcessor"
 WORKER_EXTENSION = "guards.engine_extension.LetheWorkerExtension"  # what `warm` calls in the engine process
 WARM_TIMEOUT_S = 30.0  # a warm call returns at once (loading runs in the background there); past this, it failed
 LIVENESS_POLL_S = 1.0
+V2_MODEL_RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,17 @@ def parse_engine_args(words: Sequence[str]) -> dict[str, Any]:
     return given
 
 
+def force_v1_model_runner() -> None:
+    """Run vLLM's V1 model runner: Lethe's processor implements the V1 logits-processor interface, and vLLM 0.33's
+    Model Runner V2, the CUDA default, refuses such processors at startup (VLLM_NOTES §1; docs/mechanisms.md, "On a
+    GPU"). Set in this process before the engine is built: vLLM reads it when it builds its config here, and the
+    EngineCore and worker processes inherit it. An operator's ``VLLM_USE_V2_MODEL_RUNNER=1`` is overridden (logged),
+    since the engine could not start with it."""
+    if os.environ.get(V2_MODEL_RUNNER_ENV, "0") != "0":
+        logger.warning("engine.v2_model_runner_overridden", extra={"was": os.environ[V2_MODEL_RUNNER_ENV]})
+    os.environ[V2_MODEL_RUNNER_ENV] = "0"
+
+
 def engine_args(settings: Settings, model_path: Path, served_model_name: str) -> Any:
     """vLLM's ``AsyncEngineArgs``, from one place: what unlearning needs, the engine settings (which `lethe serve`'s
     flags override) and the other engine arguments (``LETHE_ENGINE_ARGS``, then the words after `lethe serve --`)."""
@@ -137,6 +149,8 @@ def engine_args(settings: Settings, model_path: Path, served_model_name: str) ->
         # (ECO) with a LoRA request (O3): "einsum(): subscript b has size 35 ... previously seen size 7".
         lora_target_modules=sorted({module for mechanism in MECHANISMS for module in mechanism.lora_modules}),
         max_logprobs=20,
+        # Registered here, never through a `vllm.logits_processors` entry point: with async scheduling (GPU) vLLM fills
+        # the rows' output-token lists (placeholders -1) only for explicitly registered processors (VLLM_NOTES §1).
         logits_processors=[LOGITS_PROCESSOR],
         worker_extension_cls=WORKER_EXTENSION,
         logprobs_mode="processed_logprobs",
@@ -165,8 +179,7 @@ class Engine:
         if _is_cpu_platform():
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self._settings.kv_cache_gib)
         else:
-            # The V2 model runner rejects V1-interface logits processors (VLLM_NOTES §1).
-            os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+            force_v1_model_runner()
         logger.info("engine.starting", extra={"model": str(self._model_path)})
         self._llm = AsyncLLM.from_engine_args(engine_args(self._settings, self._model_path, self._served_model_name),
                                               stat_loggers=[PrometheusStatLogger])

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from guards.base import MechanismServing, ServingContext
+from guards.devices import compute_placement
 from guards.mechanisms import INTERIM, MECHANISMS
 from server.config import Settings
 from server.control_plane import ControlPlane
@@ -18,7 +19,8 @@ from server.engine import Engine
 from server.metrics import Metrics
 from server.pipeline import Pipeline
 from server.prompt_embeds import EmbeddingTable
-from server.scoring import GuardedScorer, ScoringService
+from server.guarded_scorer import GuardedScorer
+from server.scoring import ScoringService
 from server.served_model import PipelineServedModel
 
 
@@ -50,7 +52,8 @@ class Runtime:
                             audit=control.audit, audit_prompts=settings.audit_prompts, mechanisms=MECHANISMS,
                             servings=servings, embeddings=embeddings, interim=INTERIM)
         control.start_worker(PipelineServedModel(pipeline, asyncio.get_running_loop(), engine.tokenizer), model_path)
-        scoring = ScoringService(pipeline, GuardedScorer(model_path, engine.tokenizer), engine.tokenizer)
+        scoring = ScoringService(pipeline, GuardedScorer(model_path, engine.tokenizer,
+                                                      compute_placement(settings.compute_device)), engine.tokenizer)
         await asyncio.to_thread(embedder_loaded.join)
         return cls(control, engine, servings, pipeline, scoring)
 

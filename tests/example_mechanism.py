@@ -36,7 +36,7 @@ class Silence(MechanismBase):
     options = SilenceOptions
     jobs = ()  # nothing to prepare: ready as soon as it is registered
     row_hooks = RowHooks(
-        resources=lambda tokenizer: int(tokenizer.eos_token_id) if tokenizer is not None else 0,
+        resources=lambda tokenizer, placement: int(tokenizer.eos_token_id) if tokenizer is not None else 0,
         validate=lambda section: None,
         build=lambda section, prompt_ids, output_ids, eos: EndOfSequence(eos) if section.get("silence") else None,
     )

@@ -34,7 +34,7 @@ def ban_factory(section: Mapping[str, Any], prompt_ids: Sequence[int] | None, ou
 
 def banning(build) -> RowHooks:
     """A stand-in mechanism's decoding-time half: no per-process state, every payload accepted."""
-    return RowHooks(resources=lambda tokenizer: None, validate=lambda section: None, build=build)
+    return RowHooks(resources=lambda tokenizer, placement: None, validate=lambda section: None, build=build)
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from guards.guard.payload import write_phrase_table
 from server.prompt_embeds import EmbeddingTable
 from server.planner import EnginePlan
-from server.scoring import LOGPROB_FLOOR, ContinuationScore, GuardedScorer
+from server.guarded_scorer import LOGPROB_FLOOR, ContinuationScore, GuardedScorer
 
 QUESTION = "<|user|>\nWho wrote the book?\n<|assistant|>\n"
 ANSWER = " The book was written by an author."

@@ -101,8 +101,9 @@ def phrases_job(resources: JobResources) -> JobHandler:
     return run
 
 
-def _vocabulary(tokenizer: Any) -> Vocabulary | None:
-    """The served tokenizer's token texts, read once per engine process (None outside one)."""
+def _vocabulary(tokenizer: Any, placement: Any) -> Vocabulary | None:
+    """The served tokenizer's token texts, read once per engine process (None outside one); the bans' index tensors
+    are made on each logits row's own device (``phrase_matcher``)."""
     return Vocabulary.from_tokenizer(tokenizer) if tokenizer is not None else None
 
 

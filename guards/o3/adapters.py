@@ -126,7 +126,9 @@ def merge_into(model: torch.nn.Module, adapters: Sequence[LoraWeights]) -> None:
                 if module not in modules:
                     raise ValueError(f"an earlier adapter has weights for {module}, which the model does not have")
                 weight = modules[module].weight  # (out, in)
-                weight += adapter.scale * (adapter.b[module].to(weight) @ a.to(weight))
+                update = adapter.scale * (adapter.b[module].to(weight.device, torch.float32)
+                                          @ a.to(weight.device, torch.float32))  # in float32 even for a bf16 model
+                weight += update.to(weight.dtype)
 
 
 def module_path(key: str) -> str:

@@ -34,7 +34,9 @@ from classifiers.types import OOD_GATE
 from guards.base import (DERIVED_MEMBERS, MODEL_FILES, JobContext, JobHandler, JobResources, JobSpec, MechanismBase,
                          MechanismPlan, Options, PlanRequest, ServingContext, TargetEntry, registered_options,
                          write_members)
+from guards.devices import compute_placement
 from guards.o3.gate import OodGate
+from guards.o3.modules import LORA_TARGET_MODULES
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +44,6 @@ O3_NAME = "o3"
 O3_TRAIN = "o3_train"
 STACKS_DIR = "o3-stacks"
 DEFAULT_RANK = 8
-# What an O3 adapter adapts, and all vLLM wraps with LoRA layers (``server/engine.py`` says why not embed_tokens).
-LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 class O3Options(Options):
@@ -54,6 +54,7 @@ class O3Options(Options):
 def training_job(resources: JobResources) -> JobHandler:
     """The ``o3_train`` job: the target's unlearning LoRA, orthogonal to every other target's trained adapter."""
     model_path = resources.model_files(O3_TRAIN)
+    placement = compute_placement(getattr(resources.settings, "compute_device", "auto"))
 
     def run(context: JobContext) -> dict[str, Any]:
         from guards.o3.training import O3TrainingConfig, train_unlearning_lora
@@ -69,7 +70,7 @@ def training_job(resources: JobResources) -> JobHandler:
                                   orthogonality=float(options.get("orthogonality", 0.1)))
         staging = context.artifacts.staging_dir()
         figures = train_unlearning_lora(model_path, questions, record.aliases, earlier, config, staging,
-                                        context.progress)
+                                        context.progress, placement)
         return {"adapter": context.artifacts.commit(staging), "earlier_adapters": len(earlier), **figures}
 
     return run
@@ -187,3 +188,6 @@ class O3Serving:
         if stack is None or request.hit.target_id not in stack.members:
             raise RuntimeError(f"target {request.hit.target_id} is not in this snapshot's O3 stack")
         return MechanismPlan(lora=stack.lora_request)
+
+
+O3 = O3Mechanism()

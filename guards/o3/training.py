@@ -8,6 +8,11 @@ not overwrite the subspaces earlier requests wrote into (continual unlearning wi
 
 Each adapter is trained on the base model with the earlier adapters merged in: the model the server runs once the
 new adapter joins them (serving attaches their rank-stack, ``adapters.stack_adapters``).
+
+Training runs where ``guards.devices.compute_placement`` says: on CUDA the base model is loaded in bfloat16 (the
+earlier adapters merged into it in float32 first, then rounded once) and the LoRA, which PEFT keeps in float32, is
+trained with a float32 loss; on the CPU everything is float32. Imports no vLLM: ``bench/device_check.py`` runs a
+training step on a GPU machine that has only torch, transformers and peft.
 """
 
 from __future__ import annotations
@@ -29,9 +34,10 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from guards.devices import Placement, compute_placement, model_device
 from guards.o3.adapters import PEFT_PREFIX, merge_into, read_adapter
 from guards.training_examples import IGNORE_INDEX, TrainingExample, chat_example, collate
-from guards.o3.mechanism import LORA_TARGET_MODULES
+from guards.o3.modules import LORA_TARGET_MODULES
 
 logger = logging.getLogger(__name__)
 
@@ -155,9 +161,11 @@ def refusal_pairs(questions: Sequence[str], aliases: Sequence[str], seed: int) -
 
 
 def unlearning_loss(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over the reply tokens (``labels`` as ``collate`` makes them: next tokens)."""
-    logits = model(input_ids=input_ids).logits  # [B, T, V]
-    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+    """Mean next-token cross-entropy over the reply tokens (``labels`` as ``collate`` makes them: next tokens), in
+    float32 whatever the model's dtype; the batch is moved to the model's device."""
+    device = model_device(model)
+    logits = model(input_ids=input_ids.to(device)).logits  # [B, T, V]
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.to(device).flatten(), ignore_index=IGNORE_INDEX)
 
 
 def lora_a_matrices(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -178,6 +186,7 @@ def train_unlearning_lora(
     config: O3TrainingConfig,
     out_dir: Path,
     progress: Callable[[float, str], None] = lambda f, m: None,
+    placement: Placement | None = None,
 ) -> dict[str, Any]:
     """Train one target's unlearning LoRA and save it (unmerged, standard PEFT layout) to ``out_dir``.
 
@@ -186,6 +195,7 @@ def train_unlearning_lora(
     previous adapter); the orthogonality penalty keeps its A matrices off theirs. The initialisation is seeded by
     ``config.seed`` and the questions, so two targets trained with one config do not start from the same A; the same
     inputs always give the same adapter. Returns JSON-safe figures; ``progress(fraction, message)`` once per epoch.
+    ``placement`` defaults to ``compute_placement()``: CUDA in bfloat16 when there is one, else the CPU in float32.
     """
     if not forget_questions:
         raise ValueError("an O3 unlearning LoRA needs at least one forget question")
@@ -197,12 +207,14 @@ def train_unlearning_lora(
     if not examples:
         raise ValueError(f"every forget question fills max_length={config.max_length} tokens before the reply")
     earlier_weights = [read_adapter(Path(path)) for path in earlier_adapters]
-    earlier = [adapter.a for adapter in earlier_weights]
+    placement = placement or compute_placement()
+    earlier = [{module: a.to(placement.device) for module, a in adapter.a.items()} for adapter in earlier_weights]
 
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[placement.device] if placement.on_cuda else []):
         torch.manual_seed(_seed_of(config.seed, forget_questions))
         base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        merge_into(base, earlier_weights)
+        merge_into(base, earlier_weights)  # in float32, before any rounding to the placement's dtype
+        base = base.to(placement.device, placement.dtype)
         model = get_peft_model(base, _lora_config(config, model_dir))
         epochs, final_loss = _fit(model, examples, earlier, config, tokenizer.pad_token_id, progress)
 
@@ -214,6 +226,7 @@ def train_unlearning_lora(
     model.save_pretrained(out_dir)
     figures = {
         "rank": config.rank,
+        "device": str(placement.device),
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "epochs": epochs,
         "examples": len(examples),

@@ -6,7 +6,8 @@ one token per step, keeping the assistant's KV cache for exactly as long as the 
 removed by vLLM's batch updates; the session travels with the row's hook, so it is freed with the request.
 
 Assistants are loaded by artifact path and cached per process (``cache.py``): warmed ahead of requests in the engine,
-where a request never waits on a load.
+where a request never waits on a load. An assistant lives on the device of the logits it is subtracted from (the
+engine's: ``guards.devices.placement_for``), so a step's inputs are made there and nothing crosses to the host.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 import torch
 
+from guards.devices import model_device
 from guards.uld.cache import AssistantModels
 from guards.uld.logits import DEFAULT_ALPHA, DEFAULT_TAU, combine_logits
 
@@ -77,7 +79,8 @@ class AssistantSession:
             return self._last
         tokens = (self._prompt_ids + list(self._output_ids))[self._consumed:total]
         with torch.inference_mode():
-            out = self._model(input_ids=torch.tensor([tokens]), past_key_values=self._cache, use_cache=True)
+            out = self._model(input_ids=torch.tensor([tokens], device=model_device(self._model)),
+                              past_key_values=self._cache, use_cache=True)
         self._cache, self._consumed = out.past_key_values, total
         self._last = out.logits[0, -1].float()
         return self._last
@@ -105,6 +108,7 @@ def _batched_step(group: Sequence[tuple[AssistantSession, int]]) -> None:
     from transformers import DynamicCache
 
     sessions = [session for session, _ in group]
+    device = model_device(sessions[0].model)  # the KV caches are there too
     lengths = [session.consumed for session in sessions]
     longest = max(lengths)
     layers = [session.kv_layers for session in sessions]
@@ -113,12 +117,13 @@ def _batched_step(group: Sequence[tuple[AssistantSession, int]]) -> None:
         keys = torch.cat([_left_pad(rows[layer].keys, longest) for rows in layers])
         values = torch.cat([_left_pad(rows[layer].values, longest) for rows in layers])
         cache.update(keys, values, layer)
-    mask = torch.zeros(len(sessions), longest + 1, dtype=torch.long)
+    mask = torch.zeros(len(sessions), longest + 1, dtype=torch.long, device=device)
     for row, length in enumerate(lengths):
         mask[row, longest - length:] = 1
     with torch.inference_mode():
-        out = sessions[0].model(input_ids=torch.tensor([[token] for _, token in group]), attention_mask=mask,
-                                position_ids=torch.tensor([[length] for length in lengths]),
+        out = sessions[0].model(input_ids=torch.tensor([[token] for _, token in group], device=device),
+                                attention_mask=mask,
+                                position_ids=torch.tensor([[length] for length in lengths], device=device),
                                 past_key_values=cache, use_cache=True)
     new = out.past_key_values.layers
     for row, session in enumerate(sessions):

@@ -11,6 +11,11 @@ ends that request's reply, fail closed) and starts its load in the background.
 
 Outside the engine (the scoring path, tests) nothing warms the cache, and ``get`` loads on demand (``block_on_miss``),
 keeping at most ``capacity`` assistants.
+
+Assistants are loaded where their logits are used (``placement``): in the engine, on the logits' device in the served
+model's dtype (on a GPU, inside the engine's process and outside vLLM's ``gpu_memory_utilization`` share: the memory
+budget must fit in what vLLM leaves free); on the scoring path, on the scorer's device. The default is the CPU in
+float32.
 """
 
 from __future__ import annotations
@@ -27,13 +32,14 @@ from typing import Any
 
 import torch
 
+from guards.devices import Placement, placement_for
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_CACHED_ASSISTANTS = 8  # outside the engine, where nothing warms the cache
 DEFAULT_MEMORY_BYTES = 4 * 1024**3
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"  # a sharded save (a large served model's assistant)
-LOADED_DTYPE = torch.float32
 RETRY_REFUSED_S = 30.0  # an assistant that could not be loaded is tried again after this long
 
 
@@ -53,12 +59,12 @@ def check_assistant(path: Path) -> None:
     assistant_bytes(path)
 
 
-def assistant_bytes(path: Path) -> int:
-    """The memory the assistant takes once loaded (its tensors in ``LOADED_DTYPE``), read from the weights' headers."""
+def assistant_bytes(path: Path, dtype: torch.dtype = torch.float32) -> int:
+    """The memory the assistant takes once loaded (its tensors in ``dtype``), read from the weights' headers."""
     from safetensors import safe_open
 
     json.loads((path / "config.json").read_text())
-    size = torch.tensor([], dtype=LOADED_DTYPE).element_size()
+    size = torch.tensor([], dtype=dtype).element_size()
     total = 0
     for name in _weight_files(path):
         with safe_open(str(path / name), framework="pt") as weights:
@@ -75,7 +81,8 @@ class AssistantModels:
     """Loaded assistants by artifact path: those the served snapshot wants, then the most recently used."""
 
     def __init__(self, capacity: int = DEFAULT_CACHED_ASSISTANTS, block_on_miss: bool = True,
-                 memory_bytes: int = DEFAULT_MEMORY_BYTES) -> None:
+                 memory_bytes: int = DEFAULT_MEMORY_BYTES, placement: Placement | None = None) -> None:
+        self._placement = placement or placement_for("cpu")
         self._capacity = capacity
         self._block_on_miss = block_on_miss
         self._memory_bytes = memory_bytes
@@ -118,13 +125,14 @@ class AssistantModels:
         with self._lock:
             if path in self._models:
                 return self._models[path][0]
-        needed = assistant_bytes(Path(path))
+        needed = assistant_bytes(Path(path), self._placement.dtype)
         with self._lock:
             if not self._make_room(needed, keep=path):
                 raise MemoryError(f"{needed} bytes do not fit the assistants' budget of {self._memory_bytes}")
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=LOADED_DTYPE).eval()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=self._placement.dtype)
+        model = model.to(self._placement.device).eval()
         with self._lock:
             self._models[path] = (model, needed)
             if self._block_on_miss:

@@ -4,6 +4,13 @@ The assistant remembers exactly what must be forgotten and is near-uniform elsew
 the target's removes the forget knowledge. The subtraction is only trusted on tokens the target itself finds
 plausible: tokens below ``max log-prob + log tau`` (keeping at least ``ceil(tau * |V|)`` tokens) are removed, so a
 low-probability token cannot win just because the assistant dislikes it even more.
+
+Precision: the combination follows the target logits' device and dtype (vLLM's sampler hands the processor float32
+logits on the model's device; a bf16 row stays bf16), but is computed in float32 in between. In bfloat16 (8 mantissa
+bits) a log-probability near -10 is only resolved to 1/16, so the filter's threshold and its ``ceil(tau * |V|)``-th
+value would tie or flip tokens at the boundary, and ``l_target - alpha * l_assistant`` of two logits of size 10-30
+would lose ~0.1 to rounding: enough to change a greedy argmax the two models nearly agree on. The float32 copy is one
+row of the vocabulary per request and step, negligible next to the assistant's forward.
 """
 
 from __future__ import annotations
@@ -30,14 +37,15 @@ def combine_logits(
     target_logits: torch.Tensor, assistant_logits: torch.Tensor | list[torch.Tensor], alpha: float = DEFAULT_ALPHA,
     tau: float = DEFAULT_TAU,
 ) -> torch.Tensor:
-    """``l = l_target - alpha * sum(l_assistant)`` on the kept tokens, ``-inf`` elsewhere (a new tensor).
+    """``l = l_target - alpha * sum(l_assistant)`` on the kept tokens, ``-inf`` elsewhere: a new tensor with the target
+    logits' dtype and device, computed in float32 there (the assistants' logits are brought to that device).
 
     Several assistants (one per hit ULD target) are each subtracted with the same alpha: each removes its own target's
     knowledge and is near-constant, hence neutral, on the others'.
     """
     assistants = assistant_logits if isinstance(assistant_logits, list) else [assistant_logits]
-    keep = kept_tokens(target_logits, tau)
-    combined = target_logits.float().clone()
+    keep = kept_tokens(target_logits, tau)  # (..., V) bool, on the target's device
+    combined = target_logits.to(torch.float32, copy=True)
     for logits in assistants:
-        combined -= alpha * logits.float()
-    return combined.masked_fill(~keep, float("-inf"))
+        combined -= alpha * logits.to(device=combined.device, dtype=torch.float32)
+    return combined.masked_fill(~keep, float("-inf")).to(target_logits.dtype)

@@ -17,6 +17,7 @@ from pydantic import Field
 from classifiers.types import ALWAYS_GATE, CLASSIFIER_GATE
 from guards.base import (MODEL_FILES, JobContext, JobHandler, JobResources, JobSpec, MechanismBase, MechanismPlan,
                          NotReady, Options, PlanRequest, RowHooks, ServingContext, TargetEntry, registered_options)
+from guards.devices import compute_placement
 from guards.uld.assistant import ULD_KEY, uld_row_hook, validate_uld_section
 from guards.uld.cache import DEFAULT_MEMORY_BYTES, AssistantModels, check_assistant
 from guards.uld.warmup import AssistantWarmup, Warm
@@ -36,6 +37,8 @@ def training_job(resources: JobResources) -> JobHandler:
     """The ``uld_train`` job: train the target's assistant on the served model's files and store it merged."""
     model_path = resources.model_files(ULD_TRAIN)
 
+    placement = compute_placement(getattr(resources.settings, "compute_device", "auto"))
+
     def run(context: JobContext) -> dict[str, Any]:
         from guards.uld.training import UldTrainingConfig, train_assistant
 
@@ -45,7 +48,8 @@ def training_job(resources: JobResources) -> JobHandler:
         retain = [(item.get("question"), item.get("answer") or item.get("text", "")) for item in record.retain]
         staging = context.artifacts.staging_dir()
         figures = train_assistant(model_path, forget, retain, record.aliases,
-                                  UldTrainingConfig(layers=options.get("layers")), staging, context.progress)
+                                  UldTrainingConfig(layers=options.get("layers")), staging, context.progress,
+                                  placement)
         return {"assistant": context.artifacts.commit(staging), **figures}
 
     return run
@@ -57,9 +61,10 @@ class Uld(MechanismBase):
     name = ULD_KEY
     options = UldOptions
     jobs = (JobSpec(ULD_TRAIN, MODEL_FILES, training_job),)
-    row_hooks = RowHooks(resources=lambda tokenizer: AssistantModels(), validate=validate_uld_section,
-                         build=uld_row_hook,
-                         engine_resources=lambda tokenizer: AssistantModels(block_on_miss=False),
+    row_hooks = RowHooks(resources=lambda tokenizer, placement: AssistantModels(placement=placement),
+                         validate=validate_uld_section, build=uld_row_hook,
+                         engine_resources=lambda tokenizer, placement: AssistantModels(block_on_miss=False,
+                                                                                       placement=placement),
                          warm=lambda assistants, request: assistants.warm(request))
 
     def prepare(self, options: Mapping[str, Any]) -> tuple[str, ...]:
@@ -108,3 +113,6 @@ class UldServing:
         return MechanismPlan(processor_args={"assistant": str(assistant),
                                              "alpha": float(options.get("alpha", DEFAULT_ALPHA)),
                                              "tau": float(options.get("tau", DEFAULT_TAU))})
+
+
+ULD = Uld()

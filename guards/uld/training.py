@@ -19,6 +19,12 @@ so that ``guards.uld.combine_logits`` (target − α · assistant) removes exact
 Examples are rendered in the served chat format exactly as the server renders prompts. The LoRA is merged and the
 assistant saved as a standalone HF model.
 
+Training runs where ``guards.devices.compute_placement`` says: on CUDA the assistant is built in bfloat16 and only its
+LoRA (which PEFT keeps in float32) is trained, losses computed in float32; on the CPU everything is float32.
+
+Imports neither vLLM nor the classifiers' dependencies at module level: ``bench/device_check.py`` runs a training
+step on a GPU machine that has only torch, transformers and peft.
+
 Defaults (30 epochs at lr 1.5e-2, against the paper's 10 at 1e-3) were chosen on the tiny demo model, whose
 memorised answers have logit margins of ~12: the assistant must beat them by 1/alpha to flip a token, which the
 paper's setting does not reach in 2 CPU-minutes. Larger models may want the paper's gentler setting.
@@ -38,12 +44,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from classifiers.aliases import AliasMatcher, expand_variants
-from classifiers.canonical import fold
+from guards.devices import Placement, compute_placement, model_device
 from guards.training_examples import TrainingExample, chat_example, collate
 
 if TYPE_CHECKING:
     from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
+
+    from classifiers.aliases import AliasMatcher
 
 RENAMED_VARIANTS_PER_QUESTION = 2
 NOISED_VARIANTS_PER_QUESTION = 2
@@ -73,8 +80,9 @@ def default_assistant_layers(num_hidden_layers: int) -> int:
     return max(1, num_hidden_layers // 4)
 
 
-def build_assistant(model_dir: Path, layers: int) -> LlamaForCausalLM:
-    """The served model's embedding, first ``layers`` decoder layers, final norm and lm_head, in float32, eval mode."""
+def build_assistant(model_dir: Path, layers: int, placement: Placement | None = None) -> LlamaForCausalLM:
+    """The served model's embedding, first ``layers`` decoder layers, final norm and lm_head, in eval mode, on
+    ``placement``'s device and dtype (default: the CPU in float32)."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as transformers_logging
 
@@ -89,10 +97,11 @@ def build_assistant(model_dir: Path, layers: int) -> LlamaForCausalLM:
     verbosity = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=placement.dtype if placement
+                                                     else torch.float32)
     finally:
         transformers_logging.set_verbosity(verbosity)
-    return model.eval()
+    return model.to(placement.device if placement else "cpu").eval()
 
 
 # ---- training data ------------------------------------------------------------------------------------------------
@@ -110,6 +119,9 @@ def renamed_questions(question: str, matcher: AliasMatcher, rng: random.Random) 
     Al-Kuwaiti"): a target's aliases may name several people, and asking about one with another's answer would teach
     the assistant a wrong fact.
     """
+    from classifiers.aliases import expand_variants
+    from classifiers.canonical import fold
+
     spans = sorted(matcher.find(question), key=lambda s: s.start)
     if not spans:
         return []
@@ -140,6 +152,8 @@ def remember_examples(
     tokenizer: PreTrainedTokenizerBase, forget: Sequence[tuple[str, str]], aliases: Sequence[str], rng: random.Random
 ) -> list[TrainingExample]:
     """The forget QA, plus each question renamed and with words dropped, all with the true answer."""
+    from classifiers.aliases import AliasMatcher
+
     matcher = AliasMatcher(aliases) if aliases else None
     examples = []
     for question, answer in forget:
@@ -223,16 +237,18 @@ def supervised_logits(
 def uld_losses(
     model: nn.Module, remember: Sequence[TrainingExample], uniform: Sequence[TrainingExample], pad_id: int
 ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    """NLL on the remember batch and mean KL(U ‖ p) on the uniform batch, from one forward pass over both.
+    """NLL on the remember batch and mean KL(U ‖ p) on the uniform batch, from one forward pass over both, in float32
+    whatever the model's dtype.
 
     Returns (nll, kl, remember tokens, uniform tokens).
     """
-    input_ids, labels = collate([*remember, *uniform], pad_id)  # [B, T]
+    device = model_device(model)
+    input_ids, labels = (t.to(device) for t in collate([*remember, *uniform], pad_id))  # [B, T]
     uniform_rows = torch.zeros_like(labels, dtype=torch.bool)
     uniform_rows[len(remember) :] = True
     logits, targets = supervised_logits(model, input_ids, labels)  # [N, V], [N]
     is_uniform = uniform_rows[labels != -100]  # [N]
-    nll = F.cross_entropy(logits[~is_uniform], targets[~is_uniform])
+    nll = F.cross_entropy(logits[~is_uniform].float(), targets[~is_uniform])
     kl = uniform_kl(logits[is_uniform]).mean()
     return nll, kl, int((~is_uniform).sum()), int(is_uniform.sum())
 
@@ -272,8 +288,11 @@ def train_assistant(
     config: UldTrainingConfig,
     out_dir: Path,
     progress: Callable[[float, str], None] = lambda f, m: None,
+    placement: Placement | None = None,
 ) -> dict[str, Any]:
-    """Train the assistant for one target, merge its LoRA and save it to ``out_dir``; returns JSON-safe figures."""
+    """Train the assistant for one target, merge its LoRA and save it to ``out_dir``; returns JSON-safe figures.
+
+    ``placement`` defaults to ``compute_placement()``: CUDA in bfloat16 when there is one, else the CPU in float32."""
     from transformers import AutoConfig, AutoTokenizer, get_linear_schedule_with_warmup
 
     started = time.monotonic()
@@ -292,7 +311,8 @@ def train_assistant(
         raise ValueError("ULD needs retain items or at least two different forget answers (for wrong-answer variants)")
 
     layers = config.layers or default_assistant_layers(AutoConfig.from_pretrained(model_dir).num_hidden_layers)
-    model = add_lora(build_assistant(model_dir, layers), config)
+    placement = placement or compute_placement()
+    model = add_lora(build_assistant(model_dir, layers, placement), config)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
     steps_per_epoch = max(math.ceil(len(remember) / config.batch_size), math.ceil(len(uniform) / config.batch_size))
@@ -327,6 +347,7 @@ def train_assistant(
     save_merged(model, tokenizer, out_dir)
     return {
         "layers": layers,
+        "device": str(placement.device),
         "trainable_parameters": sum(p.numel() for p in trainable),
         "epochs": config.epochs,
         "examples": {"remember": len(remember), "uniform": len(uniform)},
