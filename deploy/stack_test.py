@@ -153,8 +153,8 @@ def build_images(docker: str, base: str, cold: bool) -> dict[str, float]:
         started = time.monotonic()
         secret = ["--secret", f"id=pip_ca,src={PIP_CA}"] if PIP_CA.is_file() else []
         torch_index = ["--build-arg", "TORCH_INDEX_URL="] if copied else []
-        run(docker, "build", *no_cache, *secret, *torch_index, "--build-arg", f"BASE={base}", "-t", IMAGES["lethe"], str(ROOT),
-            env=env)
+        run(docker, "build", *no_cache, *secret, *torch_index, "--build-arg", f"BASE={base}", "-t", IMAGES["lethe"],
+            str(ROOT), env=env)
         timings["lethe"] = time.monotonic() - started
     finally:
         for wheel in copied:
