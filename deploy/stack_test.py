@@ -1,11 +1,12 @@
 """``make deploy-test``: build the images, bring the compose stack up, and check it the way an operator would.
 
 Registers a forget01 author through replica 1 and times until replica 2 enforces it (its audit record names the
-target: SPEC's 2 s budget); starts a ULD training job, ``docker kill``s replica 1 and the worker mid-job, restarts
-them, and checks that nothing was lost (targets present, the job finishes on the restarted worker, both replicas
-serve). Prints the timings and image sizes and writes them to ``bench/results/deploy_test.json``; always removes the
-stack and its volumes. Needs a running Docker daemon (root) and ``docker-compose``; where no public registry can be
-reached the base image is made from Debian's packages with ``debootstrap`` (``--base`` names another).
+target: SPEC's 2 s budget); checks that Prometheus scrapes both replicas' ``lethe_*`` and ``vllm:*`` series and
+evaluates every query of the Grafana dashboard; starts a ULD training job, ``docker kill``s replica 1 and the worker
+mid-job, restarts them, and checks that nothing was lost (targets present, the job finishes on the restarted worker,
+both replicas serve). Prints the timings and image sizes and writes them to ``bench/results/deploy_test.json``; always
+removes the stack and its volumes. Needs a running Docker daemon (root) and ``docker-compose``; where no public
+registry can be reached the base image is made from Debian's packages with ``debootstrap`` (``--base`` names another).
 
     python deploy/stack_test.py [--base IMAGE] [--cold] [--keep]
 """
@@ -271,6 +272,27 @@ def kill_mid_job(stack: Stack, author: Any) -> dict[str, float]:
     return timings
 
 
+def check_monitoring(stack: Stack) -> dict[str, int]:
+    """Prometheus scrapes both replicas, sees vLLM's and Lethe's series from each, and evaluates every query of the
+    Grafana dashboard without error; the number of series each replica-level query returned."""
+    prometheus = httpx.Client(base_url=f"http://127.0.0.1:{stack.env['PROMETHEUS_PORT']}/api/v1", timeout=10)
+
+    def series(query: str) -> list[dict]:
+        answer = prometheus.get("/query", params={"query": query}).json()
+        assert answer["status"] == "success", f"{query}: {answer}"
+        return answer["data"]["result"]
+
+    wait_for("Prometheus scraping both replicas", lambda: len(series('up{job="lethe"} == 1')) == 2, 120, 2)
+    counts = {query: len(series(query)) for query in
+              ("vllm:num_requests_running", "lethe_registry_staleness_seconds", "lethe_registry_revision")}
+    assert all(count == 2 for count in counts.values()), counts
+    dashboard = json.loads((DEPLOY / "grafana" / "lethe-dashboard.json").read_text())
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            series(target["expr"])
+    return counts
+
+
 def check_nothing_lost(stack: Stack, target_ids: list[str]) -> None:
     for service in ("lethe-1", "lethe-2"):
         with stack.admin(service) as admin:
@@ -307,6 +329,7 @@ def main() -> None:
             forget01 = authors_of("forget01")
             target_id, results["propagation_s"] = measure_propagation(stack, forget01[0])
             assert results["propagation_s"] <= PROPAGATION_BUDGET_S, results
+            results["prometheus_series"] = check_monitoring(stack)
             results.update(kill_mid_job(stack, forget01[1]))
             check_nothing_lost(stack, [target_id])
             results["passed"] = True

@@ -55,6 +55,7 @@ def test_every_secret_comes_from_the_env_file_and_state_lives_in_named_volumes(c
                 assert "${" in str(value), f"{name}: {key} is written in the compose file"
     for name in LETHE_SERVICES:
         assert compose["services"][name]["volumes"] == ["lethe:/var/lib/lethe"]
+        assert compose["services"][name]["read_only"] is True, f"{name}: the root filesystem must be read-only"
     assert compose["services"]["postgres"]["volumes"] == ["registry:/var/lib/postgresql/data"]
     assert set(compose["volumes"]) == {"registry", "lethe", "prometheus"}
     example = (DEPLOY / "lethe.env.example").read_text()
