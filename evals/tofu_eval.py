@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
@@ -118,6 +119,7 @@ class RunResult:
     false_positive_rate: float | None
     fluency: float
     preparation_seconds: float = 0.0
+    membership_auc: float | None = None  # `evals.membership`'s distinguisher on this run, when asked for
     utility_sets: dict[str, dict[str, float]] = field(default_factory=dict)  # Model Utility's 9 figures, by set
     forget_truth_ratios: list[float] = field(default_factory=list, repr=False)
 
@@ -217,30 +219,48 @@ class ServedModel:
     def losses(self, question: str, continuations: list[str]) -> list[float]:
         return list(self._client.score(question, continuations).mean_losses)
 
+    def token_logprobs(self, question: str, continuations: list[str]) -> list[list[float]]:
+        return [list(values) for values in self._client.score(question, continuations).token_logprobs]
+
     def hits(self) -> dict[str, list[str]]:
         return self._client.audit_targets(self._since)
 
 
-def run_served(client: AdminClient, sets: EvalSets, mechanisms: Sequence[str], reference_ratios: Sequence[float],
-               max_tokens: int, job_timeout_s: float, progress: Callable[[str], None]) -> RunResult:
-    """One configuration on the server: register the split's authors with ``mechanisms``, measure, remove them."""
-    name = "+".join(mechanisms) or "unprotected"
+def run_name(mechanisms: Sequence[str]) -> str:
+    return "+".join(mechanisms) or "unprotected"
+
+
+@contextmanager
+def registered(client: AdminClient, authors: Sequence[Author], retain_authors: Sequence[Author],
+               mechanisms: Sequence[str], job_timeout_s: float, progress: Callable[[str], None]) -> Iterator[float]:
+    """``authors`` registered as targets with ``mechanisms`` (none for an empty set) and active for the duration;
+    yields the seconds their preparation took. The targets are deleted on the way out, whatever happened."""
     created: list[str] = []
     try:
         started = time.monotonic()
         if mechanisms:
-            progress(f"{name}: registering {len(sets.forget_authors)} targets")
-            created = [client.create_target(target_body(a, sets.retain_authors, mechanisms))["id"]
-                       for a in sets.forget_authors]
+            progress(f"{run_name(mechanisms)}: registering {len(authors)} targets")
+            created = [client.create_target(target_body(a, retain_authors, mechanisms))["id"] for a in authors]
             client.wait_until_active(created, job_timeout_s)
-        preparation = time.monotonic() - started
-        model = ServedModel(client, client.model(), max_tokens, since=time.time() - 1.0)
-        result = measure(name, mechanisms, model, sets, reference_ratios, progress)
-        result.preparation_seconds = round(preparation, 1)
-        return result
+        yield round(time.monotonic() - started, 1)
     finally:
         for target_id in created:
             client.delete_target(target_id, missing_ok=True)
+
+
+def run_served(client: AdminClient, sets: EvalSets, mechanisms: Sequence[str], reference_ratios: Sequence[float],
+               max_tokens: int, job_timeout_s: float, progress: Callable[[str], None],
+               membership: Callable[[ServedModel], float] | None = None) -> RunResult:
+    """One configuration on the server: register the split's authors with ``mechanisms``, measure, remove them.
+    ``membership``: also run the membership distinguisher (``evals.membership``) while they are registered."""
+    with registered(client, sets.forget_authors, sets.retain_authors, mechanisms, job_timeout_s,
+                    progress) as preparation:
+        model = ServedModel(client, client.model(), max_tokens, since=time.time() - 1.0)
+        result = measure(run_name(mechanisms), mechanisms, model, sets, reference_ratios, progress)
+        result.preparation_seconds = preparation
+        if membership is not None:
+            result.membership_auc = membership(model)
+        return result
 
 
 def configurations(mechanisms: Sequence[str] | None, matrix: bool) -> list[tuple[str, ...]]:
@@ -263,24 +283,30 @@ def summary(split: str, runs: Sequence[RunResult]) -> dict[str, Any]:
     return {"split": split, "runs": [asdict(run) for run in runs]}
 
 
+def require_empty_registry(client: AdminClient) -> None:
+    """Targets already on the server would protect the "unprotected" run: refuse to measure."""
+    names = [t["name"] for t in client.targets()]
+    if names:
+        raise ValueError(f"the server already has forget targets ({names}): they would protect the \"unprotected\" "
+                         "run; evaluate on a replica with an empty registry (or remove them first)")
+
+
 def evaluate(client: AdminClient, sets: EvalSets, runs: Sequence[tuple[str, ...]], reference: Model,
              max_tokens: int, job_timeout_s: float, progress: Callable[[str], None],
-             on_run: Callable[[list[RunResult]], None] = lambda results: None) -> list[RunResult]:
+             on_run: Callable[[list[RunResult]], None] = lambda results: None,
+             membership: Callable[[ServedModel], float] | None = None) -> list[RunResult]:
     """The retain-only model first (its truth ratios are every other run's reference), then each configuration.
 
     ``on_run`` gets the results so far after each run, so that a failure in a later configuration (a matrix takes an
-    hour on forget05) does not lose the runs already measured.
+    hour on forget05) does not lose the runs already measured. ``membership``: see `run_served` (the retain-only
+    model is not served, so it has no membership figure).
     """
-    registered = client.targets()
-    if registered:
-        names = [t["name"] for t in registered]
-        raise ValueError(f"the server already has forget targets ({names}): they would protect the \"unprotected\" "
-                         "run; evaluate on a replica with an empty registry (or remove them first)")
+    require_empty_registry(client)
     retain_only = measure("retain-only model", [], reference, sets, None, progress)
     results = [retain_only]
     on_run(results)
     for mechanisms in runs:
         results.append(run_served(client, sets, mechanisms, retain_only.forget_truth_ratios, max_tokens,
-                                  job_timeout_s, progress))
+                                  job_timeout_s, progress, membership))
         on_run(results)
     return results

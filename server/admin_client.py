@@ -38,11 +38,13 @@ class Reply:
 
 @dataclass(frozen=True)
 class Scored:
-    """Per-continuation length-normalised losses of one prompt, and what protected it."""
+    """Per-continuation length-normalised losses of one prompt (and each continuation's token logprobs), and what
+    protected it."""
 
     mean_losses: tuple[float, ...]
     mechanisms: tuple[str, ...]
     targets: tuple[str, ...]
+    token_logprobs: tuple[tuple[float, ...], ...] = ()
 
 
 class AdminClient:
@@ -94,7 +96,8 @@ class AdminClient:
     def score(self, question: str, continuations: Sequence[str]) -> Scored:
         body = {"messages": [{"role": "user", "content": question}], "continuations": list(continuations)}
         data = _json(self._admin.post("/score", json=body))
-        return Scored(tuple(s["mean_loss"] for s in data["scores"]), tuple(data["mechanisms"]), tuple(data["targets"]))
+        return Scored(tuple(s["mean_loss"] for s in data["scores"]), tuple(data["mechanisms"]), tuple(data["targets"]),
+                      tuple(tuple(s["token_logprobs"]) for s in data["scores"]))
 
     def wait_until_active(self, target_ids: Sequence[str], timeout_s: float, poll_s: float = 1.0) -> None:
         """Until every target is active and served by the replica; raises on a failed job (a ``degraded`` target's
