@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from cli.admin import cmd_jobs, cmd_targets
 from cli.demo_model import cmd_demo_model
-from cli.eval import cmd_eval
+from cli.eval import cmd_eval, cmd_eval_membership
 from cli.migrate import cmd_migrate
 from cli.serve import add_serve_arguments, cmd_serve, cmd_worker
 from server.config import Settings, get_settings
@@ -95,7 +95,26 @@ def build_parser() -> argparse.ArgumentParser:
     tofu.add_argument("--job-timeout", type=float, default=1800.0, help="seconds to wait for targets' jobs")
     tofu.add_argument("--out", default="eval-results", help="directory for the JSON, markdown and PNG")
     tofu.add_argument("--json", help="write the JSON here instead")
+    tofu.add_argument("--membership", action="store_true",
+                      help="also each run's membership AUC (see `lethe eval membership`; --limit caps its questions "
+                           "per author)")
     tofu.set_defaults(handler=cmd_eval)
+
+    membership = benchmarks.add_parser(
+        "membership", help="can replies tell forgotten authors from never-seen ones? (a distinguisher's AUC)")
+    membership.add_argument("--base-url", default=default_url, help=f"server base URL (default {default_url})")
+    membership.add_argument("--split", choices=["forget01", "forget05"], default="forget05",
+                            help="registered authors: the split's (10 or 2), against as many never-seen TOFU authors")
+    chosen = membership.add_mutually_exclusive_group()
+    chosen.add_argument("--mechanisms", help="comma-separated mechanism set to evaluate (default eco,guard)")
+    chosen.add_argument("--matrix", action="store_true", help="each mechanism alone and all four combined")
+    membership.add_argument("--questions-per-author", type=int,
+                            help="first N questions of each author (default all 20)")
+    membership.add_argument("--max-tokens", type=int, default=60, help="reply length (default 60)")
+    membership.add_argument("--job-timeout", type=float, default=1800.0, help="seconds to wait for targets' jobs")
+    membership.add_argument("--out", default="eval-results", help="directory for the JSON and markdown")
+    membership.add_argument("--json", help="write the JSON here instead")
+    membership.set_defaults(handler=cmd_eval_membership)
 
     migrate = commands.add_parser("migrate", help="bring the registry database (LETHE_DATABASE_URL) to the newest "
                                                   "schema and exit (every replica also does at start)")

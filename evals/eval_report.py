@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from evals.membership import MembershipRun
 from evals.tofu_eval import RunResult
 
 
@@ -13,20 +14,54 @@ def _rate(value: float | None) -> str:
 
 
 def markdown_table(split: str, model: str, runs: Sequence[RunResult]) -> str:
+    membership = any(run.membership_auc is not None for run in runs)  # `lethe eval tofu --membership`
     lines = [
         f"TOFU {split} on `{model}` (forget quality: KS p-value vs the retain-only model; ROUGE-L recall; "
-        "accuracy: true answer likelier than every wrong option)",
+        "accuracy: true answer likelier than every wrong option"
+        + ("; membership AUC: replies about forgotten vs never-seen authors told apart, 0.5 = not at all)"
+           if membership else ")"),
         "",
         "| run | forget quality | model utility | forget ROUGE-L | paraphrase ROUGE-L | retain ROUGE-L "
-        "| real authors acc | world facts acc | detection | false positives | fluency | preparation |",
-        "| --- | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: |",
+        "| real authors acc | world facts acc | detection | false positives | fluency | preparation |"
+        + (" membership AUC |" if membership else ""),
+        "| --- | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: |" + (" --: |" if membership else ""),
     ]
     for run in runs:
         lines.append(
             f"| {run.name} | {run.forget_quality:.3g} | {run.model_utility:.3f} | {run.forget_rouge:.3f} "
             f"| {run.paraphrase_rouge:.3f} | {run.retain_rouge:.3f} | {run.real_authors_acc:.2f} "
             f"| {run.world_facts_acc:.2f} | {_rate(run.detection_rate)} | {_rate(run.false_positive_rate)} "
-            f"| {run.fluency:.2f} | {run.preparation_seconds:.0f} s |")
+            f"| {run.fluency:.2f} | {run.preparation_seconds:.0f} s |"
+            + (f" {_rate(run.membership_auc)} |" if membership else ""))
+    return "\n".join(lines) + "\n"
+
+
+def membership_table(split: str, model: str, runs: Sequence[MembershipRun], top: int = 3) -> str:
+    """One row per configuration: the AUC, its interval, the refusal rate per class and the weightiest features."""
+    sizes = runs[0] if runs else None
+    lines = [
+        f"Membership on `{model}`, {split}"
+        + (f": {sizes.registered_authors} registered vs {sizes.never_seen_authors} never-seen authors, "
+           f"{sizes.questions} questions" if sizes else "")
+        + " (logistic regression on reply features, author-level cross-validation; AUC 0.5: indistinguishable; "
+        "the goal when protected: ≤ 0.6)",
+        "",
+        "| run | AUC | 95 % interval | refusals, registered | refusals, never-seen "
+        "| top features (standardised coefficient) | preparation |",
+        "| --- | --: | --: | --: | --: | --- | --: |",
+    ]
+    for run in runs:
+        low, high = run.auc_interval
+        weights = ", ".join(f"{name} {value:+.2f}" for name, value in list(run.coefficients.items())[:top])
+        lines.append(
+            f"| {run.name} | {run.auc:.2f} | {low:.2f}–{high:.2f} | {run.feature_means['registered']['refused']:.2f} "
+            f"| {run.feature_means['never_seen']['refused']:.2f} | {weights} | {run.preparation_seconds:.0f} s |")
+    for run in runs:  # what tells them apart, run by run
+        lines += ["", f"**{run.name}**: feature means by class, each feature's AUC alone, its coefficient", "",
+                  "| feature | registered | never-seen | AUC alone | coefficient |", "| --- | --: | --: | --: | --: |"]
+        means = run.feature_means
+        lines += [f"| {name} | {means['registered'][name]:.3g} | {means['never_seen'][name]:.3g} "
+                  f"| {run.feature_auc[name]:.2f} | {run.coefficients[name]:+.2f} |" for name in run.feature_auc]
     return "\n".join(lines) + "\n"
 
 
