@@ -29,7 +29,8 @@ def report(lethe_server: RunningServer, tiny_model_dir: Path, tmp_path_factory: 
     env = {**os.environ, "LETHE_ADMIN_KEY": ADMIN_KEY, "LETHE_API_KEYS": API_KEY, "LETHE_LOG_LEVEL": "WARNING"}
     done = subprocess.run(
         [str(LETHE_BIN), "eval", "tofu", "--base-url", lethe_server.base_url, "--split", "forget01",
-         "--mechanisms", "guard", "--limit", "6", "--retain-model", str(tiny_model_dir), "--out", str(out)],
+         "--mechanisms", "guard", "--limit", "6", "--retain-model", str(tiny_model_dir), "--out", str(out),
+         "--membership"],
         env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads((out / "tofu-forget01.json").read_text()), out
@@ -69,3 +70,12 @@ def test_guard_forgets_the_author_and_leaves_model_utility_unchanged(report: tup
         for name, figures in unprotected["utility_sets"].items():
             assert guard["utility_sets"][name] == pytest.approx(figures, abs=1e-6), name
     assert guard["forget_probability"] < unprotected["forget_probability"] / 10  # GUARD bans the gold answers' words
+
+
+def test_membership_adds_each_served_runs_distinguisher_auc(report: tuple[dict, Path]) -> None:
+    data, out = report
+    reference, unprotected, guard = data["runs"]
+    assert reference["membership_auc"] is None  # the retain-only model is not served
+    assert 0 <= guard["membership_auc"] <= 1
+    assert unprotected["membership_auc"] > 0.8  # it knows its forget01 authors, not the never-seen ones
+    assert "membership AUC |" in (out / "tofu-forget01.md").read_text()
