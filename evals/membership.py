@@ -337,7 +337,7 @@ def measure_membership(name: str, mechanisms: Sequence[str], model: RepliesAndLo
 
 def membership_auc(sets: MembershipSet) -> Callable[[ServedModel], float]:
     """For ``lethe eval tofu --membership``: the AUC of a configuration, measured on its served model."""
-    return lambda model: measure_membership("", [], model, sets).auc
+    return lambda model: measure_membership("membership", [], model, sets).auc
 
 
 def evaluate_membership(client: AdminClient, sets: MembershipSet, runs: Sequence[tuple[str, ...]], max_tokens: int,
