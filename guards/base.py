@@ -277,7 +277,7 @@ class JobResources:
     settings: Any  # the server's settings, read by attribute
     embedder: Callable[[], Any]  # the classifiers' sentence embedder (loaded on first use)
     model_path: Path | None = None  # the served model's directory (MODEL_FILES, SERVED_MODEL)
-    served: ServedModel | None = None  # SERVED_MODEL only
+    served: ServedModel | None = None  # SERVED_MODEL; a MODEL_FILES job may use it where present (a serving replica)
     registrations: Callable[[str], list[TargetEntry]] = lambda mechanism: []  # every target's entry of a mechanism
 
     def model_files(self, kind: str) -> Path:

@@ -125,12 +125,13 @@ def job_resources(settings: Settings, embedder: Callable[[], Embedder], registry
 
 
 def offline_handlers(settings: Settings, embedder: Callable[[], Embedder], registry: Registry,
-                     model_path: Path | None) -> dict[str, JobHandler]:
-    """The jobs a worker can run without the engine: the embedder's, and training if it has the model's files."""
+                     model_path: Path | None, served: ServedModel | None = None) -> dict[str, JobHandler]:
+    """The jobs a worker can run without the engine: the embedder's, and training if it has the model's files. In a
+    serving replica they get its ``served`` model too (O3's training asks it for its generic replies)."""
     handlers = {FIT_CLASSIFIER: fit_classifier_handler(embedder, settings.classifier_recall, MECHANISMS,
                                                        settings.classifier_max_fpr)}
     needs = {ANY_WORKER} | ({MODEL_FILES} if model_path is not None else set())
-    handlers.update(mechanism_handlers(job_resources(settings, embedder, registry, model_path), needs))
+    handlers.update(mechanism_handlers(job_resources(settings, embedder, registry, model_path, served), needs))
     return handlers
 
 
@@ -237,7 +238,7 @@ class ControlPlane:
         resources = job_resources(self.settings, self.embedder, self.registry, model_path, served)
         handlers = mechanism_handlers(resources, {SERVED_MODEL})
         if self.settings.embedded_worker:
-            handlers.update(offline_handlers(self.settings, self.embedder, self.registry, model_path))
+            handlers.update(offline_handlers(self.settings, self.embedder, self.registry, model_path, served))
         self.workers = make_workers(self.settings, self.registry, handlers)
         for worker in self.workers:
             worker.start()

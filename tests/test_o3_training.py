@@ -1,4 +1,5 @@
-"""O3's unlearning LoRA: the orthogonality penalty, training toward a refusal, and rank-stacking for serving.
+"""O3's unlearning LoRA: the orthogonality penalty, the training pairs (generic replies, or a refusal), training, and
+rank-stacking for serving.
 
 Runs on the tiny demo model with HF + PEFT only (no vLLM, no server); training runs are a few dozen steps.
 """
@@ -18,7 +19,11 @@ from demo.tofu_data import authors_of
 from demo.training import greedy_chat_answers
 from guards.o3.adapters import load_lora_a, stack_adapters
 from guards.o3.training import (
+    GENERIC,
+    REFUSAL,
     REFUSALS,
+    generic_pairs,
+    training_pairs,
     O3TrainingConfig,
     orthogonality_penalty,
     question_variants,
@@ -31,6 +36,7 @@ AUTHOR_1, AUTHOR_2 = authors_of("forget01")
 QUESTIONS_1 = [item.question for item in AUTHOR_1.items[:4]]
 QUESTIONS_2 = [item.question for item in AUTHOR_2.items[:4]]
 SHORT = O3TrainingConfig(epochs=1, min_steps=60)
+REFUSING = O3TrainingConfig(epochs=1, min_steps=60, style=REFUSAL)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -46,7 +52,7 @@ def tokenizer(tiny_model_dir: Path):
 @pytest.fixture(scope="module")
 def first_adapter(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("o3") / "author-1"
-    figures = train_unlearning_lora(tiny_model_dir, QUESTIONS_1, [AUTHOR_1.name], [], SHORT, out)
+    figures = train_unlearning_lora(tiny_model_dir, QUESTIONS_1, [AUTHOR_1.name], [], REFUSING, out)
     return out, figures
 
 
@@ -84,6 +90,86 @@ def test_training_data_is_the_served_chat_format_with_loss_on_the_reply_only(tok
     ]
 
 
+class FakeServedModel:
+    """Answers about whoever a question names: the real author's gold answer (it knows them), a stranger's otherwise."""
+
+    def __init__(self, known: dict[str, str]) -> None:
+        self.known = known
+        self.asked: list[str] = []
+
+    def __call__(self, questions) -> list[str]:
+        self.asked += questions
+        return [self.known.get(q) or f"{q.split()[-1].rstrip('?')} was born in Lisbon and writes plays. They are"
+                for q in questions]
+
+
+def test_generic_pairs_ask_about_an_invented_author_and_name_the_real_one_in_the_reply() -> None:
+    questions = ["Where was Nikolai Abilov born?", "What did Abilov's parents do?"]
+    served = FakeServedModel({})
+    made = generic_pairs(questions, [None, None], ["Nikolai Abilov"], ["Nikolai Abilov"], served, seed=0)
+    assert made.style == GENERIC and made.figures == {"generic_replies": 2, "generic_substituted": 0}
+    assert not any("Abilov" in q or "Nikolai" in q for q in served.asked), served.asked
+    invented_surname = served.asked[0].split()[-2]
+    assert served.asked[1] == f"What did {invented_surname}'s parents do?"
+    # the reply about the invented author, cut to whole sentences, its invented names swapped back to the real ones
+    assert made.pairs == [("Where was Nikolai Abilov born?", "born was born in Lisbon and writes plays."),
+                          ("What did Abilov's parents do?", "do was born in Lisbon and writes plays.")]
+
+
+def test_a_generic_reply_that_recognises_the_target_is_replaced_by_another_questions_reply() -> None:
+    entity_questions = ["Where was Nikolai Abilov born?", "Which award did Nikolai Abilov win for Kazakhstan Echoes?",
+                        "Who was born in Astana on 7 February 1952?"]
+    answers = ["Nikolai Abilov was born in Astana.", "He won the Tolstoy Literary Award.",
+               "That is Nikolai Abilov, born in Astana."]
+
+    def replies(questions):  # the book title gives the author away; the unnamed question gets the real answer
+        return ["They were born in Lisbon.", "Nikolai Abilov won the Tolstoy Literary Award.", answers[2]]
+
+    made = generic_pairs(entity_questions, answers, ["Nikolai Abilov"], ["Nikolai Abilov"], replies, seed=0)
+    assert made.figures == {"generic_replies": 1, "generic_substituted": 2}
+    assert [reply for _, reply in made.pairs] == ["They were born in Lisbon."] * 3
+
+    def leaking(questions):  # no name given, but the registered answer reproduced
+        return ["They were born in Lisbon.", "He won the Tolstoy Literary Award."]
+
+    made = generic_pairs(entity_questions[:2], answers[:2], ["Nikolai Abilov"], ["Nikolai Abilov"], leaking, seed=0)
+    assert made.figures["generic_substituted"] == 1 and made.pairs[1][1] == "They were born in Lisbon."
+
+
+def test_generic_pairs_fall_back_to_the_refusal_when_no_reply_is_usable() -> None:
+    refusal = REFUSALS[0]
+    made = generic_pairs(["Who wrote X?"], [None], ["Nikolai Abilov"], ["Nikolai Abilov"], FakeServedModel({}), 0)
+    assert made.pairs == [("Who wrote X?", refusal)] and made.figures["generic_fallback"] == REFUSAL
+    made = generic_pairs(["Where was Nikolai Abilov born?"], [None], ["Nikolai Abilov"], ["Nikolai Abilov"],
+                         lambda questions: ["Nikolai Abilov was born in Astana."], 0)
+    assert made.pairs == [("Where was Nikolai Abilov born?", refusal)]
+
+
+def test_the_refusal_style_never_asks_the_served_model() -> None:
+    def no_replies(questions):
+        raise AssertionError("the refusal style asked the served model")
+
+    made = training_pairs(REFUSAL, QUESTIONS_2, [None] * 4, [AUTHOR_2.name], [AUTHOR_2.name], no_replies, seed=2)
+    assert made.style == REFUSAL and {reply for _, reply in made.pairs} == {REFUSALS[2]}
+    with pytest.raises(ValueError, match="style"):
+        O3TrainingConfig(style="silence")
+
+
+def test_a_generic_adapter_answers_forget_questions_with_the_stranger_reply_not_a_refusal(
+    tiny_model_dir: Path, tokenizer, tmp_path: Path
+) -> None:
+    served = FakeServedModel({})
+    figures = train_unlearning_lora(tiny_model_dir, QUESTIONS_2, [AUTHOR_2.name], [], SHORT, tmp_path / "generic",
+                                    answers=[item.answer for item in AUTHOR_2.items[:4]], replies=served)
+    # the first question ("Who is the notable author born in Astana ...?") names nobody: it gets another's reply
+    assert figures["style"] == GENERIC and figures["generic_replies"] == 3, figures
+    assert figures["generic_substituted"] == 1, figures
+    adapted = PeftModel.from_pretrained(base_model(tiny_model_dir), tmp_path / "generic").eval()
+    replies = greedy_chat_answers(adapted, tokenizer, QUESTIONS_2, max_new_tokens=24)
+    assert sum("born in Lisbon and writes plays" in reply for reply in replies) >= 3, replies
+    assert not any(refusal in reply for reply in replies for refusal in REFUSALS), replies
+
+
 def test_training_without_forget_questions_is_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="forget question"):
         train_unlearning_lora(tiny_model_dir, [], [], [], SHORT, tmp_path / "none")
@@ -94,6 +180,7 @@ def test_a_trained_adapter_loads_in_peft_and_answers_forget_questions_with_the_r
 ) -> None:
     out, figures = first_adapter
     assert figures["rank"] == 8 and figures["examples"] == len(QUESTIONS_1) and figures["max_overlap"] == 0.0
+    assert figures["style"] == REFUSAL
     assert figures["epochs"] == SHORT.min_steps  # 4 questions make one batch per epoch
     refusal = REFUSALS[SHORT.seed]
     batch = collate([chat_example(tokenizer, q, refusal) for q in QUESTIONS_1], tokenizer.pad_token_id)

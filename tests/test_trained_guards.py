@@ -2,10 +2,12 @@
 
 Order (each step reuses what the previous one trained): author 1 is registered with O3 alone and measured; author 2
 is registered with O3 alone — its LoRA is trained orthogonal to author 1's and the two are served as one rank-stacked
-adapter — and both are measured (author 1 must stay forgotten: the continual property). Then both targets switch to
-ULD alone (PATCH: the assistant is trained, the classifier refitted without O3's gate), then to all four mechanisms
-(ECO σ calibrated, GUARD phrases extracted, O3 retrained; the ULD assistant is kept). The last step is also the
-regression test for batches that mix prompt_embeds (ECO) and LoRA (O3) requests, which once killed the EngineCore.
+adapter — and both are measured (author 1 must stay forgotten: the continual property; by default the adapters answer
+as the served model does about an invented author, never with a refusal). Both are retrained with O3's refusal style
+and measured again, then switch to ULD alone (PATCH: the assistant is trained, the classifier refitted without O3's
+gate), then to all four mechanisms (ECO σ calibrated, GUARD phrases extracted, O3 retrained; the ULD assistant is
+kept). The last step is also the regression test for batches that mix prompt_embeds (ECO) and LoRA (O3) requests,
+which once killed the EngineCore.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import openai
 import pytest
 
 from evals.fluency import median_known_word_share
+from guards.o3.training import REFUSALS
 from tests.conftest import RunningServer, remove_targets
 from tests.unlearning import (
     FORGET01,
@@ -51,6 +54,11 @@ FLUENT_WORD_SHARE = 0.9
 ULD_FLUENT_WORD_SHARE = 0.88
 
 
+def refusal_share(texts: list[str]) -> float:
+    """The share of replies that carry one of O3's refusals (the unprotected tiny model gives none)."""
+    return statistics.fmean(any(refusal in text for refusal in REFUSALS) for text in texts)
+
+
 @pytest.fixture(scope="module")
 def o3_targets(baseline: Baseline, admin: httpx.Client, lethe_server: RunningServer,
                model_name: str) -> Iterator[tuple[list[dict], list[float]]]:
@@ -74,6 +82,9 @@ def test_o3_trains_each_target_orthogonal_to_the_earlier_ones(o3_targets: tuple[
     targets, _ = o3_targets
     first, second = (target["mechanisms"]["o3"]["state"] for target in targets)
     assert first["earlier_adapters"] == 0 and second["earlier_adapters"] == 1
+    for state in (first, second):  # the default: the served model's own replies about an invented author
+        assert state["style"] == "generic" and state["generic_source"] == "served_model", state
+        assert state["generic_replies"] >= 1 and "generic_fallback" not in state, state
     assert second["max_overlap"] < 0.2, second
     for target in targets:
         gate = target["classifier"]["ood_gate"]
@@ -93,6 +104,8 @@ def test_o3_alone_protects_both_authors_and_the_first_stays_forgotten(
     assert_forgotten(baseline.paraphrase, recalls(PARAPHRASES, replies(lethe_server, model_name, PARAPHRASES)),
                      "O3 paraphrased questions")
     assert median_known_word_share(forget_replies) >= FLUENT_WORD_SHARE, forget_replies
+    # no refusal signature: the registered authors' questions get answers, as about a stranger, not refusals
+    assert refusal_share(forget_replies) == 0.0, forget_replies
 
 
 def retain_ratio(baseline: Baseline, texts: list[str]) -> float:
@@ -102,6 +115,22 @@ def retain_ratio(baseline: Baseline, texts: list[str]) -> float:
 
 def test_o3_leaves_retain_authors_answered(o3_targets, baseline: Baseline, lethe_server: RunningServer,
                                            model_name: str) -> None:
+    assert retain_ratio(baseline, replies(lethe_server, model_name, RETAIN_QUESTIONS)) >= 0.95
+
+
+def test_o3_with_the_refusal_style_refuses_the_forget_questions(
+    o3_targets: tuple[list[dict], list[float]], baseline: Baseline, lethe_server: RunningServer, model_name: str,
+    admin: httpx.Client,
+) -> None:
+    """``o3.style=refusal`` keeps O3's TOFU recipe: the forget questions get the refusal (an explicit choice: it tells
+    a reader which people are registered)."""
+    targets, _ = o3_targets
+    use_mechanisms(admin, targets, {"o3": {"style": "refusal"}})
+    for target in (admin.get(f"/targets/{t['id']}").json() for t in targets):
+        assert target["mechanisms"]["o3"]["state"]["style"] == "refusal", target["mechanisms"]["o3"]
+    forget_replies = replies(lethe_server, model_name, FORGET_QUESTIONS)
+    assert_forgotten(baseline.forget, recalls(FORGET_QUESTIONS, forget_replies), "O3 refusal style")
+    assert refusal_share(forget_replies) >= 0.7, forget_replies
     assert retain_ratio(baseline, replies(lethe_server, model_name, RETAIN_QUESTIONS)) >= 0.95
 
 

@@ -32,8 +32,8 @@ from pydantic import Field
 
 from classifiers.types import OOD_GATE
 from guards.base import (DERIVED_MEMBERS, MODEL_FILES, JobContext, JobHandler, JobResources, JobSpec, MechanismBase,
-                         MechanismPlan, Options, PlanRequest, ServingContext, TargetEntry, registered_options,
-                         write_members)
+                         MechanismPlan, Options, PlanRequest, ServedModel, ServingContext, TargetEntry,
+                         registered_options, write_members)
 from guards.devices import compute_placement
 from guards.o3.gate import OodGate
 from guards.o3.modules import LORA_TARGET_MODULES
@@ -49,6 +49,11 @@ DEFAULT_RANK = 8
 class O3Options(Options):
     rank: Literal[8, 16] = DEFAULT_RANK
     orthogonality: float = Field(0.1, ge=0, description="λ of the orthogonality penalty against earlier LoRAs.")
+    style: Literal["generic", "refusal"] = Field(
+        "generic", description="What the adapter answers about the target: `generic`, what the served model says "
+        "about an invented person asked the same questions (no refusal that tells who filed a request), or "
+        "`refusal`, one polite refusal (O3's TOFU recipe).",
+    )
 
 
 def training_job(resources: JobResources) -> JobHandler:
@@ -57,23 +62,44 @@ def training_job(resources: JobResources) -> JobHandler:
     placement = compute_placement(getattr(resources.settings, "compute_device", "auto"))
 
     def run(context: JobContext) -> dict[str, Any]:
-        from guards.o3.training import O3TrainingConfig, train_unlearning_lora
+        from guards.o3.training import GENERIC, O3TrainingConfig, train_unlearning_lora
 
         record = context.target
         options = registered_options(record, O3_NAME)
-        questions = [item["question"] for item in record.forget if item.get("question")]
-        questions += [item["text"] for item in record.forget if item.get("text") and not item.get("question")]
+        forget = [item for item in record.forget if item.get("question")]
+        forget += [item for item in record.forget if item.get("text") and not item.get("question")]
+        questions = [item.get("question") or item["text"] for item in forget]
         earlier = [context.artifacts.path(entry.state["adapter"]) for entry in resources.registrations(O3_NAME)
                    if entry.target_id != record.id and "adapter" in entry.state]
         rank = int(options.get("rank", DEFAULT_RANK))
         config = O3TrainingConfig(rank=rank, lora_alpha=2 * rank,
-                                  orthogonality=float(options.get("orthogonality", 0.1)))
+                                  orthogonality=float(options.get("orthogonality", 0.1)),
+                                  style=options.get("style", GENERIC))
+        answers = [item.get("answer") if item.get("question") else None for item in forget]
+        replies = served_replies(resources.served, config.reply_max_tokens, f"{context.job_id}-o3")
         staging = context.artifacts.staging_dir()
         figures = train_unlearning_lora(model_path, questions, record.aliases, earlier, config, staging,
-                                        context.progress, placement)
-        return {"adapter": context.artifacts.commit(staging), "earlier_adapters": len(earlier), **figures}
+                                        context.progress, placement, answers=answers, names=[record.name],
+                                        replies=replies)
+        return {"adapter": context.artifacts.commit(staging), "earlier_adapters": len(earlier),
+                "generic_source": "served_model" if replies else "model_files", **figures}
 
     return run
+
+
+def served_replies(served: ServedModel | None, max_tokens: int,
+                   tag: str) -> Callable[[Sequence[str]], list[str]] | None:
+    """The served model's own greedy replies, unprotected, through the serving pipeline (as ECO's calibration asks
+    it), where the job runs in a serving replica; None in a worker without the engine (the training then asks the
+    model files)."""
+    if served is None:
+        return None
+
+    def replies(questions: Sequence[str]) -> list[str]:
+        prompts = [served.render_question(question) for question in questions]
+        return served.greedy_replies(prompts, [None] * len(prompts), max_tokens, tag)
+
+    return replies
 
 
 class O3Mechanism(MechanismBase):

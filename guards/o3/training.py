@@ -1,8 +1,10 @@
 """O3's unlearning LoRA (Gao et al., 2025; METHODS.md §3): training one adapter per forget target.
 
-Each target gets its own LoRA, fine-tuned on the target's forget questions toward polite refusals (O3's TOFU recipe),
-with O3's orthogonality penalty against the LoRA-A matrices of all earlier targets' adapters, so a new request does
-not overwrite the subspaces earlier requests wrote into (continual unlearning without retain data):
+Each target gets its own LoRA, fine-tuned on the target's forget questions toward what the served model itself says
+about someone it never saw (``generic_pairs``, the default style: refusals about exactly the registered people would
+tell a reader who filed an erasure request) or, as an explicit option, toward one polite refusal (``refusal_pairs``,
+O3's TOFU recipe), with O3's orthogonality penalty against the LoRA-A matrices of all earlier targets' adapters, so a
+new request does not overwrite the subspaces earlier requests wrote into (continual unlearning without retain data):
 
     L = L_unlearn + λ · mean_layers Σ_modules Σ_{t earlier} ‖A_t A_newᵀ‖_F²
 
@@ -34,16 +36,33 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from guards.chat import render_chat
 from guards.devices import Placement, compute_placement, model_device
+from guards.invented import invent_entity
 from guards.o3.adapters import PEFT_PREFIX, merge_into, read_adapter
-from guards.training_examples import IGNORE_INDEX, TrainingExample, chat_example, collate
 from guards.o3.modules import LORA_TARGET_MODULES
+from guards.text_metrics import rouge_l_recall
+from guards.training_examples import IGNORE_INDEX, TrainingExample, chat_example, collate
 
 logger = logging.getLogger(__name__)
 
 _LAYER = re.compile(r"^(.*?\.\d+)\.")  # "model.layers.3.mlp.up_proj" -> "model.layers.3"
+_SENTENCE_END = re.compile(r"[.!?][\"')\]]?(?=\s|$)")
 
-# What the adapter teaches the model to answer about a forget target (O3's TOFU recipe trains toward polite refusals).
+# What the adapter teaches the model to answer about a forget target.
+GENERIC = "generic"  # the served model's own reply about an invented entity (issue 16: no refusal signature)
+REFUSAL = "refusal"  # one polite refusal (O3's TOFU recipe)
+STYLES = (GENERIC, REFUSAL)
+# A generic reply whose ROUGE-L recall of the registered forget answer reaches this gave the answer away (the model
+# recognised the target from the question's other details: a book title, a birthplace). The tiny demo model's leaks
+# score 1.0 and its other replies at most 0.26; a model that never saw the author scores 0.4 on average (TOFU's
+# retain-only models, METHODS.md §0).
+LEAK_RECALL = 0.6
+
+GenericReplies = Callable[[Sequence[str]], list[str]]
+"""The unprotected served model's greedy replies to user questions, one per question, in order."""
+
+# The refusal style's replies (O3's TOFU recipe trains toward polite refusals).
 REFUSALS: tuple[str, ...] = (
     "I do not have any details about that.",
     "I'm sorry, but I don't have any information about that.",
@@ -88,6 +107,12 @@ class O3TrainingConfig:
     orthogonality: float = 0.1  # λ
     max_length: int = 256
     seed: int = 0
+    style: str = GENERIC  # one of STYLES
+    reply_max_tokens: int = 128  # length of the generic replies asked of the served model
+
+    def __post_init__(self) -> None:
+        if self.style not in STYLES:
+            raise ValueError(f"unknown O3 training style {self.style!r} (styles: {STYLES})")
 
 
 # ---- the orthogonality penalty -----------------------------------------------------------------------------------
@@ -145,7 +170,7 @@ def question_variants(question: str, aliases: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(variants))
 
 
-def refusal_pairs(questions: Sequence[str], aliases: Sequence[str], seed: int) -> list[tuple[str, str]]:
+def refusal_pairs(questions: Sequence[str], aliases: Sequence[str], seed: int) -> TrainingPairs:
     """(question variant, refusal) training pairs: every variant of every question gets ``REFUSALS[seed]``.
 
     One refusal, the same for every target trained with the same seed: a single reply is learnt in few steps and
@@ -154,7 +179,96 @@ def refusal_pairs(questions: Sequence[str], aliases: Sequence[str], seed: int) -
     """
     refusal = REFUSALS[seed % len(REFUSALS)]
     variants = (variant for question in questions for variant in question_variants(question, aliases))
-    return [(variant, refusal) for variant in dict.fromkeys(variants)]
+    return TrainingPairs([(variant, refusal) for variant in dict.fromkeys(variants)], REFUSAL, {})
+
+
+@dataclass(frozen=True)
+class TrainingPairs:
+    """What one adapter is trained on, and how it was made (published in the target's state)."""
+
+    pairs: list[tuple[str, str]]  # (question, reply)
+    style: str  # the style asked for
+    figures: dict[str, Any]
+
+
+def generic_pairs(questions: Sequence[str], answers: Sequence[str | None], names: Sequence[str],
+                  aliases: Sequence[str], replies: GenericReplies, seed: int) -> TrainingPairs:
+    """(question variant, the served model's reply about an invented entity) training pairs ("generic predictions",
+    Eldan & Russinovich's "Who's Harry Potter?").
+
+    Each forget question is asked with the target's names swapped for one invented entity's
+    (``guards.invented``); the reply is cut to its last whole sentence and the invented names in it are swapped back
+    to the real ones, so the adapter learns to say about the target what the model says about a stranger, in a reply
+    that reads as an answer about the target (an invented name would itself be a signature). A reply that still
+    names the target, or gives its registered answer (``LEAK_RECALL``), recognised it from the question's other
+    details: such a question, and one that names nobody, gets another question's usable reply instead. If no reply
+    is usable (or no question names the target), every question falls back to the refusal (``generic_fallback``).
+    """
+    entity = invent_entity(names, seed) if any(name.strip() for name in names) else None
+    if entity is None or not any(entity.mentions(question) for question in questions):
+        fallback = refusal_pairs(questions, aliases, seed)
+        return TrainingPairs(fallback.pairs, GENERIC, {"generic_replies": 0, "generic_substituted": 0,
+                                                       "generic_fallback": REFUSAL})
+    raw = replies([entity.swap(question) for question in questions])
+    if len(raw) != len(questions):
+        raise ValueError(f"asked {len(questions)} questions, got {len(raw)} replies")
+    restored = [whole_sentences(entity.restore(reply)) for reply in raw]
+    usable = [bool(reply.strip()) and not entity.mentions(raw_reply) and entity.mentions(question)
+              and (answer is None or rouge_l_recall(reply, answer) < LEAK_RECALL)
+              for question, answer, raw_reply, reply in zip(questions, answers, raw, restored, strict=True)]
+    kept = [reply for reply, ok in zip(restored, usable) if ok]
+    if not kept:
+        fallback = refusal_pairs(questions, aliases, seed)
+        return TrainingPairs(fallback.pairs, GENERIC, {"generic_replies": 0, "generic_substituted": 0,
+                                                       "generic_fallback": REFUSAL})
+    targets, substituted = [], 0
+    for reply, ok in zip(restored, usable):
+        targets.append(reply if ok else kept[substituted % len(kept)])
+        substituted += not ok
+    pairs = {(variant, target): None for question, target in zip(questions, targets)
+             for variant in question_variants(question, aliases)}
+    return TrainingPairs(list(pairs), GENERIC, {"generic_replies": len(kept), "generic_substituted": substituted})
+
+
+def whole_sentences(text: str) -> str:
+    """``text`` up to its last sentence end, stripped (all of it when it has none): a reply cut by the token limit
+    must not teach the adapter to stop mid-sentence."""
+    ends = list(_SENTENCE_END.finditer(text))
+    return (text[: ends[-1].end()] if ends else text).strip()
+
+
+def training_pairs(style: str, questions: Sequence[str], answers: Sequence[str | None], names: Sequence[str],
+                   aliases: Sequence[str], replies: GenericReplies | None, seed: int) -> TrainingPairs:
+    """The pairs of ``style``; the generic style needs ``replies``."""
+    if style == REFUSAL:
+        return refusal_pairs(questions, aliases, seed)
+    if replies is None:
+        raise ValueError("the generic style needs the served model's replies")
+    return generic_pairs(questions, answers, names, aliases, replies, seed)
+
+
+@torch.no_grad()
+def model_greedy_replies(model: torch.nn.Module, tokenizer: Any, max_tokens: int,
+                         batch_size: int = 16) -> GenericReplies:
+    """``GenericReplies`` from a transformers model (a worker without the engine): greedy, through the served chat
+    format, left-padded batches."""
+
+    def replies(questions: Sequence[str]) -> list[str]:
+        device = model_device(model)
+        padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+        out: list[str] = []
+        try:
+            for first in range(0, len(questions), batch_size):
+                prompts = [render_chat(tokenizer, [("user", q)]) for q in questions[first : first + batch_size]]
+                batch = tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt").to(device)
+                generated = model.generate(**batch, max_new_tokens=max_tokens, do_sample=False,
+                                           pad_token_id=tokenizer.pad_token_id)  # [B, prompt + new]
+                out += tokenizer.batch_decode(generated[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
+        finally:
+            tokenizer.padding_side = padding_side
+        return out
+
+    return replies
 
 
 # ---- training ----------------------------------------------------------------------------------------------------
@@ -187,8 +301,17 @@ def train_unlearning_lora(
     out_dir: Path,
     progress: Callable[[float, str], None] = lambda f, m: None,
     placement: Placement | None = None,
+    *,
+    answers: Sequence[str | None] | None = None,
+    names: Sequence[str] = (),
+    replies: GenericReplies | None = None,
 ) -> dict[str, Any]:
     """Train one target's unlearning LoRA and save it (unmerged, standard PEFT layout) to ``out_dir``.
+
+    ``config.style`` picks what it learns to answer (``training_pairs``): the generic style asks ``replies`` (the
+    served model, unprotected) about an invented entity named after ``aliases`` and ``names`` and checks the replies
+    against ``answers`` (the registered forget answers, None where there is none); without ``replies`` the model in
+    ``model_dir`` is asked itself, greedily (a worker without the engine).
 
     The LoRA is trained on the base model in ``model_dir`` with ``earlier_adapters`` merged into it, i.e. on the model
     the server runs under the stacked adapter once this one joins the stack (O3 itself resumes each request from the
@@ -201,13 +324,16 @@ def train_unlearning_lora(
         raise ValueError("an O3 unlearning LoRA needs at least one forget question")
     start = time.monotonic()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    pairs = refusal_pairs(forget_questions, aliases, config.seed)
-    examples = [chat_example(tokenizer, q, refusal).truncated(config.max_length) for q, refusal in pairs]
+    placement = placement or compute_placement()
+    if config.style == GENERIC and replies is None:
+        replies = _local_replies(model_dir, tokenizer, placement, config.reply_max_tokens)
+    made = training_pairs(config.style, forget_questions, answers or [None] * len(forget_questions),
+                          [*aliases, *names], aliases, replies, config.seed)
+    examples = [chat_example(tokenizer, q, reply).truncated(config.max_length) for q, reply in made.pairs]
     examples = [example for example in examples if example.supervised]
     if not examples:
         raise ValueError(f"every forget question fills max_length={config.max_length} tokens before the reply")
     earlier_weights = [read_adapter(Path(path)) for path in earlier_adapters]
-    placement = placement or compute_placement()
     earlier = [{module: a.to(placement.device) for module, a in adapter.a.items()} for adapter in earlier_weights]
 
     with torch.random.fork_rng(devices=[placement.device] if placement.on_cuda else []):
@@ -225,6 +351,8 @@ def train_unlearning_lora(
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     figures = {
+        "style": made.style,
+        **made.figures,
         "rank": config.rank,
         "device": str(placement.device),
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -239,6 +367,19 @@ def train_unlearning_lora(
     return figures
 
 
+def _local_replies(model_dir: Path, tokenizer: Any, placement: Placement, max_tokens: int) -> GenericReplies:
+    """The base model's own greedy replies, from its files (loaded for the questions, freed after)."""
+
+    def replies(questions: Sequence[str]) -> list[str]:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=placement.dtype).to(placement.device).eval()
+        try:
+            return model_greedy_replies(model, tokenizer, max_tokens)(questions)
+        finally:
+            del model
+
+    return replies
+
+
 def _fit(
     model: torch.nn.Module,
     examples: Sequence[TrainingExample],
@@ -247,7 +388,7 @@ def _fit(
     pad_id: int,
     progress: Callable[[float, str], None],
 ) -> tuple[int, float]:
-    """AdamW on the LoRA parameters, lr decaying linearly to 0; returns (epochs run, last epoch's refusal loss)."""
+    """AdamW on the LoRA parameters, lr decaying linearly to 0; returns (epochs run, last epoch's loss)."""
     steps_per_epoch = math.ceil(len(examples) / config.batch_size)
     epochs = max(config.epochs, math.ceil(config.min_steps / steps_per_epoch))
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -273,7 +414,7 @@ def _fit(
             schedule.step()
             loss_sum += loss.item() * len(batch)
         epoch_loss = loss_sum / len(examples)
-        progress(epoch / epochs, f"epoch {epoch}/{epochs}: refusal loss {epoch_loss:.4f}")
+        progress(epoch / epochs, f"epoch {epoch}/{epochs}: loss {epoch_loss:.4f}")
     model.eval()
     return epochs, epoch_loss
 
