@@ -84,6 +84,16 @@ def stop_server(server: RunningServer) -> None:
             server.process.wait()
 
 
+def run_lethe_eval(server: RunningServer, admin: httpx.Client, benchmark: str, *args: str) -> None:
+    """``lethe eval BENCHMARK --base-url SERVER ARGS`` as a user runs it (a subprocess, the admin key in its
+    environment), on a registry it finds empty; fails with the command's stderr."""
+    assert admin.get("/targets").json()["data"] == [], "an earlier test left targets registered"
+    env = {**os.environ, "LETHE_ADMIN_KEY": ADMIN_KEY, "LETHE_API_KEYS": API_KEY, "LETHE_LOG_LEVEL": "WARNING"}
+    done = subprocess.run([str(LETHE_BIN), "eval", benchmark, "--base-url", server.base_url, *args],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--model-dir", default=None,
                      help="run the suite against this built model directory instead of (building) the tiny demo model")

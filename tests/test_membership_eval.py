@@ -9,28 +9,21 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
 from pathlib import Path
 
 import httpx
 import pytest
 
 from evals.membership import FEATURE_NAMES
-from tests.conftest import ADMIN_KEY, API_KEY, LETHE_BIN, RunningServer
+from tests.conftest import RunningServer, run_lethe_eval
 
 
 @pytest.fixture(scope="module")
 def report(lethe_server: RunningServer, tmp_path_factory: pytest.TempPathFactory,
            admin: httpx.Client) -> tuple[dict, Path]:
-    assert admin.get("/targets").json()["data"] == [], "an earlier test left targets registered"
     out = tmp_path_factory.mktemp("membership")
-    env = {**os.environ, "LETHE_ADMIN_KEY": ADMIN_KEY, "LETHE_API_KEYS": API_KEY, "LETHE_LOG_LEVEL": "WARNING"}
-    done = subprocess.run(
-        [str(LETHE_BIN), "eval", "membership", "--base-url", lethe_server.base_url, "--split", "forget01",
-         "--mechanisms", "guard", "--questions-per-author", "6", "--out", str(out)],
-        env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_lethe_eval(lethe_server, admin, "membership", "--split", "forget01", "--mechanisms", "guard",
+                   "--questions-per-author", "6", "--out", str(out))
     return json.loads((out / "membership-forget01.json").read_text()), out
 
 

@@ -8,14 +8,12 @@ touches flagged prompts, so its Model Utility must equal the unprotected one whi
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import ADMIN_KEY, API_KEY, LETHE_BIN, RunningServer
+from tests.conftest import RunningServer, run_lethe_eval
 
 SPEC_KEYS = {"mechanisms", "forget_quality", "model_utility", "forget_rouge", "paraphrase_rouge", "retain_rouge",
              "real_authors_acc", "world_facts_acc", "detection_rate", "false_positive_rate"}
@@ -24,15 +22,9 @@ SPEC_KEYS = {"mechanisms", "forget_quality", "model_utility", "forget_rouge", "p
 @pytest.fixture(scope="module")
 def report(lethe_server: RunningServer, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory,
            admin: httpx.Client) -> tuple[dict, Path]:
-    assert admin.get("/targets").json()["data"] == [], "an earlier test left targets registered"
     out = tmp_path_factory.mktemp("eval")
-    env = {**os.environ, "LETHE_ADMIN_KEY": ADMIN_KEY, "LETHE_API_KEYS": API_KEY, "LETHE_LOG_LEVEL": "WARNING"}
-    done = subprocess.run(
-        [str(LETHE_BIN), "eval", "tofu", "--base-url", lethe_server.base_url, "--split", "forget01",
-         "--mechanisms", "guard", "--limit", "6", "--retain-model", str(tiny_model_dir), "--out", str(out),
-         "--membership"],
-        env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_lethe_eval(lethe_server, admin, "tofu", "--split", "forget01", "--mechanisms", "guard", "--limit", "6",
+                   "--retain-model", str(tiny_model_dir), "--out", str(out), "--membership")
     return json.loads((out / "tofu-forget01.json").read_text()), out
 
 
