@@ -41,7 +41,7 @@ bench: install
 	$(BIN)/python bench/load.py --seconds 60
 	$(BIN)/python bench/summary.py
 
-# Builds the images and runs the compose stack end to end (docs/deployment.md): root, Docker, ~25 min on 2 cores.
+# Builds the images and runs the compose stack end to end (docs/deployment.md): root, Docker, 6-10 min on 2 cores.
 # Not part of `make test`; run it before every change to Dockerfile or deploy/.
 deploy-test: install
 	$(BIN)/python deploy/stack_test.py
