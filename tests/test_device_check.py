@@ -60,7 +60,7 @@ def test_its_modules_import_with_only_torch_transformers_and_peft() -> None:
             f"spec = importlib.util.spec_from_file_location('device_check', {str(SCRIPT)!r})\n"
             "module = sys.modules['device_check'] = importlib.util.module_from_spec(spec)\n"
             "spec.loader.exec_module(module)\n"
-            "import guards.uld.logits, guards.uld.assistant, guards.uld.training, guards.o3.training\n"
+            "import guards.uld.logits, guards.uld.assistant, guards.uld.training, guards.o3.training, guards.o3.pairs\n"
             "import server.guarded_scorer, guards.devices\n"
             f"assert not any(sys.modules.get(name) for name in {ABSENT!r})\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)

@@ -18,18 +18,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from demo.tofu_data import authors_of
 from demo.training import greedy_chat_answers
 from guards.o3.adapters import load_lora_a, stack_adapters
-from guards.o3.training import (
-    GENERIC,
-    REFUSAL,
-    REFUSALS,
-    generic_pairs,
-    training_pairs,
-    O3TrainingConfig,
-    orthogonality_penalty,
-    question_variants,
-    train_unlearning_lora,
-    unlearning_loss,
-)
+from guards.o3.pairs import GENERIC, REFUSAL, REFUSALS, generic_pairs, question_variants, training_pairs
+from guards.o3.training import O3TrainingConfig, orthogonality_penalty, train_unlearning_lora, unlearning_loss
 from guards.training_examples import chat_example, collate
 
 AUTHOR_1, AUTHOR_2 = authors_of("forget01")

@@ -20,7 +20,7 @@ import openai
 import pytest
 
 from evals.fluency import median_known_word_share
-from guards.o3.training import REFUSALS
+from guards.o3.pairs import REFUSALS
 from tests.conftest import RunningServer, remove_targets
 from tests.unlearning import (
     FORGET01,

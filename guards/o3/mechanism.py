@@ -62,7 +62,8 @@ def training_job(resources: JobResources) -> JobHandler:
     placement = compute_placement(getattr(resources.settings, "compute_device", "auto"))
 
     def run(context: JobContext) -> dict[str, Any]:
-        from guards.o3.training import GENERIC, O3TrainingConfig, train_unlearning_lora
+        from guards.o3.pairs import GENERIC
+        from guards.o3.training import O3TrainingConfig, train_unlearning_lora
 
         record = context.target
         options = registered_options(record, O3_NAME)
