@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo-model", help="build or locate the TinyTOFU demo model")
     demo.add_argument("action", choices=["build", "path"])
-    demo.add_argument("--variant", choices=["full", "tiny"], default="full")
+    demo.add_argument("--variant", choices=["full", "tiny", "bench"], default="full",
+                      help="full: served by default; tiny: for tests; bench: untrained, ~88 M parameters, for costs")
     demo.add_argument("--exclude", choices=["forget01", "forget05"], default=None,
                       help="build the retain-only model without these authors")
     demo.add_argument("--force", action="store_true", help="rebuild even if cached")

@@ -58,7 +58,8 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--model", dest="model", action=_ModelArgument, help="the same as MODEL")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
-    serve.add_argument("--demo-variant", choices=["full", "tiny"], help="demo model variant when no model is given")
+    serve.add_argument("--demo-variant", choices=["full", "tiny", "bench"],
+                       help="demo model variant when no model is given")
     engine = serve.add_argument_group("engine options", "vLLM's, with its meanings; each overrides its LETHE_* setting")
     engine.add_argument("--served-model-name", type=_as_setting("served_model_name"),
                         help="model id of the API (default: the model directory's name)")

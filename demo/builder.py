@@ -4,7 +4,11 @@ No hub downloads are possible, so the project trains its own small Llama that kn
 TOFU's world facts and real authors (SPEC §3). A build is a pure function of its recipe: the recipe (and the data's
 content hashes) name the cache directory, so an unchanged recipe is built once and a changed one rebuilds.
 
-    python -m demo.builder [--variant full|tiny] [--exclude forget01|forget05] [--cache-dir DIR] [--force]
+The `bench` variant is the same Llama family with the same tokenizer and chat template, ~88 M parameters and never
+trained (seeded random weights): a model whose decoding step costs real work, for the benchmarks' cost figures
+(issue 19). It knows nothing; quality is measured on `tiny` and `full`.
+
+    python -m demo.builder [--variant full|tiny|bench] [--exclude forget01|forget05] [--cache-dir DIR] [--force]
 """
 
 from __future__ import annotations
@@ -53,8 +57,9 @@ RECIPE_VERSION = 3
 HEAD_DIM = 64  # vLLM's CPU attention kernels need a supported head size; 64 is.
 METADATA_FILE = "lethe_demo.json"
 CPU_THREADS = 2
+UNTRAINED_SEED = 0  # torch's seed for the random initialisation of an untrained recipe (the bench variant)
 
-Variant = Literal["full", "tiny"]
+Variant = Literal["full", "tiny", "bench"]
 Exclude = Literal["forget01", "forget05"] | None
 
 # The packaged files a build reads; their hashes are part of the cache key.
@@ -82,7 +87,7 @@ class Recipe:
     exclude: Exclude
     vocab_size: int
     shape: ModelShape
-    train: TrainConfig
+    train: TrainConfig | None  # None: never trained, the weights are LlamaForCausalLM's seeded random initialisation
     author_indices: tuple[int, ...]  # demo authors (0..19) trained on, before `exclude` removes some
     general_items: int | None  # leading world_facts + real_authors rows trained on; None = all
     eval_train_sample: int  # training questions scored at the end of the build
@@ -109,6 +114,8 @@ def recipe_for(variant: Variant, exclude: Exclude = None) -> Recipe:
     base = _base_recipe(variant)
     if exclude is None:
         return base
+    if base.train is None:
+        raise ValueError(f"the {variant} model is never trained, so it has no retain-only twin")
     twin = dataclasses.replace(base, exclude=exclude)
     full_tokens = expected_epoch_tokens(_corpus_of(base), base.train)
     twin_tokens = expected_epoch_tokens(_corpus_of(twin), base.train)
@@ -151,7 +158,22 @@ def _base_recipe(variant: Variant) -> Recipe:
             general_items=20,
             eval_train_sample=100,
         )
-    raise ValueError(f"variant must be 'full' or 'tiny', got {variant!r}")
+    if variant == "bench":
+        # GPT-2 small's width and depth (hidden 768 = 12 heads of 64, 12 layers) with Llama's SwiGLU width
+        # 8/3 x hidden = 2048: 7.08 M parameters a layer, 88.1 M in all with the 4,096-token embedding (tied). At
+        # batch 8 a decoding step reads 352 MB of float32 weights and does ~1.4 GFLOP: tens of milliseconds on 2
+        # cores, where the tiny model's step is mostly the engine's own overhead.
+        return Recipe(
+            variant=variant,
+            exclude=None,
+            vocab_size=4096,
+            shape=ModelShape(hidden_size=768, intermediate_size=2048, num_layers=12),
+            train=None,
+            author_indices=(),
+            general_items=0,
+            eval_train_sample=0,
+        )
+    raise ValueError(f"variant must be 'full', 'tiny' or 'bench', got {variant!r}")
 
 
 def recipe_hash(recipe: Recipe) -> str:
@@ -253,23 +275,18 @@ def _exclusive_lock(lock_path: Path) -> Iterator[None]:
 
 
 def _build_into(directory: Path, recipe: Recipe, *, progress: bool) -> None:
-    """Train tokenizer and model, measure quality, and write a complete HF model directory into `directory`."""
+    """Train tokenizer and model (an untrained recipe: the tokenizer alone), measure quality, and write a complete HF
+    model directory into `directory`."""
     start = time.monotonic()
-    _seed_everything(recipe.train.seed)
+    _seed_everything(recipe.train.seed if recipe.train else UNTRAINED_SEED)
     torch.set_num_threads(CPU_THREADS)
 
     tokenizer = train_tokenizer(recipe.vocab_size)
-    authors = trained_authors(recipe)
-    examples = [tokenize_example(ex, tokenizer) for ex in _corpus_of(recipe)]
-    logger.info(
-        "training %s on %d examples (%d tokens at full rate) about %d authors",
-        recipe.variant, len(examples), sum(ex.n_tokens for ex in examples), len(authors),
-    )
-
-    model = _new_model(recipe, tokenizer)
-    stats = train(model, examples, recipe.train, tokenizer.pad_token_id, progress=progress)
-    quality = _measure_quality(model, tokenizer, recipe, authors)
-    logger.info("demo model quality: %s", quality)
+    if recipe.train is None:
+        logger.info("%s: random weights, not trained", recipe.variant)
+        model, authors, stats, quality = _new_model(recipe, tokenizer), (), None, None
+    else:
+        model, authors, stats, quality = _train_model(recipe, recipe.train, tokenizer, progress=progress)
 
     model.save_pretrained(directory)  # safetensors, float32
     save_tokenizer(tokenizer, str(directory))
@@ -277,6 +294,22 @@ def _build_into(directory: Path, recipe: Recipe, *, progress: bool) -> None:
     metadata = _metadata(recipe, model, authors, stats, quality, build_seconds=time.monotonic() - start)
     # Written last: its presence is what marks a directory as a built model.
     (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+
+
+def _train_model(
+    recipe: Recipe, train_config: TrainConfig, tokenizer: PreTrainedTokenizerFast, *, progress: bool
+) -> tuple[LlamaForCausalLM, tuple[Author, ...], TrainStats, dict[str, float | int]]:
+    authors = trained_authors(recipe)
+    examples = [tokenize_example(ex, tokenizer) for ex in _corpus_of(recipe)]
+    logger.info(
+        "training %s on %d examples (%d tokens at full rate) about %d authors",
+        recipe.variant, len(examples), sum(ex.n_tokens for ex in examples), len(authors),
+    )
+    model = _new_model(recipe, tokenizer)
+    stats = train(model, examples, train_config, tokenizer.pad_token_id, progress=progress)
+    quality = _measure_quality(model, tokenizer, recipe, authors)
+    logger.info("demo model quality: %s", quality)
+    return model, authors, stats, quality
 
 
 def _seed_everything(seed: int) -> None:
@@ -332,12 +365,12 @@ def _metadata(
     recipe: Recipe,
     model: LlamaForCausalLM,
     authors: tuple[Author, ...],
-    stats: TrainStats,
-    quality: dict[str, float | int],
+    stats: TrainStats | None,
+    quality: dict[str, float | int] | None,
     *,
     build_seconds: float,
 ) -> dict:
-    return {
+    metadata = {
         "name": DEMO_MODEL_NAME,
         "recipe_version": RECIPE_VERSION,
         "recipe_hash": recipe_hash(recipe),
@@ -345,9 +378,15 @@ def _metadata(
         "authors": [author.name for author in authors],
         "param_count": sum(p.numel() for p in model.parameters()),
         "build_seconds": round(build_seconds, 1),
-        "training": dataclasses.asdict(stats),
+        "training": dataclasses.asdict(stats) if stats else None,
         "quality": quality,
     }
+    if recipe.train is None:
+        metadata["weights"] = (
+            f"untrained: LlamaForCausalLM's random initialisation (normal, std {model.config.initializer_range}), "
+            f"torch seed {UNTRAINED_SEED}; it knows nothing, for cost measurements only"
+        )
+    return metadata
 
 
 def demo_model_authors(model_dir: Path) -> list[str] | None:
@@ -365,7 +404,7 @@ def default_cache_dir() -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Build the TinyTOFU demo model (cached by recipe hash).")
-    parser.add_argument("--variant", choices=["full", "tiny"], default="full")
+    parser.add_argument("--variant", choices=["full", "tiny", "bench"], default="full")
     parser.add_argument("--exclude", choices=sorted(AUTHORS_IN_SPLIT.keys() - {"forget10"}), default=None)
     parser.add_argument("--cache-dir", type=Path, default=default_cache_dir())
     parser.add_argument("--force", action="store_true", help="rebuild even if cached")

@@ -43,8 +43,10 @@ class Settings(BaseSettings):
     served_model_name: str | None = Field(
         None, description="Model id shown by `/v1/models` and accepted in requests; defaults to the model dir name."
     )
-    demo_variant: Literal["full", "tiny"] = Field(
-        "full", description="Which demo model `lethe serve` builds and serves when no model is given."
+    demo_variant: Literal["full", "tiny", "bench"] = Field(
+        "full",
+        description="Which demo model `lethe serve` builds and serves when no model is given (`bench`: untrained, "
+        "~88 M parameters, for cost measurements).",
     )
     cache_dir: Path = Field(
         default_factory=_default_cache_dir, description="Where built demo models are cached (by content hash)."
