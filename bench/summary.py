@@ -29,6 +29,7 @@ BENCHMARKS = {
     "unprotected_window": "Unprotected window: a new target behind a training job",
     "load": "Load: 64 streaming clients, resident memory before and after",
     "detection_scale": "The gate's recall and false positives as targets accumulate",
+    "step_time": "One plain-engine decoding step at batch 8, per model",
 }
 
 

@@ -120,3 +120,17 @@ def test_serve_and_demo_model_commands_take_the_bench_variant(
     with pytest.raises(SystemExit, match="no retain-only twin"):
         cmd_demo_model(parse_args(build_parser(), ["demo-model", "build", "--variant", "bench", "--exclude",
                                                    "forget01"]))
+
+
+def test_step_time_sends_eight_distinct_32_token_prompts_and_counts_stored_parameters(bench_model: Path) -> None:
+    from bench.step_time import BATCH, PROMPT_TOKENS, batch_prompts, markdown, param_count
+
+    tokenizer = AutoTokenizer.from_pretrained(bench_model)
+    prompts = batch_prompts(tokenizer)
+    assert len(prompts) == BATCH == len({tuple(ids) for ids in prompts})
+    assert all(len(ids) == PROMPT_TOKENS and ids[0] == tokenizer.bos_token_id for ids in prompts)
+    assert param_count(bench_model) == 88_099_584
+    row = {"name": "bench", "model": str(bench_model), "params": 88_099_584, "step_ms": 25.0,
+           "decode_tokens_per_s": 320.0, "prefill_ms": 90.0}
+    table = markdown({"batch": 8, "prompt_tokens": 32, "max_tokens": 64, "rounds": 3, "cpus": 2, "rows": [row]})
+    assert f"| bench (`{bench_model.name}`) | 88.1 M | 25.0 | 320.0 | 90.0 |" in table
