@@ -212,6 +212,8 @@ def test_a_postgres_outage_keeps_the_replica_ready_and_degraded_while_its_regist
 
 # ---------------------------------------------------------------- the artifacts disk fills up
 
+ENDED = ("failed", "cancelled", "succeeded")
+
 
 def test_a_full_artifacts_disk_fails_the_job_cleanly_and_the_target_stays_enforced(
         first_server: RunningServer, artifacts_disk: tuple[Path, bool]) -> None:
@@ -225,9 +227,11 @@ def test_a_full_artifacts_disk_fails_the_job_cleanly_and_the_target_stays_enforc
     try:
         with admin_client(first_server) as admin:
             target_id = register(admin, author, {"guard": {}}, name="fault-disk-full")
+            # The target turns degraded as soon as its first job fails; its other job may still be running then.
             target = wait_until(lambda: (shown := admin.get(f"/targets/{target_id}").json())["status"]
-                                in ("degraded", "failed") and shown, 120, "the jobs fail on the full disk")
-            assert all(job["status"] in ("failed", "cancelled", "succeeded") for job in target["jobs"]), target
+                                in ("degraded", "failed") and all(job["status"] in ENDED for job in shown["jobs"])
+                                and shown, 120, "the jobs fail on the full disk and every job ends")
+            assert all(job["status"] in ENDED for job in target["jobs"]), target["jobs"]
             assert any("No space left" in (job["error"] or "") for job in target["jobs"]), target["jobs"]
             left = {path.name for path in artifacts.iterdir()} - before - {filler.name}
             assert left == set(), f"left on the full disk: {left}"
