@@ -12,8 +12,6 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from sqlalchemy.exc import InterfaceError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
@@ -27,6 +25,7 @@ from server.engine import Engine
 from server.errors import AuthenticationFailed, InvalidRequest, LetheError, NotFound, RegistryUnavailable
 from server.health import readiness
 from server.metrics import Metrics
+from server.registry.database import UNREACHABLE_ERRORS
 from server.openai import router as openai_router
 from server.openai.limits import RequestLimits
 from server.openai.protocol import ErrorBody, ErrorResponse
@@ -73,14 +72,14 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _lethe_error(_: Request, exc: LetheError) -> JSONResponse:
         return _error(exc.status, exc.to_response(), exc.headers)
 
-    @app.exception_handler(OperationalError)
-    @app.exception_handler(InterfaceError)
-    @app.exception_handler(PoolTimeout)
     async def _registry_unavailable(_: Request, exc: Exception) -> JSONResponse:
         # The database is down or unreachable (its driver's message may name hosts: it is logged, not returned).
         logger.warning("registry.unavailable", extra={"error": f"{type(exc).__name__}: {str(exc)[:300]}"})
         error = RegistryUnavailable()
         return _error(error.status, error.to_response(), error.headers)
+
+    for unreachable in UNREACHABLE_ERRORS:  # the same errors the snapshot holder reads as "registry unreachable"
+        app.add_exception_handler(unreachable, _registry_unavailable)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
