@@ -14,7 +14,8 @@ evaluation scores on this in-process path instead, from the very ``EnginePlan`` 
 The HF copy of the served weights is loaded on first use: scoring is for evaluation, and a serving replica that never
 scores never pays for it. It runs where ``guards.devices.compute_placement`` says (CUDA in bfloat16 when there is one,
 else the CPU in float32); the answer logits stay on that device, upcast to float32 for the hooks and the log-softmax.
-A token a guard banned has log-probability −inf; it is floored at ``LOGPROB_FLOOR`` so that losses and truth ratios
+A token a guard banned has log-probability −inf; it is floored at ``guards.probe.LOGPROB_FLOOR`` so that losses and
+truth ratios
 stay finite.
 
 Imports neither vLLM nor the rest of the server: ``bench/device_check.py`` runs this scorer on a GPU machine that has
@@ -35,13 +36,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from guards.devices import Placement, compute_placement
+from guards.probe import hooked_logprobs
 
 if TYPE_CHECKING:
     from server.planner import EnginePlan
 
 logger = logging.getLogger(__name__)
 
-LOGPROB_FLOOR = -100.0  # a guard's ban (-inf) scores as e^-100: far below any real token, finite for the metrics
 CACHED_ADAPTERS = 2  # O3 stacks are one per registry revision; the newest two cover a revision change mid-evaluation
 
 
@@ -89,14 +90,7 @@ class GuardedScorer:
             model = self._model_for(plan)
             rows = self._answer_logits(model, plan, prompt_ids, answer)  # (A, V) float32, on the model's device
             output: list[int] = []  # grows token by token, as the engine's live output list does
-            hooks = self._hooks(plan, prompt_ids, output)
-            for position, token in enumerate(answer):
-                for hook in hooks:
-                    hook.apply(rows[position])
-                output.append(token)
-            targets = torch.tensor(answer, device=rows.device).unsqueeze(1)  # (A, 1)
-            logprobs = torch.log_softmax(rows, dim=-1).gather(1, targets).squeeze(1)  # (A,)
-            values = logprobs.clamp_min(LOGPROB_FLOOR).tolist()  # one device-to-host copy
+            values = hooked_logprobs(rows, answer, self._hooks(plan, prompt_ids, output), output)
         return ContinuationScore(tuple(answer), tuple(values))
 
     def _hooks(self, plan: EnginePlan, prompt_ids: list[int], output: list[int]) -> list[Any]:

@@ -300,7 +300,7 @@ def test_the_embedded_server_runs_one_worker_thread_per_lane(tmp_path: Path) -> 
     control.start_worker(SimpleNamespace(tokenizer=None), tmp_path)  # type: ignore[arg-type]
     try:
         assert [(worker.lane, worker.kinds) for worker in control.workers] == [
-            ("gate", [FIT_CLASSIFIER, "guard_phrases"]), ("training", ["eco_calibrate", "o3_train", "uld_train"])]
+            ("gate", [FIT_CLASSIFIER, "guard_phrases"]), ("training", ["eco_calibrate", "guard_calibrate", "o3_train", "uld_train"])]
         threads = {thread.name for thread in threading.enumerate()}
         assert {"lethe-job-worker-gate", "lethe-job-worker-training"} <= threads
     finally:

@@ -366,3 +366,23 @@ def test_operator_negatives_are_stored_once_each_and_every_change_moves_the_revi
     assert registry.negatives.texts() == ["Order status for #1234"]
     with pytest.raises(NotFound):
         registry.negatives.delete(added.records[0].id)
+
+
+def test_two_jobs_of_one_mechanism_each_publish_their_own_keys_in_its_state(registry: Registry) -> None:
+    """GUARD's phrases and its calibration finish in either order; neither erases what the other published."""
+    registry = Registry.open(registry.database.engine, MechanismCatalog(
+        frozenset({"eco", "guard"}), lambda name, options: ["guard_phrases", "guard_calibrate"] if name == "guard"
+        else [], {"guard_phrases": "guard", "guard_calibrate": "guard"}))
+    created = registry.targets.create(target())
+    registry.jobs.complete(registry.jobs.claim("w1", [FIT_CLASSIFIER]), {"status": "ready", "artifact": "a" * 64})
+    registry.jobs.complete(registry.jobs.claim("w1", ["guard_calibrate"]), {"ban": 12.5, "ban_table": "c" * 64})
+    assert registry.targets.get(created.id).mechanisms["guard"].status == "preparing"  # the phrases are still open
+    registry.jobs.complete(registry.jobs.claim("w1", ["guard_phrases"]), {"artifact": "b" * 64, "phrases": 12})
+    shown = registry.targets.get(created.id)
+    assert shown.status == "active" and shown.mechanisms["guard"].status == "ready"
+    assert shown.mechanisms["guard"].state == {"artifact": "b" * 64, "phrases": 12, "ban": 12.5, "ban_table": "c" * 64}
+    # a re-run replaces its own keys and keeps the other job's
+    registry.targets.patch(created.id, changes(aliases=["Basil"]))
+    registry.jobs.complete(registry.jobs.claim("w1", ["guard_phrases"]), {"artifact": "d" * 64, "phrases": 9})
+    state = registry.targets.get(created.id).mechanisms["guard"].state
+    assert state == {"artifact": "d" * 64, "phrases": 9, "ban": 12.5, "ban_table": "c" * 64}

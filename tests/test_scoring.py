@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM
 from guards.guard.payload import write_phrase_table
 from server.prompt_embeds import EmbeddingTable
 from server.planner import EnginePlan
-from server.guarded_scorer import LOGPROB_FLOOR, ContinuationScore, GuardedScorer
+from guards.probe import LOGPROB_FLOOR
+from server.guarded_scorer import ContinuationScore, GuardedScorer
 
 QUESTION = "<|user|>\nWho wrote the book?\n<|assistant|>\n"
 ANSWER = " The book was written by an author."

@@ -20,7 +20,9 @@ import openai
 import pytest
 
 from evals.fluency import median_known_word_share
+from guards.never_seen import RECALL_MARGIN
 from guards.o3.pairs import REFUSALS
+
 from tests.conftest import RunningServer, remove_targets
 from tests.unlearning import (
     FORGET01,
@@ -146,6 +148,9 @@ def test_uld_alone_protects_the_authors_and_keeps_replies_fluent(
     for target in (admin.get(f"/targets/{t['id']}").json() for t in targets):
         state = target["mechanisms"]["uld"]["state"]
         assert state["layers"] >= 1 and state["final_nll"] < 1.0, state
+        figures = state["calibration"]  # issue 16: α calibrated against an invented stand-in, not the paper's 0.8
+        assert 0 < state["alpha"] <= 5 and figures["limited_by"] in ("reference", "leak", "range"), figures
+        assert figures["recall"] <= figures["reference_recall"] + RECALL_MARGIN, figures
     assert_protects(lethe_server, model_name, baseline, "ULD", required=ULD_ALONE_REQUIRED,
                     paraphrases_required=ULD_ALONE_PARAPHRASES_REQUIRED)
     forget_replies = replies(lethe_server, model_name, FORGET_QUESTIONS)

@@ -17,6 +17,7 @@ import openai
 import pytest
 
 from evals.metrics import answer_recall
+from guards.guard.calibration import MAX_BAN
 from tests.conftest import API_KEY, RunningServer, remove_targets
 from tests.unlearning import (
     ANSWERED,
@@ -175,11 +176,42 @@ def test_guard_alone_protects_the_authors(
     targets: list[dict], baseline: Baseline, lethe_server: RunningServer, model_name: str, admin: httpx.Client
 ) -> None:
     use_mechanisms(admin, targets, {"guard": {}})
+    for target in targets:  # the patch kept GUARD's options: its published calibration still serves
+        state = admin.get(f"/targets/{target['id']}").json()["mechanisms"]["guard"]["state"]
+        figures = state["calibration"]
+        assert state["ban"] is not None and 0 < state["ban"] < MAX_BAN, figures
+        assert figures["limited_by"] in ("reference", "leak") and figures["loss"] >= figures["reference_loss"] - 0.1
     # GUARD acts only where the prompt classifier fires. Measured on two tiny-model builds: 24/25 and 24/26 paraphrases
     # forgotten. On the second build's machine one leak is a gate miss (a paraphrase that names no author, "the writer
     # born on September 8, 1956, in Kuwait City", scored 0.86, under its target's threshold: the gate's recall is
     # issue 15's), the other a reply that only shares the word "writes" with the gold answer (recall 0.33).
     assert_protects(lethe_server, model_name, baseline, "GUARD", paraphrases_required=0.9)
+
+
+def test_guards_calibrated_ban_scores_the_gold_answers_near_the_never_seen_level_not_as_impossible(
+    targets: list[dict], admin: httpx.Client
+) -> None:
+    """Issue 16: with the published -inf ban, the gold answers scored as impossible (the floor), far below a
+    stranger's; through the server's scoring path (the engine's own hooks) they now score near the calibration's
+    never-seen reference, and each is still far less likely than unprotected."""
+    use_mechanisms(admin, targets, {"guard": {}})
+    for target, author in zip(targets, FORGET01, strict=True):
+        figures = admin.get(f"/targets/{target['id']}").json()["mechanisms"]["guard"]["state"]["calibration"]
+
+        def mean_loss(calibrate: bool) -> float:
+            use_mechanisms(admin, [target], {"guard": {"calibrate": calibrate}})
+            losses = []
+            for item in author.items:
+                response = admin.post("/score", json={"messages": [{"role": "user", "content": item.question}],
+                                                      "continuations": [item.answer]})
+                assert response.status_code == 200, response.text
+                losses.append(response.json()["scores"][0]["mean_loss"])
+            return sum(losses) / len(losses)
+
+        outright, calibrated = mean_loss(False), mean_loss(True)
+        assert calibrated == pytest.approx(figures["loss"], abs=0.5), (calibrated, figures)
+        assert outright > calibrated + 2.0, (outright, calibrated)
+        assert calibrated >= figures["reference_loss"] - 0.5, (calibrated, figures)
 
 
 def test_prompt_logprobs_are_refused_outright(lethe_server: RunningServer, model_name: str) -> None:

@@ -1,11 +1,12 @@
 """The ``eco_calibrate`` job: ECO's σ search against the served model (SPEC §6), run in a serving replica.
 
 objective(σ) = mean ROUGE-L recall of the gold answers in the greedy replies to (a sample of) the target's forget
-questions with ECO applied at σ; the goal is the level an answer about an unrelated author reaches (the served model's
-replies to retain / other authors' questions scored against the same gold answers) plus ``GOAL_MARGIN``, unless the
-target's ``eco.goal`` option sets it. Scopes are tried least invasive first: ``entities``, then ``prompt`` only if
-entity corruption cannot reach the goal at any σ tried (a model that memorised the rest of the question still answers
-it).
+questions with ECO applied at σ; the goal is the level replies about an entity the model never saw reach by chance
+(``guards.never_seen``: the served model's replies to the same questions about an invented stand-in of the target,
+each scored against another item's swapped answer) plus ``GOAL_MARGIN``, unless the target's ``eco.goal`` option sets
+it. Only the registration and invented names are used: no other author's data. Scopes are tried least invasive
+first: ``entities``, then ``prompt`` only if entity corruption cannot reach the goal at any σ tried (a model that
+memorised the rest of the question still answers it).
 """
 
 from __future__ import annotations
@@ -20,32 +21,23 @@ from typing import Any
 import numpy as np
 
 from classifiers.aliases import AliasMatcher
-from classifiers.negatives import builtin_negative_pool
 from classifiers.types import AliasSpan
 from guards.base import (ComposedPlan, JobContext, JobHandler, JobResources, JobTarget, PlanRequest, PromptView,
                          ServedModel, TargetHit, corruption_seed, registered_options)
 from guards.eco.corruption import ENTITIES, PROMPT
 from guards.eco.sigma_search import SigmaSearchConfig, zeroth_order_sigma_search
+from guards.invented import invent_entity
+from guards.never_seen import RECALL_MARGIN, chance_recall, entity_names
 from guards.text_metrics import rouge_l_recall
 
 logger = logging.getLogger(__name__)
 
 ECO_NAME = "eco"
 ECO_CALIBRATE = "eco_calibrate"
-# ROUGE-L over a dozen replies moves by a few hundredths from noise alone; "as if about an unrelated author" means
-# within this margin of that level.
-GOAL_MARGIN = 0.05
+# ROUGE-L over a dozen replies moves by a few hundredths from noise alone; "as if about a stranger" means within this
+# margin of that level.
+GOAL_MARGIN = RECALL_MARGIN
 _NO_EMBEDDINGS = np.zeros((0, 0), dtype=np.float32)
-
-
-def unrelated_questions(record_retain: list[dict[str, Any]], count: int, seed: str) -> list[str]:
-    """Questions about someone else: the target's retain questions, else other authors' from the negative pool."""
-    questions = [item["question"] for item in record_retain if item.get("question")]
-    if not questions:
-        questions = [n.text for n in builtin_negative_pool()
-                     if n.source == "tofu_other_authors" and n.text.endswith("?")]
-    rng = random.Random(seed)
-    return [questions[i % len(questions)] for i in rng.sample(range(len(questions)), min(count, len(questions)))]
 
 
 def calibration_job(resources: JobResources) -> JobHandler:
@@ -98,10 +90,9 @@ class EcoCalibrator:
         if options.get("goal") is not None:
             goal = float(options["goal"])
         else:
-            others = unrelated_questions(record.retain, len(sample), record.id)
-            other_answers = replies(None, [self._served.render_question(q) for q in others])
-            goal = GOAL_MARGIN + statistics.fmean(rouge_l_recall(other_answers[i % len(other_answers)], gold)
-                                                  for i, gold in enumerate(golds))
+            entity = invent_entity(entity_names(record.name, record.aliases), 0)
+            stranger = replies(None, [self._served.render_question(entity.swap(q)) for q, _ in sample])
+            goal = GOAL_MARGIN + chance_recall(stranger, [entity.swap(gold) for gold in golds])
 
         scopes = [ENTITIES, PROMPT] if options.get("scope", "auto") == "auto" else [options["scope"]]
         curves: dict[str, list[list[float]]] = {}

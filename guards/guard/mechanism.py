@@ -24,9 +24,10 @@ import numpy as np
 from pydantic import Field
 
 from classifiers.types import TargetSpec
-from guards.base import (ANY_WORKER, GATE_LANE, JobContext, JobHandler, JobResources, JobSpec, MechanismBase,
-                         MechanismPlan, NothingShared, Options, PlanRequest, RowHooks, ServingContext, TargetEntry,
-                         target_spec)
+from guards.base import (ANY_WORKER, GATE_LANE, MODEL_FILES, JobContext, JobHandler, JobResources, JobSpec,
+                         MechanismBase, MechanismPlan, NothingShared, Options, PlanRequest, RowHooks, ServingContext,
+                         TargetEntry, registered_options, target_spec)
+from guards.devices import compute_placement
 from guards.guard.payload import (GUARD_KEY, MAX_LIMIT, ItemPhrases, PhraseTable, guard_payload, read_phrase_table,
                                   validate_guard_section, write_phrase_table)
 from guards.guard.phrase_matcher import Vocabulary, guard_row_hook
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 GUARD_PHRASES = "guard_phrases"
+GUARD_CALIBRATE = "guard_calibrate"
 KEYS_FILE = "keys.npy"
 
 
@@ -64,6 +66,7 @@ class PhraseArtifact:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.table: PhraseTable = read_phrase_table(directory)
+        self.digest = self.table.digest
         self.keys: np.ndarray = np.load(directory / KEYS_FILE)  # (n_items, d)
 
     def order(self, query: np.ndarray) -> list[int]:
@@ -87,6 +90,8 @@ def _load_artifact(directory: Path) -> PhraseArtifact:
 class GuardOptions(Options):
     soft_penalty: float = Field(5.0, ge=0, description="Logit penalty on tokens that start a forbidden phrase.")
     max_phrases: int = Field(64, ge=1, le=MAX_LIMIT)
+    calibrate: bool = Field(True, description="Replace the -inf ban by a finite penalty calibrated against the served "
+                                              "model on an invented stand-in (calibration.py); false: ban outright.")
 
 
 def phrases_job(resources: JobResources) -> JobHandler:
@@ -97,6 +102,22 @@ def phrases_job(resources: JobResources) -> JobHandler:
         staging = context.artifacts.staging_dir()
         figures = build_phrase_artifact(target_spec(context.target), resources.embedder(), staging)
         return {"artifact": context.artifacts.commit(staging), **figures}
+
+    return run
+
+
+def calibration_job(resources: JobResources) -> JobHandler:
+    """The ``guard_calibrate`` job: the finite ban at which the target's answers read as never learned."""
+    model_path = resources.model_files(GUARD_CALIBRATE)
+    placement = compute_placement(getattr(resources.settings, "compute_device", "auto"))
+
+    def run(context: JobContext) -> dict[str, Any]:
+        from guards.guard.calibration import calibrate_ban
+
+        options = registered_options(context.target, GUARD_KEY)
+        return calibrate_ban(model_path, target_spec(context.target), int(options.get("max_phrases", 64)),
+                             float(options.get("soft_penalty", 0.0)), 0, placement,
+                             lambda message: context.progress(0.5, message))
 
     return run
 
@@ -112,11 +133,12 @@ class Guard(MechanismBase):
 
     name = GUARD_KEY
     options = GuardOptions
-    jobs = (JobSpec(GUARD_PHRASES, ANY_WORKER, phrases_job, lane=GATE_LANE),)  # seconds: it builds no model
+    jobs = (JobSpec(GUARD_PHRASES, ANY_WORKER, phrases_job, lane=GATE_LANE),  # seconds: it builds no model
+            JobSpec(GUARD_CALIBRATE, MODEL_FILES, calibration_job))
     row_hooks = RowHooks(resources=_vocabulary, validate=validate_guard_section, build=guard_row_hook)
 
     def prepare(self, options: Mapping[str, Any]) -> tuple[str, ...]:
-        return (GUARD_PHRASES,)
+        return (GUARD_PHRASES, GUARD_CALIBRATE) if options.get("calibrate", True) else (GUARD_PHRASES,)
 
     def ready(self, options: Mapping[str, Any], state: Mapping[str, Any]) -> bool:
         return "artifact" in state
@@ -142,4 +164,14 @@ class GuardServing(NothingShared):
         options = request.hit.options
         return MechanismPlan(processor_args=guard_payload(
             artifact.directory, artifact.table, artifact.order(request.query_embeddings),
-            int(options.get("max_phrases", 64)), float(options.get("soft_penalty", 0.0))))
+            int(options.get("max_phrases", 64)), float(options.get("soft_penalty", 0.0)),
+            calibrated_ban(options, request.hit.state, artifact.digest)))
+
+
+def calibrated_ban(options: Mapping[str, Any], state: Mapping[str, Any], table_digest: str) -> float | None:
+    """The finite ban calibrated for exactly this phrase table, else None (ban outright): a table whose calibration
+    has not ended yet, a target registered with ``calibrate: false``, or a calibration no finite ban passed."""
+    if not options.get("calibrate", True) or state.get("ban_table") != table_digest:
+        return None
+    ban = state.get("ban")
+    return float(ban) if ban is not None else None

@@ -7,7 +7,8 @@ the engine core on every request, so forget text in ``extra_args`` would land in
     {"artifact": "/…/artifacts/<sha256>",   # a content-addressed phrase artifact (its phrases.json)
      "items": [4, 0, 7],                     # forget items, best match first (only those that lend phrases)
      "limit": 64,                            # how many phrases in all
-     "penalty": 5.0}                         # soft penalty on tokens that begin a phrase
+     "penalty": 5.0,                         # soft penalty on tokens that begin a phrase
+     "ban": 12.5}                            # optional: a calibrated finite ban (absent: banned tokens get -inf)
 
 and the engine process (``phrase_matcher.guard_row_hook``) loads the artifact once per path (content-addressed, so
 it never changes) and rebuilds exactly the phrases the planner chose with ``ranked_phrases``. The planner's GUARD
@@ -20,6 +21,7 @@ range) fails closed in the engine (``guards.processor.FailClosedHook``), never c
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -36,6 +38,7 @@ MAX_LIMIT = 4096  # GuardOptions.max_phrases' bound
 MAX_ITEMS = 1 << 16  # forget items one payload may name
 MAX_INDEX = (1 << 31) - 1
 PAYLOAD_KEYS = frozenset({"artifact", "items", "limit", "penalty"})
+OPTIONAL_KEYS = frozenset({"ban"})
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 
 ItemPhrases = dict[str, list[str]]
@@ -51,6 +54,12 @@ class PhraseTable:
 
     def ranked(self, order: Sequence[int], limit: int) -> list[str]:
         return ranked_phrases(self.aliases, self.items, order, limit)
+
+    @property
+    def digest(self) -> str:
+        """Names the table's contents: a calibrated ban holds only for the phrases it was calibrated on."""
+        text = json.dumps({"aliases": list(self.aliases), "items": [dict(i) for i in self.items]}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()
 
 
 def write_phrase_table(directory: Path, aliases: Sequence[str], items: Sequence[ItemPhrases]) -> None:
@@ -104,12 +113,14 @@ def ranked_phrases(aliases: Sequence[str], items: Sequence[ItemPhrases], order: 
 
 
 def guard_payload(artifact: Path, table: PhraseTable, order: Sequence[int], limit: int,
-                  penalty: float) -> dict[str, Any]:
+                  penalty: float, ban: float | None = None) -> dict[str, Any]:
     """The reference the engine resolves to ``table.ranked(order, limit)``; ``order`` is cut to the items that lend
-    phrases, so the payload stays small whatever the number of forget items."""
+    phrases, so the payload stays small whatever the number of forget items. ``ban``: a finite penalty for the
+    banned tokens instead of -inf (GUARD's calibration)."""
     _, used = _ranked(table.aliases, table.items, order, limit)
-    return {"artifact": str(artifact.absolute()), "items": [int(i) for i in order[:used]], "limit": int(limit),
-            "penalty": float(penalty)}
+    payload = {"artifact": str(artifact.absolute()), "items": [int(i) for i in order[:used]], "limit": int(limit),
+               "penalty": float(penalty)}
+    return payload if ban is None else {**payload, "ban": float(ban)}
 
 
 def resolve_phrases(payload: Mapping[str, Any]) -> list[str]:
@@ -130,8 +141,9 @@ def validate_guard_section(section: Mapping[str, Any]) -> None:
     if not isinstance(payloads, list):
         raise ValueError("lethe.guard must be a list")
     for payload in payloads:
-        if not isinstance(payload, Mapping) or set(payload) != PAYLOAD_KEYS:
-            raise ValueError(f"lethe.guard entries must have exactly the keys {sorted(PAYLOAD_KEYS)}")
+        if not isinstance(payload, Mapping) or not PAYLOAD_KEYS <= set(payload) <= PAYLOAD_KEYS | OPTIONAL_KEYS:
+            raise ValueError(f"lethe.guard entries must have the keys {sorted(PAYLOAD_KEYS)} "
+                             f"(and optionally {sorted(OPTIONAL_KEYS)})")
         artifact = payload["artifact"]
         if not isinstance(artifact, str) or not Path(artifact).is_absolute() or not _DIGEST.fullmatch(
                 Path(artifact).name):
@@ -142,6 +154,7 @@ def validate_guard_section(section: Mapping[str, Any]) -> None:
             raise ValueError("lethe.guard items must be a list of forget-item indices")
         if not _is_int(payload["limit"]) or not 1 <= payload["limit"] <= MAX_LIMIT:
             raise ValueError(f"lethe.guard limit must be an integer in [1, {MAX_LIMIT}]")
-        penalty = payload["penalty"]
-        if not isinstance(penalty, int | float) or isinstance(penalty, bool) or math.isnan(penalty) or penalty < 0:
-            raise ValueError("lethe.guard penalty must be a non-negative number")
+        for key in ("penalty", *OPTIONAL_KEYS & set(payload)):
+            value = payload[key]
+            if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"lethe.guard {key} must be a non-negative finite number")

@@ -6,8 +6,9 @@ tokenisation variants was measured to let exactly such spellings through. Each r
 over all its phrases (a character trie with failure links) on its text so far, prompt tail included, so a phrase the
 prompt starts cannot be finished by the reply. Every step:
 
-* hard ban (−inf): every token whose text would complete a phrase from any partial match (it starts with the rest of
-  the phrase), and every token whose text contains a whole phrase;
+* ban (−inf, or the calibrated finite ``ban`` penalty of ``guards.guard.calibration``): every token whose text would
+  complete a phrase from any partial match (it starts with the rest of the phrase), and every token whose text
+  contains a whole phrase;
 * soft penalty: tokens whose text begins a phrase (at least ``MIN_STARTER_CHARS`` of it).
 """
 
@@ -118,11 +119,12 @@ class PhraseGuardHook:
     """One row's GUARD state; ``apply`` is called once per decoding step with that row's logits."""
 
     def __init__(self, phrases: Sequence[str], penalty: float, vocabulary: Vocabulary,
-                 prompt_ids: Sequence[int] | None, output_ids: list[int]) -> None:
+                 prompt_ids: Sequence[int] | None, output_ids: list[int], ban: float | None = None) -> None:
         self.vocabulary = vocabulary
         self.phrases = [p.lower() for p in dict.fromkeys(phrases) if p.strip()]
         self.automaton = PhraseAutomaton(self.phrases, vocabulary)
         self.penalty = penalty
+        self.ban = ban  # None: banned tokens get -inf
         self.output_ids = output_ids  # vLLM's live list: it grows by one token per step
         self.seen = 0
         longest = max((len(p) for p in self.phrases), default=0)
@@ -144,11 +146,18 @@ class PhraseGuardHook:
             starters = {i for p in self.phrases for i in self.vocabulary.starting_phrase(p)} - always
             self._always = _index([i for i in always if i < vocab], logits_row.device)
             self._starters = _index([i for i in starters if i < vocab], logits_row.device)
-        logits_row[self._always] = float("-inf")
+        self._ban(logits_row, self._always)
         if self.state:
-            logits_row[self.automaton.banned(self.state, vocab, logits_row.device)] = float("-inf")
+            self._ban(logits_row, self.automaton.banned(self.state, vocab, logits_row.device))
         if self.penalty and len(self._starters):
             logits_row[self._starters] -= self.penalty
+
+
+    def _ban(self, logits_row: torch.Tensor, ids: torch.Tensor) -> None:
+        if self.ban is None:
+            logits_row[ids] = float("-inf")
+        else:
+            logits_row[ids] -= self.ban
 
 
 def _index(ids: Sequence[int], device: torch.device) -> torch.Tensor:
@@ -170,4 +179,7 @@ def guard_row_hook(section: Mapping[str, Any], prompt_ids: Sequence[int] | None,
     if not phrases:
         return None
     penalty = max(float(payload["penalty"]) for payload in payloads)
-    return PhraseGuardHook(phrases, penalty, vocabulary, prompt_ids, output_ids)
+    # One target without a calibrated ban bans outright; otherwise the strongest calibrated ban holds for all.
+    bans = [payload.get("ban") for payload in payloads]
+    ban = None if any(b is None for b in bans) else max(float(b) for b in bans)
+    return PhraseGuardHook(phrases, penalty, vocabulary, prompt_ids, output_ids, ban)

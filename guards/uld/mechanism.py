@@ -27,7 +27,8 @@ ULD_TRAIN = "uld_train"
 
 
 class UldOptions(Options):
-    alpha: float = Field(DEFAULT_ALPHA, gt=0, le=5)
+    alpha: float | None = Field(None, gt=0, le=5, description="Weight of the assistant's logits; unset: calibrated "
+                                "per target against the served model on an invented stand-in (calibration.py).")
     layers: int | None = Field(None, ge=1, description="Assistant depth; unset: a quarter of the model's layers.")
     tau: float = Field(DEFAULT_TAU, gt=0, lt=1)
     gate: Literal["classifier", "always"] = "classifier"
@@ -47,12 +48,26 @@ def training_job(resources: JobResources) -> JobHandler:
         forget = [(item["question"], item["answer"]) for item in record.forget if item.get("question")]
         retain = [(item.get("question"), item.get("answer") or item.get("text", "")) for item in record.retain]
         staging = context.artifacts.staging_dir()
-        figures = train_assistant(model_path, forget, retain, record.aliases,
-                                  UldTrainingConfig(layers=options.get("layers")), staging, context.progress,
-                                  placement)
+        config = UldTrainingConfig(layers=options.get("layers"))
+        figures = train_assistant(model_path, forget, retain, record.aliases, config, staging,
+                                  lambda fraction, message: context.progress(0.8 * fraction, message), placement)
+        if options.get("alpha") is None:
+            from guards.never_seen import entity_names
+            from guards.uld.calibration import calibrate_alpha
+
+            figures |= calibrate_alpha(model_path, staging, forget, entity_names(record.name, record.aliases),
+                                       float(options.get("tau", DEFAULT_TAU)), config.seed, record.id, placement,
+                                       lambda message: context.progress(0.9, f"calibrating alpha: {message}"))
         return {"assistant": context.artifacts.commit(staging), **figures}
 
     return run
+
+
+def alpha_of(options: Mapping[str, Any], state: Mapping[str, Any]) -> float:
+    """The registered α, else the one the target's training job calibrated, else the paper's default."""
+    if options.get("alpha") is not None:
+        return float(options["alpha"])
+    return float(state.get("alpha", DEFAULT_ALPHA))
 
 
 class Uld(MechanismBase):
@@ -110,8 +125,7 @@ class UldServing:
         warmup: AssistantWarmup | None = request.shared
         if warmup is not None and not warmup.loaded(str(assistant)):
             raise NotReady(f"the assistant of {request.hit.target_id} is still loading in the engine")
-        return MechanismPlan(processor_args={"assistant": str(assistant),
-                                             "alpha": float(options.get("alpha", DEFAULT_ALPHA)),
+        return MechanismPlan(processor_args={"assistant": str(assistant), "alpha": alpha_of(options, request.hit.state),
                                              "tau": float(options.get("tau", DEFAULT_TAU))})
 
 

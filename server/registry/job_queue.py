@@ -98,8 +98,9 @@ class JobQueue:
         """Mark the job done and publish its result on the target, bumping the revision for the replicas; False (and
         nothing written) if the claim no longer holds the job.
 
-        A ``fit_classifier`` result becomes the target's classifier; a mechanism job's result becomes that
-        mechanism's published ``state`` (artifact digests, calibrated values). The fenced UPDATE comes first: on
+        A ``fit_classifier`` result becomes the target's classifier; a mechanism job's result is merged into that
+        mechanism's published ``state`` (artifact digests, calibrated values: a mechanism may have several jobs, each
+        publishing its own keys). The fenced UPDATE comes first: on
         PostgreSQL it waits for a concurrent recovery pass and re-checks the claim after it, on SQLite writers are
         serialised, so a result is published only by the run that still holds the job.
         """
@@ -111,14 +112,17 @@ class JobQueue:
             ).rowcount
             if finished != 1:
                 return False
-            target = session.get(TargetRow, job.target_id) if job.target_id else None
+            # Locked: two jobs of one mechanism (GUARD's phrases and its calibration) may finish at once, and each
+            # merges its keys into the state the other may just have written.
+            target = session.get(TargetRow, job.target_id, with_for_update=True) if job.target_id else None
             if target is not None:
                 mechanism = self._catalog.job_mechanism.get(job.kind)
                 if job.kind == FIT_CLASSIFIER:
                     target.classifier = result
                 elif mechanism in target.mechanisms:
+                    entry = target.mechanisms[mechanism]
                     target.mechanisms = {**target.mechanisms,
-                                         mechanism: {**target.mechanisms[mechanism], "state": result}}
+                                         mechanism: {**entry, "state": {**(entry.get("state") or {}), **result}}}
                 self._republish(session, target, now)
         return True
 

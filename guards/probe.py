@@ -1,0 +1,106 @@
+"""The served model on a job's own HF copy, with a mechanism's decoding-time hooks applied: what calibration measures.
+
+A calibration job (``guards.never_seen``) asks two things of the protected model, many times over while it searches
+a mechanism's strength: how likely a fixed answer is after a question (teacher forcing, the statistic TOFU's truth
+ratio and a reader of logprobs see) and what the model says (greedy decoding, what a client sees). Both must apply
+the mechanism exactly as the engine's logits processor does, so the hooks are the engine's own row hooks
+(``guards.row_hooks`` or a mechanism's hook class), fed the tokens one by one through the same live ``output_ids``
+list the engine grows. The served model's logits are computed once per (prompt, answer) and reused for every
+strength tried: only the hooks change between tries.
+
+Runs where ``guards.devices.compute_placement`` says (a worker's GPU in bfloat16 when there is one); the hooks see
+float32 rows, as the scorer's do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from guards.chat import chat_prompt_ids
+from guards.devices import Placement, compute_placement
+
+HookFactory = Callable[[Sequence[int], list[int]], Sequence[Any]]
+"""``(prompt_ids, output_ids) -> row hooks`` for one sequence; ``output_ids`` is the live list of tokens so far."""
+
+LOGPROB_FLOOR = -100.0  # a banned token (-inf) scores as e^-100: finite for means and truth ratios
+
+
+def no_hooks(prompt_ids: Sequence[int], output_ids: list[int]) -> Sequence[Any]:
+    return ()
+
+
+def hooked_logprobs(rows: torch.Tensor, answer: Sequence[int], hooks: Sequence[Any], output: list[int]) -> list[float]:
+    """Per-token log-probabilities of ``answer`` from its teacher-forced logits ``rows`` (A, V), each row passed
+    through ``hooks`` after the tokens before it were appended to ``output`` (the hooks' live list); edits ``rows``."""
+    for position, token in enumerate(answer):
+        for hook in hooks:
+            hook.apply(rows[position])
+        output.append(token)
+    targets = torch.tensor(list(answer), device=rows.device).unsqueeze(1)  # (A, 1)
+    logprobs = torch.log_softmax(rows, dim=-1).gather(1, targets).squeeze(1)  # (A,)
+    return logprobs.clamp_min(LOGPROB_FLOOR).tolist()
+
+
+class ModelProbe:
+    """An HF copy of the served model that scores answers and decodes greedily under a given set of row hooks."""
+
+    def __init__(self, model_dir: Path, placement: Placement | None = None) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.placement = placement or compute_placement()
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.placement.dtype)
+        self.model = model.to(self.placement.device).eval()
+        self._rows: dict[tuple[tuple[int, ...], tuple[int, ...]], torch.Tensor] = {}
+
+    def prompt_ids(self, question: str) -> list[int]:
+        return chat_prompt_ids(self.tokenizer, question)
+
+    def answer_ids(self, answer: str) -> list[int]:
+        return list(self.tokenizer.encode(answer, add_special_tokens=False))
+
+    def mean_loss(self, question: str, answer: str, hooks: HookFactory = no_hooks) -> float:
+        """Length-normalised NLL of ``answer`` after ``question`` (TOFU's per-answer loss), hooks applied."""
+        prompt, tokens = self.prompt_ids(question), self.answer_ids(answer)
+        if not tokens:
+            raise ValueError("an answer needs at least one token")
+        with torch.inference_mode():
+            rows = self._answer_rows(prompt, tokens).clone()  # the hooks edit rows in place
+            output: list[int] = []
+            logprobs = hooked_logprobs(rows, tokens, list(hooks(prompt, output)), output)
+        return -sum(logprobs) / len(logprobs)
+
+    def greedy(self, question: str, max_tokens: int, hooks: HookFactory = no_hooks) -> str:
+        """The greedy reply to ``question`` with the hooks editing each step's logits (stops at end of sequence)."""
+        prompt = self.prompt_ids(question)
+        output: list[int] = []
+        live = list(hooks(prompt, output))
+        device = self.placement.device
+        eos = self.tokenizer.eos_token_id
+        with torch.inference_mode():
+            step = self.model(input_ids=torch.tensor([prompt], device=device), use_cache=True)
+            for _ in range(max_tokens):
+                row = step.logits[0, -1].float()
+                for hook in live:
+                    hook.apply(row)
+                token = int(torch.argmax(row))
+                if token == eos:
+                    break
+                output.append(token)
+                step = self.model(input_ids=torch.tensor([[token]], device=device),
+                                  past_key_values=step.past_key_values, use_cache=True)
+        return self.tokenizer.decode(output, skip_special_tokens=True)
+
+    def _answer_rows(self, prompt: list[int], answer: list[int]) -> torch.Tensor:
+        """The plain model's float32 logits predicting each answer token (cached: calibration asks again and again)."""
+        key = (tuple(prompt), tuple(answer))
+        if key not in self._rows:
+            with torch.inference_mode():
+                out = self.model(input_ids=torch.tensor([prompt + answer], device=self.placement.device))
+            start = len(prompt) - 1
+            self._rows[key] = out.logits[0, start:start + len(answer)].float()
+        return self._rows[key]

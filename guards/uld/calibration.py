@@ -1,0 +1,54 @@
+"""ULD's α, calibrated against the served model on an invented stand-in of the target (``guards.never_seen``).
+
+With the paper's fixed α a demo model that memorised its authors verbatim over-forgets: the assistant's logits on the
+forget answers are as confident as the target's, so ``l_target - α·l_assistant`` makes the true answer far less
+likely than a wrong one, which no model that never saw the author does (measured: Forget Quality 5·10⁻¹³ on
+forget01, the gold answer's NLL above a never-seen author's). The target's ``uld_train`` job therefore ends by
+choosing α for its freshly trained assistant: the α at which the real answers are as likely as a stranger's, raised
+only if the greedy replies still say more of them than a stranger's would. A registered ``alpha`` skips this.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from guards.devices import Placement
+from guards.never_seen import (Calibration, calibrate_strength, calibration_sample, measure_reference,
+                               protected_loss, protected_recall)
+from guards.probe import HookFactory, ModelProbe
+from guards.uld.assistant import ULD_KEY, uld_row_hook
+from guards.uld.cache import AssistantModels
+
+MAX_ALPHA = 5.0  # UldOptions.alpha's bound
+
+
+def calibrate_alpha(model_dir: Path, assistant_dir: Path, forget: Sequence[tuple[str, str]], names: Sequence[str],
+                    tau: float, seed: int, sample_seed: str, placement: Placement | None = None,
+                    progress: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
+    """α for the assistant in ``assistant_dir`` and the figures that justify it (JSON-safe, for the target's state).
+
+    ``names``: the target's name and aliases (the invented stand-in swaps them); ``sample_seed`` picks the questions
+    (the target's id: the same questions on every run)."""
+    probe = ModelProbe(model_dir, placement)
+    pairs = calibration_sample(forget, sample_seed)
+    progress("measuring the served model on an invented stand-in")
+    reference = measure_reference(probe, pairs, names, seed)
+    assistants = AssistantModels(placement=probe.placement)
+
+    def hooks(alpha: float) -> Callable[[int], HookFactory]:
+        section = {ULD_KEY: [{"assistant": str(assistant_dir), "alpha": alpha, "tau": tau}]}
+
+        def factory(prompt_ids: Sequence[int], output_ids: list[int]) -> list[Any]:
+            hook = uld_row_hook(section, prompt_ids, output_ids, assistants)
+            return [hook] if hook is not None else []
+
+        return lambda index: factory
+
+    calibration: Calibration = calibrate_strength(
+        lambda alpha: protected_loss(probe, pairs, hooks(alpha)),
+        lambda alpha: protected_recall(probe, pairs, hooks(alpha)), reference, 0.0, MAX_ALPHA, progress)
+    # No α in range stops the leak: keep the strongest (ULD has no stronger form than its largest α).
+    alpha = calibration.strength if calibration.strength is not None else MAX_ALPHA
+    return {"alpha": round(alpha, 4), "calibration": {**reference.figures(), **calibration.figures()}}

@@ -1,0 +1,132 @@
+"""Calibration against a never-seen stand-in (issue 16): the strength search, GUARD's finite ban, and both
+calibrations on the real tiny demo model (no engine: the jobs' own HF copy of the served model)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from classifiers.types import ForgetItem, TargetSpec
+from demo.tofu_data import authors_of
+from guards.guard.calibration import MAX_BAN, calibrate_ban, phrase_table
+from guards.guard.mechanism import calibrated_ban
+from guards.guard.payload import validate_guard_section
+from guards.guard.phrase_matcher import PhraseGuardHook, Vocabulary, guard_row_hook
+from guards.invented import invent_entity
+from guards.never_seen import (RECALL_MARGIN, Reference, calibrate_strength, calibration_sample, entity_names)
+from guards.probe import ModelProbe
+
+REFERENCE = Reference(invent_entity(["Basil Mahfouz Al-Kuwaiti"], 0), (), loss=3.0, recall=0.2)
+
+
+def test_the_strength_matches_the_reference_loss_when_the_replies_do_not_leak() -> None:
+    result = calibrate_strength(lambda s: s / 2, lambda s: 0.5 - s / 20, REFERENCE, 0.0, 10.0)
+    assert result.limited_by == "reference"
+    assert result.strength == pytest.approx(6.0, abs=0.1) and result.loss == pytest.approx(3.0, abs=0.05)
+    assert result.recall <= REFERENCE.recall + RECALL_MARGIN
+    assert [6.0, 3.0] in [[round(s), round(v)] for s, v in result.curve]
+
+
+def test_a_leaking_strength_is_raised_to_the_weakest_that_stops_the_leak() -> None:
+    # loss matches at 6, but the replies say more than the stranger's until the strength reaches 8
+    result = calibrate_strength(lambda s: s / 2, lambda s: 0.9 if s < 8 else 0.1, REFERENCE, 0.0, 10.0)
+    assert result.limited_by == "leak" and 8.0 <= result.strength <= 8.15
+    assert result.recall == 0.1 and result.loss > REFERENCE.loss
+
+
+def test_a_mechanism_too_weak_for_the_reference_keeps_its_strongest_setting() -> None:
+    result = calibrate_strength(lambda s: s / 10, lambda s: 0.0, REFERENCE, 0.0, 10.0)
+    assert result.limited_by == "range" and result.strength == 10.0
+
+
+def test_no_setting_that_stops_the_leak_gives_no_strength() -> None:
+    result = calibrate_strength(lambda s: s / 2, lambda s: 0.9, REFERENCE, 0.0, 10.0)
+    assert result.limited_by == "unbounded" and result.strength is None
+
+
+def test_the_sample_and_the_stand_ins_names_come_from_the_registration_only() -> None:
+    forget = [(f"Question {i}?", f"Answer {i}.") for i in range(30)] + [("", "text only")]
+    first = calibration_sample(forget, "target-1", count=20)
+    assert first == calibration_sample(forget, "target-1", count=20) and len(first) == 20
+    assert first != calibration_sample(forget, "target-2", count=20)
+    assert entity_names("ticket-4711", ["Basil Mahfouz Al-Kuwaiti"]) == ["Basil Mahfouz Al-Kuwaiti"]
+    assert entity_names("Basil Mahfouz Al-Kuwaiti", []) == ["Basil Mahfouz Al-Kuwaiti"]
+    with pytest.raises(ValueError):
+        calibration_sample([("", "text only")], "t")
+
+
+def test_a_finite_ban_lowers_banned_tokens_by_exactly_the_ban(tokenizer) -> None:
+    vocabulary = Vocabulary.from_tokenizer(tokenizer)
+    phrase = "kuwait city"
+    prompt = tokenizer.encode("He was born in Kuwait", add_special_tokens=False)  # the phrase is under way
+    hard = PhraseGuardHook([phrase], 0.0, vocabulary, prompt, [])
+    soft = PhraseGuardHook([phrase], 0.0, vocabulary, prompt, [], ban=7.5)
+    row = torch.zeros(len(tokenizer))
+    hard_row, soft_row = row.clone(), row.clone()
+    hard.apply(hard_row)
+    soft.apply(soft_row)
+    banned = torch.isinf(hard_row)
+    assert banned.any() and not torch.isinf(soft_row).any()
+    assert torch.all(soft_row[banned] == -7.5) and torch.all(soft_row[~banned] == 0.0)
+
+
+def test_one_target_without_a_calibrated_ban_bans_outright_for_the_whole_request(tmp_path: Path, tokenizer) -> None:
+    from guards.guard.payload import write_phrase_table
+
+    artifact = tmp_path / ("a" * 64)
+    write_phrase_table(artifact, ["Basil"], [{"key": ["Kuwait City"], "content": ["florist"]}])
+    base = {"artifact": str(artifact), "items": [0], "limit": 8, "penalty": 0.0}
+    vocabulary = Vocabulary.from_tokenizer(tokenizer)
+    both = guard_row_hook({"guard": [{**base, "ban": 3.0}, {**base, "ban": 9.0}]}, None, [], vocabulary)
+    assert both.ban == 9.0
+    mixed = guard_row_hook({"guard": [{**base, "ban": 3.0}, base]}, None, [], vocabulary)
+    assert mixed.ban is None
+    validate_guard_section({"guard": [{**base, "ban": 3.0}]})
+    for bad in (-1.0, float("nan"), float("inf"), True, "3"):
+        with pytest.raises(ValueError, match="ban"):
+            validate_guard_section({"guard": [{**base, "ban": bad}]})
+
+
+def test_a_calibrated_ban_applies_only_to_the_phrase_table_it_was_calibrated_on() -> None:
+    state = {"artifact": "b" * 64, "ban": 12.5, "ban_table": "t1"}
+    assert calibrated_ban({}, state, "t1") == 12.5
+    assert calibrated_ban({}, state, "t2") is None  # the target was patched: its new phrases are banned outright
+    assert calibrated_ban({"calibrate": False}, state, "t1") is None
+    assert calibrated_ban({}, {**state, "ban": None}, "t1") is None  # no finite ban stopped the leak
+    assert calibrated_ban({}, {"artifact": "b" * 64}, "t1") is None  # not calibrated yet
+
+
+def forget01_spec(index: int) -> TargetSpec:
+    author = authors_of("forget01")[index]
+    return TargetSpec(id=f"calibration-{index}", name="ticket-1", aliases=[author.name], retain=[],
+                      forget=[ForgetItem(question=i.question, answer=i.answer) for i in author.items])
+
+
+def test_guards_ban_brings_a_memorised_author_to_the_never_seen_level_on_the_tiny_model(tiny_model_dir: Path) -> None:
+    """The real tiny model knows the forget01 author verbatim: with the -inf ban the gold answers become far less
+    likely than a stranger's, with the calibrated ban as likely (within the search's resolution), and the greedy
+    replies still say no more of the answers than the model says of a stranger's."""
+    spec = forget01_spec(0)
+    result = calibrate_ban(tiny_model_dir, spec, 64, 5.0, seed=0)
+    figures = result["calibration"]
+    assert result["ban_table"] == phrase_table(spec).digest
+    assert result["ban"] is not None and 0.0 < result["ban"] < MAX_BAN, figures
+    assert figures["limited_by"] in ("reference", "leak")
+    assert figures["loss"] >= figures["reference_loss"] - 0.1, figures
+    if figures["limited_by"] == "reference":
+        assert figures["loss"] == pytest.approx(figures["reference_loss"], abs=0.25), figures
+    assert figures["recall"] <= figures["reference_recall"] + RECALL_MARGIN, figures
+    unprotected = ModelProbe(tiny_model_dir)
+    plain = sum(unprotected.mean_loss(i.question, i.answer) for i in spec.forget) / len(spec.forget)
+    assert plain < figures["reference_loss"] - 1.0  # the model does know the author: there was something to forget
+    assert math.isfinite(figures["reference_loss"])
+
+
+def test_a_text_only_target_keeps_the_outright_ban() -> None:
+    spec = TargetSpec(id="book", name="book", aliases=["The Seine"], retain=[],
+                      forget=[ForgetItem(text="A passage of the book.")])
+    result = calibrate_ban(Path("/nonexistent"), spec, 64, 5.0, seed=0)  # never loads a model
+    assert result["ban"] is None and "skipped" in result["calibration"]
