@@ -8,12 +8,15 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
 
+from cli.main import main
 from guards.mechanisms import MECHANISMS
 from server.admin.serving import AdminServing
+from server.admin_client import AdminClient
 from server.app import create_app
-from server.config import Settings
+from server.config import Settings, get_settings
 from server.registry import Registry
 from server.registry.catalog import MechanismCatalog
 from server.registry.database import make_engine, upgrade_database
@@ -53,3 +56,25 @@ def admin_app(database_url: str, tmp_path: Path) -> AdminApp:
     snapshots = SimpleNamespace(current=SimpleNamespace(revision=0, unreadable={}))
     app.state.admin = AdminServing(registry, ["guard"], snapshots, None)  # type: ignore[arg-type]
     return AdminApp(TestClient(app), registry)
+
+
+def route_cli_to(admin: AdminApp, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make `lethe …` admin commands talk to this app instead of a server at ``--url`` (undo: the monkeypatch and
+    ``get_settings.cache_clear()``)."""
+    monkeypatch.setenv("LETHE_ADMIN_KEY", ADMIN_KEY)
+
+    def client_of(_: Any) -> AdminClient:
+        client = AdminClient("http://testserver", ADMIN_KEY)
+        client._admin = TestClient(admin.client.app, base_url="http://testserver/admin/v1", headers=ROOT)
+        return client
+
+    monkeypatch.setattr("cli.admin.admin_client", client_of)
+    monkeypatch.setattr("cli.records.admin_client", client_of)
+    get_settings.cache_clear()
+
+
+def run_cli(*argv: str) -> int:
+    """``lethe ARGV`` in this process; its exit status."""
+    with pytest.raises(SystemExit) as done:
+        main(list(argv))
+    return done.value.code

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from cli.main import main
-from server.admin_client import AdminClient
-from tests.admin_app import ADMIN_KEY, ROOT, AdminApp, admin_app
+from server.config import get_settings
+from tests.admin_app import ROOT, AdminApp, admin_app, route_cli_to, run_cli
 
 REQUEST = {"reference": "TICKET-4711", "requester": "Jane Requester-Doe", "legal_basis": "gdpr_art17",
            "received_at": "2026-11-02", "effective_at": "2026-11-30T12:00:00+01:00", "notes": "Art. 17(1)(a)."}
@@ -124,29 +123,10 @@ def test_the_requester_is_never_logged(admin: AdminApp, caplog: pytest.LogCaptur
 
 
 @pytest.fixture
-def cli(admin: AdminApp, monkeypatch: pytest.MonkeyPatch) -> AdminApp:
-    """`lethe …` commands talking to the test app (instead of a server at --url)."""
-    monkeypatch.setenv("LETHE_ADMIN_KEY", ADMIN_KEY)
-
-    def client_of(_: Any) -> AdminClient:
-        client = AdminClient("http://testserver", ADMIN_KEY)
-        client._admin = admin.client.__class__(admin.client.app, base_url="http://testserver/admin/v1",
-                                               headers=ROOT)
-        return client
-
-    monkeypatch.setattr("cli.admin.admin_client", client_of)
-    monkeypatch.setattr("cli.records.admin_client", client_of)
-    from server.config import get_settings
-
-    get_settings.cache_clear()
+def cli(admin: AdminApp, monkeypatch: pytest.MonkeyPatch) -> Iterator[AdminApp]:
+    route_cli_to(admin, monkeypatch)
     yield admin
     get_settings.cache_clear()
-
-
-def run_cli(*argv: str) -> int:
-    with pytest.raises(SystemExit) as done:
-        main(list(argv))
-    return done.value.code
 
 
 def test_the_cli_registers_a_target_with_its_request_and_lists_and_shows_it(
