@@ -262,6 +262,7 @@ class AuditList(BaseModel):
 MAX_PAGE = 1000
 Cursor = Annotated[str, StringConstraints(max_length=200, pattern=r"^[A-Za-z0-9_-]+$")]
 IdFilter = Annotated[str, StringConstraints(max_length=80, pattern=r"^[A-Za-z0-9_.:-]+$")]
+LineFilter = Annotated[str, StringConstraints(max_length=200, pattern=NO_CONTROL)]
 ActionName = Literal[ACTIONS]
 KeyId = Annotated[str, StringConstraints(pattern=ADMIN_KEY_ID)]
 

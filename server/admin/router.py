@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import JSONResponse
 
 from server.admin.keys import key_holder
@@ -26,7 +26,9 @@ from server.admin.protocol import (
     Deleted,
     FilterDate,
     IdFilter,
+    KeyId,
     LegalBasis,
+    LineFilter,
     JobOut,
     NegativeList,
     NegativesCreate,
@@ -85,8 +87,7 @@ def create_target(body: TargetCreate, request: Request, actor: Actor) -> JSONRes
 
 @router.get("/targets", response_model=TargetList)
 def list_targets(request: Request,
-                 reference: Annotated[str | None, Query(max_length=200, description="The request's reference.")]
-                 = None,
+                 reference: Annotated[LineFilter | None, Query(description="The request's reference.")] = None,
                  legal_basis: LegalBasis | None = None,
                  received_after: Annotated[FilterDate | None, Query(
                      description="Requests received at or after this date or date-time (UTC unless zoned).")] = None,
@@ -151,7 +152,7 @@ def audit(request: Request, limit: int = Query(100, ge=1, le=10_000),
 
 @router.get("/actions", response_model=ActionList)
 def actions(request: Request, limit: int = Query(100, ge=1, le=MAX_PAGE),
-            actor: Annotated[str | None, Query(max_length=40, description="An admin key's id.")] = None,
+            actor: Annotated[KeyId | None, Query(description="An admin key's id.")] = None,
             action: ActionName | None = None,
             target_id: IdFilter | None = None,
             since: Annotated[FilterDate | None, Query(description="At or after (date-time or Unix time).")] = None,
@@ -166,7 +167,7 @@ def actions(request: Request, limit: int = Query(100, ge=1, le=MAX_PAGE),
 @router.get("/tombstones", response_model=TombstoneList)
 def tombstones(request: Request, limit: int = Query(100, ge=1, le=MAX_PAGE),
                target_id: IdFilter | None = None,
-               reference: Annotated[str | None, Query(max_length=200)] = None,
+               reference: Annotated[LineFilter | None, Query(description="The request's reference.")] = None,
                legal_basis: LegalBasis | None = None,
                since: Annotated[FilterDate | None, Query(description="Deleted at or after.")] = None,
                until: Annotated[FilterDate | None, Query(description="Deleted before.")] = None,
@@ -192,7 +193,7 @@ def list_admin_keys(request: Request) -> AdminKeyList:
 
 
 @router.delete("/admin-keys/{key_id}", response_model=AdminKeyOut)
-def revoke_admin_key(key_id: str, request: Request, actor: Actor) -> AdminKeyOut:
+def revoke_admin_key(key_id: Annotated[KeyId, Path()], request: Request, actor: Actor) -> AdminKeyOut:
     """Revoke a registry key: every request with it is refused (401) from now on, on every replica."""
     return _serving(request).revoke_admin_key(key_id, _environment_ids(request), actor)
 
