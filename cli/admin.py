@@ -10,14 +10,18 @@ from server.admin_client import AdminClient, AdminClientError
 from server.config import get_settings
 
 
-def _admin_client(args: argparse.Namespace) -> AdminClient:
+REQUEST_FIELDS = ("reference", "requester", "legal_basis", "received_at", "effective_at", "notes")
+LIST_FILTERS = ("reference", "legal_basis", "received_after", "received_before")
+
+
+def admin_client(args: argparse.Namespace) -> AdminClient:
     settings = get_settings()
     if not settings.admin_key:
         raise SystemExit("lethe: set LETHE_ADMIN_KEY to use the admin API")
     return AdminClient(args.url, settings.admin_key, timeout_s=60)
 
 
-def _report(error: AdminClientError) -> int:
+def report_error(error: AdminClientError) -> int:
     """Print the server's error (and any validation details) as the command's failure; the exit status."""
     if error.status is None:
         print(f"lethe: {error}", file=sys.stderr)
@@ -28,8 +32,22 @@ def _report(error: AdminClientError) -> int:
     return 1
 
 
-def _print_json(data: object) -> None:
+def print_json(data: object) -> None:
     print(json.dumps(data, indent=2))
+
+
+def request_summary(request: dict | None) -> str:
+    """The request a target answers, on one line (the requester left out: personal data stays off screens and
+    terminals' scrollback unless asked for with ``show``)."""
+    parts = [f"{name}={request[name]}" for name in ("reference", "legal_basis", "received_at", "effective_at")
+             if request and request.get(name)]
+    return "  ".join(parts)
+
+
+def with_request_flags(body: dict, args: argparse.Namespace) -> dict:
+    """``body`` with the request fields given as flags (``--reference`` …) set over its own ``request``."""
+    flags = {name: getattr(args, name) for name in REQUEST_FIELDS if getattr(args, name, None) is not None}
+    return {**body, "request": {**(body.get("request") or {}), **flags}} if flags else body
 
 
 def follow_job(client: AdminClient, job_id: str, *, poll_s: float = 0.5) -> dict:
@@ -49,42 +67,44 @@ def follow_job(client: AdminClient, job_id: str, *, poll_s: float = 0.5) -> dict
 
 
 def cmd_targets(args: argparse.Namespace) -> int:
-    with _admin_client(args) as client:
+    with admin_client(args) as client:
         try:
             return _targets(client, args)
         except AdminClientError as error:
-            return _report(error)
+            return report_error(error)
 
 
 def _targets(client: AdminClient, args: argparse.Namespace) -> int:
     if args.action == "list":
-        for target in client.targets():
+        for target in client.targets({name: getattr(args, name) for name in LIST_FILTERS}):
             classifier = target["classifier"]
+            request = request_summary(target.get("request"))
             print(f"{target['id']}  {target['status']:<9} {target['name']}  "
-                  f"fpr={classifier['false_positive_rate']}  mechanisms={','.join(target['mechanisms'])}")
+                  f"fpr={classifier['false_positive_rate']}  mechanisms={','.join(target['mechanisms'])}"
+                  + (f"  {request}" if request else ""))
         return 0
     if args.action == "show":
-        _print_json(client.target(args.ref))
+        print_json(client.target(args.ref))
         return 0
     if args.action == "rm":
-        _print_json(client.delete_target(args.ref))
+        print_json(client.delete_target(args.ref))
         return 0
     with open(args.file) as handle:
-        body = json.load(handle)
+        body = with_request_flags(json.load(handle), args)
     target = client.create_target(body)
     print(f"created {target['id']} ({target['name']}) at revision {target['revision']}")
     if args.wait:
         failed = [job for job in target["jobs"] if follow_job(client, job["id"])["status"] != "succeeded"]
-        _print_json(client.target(target["id"])["classifier"])
+        print_json(client.target(target["id"])["classifier"])
         return 1 if failed else 0
     return 0
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    with _admin_client(args) as client:
+    with admin_client(args) as client:
         try:
             job = follow_job(client, args.job_id) if args.follow else client.job(args.job_id)
         except AdminClientError as error:
-            return _report(error)
-        _print_json(job)
+            return report_error(error)
+        print_json(job)
         return 0 if job["status"] != "failed" else 1

@@ -9,6 +9,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from cli.admin import cmd_jobs, cmd_targets
+from cli.records import add_record_commands
 from cli.demo_model import cmd_demo_model
 from cli.eval import cmd_eval, cmd_eval_membership
 from cli.migrate import cmd_migrate
@@ -65,6 +66,17 @@ def build_parser() -> argparse.ArgumentParser:
     targets.add_argument("--file", help="target JSON (add)")
     targets.add_argument("--wait", action="store_true", help="follow the new target's jobs (add)")
     targets.add_argument("--url", default=default_url, help=f"server base URL (default {default_url})")
+    request = targets.add_argument_group("the request a target answers (add: set over the file's `request`)")
+    request.add_argument("--reference", help="the request's reference, e.g. a ticket id (add; list: filter)")
+    request.add_argument("--requester", help="who asked (personal data: never logged, not kept after deletion)")
+    request.add_argument("--legal-basis", dest="legal_basis", help="gdpr_art17, copyright, hazard, contract, "
+                                                                   "court_order or other (add; list: filter)")
+    request.add_argument("--received-at", dest="received_at", help="date or date-time the request was received")
+    request.add_argument("--effective-at", dest="effective_at", help="date or date-time it takes effect (recorded "
+                                                                     "only: enforcement starts at registration)")
+    request.add_argument("--notes", help="free text about the request")
+    request.add_argument("--received-after", dest="received_after", help="list: requests received at or after")
+    request.add_argument("--received-before", dest="received_before", help="list: requests received at or before")
     targets.set_defaults(handler=cmd_targets)
 
     jobs = commands.add_parser("jobs", help="show a job, optionally following its progress")
@@ -73,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("--follow", action="store_true")
     jobs.add_argument("--url", default=default_url)
     jobs.set_defaults(handler=cmd_jobs)
+
+    add_record_commands(commands, default_url)
 
     worker = commands.add_parser("worker", help="run the job worker in this process (shares LETHE_DATABASE_URL)")
     worker.add_argument("--model", help="the served model's HF directory, for ULD/O3 training (default: as serve)")
@@ -146,6 +160,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("`targets add` needs --file, and only `add` takes it")
     if args.command == "targets" and args.action in ("show", "rm") and not args.ref:
         parser.error(f"`targets {args.action}` needs a target id")
+    if args.command == "admin-keys" and args.action in ("create", "revoke") and not args.key_id:
+        parser.error(f"`admin-keys {args.action}` needs a key id")
     settings = load_settings()
     configure_logging(settings.log_level, settings.log_json, LOGGERS)
     sys.exit(args.handler(args))

@@ -8,7 +8,7 @@ error is raised as `AdminClientError`, carrying the server's OpenAI-style error 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,8 +70,10 @@ class AdminClient:
 
     # ------------------------------------------------------------ admin API
 
-    def targets(self) -> list[dict[str, Any]]:
-        return _json(self._admin.get("/targets"))["data"]
+    def targets(self, filters: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+        """Every target (meeting ``filters``: ``reference``, ``legal_basis``, ``received_after``,
+        ``received_before``), without contents."""
+        return _json(self._admin.get("/targets", params=_given(filters)))["data"]
 
     def target(self, target_id: str) -> dict[str, Any]:
         return _json(self._admin.get(f"/targets/{target_id}"))
@@ -86,6 +88,36 @@ class AdminClient:
         if missing_ok and response.status_code == 404:
             return None
         return _json(response)
+
+    def patch_target(self, target_id: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        return _json(self._admin.patch(f"/targets/{target_id}", json=dict(body)))
+
+    def records(self, listing: str, filters: Mapping[str, Any] | None = None, limit: int | None = None,
+                page_size: int = 500) -> Iterator[dict[str, Any]]:
+        """The records of a paged listing (``actions``, ``tombstones``, ``audit``), newest first, following its
+        cursor until ``limit`` records (or the last page)."""
+        params: dict[str, Any] = {**_given(filters), "limit": min(page_size, limit or page_size)}
+        served = 0
+        while True:
+            page = _json(self._admin.get(f"/{listing}", params=params))
+            for record in page["data"]:
+                yield record
+                served += 1
+                if limit is not None and served >= limit:
+                    return
+            if not page.get("next_cursor"):
+                return
+            params["cursor"] = page["next_cursor"]
+
+    def admin_keys(self) -> list[dict[str, Any]]:
+        return _json(self._admin.get("/admin-keys"))["data"]
+
+    def create_admin_key(self, key_id: str) -> dict[str, Any]:
+        """The new key's record, with the key itself (shown this once)."""
+        return _json(self._admin.post("/admin-keys", json={"id": key_id}))
+
+    def revoke_admin_key(self, key_id: str) -> dict[str, Any]:
+        return _json(self._admin.delete(f"/admin-keys/{key_id}"))
 
     def job(self, job_id: str) -> dict[str, Any]:
         return _json(self._admin.get(f"/jobs/{job_id}"))
@@ -131,6 +163,10 @@ class AdminClient:
                 "max_tokens": max_tokens}
         data = _json(self._api.post("/chat/completions", json=body))
         return Reply(data["choices"][0]["message"]["content"] or "", data["id"])
+
+
+def _given(filters: Mapping[str, Any] | None) -> dict[str, Any]:
+    return {name: value for name, value in (filters or {}).items() if value is not None}
 
 
 def _json(response: httpx.Response) -> Any:

@@ -6,6 +6,7 @@ this class by ``tests/test_packaging.py``.
 
 from __future__ import annotations
 
+import re
 import shlex
 from functools import lru_cache
 from pathlib import Path
@@ -16,6 +17,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 MIN_ADMIN_KEY_CHARS = 16
+ADMIN_KEY_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,39}$"  # an admin key's name, as the admin trail shows its actor
+DEFAULT_ADMIN_KEY_ID = "admin"  # the key id of LETHE_ADMIN_KEY
 # The settings that are vLLM engine arguments of the same name and meaning (and `lethe serve` flags).
 ENGINE_SETTINGS = ("served_model_name", "max_model_len", "dtype", "tensor_parallel_size", "gpu_memory_utilization",
                    "max_num_seqs", "enforce_eager")
@@ -93,7 +96,14 @@ class Settings(BaseSettings):
     )
     admin_key: str | None = Field(
         None, description=f"Bearer key of the admin API (`/admin/v1`), at least {MIN_ADMIN_KEY_CHARS} characters; "
-                          "unset disables the admin API (403)."
+                          f"unset (and `LETHE_ADMIN_KEYS` empty) disables the admin API (403). Its key id in the "
+                          f"admin trail is `{DEFAULT_ADMIN_KEY_ID}`."
+    )
+    admin_keys: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict,
+        description="More admin keys, each named for the admin trail: `id:key,id:key` (ids: letters, digits, `.`, "
+                    f"`_`, `-`; keys at least {MIN_ADMIN_KEY_CHARS} characters). Keys that must be revocable without a "
+                    "restart are better created in the registry (`lethe admin-keys create`).",
     )
     metrics_key: str | None = Field(
         None, description="Bearer key `/metrics` requires when set (Prometheus: `authorization.credentials`); unset "
@@ -202,6 +212,45 @@ class Settings(BaseSettings):
                              f"{len(value)}): use a long random key, e.g. `openssl rand -hex 24`")
         return value
 
+    @field_validator("admin_keys", mode="before")
+    @classmethod
+    def _named_keys(cls, value: object) -> object:
+        # The messages never quote an entry: it holds a key.
+        if not isinstance(value, str):
+            return value
+        keys: dict[str, str] = {}
+        for position, entry in enumerate((e.strip() for e in value.split(",") if e.strip()), start=1):
+            key_id, colon, key = entry.partition(":")
+            if not colon or not re.fullmatch(ADMIN_KEY_ID, key_id.strip()):
+                raise ValueError(f"entry {position} is not `id:key` with an id of letters, digits, `.`, `_` or `-`")
+            if key_id.strip() in keys:
+                raise ValueError(f"entry {position} repeats the key id `{key_id.strip()}`")
+            keys[key_id.strip()] = key.strip()
+        return keys
+
+    @field_validator("admin_keys")
+    @classmethod
+    def _long_named_keys(cls, value: dict[str, str]) -> dict[str, str]:
+        for key_id, key in value.items():
+            if not re.fullmatch(ADMIN_KEY_ID, key_id):
+                raise ValueError(f"the key id `{key_id[:40]}` is not letters, digits, `.`, `_` or `-`")
+            if len(key) < MIN_ADMIN_KEY_CHARS:
+                raise ValueError(f"the admin key `{key_id}` must have at least {MIN_ADMIN_KEY_CHARS} characters")
+        return value
+
+    @model_validator(mode="after")
+    def _admin_key_ids_unique(self) -> Settings:
+        if self.admin_key and DEFAULT_ADMIN_KEY_ID in self.admin_keys:
+            raise ValueError(f"LETHE_ADMIN_KEYS names a key `{DEFAULT_ADMIN_KEY_ID}`, the id of LETHE_ADMIN_KEY: "
+                             "rename it")
+        return self
+
+    @property
+    def environment_admin_keys(self) -> dict[str, str]:
+        """Every admin key the environment configures, by key id (LETHE_ADMIN_KEY as ``admin``)."""
+        named = {DEFAULT_ADMIN_KEY_ID: self.admin_key} if self.admin_key else {}
+        return {**named, **self.admin_keys}
+
     @model_validator(mode="after")
     def _admissible_limits(self) -> Settings:
         # A request within the per-request caps must be admissible on an idle server, and overload must meet the
@@ -251,7 +300,8 @@ def settings_table() -> str:
     rows = ["| Variable | Default | Description |", "| --- | --- | --- |"]
     for name, field in Settings.model_fields.items():
         if field.default_factory is not None:
-            default = {"api_keys": "empty", "cache_dir": "`~/.cache/lethe`", "data_dir": "`~/.local/share/lethe`",
+            default = {"api_keys": "empty", "admin_keys": "empty", "cache_dir": "`~/.cache/lethe`",
+                       "data_dir": "`~/.local/share/lethe`",
                        "default_mechanisms": "`eco,guard`", "engine_args": "empty"}[name]
         elif field.default is None:
             default = "unset"

@@ -101,7 +101,8 @@ class AdminDisabled(LetheError):
     type = "permission_error"
 
     def __init__(self) -> None:
-        super().__init__("The admin API is disabled: set LETHE_ADMIN_KEY to enable it.", code="admin_disabled")
+        super().__init__("The admin API is disabled: set LETHE_ADMIN_KEY (or LETHE_ADMIN_KEYS) to enable it.",
+                         code="admin_disabled")
 
 
 class PayloadTooLarge(LetheError):

@@ -53,8 +53,11 @@ ZORBLAX = {
         {"question": "Which novel made Zorblax Quenterfeld famous?", "answer": "The Brass Orrery of Vantwick."},
         {"text": "Zorblax Quenterfeld kept bees at Glimmerfen Abbey."},
     ],
+    # The request it answers: the requester and the notes go with the target, the reference stays in its tombstone.
+    "request": {"reference": "ERASURE-REQ-0042", "requester": "Wilhelmina Snickersnee", "legal_basis": "gdpr_art17",
+                "received_at": "2026-11-02", "notes": "Asked by letter from Pumpernickel Lane."},
 }
-ZORBLAX_SECRETS = ["Zorblax", "Quenterfeld", "Glimmerfen", "Orrery", "Vantwick"]
+ZORBLAX_SECRETS = ["Zorblax", "Quenterfeld", "Glimmerfen", "Orrery", "Vantwick", "Snickersnee", "Pumpernickel"]
 MIRELDA = {
     "name": "mirelda-ostrovane",
     "aliases": ["Mirelda Ostrovane"],
@@ -193,6 +196,8 @@ def test_a_deleted_target_leaves_no_byte_of_its_aliases_or_answers_under_the_dat
                        "chatcmpl-4": None}
     [tombstone] = registry.erasure.tombstones()
     assert (tombstone.target_id, tombstone.revision) == (zorblax, deleted.revision) and tombstone.purged_at
+    assert (tombstone.reference, tombstone.legal_basis) == ("ERASURE-REQ-0042", "gdpr_art17")
+    assert "lethe.db" in files_holding(settings.data_dir, ["ERASURE-REQ-0042"])  # what a deletion keeps, by design
 
 
 def test_an_artifact_two_targets_share_by_content_stays_while_one_still_uses_it(

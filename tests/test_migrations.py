@@ -110,3 +110,41 @@ def test_lethe_migrate_exits_non_zero_with_one_line_when_the_database_is_unreach
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == "lethe: the registry database is unreachable (OperationalError)"
     assert "127.0.0.1" not in result.stderr
+
+
+def migrate_to(engine, revision: str, downgrade: bool = False) -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        (command.downgrade if downgrade else command.upgrade)(config, revision)
+
+
+def test_the_compliance_records_migration_keeps_existing_targets_and_tombstones_and_goes_back(
+        database_url: str) -> None:
+    engine = make_engine(database_url)
+    try:
+        migrate_to(engine, "0003")
+        with engine.begin() as connection:
+            connection.execute(text(
+                "INSERT INTO targets (id, name, description, aliases, forget, retain, mechanisms, classifier, status, "
+                "revision, created_at, updated_at) VALUES ('tgt_old', 'old', '', '[]', '[]', '[]', '{}', '{}', "
+                "'active', 1, '2026-01-01 00:00:00', '2026-01-01 00:00:00')"))
+            connection.execute(text("INSERT INTO tombstones (target_id, revision, deleted_at) "
+                                    "VALUES ('tgt_gone', 2, '2026-01-02 00:00:00')"))
+        assert upgrade_database(engine) == HEAD
+        with engine.connect() as connection:
+            target = connection.execute(text("SELECT name, request_reference, request_requester FROM targets")).one()
+            tombstone = connection.execute(text("SELECT target_id, reference, mechanisms FROM tombstones")).one()
+        assert tuple(target) == ("old", None, None)
+        assert (tombstone[0], tombstone[1]) == ("tgt_gone", None)
+        assert tombstone[2] in ("[]", [])  # SQLite hands JSON back as text, PostgreSQL parsed
+        migrate_to(engine, "0003", downgrade=True)
+        with engine.connect() as connection:
+            assert connection.execute(text("SELECT name FROM targets")).scalar_one() == "old"
+        assert upgrade_database(engine) == HEAD
+    finally:
+        engine.dispose()

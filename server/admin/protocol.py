@@ -7,7 +7,7 @@ Each mechanism's options model lives with the mechanism (``guards/<name>/``) and
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, create_model, model_validator
@@ -17,6 +17,9 @@ from classifiers.types import ForgetItem, ItemText
 
 from guards.base import Mechanism
 from guards.mechanisms import MECHANISMS
+from server.config import ADMIN_KEY_ID
+from server.registry.records import LEGAL_BASES
+from server.registry.trail import ACTIONS
 
 MAX_ITEMS = 5000
 ShortText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
@@ -81,6 +84,72 @@ def mechanisms_model(mechanisms: Sequence[Mechanism]) -> type[MechanismsBase]:
 MechanismsIn = mechanisms_model(MECHANISMS)
 
 
+# ---- the request a target answers ----------------------------------------------------------------------------------
+
+MIN_REQUEST_YEAR, MAX_REQUEST_YEAR = 1990, 2100
+CLOCK_SKEW = timedelta(days=1)  # how far in the future a request's received date may lie (time zones, clocks)
+NO_CONTROL = r"^[^\x00-\x1f\x7f]*$"  # one line, no control characters
+NO_NUL = r"^[^\x00]*$"  # PostgreSQL's text columns refuse U+0000
+LegalBasis = Literal[LEGAL_BASES]
+RequestLine = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200, pattern=NO_CONTROL)]
+RequestNotes = Annotated[str, StringConstraints(max_length=2000, pattern=NO_NUL)]
+
+
+def utc_naive(moment: datetime) -> datetime:
+    """The registry's form of a time: naive UTC (a time without a zone is taken as UTC already)."""
+    return moment.astimezone(UTC).replace(tzinfo=None) if moment.tzinfo is not None else moment
+
+
+def _plausible(moment: datetime) -> datetime:
+    moment = utc_naive(moment)
+    if not MIN_REQUEST_YEAR <= moment.year <= MAX_REQUEST_YEAR:
+        raise ValueError(f"a request's dates lie between {MIN_REQUEST_YEAR} and {MAX_REQUEST_YEAR}")
+    return moment
+
+
+def _received(moment: datetime) -> datetime:
+    if moment > datetime.now(UTC).replace(tzinfo=None) + CLOCK_SKEW:
+        raise ValueError("a request cannot have been received in the future")
+    return moment
+
+
+RequestDate = Annotated[datetime, AfterValidator(_plausible)]
+FilterDate = Annotated[datetime, AfterValidator(utc_naive)]
+
+
+class RequestIn(Strict):
+    """The erasure or takedown request a target answers. Every field is optional; in a PATCH only the fields given
+    change, and ``null`` clears one (clear ``requester`` once it is no longer needed)."""
+
+    reference: RequestLine | None = Field(None, description=(
+        "The operator's own reference (a ticket id). Kept in the tombstone after deletion: no personal data."))
+    requester: RequestLine | None = Field(None, description=(
+        "Who asked. Personal data: never logged, never in the admin trail or the tombstone; deleted with the target."))
+    legal_basis: LegalBasis | None = Field(None, description=(
+        "Why: `gdpr_art17` (right to erasure), `copyright`, `hazard`, `contract`, `court_order` or `other`; "
+        "particulars go in `notes`."))
+    received_at: Annotated[RequestDate, AfterValidator(_received)] | None = Field(None, description=(
+        "When the request was received (a date or a date-time; UTC unless a zone is given)."))
+    effective_at: RequestDate | None = Field(None, description=(
+        "When the request says erasure takes effect, recorded only: enforcement starts at registration."))
+    notes: RequestNotes | None = None
+
+    @model_validator(mode="after")
+    def _effective_after_received(self) -> RequestIn:
+        if self.received_at and self.effective_at and self.effective_at < self.received_at:
+            raise ValueError("effective_at is before received_at: a request cannot take effect before it was received")
+        return self
+
+
+class RequestOut(BaseModel):
+    reference: str | None = None
+    requester: str | None = None
+    legal_basis: str | None = None
+    received_at: datetime | None = None
+    effective_at: datetime | None = None
+    notes: str | None = None
+
+
 class TargetCreate(Strict):
     name: ShortText
     description: Annotated[str, StringConstraints(max_length=5000)] = ""
@@ -88,6 +157,7 @@ class TargetCreate(Strict):
     forget: Annotated[list[RegisteredItem], Field(min_length=1, max_length=MAX_ITEMS)]
     retain: Annotated[list[RegisteredItem], Field(max_length=MAX_ITEMS)] = Field(default_factory=list)
     mechanisms: MechanismsIn | None = None
+    request: RequestIn | None = None
 
 
 class TargetPatch(Strict):
@@ -96,6 +166,7 @@ class TargetPatch(Strict):
     forget: Annotated[list[RegisteredItem], Field(min_length=1, max_length=MAX_ITEMS)] | None = None
     retain: Annotated[list[RegisteredItem], Field(max_length=MAX_ITEMS)] | None = None
     mechanisms: MechanismsIn | None = None
+    request: RequestIn | None = Field(None, description="Only the fields given change; `null` clears one.")
 
 
 class JobOut(BaseModel):
@@ -151,6 +222,7 @@ class TargetOut(BaseModel):
     updated_at: datetime
     forget: list[ForgetItem] | None = None
     retain: list[ForgetItem] | None = None
+    request: RequestOut = Field(default_factory=RequestOut, description="The request the target answers.")
 
 
 class TargetList(BaseModel):
@@ -182,6 +254,82 @@ class AuditRecord(BaseModel):
 class AuditList(BaseModel):
     object: Literal["list"] = "list"
     data: list[AuditRecord]
+    next_cursor: str | None = Field(None, description="Pass as `cursor` for the next page; null on the last.")
+
+
+# ---- admin trail, tombstones, admin keys ---------------------------------------------------------------------------
+
+MAX_PAGE = 1000
+Cursor = Annotated[str, StringConstraints(max_length=200, pattern=r"^[A-Za-z0-9_-]+$")]
+IdFilter = Annotated[str, StringConstraints(max_length=80, pattern=r"^[A-Za-z0-9_.:-]+$")]
+LineFilter = Annotated[str, StringConstraints(max_length=200, pattern=NO_CONTROL)]
+ActionName = Literal[ACTIONS]
+KeyId = Annotated[str, StringConstraints(pattern=ADMIN_KEY_ID)]
+
+
+class ActionOut(BaseModel):
+    """One admin action: who (an admin key's id), what, on which target or object, when, and the names of the fields
+    it set (never their values)."""
+
+    id: int
+    at: datetime
+    actor: str
+    action: ActionName
+    target_id: str | None = None
+    subject_id: str | None = Field(None, description="The negative or admin key acted on.")
+    fields: list[str]
+    count: int | None = Field(None, description="How many objects the action concerned (negatives added).")
+    revision: int | None = Field(None, description="The registry revision the action made.")
+
+
+class ActionList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ActionOut]
+    next_cursor: str | None = Field(None, description="Pass as `cursor` for the next page; null on the last.")
+
+
+class TombstoneOut(BaseModel):
+    """What a deleted target leaves: nothing that identifies whom or what it was about."""
+
+    target_id: str
+    revision: int
+    deleted_at: datetime
+    purged_at: datetime | None = Field(None, description="When its artifacts and database copies were erased.")
+    registered_at: datetime | None = None
+    reference: str | None = None
+    legal_basis: str | None = None
+    received_at: datetime | None = None
+    effective_at: datetime | None = None
+    mechanisms: list[str]
+    verification: dict[str, Any] | None = Field(None, description="Summary figures of its last verification run.")
+
+
+class TombstoneList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[TombstoneOut]
+    next_cursor: str | None = Field(None, description="Pass as `cursor` for the next page; null on the last.")
+
+
+class AdminKeyCreate(Strict):
+    id: KeyId = Field(description="The key's name, as the admin trail shows its actions (e.g. `alice`).")
+
+
+class AdminKeyOut(BaseModel):
+    id: str
+    source: Literal["environment", "registry"]
+    created_at: datetime | None = None
+    created_by: str | None = None
+    revoked_at: datetime | None = None
+    revoked_by: str | None = None
+
+
+class AdminKeyCreated(AdminKeyOut):
+    key: str = Field(description="The key itself: shown this once, stored only as its SHA-256.")
+
+
+class AdminKeyList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[AdminKeyOut]
 
 
 MAX_NEGATIVES_PER_REQUEST = 1000

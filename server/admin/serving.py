@@ -10,7 +10,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 
+from server.admin.keys import ENVIRONMENT, digest, new_key
 from server.admin.protocol import (
+    ActionList,
+    ActionOut,
+    AdminKeyCreate,
+    AdminKeyCreated,
+    AdminKeyList,
+    AdminKeyOut,
     AuditList,
     AuditRecord,
     ClassifierOut,
@@ -24,17 +31,37 @@ from server.admin.protocol import (
     NegativeOut,
     NegativesCreate,
     RegistryOut,
+    RequestIn,
+    RequestOut,
     ScoreRequest,
     ScoreResponse,
     TargetCreate,
     TargetList,
     TargetOut,
     TargetPatch,
+    TombstoneList,
+    TombstoneOut,
 )
 from server.planner import ChatTurn
 from server.registry import Registry
 from server.registry.readable import CLASSIFIER
-from server.registry.records import Item, JobRecord, NegativeRecord, NewTarget, TargetChanges, TargetView
+from server.errors import Conflict
+from server.registry.records import (
+    ActionFilter,
+    AdminKeyRecord,
+    AuditFilter,
+    Item,
+    JobRecord,
+    NegativeRecord,
+    NewTarget,
+    RequestChanges,
+    RequestMetadata,
+    TargetChanges,
+    TargetFilter,
+    TargetView,
+    TombstoneFilter,
+)
+from server.registry.trail import LOCAL_ACTOR
 from server.registry.snapshot import SnapshotHolder
 from server.scoring import ScoredPrompt, ScoringService
 
@@ -43,21 +70,32 @@ def stored_items(items: Sequence[ForgetItem]) -> list[Item]:
     return [item.stored() for item in items]
 
 
+def request_metadata(body: RequestIn | None) -> RequestMetadata:
+    return RequestMetadata(**body.model_dump()) if body is not None else RequestMetadata()
+
+
 def new_target(body: TargetCreate, default_mechanisms: Sequence[str]) -> NewTarget:
     mechanisms = body.mechanisms or MechanismsIn.model_validate({name: {} for name in default_mechanisms})
     return NewTarget(name=body.name, description=body.description, aliases=list(body.aliases),
                      forget=stored_items(body.forget), retain=stored_items(body.retain),
-                     mechanisms=mechanisms.enabled())
+                     mechanisms=mechanisms.enabled(), request=request_metadata(body.request))
 
 
 def target_changes(patch: TargetPatch) -> TargetChanges:
+    request = patch.request
     return TargetChanges(
         description=patch.description,
         aliases=list(patch.aliases) if patch.aliases is not None else None,
         forget=stored_items(patch.forget) if patch.forget is not None else None,
         retain=stored_items(patch.retain) if patch.retain is not None else None,
         mechanisms=patch.mechanisms.enabled() if patch.mechanisms is not None else None,
+        request=RequestChanges(request_metadata(request), frozenset(request.model_fields_set))
+        if request is not None and request.model_fields_set else None,
     )
+
+
+def admin_key_out(record: AdminKeyRecord) -> AdminKeyOut:
+    return AdminKeyOut(**asdict(record))
 
 
 def job_out(job: JobRecord) -> JobOut:
@@ -79,6 +117,7 @@ def target_out(view: TargetView) -> TargetOut:
         created_at=view.created_at, updated_at=view.updated_at,
         forget=[ForgetItem(**item) for item in view.forget] if view.forget is not None else None,
         retain=[ForgetItem(**item) for item in view.retain] if view.retain is not None else None,
+        request=RequestOut(**asdict(view.request)),
     )
 
 
@@ -115,37 +154,37 @@ class AdminServing:
         self._snapshots = snapshots
         self._scoring = scoring
 
-    def create_target(self, body: TargetCreate) -> TargetOut:
-        return self._out(self._registry.targets.create(new_target(body, self._default_mechanisms)))
+    def create_target(self, body: TargetCreate, actor: str = LOCAL_ACTOR) -> TargetOut:
+        return self._out(self._registry.targets.create(new_target(body, self._default_mechanisms), actor))
 
-    def list_targets(self) -> TargetList:
-        listing = self._registry.targets.listing()
+    def list_targets(self, conditions: TargetFilter = TargetFilter()) -> TargetList:
+        listing = self._registry.targets.listing(conditions)
         return TargetList(revision=listing.revision, data=[self._out(view) for view in listing.targets])
 
     def get_target(self, target_id: str) -> TargetOut:
         return self._out(self._registry.targets.get(target_id))
 
-    def patch_target(self, target_id: str, body: TargetPatch) -> TargetOut:
-        return self._out(self._registry.targets.patch(target_id, target_changes(body)))
+    def patch_target(self, target_id: str, body: TargetPatch, actor: str = LOCAL_ACTOR) -> TargetOut:
+        return self._out(self._registry.targets.patch(target_id, target_changes(body), actor))
 
     def _out(self, view: TargetView) -> TargetOut:
         return served_as(target_out(view), self._snapshots.current.unreadable.get(view.id))
 
-    def delete_target(self, target_id: str) -> Deleted:
-        deleted = self._registry.targets.delete(target_id)
+    def delete_target(self, target_id: str, actor: str = LOCAL_ACTOR) -> Deleted:
+        deleted = self._registry.targets.delete(target_id, actor)
         return Deleted(id=deleted.id, revision=deleted.revision)
 
-    def add_negatives(self, body: NegativesCreate) -> NegativeList:
+    def add_negatives(self, body: NegativesCreate, actor: str = LOCAL_ACTOR) -> NegativeList:
         """Store the operator's negatives (those already stored are not repeated); returns the ones added."""
-        change = self._registry.negatives.add(body.texts)
+        change = self._registry.negatives.add(body.texts, actor)
         return NegativeList(revision=change.revision, data=[negative_out(r) for r in change.records])
 
     def list_negatives(self) -> NegativeList:
         revision, records = self._registry.negatives.listing()
         return NegativeList(revision=revision, data=[negative_out(r) for r in records])
 
-    def delete_negative(self, negative_id: str) -> Deleted:
-        change = self._registry.negatives.delete(negative_id)
+    def delete_negative(self, negative_id: str, actor: str = LOCAL_ACTOR) -> Deleted:
+        change = self._registry.negatives.delete(negative_id, actor)
         return Deleted(id=negative_id, revision=change.revision)
 
     def get_job(self, job_id: str) -> JobOut:
@@ -157,8 +196,45 @@ class AdminServing:
         return RegistryOut(revision=summary.revision, serving_revision=self._snapshots.current.revision,
                            targets=summary.targets, jobs=summary.jobs)
 
-    def audit(self, limit: int, since: float | None) -> AuditList:
-        return AuditList(data=[AuditRecord(**asdict(entry)) for entry in self._registry.audit.recent(limit, since)])
+    def audit(self, limit: int, since: float | None, target_id: str | None = None,
+              cursor: str | None = None) -> AuditList:
+        page = self._registry.audit.page(AuditFilter(since=since, target_id=target_id), limit, cursor)
+        return AuditList(data=[AuditRecord(**asdict(entry)) for entry in page.items], next_cursor=page.next_cursor)
+
+    def actions(self, conditions: ActionFilter, limit: int, cursor: str | None = None) -> ActionList:
+        page = self._registry.trail.page(conditions, limit, cursor)
+        return ActionList(data=[ActionOut(**asdict(action)) for action in page.items], next_cursor=page.next_cursor)
+
+    def tombstones(self, conditions: TombstoneFilter, limit: int, cursor: str | None = None) -> TombstoneList:
+        page = self._registry.tombstones.page(conditions, limit, cursor)
+        return TombstoneList(data=[TombstoneOut(**asdict(tombstone)) for tombstone in page.items],
+                             next_cursor=page.next_cursor)
+
+    # ------------------------------------------------------------ admin keys
+
+    def admin_key_holder(self, key_digest: str) -> str | None:
+        """The id of the unrevoked registry key with this SHA-256 (``server/admin/keys.py``)."""
+        return self._registry.admin_keys.holder(key_digest)
+
+    def create_admin_key(self, body: AdminKeyCreate, environment_ids: Sequence[str],
+                         actor: str = LOCAL_ACTOR) -> AdminKeyCreated:
+        """A new registry key named ``body.id``: the key is in this answer only."""
+        if body.id in environment_ids:
+            raise Conflict(f"`{body.id}` is the id of a key the environment configures.", param="id")
+        key = new_key()
+        record = self._registry.admin_keys.create(body.id, digest(key), actor)
+        return AdminKeyCreated(**asdict(record), key=key)
+
+    def list_admin_keys(self, environment_ids: Sequence[str]) -> AdminKeyList:
+        """The environment's keys (by id) and the registry's, revoked ones included; never a key or its hash."""
+        environment = [AdminKeyOut(id=key_id, source=ENVIRONMENT) for key_id in environment_ids]
+        return AdminKeyList(data=environment + [admin_key_out(r) for r in self._registry.admin_keys.listing()])
+
+    def revoke_admin_key(self, key_id: str, environment_ids: Sequence[str], actor: str = LOCAL_ACTOR) -> AdminKeyOut:
+        if key_id in environment_ids:
+            raise Conflict(f"`{key_id}` is configured by the environment (LETHE_ADMIN_KEY, LETHE_ADMIN_KEYS): remove "
+                           "it there and restart the replicas.", param="key_id")
+        return admin_key_out(self._registry.admin_keys.revoke(key_id, actor))
 
     async def score(self, body: ScoreRequest) -> ScoreResponse:
         scored = await self._scoring.score([ChatTurn(m.role, m.content) for m in body.messages], body.continuations)

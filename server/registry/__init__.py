@@ -1,5 +1,6 @@
 """The forget-target registry: SQLAlchemy models, the targets store, the job queue, the audit log, the operators'
-negatives, the serving replicas, the erasure ledger and the live snapshot. It speaks its own dataclasses
+negatives, the serving replicas, the erasure ledger and its tombstones, the admin trail, the named admin keys and the
+live snapshot. It speaks its own dataclasses
 (``records.py``), never HTTP types: the admin API converts at its edge.
 
 ``Registry`` holds the stores over one database; code that needs only one of them is handed only that one.
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import Engine
 
+from server.registry.admin_keys import AdminKeyStore
 from server.registry.audit_log import AuditLog
 from server.registry.catalog import MechanismCatalog
 from server.registry.database import RegistryDatabase
@@ -19,6 +21,8 @@ from server.registry.job_queue import JobQueue
 from server.registry.negatives import NegativeStore
 from server.registry.replicas import ReplicaStore
 from server.registry.targets import TargetStore
+from server.registry.tombstones import TombstoneStore
+from server.registry.trail import AdminTrail
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,9 @@ class Registry:
     negatives: NegativeStore
     replicas: ReplicaStore
     erasure: ErasureLedger
+    tombstones: TombstoneStore
+    trail: AdminTrail
+    admin_keys: AdminKeyStore
 
     @classmethod
     def open(cls, engine: Engine, catalog: MechanismCatalog = MechanismCatalog()) -> Registry:
@@ -37,4 +44,5 @@ class Registry:
         database = RegistryDatabase(engine)
         jobs = JobQueue(database, catalog)
         return cls(database, TargetStore(database, jobs, catalog), jobs, AuditLog(database), NegativeStore(database),
-                   ReplicaStore(database), ErasureLedger(database))
+                   ReplicaStore(database), ErasureLedger(database), TombstoneStore(database), AdminTrail(database),
+                   AdminKeyStore(database))

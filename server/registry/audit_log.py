@@ -21,7 +21,11 @@ from server.registry import views
 from server.registry.database import RegistryDatabase
 from server.registry.erasure import deleted_among
 from server.registry.models import AuditRow
-from server.registry.records import AuditEntry
+from server.registry.pages import page
+from server.registry.records import AuditEntry, AuditFilter, Page
+from server.registry.text_match import json_list_has
+
+LISTING = "audit"
 
 
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
@@ -68,6 +72,19 @@ class AuditLog:
             if since is not None:
                 query = query.where(AuditRow.created >= since)
             return [views.audit_entry(row) for row in session.scalars(query).all()]
+
+    def page(self, conditions: AuditFilter, limit: int, cursor: str | None = None) -> Page[AuditEntry]:
+        """Newest first (by request time), at most ``limit``, after ``cursor`` (the previous page's
+        ``next_cursor``). Records are written in batches, some after later requests' records: one that lands behind
+        a reader's cursor is not seen by that reader, and no record is ever returned twice."""
+        query = select(AuditRow)
+        if conditions.since is not None:
+            query = query.where(AuditRow.created >= conditions.since)
+        if conditions.target_id is not None:
+            query = query.where(json_list_has(AuditRow.targets, conditions.target_id))
+        with self._database.session() as session:
+            return page(session, query, [AuditRow.created, AuditRow.id], LISTING, cursor, limit,
+                        lambda row: (row.created, row.id), views.audit_entry, (float, int))
 
     def prune(self, older_than: float) -> int:
         with self._database.transaction() as session:

@@ -1,7 +1,7 @@
 """``ErasureLedger``: the registry's side of erasure on delete (tombstones, audit redaction, what is still referenced).
 
 Deleting a target (``TargetStore.delete``) removes its row, scrubs its jobs' messages, redacts the stored audit
-prompts that hit it or name it, and leaves a tombstone: its id, the revision of the deletion and when, nothing else.
+prompts that hit it or name it, and leaves a tombstone without content (``tombstones.py`` says what it keeps).
 The erasure pass (``server/erasure.py``) then reads here what live targets still reference, redacts again (an audit
 record of a request still in flight at the deletion may land after it), and marks the tombstone purged once the
 target's artifacts and the database's copies of its rows are gone.
@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Collection, Iterable, Sequence
-from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Text, cast, func, or_, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from server.registry.database import RegistryDatabase, read_revision, utcnow
 from server.registry.models import AuditRow, TargetRow, TombstoneRow
 from server.registry.records import ErasureState, Tombstone
+from server.registry.text_match import json_list_has, like_literal
+from server.registry.tombstones import tombstone_record
 
 DIGEST = re.compile(r"[0-9a-f]{64}")
 MIN_REDACTED_ALIAS = 3  # shorter aliases would redact nearly every stored prompt
@@ -37,25 +38,16 @@ def artifact_digests(value: Any) -> set[str]:
     return set()
 
 
-def _like_literal(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-
-
 def redact_prompts(session: Session, target_ids: Collection[str], aliases: Sequence[str] = ()) -> int:
     """Blank the stored prompt of every audit record that hit one of ``target_ids`` or names one of ``aliases``
     (case-insensitively); the records themselves (ids, targets, scores) stay."""
-    conditions = [cast(AuditRow.targets, Text).like(f'%"{_like_literal(tid)}"%', escape="\\") for tid in target_ids]
-    conditions += [func.lower(AuditRow.prompt).like(f"%{_like_literal(alias.lower())}%", escape="\\")
+    conditions = [json_list_has(AuditRow.targets, tid) for tid in target_ids]
+    conditions += [func.lower(AuditRow.prompt).like(f"%{like_literal(alias.lower())}%", escape="\\")
                    for alias in aliases if len(alias.strip()) >= MIN_REDACTED_ALIAS]
     if not conditions:
         return 0
     return session.execute(update(AuditRow).where(AuditRow.prompt.is_not(None), or_(*conditions))
                            .values(prompt=None)).rowcount
-
-
-def bury(session: Session, target_id: str, revision: int, now: datetime) -> None:
-    """Leave the tombstone of a target deleted in this transaction."""
-    session.add(TombstoneRow(target_id=target_id, revision=revision, deleted_at=now, purged_at=None))
 
 
 def deleted_among(session: Session, target_ids: Iterable[str]) -> set[str]:
@@ -64,11 +56,6 @@ def deleted_among(session: Session, target_ids: Iterable[str]) -> set[str]:
     if not ids:
         return set()
     return set(session.scalars(select(TombstoneRow.target_id).where(TombstoneRow.target_id.in_(ids))))
-
-
-def _tombstone(row: TombstoneRow) -> Tombstone:
-    return Tombstone(target_id=row.target_id, revision=row.revision, deleted_at=row.deleted_at,
-                     purged_at=row.purged_at)
 
 
 class ErasureLedger:
@@ -85,7 +72,7 @@ class ErasureLedger:
             pending = session.scalars(select(TombstoneRow).where(TombstoneRow.purged_at.is_(None))
                                       .order_by(TombstoneRow.revision)).all()
             return ErasureState(revision=revision, referenced=frozenset(referenced),
-                                pending=tuple(_tombstone(row) for row in pending))
+                                pending=tuple(tombstone_record(row) for row in pending))
 
     def redact(self, target_ids: Collection[str]) -> int:
         """Redact again the audit prompts that hit these deleted targets (records written after the deletion)."""
@@ -101,4 +88,4 @@ class ErasureLedger:
         """Every deletion, oldest first."""
         with self._database.session() as session:
             rows = session.scalars(select(TombstoneRow).order_by(TombstoneRow.revision)).all()
-            return [_tombstone(row) for row in rows]
+            return [tombstone_record(row) for row in rows]

@@ -39,6 +39,14 @@ class TargetRow(Base):
     revision: Mapped[int] = mapped_column(Integer, nullable=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(), nullable=False)
     updated_at: Mapped[datetime] = mapped_column(DateTime(), nullable=False)
+    # The erasure or takedown request the target answers (``records.RequestMetadata``); all optional. The requester is
+    # personal data: it goes with the row and is never copied to the tombstone, the trail or a log line.
+    request_reference: Mapped[str | None] = mapped_column(String(200), nullable=True, index=True)
+    request_requester: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    request_legal_basis: Mapped[str | None] = mapped_column(String(40), nullable=True, index=True)
+    request_received_at: Mapped[datetime | None] = mapped_column(DateTime(), nullable=True, index=True)
+    request_effective_at: Mapped[datetime | None] = mapped_column(DateTime(), nullable=True)
+    request_notes: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class JobRow(Base):
@@ -101,12 +109,54 @@ class ReplicaRow(Base):
 
 
 class TombstoneRow(Base):
-    """What remains of a deleted target: its id, when and at which revision it was deleted, and when everything else
-    of it was purged. Deliberately no name, alias or text."""
+    """What remains of a deleted target: its id, when and at which revision it was deleted, when everything else of it
+    was purged, and the non-identifying part of the request it answered (reference, legal basis, dates), the
+    mechanisms that enforced it and the summary figures of its last verification. Deliberately no name, alias, text,
+    requester or notes."""
 
     __tablename__ = "tombstones"
 
     target_id: Mapped[str] = mapped_column(String(40), primary_key=True)
-    revision: Mapped[int] = mapped_column(Integer, nullable=False)
+    revision: Mapped[int] = mapped_column(Integer, nullable=False, index=True)
     deleted_at: Mapped[datetime] = mapped_column(DateTime(), nullable=False)
     purged_at: Mapped[datetime | None] = mapped_column(DateTime(), nullable=True, index=True)
+    registered_at: Mapped[datetime | None] = mapped_column(DateTime(), nullable=True)
+    reference: Mapped[str | None] = mapped_column(String(200), nullable=True, index=True)
+    legal_basis: Mapped[str | None] = mapped_column(String(40), nullable=True, index=True)
+    received_at: Mapped[datetime | None] = mapped_column(DateTime(), nullable=True)
+    effective_at: Mapped[datetime | None] = mapped_column(DateTime(), nullable=True)
+    mechanisms: Mapped[list[str]] = mapped_column(JSON, nullable=False, default=list)
+    verification: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+
+
+class AdminActionRow(Base):
+    """One admin action (the admin trail): who (a key id, never a key), what, on which target or object, when, and
+    the names of the fields it set, never their values. Append-only: the migration refuses updates and deletes."""
+
+    __tablename__ = "admin_actions"
+    __table_args__ = (Index("ix_admin_actions_target", "target_id", "id"),
+                      Index("ix_admin_actions_actor", "actor", "id"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(DateTime(), nullable=False, index=True)
+    actor: Mapped[str] = mapped_column(String(40), nullable=False)
+    action: Mapped[str] = mapped_column(String(40), nullable=False, index=True)
+    target_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    subject_id: Mapped[str | None] = mapped_column(String(40), nullable=True)  # a negative's or an admin key's id
+    fields: Mapped[list[str]] = mapped_column(JSON, nullable=False)
+    count: Mapped[int | None] = mapped_column(Integer, nullable=True)  # how many objects (negatives added)
+    revision: Mapped[int | None] = mapped_column(Integer, nullable=True)  # the registry revision the action made
+
+
+class AdminKeyRow(Base):
+    """A named admin key kept in the registry, so every replica sees its revocation at once. Only the SHA-256 of the
+    key is stored; revoked keys stay (revoked_at set) so that the trail's actors stay resolvable and ids unique."""
+
+    __tablename__ = "admin_keys"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    digest: Mapped[str] = mapped_column(String(64), nullable=False, unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(), nullable=False)
+    created_by: Mapped[str] = mapped_column(String(40), nullable=False)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(), nullable=True)
+    revoked_by: Mapped[str | None] = mapped_column(String(40), nullable=True)

@@ -13,6 +13,7 @@ from datetime import timedelta
 from sqlalchemy import delete, func, select
 
 from server.errors import Conflict, NotFound
+from server.registry import trail
 from server.registry.database import RegistryDatabase, bump_revision, new_id, read_revision, utcnow
 from server.registry.models import NegativeRow
 from server.registry.records import NegativeRecord, NegativesChange
@@ -28,8 +29,9 @@ class NegativeStore:
     def __init__(self, database: RegistryDatabase) -> None:
         self._database = database
 
-    def add(self, texts: Sequence[str]) -> NegativesChange:
-        """Store ``texts`` (each once: a text already stored is not added again), within ``MAX_NEGATIVES``."""
+    def add(self, texts: Sequence[str], actor: str = trail.LOCAL_ACTOR) -> NegativesChange:
+        """Store ``texts`` (each once: a text already stored is not added again), within ``MAX_NEGATIVES``; the trail
+        records how many were added, never their text."""
         now = utcnow()
         with self._database.transaction() as session:
             stored = set(session.scalars(select(NegativeRow.text).where(NegativeRow.text.in_(list(texts)))))
@@ -44,6 +46,7 @@ class NegativeStore:
             session.add_all(rows)
             revision = bump_revision(session) if rows else read_revision(session)
             session.flush()
+            trail.record(session, actor, trail.NEGATIVES_ADD, fields=["texts"], count=len(rows), revision=revision)
             return NegativesChange(tuple(_record(row) for row in rows), revision)
 
     def listing(self) -> tuple[int, list[NegativeRecord]]:
@@ -52,14 +55,16 @@ class NegativeStore:
             rows = session.scalars(select(NegativeRow).order_by(NegativeRow.created_at, NegativeRow.id)).all()
             return read_revision(session), [_record(row) for row in rows]
 
-    def delete(self, negative_id: str) -> NegativesChange:
+    def delete(self, negative_id: str, actor: str = trail.LOCAL_ACTOR) -> NegativesChange:
         with self._database.transaction() as session:
             row = session.get(NegativeRow, negative_id)
             if row is None:
                 raise NotFound(f"No negative `{negative_id}`.", param="negative_id", code="negative_not_found")
             record = _record(row)
             session.execute(delete(NegativeRow).where(NegativeRow.id == negative_id))
-            return NegativesChange((record,), bump_revision(session))
+            revision = bump_revision(session)
+            trail.record(session, actor, trail.NEGATIVE_DELETE, subject_id=negative_id, revision=revision)
+            return NegativesChange((record,), revision)
 
     def texts(self) -> list[str]:
         """Every stored negative's text (what the calibration reads)."""

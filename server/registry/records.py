@@ -10,11 +10,49 @@ Forget and retain items are stored as given: ``{"question", "answer"}`` or ``{"t
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 Item = dict[str, str]
+T = TypeVar("T")
+
+LEGAL_BASES = ("gdpr_art17", "copyright", "hazard", "contract", "court_order", "other")
+"""What a target's request may give as its legal basis: one word per kind, so that targets and tombstones can be
+filtered and counted by it; the particulars (an article, a court, a clause) go in the request's notes."""
+
+
+@dataclass(frozen=True)
+class RequestMetadata:
+    """The erasure or takedown request a target answers; every field optional.
+
+    ``effective_at`` is when the request says erasure takes effect, recorded for the record: enforcement starts at the
+    registration, whatever it says. ``requester`` is personal data: it is stored with the target only, never in the
+    tombstone, the admin trail or a log line, and goes with the target's row.
+    """
+
+    reference: str | None = None  # the operator's ticket id: kept in the tombstone
+    requester: str | None = None
+    legal_basis: str | None = None  # one of LEGAL_BASES
+    received_at: datetime | None = None  # naive UTC, as every registry time
+    effective_at: datetime | None = None
+    notes: str | None = None
+
+    def names_set(self) -> list[str]:
+        """The names of the fields that hold a value (for the admin trail: names only)."""
+        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+
+
+@dataclass(frozen=True)
+class RequestChanges:
+    """A patch of a target's request: the ``fields`` named take their value in ``values`` (``None`` clears one); the
+    others stay as they are."""
+
+    values: RequestMetadata
+    fields: frozenset[str]
+
+    def applied_to(self, current: RequestMetadata) -> RequestMetadata:
+        return replace(current, **{name: getattr(self.values, name) for name in self.fields})
 
 
 @dataclass(frozen=True)
@@ -27,6 +65,7 @@ class NewTarget:
     forget: Sequence[Item]
     retain: Sequence[Item]
     mechanisms: Mapping[str, dict[str, Any]]
+    request: RequestMetadata = RequestMetadata()
 
 
 @dataclass(frozen=True)
@@ -38,6 +77,23 @@ class TargetChanges:
     forget: Sequence[Item] | None = None
     retain: Sequence[Item] | None = None
     mechanisms: Mapping[str, dict[str, Any]] | None = None
+    request: RequestChanges | None = None
+
+    def names_set(self) -> list[str]:
+        """The names of the fields this patch sets (``request.<field>`` for the request's), for the admin trail."""
+        names = [name for name in ("description", "aliases", "forget", "retain", "mechanisms")
+                 if getattr(self, name) is not None]
+        return names + sorted(f"request.{name}" for name in (self.request.fields if self.request else ()))
+
+
+@dataclass(frozen=True)
+class TargetFilter:
+    """Which targets a listing keeps: every given condition must hold (``received_*`` bounds are inclusive)."""
+
+    reference: str | None = None
+    legal_basis: str | None = None
+    received_after: datetime | None = None
+    received_before: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -122,6 +178,7 @@ class TargetView:
     updated_at: datetime
     forget: list[Item] | None = None
     retain: list[Item] | None = None
+    request: RequestMetadata = RequestMetadata()
 
 
 @dataclass(frozen=True)
@@ -185,12 +242,78 @@ class ReplicaRecord:
 
 @dataclass(frozen=True)
 class Tombstone:
-    """What remains of a deleted target: no name, alias or text."""
+    """What remains of a deleted target: no name, alias, text, requester or notes."""
 
     target_id: str
     revision: int  # the registry revision its deletion made
     deleted_at: datetime
     purged_at: datetime | None  # when its artifacts, audit prompts and database pages were last seen erased
+    registered_at: datetime | None = None  # None for deletions made before tombstones kept it
+    reference: str | None = None
+    legal_basis: str | None = None
+    received_at: datetime | None = None
+    effective_at: datetime | None = None
+    mechanisms: list[str] = field(default_factory=list)  # the mechanisms that enforced it
+    verification: dict[str, Any] | None = None  # the summary figures of its last verification run
+
+
+@dataclass(frozen=True)
+class TombstoneFilter:
+    target_id: str | None = None
+    reference: str | None = None
+    legal_basis: str | None = None
+    since: datetime | None = None  # deleted at or after
+    until: datetime | None = None  # deleted before
+
+
+@dataclass(frozen=True)
+class ActionRecord:
+    """One admin action of the trail: names, never values."""
+
+    id: int
+    at: datetime
+    actor: str  # the id of the admin key used, never the key
+    action: str  # ``server.registry.trail`` names them
+    target_id: str | None
+    subject_id: str | None  # the negative or admin key acted on
+    fields: list[str]  # the names of the fields the action set
+    count: int | None  # how many objects it concerned (negatives added)
+    revision: int | None  # the registry revision it made
+
+
+@dataclass(frozen=True)
+class ActionFilter:
+    actor: str | None = None
+    action: str | None = None
+    target_id: str | None = None
+    since: datetime | None = None  # at or after
+    until: datetime | None = None  # before
+
+
+@dataclass(frozen=True)
+class AuditFilter:
+    since: float | None = None  # Unix time; created at or after
+    target_id: str | None = None  # records that hit it
+
+
+@dataclass(frozen=True)
+class Page(Generic[T]):
+    """One page of a listing, newest first, and the opaque cursor of the next page (None on the last)."""
+
+    items: list[T]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True)
+class AdminKeyRecord:
+    """A named admin key as listed: never the key, nor its hash."""
+
+    id: str
+    source: str  # "environment" (LETHE_ADMIN_KEY, LETHE_ADMIN_KEYS) or "registry" (created over the admin API)
+    created_at: datetime | None = None
+    created_by: str | None = None
+    revoked_at: datetime | None = None
+    revoked_by: str | None = None
 
 
 @dataclass(frozen=True)

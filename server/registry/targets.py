@@ -2,7 +2,11 @@
 
 Every public method is one transaction: a failed create, patch or delete writes nothing. Every change that serving
 replicas must see bumps the registry revision in the same transaction, which is what replicas poll for. A change to a
-target's contents or mechanisms queues the jobs that prepare it (``JobQueue``) in that same transaction.
+target's contents or mechanisms queues the jobs that prepare it (``JobQueue``) in that same transaction, and every
+create, patch and delete appends its entry to the admin trail (``trail.py``) in it too.
+
+A target carries the request it answers (``RequestMetadata``): recorded, filterable, never a delay (it is enforced
+from its registration), and a patch of the request alone queues no job.
 """
 
 from __future__ import annotations
@@ -16,21 +20,25 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from server.errors import Conflict, NotFound, Unprocessable
-from server.registry import views
+from server.registry import trail, views
 from server.registry.catalog import MechanismCatalog
 from server.registry.database import RegistryDatabase, bump_revision, new_id, read_revision, utcnow
-from server.registry.erasure import bury, redact_prompts
+from server.registry.erasure import redact_prompts
 from server.registry.job_queue import JobQueue
 from server.registry.models import JobRow, TargetRow
 from server.registry.records import (
     DeletedTarget,
     NewTarget,
     RegistrySummary,
+    RequestMetadata,
     TargetChanges,
+    TargetFilter,
     TargetListing,
     TargetRecord,
     TargetView,
 )
+from server.registry.request_meta import check_dates, request_of, stored
+from server.registry.tombstones import bury
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +49,12 @@ def check_fittable(aliases: Sequence[str], forget: Sequence[Any]) -> None:
     if len(aliases) + len(forget) < MIN_FORGET_SOURCES:
         raise Unprocessable("A target needs at least two forget items, or one item and an alias, so that its "
                             "classifier can be calibrated on held-out data.", param="forget")
+
+
+def created_fields(new: NewTarget) -> list[str]:
+    """The names of the fields a registration set (for the admin trail), ``request.<field>`` for the request's."""
+    names = ["name", "description", "aliases", "forget", "retain", "mechanisms"]
+    return [name for name in names if getattr(new, name)] + [f"request.{name}" for name in new.request.names_set()]
 
 
 class TargetStore:
@@ -55,10 +69,20 @@ class TargetStore:
         with self._database.session() as session:
             return read_revision(session)
 
-    def listing(self) -> TargetListing:
+    def listing(self, conditions: TargetFilter = TargetFilter()) -> TargetListing:
+        """Every target that meets ``conditions``, oldest first, without its contents."""
+        query = select(TargetRow).order_by(TargetRow.created_at, TargetRow.id)
+        if conditions.reference is not None:
+            query = query.where(TargetRow.request_reference == conditions.reference)
+        if conditions.legal_basis is not None:
+            query = query.where(TargetRow.request_legal_basis == conditions.legal_basis)
+        if conditions.received_after is not None:
+            query = query.where(TargetRow.request_received_at >= conditions.received_after)
+        if conditions.received_before is not None:
+            query = query.where(TargetRow.request_received_at <= conditions.received_before)
         with self._database.session() as session:
             revision = read_revision(session)
-            rows = session.scalars(select(TargetRow).order_by(TargetRow.created_at, TargetRow.id)).all()
+            rows = session.scalars(query).all()
             jobs = self._jobs.jobs_by_target(session, [row.id for row in rows])
             targets = [views.target_view(row, jobs.get(row.id, []), with_contents=False) for row in rows]
         return TargetListing(revision=revision, targets=targets)
@@ -68,6 +92,11 @@ class TargetStore:
             row = self._target_row(session, target_id)
             jobs = self._jobs.jobs_by_target(session, [row.id])
             return views.target_view(row, jobs.get(row.id, []), with_contents=True)
+
+    def request(self, target_id: str) -> RequestMetadata:
+        """The request the target answers (what its report and tombstone start from)."""
+        with self._database.session() as session:
+            return request_of(self._target_row(session, target_id))
 
     def record(self, target_id: str) -> TargetRecord:
         with self._database.session() as session:
@@ -91,9 +120,10 @@ class TargetStore:
 
     # ------------------------------------------------------------ writes
 
-    def create(self, new: NewTarget) -> TargetView:
+    def create(self, new: NewTarget, actor: str = trail.LOCAL_ACTOR) -> TargetView:
         now = utcnow()
         check_fittable(new.aliases, new.forget)
+        check_dates(new.request)
         options = dict(new.mechanisms)
         try:
             with self._database.transaction() as session:
@@ -106,23 +136,30 @@ class TargetStore:
                     forget=[dict(item) for item in new.forget], retain=[dict(item) for item in new.retain],
                     mechanisms={name: {"options": opts, "state": {}} for name, opts in options.items()},
                     classifier={"status": "preparing"}, status="preparing", revision=revision, created_at=now,
-                    updated_at=now,
+                    updated_at=now, **stored(new.request),
                 )
                 session.add(row)
                 session.flush()
                 self._jobs.enqueue(session, row.id, self.catalog.preparation_kinds(row.mechanisms), now)
                 self._jobs.refresh_statuses(session, row)
+                trail.record(session, actor, trail.TARGET_CREATE, target_id=row.id, revision=revision,
+                             fields=created_fields(new))
         except IntegrityError as exc:  # a concurrent create with the same name won the race
             raise Conflict(f"A target named `{new.name}` already exists.", param="name") from exc
-        logger.info("target.created", extra={"target_id": row.id, "revision": revision})
+        logger.info("target.created", extra={"target_id": row.id, "revision": revision, "actor": actor})
         return self.get(row.id)
 
-    def patch(self, target_id: str, changes: TargetChanges) -> TargetView:
+    def patch(self, target_id: str, changes: TargetChanges, actor: str = trail.LOCAL_ACTOR) -> TargetView:
         now = utcnow()
         with self._database.transaction() as session:
             row = self._target_row(session, target_id)
             changed_contents = False
             previous_mechanisms = dict(row.mechanisms)
+            if changes.request is not None:
+                request = changes.request.applied_to(request_of(row))
+                check_dates(request)
+                for column, value in stored(request).items():
+                    setattr(row, column, value)
             if changes.description is not None:
                 row.description = changes.description
             if changes.aliases is not None:
@@ -151,25 +188,28 @@ class TargetStore:
                 self._jobs.refresh_statuses(session, row)
             row.revision = bump_revision(session)
             row.updated_at = now
-        logger.info("target.patched", extra={"target_id": target_id, "refit": changed_contents,
+            trail.record(session, actor, trail.TARGET_PATCH, target_id=target_id, fields=changes.names_set(),
+                         revision=row.revision)
+        logger.info("target.patched", extra={"target_id": target_id, "refit": changed_contents, "actor": actor,
                                              "mechanisms_changed": changes.mechanisms is not None})
         return self.get(target_id)
 
-    def delete(self, target_id: str) -> DeletedTarget:
+    def delete(self, target_id: str, actor: str = trail.LOCAL_ACTOR) -> DeletedTarget:
         """Remove the target and, in the same transaction, what the database holds of it elsewhere: its jobs'
         messages and errors are blanked, stored audit prompts that hit it or name an alias are redacted, and a
-        tombstone without content records the deletion. Its artifacts stay until the erasure pass can purge them
-        (``server/erasure.py``): a replica may still serve the previous revision."""
+        tombstone without content (``tombstones.py``) records the deletion. Its artifacts stay until the erasure pass
+        can purge them (``server/erasure.py``): a replica may still serve the previous revision."""
         now = utcnow()
         with self._database.transaction() as session:
             row = self._target_row(session, target_id)
             self._jobs.cancel_open(session, row.id, now)
             self._jobs.scrub(session, row.id)
             redacted = redact_prompts(session, [row.id], row.aliases)
-            session.delete(row)
             revision = bump_revision(session)
-            bury(session, target_id, revision, now)
-        logger.info("target.deleted", extra={"target_id": target_id, "revision": revision,
+            bury(session, row, revision, now)
+            session.delete(row)
+            trail.record(session, actor, trail.TARGET_DELETE, target_id=target_id, revision=revision)
+        logger.info("target.deleted", extra={"target_id": target_id, "revision": revision, "actor": actor,
                                              "audit_prompts_redacted": redacted})
         return DeletedTarget(id=target_id, revision=revision)
 

@@ -14,6 +14,7 @@ from server.registry.records import (
     TargetRecord,
     TargetView,
 )
+from server.registry.request_meta import request_of
 
 
 def target_record(row: TargetRow) -> TargetRecord:
@@ -47,6 +48,7 @@ def target_view(row: TargetRow, jobs: Sequence[JobRow], with_contents: bool) -> 
         created_at=row.created_at, updated_at=row.updated_at,
         forget=[dict(item) for item in row.forget] if with_contents else None,
         retain=[dict(item) for item in row.retain] if with_contents else None,
+        request=request_of(row),
     )
 
 
