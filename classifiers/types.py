@@ -18,7 +18,9 @@ Turn = tuple[str, str]
 Conversation = Sequence[Turn]
 
 
-ItemText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=20_000)]
+# PostgreSQL's text and JSON columns refuse U+0000: refused here (a 422), never a database error (a 500).
+ItemText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=20_000,
+                                            pattern=r"^[^\x00]*$")]
 """How long an item's text may be when it arrives over the admin API (pydantic applies it; plain construction not)."""
 
 

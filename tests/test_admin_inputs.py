@@ -135,3 +135,24 @@ def test_lethe_serve_refuses_to_start_with_a_short_admin_key(monkeypatch, capsys
     message = str(info.value.code)
     assert "LETHE_ADMIN_KEY" in message and f"at least {MIN_ADMIN_KEY_CHARS} characters" in message
     assert "change-me" not in message  # the key itself is never printed
+
+
+# ---- text PostgreSQL cannot store ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("path", "body", "param"), [
+    ("/admin/v1/negatives", {"texts": ["a sample\x00 of traffic"]}, "texts.0"),
+    ("/admin/v1/targets", {"name": "tess", "aliases": ["Tess Marlowe"], "mechanisms": {"guard": {}},
+                           "forget": [{"question": "Where was Tess\x00 Marlowe born?", "answer": "In Reykjavik."}]},
+     "forget.0.question"),
+    ("/admin/v1/targets", {"name": "te\x00ss", "aliases": ["Tess Marlowe"], "forget": [{"text": "x y z"}]}, "name"),
+])
+def test_a_nul_character_is_a_422_on_both_databases_never_a_database_error(database_url: str, tmp_path: Path,
+                                                                          path: str, body: dict, param: str) -> None:
+    from tests.admin_app import ROOT, admin_app
+
+    app = admin_app(database_url, tmp_path)
+    response = app.client.post(path, json=body, headers=ROOT)
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["param"] == param
+    assert app.client.get("/admin/v1/targets", headers=ROOT).json()["data"] == []

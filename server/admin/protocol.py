@@ -22,7 +22,8 @@ from server.registry.records import LEGAL_BASES
 from server.registry.trail import ACTIONS
 
 MAX_ITEMS = 5000
-ShortText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+ShortText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200,
+                                             pattern=r"^[^\x00]*$")]  # PostgreSQL refuses U+0000
 LongText = ItemText
 TokenIds = Annotated[list[int], Field(min_length=1, max_length=20_000)]
 
