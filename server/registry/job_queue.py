@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from server.errors import NotFound
 from server.registry import views
-from server.registry.catalog import FIT_CLASSIFIER, MechanismCatalog
+from server.registry.catalog import FIT_CLASSIFIER, VERIFY_ERASURE, MechanismCatalog
 from server.registry.database import RegistryDatabase, bump_revision, new_id, utcnow
 from server.registry.models import JobRow, TargetRow
 from server.registry.records import ClaimedJob, JobRecord
@@ -99,7 +99,10 @@ class JobQueue:
         nothing written) if the claim no longer holds the job.
 
         A ``fit_classifier`` result becomes the target's classifier; a mechanism job's result becomes that
-        mechanism's published ``state`` (artifact digests, calibrated values). The fenced UPDATE comes first: on
+        mechanism's published ``state`` (artifact digests, calibrated values); a ``verify_erasure`` result becomes the
+        target's last verification (figures only, no revision bump: replicas serve nothing of it).
+
+        The fenced UPDATE comes first: on
         PostgreSQL it waits for a concurrent recovery pass and re-checks the claim after it, on SQLite writers are
         serialised, so a result is published only by the run that still holds the job.
         """
@@ -112,7 +115,10 @@ class JobQueue:
             if finished != 1:
                 return False
             target = session.get(TargetRow, job.target_id) if job.target_id else None
-            if target is not None:
+            if target is not None and job.kind == VERIFY_ERASURE:
+                # A measurement, not something replicas serve: stored on the target, no new revision.
+                target.verification = result
+            elif target is not None:
                 mechanism = self._catalog.job_mechanism.get(job.kind)
                 if job.kind == FIT_CLASSIFIER:
                     target.classifier = result
@@ -155,11 +161,14 @@ class JobQueue:
 
     # ------------------------------------------------------------ within a targets-store transaction
 
-    def enqueue(self, session: Session, target_id: str, kinds: Sequence[str], now: datetime) -> None:
+    def enqueue(self, session: Session, target_id: str, kinds: Sequence[str], now: datetime) -> list[JobRow]:
+        rows = []
         for order, kind in enumerate(kinds):  # distinct timestamps: claimed in this order, the classifier first
-            session.add(JobRow(id=new_id("job"), target_id=target_id, kind=kind, status="queued", progress=0.0,
+            rows.append(JobRow(id=new_id("job"), target_id=target_id, kind=kind, status="queued", progress=0.0,
                                message="queued", attempts=0, max_attempts=MAX_ATTEMPTS, payload={},
                                created_at=now + timedelta(microseconds=order)))
+        session.add_all(rows)
+        return rows
 
     def cancel_open(self, session: Session, target_id: str, now: datetime, kinds: Sequence[str] | None = None) -> None:
         """Supersede the target's queued and running jobs (all of them, or those of ``kinds``)."""
