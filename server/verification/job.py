@@ -87,13 +87,13 @@ class VerificationSettings:
 
 
 def unrelated_questions(retain: Sequence[dict[str, Any]], count: int, seed: str) -> list[str]:
-    """Questions about someone else: the target's retain questions, else other authors' from the negative pool."""
-    questions = [str(item["question"]) for item in retain if item.get("question")]
-    if not questions:
-        questions = [n.text for n in builtin_negative_pool()
-                     if n.source == "tofu_other_authors" and n.text.endswith("?")]
+    """``count`` questions about someone else: the target's retain questions first (what its operator said must stay
+    answered), then other authors' from the built-in negative pool, a sample fixed by ``seed``."""
+    own = [str(item["question"]) for item in retain if item.get("question")][:count]
+    pool = [n.text for n in builtin_negative_pool() if n.source == "tofu_other_authors" and n.text.endswith("?")
+            and n.text not in own]
     rng = random.Random(seed)
-    return [questions[i] for i in sorted(rng.sample(range(len(questions)), min(count, len(questions))))]
+    return own + [pool[i] for i in sorted(rng.sample(range(len(pool)), min(count - len(own), len(pool))))]
 
 
 def _rate(hits: int, total: int) -> float | None:
