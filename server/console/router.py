@@ -91,7 +91,7 @@ async def login_form(request: Request, message: str | None = None) -> Response:
     disabled = not request.app.state.settings.environment_admin_keys
     token = csrf.new_token()
     response = _page(request, "login.html", None, 403 if disabled else 200, login_csrf=token, disabled=disabled,
-                     message=message if message in LOGIN_MESSAGES else None)
+                     message=LOGIN_MESSAGES.get(message or ""))
     sessions.set_cookie(response, request, sessions.LOGIN_COOKIE, token, sessions.LOGIN_FORM_S)
     return response
 
