@@ -49,7 +49,7 @@ def leak_rates_svg(families: Sequence[Mapping[str, Any]], summary: Mapping[str, 
     axes.set_xticks(list(positions), [r[0] for r in rows], rotation=20, ha="right")
     axes.set_ylabel("replies that leak (%)")
     axes.set_ylim(0, 100)
-    axes.legend(frameon=False, loc="upper right")
+    axes.legend(frameon=False, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2)
     return _svg(figure)
 
 
