@@ -12,7 +12,7 @@ import asyncio
 import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +60,7 @@ def mechanism_catalog(settings: Settings, mechanisms: Sequence[Mechanism] = MECH
     return MechanismCatalog(frozenset(by_name), jobs_for,
                             {spec.kind: mechanism.name for mechanism in mechanisms for spec in mechanism.jobs}, admit,
                             classifier_fitted_gates=frozenset(mechanism.name for mechanism in mechanisms
-                                                              if mechanism.gate_detector is not None),
-                            verify_after_changes=settings.verify_after_changes)
+                                                              if mechanism.gate_detector is not None))
 
 
 class LazyEmbedder:
@@ -107,7 +106,8 @@ def open_registry(settings: Settings) -> Registry:
                          f"{[mechanism.name for mechanism in MECHANISMS]}")
     engine = make_engine(settings.resolved_database_url)
     upgrade_database(engine)
-    return Registry.open(engine, mechanism_catalog(settings))
+    catalog = replace(mechanism_catalog(settings), verify_after_changes=settings.verify_after_changes)
+    return Registry.open(engine, catalog)
 
 
 def mechanism_handlers(resources: JobResources, needs: set[str],
