@@ -79,11 +79,15 @@ def watch_until_active(driver: Any, base_url: str, target_id: str, timeout_s: fl
 
 
 def open_report(driver: Any, base_url: str, target_id: str, timeout_s: float, shots: Path | None,
-                between: Callable[[], Any] = lambda: None) -> dict[str, str]:
-    """The report page once its verification has finished (it refreshes itself while one runs); its figures."""
+                between: Callable[[], Any] = lambda: None, rerun: bool = False) -> dict[str, str]:
+    """The report page once its verification has finished (it refreshes itself while one runs); its figures. With
+    ``rerun``, its "Re-run verification" button is pressed first."""
     from selenium.webdriver.common.by import By
 
     driver.get(f"{base_url}/admin/ui/targets/{target_id}/report")
+    if rerun:
+        driver.find_element(By.ID, "rerun-verification").click()
+        wait_for(lambda: "verification-queued" in driver.current_url, 30, "no report page after re-running")
 
     def figures() -> dict[str, str] | None:
         between()

@@ -37,7 +37,8 @@ def test_log_in_register_watch_it_become_active_read_its_report_and_delete_it_in
                              {"reference": "DSR-2026-118", "legal_basis": "gdpr_art17", "received_at": "2026-11-02"},
                              shots)
         watch_until_active(browser, base_url, target_id, 30, shots, between=lambda: run_jobs(admin, tmp_path))
-        figures = open_report(browser, base_url, target_id, 30, shots, between=lambda: run_jobs(admin, tmp_path))
+        figures = open_report(browser, base_url, target_id, 30, shots, between=lambda: run_jobs(admin, tmp_path),
+                              rerun=True)
         assert figures["leak-before"] == "100.0 %" and figures["leak-after"] == "0.0 %"
         assert figures["detection"] == "100.0 %"
         delete(browser, base_url, target_id, shots)
