@@ -66,6 +66,19 @@ def follow_job(client: AdminClient, job_id: str, *, poll_s: float = 0.5) -> dict
             time.sleep(poll_s)
 
 
+def write_report(client: AdminClient, args: argparse.Namespace) -> int:
+    """``lethe targets report ID [--format json|html] [--out FILE] [--contents]``."""
+    report = client.report(args.ref, contents=args.contents, html=args.format == "html")
+    text = report if isinstance(report, str) else json.dumps(report, indent=2)
+    if args.out:
+        with open(args.out, "w") as handle:
+            handle.write(text)
+        print(f"wrote the report of {args.ref} to {args.out}", file=sys.stderr)
+    else:
+        print(text)
+    return 0
+
+
 def cmd_targets(args: argparse.Namespace) -> int:
     with admin_client(args) as client:
         try:
@@ -75,6 +88,9 @@ def cmd_targets(args: argparse.Namespace) -> int:
 
 
 def _targets(client: AdminClient, args: argparse.Namespace) -> int:
+    if args.action in ("show", "rm", "report", "verify") and not args.ref:
+        print(f"lethe: `targets {args.action}` needs a target id", file=sys.stderr)
+        return 2
     if args.action == "list":
         for target in client.targets({name: getattr(args, name) for name in LIST_FILTERS}):
             classifier = target["classifier"]
@@ -86,6 +102,12 @@ def _targets(client: AdminClient, args: argparse.Namespace) -> int:
     if args.action == "show":
         print_json(client.target(args.ref))
         return 0
+    if args.action == "report":
+        return write_report(client, args)
+    if args.action == "verify":
+        job = client.verify(args.ref)
+        print(f"queued {job['id']} (verification of {args.ref})")
+        return 0 if not args.wait or follow_job(client, job["id"])["status"] == "succeeded" else 1
     if args.action == "rm":
         print_json(client.delete_target(args.ref))
         return 0

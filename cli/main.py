@@ -61,10 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     default_url = "http://127.0.0.1:8000"
     targets = commands.add_parser("targets", help="manage forget targets on a running server (LETHE_ADMIN_KEY)")
-    targets.add_argument("action", choices=["add", "list", "show", "rm"])
-    targets.add_argument("ref", nargs="?", help="target id (show, rm)")
+    targets.add_argument("action", choices=["add", "list", "show", "rm", "report", "verify"])
+    targets.add_argument("ref", nargs="?", help="target id (show, rm, report, verify)")
     targets.add_argument("--file", help="target JSON (add)")
-    targets.add_argument("--wait", action="store_true", help="follow the new target's jobs (add)")
+    targets.add_argument("--wait", action="store_true", help="follow the new target's jobs (add, verify)")
+    targets.add_argument("--format", choices=["json", "html"], default="json", help="report: JSON or an HTML page")
+    targets.add_argument("--out", help="report: write it to this file instead of stdout")
+    targets.add_argument("--contents", action="store_true", help="report: include the registered contents")
     targets.add_argument("--url", default=default_url, help=f"server base URL (default {default_url})")
     request = targets.add_argument_group("the request a target answers (add: set over the file's `request`)")
     request.add_argument("--reference", help="the request's reference, e.g. a ticket id (add; list: filter)")

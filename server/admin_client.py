@@ -92,6 +92,18 @@ class AdminClient:
     def patch_target(self, target_id: str, body: Mapping[str, Any]) -> dict[str, Any]:
         return _json(self._admin.patch(f"/targets/{target_id}", json=dict(body)))
 
+    def report(self, target_id: str, *, contents: bool = False, html: bool = False) -> Any:
+        """The target's erasure report: its JSON, or with ``html`` the page's text."""
+        response = self._admin.get(f"/targets/{target_id}/report",
+                                   params={"contents": str(contents).lower(), "format": "html" if html else "json"})
+        if html and response.is_success:
+            return response.text
+        return _json(response)
+
+    def verify(self, target_id: str) -> dict[str, Any]:
+        """Queue a verification run of the target; the job."""
+        return _json(self._admin.post(f"/targets/{target_id}/verify"))
+
     def records(self, listing: str, filters: Mapping[str, Any] | None = None, limit: int | None = None,
                 page_size: int = 500) -> Iterator[dict[str, Any]]:
         """The records of a paged listing (``actions``, ``tombstones``, ``audit``), newest first, following its

@@ -20,6 +20,7 @@ from server.admin.serving import AdminServing
 from server.admission import Admission, AdmissionMiddleware
 from server.auth import has_bearer_key
 from server.body_limit import BodyLimitMiddleware
+from server.console.router import console_error_page, install_console
 from server.config import Settings
 from server.engine import Engine
 from server.errors import AuthenticationFailed, InvalidRequest, LetheError, NotFound, RegistryUnavailable
@@ -69,8 +70,9 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(LetheError)
-    async def _lethe_error(_: Request, exc: LetheError) -> JSONResponse:
-        return _error(exc.status, exc.to_response(), exc.headers)
+    async def _lethe_error(request: Request, exc: LetheError) -> Response:
+        page = console_error_page(request, exc)  # the web console shows the error on a page
+        return page if page is not None else _error(exc.status, exc.to_response(), exc.headers)
 
     async def _registry_unavailable(_: Request, exc: Exception) -> JSONResponse:
         # The database is down or unreachable (its driver's message may name hosts: it is logged, not returned).
@@ -149,6 +151,7 @@ def create_app(
     install_error_handlers(app)
     app.include_router(openai_router.router)
     app.include_router(admin_router.router)
+    install_console(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.state.admission = Admission(settings.max_concurrent_requests, settings.max_sequences_in_flight)
     generation_paths = [route.path for route in openai_router.router.routes if "POST" in getattr(route, "methods", ())]

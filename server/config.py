@@ -168,6 +168,26 @@ class Settings(BaseSettings):
     eco_calibration_max_tokens: int = Field(
         64, ge=8, le=1024, description="Reply length ECO's sigma calibration generates per question."
     )
+    verify_after_changes: bool = Field(
+        True, description="Queue a verification run of a target's erasure report behind every change that queues its "
+        "jobs (registration, a patch of its contents or mechanisms); `POST /admin/v1/targets/{id}/verify` queues one "
+        "on demand either way.",
+    )
+    verify_max_probes: int = Field(
+        120, ge=1, le=2000, description="Most probes a verification run asks, each with and without protection.")
+    verify_max_tokens: int = Field(
+        48, ge=8, le=1024, description="Reply length a verification run generates per probe.")
+    verify_negatives: int = Field(
+        20, ge=0, le=500, description="Unrelated questions a verification run sends through the gate for its "
+        "false-positive estimate.")
+    verify_wait_s: float = Field(
+        1800.0, ge=0, description="How long a verification run waits for its target's own jobs to end (and for "
+        "this replica to serve the result) before it measures what is served anyway.")
+    console_session_s: float = Field(
+        28800.0, gt=0, le=604800, description="Lifetime of a web console session (`/admin/ui`) from its login.")
+    console_secure_cookie: Literal["auto", "always", "never"] = Field(
+        "auto", description="When the console's session cookie is marked `Secure`: `auto` when the request came over "
+        "https to this server, `always` (set it behind a TLS-terminating proxy), or `never`.")
     erasure_interval_s: float = Field(
         10.0, gt=0, description="How often a replica runs the erasure pass: purge of deleted targets' artifacts, audit "
         "redaction, database scrub, removal of abandoned staging folders.",

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +31,10 @@ from server.erasure import ErasurePass, ReplicaReporter
 from server.jobs import JobWorker, default_worker_id
 from server.metrics import Metrics
 from server.registry import Registry
-from server.registry.catalog import FIT_CLASSIFIER, MechanismCatalog
+from server.registry.catalog import FIT_CLASSIFIER, VERIFY_ERASURE, MechanismCatalog
 from server.registry.database import make_engine, upgrade_database
 from server.registry.snapshot import RegistrySnapshot, SnapshotHolder, interim_factory, mechanism_entries
+from server.verification.job import ProbedModel, VerificationSettings, verification_handler
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +106,8 @@ def open_registry(settings: Settings) -> Registry:
                          f"{[mechanism.name for mechanism in MECHANISMS]}")
     engine = make_engine(settings.resolved_database_url)
     upgrade_database(engine)
-    return Registry.open(engine, mechanism_catalog(settings))
+    catalog = replace(mechanism_catalog(settings), verify_after_changes=settings.verify_after_changes)
+    return Registry.open(engine, catalog)
 
 
 def mechanism_handlers(resources: JobResources, needs: set[str],
@@ -137,8 +139,14 @@ def offline_handlers(settings: Settings, embedder: Callable[[], Embedder], regis
 
 def job_lanes(mechanisms: Sequence[Mechanism] = MECHANISMS) -> dict[str, str]:
     """The lane of every job kind: the classifier fit and the mechanisms' gate-lane jobs in ``gate``, the rest in
-    ``training``."""
-    return {FIT_CLASSIFIER: GATE_LANE, **{spec.kind: spec.lane for mechanism in mechanisms for spec in mechanism.jobs}}
+    ``training`` (the erasure report's verification too: it measures the served model)."""
+    return {FIT_CLASSIFIER: GATE_LANE, VERIFY_ERASURE: TRAINING_LANE,
+            **{spec.kind: spec.lane for mechanism in mechanisms for spec in mechanism.jobs}}
+
+
+def verification_settings(settings: Settings) -> VerificationSettings:
+    return VerificationSettings(max_probes=settings.verify_max_probes, max_tokens=settings.verify_max_tokens,
+                                negatives=settings.verify_negatives, wait_s=settings.verify_wait_s)
 
 
 LAZY_TRANSFORMERS_NAMES = ("AutoConfig", "AutoTokenizer", "AutoModelForCausalLM", "PreTrainedTokenizerFast",
@@ -229,14 +237,18 @@ class ControlPlane:
         for task in self._tasks:
             task.add_done_callback(report_ended)
 
-    def start_worker(self, served: ServedModel, model_path: Path) -> None:
+    def start_worker(self, served: ServedModel, model_path: Path, probed: ProbedModel | None = None) -> None:
         """Run this replica's job workers, one thread per lane, once the engine is up.
 
-        Jobs that measure the served model always run in a serving replica; the others run here too unless
-        ``LETHE_EMBEDDED_WORKER=false`` hands them to ``lethe worker`` processes.
+        Jobs that measure the served model (ECO's calibration, the erasure report's verification with ``probed``)
+        always run in a serving replica; the others run here too unless ``LETHE_EMBEDDED_WORKER=false`` hands them to
+        ``lethe worker`` processes.
         """
         resources = job_resources(self.settings, self.embedder, self.registry, model_path, served)
         handlers = mechanism_handlers(resources, {SERVED_MODEL})
+        if probed is not None:
+            handlers[VERIFY_ERASURE] = verification_handler(probed, self.registry.targets.get,
+                                                            verification_settings(self.settings))
         if self.settings.embedded_worker:
             handlers.update(offline_handlers(self.settings, self.embedder, self.registry, model_path, served))
         self.workers = make_workers(self.settings, self.registry, handlers)

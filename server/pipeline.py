@@ -178,7 +178,7 @@ class Pipeline:
         self.check_budget(prompts, request.max_tokens, request.budget_param)
         self.check_gate_input(prompts, snapshot)
         run = Run(request_id=request.request_id, endpoint=request.endpoint, prompts=prompts, n=request.n,
-                  snapshot=snapshot, generate=self._generate, on_finish=self._account)
+                  snapshot=snapshot, generate=self._generate, on_finish=self._account, audited=request.audited)
         try:
             run.classifications = list(await asyncio.gather(*(self._classify(snapshot, p) for p in prompts)))
         except Exception as exc:  # an unclassified prompt may be about a target: refuse it, never serve it plain
@@ -216,8 +216,14 @@ class Pipeline:
         scores.update({hit.target_id: round(hit.score, 4) for hit in hits})
         return Classification(hits=hits, scores=scores, seconds=seconds, embeddings=result.embeddings)
 
+    @property
+    def serving_revision(self) -> int:
+        """The registry revision of the live snapshot new requests are planned against."""
+        return self._registry.current.revision if self._registry is not None else 0
+
     async def generate_text(self, plan: EnginePlan, max_tokens: int, request_id: str) -> str:
-        """One greedy reply to an already planned prompt, for the server's own measurements (ECO calibration)."""
+        """One greedy reply to an already planned prompt, for the server's own measurements (ECO calibration, the
+        erasure report's unprotected replies)."""
         from vllm.sampling_params import RequestOutputKind, SamplingParams
 
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, output_kind=RequestOutputKind.FINAL_ONLY)
@@ -242,7 +248,7 @@ class Pipeline:
             "mechanisms": run.mechanisms, "registry_revision": run.snapshot.revision,
             "prompt_tokens": run.prompt_tokens, "completion_tokens": run.completion_tokens,
             "latency_s": round(elapsed, 4)})
-        if self._audit is not None:
+        if self._audit is not None and run.audited:
             scores: dict[str, float] = {}
             for classification in run.classifications:
                 for target_id, score in classification.scores.items():

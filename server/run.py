@@ -56,6 +56,7 @@ class RunRequest:
     n: int = 1
     max_tokens: int | None = None  # what must fit the context after the prompt
     budget_param: str = "max_tokens"  # the field named when it does not
+    audited: bool = True  # False: no audit record (the server's own measurements: the erasure report's probes)
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,7 @@ class Run:
     first_token_at: float | None = None
     completion_tokens: int = 0
     outcome: str | None = None  # set once, when the run is finished
+    audited: bool = True
 
     @property
     def prompt_tokens(self) -> int:

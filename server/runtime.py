@@ -51,7 +51,8 @@ class Runtime:
         pipeline = Pipeline(engine, settings.request_timeout_s, metrics, registry=control.snapshots,
                             audit=control.audit, audit_prompts=settings.audit_prompts, mechanisms=MECHANISMS,
                             servings=servings, embeddings=embeddings, interim=INTERIM)
-        control.start_worker(PipelineServedModel(pipeline, asyncio.get_running_loop(), engine.tokenizer), model_path)
+        served = PipelineServedModel(pipeline, asyncio.get_running_loop(), engine.tokenizer)
+        control.start_worker(served, model_path, probed=served)
         scoring = ScoringService(pipeline, GuardedScorer(model_path, engine.tokenizer,
                                                       compute_placement(settings.compute_device)), engine.tokenizer)
         await asyncio.to_thread(embedder_loaded.join)

@@ -78,3 +78,39 @@ def run_cli(*argv: str) -> int:
     with pytest.raises(SystemExit) as done:
         main(list(argv))
     return done.value.code
+
+
+CLASSIFIER_FITTED = {"status": "ready", "artifact": "0" * 64, "threshold": 0.5, "false_positive_rate": 0.01,
+                     "heldout_recall": 1.0}
+
+
+def verifying_admin_app(database_url: str, tmp_path: Path) -> AdminApp:
+    """The admin app on a registry that queues a verification run behind every change (as ``lethe serve`` does)."""
+    admin = admin_app(database_url, tmp_path)
+    catalog = MechanismCatalog(implemented=frozenset(m.name for m in MECHANISMS), verify_after_changes=True)
+    registry = Registry.open(admin.registry.database.engine, catalog)
+    admin.client.app.state.admin = AdminServing(registry, ["guard"], admin.client.app.state.admin._snapshots, None)
+    return AdminApp(admin.client, registry)
+
+
+def run_jobs(admin: AdminApp, tmp_path: Path, wait_s: float = 0.0) -> int:
+    """Run every queued job in this process: classifier fits as if fitted, verification runs on the stand-in served
+    model (``tests/fake_probed_model.py``); the number of jobs run."""
+    from server.artifacts import ArtifactStore
+    from server.jobs import JobWorker
+    from server.registry.catalog import FIT_CLASSIFIER, VERIFY_ERASURE
+    from server.verification.job import VerificationJob, VerificationSettings
+    from tests.fake_probed_model import FakeProbedModel
+
+    def verify(context: Any) -> dict[str, Any]:
+        target = context.target
+        model = FakeProbedModel(target.id, target.forget, target.aliases)
+        settings = VerificationSettings(max_probes=60, max_tokens=16, negatives=4, wait_s=wait_s)
+        return VerificationJob(model, admin.registry.targets.get, settings, sleep=lambda _: None)(context)
+
+    worker = JobWorker(admin.registry, ArtifactStore(tmp_path / "artifacts"),
+                       {FIT_CLASSIFIER: lambda _: dict(CLASSIFIER_FITTED), VERIFY_ERASURE: verify})
+    ran = 0
+    while worker.run_once():
+        ran += 1
+    return ran

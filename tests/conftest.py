@@ -46,6 +46,12 @@ class RunningServer:
         return self.log_path.read_text(errors="replace")
 
 
+# A verification run (~250 greedy replies) after every registration would load the engine under the suite's other
+# tests, some of which time the server on 2 cores: the suite's servers verify on demand only (the browser test presses
+# the report's button); queueing after changes is tested without an engine (tests/test_erasure_report.py).
+VERIFY_ON_DEMAND = {"LETHE_VERIFY_AFTER_CHANGES": "false"}
+
+
 def start_server(model_dir: Path, log_path: Path, env_overrides: dict[str, str] | None = None) -> RunningServer:
     """Start ``lethe serve`` and wait until ``/health`` is 200; fail with the server log if it never is.
 
@@ -53,7 +59,7 @@ def start_server(model_dir: Path, log_path: Path, env_overrides: dict[str, str] 
     """
     port = free_port()
     env = {**os.environ, "LETHE_API_KEYS": API_KEY, "LETHE_ADMIN_KEY": ADMIN_KEY, "LETHE_LOG_LEVEL": "INFO",
-           "LETHE_DATA_DIR": str(log_path.parent / "data"), **(env_overrides or {})}
+           "LETHE_DATA_DIR": str(log_path.parent / "data"), **VERIFY_ON_DEMAND, **(env_overrides or {})}
     log_file = log_path.open("w")
     process = subprocess.Popen(
         [str(LETHE_BIN), "serve", "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port)],

@@ -7,10 +7,10 @@ take the key's id as the ``actor`` the admin trail records (FastAPI resolves the
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 
 from server.admin.keys import key_holder
 from server.admin.protocol import (
@@ -33,6 +33,7 @@ from server.admin.protocol import (
     NegativeList,
     NegativesCreate,
     RegistryOut,
+    ReportOut,
     ScoreRequest,
     ScoreResponse,
     TargetCreate,
@@ -43,6 +44,7 @@ from server.admin.protocol import (
 )
 from server.admin.serving import AdminServing
 from server.auth import bearer_token
+from server.console.rendering import report_page
 from server.errors import AdminDisabled, AuthenticationFailed
 from server.openai.protocol import ErrorResponse
 from server.registry.records import ActionFilter, TargetFilter, TombstoneFilter
@@ -112,6 +114,29 @@ def patch_target(target_id: str, body: TargetPatch, request: Request, actor: Act
 @router.delete("/targets/{target_id}", response_model=Deleted)
 def delete_target(target_id: str, request: Request, actor: Actor) -> Deleted:
     return _serving(request).delete_target(target_id, actor)
+
+
+@router.get("/targets/{target_id}/report", response_model=ReportOut,
+            responses={200: {"content": {"text/html": {}},
+                             "description": "The report (JSON, or HTML with format=html)"}})
+def target_report(target_id: str, request: Request,
+                  contents: bool = Query(False, description="Include the registered aliases and forget/retain items."),
+                  format: Literal["json", "html"] = Query("json", description="`html`: a page with the plots."),
+                  ) -> Any:
+    """The target's erasure report: what was registered (counts), the request, mechanisms and their calibrated state,
+    the last verification run (leak rate before → after, detection rate), hits over time, the false-positive
+    estimate."""
+    report = _serving(request).report(target_id, contents)
+    if format == "html":
+        return HTMLResponse(report_page(report.model_dump(mode="json")))
+    return report
+
+
+@router.post("/targets/{target_id}/verify", status_code=202, response_model=JobOut)
+def verify_target(target_id: str, request: Request, actor: Actor) -> JSONResponse:
+    """Queue a verification run of the target (the report shows it once it has finished)."""
+    job = _serving(request).verify(target_id, actor)
+    return JSONResponse(job.model_dump(mode="json"), status_code=202)
 
 
 @router.post("/negatives", status_code=201, response_model=NegativeList)

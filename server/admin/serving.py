@@ -31,6 +31,7 @@ from server.admin.protocol import (
     NegativeOut,
     NegativesCreate,
     RegistryOut,
+    ReportOut,
     RequestIn,
     RequestOut,
     ScoreRequest,
@@ -44,6 +45,7 @@ from server.admin.protocol import (
 )
 from server.planner import ChatTurn
 from server.registry import Registry
+from server.registry.console_sessions import ConsoleSession
 from server.registry.readable import CLASSIFIER
 from server.errors import Conflict
 from server.registry.records import (
@@ -64,6 +66,7 @@ from server.registry.records import (
 from server.registry.trail import LOCAL_ACTOR
 from server.registry.snapshot import SnapshotHolder
 from server.scoring import ScoredPrompt, ScoringService
+from server.verification.report import build_report, hits_over_time
 
 
 def stored_items(items: Sequence[ForgetItem]) -> list[Item]:
@@ -174,6 +177,18 @@ class AdminServing:
         deleted = self._registry.targets.delete(target_id, actor)
         return Deleted(id=deleted.id, revision=deleted.revision)
 
+    def report(self, target_id: str, contents: bool = False) -> ReportOut:
+        """The target's erasure report (``server/verification/report.py``): counts, request, mechanisms, the last
+        verification run and the hits over time; its forget contents only when ``contents``."""
+        view = self._registry.targets.get(target_id)
+        verification = self._registry.targets.verification(target_id)
+        hits = hits_over_time(self._registry.audit.page, target_id)
+        return ReportOut.model_validate(build_report(view, verification, hits, contents))
+
+    def verify(self, target_id: str, actor: str = LOCAL_ACTOR) -> JobOut:
+        """Queue a verification run of the target now (recorded in the admin trail)."""
+        return job_out(self._registry.targets.verify(target_id, actor))
+
     def add_negatives(self, body: NegativesCreate, actor: str = LOCAL_ACTOR) -> NegativeList:
         """Store the operator's negatives (those already stored are not repeated); returns the ones added."""
         change = self._registry.negatives.add(body.texts, actor)
@@ -211,6 +226,21 @@ class AdminServing:
                              next_cursor=page.next_cursor)
 
     # ------------------------------------------------------------ admin keys
+
+    def admin_key_active(self, key_id: str) -> bool:
+        """Whether ``key_id`` names an unrevoked registry key."""
+        return self._registry.admin_keys.active(key_id)
+
+    # ------------------------------------------------------------ web console sessions
+
+    def open_console_session(self, key_id: str, lifetime_s: float) -> tuple[str, ConsoleSession]:
+        return self._registry.console_sessions.open(key_id, lifetime_s)
+
+    def console_session(self, token: str) -> ConsoleSession | None:
+        return self._registry.console_sessions.get(token)
+
+    def close_console_session(self, token: str) -> None:
+        self._registry.console_sessions.close(token)
 
     def admin_key_holder(self, key_digest: str) -> str | None:
         """The id of the unrevoked registry key with this SHA-256 (``server/admin/keys.py``)."""

@@ -1,6 +1,6 @@
 """The forget-target registry: SQLAlchemy models, the targets store, the job queue, the audit log, the operators'
-negatives, the serving replicas, the erasure ledger and its tombstones, the admin trail, the named admin keys and the
-live snapshot. It speaks its own dataclasses
+negatives, the serving replicas, the erasure ledger and its tombstones, the admin trail, the named admin keys, the web
+console's sessions and the live snapshot. It speaks its own dataclasses
 (``records.py``), never HTTP types: the admin API converts at its edge.
 
 ``Registry`` holds the stores over one database; code that needs only one of them is handed only that one.
@@ -15,6 +15,7 @@ from sqlalchemy import Engine
 from server.registry.admin_keys import AdminKeyStore
 from server.registry.audit_log import AuditLog
 from server.registry.catalog import MechanismCatalog
+from server.registry.console_sessions import ConsoleSessionStore
 from server.registry.database import RegistryDatabase
 from server.registry.erasure import ErasureLedger
 from server.registry.job_queue import JobQueue
@@ -37,6 +38,7 @@ class Registry:
     tombstones: TombstoneStore
     trail: AdminTrail
     admin_keys: AdminKeyStore
+    console_sessions: ConsoleSessionStore
 
     @classmethod
     def open(cls, engine: Engine, catalog: MechanismCatalog = MechanismCatalog()) -> Registry:
@@ -45,4 +47,4 @@ class Registry:
         jobs = JobQueue(database, catalog)
         return cls(database, TargetStore(database, jobs, catalog), jobs, AuditLog(database), NegativeStore(database),
                    ReplicaStore(database), ErasureLedger(database), TombstoneStore(database), AdminTrail(database),
-                   AdminKeyStore(database))
+                   AdminKeyStore(database), ConsoleSessionStore(database))

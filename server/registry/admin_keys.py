@@ -38,6 +38,12 @@ class AdminKeyStore:
             return session.scalar(select(AdminKeyRow.id).where(AdminKeyRow.digest == digest,
                                                                AdminKeyRow.revoked_at.is_(None)))
 
+    def active(self, key_id: str) -> bool:
+        """Whether the registry holds an unrevoked key named ``key_id`` (a console session of a revoked key ends)."""
+        with self._database.session() as session:
+            return session.scalar(select(AdminKeyRow.id).where(AdminKeyRow.id == key_id,
+                                                               AdminKeyRow.revoked_at.is_(None))) is not None
+
     def create(self, key_id: str, digest: str, actor: str) -> AdminKeyRecord:
         try:
             with self._database.transaction() as session:

@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 FIT_CLASSIFIER = "fit_classifier"
+VERIFY_ERASURE = "verify_erasure"
+"""The verification run of a target's erasure report (``server/verification/``): it measures the protection, it does
+not prepare it, so it never decides a target's status (``status.derive_statuses``)."""
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,8 @@ class MechanismCatalog:
     # Mechanisms whose gate the classifier job fits into the classifier artifact (O3's OOD detector): switching one on
     # or off refits the classifier, and the live snapshot stacks those gates for the targets that enable one.
     classifier_fitted_gates: frozenset[str] = frozenset()
+    # Queue a verification run (``VERIFY_ERASURE``) behind every change that queues preparation jobs.
+    verify_after_changes: bool = False
 
     def preparation_kinds(self, mechanisms: Mapping[str, Any]) -> list[str]:
         """The classifier fit plus every job the target's mechanisms need (SPEC §4: ECO/GUARD serve meanwhile)."""
@@ -32,6 +37,11 @@ class MechanismCatalog:
             if name in self.implemented:
                 kinds.extend(self.jobs_for(name, entry["options"]))
         return kinds
+
+    def with_verification(self, kinds: list[str]) -> list[str]:
+        """``kinds`` followed by the verification run when verification follows changes: last, so a worker claims it
+        after the target's own jobs of its lane."""
+        return [*kinds, VERIFY_ERASURE] if self.verify_after_changes else kinds
 
     def changed_mechanism_kinds(self, before: Mapping[str, Any], after: Mapping[str, Any]) -> list[str]:
         """Jobs a mechanisms-only patch needs: those of new or re-optioned mechanisms, and a classifier refit when

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from server.errors import NotFound
 from server.registry import views
-from server.registry.catalog import FIT_CLASSIFIER, MechanismCatalog
+from server.registry.catalog import FIT_CLASSIFIER, VERIFY_ERASURE, MechanismCatalog
 from server.registry.database import RegistryDatabase, bump_revision, new_id, utcnow
 from server.registry.models import JobRow, TargetRow
 from server.registry.records import ClaimedJob, JobRecord
@@ -100,7 +100,10 @@ class JobQueue:
 
         A ``fit_classifier`` result becomes the target's classifier; a mechanism job's result is merged into that
         mechanism's published ``state`` (artifact digests, calibrated values: a mechanism may have several jobs, each
-        publishing its own keys). The fenced UPDATE comes first: on
+        publishing its own keys); a ``verify_erasure`` result becomes the target's last verification (figures only, no
+        revision bump: replicas serve nothing of it).
+
+        The fenced UPDATE comes first: on
         PostgreSQL it waits for a concurrent recovery pass and re-checks the claim after it, on SQLite writers are
         serialised, so a result is published only by the run that still holds the job.
         """
@@ -115,7 +118,10 @@ class JobQueue:
             # Locked: two jobs of one mechanism (GUARD's phrases and its calibration) may finish at once, and each
             # merges its keys into the state the other may just have written.
             target = session.get(TargetRow, job.target_id, with_for_update=True) if job.target_id else None
-            if target is not None:
+            if target is not None and job.kind == VERIFY_ERASURE:
+                # A measurement, not something replicas serve: stored on the target, no new revision.
+                target.verification = result
+            elif target is not None:
                 mechanism = self._catalog.job_mechanism.get(job.kind)
                 if job.kind == FIT_CLASSIFIER:
                     target.classifier = result
@@ -159,11 +165,14 @@ class JobQueue:
 
     # ------------------------------------------------------------ within a targets-store transaction
 
-    def enqueue(self, session: Session, target_id: str, kinds: Sequence[str], now: datetime) -> None:
+    def enqueue(self, session: Session, target_id: str, kinds: Sequence[str], now: datetime) -> list[JobRow]:
+        rows = []
         for order, kind in enumerate(kinds):  # distinct timestamps: claimed in this order, the classifier first
-            session.add(JobRow(id=new_id("job"), target_id=target_id, kind=kind, status="queued", progress=0.0,
+            rows.append(JobRow(id=new_id("job"), target_id=target_id, kind=kind, status="queued", progress=0.0,
                                message="queued", attempts=0, max_attempts=MAX_ATTEMPTS, payload={},
                                created_at=now + timedelta(microseconds=order)))
+        session.add_all(rows)
+        return rows
 
     def cancel_open(self, session: Session, target_id: str, now: datetime, kinds: Sequence[str] | None = None) -> None:
         """Supersede the target's queued and running jobs (all of them, or those of ``kinds``)."""

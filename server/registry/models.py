@@ -47,6 +47,9 @@ class TargetRow(Base):
     request_received_at: Mapped[datetime | None] = mapped_column(DateTime(), nullable=True, index=True)
     request_effective_at: Mapped[datetime | None] = mapped_column(DateTime(), nullable=True)
     request_notes: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # The last finished verification run of the target's erasure report (``server/verification/``): figures only,
+    # never a probe or a reply; its ``summary`` goes to the tombstone when the target is deleted.
+    verification: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class JobRow(Base):
@@ -160,3 +163,17 @@ class AdminKeyRow(Base):
     created_by: Mapped[str] = mapped_column(String(40), nullable=False)
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(), nullable=True)
     revoked_by: Mapped[str | None] = mapped_column(String(40), nullable=True)
+
+
+class ConsoleSessionRow(Base):
+    """A web console session (``server/console/``): the admin key id it was opened with (never the key), its CSRF
+    token and expiry. Only the SHA-256 of the session token is stored, so a read of the database opens no session;
+    kept in the registry so that every replica behind a load balancer knows it and a logout holds everywhere."""
+
+    __tablename__ = "console_sessions"
+
+    digest: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key_id: Mapped[str] = mapped_column(String(40), nullable=False)
+    csrf: Mapped[str] = mapped_column(String(64), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(), nullable=False)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(), nullable=False, index=True)

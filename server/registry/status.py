@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from server.registry.catalog import FIT_CLASSIFIER
+from server.registry.catalog import FIT_CLASSIFIER, VERIFY_ERASURE
 
 
 class JobState(Protocol):
@@ -83,7 +83,8 @@ def derive_statuses(
         else:
             status = "preparing"
         derived[name] = {**entry, "status": status, "message": message}
-    open_jobs = any(job.status in ("queued", "running") for job in latest.values())
+    # A verification run measures the target's protection; waiting for it would keep the target "preparing".
+    open_jobs = any(job.status in ("queued", "running") for kind, job in latest.items() if kind != VERIFY_ERASURE)
     if job_failed:
         target = "failed"
     elif degraded or stale:

@@ -21,13 +21,14 @@ from sqlalchemy.orm import Session
 
 from server.errors import Conflict, NotFound, Unprocessable
 from server.registry import trail, views
-from server.registry.catalog import MechanismCatalog
+from server.registry.catalog import VERIFY_ERASURE, MechanismCatalog
 from server.registry.database import RegistryDatabase, bump_revision, new_id, read_revision, utcnow
 from server.registry.erasure import redact_prompts
 from server.registry.job_queue import JobQueue
 from server.registry.models import JobRow, TargetRow
 from server.registry.records import (
     DeletedTarget,
+    JobRecord,
     NewTarget,
     RegistrySummary,
     RequestMetadata,
@@ -98,6 +99,12 @@ class TargetStore:
         with self._database.session() as session:
             return request_of(self._target_row(session, target_id))
 
+    def verification(self, target_id: str) -> dict[str, Any] | None:
+        """The target's last finished verification run (``server/verification/``), None before the first."""
+        with self._database.session() as session:
+            verification = self._target_row(session, target_id).verification
+            return dict(verification) if verification is not None else None
+
     def record(self, target_id: str) -> TargetRecord:
         with self._database.session() as session:
             return views.target_record(self._target_row(session, target_id))
@@ -140,7 +147,8 @@ class TargetStore:
                 )
                 session.add(row)
                 session.flush()
-                self._jobs.enqueue(session, row.id, self.catalog.preparation_kinds(row.mechanisms), now)
+                kinds = self.catalog.with_verification(self.catalog.preparation_kinds(row.mechanisms))
+                self._jobs.enqueue(session, row.id, kinds, now)
                 self._jobs.refresh_statuses(session, row)
                 trail.record(session, actor, trail.TARGET_CREATE, target_id=row.id, revision=revision,
                              fields=created_fields(new))
@@ -178,10 +186,13 @@ class TargetStore:
             if changed_contents:
                 # New contents: everything is refitted; the old classifier and states serve until replaced.
                 self._jobs.cancel_open(session, row.id, now)
-                self._jobs.enqueue(session, row.id, self.catalog.preparation_kinds(row.mechanisms), now)
+                self._jobs.enqueue(session, row.id,
+                                   self.catalog.with_verification(self.catalog.preparation_kinds(row.mechanisms)), now)
             elif changes.mechanisms is not None:
-                # Only the mechanisms changed: redo just what their new options need.
-                kinds = self.catalog.changed_mechanism_kinds(previous_mechanisms, row.mechanisms)
+                # Only the mechanisms changed: redo just what their new options need, then verify again (a new
+                # mechanism set changes what protects the target even when it queues no job).
+                kinds = self.catalog.with_verification(
+                    self.catalog.changed_mechanism_kinds(previous_mechanisms, row.mechanisms))
                 self._jobs.cancel_open(session, row.id, now, kinds)
                 self._jobs.enqueue(session, row.id, kinds, now)
             if changed_contents or changes.mechanisms is not None:
@@ -212,6 +223,20 @@ class TargetStore:
         logger.info("target.deleted", extra={"target_id": target_id, "revision": revision, "actor": actor,
                                              "audit_prompts_redacted": redacted})
         return DeletedTarget(id=target_id, revision=revision)
+
+    def verify(self, target_id: str, actor: str = trail.LOCAL_ACTOR) -> JobRecord:
+        """Queue a verification run of the target now (an open one is superseded); recorded in the admin trail.
+        No revision bump: it changes nothing replicas serve."""
+        now = utcnow()
+        with self._database.transaction() as session:
+            row = self._target_row(session, target_id)
+            self._jobs.cancel_open(session, row.id, now, [VERIFY_ERASURE])
+            job, = self._jobs.enqueue(session, row.id, [VERIFY_ERASURE], now)
+            trail.record(session, actor, trail.TARGET_VERIFY, target_id=target_id)
+            session.flush()
+            record = views.job_record(job)
+        logger.info("target.verify_queued", extra={"target_id": target_id, "job_id": record.id, "actor": actor})
+        return record
 
     # ------------------------------------------------------------ helpers
 

@@ -3,9 +3,9 @@
 A tombstone keeps only what identifies the *request*, not the person or thing it was about: the target's random id,
 the operator's reference (a ticket id; operators must not put personal data in it), the legal basis, the request's
 received and effective dates, when the target was registered and deleted, the mechanisms that enforced it, when the
-erasure pass purged the rest, and the summary figures of its last verification run (``verification``, filled by the
-report's verification). Never a name, alias, forget or retain item, description, requester or notes: the erasure
-test (``tests/test_erasure.py``) checks that no byte of those remains anywhere under the data dir.
+erasure pass purged the rest, and the summary figures of its last verification run (``verification``, copied from
+the target's erasure report when it is deleted). Never a name, alias, forget or retain item, description, requester
+or notes: the erasure test (``tests/test_erasure.py``) checks that no byte of those remains anywhere under the data dir.
 """
 
 from __future__ import annotations
@@ -27,12 +27,21 @@ LISTING = "tombstones"
 
 
 def bury(session: Session, target: TargetRow, revision: int, now: datetime) -> None:
-    """Leave the tombstone of ``target``, deleted in this transaction."""
+    """Leave the tombstone of ``target``, deleted in this transaction, with the summary of its last verification run
+    (written here rather than after the deletion, so no crash in between can lose it)."""
     session.add(TombstoneRow(
         target_id=target.id, revision=revision, deleted_at=now, purged_at=None, registered_at=target.created_at,
         reference=target.request_reference, legal_basis=target.request_legal_basis,
         received_at=target.request_received_at, effective_at=target.request_effective_at,
-        mechanisms=sorted(target.mechanisms), verification=None))
+        mechanisms=sorted(target.mechanisms), verification=verification_summary(target.verification)))
+
+
+def verification_summary(verification: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """What a tombstone keeps of a target's last verification run: its summary figures (rates, counts, when and at
+    which revision it ran), none of its per-family detail."""
+    if not verification or not isinstance(verification.get("summary"), Mapping):
+        return None
+    return dict(verification["summary"])
 
 
 def tombstone_record(row: TombstoneRow) -> Tombstone:
@@ -65,8 +74,9 @@ class TombstoneStore:
                         lambda row: (row.revision,), tombstone_record, (int,))
 
     def record_verification(self, target_id: str, summary: Mapping[str, Any]) -> None:
-        """Keep the summary figures of a deleted target's last verification run (leak rates, detection rate: numbers
-        only, never a probe or a reply)."""
+        """Keep the summary figures of a deleted target's verification run (leak rates, detection rate: numbers
+        only, never a probe or a reply). The deletion itself copies the last one (``bury``); this is for tooling
+        that re-measures afterwards."""
         with self._database.transaction() as session:
             done = session.execute(update(TombstoneRow).where(TombstoneRow.target_id == target_id)
                                    .values(verification=dict(summary))).rowcount

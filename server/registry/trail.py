@@ -21,11 +21,12 @@ from server.registry.records import ActionFilter, ActionRecord, Page
 TARGET_CREATE = "target.create"
 TARGET_PATCH = "target.patch"
 TARGET_DELETE = "target.delete"
+TARGET_VERIFY = "target.verify"
 NEGATIVES_ADD = "negatives.add"
 NEGATIVE_DELETE = "negative.delete"
 ADMIN_KEY_CREATE = "admin_key.create"
 ADMIN_KEY_REVOKE = "admin_key.revoke"
-ACTIONS = (TARGET_CREATE, TARGET_PATCH, TARGET_DELETE, NEGATIVES_ADD, NEGATIVE_DELETE, ADMIN_KEY_CREATE,
+ACTIONS = (TARGET_CREATE, TARGET_PATCH, TARGET_DELETE, TARGET_VERIFY, NEGATIVES_ADD, NEGATIVE_DELETE, ADMIN_KEY_CREATE,
            ADMIN_KEY_REVOKE)
 
 LOCAL_ACTOR = "local"
