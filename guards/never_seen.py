@@ -18,11 +18,10 @@ about somebody it never heard of: "generic predictions"); on the first stand-in 
   swapped answer (``chance_recall`` says why not its own).
 
 ``calibrate_strength`` then searches a mechanism's one knob (ULD's α, GUARD's ban penalty), whose gap on the real
-questions grows with it: first the strength whose gap matches ``reference_gap`` (bisection), then, if the greedy
-replies at that strength still say more than ``reference_recall + RECALL_MARGIN`` of the real answers, the weakest
-stronger one that does not (no leak comes first). Only registered data and invented names are used: never another
-author, a twin model or TOFU's perturbed answers (those are the evaluation's).
-"""
+questions grows with it: first the strength whose gap matches ``reference_gap`` (bisection), then, if the greedy replies
+at that strength say more of the real answers than both the stranger's chance level and the mechanism at its strongest
+setting do (+ ``RECALL_MARGIN``), the weakest stronger one that does not (no leak comes first). Only registered data and
+invented names are used: never another author, a twin model or TOFU's perturbed answers (those are the evaluation's)."""
 
 from __future__ import annotations
 
@@ -70,11 +69,10 @@ class Calibration:
     """The chosen strength and how it was found (every tried point, for the target's state and the report).
 
     ``limited_by``: ``reference`` (the gap matches the never-seen reference), ``leak`` (raised above that until the
-    replies stopped leaking), ``range`` (even the strongest setting leaves the true answers likelier, against wrong
-    ones, than the reference: the strongest is kept), ``unbounded`` (no setting in range stops the leak:
-    ``strength`` is None and the mechanism keeps its strongest form)."""
+    replies leaked no more than at the strongest setting), ``range`` (even the strongest setting leaves the true
+    answers likelier, against wrong ones, than the reference: the strongest is kept)."""
 
-    strength: float | None
+    strength: float
     gap: float
     recall: float
     limited_by: str
@@ -172,7 +170,10 @@ def calibrate_strength(gap_at: Callable[[float], float], recall_at: Callable[[fl
                            [[round(s, 4), round(v, 4)] for s, v in gaps.items()],
                            [[round(s, 4), round(v, 4)] for s, v in recalls.items()])
 
-    goal_recall = reference.recall + RECALL_MARGIN
+    # No leak comes first, judged against what the mechanism can do at all: its replies at the strongest setting
+    # still share a template's words and the name the question gives (GUARD's at -inf or 40: 0.16 on the full demo
+    # model, against a chance level of 0.09), so the bar is the higher of that and the stranger's chance level.
+    goal_recall = max(reference.recall, recall(high)) + RECALL_MARGIN
     if gap(high) <= reference.gap:  # even the strongest setting leaves the true answers favoured over a stranger's
         chosen, limited_by = high, "range"
     else:
@@ -183,9 +184,7 @@ def calibrate_strength(gap_at: Callable[[float], float], recall_at: Callable[[fl
         chosen, limited_by = hi, "reference"
     if recall(chosen) <= goal_recall:
         return result(chosen, chosen, limited_by)
-    if recall(high) > goal_recall:
-        return result(None, high, "unbounded")
-    lo, hi = chosen, high
+    lo, hi = chosen, high  # recall(high) meets the goal by construction
     for _ in range(leak_steps):
         middle = (lo + hi) / 2
         lo, hi = (middle, hi) if recall(middle) > goal_recall else (lo, middle)

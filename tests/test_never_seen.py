@@ -42,9 +42,13 @@ def test_a_mechanism_too_weak_for_the_reference_keeps_its_strongest_setting() ->
     assert result.limited_by == "range" and result.strength == 10.0
 
 
-def test_no_setting_that_stops_the_leak_gives_no_strength() -> None:
-    result = calibrate_strength(lambda s: s / 2, lambda s: 0.9, REFERENCE, 0.0, 10.0)
-    assert result.limited_by == "unbounded" and result.strength is None
+def test_the_leak_bar_is_what_the_strongest_setting_achieves_when_a_strangers_chance_level_is_lower() -> None:
+    """GUARD's replies share the question's name and the template's words even at -inf: a bar below that would stop
+    no setting; the bar is the strongest setting's recall (+ the margin) instead."""
+    result = calibrate_strength(lambda s: s / 2, lambda s: 0.9 if s < 8 else 0.5, REFERENCE, 0.0, 10.0)
+    assert result.limited_by == "leak" and 8.0 <= result.strength <= 8.15 and result.recall == 0.5
+    result = calibrate_strength(lambda s: s / 2, lambda s: 0.5, REFERENCE, 0.0, 10.0)
+    assert result.limited_by == "reference" and result.strength == pytest.approx(6.0, abs=0.1)
 
 
 def test_the_sample_and_the_stand_ins_names_come_from_the_registration_only() -> None:

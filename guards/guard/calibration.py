@@ -5,8 +5,7 @@ memorised answer then scores as impossible, far *less* likely than a never-seen 
 forget01: the gold answer's NLL 53 under GUARD against 14.7 for a never-seen author; Forget Quality 4·10⁻¹²): the
 over-forgetting a reader of logprobs, and TOFU's truth ratio, notice. The ``guard_calibrate`` job finds a finite ban
 penalty instead: the one at which the real answers are as likely as a stranger's, raised until the greedy replies say
-no more of them than a stranger's would (``guards.never_seen.calibrate_strength``). If no penalty up to ``MAX_BAN``
-stops the leak, the ban stays −inf.
+no more of them than a stranger's would, or than the strongest ban does (``guards.never_seen.calibrate_strength``).
 
 It runs after registration beside ``guard_phrases`` (which protects within seconds, with −inf bans) and publishes
 ``ban`` with the digest of the phrase table it was calibrated on: the planner applies it only to that very table, so a
@@ -72,6 +71,5 @@ def calibrate_ban(model_dir: Path, spec: TargetSpec, max_phrases: int, soft_pena
     calibration = calibrate_strength(lambda ban: protected_gap(probe, reference, hooks(ban)),
                                      lambda ban: protected_recall(probe, pairs, hooks(ban)), reference, 0.0, MAX_BAN,
                                      progress)
-    ban = None if calibration.strength is None else round(calibration.strength, 4)
-    return {"ban": ban, "ban_table": table.digest,
+    return {"ban": round(calibration.strength, 4), "ban_table": table.digest,
             "calibration": {**reference.figures(), **calibration.figures()}}

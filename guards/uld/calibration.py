@@ -1,12 +1,11 @@
 """ULD's α, calibrated against the served model on an invented stand-in of the target (``guards.never_seen``).
 
 With the paper's fixed α a demo model that memorised its authors verbatim over-forgets: the assistant's logits on the
-forget answers are as confident as the target's, so ``l_target - α·l_assistant`` makes the true answer far less
-likely than a wrong one, which no model that never saw the author does (measured: Forget Quality 5·10⁻¹³ on
-forget01, the gold answer's NLL above a never-seen author's). The target's ``uld_train`` job therefore ends by
-choosing α for its freshly trained assistant: the α at which the real answers are as likely as a stranger's, raised
-only if the greedy replies still say more of them than a stranger's would. A registered ``alpha`` skips this.
-"""
+forget answers are as confident as the target's, so ``l_target - α·l_assistant`` makes the true answer far less likely
+than a wrong one, which no model that never saw the author does (measured: Forget Quality 5·10⁻¹³ on forget01, the gold
+answer's NLL above a never-seen author's). The target's ``uld_train`` job therefore ends by choosing α for its freshly
+trained assistant: the α at which the real answers are as likely as a stranger's, raised only if the greedy replies
+still say more of them than a stranger's would, or than the largest α does. A registered ``alpha`` skips this."""
 
 from __future__ import annotations
 
@@ -49,6 +48,4 @@ def calibrate_alpha(model_dir: Path, assistant_dir: Path, forget: Sequence[tuple
     calibration: Calibration = calibrate_strength(
         lambda alpha: protected_gap(probe, reference, hooks(alpha)),
         lambda alpha: protected_recall(probe, pairs, hooks(alpha)), reference, 0.0, MAX_ALPHA, progress)
-    # No α in range stops the leak: keep the strongest (ULD has no stronger form than its largest α).
-    alpha = calibration.strength if calibration.strength is not None else MAX_ALPHA
-    return {"alpha": round(alpha, 4), "calibration": {**reference.figures(), **calibration.figures()}}
+    return {"alpha": round(calibration.strength, 4), "calibration": {**reference.figures(), **calibration.figures()}}
