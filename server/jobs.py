@@ -82,7 +82,8 @@ class JobWorker:
         self.worker_id = worker_id or default_worker_id()
         self.lane = lane
         self._poll_s = poll_s
-        self._heartbeat_s = heartbeat_s
+        # A lease renewed less often than it goes stale would be recovered (and run again) while its run is healthy.
+        self._heartbeat_s = min(heartbeat_s, stale_after_s / 3)
         self._stale_after_s = stale_after_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
