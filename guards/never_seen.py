@@ -148,22 +148,8 @@ def calibrate_strength(gap_at: Callable[[float], float], recall_at: Callable[[fl
     ``gap_at`` must grow and ``recall_at`` fall with the strength (more forgetting); both are measured on the real
     questions with the mechanism at that strength. Each is evaluated at most once per strength.
     """
-    gaps: dict[float, float] = {}
-    recalls: dict[float, float] = {}
-
-    def gap(strength: float) -> float:
-        if strength not in gaps:
-            gaps[strength] = gap_at(strength)
-            progress(f"strength {strength:.4g}: true-minus-wrong NLL {gaps[strength]:.3f} "
-                     f"(never-seen {reference.gap:.3f})")
-        return gaps[strength]
-
-    def recall(strength: float) -> float:
-        if strength not in recalls:
-            recalls[strength] = recall_at(strength)
-            progress(f"strength {strength:.4g}: reply recall {recalls[strength]:.3f} "
-                     f"(never-seen {reference.recall:.3f})")
-        return recalls[strength]
+    gap, gaps = _memoised(gap_at, "true-minus-wrong NLL", reference.gap, progress)
+    recall, recalls = _memoised(recall_at, "reply recall", reference.recall, progress)
 
     def result(strength: float | None, at: float, limited_by: str) -> Calibration:
         return Calibration(strength, gap(at), recall(at), limited_by,
@@ -189,3 +175,18 @@ def calibrate_strength(gap_at: Callable[[float], float], recall_at: Callable[[fl
         middle = (lo + hi) / 2
         lo, hi = (middle, hi) if recall(middle) > goal_recall else (lo, middle)
     return result(hi, hi, "leak")
+
+
+def _memoised(measure: Callable[[float], float], label: str, never_seen: float, progress: Callable[[str], None]
+              ) -> tuple[Callable[[float], float], dict[float, float]]:
+    """``measure`` evaluated at most once per strength (each is a batch of forward passes), reporting each value;
+    also the values so far, in the order measured."""
+    values: dict[float, float] = {}
+
+    def at(strength: float) -> float:
+        if strength not in values:
+            values[strength] = measure(strength)
+            progress(f"strength {strength:.4g}: {label} {values[strength]:.3f} (never-seen {never_seen:.3f})")
+        return values[strength]
+
+    return at, values
