@@ -111,8 +111,14 @@ def test_the_listing_filters_by_reference_legal_basis_and_received_date(admin: A
 
 def test_the_requester_is_never_logged(admin: AdminApp, caplog: pytest.LogCaptureFixture,
                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("server", "guards", "classifiers"):  # an earlier test may have run configure_logging (no propagation)
+    # An earlier test may have run configure_logging (no propagation) or Alembic's fileConfig (existing loggers
+    # disabled): this test reads every record of Lethe's own loggers whatever ran before it.
+    for name in ("server", "guards", "classifiers"):
         monkeypatch.setattr(logging.getLogger(name), "propagate", True)
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        if name.split(".")[0] in ("server", "guards", "classifiers") and isinstance(logger, logging.Logger):
+            monkeypatch.setattr(logger, "disabled", False)
+            monkeypatch.setattr(logger, "propagate", True)
     caplog.set_level(logging.DEBUG)
     target = admin.create(request=REQUEST)
     admin.client.patch(f"/admin/v1/targets/{target['id']}", json={"request": {"requester": "John Other-Person"}},
