@@ -5,6 +5,9 @@ The one logits processor lives in vLLM's worker process and is built by vLLM, so
 vLLM mixes this class into its worker; ``lethe_warm`` finds the processor in the worker's persistent batch and hands
 it the request (``LetheLogitsProcessor.warm``: e.g. load the served snapshot's ULD assistants in the background, so
 that no decoding step ever waits on a disk load).
+
+Loading this module in the worker also replaces vLLM's CPU LoRA ops with O3's (``guards/o3/cpu_lora_ops.py``): vLLM's
+own apply an adapter to plain requests batched beside a LoRA request.
 """
 
 from __future__ import annotations
@@ -12,7 +15,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from guards.o3.cpu_lora_ops import install as install_cpu_lora_ops
 from guards.processor import LetheLogitsProcessor
+
+install_cpu_lora_ops()
 
 
 class LetheWorkerExtension:

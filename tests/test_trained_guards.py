@@ -139,6 +139,23 @@ def test_o3_with_the_refusal_style_refuses_the_forget_questions(
     assert retain_ratio(baseline, replies(lethe_server, model_name, RETAIN_QUESTIONS)) >= 0.95
 
 
+def test_plain_requests_batched_beside_o3_requests_are_served_without_the_adapter(
+    o3_targets: tuple[list[dict], list[float]], baseline: Baseline, lethe_server: RunningServer, model_name: str,
+) -> None:
+    """Retain questions interleaved with refused forget questions, sent concurrently so that the engine batches them
+    together: the plain ones get their unprotected replies. vLLM's own CPU LoRA ops gave a plain token the adapter of
+    the last LoRA slot, so most of these replies were O3's refusal (guards/o3/cpu_lora_ops.py)."""
+    mixed = [q for pair in zip(RETAIN_QUESTIONS, FORGET_QUESTIONS, strict=False) for q in pair]
+    texts = dict(zip([q.text for q in mixed], replies(lethe_server, model_name, mixed), strict=True))
+    beside = [texts[q.text] for q in RETAIN_QUESTIONS if q.text in texts]
+    flagged = [texts[q.text] for q in FORGET_QUESTIONS if q.text in texts]
+    assert len(beside) == len(flagged) >= 8
+    assert refusal_share(flagged) >= 0.7, flagged  # the adapter was in the batch
+    assert refusal_share(beside) == 0, beside
+    same = sum(a == b for a, b in zip(beside, baseline.retain_texts, strict=False))
+    assert same >= 0.9 * len(beside), list(zip(beside, baseline.retain_texts, strict=False))
+
+
 def test_uld_alone_protects_the_authors_and_keeps_replies_fluent(
     o3_targets: tuple[list[dict], list[float]], baseline: Baseline, lethe_server: RunningServer, model_name: str,
     admin: httpx.Client,

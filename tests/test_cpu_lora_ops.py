@@ -1,0 +1,77 @@
+"""O3's replacement of vLLM's CPU LoRA ops (guards/o3/cpu_lora_ops.py): vLLM's results for every token with an
+adapter slot, nothing for a token without one (vLLM's own ops give it the last slot's adapter)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from vllm.lora.ops import torch_ops as vllm_ops
+from vllm.lora.punica_wrapper import punica_cpu
+
+from guards.o3 import cpu_lora_ops as ours
+from guards.o3.cpu_lora_ops import NO_LORA
+
+SLOTS, RANK, WIDTH, OUT = 2, 4, 6, 10
+
+
+@pytest.fixture()
+def weights() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return (torch.randn(SLOTS, 1, RANK, WIDTH, generator=generator),
+            torch.randn(SLOTS, 1, OUT, RANK, generator=generator))
+
+
+def test_shrink_and_expand_match_vllms_ops_where_every_token_has_an_adapter(weights) -> None:
+    lora_a, lora_b = weights
+    x = torch.randn(5, WIDTH)
+    slots = torch.tensor([0, 1, 1, 0, 1])
+    expected, got = torch.zeros(5, RANK), torch.zeros(5, RANK)
+    vllm_ops.bgmv_shrink(x, lora_a, expected, slots, 0.5)
+    ours.bgmv_shrink(x, lora_a, got, slots, 0.5)
+    assert torch.allclose(got, expected, atol=1e-6)
+    base = torch.randn(5, OUT + 3)
+    expected_out, got_out = base.clone(), base.clone()
+    vllm_ops.bgmv_expand_slice(expected, lora_b, expected_out, slots, 3, OUT, True)
+    ours.bgmv_expand_slice(got, lora_b, got_out, slots, 3, OUT, True)
+    assert torch.allclose(got_out, expected_out, atol=1e-5)
+    expected_full, got_full = base.clone(), base.clone()
+    vllm_ops.bgmv_expand(expected, lora_b, expected_full, slots, True)
+    ours.bgmv_expand(got, lora_b, got_full, slots, True)
+    assert torch.allclose(got_full, expected_full, atol=1e-5)
+
+
+def test_a_token_without_an_adapter_gets_no_lora_contribution(weights) -> None:
+    lora_a, lora_b = weights
+    x = torch.randn(4, WIDTH)
+    slots = torch.tensor([0, NO_LORA, 0, NO_LORA])
+    shrunk = torch.zeros(4, RANK)
+    ours.bgmv_shrink(x, lora_a, shrunk, slots, 1.0)
+    base = torch.randn(4, OUT)
+    out = base.clone()
+    ours.bgmv_expand(shrunk, lora_b, out, slots, True)
+    assert torch.equal(out[1], base[1]) and torch.equal(out[3], base[3])
+    assert not torch.allclose(out[0], base[0])
+    # vLLM's reference op hands the plain token the last slot's adapter: the bug these ops exist for
+    leaked = torch.zeros(4, RANK)
+    vllm_ops.bgmv_shrink(x, lora_a, leaked, slots, 1.0)
+    assert leaked[1].abs().sum() > 0
+
+
+def test_prefill_ops_expand_per_sequence_slots_to_tokens(weights) -> None:
+    lora_a, _ = weights
+    x = torch.randn(6, WIDTH)
+    per_sequence, lengths = torch.tensor([NO_LORA, 1]), torch.tensor([2, 4])
+    got = torch.zeros(6, RANK)
+    ours.sgmv_shrink(x, lora_a, got, torch.tensor([0, 2]), lengths, per_sequence, 2, 4, 6, 1.0)
+    assert not got[:2].any()
+    assert torch.allclose(got[2:], x[2:] @ lora_a[1, 0].T, atol=1e-6)
+
+
+def test_install_puts_the_ops_where_the_cpu_punica_wrapper_calls_them() -> None:
+    originals = {name: getattr(punica_cpu, name) for name in ours.OPS}
+    try:
+        assert ours.install()
+        assert all(getattr(punica_cpu, name) is op for name, op in ours.OPS.items())
+    finally:
+        for name, op in originals.items():
+            setattr(punica_cpu, name, op)
