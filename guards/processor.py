@@ -113,8 +113,9 @@ class LetheLogitsProcessor(LogitsProcessor):
         if not self.rows:
             return logits
         self._prepare_rows()
+        done = self._apply_leading_in_batch(logits)
         for row, hooks in self.rows.items():
-            for hook in hooks:
+            for hook in hooks[done.get(row, 0):]:
                 try:
                     hook.apply(logits[row])
                 except Exception:
@@ -124,6 +125,24 @@ class LetheLogitsProcessor(LogitsProcessor):
                     failed.apply(logits[row])
                     break
         return logits
+
+    def _apply_leading_in_batch(self, logits: torch.Tensor) -> dict[int, int]:
+        """Apply at once, for all rows, each hook class that can (``apply_rows``: GUARD's one ``index_put_``) where
+        its hook comes first in the row, so each row's composition order holds; returns {row: hooks applied}. A
+        failure leaves those rows to the row loop, which fails them closed if it fails again."""
+        leading: dict[type, list[tuple[int, RowHook]]] = {}
+        for row, hooks in self.rows.items():
+            if hooks and hasattr(type(hooks[0]), "apply_rows"):
+                leading.setdefault(type(hooks[0]), []).append((row, hooks[0]))
+        done: dict[int, int] = {}
+        for hook_class, rows in leading.items():
+            try:
+                hook_class.apply_rows(logits, rows)
+            except Exception:
+                logger.exception("processor.apply_rows_failed", extra={"hook": hook_class.__name__})
+                continue
+            done.update((row, 1) for row, _ in rows)
+        return done
 
     def _prepare_rows(self) -> None:
         """Each hook class's batched work for all its rows (see ``RowHook``); a failure leaves it to the rows."""

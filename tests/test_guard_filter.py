@@ -285,3 +285,33 @@ def test_malformed_guard_payloads_are_refused_in_the_front_end(section: dict) ->
 
 def test_a_well_formed_guard_reference_passes_the_front_end_check() -> None:
     LetheLogitsProcessor.validate_params(SamplingParams(extra_args={"lethe": {"guard": [VALID, VALID]}}))
+
+
+def test_one_batched_step_equals_each_rows_own_step() -> None:
+    """``apply_rows`` (one ``index_put_`` for the batch) gives every row what its own ``apply`` gives it: outright and
+    finite bans, the soft penalty, rows in different automaton states, and a row of another target."""
+    def hooks() -> list[tuple[PhraseGuardHook, list[int]]]:
+        made = []
+        for phrases, penalty, ban, prefix in ((("Promise by the Seine",), 1.5, None, [' "Prom', "ise", " by", " the"]),
+                                              (("florist", "Basil"), 0.0, 7.5, [" flor"]),
+                                              (("Promise by the Seine",), 2.0, 3.0, [])):
+            output: list[int] = []
+            hook = PhraseGuardHook(phrases, penalty, VOCAB, [ID["<s>"]], output, ban=ban)
+            output.extend(ID[token] for token in prefix)
+            made.append((hook, output))
+        return made
+
+    separate = torch.randn(3, len(STRINGS), generator=torch.Generator().manual_seed(0))
+    together = separate.clone()
+    for row, (hook, _) in enumerate(hooks()):
+        hook.apply(separate[row])
+    PhraseGuardHook.apply_rows(together, [(row, hook) for row, (hook, _) in enumerate(hooks())])
+    assert torch.isinf(together[0]).any() and torch.isfinite(together[1:]).all()
+    assert torch.equal(torch.isinf(separate), torch.isinf(together))
+    assert torch.allclose(separate.nan_to_num(neginf=0.0), together.nan_to_num(neginf=0.0))
+
+
+def test_requests_banning_the_same_phrases_share_one_table() -> None:
+    first, _ = hook_for("florist", "Basil")
+    second, _ = hook_for("florist", "Basil")
+    assert first.table is second.table and first.table is not hook_for("Basil")[0].table

@@ -25,6 +25,7 @@ import torch
 from guards.guard.payload import GUARD_KEY, resolve_phrases
 
 MIN_STARTER_CHARS = 3
+TABLES_KEPT = 256  # phrase sets whose tables a worker keeps (one per combination of hit targets in use)
 
 
 class Vocabulary:
@@ -41,6 +42,11 @@ class Vocabulary:
         self.starting_with = lru_cache(maxsize=65536)(self._starting_with)
         self.containing = lru_cache(maxsize=16384)(self._containing)
         self.starting_phrase = lru_cache(maxsize=16384)(self._starting_phrase)
+        self._tables = lru_cache(maxsize=TABLES_KEPT)(lambda phrases: PhraseTable(phrases, self))
+
+    def table(self, phrases: Sequence[str]) -> PhraseTable:
+        """The shared table of these (lower-cased, distinct) phrases; the most recent TABLES_KEPT are kept."""
+        return self._tables(tuple(phrases))
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Any) -> Vocabulary:
@@ -92,7 +98,7 @@ class PhraseAutomaton:
                 target = self.goto[link].get(char, 0)
                 self.fail[child] = target if target != child else 0
                 queue.append(child)
-        self._banned: dict[tuple[int, int], torch.Tensor] = {}
+        self._banned: dict[tuple[int, int, torch.device], torch.Tensor] = {}
 
     def feed(self, state: int, text: str) -> int:
         for char in text:
@@ -103,7 +109,7 @@ class PhraseAutomaton:
 
     def banned(self, state: int, vocab: int, device: torch.device) -> torch.Tensor:
         """Tokens that would complete a phrase in this state."""
-        key = (state, vocab)
+        key = (state, vocab, device)
         if key not in self._banned:
             ids: set[int] = set()
             node = state
@@ -115,49 +121,102 @@ class PhraseAutomaton:
         return self._banned[key]
 
 
+class PhraseTable:
+    """Everything about one set of phrases that does not depend on a request: the automaton, the tokens that contain
+    a whole phrase, those that begin one, and (lazily, per automaton state) those that would complete one.
+
+    Requests about the same targets ban the same phrases, so tables are shared (``Vocabulary.table``): a request's
+    hook then costs one automaton state, and each decoding step only looks its tensors up.
+    """
+
+    def __init__(self, phrases: Sequence[str], vocabulary: Vocabulary) -> None:
+        self.phrases = tuple(phrases)
+        self.automaton = PhraseAutomaton(self.phrases, vocabulary)
+        self.longest = max((len(p) for p in self.phrases), default=0)
+        always = {i for p in self.phrases for i in vocabulary.containing(p)}
+        self._always_ids = sorted(always)
+        self._starter_ids = sorted({i for p in self.phrases for i in vocabulary.starting_phrase(p)} - always)
+        self._tensors: dict[tuple[str, int, torch.device], torch.Tensor] = {}
+
+    def always(self, vocab: int, device: torch.device) -> torch.Tensor:
+        return self._cached("always", self._always_ids, vocab, device)
+
+    def starters(self, vocab: int, device: torch.device) -> torch.Tensor:
+        return self._cached("starters", self._starter_ids, vocab, device)
+
+    def _cached(self, name: str, ids: list[int], vocab: int, device: torch.device) -> torch.Tensor:
+        key = (name, vocab, device)
+        if key not in self._tensors:
+            self._tensors[key] = _index([i for i in ids if i < vocab], device)
+        return self._tensors[key]
+
+
 class PhraseGuardHook:
-    """One row's GUARD state; ``apply`` is called once per decoding step with that row's logits."""
+    """One row's GUARD state; ``apply`` is called once per decoding step with that row's logits, or ``apply_rows``
+    once per step for every GUARD row of the batch.
+
+    Each step a row's banned tokens (those containing a phrase, and those completing one from the row's automaton
+    state) lose ``ban`` (−inf when None) and the tokens beginning a phrase lose ``penalty``. The cost of a step is
+    one ``index_put_`` over all rows: the index tensors are the tables', built once per state.
+    """
 
     def __init__(self, phrases: Sequence[str], penalty: float, vocabulary: Vocabulary,
                  prompt_ids: Sequence[int] | None, output_ids: list[int], ban: float | None = None) -> None:
         self.vocabulary = vocabulary
-        self.phrases = [p.lower() for p in dict.fromkeys(phrases) if p.strip()]
-        self.automaton = PhraseAutomaton(self.phrases, vocabulary)
+        self.table = vocabulary.table([p.lower() for p in dict.fromkeys(phrases) if p.strip()])
         self.penalty = penalty
         self.ban = ban  # None: banned tokens get -inf
         self.output_ids = output_ids  # vLLM's live list: it grows by one token per step
         self.seen = 0
-        longest = max((len(p) for p in self.phrases), default=0)
+        longest = self.table.longest
         strings = vocabulary.strings
         tail = "".join(strings[t] for t in (prompt_ids or ())[-longest:] if 0 <= t < len(strings))
-        self.state = self.automaton.feed(0, tail[-longest:] if longest else "")
-        self._always: torch.Tensor | None = None
-        self._starters: torch.Tensor | None = None
+        self.state = self.table.automaton.feed(0, tail[-longest:] if longest else "")
+
+    @property
+    def phrases(self) -> tuple[str, ...]:
+        return self.table.phrases
 
     def apply(self, logits_row: torch.Tensor) -> None:
-        strings = self.vocabulary.strings
+        PhraseGuardHook.apply_rows(logits_row.unsqueeze(0), [(0, self)])
+
+    @staticmethod
+    def apply_rows(logits: torch.Tensor, rows: Sequence[tuple[int, PhraseGuardHook]]) -> None:
+        """Every listed row's step at once: each hook reads its new tokens, then one accumulated ``index_put_``
+        subtracts each row's ban and penalty from its tokens (−inf for an outright ban)."""
+        vocab, device = logits.shape[-1], logits.device
+        ids: list[torch.Tensor] = []
+        owners: list[int] = []
+        amounts: list[float] = []
+        for row, hook in rows:
+            hook._advance()
+            table = hook.table
+            ban = float("inf") if hook.ban is None else float(hook.ban)
+            parts = [(table.always(vocab, device), ban)]
+            if hook.state:
+                parts.append((table.automaton.banned(hook.state, vocab, device), ban))
+            if hook.penalty:
+                parts.append((table.starters(vocab, device), float(hook.penalty)))
+            for part, amount in parts:
+                if len(part):
+                    ids.append(part)
+                    owners.append(row)
+                    amounts.append(amount)
+        if not ids:
+            return
+        lengths = torch.tensor([len(part) for part in ids], device=device)
+        row_index = torch.repeat_interleave(torch.tensor(owners, device=device), lengths)
+        values = torch.repeat_interleave(torch.tensor(amounts, dtype=logits.dtype, device=device), lengths)
+        logits.index_put_((row_index, torch.cat(ids)), -values, accumulate=True)
+
+    def _advance(self) -> None:
+        """Feed the automaton the tokens generated since the last step."""
         new = self.output_ids[self.seen:]
         self.seen = len(self.output_ids)
         if new:
-            self.state = self.automaton.feed(self.state, "".join(strings[t] for t in new if 0 <= t < len(strings)))
-        vocab = logits_row.shape[-1]
-        if self._always is None:
-            always = {i for p in self.phrases for i in self.vocabulary.containing(p)}
-            starters = {i for p in self.phrases for i in self.vocabulary.starting_phrase(p)} - always
-            self._always = _index([i for i in always if i < vocab], logits_row.device)
-            self._starters = _index([i for i in starters if i < vocab], logits_row.device)
-        self._ban(logits_row, self._always)
-        if self.state:
-            self._ban(logits_row, self.automaton.banned(self.state, vocab, logits_row.device))
-        if self.penalty and len(self._starters):
-            logits_row[self._starters] -= self.penalty
-
-
-    def _ban(self, logits_row: torch.Tensor, ids: torch.Tensor) -> None:
-        if self.ban is None:
-            logits_row[ids] = float("-inf")
-        else:
-            logits_row[ids] -= self.ban
+            strings = self.vocabulary.strings
+            self.state = self.table.automaton.feed(self.state,
+                                                   "".join(strings[t] for t in new if 0 <= t < len(strings)))
 
 
 def _index(ids: Sequence[int], device: torch.device) -> torch.Tensor:
