@@ -47,7 +47,7 @@ def free_port() -> int:
 def start_server(model_dir: Path, data_dir: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, "LETHE_API_KEYS": API_KEY, "LETHE_ADMIN_KEY": ADMIN_KEY, "LETHE_DATA_DIR": str(data_dir),
-           "LETHE_LOG_LEVEL": "WARNING"}
+           "LETHE_LOG_LEVEL": "WARNING", "LETHE_VERIFY_AFTER_CHANGES": "false"}
     process = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--model", str(model_dir), "--host",
                                 "127.0.0.1", "--port", str(port)], env=env, cwd=ROOT, start_new_session=True,
                                stdout=(data_dir / "server.log").open("w"), stderr=subprocess.STDOUT)

@@ -62,7 +62,8 @@ async def drive(requests: Sequence[Request], concurrency: int,
 
 async def run_with_runtime(args: argparse.Namespace, measure: Measure) -> dict:
     with tempfile.TemporaryDirectory(prefix="lethe-bench-") as data_dir:
-        settings = Settings(data_dir=Path(data_dir), log_level="WARNING", _env_file=None)
+        # No erasure-report verification after each registration: it would run beside the measurement.
+        settings = Settings(data_dir=Path(data_dir), log_level="WARNING", verify_after_changes=False, _env_file=None)
         model_dir = Path(args.model) if args.model else build_demo_model(settings.cache_dir, args.variant)
         runtime = await Runtime.start(settings, model_dir, "bench", Metrics())
         try:
@@ -71,9 +72,12 @@ async def run_with_runtime(args: argparse.Namespace, measure: Measure) -> dict:
             await runtime.stop()
 
 
-def bench_main(description: str, results: Path, measure: Measure, markdown: Callable[[dict], str]) -> None:
+def bench_main(description: str, results: Path, measure: Measure, markdown: Callable[[dict], str],
+               default_variant: str = "tiny") -> None:
+    """``default_variant``: ``bench`` for a benchmark of costs (``bench/workload.py``), a trained demo model for one of
+    quality."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--variant", choices=["tiny", "full"], default="tiny")
+    parser.add_argument("--variant", choices=["tiny", "full", "bench"], default=default_variant)
     parser.add_argument("--model", help="serve this model directory instead of a demo model")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()

@@ -110,6 +110,16 @@ def measure_in_subprocess(model_dir: Path, rounds: int) -> dict:
         return json.loads(out.read_text())
 
 
+STEP_GOAL_MS = 10.0  # issue 19: a bench model's step must be real work
+
+
+def rows(summary: dict) -> list[dict]:
+    """The summary rows (``bench/summary.py``): each model's step; the bench model's has a floor."""
+    return [{"metric": f"plain-engine decoding step ms, batch {summary['batch']}", "model": row["model"],
+             "value": row["step_ms"], "goal": f">= {STEP_GOAL_MS}" if row["name"] == "bench" else None,
+             "pass": row["step_ms"] >= STEP_GOAL_MS if row["name"] == "bench" else None} for row in summary["rows"]]
+
+
 def markdown(summary: dict) -> str:
     """Per model: its parameters, one decoding step at batch 8, and the tokens per second that makes."""
     lines = [

@@ -1,9 +1,11 @@
-"""One JSON + markdown summary of the benchmarks' latest results (what `make bench` ends with).
+"""One summary of the benchmarks' latest results, with every goal and whether it is met (what `make bench` ends with).
 
-Each benchmark writes its own JSON to ``bench/results/`` and renders it with its own ``markdown(summary)``; this
-script gathers the ones present into ``bench/results/summary.json`` (``{benchmark: its JSON}``) and
-``bench/results/summary.md`` (a section per benchmark, with when its JSON was written). A benchmark that has not been
-run is listed as missing rather than silently left out.
+Each benchmark writes its own JSON to ``bench/results/`` and renders it with its own ``markdown(summary)``; one with
+goals also turns it into rows with ``rows(summary)``. This script gathers the ones present into
+``bench/results/summary.json``: a list of ``{"metric", "model", "value", "goal", "pass"}`` rows (``goal`` and
+``pass`` null where a figure has no goal), and ``bench/results/summary.md``: the same rows as one table, then a
+section per benchmark with when its JSON was written. A benchmark that has not been run is listed as missing rather
+than silently left out.
 
     python bench/summary.py
 """
@@ -22,21 +24,23 @@ sys.path.insert(0, str(ROOT))
 RESULTS_DIR = Path(__file__).parent / "results"
 # Benchmark module -> the title of its section: those `make bench` runs, in its order, then those run on their own.
 BENCHMARKS = {
+    "step_time": "One plain-engine decoding step at batch 8, per model",
     "unflagged_traffic": "Unflagged traffic: Lethe vs the same AsyncLLM without it",
-    "guard_overhead": "Flagged traffic: each mechanism's quality and cost",
+    "mechanism_cost": "Flagged traffic: what each mechanism costs, on the bench model",
+    "mechanism_quality": "Flagged traffic: what each mechanism protects, on a demo model",
     "classifier_latency": "Classifier latency by number of targets",
     "registry_propagation": "Registry propagation delay",
     "unprotected_window": "Unprotected window: a new target behind a training job",
     "load": "Load: 64 streaming clients, resident memory before and after",
     "detection_scale": "The gate's recall and false positives as targets accumulate",
-    "step_time": "One plain-engine decoding step at batch 8, per model",
 }
+Row = dict[str, object]
 
 
-def collect(results_dir: Path = RESULTS_DIR) -> tuple[dict[str, dict], str]:
-    """({benchmark: its JSON}, the markdown summary) of the results present in `results_dir`."""
-    found: dict[str, dict] = {}
-    sections = ["# Lethe benchmarks", ""]
+def collect(results_dir: Path = RESULTS_DIR) -> tuple[list[Row], str]:
+    """(the rows, the markdown summary) of the results present in `results_dir`."""
+    rows: list[Row] = []
+    sections = []
     for name, title in BENCHMARKS.items():
         path = results_dir / f"{name}.json"
         sections += [f"## {title} (`bench/{name}.py`)", ""]
@@ -44,19 +48,30 @@ def collect(results_dir: Path = RESULTS_DIR) -> tuple[dict[str, dict], str]:
             sections += ["not run (no results file)", ""]
             continue
         data = json.loads(path.read_text())
-        found[name] = data
         written = datetime.fromtimestamp(path.stat().st_mtime, UTC).strftime("%Y-%m-%d %H:%M UTC")
         module = importlib.import_module(f"bench.{name}")
+        rows += module.rows(data) if hasattr(module, "rows") else []
         sections += [f"measured {written}", "", module.markdown(data), ""]
-    return found, "\n".join(sections)
+    return rows, "\n".join(["# Lethe benchmarks", "", table(rows), "", *sections])
+
+
+def table(rows: list[Row]) -> str:
+    """Every figure with a goal or worth a line of its own, the model it was measured on, and pass/fail."""
+    lines = ["| metric | model | value | goal | pass |", "| --- | --- | --: | --- | --- |"]
+    for row in rows:
+        verdict = {True: "pass", False: "**FAIL**", None: ""}[row["pass"]]
+        lines.append(f"| {row['metric']} | {Path(str(row['model'])).name} | {row['value']} | {row['goal'] or ''} "
+                     f"| {verdict} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
-    found, text = collect()
-    (RESULTS_DIR / "summary.json").write_text(json.dumps(found, indent=2))
+    rows, text = collect()
+    (RESULTS_DIR / "summary.json").write_text(json.dumps(rows, indent=2))
     (RESULTS_DIR / "summary.md").write_text(text)
     print(text)
-    print(f"written {RESULTS_DIR / 'summary.md'} and summary.json ({len(found)}/{len(BENCHMARKS)} benchmarks)")
+    failed = sum(row["pass"] is False for row in rows)
+    print(f"written {RESULTS_DIR / 'summary.md'} and summary.json: {len(rows)} rows, {failed} goals missed")
 
 
 if __name__ == "__main__":

@@ -11,20 +11,18 @@ hits each alike:
   with made-up names, thresholds above every negative) that none of the prompts hits: every prompt pays the
   classifier's embedding and the bank's scoring.
 
-HTTP framing is the same for Lethe and a vLLM server and is left out of both. Prompts are retain-author questions and
-generic chat, each sent with a unique reference number so that the classifier's embedding cache never helps (real
-traffic rarely repeats a prompt); replies are greedy with ``ignore_eos`` and a fixed length, so every path produces
-the same number of tokens.
-Throughput (tokens/s) and time to first token (p50, p99) at concurrency 1, 8 and 32; ratios are Lethe ÷ vLLM
-(throughput: ≥ 0.97 is the goal; TTFT: how much later the first token comes), medians over rounds.
+HTTP framing is the same for Lethe and a vLLM server and is left out of both. The workload is
+``bench/workload.py``'s, on the bench model: unique TOFU questions about people no target names (the split's
+registrable and held-out authors, ``demo/author_split.py``: never in the gate's negative pool, so never in its
+embedding cache), 64 tokens with ``ignore_eos``, concurrency 1, 8 and 32, rotated rounds, medians.
+Ratios are Lethe ÷ vLLM: throughput (goal >= 0.95 with 100 targets) and time to first token p50 (goal <= 1.1), both
+at concurrency 1 and 8 (issue 19).
 
-    python bench/unflagged_traffic.py [--variant tiny|full | --model DIR] [--rounds 3]
+    python bench/unflagged_traffic.py [--variant bench|tiny|full | --model DIR] [--rounds 3]
 """
 
 from __future__ import annotations
 
-import itertools
-import statistics
 import sys
 import uuid
 from collections.abc import AsyncIterator
@@ -35,9 +33,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.guard_overhead import hundred_targets, target_body, wait_until_served  # noqa: E402
+from bench.registration import hundred_targets, target_body, wait_until_served  # noqa: E402
 from bench.runtime_harness import bench_main, drive  # noqa: E402
-from classifiers.negatives import builtin_negative_pool  # noqa: E402
+from bench.workload import (CONCURRENCIES, MAX_TOKENS, UniqueQuestions, median, requests_at,  # noqa: E402
+                            rotated, sampling_params)
+from demo.author_split import HELDOUT, REGISTRABLE, authors_in  # noqa: E402
 from demo.tofu_data import authors_of, demo_authors  # noqa: E402
 from guards.chat import chat_prompt_ids  # noqa: E402
 from server.planner import ChatTurn  # noqa: E402
@@ -45,28 +45,22 @@ from server.run import ChatPrompt, RunRequest  # noqa: E402
 from server.runtime import Runtime  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "unflagged_traffic.json"
-MAX_TOKENS = 32
-CONCURRENCIES = (1, 8, 32)
-PROMPTS = 64
 PATHS = ("vllm", "lethe, 0 targets", "lethe, 100 targets")
+GOAL_CONCURRENCIES = (1, 8)
+THROUGHPUT_GOAL = 0.95  # Lethe with 100 targets ÷ vLLM, at least
+TTFT_GOAL = 1.1  # time to first token p50, Lethe with 100 targets ÷ vLLM, at most
 
 
 def unflagged_questions() -> list[str]:
-    """Retain-author questions and generic chat: what a served model mostly answers."""
-    retain = [item.question for author in demo_authors()[:3] for item in author.items]
-    generic = [n.text for n in builtin_negative_pool() if n.source == "generic"]
-    mixed = [q for pair in zip(retain, generic * (len(retain) // max(1, len(generic)) + 1), strict=False) for q in pair]
-    return mixed[:PROMPTS]
+    """Questions about TOFU people no benchmark target names and the gate was never fitted on."""
+    return [item.question for author in authors_in(REGISTRABLE) + authors_in(HELDOUT) for item in author.items]
 
 
 async def through(runtime: Runtime, path: str, questions: list[str], concurrency: int) -> dict[str, float | list]:
     """tokens/s and per-request TTFT of the questions through one path ("vllm": the engine alone; otherwise Lethe's
     pipeline) at one concurrency."""
-    from vllm.sampling_params import RequestOutputKind, SamplingParams
-
     pipeline, engine = runtime.pipeline, runtime.engine
-    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True,
-                            output_kind=RequestOutputKind.DELTA)
+    params = sampling_params()
     hits = 0
 
     async def plain(question: str) -> AsyncIterator[int]:
@@ -99,20 +93,18 @@ async def measure(runtime: Runtime, rounds: int, model: str) -> dict:
     registered = holder.current
     snapshots = {"lethe, 0 targets": replace(registered, targets={}, bank=None),
                  "lethe, 100 targets": hundred_targets(registered, runtime)}
-    questions = unflagged_questions()
-    serial = itertools.count()
+    questions = UniqueQuestions(unflagged_questions())
 
-    def unique(texts: list[str]) -> list[str]:
-        return [f"{text} (ref {next(serial)})" for text in texts]
-
-    await through(runtime, "vllm", questions[:8], 8)  # warm-up
+    for path in PATHS:  # warm-up
+        holder.current = snapshots.get(path, registered)
+        await through(runtime, path, questions.take(8), 8)
     raw: dict[str, dict[int, list[dict]]] = {path: {c: [] for c in CONCURRENCIES} for path in PATHS}
     for round_index in range(rounds):
-        order = PATHS[round_index % len(PATHS):] + PATHS[:round_index % len(PATHS)]
         for concurrency in CONCURRENCIES:
-            for path in order:
+            for path in rotated(PATHS, round_index):
                 holder.current = snapshots.get(path, registered)
-                raw[path][concurrency].append(await through(runtime, path, unique(questions), concurrency))
+                raw[path][concurrency].append(
+                    await through(runtime, path, questions.take(requests_at(concurrency)), concurrency))
         print(f"round {round_index + 1}/{rounds} done", flush=True)
     holder.current = registered
 
@@ -122,33 +114,52 @@ async def measure(runtime: Runtime, rounds: int, model: str) -> dict:
         for path in PATHS:
             rows = raw[path][concurrency]
             table[f"{path} @ {concurrency}"] = {
-                "tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in rows), 1),
-                "throughput_ratio": round(statistics.median(
-                    r["tokens_per_s"] / b["tokens_per_s"] for r, b in zip(rows, plain, strict=True)), 3),
-                "ttft_p50_ms": round(1000 * statistics.median(percentile(r["ttft"], 50) for r in rows), 1),
-                "ttft_p99_ms": round(1000 * statistics.median(percentile(r["ttft"], 99) for r in rows), 1),
+                "tokens_per_s": round(median([r["tokens_per_s"] for r in rows]), 1),
+                "throughput_ratio": round(median([r["tokens_per_s"] / b["tokens_per_s"]
+                                                  for r, b in zip(rows, plain, strict=True)]), 3),
+                "ttft_p50_ms": round(1000 * median([percentile(r["ttft"], 50) for r in rows]), 1),
+                "ttft_p50_ratio": round(median([percentile(r["ttft"], 50) / percentile(b["ttft"], 50)
+                                                for r, b in zip(rows, plain, strict=True)]), 3),
+                "ttft_p99_ms": round(1000 * median([percentile(r["ttft"], 99) for r in rows]), 1),
                 "hits": [r["hits"] for r in rows],
             }
-    return {"model": model, "rounds": rounds, "max_tokens": MAX_TOKENS, "prompts": len(questions), "table": table}
+    return {"model": model, "rounds": rounds, "max_tokens": MAX_TOKENS,
+            "requests": {c: requests_at(c) for c in CONCURRENCIES}, "table": table}
+
+
+def rows(summary: dict) -> list[dict]:
+    """The summary rows (``bench/summary.py``): Lethe with 100 targets against vLLM, at the goals' concurrencies."""
+    out = []
+    for concurrency in GOAL_CONCURRENCIES:
+        row = summary["table"][f"lethe, 100 targets @ {concurrency}"]
+        out += [
+            {"metric": f"unflagged throughput, 100 targets vs vLLM, concurrency {concurrency}",
+             "model": summary["model"], "value": row["throughput_ratio"], "goal": f">= {THROUGHPUT_GOAL}",
+             "pass": row["throughput_ratio"] >= THROUGHPUT_GOAL},
+            {"metric": f"unflagged TTFT p50, 100 targets vs vLLM, concurrency {concurrency}",
+             "model": summary["model"], "value": row["ttft_p50_ratio"], "goal": f"<= {TTFT_GOAL}",
+             "pass": row["ttft_p50_ratio"] <= TTFT_GOAL},
+        ]
+    return out
 
 
 def markdown(summary: dict) -> str:
     """Throughput and time to first token of each path at each concurrency, against vLLM alone."""
     lines = [
-        f"model {summary['model']}, {summary['rounds']} rounds, {summary['prompts']} unflagged prompts, "
+        f"model {summary['model']}, {summary['rounds']} rounds, unique TOFU questions, "
         f"{summary['max_tokens']} tokens per reply",
         "",
-        "| path @ concurrency | tokens/s | throughput vs vLLM | TTFT p50 (ms) | TTFT p99 (ms) |",
-        "| --- | --: | --: | --: | --: |",
+        "| path @ concurrency | tokens/s | throughput vs vLLM | TTFT p50 (ms) | TTFT p50 vs vLLM | TTFT p99 (ms) |",
+        "| --- | --: | --: | --: | --: | --: |",
     ]
     for name, row in summary["table"].items():
         lines.append(f"| {name} | {row['tokens_per_s']} | {row['throughput_ratio']:.3f}x | {row['ttft_p50_ms']} "
-                     f"| {row['ttft_p99_ms']} |")
+                     f"| {row['ttft_p50_ratio']:.3f}x | {row['ttft_p99_ms']} |")
     return "\n".join(lines)
 
 
 def main() -> None:
-    bench_main(__doc__.splitlines()[0], RESULTS, measure, markdown)
+    bench_main(__doc__.splitlines()[0], RESULTS, measure, markdown, default_variant="bench")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.guard_overhead import question, target_body  # noqa: E402
+from bench.registration import question, target_body  # noqa: E402
 from bench.runtime_harness import bench_main  # noqa: E402
 from demo.tofu_data import authors_of, demo_authors  # noqa: E402
 from server.errors import GuardFailed  # noqa: E402

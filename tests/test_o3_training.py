@@ -245,3 +245,16 @@ def test_stacking_refuses_adapters_whose_shapes_disagree(tiny_model_dir: Path, t
     save_file(narrow, tmp_path / "narrow" / "adapter_model.safetensors")
     with pytest.raises(ValueError, match="disagree on the shape"):
         stack_adapters([tmp_path / "ok", tmp_path / "narrow"], tmp_path / "stack")
+
+
+def test_zero_epochs_save_an_adapter_of_the_trained_shape_that_changes_nothing(tiny_model_dir: Path,
+                                                                                tmp_path: Path) -> None:
+    """`epochs: 0` (the cost benchmarks' setting): no optimiser step, a JSON-clean result, LoRA B still zero."""
+    config = O3TrainingConfig(epochs=0, min_steps=0, style=REFUSAL)
+    figures = train_unlearning_lora(tiny_model_dir, QUESTIONS_1, [AUTHOR_1.name], [], config, tmp_path / "a")
+    assert figures["epochs"] == 0 and figures["final_loss"] is None and figures["rank"] == 8
+    weights = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    b_matrices = [tensor for name, tensor in weights.items() if "lora_B" in name]
+    assert b_matrices and all(not tensor.any() for tensor in b_matrices)
+    a_matrices = load_lora_a(tmp_path / "a")
+    assert a_matrices and all(a.shape[0] == 8 and a.any() for a in a_matrices.values())

@@ -246,3 +246,16 @@ def test_the_saved_merged_assistant_gives_the_in_memory_models_logits(tiny_model
 def test_training_without_question_answer_items_is_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="question/answer"):
         train_assistant(tiny_model_dir, [], [(None, "Some text.")], [], UldTrainingConfig(epochs=1), tmp_path)
+
+
+def test_zero_epochs_save_the_untrained_assistant_in_its_trained_shape(tiny_model_dir: Path, tokenizer,
+                                                                       forget_items, tmp_path: Path) -> None:
+    """`epochs: 0` (the cost benchmarks' setting): the assistant as initialised, a JSON-clean result, no NaN."""
+    stats = train_assistant(tiny_model_dir, forget_items, [], ALIASES, UldTrainingConfig(epochs=0), tmp_path / "a")
+    assert stats["epochs"] == 0 and stats["final_nll"] is None and stats["final_uniform_kl"] is None
+    assert json.loads(json.dumps(stats, allow_nan=False)) == stats
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "a").eval()
+    initial = build_assistant(tiny_model_dir, stats["layers"]).eval()
+    ids = prompt_ids(tokenizer, forget_items[0][0])
+    with torch.no_grad():
+        assert torch.allclose(saved(ids).logits, initial(ids).logits, atol=1e-5)

@@ -24,7 +24,7 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -54,6 +54,9 @@ class O3Options(Options):
         "about an invented person asked the same questions (no refusal that tells who filed a request), or "
         "`refusal`, one polite refusal (O3's TOFU recipe).",
     )
+    epochs: int | None = Field(None, ge=0, le=200, description="Training epochs of the adapter, exactly; unset: the "
+                               "recipe's (training.py). 0 keeps its initial weights: for cost measurements only "
+                               "(bench/).")
 
 
 def training_job(resources: JobResources) -> JobHandler:
@@ -76,6 +79,8 @@ def training_job(resources: JobResources) -> JobHandler:
         config = O3TrainingConfig(rank=rank, lora_alpha=2 * rank,
                                   orthogonality=float(options.get("orthogonality", 0.1)),
                                   style=options.get("style", GENERIC))
+        if options.get("epochs") is not None:
+            config = replace(config, epochs=int(options["epochs"]), min_steps=0)
         answers = [item.get("answer") if item.get("question") else None for item in forget]
         replies = served_replies(resources.served, config.reply_max_tokens, f"{context.job_id}-o3")
         staging = context.artifacts.staging_dir()

@@ -202,7 +202,7 @@ def train_unlearning_lora(
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "epochs": epochs,
         "examples": len(examples),
-        "final_loss": round(final_loss, 6),
+        "final_loss": round(final_loss, 6) if epochs else None,  # no NaN in a job's JSON result
         "orthogonality_penalty": round(penalty, 8),
         "max_overlap": round(overlap, 6),
         "seconds": round(time.monotonic() - start, 3),
@@ -237,7 +237,7 @@ def _fit(
     epochs = max(config.epochs, math.ceil(config.min_steps / steps_per_epoch))
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / (epochs * steps_per_epoch))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / max(1, epochs * steps_per_epoch))
     order_rng = random.Random(config.seed)
     epoch_loss = float("nan")
     model.train()

@@ -9,6 +9,7 @@ set, so the difference is nearly neutral there, but not free).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,6 +31,8 @@ class UldOptions(Options):
     alpha: float | None = Field(None, gt=0, le=5, description="Weight of the assistant's logits; unset: calibrated "
                                 "per target against the served model on an invented stand-in (calibration.py).")
     layers: int | None = Field(None, ge=1, description="Assistant depth; unset: a quarter of the model's layers.")
+    epochs: int | None = Field(None, ge=0, le=200, description="Training epochs of the assistant; unset: the recipe's "
+                               "(training.py). 0 keeps its initial weights: for cost measurements only (bench/).")
     tau: float = Field(DEFAULT_TAU, gt=0, lt=1)
     gate: Literal["classifier", "always"] = "classifier"
 
@@ -49,6 +52,8 @@ def training_job(resources: JobResources) -> JobHandler:
         retain = [(item.get("question"), item.get("answer") or item.get("text", "")) for item in record.retain]
         staging = context.artifacts.staging_dir()
         config = UldTrainingConfig(layers=options.get("layers"))
+        if options.get("epochs") is not None:
+            config = replace(config, epochs=int(options["epochs"]))
         figures = train_assistant(model_path, forget, retain, record.aliases, config, staging,
                                   lambda fraction, message: context.progress(0.8 * fraction, message), placement)
         if options.get("alpha") is None:

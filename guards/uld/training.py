@@ -351,7 +351,7 @@ def train_assistant(
         "trainable_parameters": sum(p.numel() for p in trainable),
         "epochs": config.epochs,
         "examples": {"remember": len(remember), "uniform": len(uniform)},
-        "final_nll": round(epoch_nll, 4),
-        "final_uniform_kl": round(epoch_kl, 4),
+        "final_nll": round(epoch_nll, 4) if config.epochs else None,  # no NaN in a job's JSON result
+        "final_uniform_kl": round(epoch_kl, 4) if config.epochs else None,
         "seconds": round(time.monotonic() - started, 2),
     }
