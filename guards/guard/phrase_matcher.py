@@ -173,10 +173,6 @@ class PhraseGuardHook:
         tail = "".join(strings[t] for t in (prompt_ids or ())[-longest:] if 0 <= t < len(strings))
         self.state = self.table.automaton.feed(0, tail[-longest:] if longest else "")
 
-    @property
-    def phrases(self) -> tuple[str, ...]:
-        return self.table.phrases
-
     def apply(self, logits_row: torch.Tensor) -> None:
         PhraseGuardHook.apply_rows(logits_row.unsqueeze(0), [(0, self)])
 
