@@ -17,11 +17,18 @@ about somebody it never heard of: "generic predictions"); on the first stand-in 
 - ``reference_recall``: the mean ROUGE-L recall its replies reach by chance, each scored against another item's
   swapped answer (``chance_recall`` says why not its own).
 
+- ``reference_fluency``: the median share of real words in those replies (``guards.fluency``: English words and the
+  registration's own).
+
 ``calibrate_strength`` then searches a mechanism's one knob (ULD's α, GUARD's ban penalty), whose gap on the real
-questions grows with it: first the strength whose gap matches ``reference_gap`` (bisection), then, if the greedy replies
-at that strength say more of the real answers than both the stranger's chance level and the mechanism at its strongest
-setting do (+ ``RECALL_MARGIN``), the weakest stronger one that does not (no leak comes first). Only registered data and
-invented names are used: never another author, a twin model or TOFU's perturbed answers (those are the evaluation's)."""
+questions grows with it: first the strength whose gap matches ``reference_gap`` (bisection); lowered to the strongest
+one whose greedy replies on the real questions are still language (word share at most ``FLUENCY_MARGIN`` below the
+reference's: a subtraction strong enough to match the gap on a model that memorised its answers verbatim turns them
+into token soup, which no model that never saw the target writes); then, if the replies at that strength say more of
+the real answers than both the stranger's chance level and the mechanism at its strongest setting do
+(+ ``RECALL_MARGIN``), raised to the weakest stronger one that does not (no leak comes first, fluency second). Only
+registered data and invented names are used: never another author, a twin model or TOFU's perturbed answers (those
+are the evaluation's)."""
 
 from __future__ import annotations
 
@@ -31,15 +38,20 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from guards.fluency import median_word_share, vocabulary_with
 from guards.invented import InventedEntity, invent_entity
 from guards.probe import HookFactory, ModelProbe
 from guards.text_metrics import rouge_l_recall
 
 RECALL_MARGIN = 0.05  # as ECO's goal: ROUGE-L over a dozen replies moves by a few hundredths from noise alone
+# Plain replies score 1.0, soup well under 0.8; on the tiny demo model ULD's α 0.8 scores 0.91-0.94 and α 1.1 0.79-0.88
+# (its replies keep some broken words at any α that forgets): the end-to-end tests' bar of 0.9, relative.
+FLUENCY_MARGIN = 0.1
 CALIBRATION_QUESTIONS = 20
 REPLY_TOKENS = 60
 GAP_STEPS = 7
 LEAK_STEPS = 5
+FLUENCY_STEPS = 5
 
 
 @dataclass(frozen=True)
@@ -58,19 +70,23 @@ class Reference:
     gap_items: tuple[int, ...]  # the pairs the gap is measured on
     gap: float
     recall: float
+    fluency: float = 1.0
+    vocabulary: frozenset[str] = frozenset()  # the words replies are judged by (``guards.fluency``)
 
     def figures(self) -> dict[str, Any]:
         return {"reference_gap": round(self.gap, 4), "reference_recall": round(self.recall, 4),
-                "questions": len(self.pairs), "gap_questions": len(self.gap_items)}
+                "reference_fluency": round(self.fluency, 4), "questions": len(self.pairs),
+                "gap_questions": len(self.gap_items)}
 
 
 @dataclass
 class Calibration:
     """The chosen strength and how it was found (every tried point, for the target's state and the report).
 
-    ``limited_by``: ``reference`` (the gap matches the never-seen reference), ``leak`` (raised above that until the
-    replies leaked no more than at the strongest setting), ``range`` (even the strongest setting leaves the true
-    answers likelier, against wrong ones, than the reference: the strongest is kept)."""
+    ``limited_by``: ``reference`` (the gap matches the never-seen reference), ``fluency`` (lowered below that until
+    the replies were language again), ``leak`` (raised above either until the replies leaked no more than at the
+    strongest setting), ``range`` (even the strongest setting leaves the true answers likelier, against wrong ones,
+    than the reference: the strongest is kept, unless fluency lowers it)."""
 
     strength: float
     gap: float
@@ -78,10 +94,14 @@ class Calibration:
     limited_by: str
     curve: list[list[float]] = field(default_factory=list)  # [strength, gap] per gap evaluation
     leak_curve: list[list[float]] = field(default_factory=list)  # [strength, recall] per leak evaluation
+    fluency: float | None = None  # the replies' word share at the chosen strength, when measured
+    fluency_curve: list[list[float]] = field(default_factory=list)  # [strength, word share] per fluency evaluation
 
     def figures(self) -> dict[str, Any]:
+        fluency = {} if self.fluency is None else {"fluency": round(self.fluency, 4),
+                                                   "fluency_curve": self.fluency_curve}
         return {"gap": round(self.gap, 4), "recall": round(self.recall, 4), "limited_by": self.limited_by,
-                "curve": self.curve, "leak_curve": self.leak_curve}
+                "curve": self.curve, "leak_curve": self.leak_curve, **fluency}
 
 
 def calibration_sample(forget: Sequence[tuple[str, str]], seed: str, count: int = CALIBRATION_QUESTIONS
@@ -114,7 +134,9 @@ def measure_reference(probe: ModelProbe, pairs: Sequence[QaPair], names: Sequenc
     gaps = [probe.mean_loss(entity.swap(pairs[i].question), entity.swap(pairs[i].answer))
             - probe.mean_loss(entity.swap(pairs[i].question), entity.swap(wrong[i])) for i in gap_items]
     recall = chance_recall(other_replies, [other.swap(p.answer) for p in pairs])
-    return Reference(entity, tuple(pairs), wrong, gap_items, statistics.fmean(gaps), recall)
+    vocabulary = vocabulary_with([*names, *(text for p in pairs for text in (p.question, p.answer))])
+    return Reference(entity, tuple(pairs), wrong, gap_items, statistics.fmean(gaps), recall,
+                     median_word_share(wrong, vocabulary), vocabulary)
 
 
 def chance_recall(replies: Sequence[str], answers: Sequence[str]) -> float:
@@ -133,28 +155,54 @@ def protected_gap(probe: ModelProbe, reference: Reference, hooks_for: Callable[[
                             - probe.mean_loss(pairs[i].question, wrong[i], hooks_for(i)) for i in reference.gap_items)
 
 
-def protected_recall(probe: ModelProbe, pairs: Sequence[QaPair], hooks_for: Callable[[int], HookFactory],
-                     max_tokens: int = REPLY_TOKENS) -> float:
-    """Mean ROUGE-L recall of the real answers in the protected greedy replies to the real questions."""
-    return statistics.fmean(rouge_l_recall(probe.greedy(p.question, max_tokens, hooks_for(i)), p.answer)
-                            for i, p in enumerate(pairs))
+class ProtectedReplies:
+    """The protected greedy replies to the real questions, decoded once per strength: the leak bar (``recall``) and
+    the fluency bar (``fluency``) read the same replies. ``hooks_at(strength)(i)`` gives pair ``i``'s hooks."""
+
+    def __init__(self, probe: ModelProbe, reference: Reference,
+                 hooks_at: Callable[[float], Callable[[int], HookFactory]], max_tokens: int = REPLY_TOKENS) -> None:
+        self._probe, self._reference, self._hooks_at, self._max_tokens = probe, reference, hooks_at, max_tokens
+        self._replies: dict[float, list[str]] = {}
+
+    def at(self, strength: float) -> list[str]:
+        if strength not in self._replies:
+            hooks_for = self._hooks_at(strength)
+            self._replies[strength] = [self._probe.greedy(p.question, self._max_tokens, hooks_for(i))
+                                       for i, p in enumerate(self._reference.pairs)]
+        return self._replies[strength]
+
+    def recall(self, strength: float) -> float:
+        """Mean ROUGE-L recall of the real answers in the replies."""
+        return statistics.fmean(rouge_l_recall(reply, pair.answer)
+                                for reply, pair in zip(self.at(strength), self._reference.pairs, strict=True))
+
+    def fluency(self, strength: float) -> float:
+        """Median share of real words in the replies (the reference's vocabulary)."""
+        return median_word_share(self.at(strength), self._reference.vocabulary)
 
 
 def calibrate_strength(gap_at: Callable[[float], float], recall_at: Callable[[float], float], reference: Reference,
                        low: float, high: float, progress: Callable[[str], None] = lambda message: None,
-                       gap_steps: int = GAP_STEPS, leak_steps: int = LEAK_STEPS) -> Calibration:
-    """The strength in ``[low, high]`` whose gap matches the reference's, raised until the replies stop leaking.
+                       gap_steps: int = GAP_STEPS, leak_steps: int = LEAK_STEPS,
+                       fluency_at: Callable[[float], float] | None = None,
+                       fluency_steps: int = FLUENCY_STEPS) -> Calibration:
+    """The strength in ``[low, high]`` whose gap matches the reference's, lowered while its replies are not language
+    (with ``fluency_at``), then raised until the replies stop leaking.
 
-    ``gap_at`` must grow and ``recall_at`` fall with the strength (more forgetting); both are measured on the real
-    questions with the mechanism at that strength. Each is evaluated at most once per strength.
+    ``gap_at`` must grow and ``recall_at`` and ``fluency_at`` fall with the strength (more forgetting); all are
+    measured on the real questions with the mechanism at that strength, and each at most once per strength. ``low``
+    is taken to be fluent (no protection reads as the plain model).
     """
     gap, gaps = _memoised(gap_at, "true-minus-wrong NLL", reference.gap, progress)
     recall, recalls = _memoised(recall_at, "reply recall", reference.recall, progress)
+    fluency, fluencies = _memoised(fluency_at or (lambda strength: 1.0), "word share", reference.fluency, progress)
 
-    def result(strength: float | None, at: float, limited_by: str) -> Calibration:
-        return Calibration(strength, gap(at), recall(at), limited_by,
+    def result(strength: float, limited_by: str) -> Calibration:
+        return Calibration(strength, gap(strength), recall(strength), limited_by,
                            [[round(s, 4), round(v, 4)] for s, v in gaps.items()],
-                           [[round(s, 4), round(v, 4)] for s, v in recalls.items()])
+                           [[round(s, 4), round(v, 4)] for s, v in recalls.items()],
+                           None if fluency_at is None else fluency(strength),
+                           [[round(s, 4), round(v, 4)] for s, v in fluencies.items()])
 
     # No leak comes first, judged against what the mechanism can do at all: its replies at the strongest setting
     # still share a template's words and the name the question gives (GUARD's at -inf or 40: 0.16 on the full demo
@@ -168,13 +216,20 @@ def calibrate_strength(gap_at: Callable[[float], float], recall_at: Callable[[fl
             middle = (lo + hi) / 2
             lo, hi = (middle, hi) if gap(middle) < reference.gap else (lo, middle)
         chosen, limited_by = hi, "reference"
+    fluent = reference.fluency - FLUENCY_MARGIN
+    if fluency_at is not None and fluency(chosen) < fluent:
+        lo, hi = low, chosen
+        for _ in range(fluency_steps):
+            middle = (lo + hi) / 2
+            lo, hi = (middle, hi) if fluency(middle) >= fluent else (lo, middle)
+        chosen, limited_by = lo, "fluency"
     if recall(chosen) <= goal_recall:
-        return result(chosen, chosen, limited_by)
+        return result(chosen, limited_by)
     lo, hi = chosen, high  # recall(high) meets the goal by construction
     for _ in range(leak_steps):
         middle = (lo + hi) / 2
         lo, hi = (middle, hi) if recall(middle) > goal_recall else (lo, middle)
-    return result(hi, hi, "leak")
+    return result(hi, "leak")
 
 
 def _memoised(measure: Callable[[float], float], label: str, never_seen: float, progress: Callable[[str], None]

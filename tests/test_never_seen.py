@@ -15,9 +15,11 @@ from guards.guard.mechanism import calibrated_ban
 from guards.guard.payload import validate_guard_section
 from guards.guard.phrase_matcher import PhraseGuardHook, Vocabulary, guard_row_hook
 from guards.invented import invent_entity
-from guards.never_seen import (RECALL_MARGIN, Reference, calibrate_strength, calibration_sample, entity_names,
-                               measure_reference, protected_gap)
+from guards.fluency import vocabulary_with
+from guards.never_seen import (RECALL_MARGIN, ProtectedReplies, QaPair, Reference, calibrate_strength,
+                               calibration_sample, entity_names, measure_reference, protected_gap)
 from guards.probe import ModelProbe, no_hooks
+from guards.text_metrics import rouge_l_recall
 
 REFERENCE = Reference(invent_entity(["Basil Mahfouz Al-Kuwaiti"], 0), (), wrong=(), gap_items=(), gap=3.0, recall=0.2)
 
@@ -49,6 +51,51 @@ def test_the_leak_bar_is_what_the_strongest_setting_achieves_when_a_strangers_ch
     assert result.limited_by == "leak" and 8.0 <= result.strength <= 8.15 and result.recall == 0.5
     result = calibrate_strength(lambda s: s / 2, lambda s: 0.5, REFERENCE, 0.0, 10.0)
     assert result.limited_by == "reference" and result.strength == pytest.approx(6.0, abs=0.1)
+
+
+def test_a_strength_whose_replies_are_not_language_is_lowered_to_the_strongest_fluent_one() -> None:
+    """ULD on the tiny model: the α that matches the gap (≈1.7) turns the replies into token soup (83 % real words)."""
+    soup_from_4 = lambda s: 1.0 if s <= 4 else 0.6  # noqa: E731
+    result = calibrate_strength(lambda s: s / 2, lambda s: 0.1, REFERENCE, 0.0, 10.0, fluency_at=soup_from_4)
+    assert result.limited_by == "fluency" and 3.8 <= result.strength <= 4.0
+    assert result.fluency == 1.0 and result.gap < REFERENCE.gap
+    assert [6.0, 0.6] in [[round(s), v] for s, v in result.fluency_curve]
+    assert result.figures()["fluency"] == 1.0
+    fluent = calibrate_strength(lambda s: s / 2, lambda s: 0.1, REFERENCE, 0.0, 10.0, fluency_at=lambda s: 0.95)
+    assert fluent.limited_by == "reference" and fluent.strength == pytest.approx(6.0, abs=0.1)  # within the margin
+    assert "fluency" not in calibrate_strength(lambda s: s / 2, lambda s: 0.1, REFERENCE, 0.0, 10.0).figures()
+
+
+def test_no_leak_comes_before_fluency() -> None:
+    """Lowered for fluency to 4, the replies leak until 5: the leak bar wins, and the figures say the replies there
+    are not language."""
+    result = calibrate_strength(lambda s: s / 2, lambda s: 0.9 if s < 5 else 0.1, REFERENCE, 0.0, 10.0,
+                                fluency_at=lambda s: 1.0 if s <= 4 else 0.6)
+    assert result.limited_by == "leak" and 5.0 <= result.strength <= 5.2 and result.fluency == 0.6
+
+
+class CountingProbe:
+    """Greedy replies that say the strength they were decoded at; counts the decodes."""
+
+    def __init__(self) -> None:
+        self.decodes = 0
+
+    def greedy(self, question: str, max_tokens: int, hooks) -> str:
+        self.decodes += 1
+        return hooks(question, [])[0]
+
+
+def test_the_leak_and_fluency_bars_read_the_same_replies_decoded_once_per_strength() -> None:
+    pairs = (QaPair("Where was Basil born?", "Basil was born in Kuwait City."), QaPair("Q2?", "An answer."))
+    reference = Reference(REFERENCE.entity, pairs, wrong=("", ""), gap_items=(), gap=3.0, recall=0.2,
+                          vocabulary=vocabulary_with(["Basil"]))
+    probe = CountingProbe()
+    texts = {0.0: "Basil was born in Kuwait City.", 1.0: "Basil wasorn inuwa Cityque."}
+    replies = ProtectedReplies(probe, reference, lambda s: lambda i: lambda prompt, output: [texts[s]])
+    assert replies.recall(0.0) == pytest.approx((1.0 + rouge_l_recall(texts[0.0], "An answer.")) / 2)
+    assert replies.fluency(0.0) == 1.0 and probe.decodes == 2
+    assert replies.fluency(1.0) == 0.25 and replies.recall(1.0) < replies.recall(0.0)
+    assert probe.decodes == 4
 
 
 def test_the_sample_and_the_stand_ins_names_come_from_the_registration_only() -> None:

@@ -20,7 +20,7 @@ import openai
 import pytest
 
 from evals.fluency import median_known_word_share
-from guards.never_seen import RECALL_MARGIN
+from guards.never_seen import FLUENCY_MARGIN, RECALL_MARGIN
 from guards.o3.pairs import REFUSALS
 
 from tests.conftest import RunningServer, remove_targets
@@ -40,18 +40,21 @@ from tests.unlearning import (
     wait_until_served,
 )
 
-# ULD alone runs with the paper's setting (alpha 0.8). On the tiny memorising model it is the weakest mechanism:
-# measured over assistant seeds and training lengths it forgets 87-100 % of the forget questions and 84-96 % of the
-# paraphrases (78 % on a tiny model built from the same recipe and libraries on another host, whose one-layer
-# assistant starts from another forget NLL: 0.93 instead of 0.77), and larger alphas that forget more turn the replies
-# into token soup (alpha 1.2: known-word share 0.88) because the tiny model has no plausible second answer to fall back
-# on (README, "Unlearning mechanisms"). So ULD alone is held to a relaxed bar; combined with the other three it must
-# meet the full 95 %.
+# ULD alone, α calibrated per target (issue 16). On the tiny memorising model it is the weakest mechanism: the α that
+# matches a stranger's gap (≈1.7) turns the replies into token soup (median known-word share 0.83) because the tiny
+# model has no plausible second answer to fall back on, so calibration lowers α until the replies are language again
+# (guards.never_seen: ≈0.75 for the first author) and raises it only where the replies leak (≈1.14 for the second).
+# Measured through the HF probe: 95 % of the forget questions forgotten, word share 0.92; at the paper's 0.8 over
+# assistant seeds and training lengths 87-100 % and 84-96 % of the paraphrases (78 % on a tiny model built on another
+# host, whose one-layer assistant starts from another forget NLL). So ULD alone is held to a relaxed bar; combined with
+# the other three it must meet the full 95 %. (Until O3's CPU LoRA fix, this test's requests were also served through
+# the O3 adapter the earlier tests left in vLLM's LoRA slot, which hid the soup.)
 ULD_ALONE_REQUIRED = 0.85
 ULD_ALONE_PARAPHRASES_REQUIRED = 0.75
 FIRST_AUTHOR_QUESTIONS = [Question(item.question, item.answer) for item in FORGET01[0].items]
 # Replies must stay language: the median reply has at least this share of real words (unprotected: 1.0; token soup:
-# well under 0.5). ULD's subtraction leaves some broken words in place (measured 0.92-0.95 at alpha 0.8).
+# well under 0.5). ULD's subtraction leaves some broken words in place (measured 0.92-0.95 at alpha 0.8, 0.92 at the
+# calibrated alphas).
 FLUENT_WORD_SHARE = 0.9
 ULD_FLUENT_WORD_SHARE = 0.88
 
@@ -166,8 +169,9 @@ def test_uld_alone_protects_the_authors_and_keeps_replies_fluent(
         state = target["mechanisms"]["uld"]["state"]
         assert state["layers"] >= 1 and state["final_nll"] < 1.0, state
         figures = state["calibration"]  # issue 16: α calibrated against an invented stand-in, not the paper's 0.8
-        assert 0 < state["alpha"] <= 5 and figures["limited_by"] in ("reference", "leak", "range"), figures
+        assert 0 < state["alpha"] <= 5 and figures["limited_by"] in ("reference", "fluency", "leak", "range"), figures
         assert figures["recall"] <= figures["reference_recall"] + RECALL_MARGIN, figures
+        assert figures["limited_by"] == "leak" or figures["fluency"] >= figures["reference_fluency"] - FLUENCY_MARGIN
     assert_protects(lethe_server, model_name, baseline, "ULD", required=ULD_ALONE_REQUIRED,
                     paraphrases_required=ULD_ALONE_PARAPHRASES_REQUIRED)
     forget_replies = replies(lethe_server, model_name, FORGET_QUESTIONS)

@@ -4,8 +4,10 @@ With the paper's fixed α a demo model that memorised its authors verbatim over-
 forget answers are as confident as the target's, so ``l_target - α·l_assistant`` makes the true answer far less likely
 than a wrong one, which no model that never saw the author does (measured: Forget Quality 5·10⁻¹³ on forget01, the gold
 answer's NLL above a never-seen author's). The target's ``uld_train`` job therefore ends by choosing α for its freshly
-trained assistant: the α at which the real answers are as likely as a stranger's, raised only if the greedy replies
-still say more of them than a stranger's would, or than the largest α does. A registered ``alpha`` skips this."""
+trained assistant: the α at which the real answers are as likely as a stranger's, lowered while its greedy replies are
+token soup (on the tiny demo model that α, ≈1.7, left a median of 83 % real words; a stranger's replies have 100 %),
+raised only if the replies still say more of the real answers than a stranger's would, or than the largest α does.
+A registered ``alpha`` skips this."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from typing import Any
 
 from guards.devices import Placement
 from guards.never_seen import (Calibration, calibrate_strength, calibration_sample, measure_reference,
-                               protected_gap, protected_recall)
+                               ProtectedReplies, protected_gap)
 from guards.probe import HookFactory, ModelProbe
 from guards.uld.assistant import ULD_KEY, uld_row_hook
 from guards.uld.cache import AssistantModels
@@ -45,7 +47,8 @@ def calibrate_alpha(model_dir: Path, assistant_dir: Path, forget: Sequence[tuple
 
         return lambda index: factory
 
+    replies = ProtectedReplies(probe, reference, hooks)
     calibration: Calibration = calibrate_strength(
-        lambda alpha: protected_gap(probe, reference, hooks(alpha)),
-        lambda alpha: protected_recall(probe, pairs, hooks(alpha)), reference, 0.0, MAX_ALPHA, progress)
+        lambda alpha: protected_gap(probe, reference, hooks(alpha)), replies.recall, reference, 0.0, MAX_ALPHA,
+        progress, fluency_at=replies.fluency)
     return {"alpha": round(calibration.strength, 4), "calibration": {**reference.figures(), **calibration.figures()}}
