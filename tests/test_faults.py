@@ -303,9 +303,13 @@ def test_kill_9_of_server_mid_stream_and_mid_training_then_of_a_worker_mid_train
         for expected_attempt in (2, 3):
             log = tmp_path / f"worker{expected_attempt}.log"
             workers.append(start_worker(postgres, artifacts, tiny_model_dir, log))
-            wait_until(lambda: (job := registry.jobs.get(job_id)).status == "running"
-                       and job.attempts == expected_attempt, 4 * STALE_AFTER_S + 120,
-                       f"a worker recovers the training job (attempt {expected_attempt})")
+            try:
+                wait_until(lambda: (job := registry.jobs.get(job_id)).status == "running"
+                           and job.attempts == expected_attempt, 4 * STALE_AFTER_S + 120,
+                           f"a worker recovers the training job (attempt {expected_attempt})")
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}; the job: {registry.jobs.get(job_id)}; "
+                                     f"the worker's log ends: {log.read_text()[-3000:]}") from None
             if expected_attempt == 2:
                 os.killpg(workers[-1].pid, signal.SIGKILL)
                 workers[-1].wait()
