@@ -90,6 +90,44 @@ def test_sessions_advanced_together_equal_a_full_forward_at_every_step(assistant
             assert session.consumed == len(prompt) + len(output)
 
 
+def test_a_row_batch_is_kept_while_its_sessions_decode_together_and_rebuilt_when_they_change(
+        assistant_dir: Path) -> None:
+    """The batch persists across steps of the same sessions (no copy of every cache each step); a request joining,
+    one ending and one catching up alone each rebuild it, and every row's logits stay a full forward's."""
+    model = AssistantModels().get(str(assistant_dir))
+    prompts = [[1, 5, 7], [2], [9, 8, 7, 6, 5, 4], [3, 3]]
+    outputs: list[list[int]] = [[], [], [], []]
+    sessions = [AssistantSession(model, p, o) for p, o in zip(prompts, outputs, strict=True)]
+
+    def step(active: list[int], token: int) -> None:
+        for i in active:
+            outputs[i].append((token + i) % 12)
+        advance_together([sessions[i] for i in active])
+        for i in active:
+            assert torch.allclose(sessions[i].next_logits(), full_forward(model, prompts[i] + outputs[i]), atol=1e-5)
+
+    for session in sessions[:3]:
+        session.next_logits()
+    step([0, 1, 2], 10)
+    first = sessions[0].batch
+    assert first is not None and first is sessions[1].batch is sessions[2].batch
+    step([0, 1, 2], 20)
+    assert sessions[0].batch is first  # kept: the same sessions decoded together again
+    sessions[3].next_logits()  # a new request: its prompt alone
+    step([0, 1, 2, 3], 30)
+    joined = sessions[0].batch
+    assert joined is not first and joined is sessions[3].batch
+    step([0, 2, 3], 40)  # request 1 ended
+    assert sessions[0].batch is not joined and sessions[0].batch is sessions[3].batch
+    outputs[2].append(5)
+    outputs[2].append(6)  # request 2 is two tokens ahead: it catches up alone, out of the batch
+    assert torch.allclose(sessions[2].next_logits(), full_forward(model, prompts[2] + outputs[2]), atol=1e-5)
+    assert sessions[2].batch is None
+    step([0, 2, 3], 60)
+    step([0, 2, 3], 70)
+    assert sessions[0].batch is sessions[2].batch
+
+
 def test_assistants_are_cached_by_path_and_evicted_least_recently_used(tmp_path: Path, assistant_dir: Path) -> None:
     other = tmp_path / "other"
     AssistantModels().get(str(assistant_dir)).save_pretrained(other)
