@@ -142,7 +142,7 @@ class RowBatch:
             session.joined(self)
 
     def holds_exactly(self, sessions: Sequence[AssistantSession]) -> bool:
-        return len(sessions) == len(self._rows) and all(id(session) in self._rows for session in sessions)
+        return len(sessions) == len(self._rows) and all(session.batch is self for session in sessions)
 
     def row_kv(self, session: AssistantSession) -> list[tuple[torch.Tensor, torch.Tensor]]:
         row = self._rows[id(session)]
