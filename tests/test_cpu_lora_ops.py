@@ -75,3 +75,36 @@ def test_install_puts_the_ops_where_the_cpu_punica_wrapper_calls_them() -> None:
     finally:
         for name, op in originals.items():
             setattr(punica_cpu, name, op)
+
+
+def test_the_slot_plan_follows_the_slots_content_not_the_tensor(weights) -> None:
+    """vLLM refills one slot buffer in place every step: a plan kept for the buffer's old content would give this
+    step's plain tokens the adapter (or take it from the O3 ones)."""
+    lora_a, _ = weights
+    x = torch.randn(4, WIDTH)
+    slots = torch.tensor([0, 0, 0, 0])
+    first = torch.zeros(4, RANK)
+    ours.bgmv_shrink(x, lora_a, first, slots, 1.0)
+    assert torch.allclose(first, x @ lora_a[0, 0].T, atol=1e-6)
+    slots.copy_(torch.tensor([NO_LORA, 1, NO_LORA, 0]))  # the same tensor, this step's slots
+    second = torch.full((4, RANK), 7.0)
+    ours.bgmv_shrink(x, lora_a, second, slots, 1.0)
+    assert not second[0].any() and not second[2].any()  # set, not accumulated: no stale 7s, no adapter
+    assert torch.allclose(second[1], x[1] @ lora_a[1, 0].T, atol=1e-6)
+    assert torch.allclose(second[3], x[3] @ lora_a[0, 0].T, atol=1e-6)
+    expected = torch.zeros(4, RANK)
+    vllm_ops.bgmv_shrink(x, lora_a, expected, torch.tensor([1, 1, 0, 0]), 2.0)
+    got = torch.zeros(4, RANK)
+    ours.bgmv_shrink(x, lora_a, got, torch.tensor([1, 1, 0, 0]), 2.0)
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_expanding_into_a_slice_only_writes_the_slice_and_keeps_plain_tokens_as_they_were(weights) -> None:
+    _, lora_b = weights
+    shrunk = torch.randn(3, RANK)
+    base = torch.randn(3, OUT + 4)
+    out = base.clone()
+    ours.bgmv_expand_slice(shrunk, lora_b, out, torch.tensor([1, NO_LORA, 1]), 2, OUT, True)
+    assert torch.equal(out[:, :2], base[:, :2]) and torch.equal(out[:, 2 + OUT:], base[:, 2 + OUT:])
+    assert torch.equal(out[1], base[1])
+    assert torch.allclose(out[0, 2:2 + OUT], base[0, 2:2 + OUT] + lora_b[1, 0] @ shrunk[0], atol=1e-5)
