@@ -104,7 +104,8 @@ def main() -> None:
                      "vllm / lethe": round(medians["vllm"] / medians["lethe"], 2)})
     print(f"model {model_dir}, {layers} layers, stacked rank {STACKED_RANK}, {args.rounds} rounds of {args.steps} "
           "steps, 1 thread\n")
-    print("| tokens in the step | vLLM's ops (ms) | Lethe's (ms) | Lethe's, half the tokens plain (ms) | vLLM / Lethe |")
+    print("| tokens in the step | vLLM's ops (ms) | Lethe's (ms) | Lethe's, half the tokens plain (ms) "
+          "| vLLM / Lethe |")
     print("| --: | --: | --: | --: | --: |")
     for row in rows:
         print(f"| {row['tokens']} | {row['vllm ms']} | {row['lethe ms']} | {row['lethe, half plain ms']} "

@@ -13,8 +13,9 @@ vLLM 0.32's CPU punica wrapper (``vllm/lora/punica_wrapper/punica_cpu.py``) call
 
 These versions keep the ops' signatures and their results for every token with a slot; a token with slot -1 gets no
 LoRA contribution. Tokens are grouped by slot (a batch uses one or two adapters) once per step (``SlotPlan``), so each
-op is one matrix product per adapter in use, written into vLLM's buffer in place. ``install`` puts them in the CPU punica wrapper's namespace; the engine's worker calls it when
-it loads Lethe's worker extension (``guards/engine_extension.py``), before any LoRA request.
+op is one matrix product per adapter in use, written into vLLM's buffer in place. ``install`` puts them in the CPU
+punica wrapper's namespace; the engine's worker calls it when it loads Lethe's worker extension
+(``guards/engine_extension.py``), before any LoRA request.
 """
 
 from __future__ import annotations
