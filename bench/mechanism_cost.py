@@ -15,11 +15,15 @@ of ``bench/workload.py``: 64 tokens with ``ignore_eos``, concurrency 1, 8 and 32
 cost ratio = unprotected tokens/s ÷ the variant's tokens/s in the same round (1.05 = 5 % dearer); the goals at
 concurrency 8 are issue 19's.
 
-    python bench/mechanism_cost.py [--variant bench|tiny|full | --model DIR] [--rounds 3]
+    python bench/mechanism_cost.py [--variant bench|tiny|full | --model DIR] [--rounds 3] [--only o3,all four]
+
+``--only`` measures those variants (and always the unprotected one, each ratio's denominator): a re-measurement of one
+mechanism's cut in a third of the time.
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import time
@@ -72,7 +76,9 @@ async def serve(runtime: Runtime, questions: list[str], concurrency: int,
             "requests": len(questions)}
 
 
-async def measure(runtime: Runtime, rounds: int, model: str) -> dict:
+async def measure(runtime: Runtime, rounds: int, model: str, only: list[str] | None = None) -> dict:
+    variants = {name: mechanisms for name, mechanisms in VARIANTS.items()
+                if only is None or name == "unprotected" or name in only}
     forget, retain_authors = authors_of("forget01"), demo_authors()[:3]
     started = time.perf_counter()
     ids = [runtime.control.registry.targets.create(target_body(a, retain_authors, COST_OPTIONS)).id for a in forget]
@@ -81,21 +87,21 @@ async def measure(runtime: Runtime, rounds: int, model: str) -> dict:
     questions = UniqueQuestions([item.question for a in forget for item in a.items]
                                 + [item.paraphrased_question for a in forget for item in a.items
                                    if item.paraphrased_question])
-    for mechanisms in VARIANTS.values():  # warm-up: assistants, adapters and phrase tables loaded once
+    for mechanisms in variants.values():  # warm-up: assistants, adapters and phrase tables loaded once
         await serve(runtime, questions.take(8), 8, mechanisms)
 
-    raw: dict[str, dict[int, list[dict]]] = {name: {c: [] for c in CONCURRENCIES} for name in VARIANTS}
+    raw: dict[str, dict[int, list[dict]]] = {name: {c: [] for c in CONCURRENCIES} for name in variants}
     for round_index in range(rounds):
         for concurrency in CONCURRENCIES:
-            for name in rotated(list(VARIANTS), round_index):
+            for name in rotated(list(variants), round_index):
                 raw[name][concurrency].append(
-                    await serve(runtime, questions.take(requests_at(concurrency)), concurrency, VARIANTS[name]))
+                    await serve(runtime, questions.take(requests_at(concurrency)), concurrency, variants[name]))
         print(f"round {round_index + 1}/{rounds} done", flush=True)
 
     table = {}
     for concurrency in CONCURRENCIES:
         plain = raw["unprotected"][concurrency]
-        for name in VARIANTS:
+        for name in variants:
             rows = raw[name][concurrency]
             table[f"{name} @ {concurrency}"] = {
                 "tokens_per_s": round(median([r["tokens_per_s"] for r in rows]), 1),
@@ -112,7 +118,7 @@ def rows(summary: dict) -> list[dict]:
     """The summary rows (``bench/summary.py``): each variant's cost ratio at the goal's concurrency."""
     out = []
     for name in VARIANTS:
-        if name == "unprotected":
+        if name == "unprotected" or f"{name} @ {GOAL_CONCURRENCY}" not in summary["table"]:
             continue
         value = summary["table"][f"{name} @ {GOAL_CONCURRENCY}"]["cost_ratio"]
         goal = GOALS.get(name)
@@ -137,8 +143,18 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def variant_names(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in VARIANTS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"variants are among {', '.join(VARIANTS)}; got {text!r}")
+    return names
+
+
 def main() -> None:
-    bench_main(__doc__.splitlines()[0], RESULTS, measure, markdown, default_variant="bench")
+    bench_main(__doc__.splitlines()[0], RESULTS, measure, markdown, default_variant="bench",
+               add_arguments=lambda parser: parser.add_argument(
+                   "--only", type=variant_names, help="comma-separated variants to measure (default: all)"))
 
 
 if __name__ == "__main__":

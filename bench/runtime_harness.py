@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import logging
 import tempfile
@@ -73,16 +74,21 @@ async def run_with_runtime(args: argparse.Namespace, measure: Measure) -> dict:
 
 
 def bench_main(description: str, results: Path, measure: Measure, markdown: Callable[[dict], str],
-               default_variant: str = "tiny") -> None:
+               default_variant: str = "tiny",
+               add_arguments: Callable[[argparse.ArgumentParser], None] | None = None) -> None:
     """``default_variant``: ``bench`` for a benchmark of costs (``bench/workload.py``), a trained demo model for one of
-    quality."""
+    quality. ``add_arguments`` adds a benchmark's own flags; their values reach ``measure`` as keyword arguments."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--variant", choices=["tiny", "full", "bench"], default=default_variant)
     parser.add_argument("--model", help="serve this model directory instead of a demo model")
     parser.add_argument("--rounds", type=int, default=3)
+    common = {action.dest for action in parser._actions}
+    if add_arguments is not None:
+        add_arguments(parser)
     args = parser.parse_args()
+    own = {name: value for name, value in vars(args).items() if name not in common}
     logging.basicConfig(level=logging.WARNING)
-    summary = asyncio.run(run_with_runtime(args, measure))
+    summary = asyncio.run(run_with_runtime(args, functools.partial(measure, **own)))
     results.parent.mkdir(exist_ok=True)
     results.write_text(json.dumps(summary, indent=2))
     print("\n" + markdown(summary))
