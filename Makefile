@@ -37,6 +37,7 @@ bench: install
 	$(BIN)/python bench/step_time.py
 	$(BIN)/python bench/unflagged_traffic.py --rounds 3
 	$(BIN)/python bench/mechanism_cost.py --rounds 3
+	$(BIN)/python bench/lora_ops.py
 	$(BIN)/python bench/mechanism_quality.py
 	$(BIN)/python bench/detection_scale.py
 	$(BIN)/python bench/classifier_latency.py
