@@ -77,9 +77,9 @@ def _write_products(inputs: torch.Tensor, weights: torch.Tensor, slots: torch.Te
     groups = _PLAN.groups(slots, tokens)
     if not accumulate and not (len(groups) == 1 and groups[0][1] is None):
         target.zero_()  # rows without an adapter (or every row, when none has one) get nothing
+    source = inputs[:tokens].to(target.dtype)
     for slot, rows in groups:
         matrix = matrices[slot].to(target.dtype).T
-        source = inputs[:tokens].to(target.dtype)
         if rows is None:  # every token uses this slot: one fused product straight into the target
             target.addmm_(source, matrix, beta=1.0 if accumulate else 0.0, alpha=scaling)
         else:
