@@ -232,6 +232,15 @@ def calibrate_strength(gap_at: Callable[[float], float], recall_at: Callable[[fl
     return result(hi, "leak")
 
 
+def calibrate_hooks(probe: ModelProbe, reference: Reference, hooks_at: Callable[[float], Callable[[int], HookFactory]],
+                    low: float, high: float, progress: Callable[[str], None] = lambda message: None) -> Calibration:
+    """``calibrate_strength`` with the gap, the leak and the fluency all measured through ``probe`` under
+    ``hooks_at(strength)`` (pair ``i``'s hooks: ``hooks_at(strength)(i)``): what GUARD's and ULD's calibrations run."""
+    replies = ProtectedReplies(probe, reference, hooks_at)
+    return calibrate_strength(lambda strength: protected_gap(probe, reference, hooks_at(strength)), replies.recall,
+                              reference, low, high, progress, fluency_at=replies.fluency)
+
+
 def _memoised(measure: Callable[[float], float], label: str, never_seen: float, progress: Callable[[str], None]
               ) -> tuple[Callable[[float], float], dict[float, float]]:
     """``measure`` evaluated at most once per strength (each is a batch of forward passes), reporting each value;

@@ -23,8 +23,7 @@ from guards.devices import Placement
 from guards.guard.payload import PhraseTable
 from guards.guard.phrase_matcher import PhraseGuardHook, Vocabulary
 from guards.guard.phrases import alias_phrases
-from guards.never_seen import (calibrate_strength, calibration_sample, entity_names, measure_reference,
-                               ProtectedReplies, protected_gap)
+from guards.never_seen import calibrate_hooks, calibration_sample, entity_names, measure_reference
 from guards.probe import HookFactory, ModelProbe
 
 MAX_BAN = 40.0  # a logit penalty this large already removes a token as surely as -inf at any realistic margin
@@ -68,8 +67,6 @@ def calibrate_ban(model_dir: Path, spec: TargetSpec, max_phrases: int, soft_pena
 
         return for_pair
 
-    replies = ProtectedReplies(probe, reference, hooks)
-    calibration = calibrate_strength(lambda ban: protected_gap(probe, reference, hooks(ban)), replies.recall,
-                                     reference, 0.0, MAX_BAN, progress, fluency_at=replies.fluency)
+    calibration = calibrate_hooks(probe, reference, hooks, 0.0, MAX_BAN, progress)
     return {"ban": round(calibration.strength, 4), "ban_table": table.digest,
             "calibration": {**reference.figures(), **calibration.figures()}}

@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from guards.devices import Placement
-from guards.never_seen import (Calibration, calibrate_strength, calibration_sample, measure_reference,
-                               ProtectedReplies, protected_gap)
+from guards.never_seen import Calibration, calibrate_hooks, calibration_sample, measure_reference
 from guards.probe import HookFactory, ModelProbe
 from guards.uld.assistant import ULD_KEY, uld_row_hook
 from guards.uld.cache import AssistantModels
@@ -47,8 +46,5 @@ def calibrate_alpha(model_dir: Path, assistant_dir: Path, forget: Sequence[tuple
 
         return lambda index: factory
 
-    replies = ProtectedReplies(probe, reference, hooks)
-    calibration: Calibration = calibrate_strength(
-        lambda alpha: protected_gap(probe, reference, hooks(alpha)), replies.recall, reference, 0.0, MAX_ALPHA,
-        progress, fluency_at=replies.fluency)
+    calibration: Calibration = calibrate_hooks(probe, reference, hooks, 0.0, MAX_ALPHA, progress)
     return {"alpha": round(calibration.strength, 4), "calibration": {**reference.figures(), **calibration.figures()}}
