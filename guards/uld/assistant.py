@@ -20,6 +20,7 @@ import torch
 
 from guards.devices import model_device
 from guards.uld.cache import AssistantModels
+from guards.uld.kv import growing_cache
 from guards.uld.logits import DEFAULT_ALPHA, DEFAULT_TAU, combine_logits
 
 logger = logging.getLogger(__name__)
@@ -81,13 +82,13 @@ class AssistantSession:
     def _own_cache(self) -> Any:
         """Its cache as its own, taken out of its batch (which then no longer holds it)."""
         if self._batch is not None:
-            from transformers import DynamicCache
-
-            cache = DynamicCache()
+            cache = growing_cache()
             for layer, (keys, values) in enumerate(self._batch.row_kv(self)):
                 cache.update(keys, values, layer)
             self._batch.leave(self)
             self._batch, self._cache = None, cache
+        if self._cache is None:
+            self._cache = growing_cache()
         return self._cache
 
     def next_logits(self) -> torch.Tensor:
@@ -119,15 +120,13 @@ class RowBatch:
     """
 
     def __init__(self, model: Any, sessions: Sequence[AssistantSession]) -> None:
-        from transformers import DynamicCache
-
         self.model = model
         self.sessions = list(sessions)
         self._rows = {id(session): row for row, session in enumerate(self.sessions)}
         parts = [session.kv() for session in self.sessions]
         self.lengths = [part[0][0].shape[2] for part in parts]
         self.width = max(self.lengths)
-        self.cache = DynamicCache()
+        self.cache = growing_cache()
         for layer in range(len(parts[0])):
             keys = torch.cat([_left_pad(part[layer][0], self.width) for part in parts])
             values = torch.cat([_left_pad(part[layer][1], self.width) for part in parts])
@@ -142,7 +141,9 @@ class RowBatch:
             session.joined(self)
 
     def holds_exactly(self, sessions: Sequence[AssistantSession]) -> bool:
-        return len(sessions) == len(self._rows) and all(session.batch is self for session in sessions)
+        """Whether a step of ``sessions`` is a step of every row here: none left (``step`` feeds every row)."""
+        return (len(sessions) == len(self._rows) == len(self.sessions)
+                and all(session.batch is self for session in sessions))
 
     def row_kv(self, session: AssistantSession) -> list[tuple[torch.Tensor, torch.Tensor]]:
         row = self._rows[id(session)]
