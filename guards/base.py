@@ -337,7 +337,7 @@ class RowHook(Protocol):
     A hook class may also define a static ``prepare_rows(hooks)``: work it can do for all its rows at once (ULD's
     assistant forward), run before the row loop each step. It is an optimisation only: if it fails, each row's
     ``apply`` does its own work. Likewise a static ``apply_rows(logits, [(row, hook), ...])`` applies every listed
-    row's step in one go (GUARD's single ``index_put_``); the processor uses it where the hook comes first in its row.
+    row's step in one go (GUARD's single ``index_put_``, ULD's one combination); it must change nothing if it raises.
     """
 
     def apply(self, logits_row: torch.Tensor) -> None: ...

@@ -110,39 +110,42 @@ class LetheLogitsProcessor(LogitsProcessor):
             return [FailClosedHook(self.eos_token_id)]
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """Every row's hooks in its composition order, position by position: at each position the hooks of a class
+        that can (``apply_rows``: GUARD's one ``index_put_``, ULD's one combination) are applied to all their rows at
+        once. Rows are independent, so this keeps each row's order. A batched call that fails leaves its rows to
+        their own ``apply``; a row whose hook fails there is ended (``FailClosedHook``) and gets no further hooks."""
         if not self.rows:
             return logits
         self._prepare_rows()
-        done = self._apply_leading_in_batch(logits)
-        for row, hooks in self.rows.items():
-            for hook in hooks[done.get(row, 0):]:
+        ended: set[int] = set()
+        for position in range(max(len(hooks) for hooks in self.rows.values())):
+            batched: dict[type, list[tuple[int, RowHook]]] = {}
+            for row, hooks in self.rows.items():
+                if position >= len(hooks) or row in ended:
+                    continue
+                if hasattr(type(hooks[position]), "apply_rows"):
+                    batched.setdefault(type(hooks[position]), []).append((row, hooks[position]))
+                elif not self._apply_one(logits, row, hooks[position]):
+                    ended.add(row)
+            for hook_class, rows in batched.items():
                 try:
-                    hook.apply(logits[row])
+                    hook_class.apply_rows(logits, rows)
                 except Exception:
-                    logger.exception("processor.hook_failed", extra={"row": row, "phase": "apply"})
-                    failed = FailClosedHook(self.eos_token_id)
-                    self.rows[row] = [failed]
-                    failed.apply(logits[row])
-                    break
+                    logger.exception("processor.apply_rows_failed", extra={"hook": hook_class.__name__})
+                    ended.update(row for row, hook in rows if not self._apply_one(logits, row, hook))
         return logits
 
-    def _apply_leading_in_batch(self, logits: torch.Tensor) -> dict[int, int]:
-        """Apply at once, for all rows, each hook class that can (``apply_rows``: GUARD's one ``index_put_``) where
-        its hook comes first in the row, so each row's composition order holds; returns {row: hooks applied}. A
-        failure leaves those rows to the row loop, which fails them closed if it fails again."""
-        leading: dict[type, list[tuple[int, RowHook]]] = {}
-        for row, hooks in self.rows.items():
-            if hooks and hasattr(type(hooks[0]), "apply_rows"):
-                leading.setdefault(type(hooks[0]), []).append((row, hooks[0]))
-        done: dict[int, int] = {}
-        for hook_class, rows in leading.items():
-            try:
-                hook_class.apply_rows(logits, rows)
-            except Exception:
-                logger.exception("processor.apply_rows_failed", extra={"hook": hook_class.__name__})
-                continue
-            done.update((row, 1) for row, _ in rows)
-        return done
+    def _apply_one(self, logits: torch.Tensor, row: int, hook: RowHook) -> bool:
+        """``hook`` on its row; if it fails, the row is ended (False)."""
+        try:
+            hook.apply(logits[row])
+            return True
+        except Exception:
+            logger.exception("processor.hook_failed", extra={"row": row, "phase": "apply"})
+            failed = FailClosedHook(self.eos_token_id)
+            self.rows[row] = [failed]
+            failed.apply(logits[row])
+            return False
 
     def _prepare_rows(self) -> None:
         """Each hook class's batched work for all its rows (see ``RowHook``); a failure leaves it to the rows."""

@@ -1,7 +1,7 @@
 """Every ``LETHE_*`` setting, typed and defaulted, in one place.
 
-Nothing else in Lethe reads ``os.environ`` for its own configuration; the README's settings table is checked against
-this class by ``tests/test_packaging.py``.
+Nothing else in Lethe reads ``os.environ`` for its own configuration; the settings table of
+``docs/configuration.md`` is checked against this class by ``tests/test_packaging.py``.
 """
 
 from __future__ import annotations
@@ -316,7 +316,8 @@ def get_settings() -> Settings:
 
 
 def settings_table() -> str:
-    """The README's settings table, generated from ``Settings`` so documentation cannot drift from the code."""
+    """The settings table of ``docs/configuration.md``, generated from ``Settings`` so the documentation cannot drift
+    from the code."""
     rows = ["| Variable | Default | Description |", "| --- | --- | --- |"]
     for name, field in Settings.model_fields.items():
         if field.default_factory is not None:

@@ -1,4 +1,4 @@
-"""The smallest complete mechanism, kept as the README's "Adding a mechanism" example: SILENCE ends a hit target's
+"""The smallest complete mechanism, kept as the example of docs/adding-a-mechanism.md: SILENCE ends a hit target's
 reply before its first token. A real one would live in ``guards/silence/`` and be one more entry in
 ``guards.mechanisms.MECHANISMS``."""
 

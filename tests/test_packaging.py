@@ -47,9 +47,9 @@ def test_the_packaged_data_is_where_the_code_reads_it() -> None:
     assert (TOFU_DIR / "full.json").is_file() and TOFU_DIR.is_relative_to(REPO / "demo" / "data")
 
 
-def test_readme_settings_table_matches_the_settings_class() -> None:
-    readme = (REPO / "README.md").read_text()
-    assert settings_table() in readme, "regenerate the table with `lethe settings`"
+def test_the_configuration_table_matches_the_settings_class() -> None:
+    documented = (REPO / "docs" / "configuration.md").read_text()
+    assert settings_table() in documented, "regenerate docs/configuration.md's table with `lethe settings`"
 
 
 def test_readme_gives_exactly_two_setup_commands() -> None:

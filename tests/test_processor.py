@@ -128,3 +128,49 @@ def test_batched_preparation_runs_once_per_step_and_its_failure_leaves_the_rows_
                                             (2, flagged(5), [1], [])]))
     assert banned_rows(processor, 3) == {0: [1], 1: [], 2: [5]}
     assert BatchedBan.prepared == ([] if fail else [[1, 5]])
+
+
+class SetOne:
+    """A row-by-row hook: token 0's logit becomes 1 (or it fails, when told to)."""
+
+    def __init__(self, fail: bool) -> None:
+        self.fail = fail
+
+    def apply(self, logits_row: torch.Tensor) -> None:
+        if self.fail:
+            raise RuntimeError("hook failed")
+        logits_row[0] = 1.0
+
+
+class TripleInBatch:
+    """A hook applied to all its rows at once: token 0's logit tripled; records which rows each call had."""
+
+    calls: list[list[int]] = []
+
+    def apply(self, logits_row: torch.Tensor) -> None:
+        raise AssertionError("a batched hook's rows are applied together")
+
+    @staticmethod
+    def apply_rows(logits: torch.Tensor, rows: Sequence[tuple[int, TripleInBatch]]) -> None:
+        TripleInBatch.calls.append(sorted(row for row, _ in rows))
+        for row, _ in rows:
+            logits[row, 0] *= 3
+
+
+def test_batched_hooks_run_position_by_position_in_each_rows_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batched hook that comes second in one row and first in another is applied after the first row's first hook
+    (1 * 3, not 3 * 0 + 1); a row whose hook failed is ended and gets no later hook."""
+    monkeypatch.setattr(TripleInBatch, "calls", [])
+    monkeypatch.setattr(processor_module, "ROW_HOOKS", [
+        ("one", banning(lambda section, *_: SetOne(section["one"] == "fail") if "one" in section else None)),
+        ("triple", banning(lambda section, *_: TripleInBatch() if "triple" in section else None)),
+    ])
+    processor = LetheLogitsProcessor(None, torch.device("cpu"), False)  # type: ignore[arg-type]
+    processor.eos_token_id = 7
+    rows = [{"one": "ok", "triple": True}, {"triple": True}, {"one": "fail", "triple": True}]
+    processor.update_state(update(3, added=[(row, SamplingParams(extra_args={"lethe": section}), [1], [])
+                                            for row, section in enumerate(rows)]))
+    logits = processor.apply(torch.zeros(3, VOCAB))
+    assert logits[0, 0].item() == 3.0 and logits[1, 0].item() == 0.0
+    assert logits[2].argmax().item() == 7 and torch.isinf(logits[2]).sum().item() == VOCAB - 1
+    assert TripleInBatch.calls == [[1], [0]]

@@ -14,7 +14,8 @@ from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 
 from guards.processor import LetheLogitsProcessor
 from guards.uld.logits import combine_logits, kept_tokens
-from guards.uld.assistant import AssistantSession, advance_together, uld_row_hook, validate_uld_section
+from guards.uld.assistant import (AssistantSession, UldRowHook, advance_together, uld_row_hook,
+                                  validate_uld_section)
 from guards.uld.cache import AssistantModels
 
 VOCAB = 32
@@ -168,6 +169,35 @@ def test_processor_rows_keep_their_own_assistant_cache_through_add_move_and_remo
 
     processor.update_state(BatchUpdate(batch_size=2, removed=[2], added=[], moved=[]))
     assert set(processor.rows) == {0}
+
+
+def test_rows_combined_at_once_equal_each_row_combined_alone(assistant_dir: Path) -> None:
+    """``apply_rows`` (one combination per tau for all rows) gives every row what its own ``apply`` gives it, with
+    several assistants in a row and rows of different taus; a failure in it changes no row."""
+    cache = AssistantModels()
+    sections = [
+        {"uld": [{"assistant": str(assistant_dir), "alpha": 0.5, "tau": 0.1}]},
+        {"uld": [{"assistant": str(assistant_dir), "alpha": 1.5, "tau": 0.3}]},
+        {"uld": [{"assistant": str(assistant_dir), "alpha": 0.7, "tau": 0.1},
+                 {"assistant": str(assistant_dir), "alpha": 0.2, "tau": 0.1}]},
+    ]
+    hooks = [uld_row_hook(section, [1, 2 + row, 5], [], cache) for row, section in enumerate(sections)]
+    torch.manual_seed(1)
+    target = torch.randn(4, VOCAB)
+    alone = target.clone()
+    for row, hook in enumerate(hooks):
+        hook.apply(alone[row + 1])
+    together = target.clone()
+    UldRowHook.apply_rows(together, [(row + 1, hook) for row, hook in enumerate(hooks)])
+    assert torch.equal(together[0], target[0])
+    assert torch.allclose(together, alone, atol=1e-6) and not torch.equal(together[1:], target[1:])
+
+    broken = uld_row_hook({"uld": [{"assistant": str(assistant_dir)}]}, [1], [], cache)
+    broken._sessions = []  # a row with nothing to subtract: the batched call raises before writing
+    untouched = target.clone()
+    with pytest.raises(IndexError):
+        UldRowHook.apply_rows(untouched, [(1, hooks[0]), (2, broken)])
+    assert torch.equal(untouched, target)
 
 
 def test_a_uld_request_without_prompt_ids_or_with_a_missing_assistant_is_ended_not_crashed(tmp_path: Path) -> None:
