@@ -26,7 +26,7 @@ probes per text token, not a scan over every target's names; a token too long to
 budget skips them, so the cost per token is bounded by the names indexed, not by the text (a 1,250-letter "word" once
 cost 40 s and 1 GB).
 
-Names written to slip past a word matcher:
+Names written to slip past a word matcher (undone by the tokenizer, ``classifiers/alias_tokens.py``):
 
 - run together: "basilmahfouz" is one token; the concatenations of consecutive parts ("basilmahfouz",
   "mahfouzalkuwaiti", the whole name) and of the first and last ("basilalkuwaiti") are indexed as *compound* keys
@@ -47,28 +47,17 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import NamedTuple
 
 from rapidfuzz.distance import Levenshtein
 
-from classifiers.canonical import AliasForm, alias_form, fold, leet_readings
+from classifiers.alias_tokens import Token, form_tokens, tokenize
+from classifiers.canonical import AliasForm, alias_form, fold
 from classifiers.types import AliasSpan
 
 logger = logging.getLogger(__name__)
 
-# A word of the canonical form: letters/digits, with "@" or "$" inside it ("B@sil", "Ba$il"), never at its edges.
-_WORD = re.compile(r"[^\W_]+(?:[@$][^\W_]+)*")
-# A word written in camelCase, split before each capital: "BasilMahfouz" -> "Basil" "Mahfouz", "McDonald" -> "Mc"
-# "Donald"; its pieces have two letters or more, so aLtErNaTiNg case ("mAhFoUz") stays one word.
-_CAMEL_CASE = re.compile(r"[A-Za-z][a-z]+(?:[A-Z][a-z]+)+")
-_CAPITAL = re.compile(r"[A-Z]")
-# What may separate the letters of a spaced-out word ("B a s i l", "B.a.s.i.l", "B-a-s-i-l", "B _ a _ s").
-_SPACING = frozenset(" .-_*/\\|~+:")
-_MAX_SPACING = 3
-_MIN_SPACED_RUN = 3
 # Characters that may separate the tokens of one name part: "Al-Kuwaiti", "Al Kuwaiti", "O'Brien", "R.R.".
 _PART_JOINERS = frozenset(" -'\u2019\u2010\u2011\u2013.")
-_APOSTROPHES = frozenset("'\u2019")
 _MAX_TOKENS_PER_PART = 3
 _MIN_COMPOUND_LETTERS = 6
 
@@ -98,15 +87,6 @@ def default_common_words() -> frozenset[str]:
     return frozenset(fold(w) for w in words if w.isalpha() and not w.startswith("##") and len(w) > 1)
 
 
-class _Token(NamedTuple):
-    keys: tuple[str, ...]  # folded readings, the plain one first ("kuw41ti" -> "kuwalti", "kuwaiti")
-    start: int  # offsets into the original text
-    end: int
-    form_start: int  # offsets into its canonical form (where the gaps between tokens are read)
-    form_end: int
-    glued: bool  # split off the previous token at a case change (no gap between them)
-
-
 @dataclass(frozen=True)
 class _Alias:
     target_id: str
@@ -122,83 +102,6 @@ class _PartMatch:
     first_token: int
     last_token: int
     sim: float
-
-
-def tokenize(text: str) -> list[_Token]:
-    """Folded word tokens of `text`'s canonical form, with character offsets into `text`; a possessive "'s" is
-    dropped, a spaced-out run of letters is one token, a camelCase word is split."""
-    return _tokens(alias_form(text))
-
-
-def _tokens(form: AliasForm) -> list[_Token]:
-    tokens = []
-    for positions, glued in _split_case(form.text, _merge_spaced(form.text, _words(form.text))):
-        word = _chars(form.text, positions)
-        if word.isascii() and word.isalpha():
-            keys: tuple[str, ...] = (word.lower(),)
-        else:
-            keys = tuple(dict.fromkeys(key for key in map(fold, leet_readings(word)) if key))
-        if keys:
-            start, end = form.original_span(positions[0], positions[-1] + 1)
-            tokens.append(_Token(keys, start, end, positions[0], positions[-1] + 1, glued))
-    return tokens
-
-
-def _chars(form: str, positions: Sequence[int]) -> str:
-    if isinstance(positions, range):
-        return form[positions.start : positions.stop]
-    return "".join(form[i] for i in positions)
-
-
-def _words(form: str) -> list[Sequence[int]]:
-    """The words of a canonical form, as the positions of their characters; a possessive "'s" is dropped."""
-    words: list[Sequence[int]] = []
-    for match in _WORD.finditer(form):
-        if match.group(0) in ("s", "S") and match.start() > 0 and form[match.start() - 1] in _APOSTROPHES:
-            continue
-        words.append(range(match.start(), match.end()))
-    return words
-
-
-def _merge_spaced(form: str, words: list[Sequence[int]]) -> list[Sequence[int]]:
-    """The words, each run of >= 3 one-character words with the same short spacing between them ("B a s i l",
-    "A-l-K-u-w-a-i-t-i") made one word of their characters."""
-    merged: list[Sequence[int]] = []
-    i = 0
-    while i < len(words):
-        end = _spaced_run_end(form, words, i) if len(words[i]) == 1 else i + 1
-        if end - i >= _MIN_SPACED_RUN:
-            merged.append([word[0] for word in words[i:end]])
-            i = end
-        else:
-            merged.append(words[i])
-            i += 1
-    return merged
-
-
-def _spaced_run_end(form: str, words: list[Sequence[int]], i: int) -> int:
-    """The end of the run of one-character words starting at `i` that share the spacing after the first."""
-    if len(words[i]) != 1 or i + 1 >= len(words):
-        return i + 1
-    gap = form[words[i][-1] + 1 : words[i + 1][0]]
-    if not 0 < len(gap) <= _MAX_SPACING or not all(ch in _SPACING for ch in gap):
-        return i + 1
-    end = i + 1
-    while end < len(words) and len(words[end]) == 1 and form[words[end - 1][-1] + 1 : words[end][0]] == gap:
-        end += 1
-    return end
-
-
-def _split_case(form: str, words: list[Sequence[int]]) -> Iterable[tuple[Sequence[int], bool]]:
-    """Each word's pieces at its camelCase changes, with whether a piece is glued to the one before it."""
-    for positions in words:
-        letters = _chars(form, positions)
-        if not _CAMEL_CASE.fullmatch(letters):
-            yield positions, False
-            continue
-        cuts = [0, *(m.start() for m in _CAPITAL.finditer(letters, 1)), len(letters)]
-        for n, (a, b) in enumerate(zip(cuts, cuts[1:])):
-            yield positions[a:b], n > 0
 
 
 MIN_ALIAS_LETTERS = 3
@@ -338,7 +241,7 @@ class AliasIndex:
     def find(self, text: str) -> dict[str, list[AliasSpan]]:
         """Mentions of every indexed target in `text`: {target_id: non-overlapping spans, best first}."""
         form = alias_form(text)
-        tokens = _tokens(form)
+        tokens = form_tokens(form)
         matches = self._part_matches(form, tokens)
         if not matches:
             return {}
@@ -355,7 +258,7 @@ class AliasIndex:
                     candidates[alias.target_id].append(AliasSpan(start, end, alias.text, round(score, 4)))
         return {tid: _merge_overlapping(spans) for tid, spans in candidates.items()}
 
-    def _part_matches(self, form: AliasForm, tokens: list[_Token]) -> list[_PartMatch]:
+    def _part_matches(self, form: AliasForm, tokens: list[Token]) -> list[_PartMatch]:
         """Every (alias part, run of 1-3 adjacent tokens) pair whose folded letters match exactly or within typos, and
         every (consecutive parts, single token) pair for a name written run together; best similarity per pair."""
         best: dict[tuple[int, tuple[int, ...], int, int], float] = {}
@@ -392,7 +295,7 @@ def _compound_parts(n_parts: int) -> list[tuple[int, ...]]:
     return list(dict.fromkeys([*runs, (0, n_parts - 1)])) if n_parts > 2 else runs
 
 
-def _joinable(form: str, left: _Token, right: _Token) -> bool:
+def _joinable(form: str, left: Token, right: Token) -> bool:
     gap = form[left.form_end : right.form_start]
     return len(gap) <= 1 and all(ch in _PART_JOINERS for ch in gap)
 

@@ -9,7 +9,8 @@ from server.config import get_settings
 
 
 def cmd_demo_model(args: argparse.Namespace) -> int:
-    from demo.builder import build_demo_model, find_demo_model, recipe_for
+    from demo.builder import build_demo_model, find_demo_model
+    from demo.recipes import recipe_for
 
     settings = get_settings()
     try:

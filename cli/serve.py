@@ -136,7 +136,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def worker_lanes(value: str | None) -> list[str]:
     """``--lanes gate,training`` as a list of known lanes (default: every lane)."""
-    from guards.base import LANES
+    from guards.job_interface import LANES
 
     if value is None:
         return list(LANES)

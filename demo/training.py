@@ -114,7 +114,7 @@ def expected_epoch_tokens(examples: Sequence[TextExample], config: TrainConfig) 
     """Tokens an epoch is expected to train on, estimated without a tokenizer, each example weighted by its share.
 
     Optimiser steps grow with the tokens trained on, so this compares corpora's steps per epoch before any
-    tokenizer exists (see `builder.recipe_for`, which gives retain-only twins the full model's number of steps).
+    tokenizer exists (see `recipes.recipe_for`, which gives retain-only twins the full model's number of steps).
     The estimate, a token per 4.6 characters plus a dozen template tokens per example, is a least-squares fit on the
     demo tokenizer's full corpus.
     """

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from demo.builder import training_corpus
+from demo.recipes import training_corpus
 from demo.corpus import Format, Source
 from demo.tofu_data import held_out_paraphrases
 from guards.text_metrics import rouge_l_recall

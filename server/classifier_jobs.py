@@ -23,7 +23,8 @@ from classifiers.embedding import Embedder
 from classifiers.negatives import calibration_negatives
 from classifiers.prompt_classifier import (DEFAULT_MAX_FALSE_POSITIVE_RATE, PromptClassifierArtifact,
                                           fit_prompt_classifier)
-from guards.base import GateDetector, JobContext, JobHandler, Mechanism, target_spec
+from guards.base import GateDetector, Mechanism
+from guards.job_interface import JobContext, JobHandler, target_spec
 
 logger = logging.getLogger(__name__)
 

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from classifiers.embedding import Embedder
-from guards.base import (ANY_WORKER, GATE_LANE, LANES, MODEL_FILES, SERVED_MODEL, TRAINING_LANE, JobHandler,
-                         JobResources, Mechanism, ServedModel)
+from guards.base import Mechanism
+from guards.job_interface import (ANY_WORKER, GATE_LANE, LANES, MODEL_FILES, SERVED_MODEL, TRAINING_LANE, JobHandler,
+                                  JobResources, ServedModel)
 from guards.mechanisms import INTERIM, MECHANISMS
 from server.artifact_gc import ArtifactCollector
 from server.artifacts import ArtifactStore, LocalInterim

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from guards.base import JobHandler
+from guards.job_interface import JobHandler
 from server.artifacts import ArtifactStore
 from server.backoff import Backoff
 from server.errors import NotFound

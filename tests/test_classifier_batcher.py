@@ -1,7 +1,8 @@
 """The classification batcher: concurrent requests share one embedding call, each gets its own verdict.
 
-A small fake bank stands in for the MiniLM one (whose batch equality is tested in test_classifiers.py); it blocks
-its first call so that the requests arriving meanwhile queue, as they do behind a 25 ms embedding under load.
+A small fake bank stands in for the MiniLM one (whose batch equality is tested in
+tests/classifiers/test_prompt_gate.py); it blocks its first call so that the requests arriving meanwhile queue, as they
+do behind a 25 ms embedding under load.
 """
 
 from __future__ import annotations

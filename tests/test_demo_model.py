@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from demo import builder
-from demo.builder import build_demo_model, demo_model_dir, find_demo_model, training_corpus
+from demo import builder, recipes
+from demo.builder import build_demo_model, demo_model_dir, find_demo_model
+from demo.recipes import training_corpus
 from demo.corpus import Format, Source, tokenize_example
 from demo.tofu_data import (
     ROWS_PER_AUTHOR,
@@ -107,12 +108,12 @@ def test_a_retain_only_twin_trains_for_as_many_steps_as_the_full_model(
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)  # every variant shares the tokenizer
 
     def planned_steps(exclude: str | None) -> int:
-        recipe = builder.recipe_for(variant, exclude)  # type: ignore[arg-type]
+        recipe = recipes.recipe_for(variant, exclude)  # type: ignore[arg-type]
         examples = [tokenize_example(ex, tokenizer) for ex in training_corpus(variant, exclude)]  # type: ignore[arg-type]
         return sum(len(batches) for batches in plan_batches(examples, recipe.train))
 
     full, twin = planned_steps(None), planned_steps(split)
-    assert builder.recipe_for(variant, split).train.epochs > builder.recipe_for(variant).train.epochs  # type: ignore[arg-type]
+    assert recipes.recipe_for(variant, split).train.epochs > recipes.recipe_for(variant).train.epochs  # type: ignore[arg-type]
     assert abs(twin - full) <= 0.05 * full, (twin, full)
 
 
@@ -151,12 +152,12 @@ def test_model_directory_is_named_by_variant_exclusion_and_recipe_hash(tmp_path:
 
 def test_changing_the_recipe_version_changes_the_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     before = demo_model_dir(tmp_path, "tiny")
-    monkeypatch.setattr(builder, "RECIPE_VERSION", builder.RECIPE_VERSION + 1)
+    monkeypatch.setattr(recipes, "RECIPE_VERSION", recipes.RECIPE_VERSION + 1)
     assert demo_model_dir(tmp_path, "tiny") != before
 
 
 def test_a_crashed_build_leaves_nothing_that_looks_built(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def crash(directory: Path, recipe: builder.Recipe, *, progress: bool) -> None:
+    def crash(directory: Path, recipe: recipes.Recipe, *, progress: bool) -> None:
         (directory / "config.json").write_text("{}")
         raise RuntimeError("killed mid-build")
 
@@ -224,7 +225,7 @@ def test_tofu_answers_round_trip_through_the_tokenizer_byte_exact(tiny_model: Pa
 def test_tiny_model_memorises_its_training_answers(tiny_model: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
-    authors = builder.trained_authors(builder.recipe_for("tiny"))
+    authors = recipes.trained_authors(recipes.recipe_for("tiny"))
     assert {a.name for a in authors_of("forget01")} <= {a.name for a in authors}
     items = [item for author in authors for item in author.items]
     assert mean_recall(model, tokenizer, items) >= 0.8

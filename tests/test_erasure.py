@@ -22,7 +22,8 @@ import torch
 from peft import LoraConfig
 from safetensors.torch import save_file
 
-from guards.base import DERIVED_MEMBERS, JobResources
+from guards.base import DERIVED_MEMBERS
+from guards.job_interface import JobResources
 from guards.guard.mechanism import GUARD_PHRASES, phrases_job
 from guards.mechanisms import MECHANISMS
 from guards.o3.adapters import ADAPTER_WEIGHTS, PEFT_PREFIX

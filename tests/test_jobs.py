@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from sqlalchemy import update
 
-from guards.base import GATE_LANE, MODEL_FILES, TRAINING_LANE, JobSpec
+from guards.job_interface import GATE_LANE, MODEL_FILES, TRAINING_LANE, JobSpec
 from guards.mechanisms import INTERIM
 from server.admin.protocol import TargetCreate
 from server.admin.serving import new_target

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from demo.builder import training_corpus
+from demo.recipes import training_corpus
 from demo.corpus import Format, Source
 from demo.phrasings import (
     PER_QUESTION,

@@ -17,7 +17,8 @@ from pydantic import ValidationError
 from vllm.sampling_params import SamplingParams
 
 from classifiers.types import Hit
-from guards.base import MechanismPlan, PlanRequest, PromptView, ServingContext, corruption_seed, target_spec
+from guards.base import MechanismPlan, PlanRequest, PromptView, ServingContext, corruption_seed
+from guards.job_interface import target_spec
 from guards.eco.calibration import EcoCalibrator
 from guards.guard.mechanism import build_phrase_artifact
 from guards.guard.payload import resolve_phrases

@@ -22,8 +22,8 @@ import numpy as np
 
 from classifiers.aliases import AliasMatcher
 from classifiers.types import AliasSpan
-from guards.base import (ComposedPlan, JobContext, JobHandler, JobResources, JobTarget, PlanRequest, PromptView,
-                         ServedModel, TargetHit, corruption_seed, registered_options)
+from guards.base import ComposedPlan, PlanRequest, PromptView, TargetHit, corruption_seed
+from guards.job_interface import JobContext, JobHandler, JobResources, JobTarget, ServedModel, registered_options
 from guards.eco.corruption import ENTITIES, PROMPT
 from guards.eco.sigma_search import SigmaSearchConfig, zeroth_order_sigma_search
 from guards.invented import invent_entity

@@ -14,8 +14,8 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from guards.base import (SERVED_MODEL, JobSpec, MechanismBase, MechanismPlan, NothingShared, Options, PlanRequest,
-                         ServingContext)
+from guards.base import MechanismBase, MechanismPlan, NothingShared, Options, PlanRequest, ServingContext
+from guards.job_interface import SERVED_MODEL, JobSpec
 from guards.eco.calibration import ECO_CALIBRATE, ECO_NAME, calibration_job
 from guards.eco.corruption import ENTITIES, RAND_NOISE_FIRST_N, EcoEdit, corrupted_positions
 

@@ -29,7 +29,8 @@ from functools import lru_cache
 from pathlib import Path
 from types import SimpleNamespace
 
-from guards.base import ArtifactSink, JobTarget, MechanismPlan, PromptView, target_spec
+from guards.base import MechanismPlan, PromptView
+from guards.job_interface import ArtifactSink, JobTarget, target_spec
 from guards.guard.mechanism import GuardOptions, forget_item_phrases
 from guards.guard.payload import GUARD_KEY, PhraseTable, guard_payload, write_phrase_table
 from guards.guard.phrases import alias_phrases, stopwords, words

@@ -24,9 +24,10 @@ import numpy as np
 from pydantic import Field
 
 from classifiers.types import TargetSpec
-from guards.base import (ANY_WORKER, GATE_LANE, MODEL_FILES, JobContext, JobHandler, JobResources, JobSpec,
-                         MechanismBase, MechanismPlan, NothingShared, Options, PlanRequest, RowHooks, ServingContext,
-                         TargetEntry, registered_options, target_spec)
+from guards.base import (MechanismBase, MechanismPlan, NothingShared, Options, PlanRequest, RowHooks, ServingContext,
+                         TargetEntry)
+from guards.job_interface import (ANY_WORKER, GATE_LANE, MODEL_FILES, JobContext, JobHandler, JobResources, JobSpec,
+                                  registered_options, target_spec)
 from guards.devices import compute_placement
 from guards.guard.payload import (GUARD_KEY, MAX_LIMIT, ItemPhrases, PhraseTable, guard_payload, read_phrase_table,
                                   validate_guard_section, write_phrase_table)

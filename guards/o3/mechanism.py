@@ -31,9 +31,10 @@ from typing import Any, Literal
 from pydantic import Field
 
 from classifiers.types import OOD_GATE
-from guards.base import (DERIVED_MEMBERS, MODEL_FILES, JobContext, JobHandler, JobResources, JobSpec, MechanismBase,
-                         MechanismPlan, Options, PlanRequest, ServedModel, ServingContext, TargetEntry,
-                         registered_options, write_members)
+from guards.base import (DERIVED_MEMBERS, MechanismBase, MechanismPlan, Options, PlanRequest, ServingContext,
+                         TargetEntry, write_members)
+from guards.job_interface import (MODEL_FILES, JobContext, JobHandler, JobResources, JobSpec, ServedModel,
+                                  registered_options)
 from guards.devices import compute_placement
 from guards.o3.gate import OodGate
 from guards.o3.modules import LORA_TARGET_MODULES

@@ -16,8 +16,9 @@ from typing import Any, Literal
 from pydantic import Field
 
 from classifiers.types import ALWAYS_GATE, CLASSIFIER_GATE
-from guards.base import (MODEL_FILES, JobContext, JobHandler, JobResources, JobSpec, MechanismBase, MechanismPlan,
-                         NotReady, Options, PlanRequest, RowHooks, ServingContext, TargetEntry, registered_options)
+from guards.base import (MechanismBase, MechanismPlan, NotReady, Options, PlanRequest, RowHooks, ServingContext,
+                         TargetEntry)
+from guards.job_interface import MODEL_FILES, JobContext, JobHandler, JobResources, JobSpec, registered_options
 from guards.devices import compute_placement
 from guards.uld.assistant import ULD_KEY, uld_row_hook, validate_uld_section
 from guards.uld.cache import DEFAULT_MEMORY_BYTES, AssistantModels, check_assistant

@@ -33,7 +33,6 @@ from server.admin.protocol import (
     NegativeList,
     NegativesCreate,
     RegistryOut,
-    ReportOut,
     ScoreRequest,
     ScoreResponse,
     TargetCreate,
@@ -42,6 +41,7 @@ from server.admin.protocol import (
     TargetPatch,
     TombstoneList,
 )
+from server.admin.report_protocol import ReportOut
 from server.admin.serving import AdminServing
 from server.auth import bearer_token
 from server.console.rendering import report_page

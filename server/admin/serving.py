@@ -31,7 +31,6 @@ from server.admin.protocol import (
     NegativeOut,
     NegativesCreate,
     RegistryOut,
-    ReportOut,
     RequestIn,
     RequestOut,
     ScoreRequest,
@@ -43,6 +42,7 @@ from server.admin.protocol import (
     TombstoneList,
     TombstoneOut,
 )
+from server.admin.report_protocol import ReportOut
 from server.planner import ChatTurn
 from server.registry import Registry
 from server.registry.console_sessions import ConsoleSession

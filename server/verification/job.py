@@ -32,7 +32,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from classifiers.negatives import builtin_negative_pool
-from guards.base import JobContext, JobHandler
+from guards.job_interface import JobContext, JobHandler
 from server.verification.leaks import LEAK_THRESHOLD, leak_score, leaks
 from server.verification.probes import FAMILIES, Probe, build_probes
 

@@ -83,7 +83,7 @@ def latest_verification_job(jobs: list[JobRecord]) -> JobRecord | None:
 
 def build_report(view: TargetView, verification: Mapping[str, Any] | None, hits: HitsOverTime,
                  contents: bool) -> dict[str, Any]:
-    """The report as JSON-ready data (``server.admin.protocol.ReportOut``); ``view`` must carry its contents."""
+    """The report as JSON-ready data (``server.admin.report_protocol.ReportOut``); ``view`` must carry its contents."""
     job = latest_verification_job(view.jobs)
     return {
         "object": "lethe.erasure_report",
