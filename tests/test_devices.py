@@ -11,7 +11,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from guards.devices import compute_placement, placement_for
+from guards import devices
+from guards.devices import assistant_placement, compute_placement, placement_for
 from guards.uld.assistant import AssistantSession
 from guards.uld.cache import AssistantModels
 from guards.uld.logits import combine_logits
@@ -44,6 +45,28 @@ def test_a_device_gets_its_default_dtype_unless_one_is_given() -> None:
     assert placement_for("cuda:1").dtype is torch.bfloat16
     assert placement_for("cpu").dtype is torch.float32
     assert placement_for(torch.device("cuda", 0), torch.float16).dtype is torch.float16
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_the_assistant_runs_in_bfloat16_on_a_cpu_that_multiplies_it_natively(monkeypatch: pytest.MonkeyPatch,
+                                                                            native: bool) -> None:
+    monkeypatch.setattr(devices, "cpu_has_native_bfloat16", lambda: native)
+    assert assistant_placement(placement_for("cpu")).dtype is (torch.bfloat16 if native else torch.float32)
+    assert assistant_placement(placement_for("cuda:0")) == placement_for("cuda:0")  # bf16 already
+    assert assistant_placement(placement_for("cuda:0", torch.float32)).dtype is torch.float32  # as the operator chose
+
+
+def test_a_bfloat16_assistant_keeps_its_logits_close_and_hands_them_over_in_float32(tmp_path: Path) -> None:
+    """What the engine loads on such a CPU: the same assistant, logits within bfloat16's rounding of float32's."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    full = AssistantSession(AssistantModels().get(str(tmp_path)), [1, 2, 3], []).next_logits()
+    half = AssistantSession(AssistantModels(placement=placement_for("cpu", torch.bfloat16)).get(str(tmp_path)),
+                            [1, 2, 3], []).next_logits()
+    assert half.dtype is torch.float32
+    assert torch.allclose(half, full, atol=0.05 * float(full.abs().max()) + 1e-3)
 
 
 def test_the_compute_device_setting_is_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,6 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from vllm.sampling_params import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 
+from guards import devices
 from guards.processor import LetheLogitsProcessor
 from guards.uld.logits import combine_logits, kept_tokens
 from guards.uld.assistant import (AssistantSession, UldRowHook, advance_together, uld_row_hook,
@@ -143,7 +144,9 @@ def uld_params(path: Path, alpha: float = 1.0) -> SamplingParams:
     return SamplingParams(extra_args={"lethe": {"uld": [{"assistant": str(path), "alpha": alpha, "tau": 1.0}]}})
 
 
-def test_processor_rows_keep_their_own_assistant_cache_through_add_move_and_remove(assistant_dir: Path) -> None:
+def test_processor_rows_keep_their_own_assistant_cache_through_add_move_and_remove(
+        assistant_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(devices, "cpu_has_native_bfloat16", lambda: False)  # float32: each row's logits exactly
     processor = LetheLogitsProcessor(None, torch.device("cpu"), False)  # type: ignore[arg-type]
     model = processor.resources["uld"].load(str(assistant_dir))  # as the front end's warm-up has it
     prompt_a, out_a, prompt_b, out_b = [1, 2], [], [7, 8, 9], []

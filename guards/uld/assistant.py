@@ -7,7 +7,8 @@ removed by vLLM's batch updates; the session travels with the row's hook, so it 
 
 Assistants are loaded by artifact path and cached per process (``cache.py``): warmed ahead of requests in the engine,
 where a request never waits on a load. An assistant lives on the device of the logits it is subtracted from (the
-engine's: ``guards.devices.placement_for``), so a step's inputs are made there and nothing crosses to the host.
+engine's, in ``guards.devices.assistant_placement``'s dtype), so a step's inputs are made there and nothing crosses
+to the host.
 """
 
 from __future__ import annotations

@@ -12,10 +12,10 @@ ends that request's reply, fail closed) and starts its load in the background.
 Outside the engine (the scoring path, tests) nothing warms the cache, and ``get`` loads on demand (``block_on_miss``),
 keeping at most ``capacity`` assistants.
 
-Assistants are loaded where their logits are used (``placement``): in the engine, on the logits' device in the served
-model's dtype (on a GPU, inside the engine's process and outside vLLM's ``gpu_memory_utilization`` share: the memory
-budget must fit in what vLLM leaves free); on the scoring path, on the scorer's device. The default is the CPU in
-float32.
+Assistants are loaded where their logits are used (``placement``, chosen by ``guards.devices.assistant_placement``): in
+the engine, on the logits' device, in bfloat16 on a CPU that multiplies it natively, else in the served model's dtype
+(on a GPU, inside the engine's process and outside vLLM's ``gpu_memory_utilization`` share: the memory budget must fit
+in what vLLM leaves free); on the scoring path, on the scorer's device. The default is the CPU in float32.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from guards.devices import Placement
+from guards.devices import Placement, assistant_placement
 from guards.never_seen import Calibration, calibrate_hooks, calibration_sample, measure_reference
 from guards.probe import HookFactory, ModelProbe
 from guards.uld.assistant import ULD_KEY, uld_row_hook
@@ -35,7 +35,7 @@ def calibrate_alpha(model_dir: Path, assistant_dir: Path, forget: Sequence[tuple
     pairs = calibration_sample(forget, sample_seed)
     progress("measuring the served model on an invented stand-in")
     reference = measure_reference(probe, pairs, names, seed)
-    assistants = AssistantModels(placement=probe.placement)
+    assistants = AssistantModels(placement=assistant_placement(probe.placement))  # as served
 
     def hooks(alpha: float) -> Callable[[int], HookFactory]:
         section = {ULD_KEY: [{"assistant": str(assistant_dir), "alpha": alpha, "tau": tau}]}

@@ -19,7 +19,7 @@ from classifiers.types import ALWAYS_GATE, CLASSIFIER_GATE
 from guards.base import (MechanismBase, MechanismPlan, NotReady, Options, PlanRequest, RowHooks, ServingContext,
                          TargetEntry)
 from guards.job_interface import MODEL_FILES, JobContext, JobHandler, JobResources, JobSpec, registered_options
-from guards.devices import compute_placement
+from guards.devices import assistant_placement, compute_placement
 from guards.uld.assistant import ULD_KEY, uld_row_hook, validate_uld_section
 from guards.uld.cache import DEFAULT_MEMORY_BYTES, AssistantModels, check_assistant
 from guards.uld.warmup import AssistantWarmup, Warm
@@ -82,10 +82,13 @@ class Uld(MechanismBase):
     name = ULD_KEY
     options = UldOptions
     jobs = (JobSpec(ULD_TRAIN, MODEL_FILES, training_job),)
-    row_hooks = RowHooks(resources=lambda tokenizer, placement: AssistantModels(placement=placement),
+    # The assistants run where the logits are, in the dtype ``assistant_placement`` picks (bfloat16 on a CPU that
+    # multiplies it natively): in the engine and on the scoring path alike, as the calibration measured them.
+    row_hooks = RowHooks(resources=lambda tokenizer, placement: AssistantModels(
+                             placement=assistant_placement(placement)),
                          validate=validate_uld_section, build=uld_row_hook,
-                         engine_resources=lambda tokenizer, placement: AssistantModels(block_on_miss=False,
-                                                                                       placement=placement),
+                         engine_resources=lambda tokenizer, placement: AssistantModels(
+                             block_on_miss=False, placement=assistant_placement(placement)),
                          warm=lambda assistants, request: assistants.warm(request))
 
     def prepare(self, options: Mapping[str, Any]) -> tuple[str, ...]:
