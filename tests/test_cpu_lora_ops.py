@@ -108,3 +108,70 @@ def test_expanding_into_a_slice_only_writes_the_slice_and_keeps_plain_tokens_as_
     assert torch.equal(out[:, :2], base[:, :2]) and torch.equal(out[:, 2 + OUT:], base[:, 2 + OUT:])
     assert torch.equal(out[1], base[1])
     assert torch.allclose(out[0, 2:2 + OUT], base[0, 2:2 + OUT] + lora_b[1, 0] @ shrunk[0], atol=1e-5)
+
+
+class PaddedLayer:
+    """Stands in for a vLLM LoRA layer: adapters stored padded to the max rank, written only by set/reset_lora."""
+
+    def __init__(self, max_rank: int) -> None:
+        self.lora_a_stacked = (torch.zeros(SLOTS, 1, max_rank, WIDTH),)
+        self.lora_b_stacked = (torch.zeros(SLOTS, 1, OUT, max_rank),)
+
+    def reset_lora(self, index: int) -> None:
+        self.lora_a_stacked[0][index] = 0
+        self.lora_b_stacked[0][index] = 0
+
+    def set_lora(self, index: int, lora_a: torch.Tensor, lora_b: torch.Tensor) -> None:
+        self.reset_lora(index)
+        self.lora_a_stacked[0][index, 0, : lora_a.shape[0]].copy_(lora_a)
+        self.lora_b_stacked[0][index, 0, :, : lora_b.shape[1]].copy_(lora_b)
+
+
+def test_products_use_only_the_ranks_an_adapter_fills_and_equal_the_padded_ones(monkeypatch, weights) -> None:
+    """Slot 0 holds a rank-4 adapter, slot 1 a rank-2 one, both padded to 16: the results equal vLLM's ops over the
+    whole padding, and a cleared slot adds nothing."""
+    used = ours.UsedRanks()
+    monkeypatch.setattr(ours, "USED_RANKS", used)
+    used.watch(PaddedLayer)
+    layer = PaddedLayer(max_rank=16)
+    lora_a, lora_b = weights
+    layer.set_lora(0, lora_a[0, 0], lora_b[0, 0])
+    layer.set_lora(1, lora_a[1, 0, :2], lora_b[1, 0, :, :2])
+    a, b = layer.lora_a_stacked[0], layer.lora_b_stacked[0]
+    assert (used.of(a, 0), used.of(a, 1), used.of(b, 0), used.of(b, 1)) == (RANK, 2, RANK, 2)
+    assert used.of(a.clone(), 0) is None  # another tensor, however alike, has no record
+
+    x = torch.randn(5, WIDTH)
+    for slots in (torch.tensor([0, 1, 1, 0, NO_LORA]), torch.zeros(5, dtype=torch.long)):
+        expected, got = torch.zeros(5, 16), torch.full((5, 16), 7.0)
+        vllm_ops.bgmv_shrink(x, a, expected, slots, 0.5)
+        expected[slots == NO_LORA] = 0
+        ours.bgmv_shrink(x, a, got, slots, 0.5)
+        assert torch.allclose(got, expected, atol=1e-6)
+        base = torch.randn(5, OUT + 3)
+        expected_out, got_out = base.clone(), base.clone()
+        vllm_ops.bgmv_expand_slice(expected, b, expected_out, slots, 3, OUT, True)
+        expected_out[slots == NO_LORA] = base[slots == NO_LORA]
+        ours.bgmv_expand_slice(got, b, got_out, slots, 3, OUT, True)
+        assert torch.allclose(got_out, expected_out, atol=1e-5)
+
+    layer.reset_lora(0)
+    assert used.of(a, 0) == 0
+    cleared = torch.full((2, 16), 7.0)
+    ours.bgmv_shrink(x[:2], a, cleared, torch.zeros(2, dtype=torch.long), 1.0)
+    assert torch.equal(cleared, torch.zeros(2, 16))
+
+
+def test_install_has_vllms_lora_layers_report_what_they_write() -> None:
+    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+    from vllm.lora.layers.column_parallel_linear import MergedQKVParallelLinearWithLoRA
+
+    originals = {name: getattr(punica_cpu, name) for name in ours.OPS}
+    try:
+        assert ours.install()
+    finally:
+        for name, op in originals.items():
+            setattr(punica_cpu, name, op)
+    for cls in (BaseLinearLayerWithLoRA, MergedQKVParallelLinearWithLoRA):
+        assert getattr(cls.set_lora, "_lethe_records_ranks", False)
+        assert getattr(cls.reset_lora, "_lethe_records_ranks", False)
