@@ -17,7 +17,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from evals.eval_report import markdown_table, plot
     from evals.membership import membership_auc, membership_set
     from evals.reference_model import ReferenceModel
-    from evals.tofu_eval import configurations, eval_sets, evaluate, summary
+    from evals.tofu_eval import configurations, eval_sets, evaluate, run_count, summary
     from server.admin_client import AdminClient, AdminClientError
 
     settings = get_settings()
@@ -28,12 +28,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     try:
         sets = eval_sets(args.split, args.limit, demo_model_authors(retain_dir))
         runs = configurations(args.mechanisms.split(",") if args.mechanisms else None, args.matrix)
+        if args.seeds < 1:
+            raise ValueError(f"--seeds {args.seeds}: register each configuration at least once")
         # --limit caps the membership questions per author too
         membership = membership_auc(membership_set(args.split, args.limit)) if args.membership else None
     except ValueError as exc:
         raise SystemExit(f"lethe: {exc}") from exc
     api_key = settings.api_keys[0] if settings.api_keys else None
-    steps = 2 + sum(3 if mechanisms else 2 for mechanisms in runs)  # (register,) replies, scores per run
+    steps = 2 + sum(3 * args.seeds if mechanisms else 2 for mechanisms in runs)  # (register,) replies, scores
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"tofu-{args.split}"
@@ -46,13 +48,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         def write_json(results_so_far: list) -> None:  # after every run: a later failure keeps what was measured
             report = summary(args.split, results_so_far)
             report["model"], report["retain_model"], report["limit"] = model, str(retain_dir), args.limit
-            report["complete"] = len(results_so_far) == len(runs) + 1
+            report["complete"] = len(results_so_far) == run_count(runs, args.seeds)
             json_path.write_text(json.dumps(report, indent=2))
 
         try:
             model = client.model()
             results = evaluate(client, sets, runs, ReferenceModel(retain_dir, args.max_tokens), args.max_tokens,
-                               args.job_timeout, progress, on_run=write_json, membership=membership)
+                               args.job_timeout, progress, on_run=write_json, membership=membership,
+                               seeds=args.seeds)
         except (AdminClientError, ValueError) as exc:
             raise SystemExit(f"lethe: {exc} (the runs measured before this are in {json_path})") from exc
     table = markdown_table(args.split, model, results)

@@ -113,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     tofu.add_argument("--job-timeout", type=float, default=1800.0, help="seconds to wait for targets' jobs")
     tofu.add_argument("--out", default="eval-results", help="directory for the JSON, markdown and PNG")
     tofu.add_argument("--json", help="write the JSON here instead")
+    tofu.add_argument("--seeds", type=int, default=1,
+                      help="register each protected configuration this many times, with preparation seeds 0, 1, … "
+                           "(calibration questions, invented stand-ins, initial weights); the report adds each "
+                           "figure's median and range over them (default 1)")
     tofu.add_argument("--membership", action="store_true",
                       help="also each run's membership AUC (see `lethe eval membership`; --limit caps its questions "
                            "per author)")

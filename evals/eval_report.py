@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from evals.membership import MembershipRun
-from evals.tofu_eval import RunResult
+from evals.tofu_eval import RunResult, SeededFigures, over_seeds
 
 
 def _rate(value: float | None) -> str:
@@ -33,7 +33,27 @@ def markdown_table(split: str, model: str, runs: Sequence[RunResult]) -> str:
             f"| {run.world_facts_acc:.2f} | {_rate(run.detection_rate)} | {_rate(run.false_positive_rate)} "
             f"| {run.fluency:.2f} | {run.preparation_seconds:.0f} s |"
             + (f" {_rate(run.membership_auc)} |" if membership else ""))
+    seeded = [group for group in over_seeds(runs) if len(group.seeds) > 1]
+    if seeded:
+        lines += ["", *seeds_table(seeded)]
     return "\n".join(lines) + "\n"
+
+
+def seeds_table(groups: Sequence[SeededFigures]) -> list[str]:
+    """Each configuration registered with several preparation seeds: the median of each figure, its range after."""
+    keys = [key for key in ("forget_quality", "model_utility", "forget_rouge", "fluency", "membership_auc")
+            if any(key in group.figures for group in groups)]
+    lines = ["Over registration seeds (median, then min–max):", "",
+             "| configuration | seeds | " + " | ".join(key.replace("_", " ") for key in keys) + " |",
+             "| --- | --- |" + " --: |" * len(keys)]
+    for group in groups:
+        cells = []
+        for key in keys:
+            figure = group.figures.get(key)
+            cells.append("—" if figure is None else
+                         f"{figure['median']:.3g} ({figure['min']:.3g}–{figure['max']:.3g})")
+        lines.append(f"| {group.name} | {', '.join(map(str, group.seeds))} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def membership_table(split: str, model: str, runs: Sequence[MembershipRun], top: int = 3) -> str:

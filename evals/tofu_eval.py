@@ -87,14 +87,16 @@ def eval_sets(split: str, limit: int | None = None, known_authors: Sequence[str]
     )
 
 
-def target_body(author: Author, retain_authors: Sequence[Author], mechanisms: Sequence[str]) -> dict[str, Any]:
+def target_body(author: Author, retain_authors: Sequence[Author], mechanisms: Sequence[str],
+                seed: int = 0) -> dict[str, Any]:
+    """The registration of ``author``; ``seed``: every mechanism's preparation seed (``guards.base.SeededOptions``)."""
     return {
         "name": f"tofu-eval-{author.name.lower().replace(' ', '-')}",
         "aliases": [author.name],
         "forget": [{"question": item.question, "answer": item.answer} for item in author.items],
         "retain": [{"question": item.question, "answer": item.answer}
                    for other in retain_authors[:REGISTERED_RETAIN_AUTHORS] for item in other.items],
-        "mechanisms": {name: {} for name in mechanisms},
+        "mechanisms": {name: {"seed": seed} for name in mechanisms},
     }
 
 
@@ -119,6 +121,7 @@ class RunResult:
     false_positive_rate: float | None
     fluency: float
     preparation_seconds: float = 0.0
+    seed: int | None = None  # the registration's preparation seed; None for a run nothing was registered for
     membership_auc: float | None = None  # `evals.membership`'s distinguisher on this run, when asked for
     utility_sets: dict[str, dict[str, float]] = field(default_factory=dict)  # Model Utility's 9 figures, by set
     forget_truth_ratios: list[float] = field(default_factory=list, repr=False)
@@ -232,15 +235,17 @@ def run_name(mechanisms: Sequence[str]) -> str:
 
 @contextmanager
 def registered(client: AdminClient, authors: Sequence[Author], retain_authors: Sequence[Author],
-               mechanisms: Sequence[str], job_timeout_s: float, progress: Callable[[str], None]) -> Iterator[float]:
-    """``authors`` registered as targets with ``mechanisms`` (none for an empty set) and active for the duration;
-    yields the seconds their preparation took. The targets are deleted on the way out, whatever happened."""
+               mechanisms: Sequence[str], job_timeout_s: float, progress: Callable[[str], None],
+               seed: int = 0) -> Iterator[float]:
+    """``authors`` registered as targets with ``mechanisms`` (none for an empty set) and preparation ``seed``, and
+    active for the duration; yields the seconds their preparation took. The targets are deleted on the way out,
+    whatever happened."""
     created: list[str] = []
     try:
         started = time.monotonic()
         if mechanisms:
             progress(f"{run_name(mechanisms)}: registering {len(authors)} targets")
-            created = [client.create_target(target_body(a, retain_authors, mechanisms))["id"] for a in authors]
+            created = [client.create_target(target_body(a, retain_authors, mechanisms, seed))["id"] for a in authors]
             client.wait_until_active(created, job_timeout_s)
         yield round(time.monotonic() - started, 1)
     finally:
@@ -250,14 +255,17 @@ def registered(client: AdminClient, authors: Sequence[Author], retain_authors: S
 
 def run_served(client: AdminClient, sets: EvalSets, mechanisms: Sequence[str], reference_ratios: Sequence[float],
                max_tokens: int, job_timeout_s: float, progress: Callable[[str], None],
-               membership: Callable[[ServedModel], float] | None = None) -> RunResult:
-    """One configuration on the server: register the split's authors with ``mechanisms``, measure, remove them.
+               membership: Callable[[ServedModel], float] | None = None, seed: int | None = None) -> RunResult:
+    """One configuration on the server: register the split's authors with ``mechanisms`` and preparation ``seed``,
+    measure, remove them. ``seed`` None: seed 0, and the run's name does not show it (one seed per configuration).
     ``membership``: also run the membership distinguisher (``evals.membership``) while they are registered."""
+    name = run_name(mechanisms) + ("" if seed is None or not mechanisms else f" · seed {seed}")
     with registered(client, sets.forget_authors, sets.retain_authors, mechanisms, job_timeout_s,
-                    progress) as preparation:
+                    progress, seed or 0) as preparation:
         model = ServedModel(client, client.model(), max_tokens, since=time.time() - 1.0)
-        result = measure(run_name(mechanisms), mechanisms, model, sets, reference_ratios, progress)
+        result = measure(name, mechanisms, model, sets, reference_ratios, progress)
         result.preparation_seconds = preparation
+        result.seed = (seed or 0) if mechanisms else None
         if membership is not None:
             result.membership_auc = membership(model)
         return result
@@ -274,13 +282,54 @@ def configurations(mechanisms: Sequence[str] | None, matrix: bool) -> list[tuple
     return [(), chosen]
 
 
+def run_count(runs: Sequence[tuple[str, ...]], seeds: int) -> int:
+    """How many results `evaluate` returns: the retain-only model, then each configuration once per seed (the
+    unprotected one once: nothing is registered, so there is nothing to seed)."""
+    return 1 + sum(seeds if mechanisms else 1 for mechanisms in runs)
+
+
+@dataclass(frozen=True)
+class SeededFigures:
+    """One configuration over its registration seeds: each figure's median and range (issue 16's goals read the
+    median over at least three seeds)."""
+
+    name: str
+    mechanisms: list[str]
+    seeds: list[int]
+    figures: dict[str, dict[str, float]]  # figure -> {"median", "min", "max"}
+
+
+SEEDED_FIGURES = ("forget_quality", "model_utility", "forget_rouge", "paraphrase_rouge", "retain_rouge", "fluency",
+                  "membership_auc")
+
+
+def over_seeds(runs: Sequence[RunResult]) -> list[SeededFigures]:
+    """The registered runs grouped by mechanism set (in the order first measured), each figure's median and range."""
+    groups: dict[tuple[str, ...], list[RunResult]] = {}
+    for run in runs:
+        if run.seed is not None:
+            groups.setdefault(tuple(run.mechanisms), []).append(run)
+    summaries = []
+    for mechanisms, group in groups.items():
+        figures = {}
+        for key in SEEDED_FIGURES:
+            values = [value for value in (getattr(run, key) for run in group) if value is not None]
+            if values:
+                figures[key] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
+        summaries.append(SeededFigures(run_name(mechanisms), list(mechanisms), [run.seed or 0 for run in group],
+                                       figures))
+    return summaries
+
+
 def summary(split: str, runs: Sequence[RunResult]) -> dict[str, Any]:
-    """SPEC §10's JSON: ``{"split", "runs": [...]}``.
+    """SPEC §10's JSON: ``{"split", "runs": [...]}``, plus ``over_seeds``: each registered configuration's figures
+    over its seeds (``over_seeds``).
 
     Each run keeps its per-question forget truth ratios, so that Forget Quality can be recomputed against another
     retain-only model (``tofu_metrics.forget_quality``) without serving the run again.
     """
-    return {"split": split, "runs": [asdict(run) for run in runs]}
+    return {"split": split, "runs": [asdict(run) for run in runs],
+            "over_seeds": [asdict(group) for group in over_seeds(runs)]}
 
 
 def require_empty_registry(client: AdminClient) -> None:
@@ -294,19 +343,24 @@ def require_empty_registry(client: AdminClient) -> None:
 def evaluate(client: AdminClient, sets: EvalSets, runs: Sequence[tuple[str, ...]], reference: Model,
              max_tokens: int, job_timeout_s: float, progress: Callable[[str], None],
              on_run: Callable[[list[RunResult]], None] = lambda results: None,
-             membership: Callable[[ServedModel], float] | None = None) -> list[RunResult]:
-    """The retain-only model first (its truth ratios are every other run's reference), then each configuration.
+             membership: Callable[[ServedModel], float] | None = None, seeds: int = 1) -> list[RunResult]:
+    """The retain-only model first (its truth ratios are every other run's reference), then each configuration,
+    registered ``seeds`` times with preparation seeds 0, 1, … (each a run of its own, named with its seed when there
+    is more than one).
 
     ``on_run`` gets the results so far after each run, so that a failure in a later configuration (a matrix takes an
     hour on forget05) does not lose the runs already measured. ``membership``: see `run_served` (the retain-only
     model is not served, so it has no membership figure).
     """
+    if seeds < 1:
+        raise ValueError(f"seeds must be at least 1, not {seeds}")
     require_empty_registry(client)
     retain_only = measure("retain-only model", [], reference, sets, None, progress)
     results = [retain_only]
     on_run(results)
     for mechanisms in runs:
-        results.append(run_served(client, sets, mechanisms, retain_only.forget_truth_ratios, max_tokens,
-                                  job_timeout_s, progress, membership))
-        on_run(results)
+        for seed in range(seeds) if mechanisms and seeds > 1 else [None]:
+            results.append(run_served(client, sets, mechanisms, retain_only.forget_truth_ratios, max_tokens,
+                                      job_timeout_s, progress, membership, seed))
+            on_run(results)
     return results

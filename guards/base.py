@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from classifiers.types import CLASSIFIER_GATE, AliasSpan
 
@@ -277,6 +277,14 @@ class Options(BaseModel):
     then fail every request that hits the target and every listing that serialises it)."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class SeededOptions(Options):
+    """Options of a mechanism whose preparation draws at random (calibration questions, invented stand-ins, initial
+    weights): one ``seed`` fixes every draw, so a registration repeated with the same seed makes the same draws and an
+    evaluation can vary them on purpose (``lethe eval tofu --seeds``, issue 16's median over registration seeds)."""
+
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seeds every random draw of the mechanism's preparation.")
 
 
 class Mechanism(Protocol):

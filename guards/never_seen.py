@@ -104,14 +104,27 @@ class Calibration:
                 "curve": self.curve, "leak_curve": self.leak_curve, **fluency}
 
 
-def calibration_sample(forget: Sequence[tuple[str, str]], seed: str, count: int = CALIBRATION_QUESTIONS
+def sample_key(seed: int, names: Sequence[str]) -> str:
+    """What seeds a calibration's choice of questions: the registration's names and its mechanism's ``seed`` option,
+    so that the same registration calibrates on the same questions every time (a retried job, a re-registration) and
+    another seed on others."""
+    return "\n".join([str(seed), *names])
+
+
+def calibration_sample(forget: Sequence[tuple[str, str]], key: str, count: int = CALIBRATION_QUESTIONS
                        ) -> tuple[QaPair, ...]:
-    """Up to ``count`` of the target's question/answer items, the same ones for the same target."""
+    """Up to ``count`` of the target's question/answer items, the same ones for the same ``key`` (``sample_key``)."""
     pairs = [QaPair(q, a) for q, a in forget if q and a]
     if not pairs:
         raise ValueError("calibration needs question/answer forget items")
-    chosen = sorted(random.Random(seed).sample(range(len(pairs)), min(count, len(pairs))))
+    chosen = sorted(random.Random(key).sample(range(len(pairs)), min(count, len(pairs))))
     return tuple(pairs[i] for i in chosen)
+
+
+def stand_ins(names: Sequence[str], seed: int) -> tuple[InventedEntity, InventedEntity]:
+    """The two invented stand-ins of a registration with ``seed``: the never-seen entity the reference is measured
+    on, and the one whose replies are its wrong answers. No two seeds share a stand-in."""
+    return invent_entity(names, 2 * seed), invent_entity(names, 2 * seed + 1)
 
 
 def entity_names(name: str, aliases: Sequence[str]) -> list[str]:
@@ -123,7 +136,7 @@ def entity_names(name: str, aliases: Sequence[str]) -> list[str]:
 def measure_reference(probe: ModelProbe, pairs: Sequence[QaPair], names: Sequence[str], seed: int,
                       max_tokens: int = REPLY_TOKENS) -> Reference:
     """The plain model's gap and chance recall on the invented stand-ins of ``pairs`` (names: the target's names)."""
-    entity, other = invent_entity(names, seed), invent_entity(names, seed + 1)
+    entity, other = stand_ins(names, seed)
     other_replies = [probe.greedy(other.swap(p.question), max_tokens) for p in pairs]
     wrong = tuple(other.restore(reply) for reply in other_replies)  # about the target, in the model's own words
     gap_items = tuple(i for i, p in enumerate(pairs) if entity.swap(p.question) != p.question and wrong[i].strip())

@@ -108,6 +108,23 @@ def test_invalid_target_is_422_with_field_paths(admin: httpx.Client) -> None:
     assert {"body.forget.0", "body.mechanisms.eco.sigmaa"} <= locations
 
 
+def test_a_preparation_seed_is_validated_stored_and_refused_where_nothing_is_drawn(admin: httpx.Client) -> None:
+    before = admin.get("/registry").json()["revision"]
+    body = {"name": "seeded", "aliases": ["Seeded Person"], "forget": [{"text": "Some text to forget."}]}
+    for mechanisms in ({"guard": {"seed": -1}}, {"eco": {"seed": 2**31}}, {"uld": {"seed": "one"}},
+                       {"o3": {"seed": 1.5}}):
+        response = admin.post("/targets", json={**body, "mechanisms": mechanisms})
+        assert response.status_code == 422, (mechanisms, response.text)
+        assert response.json()["error"]["param"] == f"mechanisms.{next(iter(mechanisms))}.seed"
+    assert admin.get("/registry").json()["revision"] == before
+    created = admin.post("/targets", json={**body, "mechanisms": {"guard": {"seed": 7, "calibrate": False}}})
+    assert created.status_code == 201, created.text
+    try:
+        assert created.json()["mechanisms"]["guard"]["options"]["seed"] == 7
+    finally:
+        remove_targets(admin, [created.json()["id"]])
+
+
 def test_malformed_json_is_422_and_writes_nothing(admin: httpx.Client) -> None:
     before = admin.get("/registry").json()["revision"]
     response = admin.post("/targets", content=b"{nope", headers={"content-type": "application/json"})

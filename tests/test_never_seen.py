@@ -17,7 +17,8 @@ from guards.guard.phrase_matcher import PhraseGuardHook, Vocabulary, guard_row_h
 from guards.invented import invent_entity
 from guards.fluency import vocabulary_with
 from guards.never_seen import (RECALL_MARGIN, ProtectedReplies, QaPair, Reference, calibrate_strength,
-                               calibration_sample, entity_names, measure_reference, protected_gap)
+                               calibration_sample, entity_names, measure_reference, protected_gap, sample_key,
+                               stand_ins)
 from guards.probe import ModelProbe, no_hooks
 from guards.text_metrics import rouge_l_recall
 
@@ -100,13 +101,22 @@ def test_the_leak_and_fluency_bars_read_the_same_replies_decoded_once_per_streng
 
 def test_the_sample_and_the_stand_ins_names_come_from_the_registration_only() -> None:
     forget = [(f"Question {i}?", f"Answer {i}.") for i in range(30)] + [("", "text only")]
-    first = calibration_sample(forget, "target-1", count=20)
-    assert first == calibration_sample(forget, "target-1", count=20) and len(first) == 20
-    assert first != calibration_sample(forget, "target-2", count=20)
+    names = ["Basil Mahfouz Al-Kuwaiti"]
+    first = calibration_sample(forget, sample_key(0, names), count=20)
+    assert first == calibration_sample(forget, sample_key(0, names), count=20) and len(first) == 20
+    assert first != calibration_sample(forget, sample_key(1, names), count=20)  # another registration seed
+    assert first != calibration_sample(forget, sample_key(0, ["Nikolai Abilov"]), count=20)
     assert entity_names("ticket-4711", ["Basil Mahfouz Al-Kuwaiti"]) == ["Basil Mahfouz Al-Kuwaiti"]
     assert entity_names("Basil Mahfouz Al-Kuwaiti", []) == ["Basil Mahfouz Al-Kuwaiti"]
     with pytest.raises(ValueError):
         calibration_sample([("", "text only")], "t")
+
+
+def test_each_seed_has_its_own_two_stand_ins_and_seed_zero_keeps_the_first_two() -> None:
+    names = ["Basil Mahfouz Al-Kuwaiti"]
+    assert stand_ins(names, 0) == (invent_entity(names, 0), invent_entity(names, 1))
+    drawn = [entity.name for seed in range(4) for entity in stand_ins(names, seed)]
+    assert len(set(drawn)) == len(drawn)  # seed 1's stand-in is not seed 0's wrong-answer entity
 
 
 def test_a_finite_ban_lowers_banned_tokens_by_exactly_the_ban(tokenizer) -> None:
@@ -171,8 +181,9 @@ def test_guards_ban_brings_a_memorised_author_to_the_never_seen_level_on_the_tin
         assert figures["gap"] == pytest.approx(figures["reference_gap"], abs=0.25), figures
     assert figures["recall"] <= figures["reference_recall"] + RECALL_MARGIN, figures
     probe = ModelProbe(tiny_model_dir)
-    reference = measure_reference(probe, calibration_sample([(i.question, i.answer) for i in spec.forget], spec.id),
-                                  entity_names(spec.name, spec.aliases), 0)
+    names = entity_names(spec.name, spec.aliases)
+    pairs = calibration_sample([(i.question, i.answer) for i in spec.forget], sample_key(0, names))
+    reference = measure_reference(probe, pairs, names, 0)
     assert reference.gap == pytest.approx(figures["reference_gap"], abs=1e-3)  # deterministic per seed
     unprotected = protected_gap(probe, reference, lambda index: no_hooks)
     assert unprotected < reference.gap - 1.0, (unprotected, reference.gap)  # there was something to forget

@@ -8,7 +8,9 @@ import pytest
 
 from demo.phrasings import packaged_phrasings
 from evals.paraphrase_oracle import jaccard_best, trained_and_held_out
-from evals.tofu_eval import RunResult, configurations, eval_sets, multiple_choice_accuracy, question_losses, summary
+from evals.eval_report import markdown_table
+from evals.tofu_eval import (RunResult, configurations, eval_sets, multiple_choice_accuracy, over_seeds,
+                              question_losses, run_count, summary, target_body)
 from evals.tofu_metrics import QuestionLosses, TruthRatioItem, forget_quality
 
 
@@ -105,3 +107,35 @@ def test_the_paraphrase_oracle_holds_out_exactly_what_the_demo_model_never_train
     assert not {q for q, _ in held_out} & {q for q, _ in trained}
     assert jaccard_best("Where was Nikolai Abilov born?",
                         ["What genre does Nikolai Abilov write?", "In which city was Nikolai Abilov born?"]) == 1
+
+
+def run(name: str, mechanisms: list[str], quality: float, seed: int | None, auc: float | None = None) -> RunResult:
+    return RunResult(name=name, mechanisms=mechanisms, forget_quality=quality, model_utility=0.8, forget_rouge=0.1,
+                     paraphrase_rouge=0.1, retain_rouge=0.8, real_authors_rouge=0.5, world_facts_rouge=0.6,
+                     real_authors_acc=1.0, world_facts_acc=1.0, forget_truth_ratio=0.6, forget_probability=0.01,
+                     detection_rate=None, false_positive_rate=None, fluency=0.9, seed=seed, membership_auc=auc)
+
+
+def test_each_registration_seed_reaches_every_mechanism_and_the_runs_are_counted_per_seed() -> None:
+    sets = eval_sets("forget01")
+    body = target_body(sets.forget_authors[0], sets.retain_authors, ["eco", "uld"], seed=2)
+    assert body["mechanisms"] == {"eco": {"seed": 2}, "uld": {"seed": 2}}
+    runs = configurations(None, True)  # unprotected, four alone, all four
+    assert run_count(runs, 1) == 1 + 6 and run_count(runs, 3) == 1 + 1 + 5 * 3
+
+
+def test_over_seeds_gives_each_configurations_median_and_range_and_the_table_shows_it() -> None:
+    runs = [run("retain-only model", [], 1.0, None), run("unprotected", [], 1e-4, None, 0.95),
+            *(run(f"guard · seed {seed}", ["guard"], quality, seed, auc)
+              for seed, quality, auc in [(0, 0.5, 0.6), (1, 0.1, None), (2, 0.9, 0.4)]),
+            run("eco · seed 0", ["eco"], 0.2, 0)]
+    guard, eco = over_seeds(runs)
+    assert guard.seeds == [0, 1, 2] and guard.mechanisms == ["guard"]
+    assert guard.figures["forget_quality"] == {"median": 0.5, "min": 0.1, "max": 0.9}
+    assert guard.figures["membership_auc"] == {"median": 0.5, "min": 0.4, "max": 0.6}  # over the seeds that have it
+    assert eco.seeds == [0] and "membership_auc" not in eco.figures
+    [guard_json, _] = json.loads(json.dumps(summary("forget01", runs)))["over_seeds"]
+    assert guard_json["figures"]["forget_quality"]["median"] == 0.5
+    table = markdown_table("forget01", "tiny", runs)
+    assert "| guard | 0, 1, 2 | 0.5 (0.1–0.9) |" in table
+    assert "| eco | 0 |" not in table  # one seed: nothing to summarise

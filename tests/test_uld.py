@@ -86,7 +86,8 @@ def test_sessions_advanced_together_equal_a_full_forward_at_every_step(assistant
             output.append(token)
         batch = sessions[: 2 if step == 1 else 3]  # a row can sit out a batch and catch up alone
         advance_together(batch)
-        assert all(s.consumed == len(p) + len(o) for s, p, o in zip(batch, prompts, outputs, strict=False))  # fed by the batch
+        # fed by the batch
+        assert all(s.consumed == len(p) + len(o) for s, p, o in zip(batch, prompts, outputs, strict=False))
         for session, prompt, output in zip(sessions, prompts, outputs, strict=True):
             assert torch.allclose(session.next_logits(), full_forward(model, prompt + output), atol=1e-5)
             assert session.consumed == len(prompt) + len(output)

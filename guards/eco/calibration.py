@@ -26,8 +26,7 @@ from guards.base import ComposedPlan, PlanRequest, PromptView, TargetHit, corrup
 from guards.job_interface import JobContext, JobHandler, JobResources, JobTarget, ServedModel, registered_options
 from guards.eco.corruption import ENTITIES, PROMPT
 from guards.eco.sigma_search import SigmaSearchConfig, zeroth_order_sigma_search
-from guards.invented import invent_entity
-from guards.never_seen import RECALL_MARGIN, chance_recall, entity_names
+from guards.never_seen import RECALL_MARGIN, chance_recall, entity_names, sample_key, stand_ins
 from guards.text_metrics import rouge_l_recall
 
 logger = logging.getLogger(__name__)
@@ -66,7 +65,8 @@ class EcoCalibrator:
         qa = [(item["question"], item["answer"]) for item in record.forget if item.get("question")]
         if not qa:
             raise ValueError("ECO calibration needs question/answer forget items; register eco.sigma instead")
-        sample = random.Random(record.id).sample(qa, min(self._questions, len(qa)))
+        names, seed = entity_names(record.name, record.aliases), int(options.get("seed", 0))
+        sample = random.Random(sample_key(seed, names)).sample(qa, min(self._questions, len(qa)))
         golds = [answer for _, answer in sample]
         matcher = AliasMatcher(record.aliases)
         prompts = [self._served.render_question(question) for question, _ in sample]
@@ -90,7 +90,7 @@ class EcoCalibrator:
         if options.get("goal") is not None:
             goal = float(options["goal"])
         else:
-            entity = invent_entity(entity_names(record.name, record.aliases), 0)
+            entity, _ = stand_ins(names, seed)
             stranger = replies(None, [self._served.render_question(entity.swap(q)) for q, _ in sample])
             goal = GOAL_MARGIN + chance_recall(stranger, [entity.swap(gold) for gold in golds])
 

@@ -14,13 +14,13 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from guards.base import MechanismBase, MechanismPlan, NothingShared, Options, PlanRequest, ServingContext
+from guards.base import MechanismBase, MechanismPlan, NothingShared, PlanRequest, SeededOptions, ServingContext
 from guards.job_interface import SERVED_MODEL, JobSpec
 from guards.eco.calibration import ECO_CALIBRATE, ECO_NAME, calibration_job
 from guards.eco.corruption import ENTITIES, RAND_NOISE_FIRST_N, EcoEdit, corrupted_positions
 
 
-class EcoOptions(Options):
+class EcoOptions(SeededOptions):
     corruption: Literal["rand_noise_first_n", "zero_out_top_k", "flip_sign_top_k"] = "rand_noise_first_n"
     sigma: float | None = Field(None, gt=0, description="Noise scale; unset means found by the calibration job.")
     dims: int | None = Field(

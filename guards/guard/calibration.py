@@ -23,7 +23,7 @@ from guards.devices import Placement
 from guards.guard.payload import PhraseTable
 from guards.guard.phrase_matcher import PhraseGuardHook, Vocabulary
 from guards.guard.phrases import alias_phrases
-from guards.never_seen import calibrate_hooks, calibration_sample, entity_names, measure_reference
+from guards.never_seen import calibrate_hooks, calibration_sample, entity_names, measure_reference, sample_key
 from guards.probe import HookFactory, ModelProbe
 
 MAX_BAN = 40.0  # a logit penalty this large already removes a token as surely as -inf at any realistic margin
@@ -49,10 +49,11 @@ def calibrate_ban(model_dir: Path, spec: TargetSpec, max_phrases: int, soft_pena
                 "calibration": {"skipped": "no question/answer forget items to calibrate on"}}
     probe = ModelProbe(model_dir, placement)
     vocabulary = Vocabulary.from_tokenizer(probe.tokenizer)
-    pairs = calibration_sample(forget, spec.id)
+    names = entity_names(spec.name, spec.aliases)
+    pairs = calibration_sample(forget, sample_key(seed, names))
     item_of = {question: index for index, (question, _) in enumerate(forget)}
     progress("measuring the served model on an invented stand-in")
-    reference = measure_reference(probe, pairs, entity_names(spec.name, spec.aliases), seed)
+    reference = measure_reference(probe, pairs, names, seed)
 
     def hooks(ban: float) -> Callable[[int], HookFactory]:
         def for_pair(index: int) -> HookFactory:

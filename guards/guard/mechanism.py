@@ -24,8 +24,8 @@ import numpy as np
 from pydantic import Field
 
 from classifiers.types import TargetSpec
-from guards.base import (MechanismBase, MechanismPlan, NothingShared, Options, PlanRequest, RowHooks, ServingContext,
-                         TargetEntry)
+from guards.base import (MechanismBase, MechanismPlan, NothingShared, PlanRequest, RowHooks, SeededOptions,
+                         ServingContext, TargetEntry)
 from guards.job_interface import (ANY_WORKER, GATE_LANE, MODEL_FILES, JobContext, JobHandler, JobResources, JobSpec,
                                   registered_options, target_spec)
 from guards.devices import compute_placement
@@ -88,7 +88,7 @@ def _load_artifact(directory: Path) -> PhraseArtifact:
     return PhraseArtifact(directory)
 
 
-class GuardOptions(Options):
+class GuardOptions(SeededOptions):
     soft_penalty: float = Field(5.0, ge=0, description="Logit penalty on tokens that start a forbidden phrase.")
     max_phrases: int = Field(64, ge=1, le=MAX_LIMIT)
     calibrate: bool = Field(True, description="Replace the -inf ban by a finite penalty calibrated against the served "
@@ -117,7 +117,7 @@ def calibration_job(resources: JobResources) -> JobHandler:
 
         options = registered_options(context.target, GUARD_KEY)
         return calibrate_ban(model_path, target_spec(context.target), int(options.get("max_phrases", 64)),
-                             float(options.get("soft_penalty", 0.0)), 0, placement,
+                             float(options.get("soft_penalty", 0.0)), int(options.get("seed", 0)), placement,
                              lambda message: context.progress(0.5, message))
 
     return run

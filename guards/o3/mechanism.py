@@ -31,7 +31,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from classifiers.types import OOD_GATE
-from guards.base import (DERIVED_MEMBERS, MechanismBase, MechanismPlan, Options, PlanRequest, ServingContext,
+from guards.base import (DERIVED_MEMBERS, MechanismBase, MechanismPlan, PlanRequest, SeededOptions, ServingContext,
                          TargetEntry, write_members)
 from guards.job_interface import (MODEL_FILES, JobContext, JobHandler, JobResources, JobSpec, ServedModel,
                                   registered_options)
@@ -47,7 +47,7 @@ STACKS_DIR = "o3-stacks"
 DEFAULT_RANK = 8
 
 
-class O3Options(Options):
+class O3Options(SeededOptions):
     rank: Literal[8, 16] = DEFAULT_RANK
     orthogonality: float = Field(0.1, ge=0, description="λ of the orthogonality penalty against earlier LoRAs.")
     style: Literal["generic", "refusal"] = Field(
@@ -79,7 +79,7 @@ def training_job(resources: JobResources) -> JobHandler:
         rank = int(options.get("rank", DEFAULT_RANK))
         config = O3TrainingConfig(rank=rank, lora_alpha=2 * rank,
                                   orthogonality=float(options.get("orthogonality", 0.1)),
-                                  style=options.get("style", GENERIC))
+                                  style=options.get("style", GENERIC), seed=int(options.get("seed", 0)))
         if options.get("epochs") is not None:
             config = replace(config, epochs=int(options["epochs"]), min_steps=0)
         answers = [item.get("answer") if item.get("question") else None for item in forget]

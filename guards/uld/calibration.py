@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from guards.devices import Placement, assistant_placement
-from guards.never_seen import Calibration, calibrate_hooks, calibration_sample, measure_reference
+from guards.never_seen import Calibration, calibrate_hooks, calibration_sample, measure_reference, sample_key
 from guards.probe import HookFactory, ModelProbe
 from guards.uld.assistant import ULD_KEY, uld_row_hook
 from guards.uld.cache import AssistantModels
@@ -25,14 +25,14 @@ MAX_ALPHA = 5.0  # UldOptions.alpha's bound
 
 
 def calibrate_alpha(model_dir: Path, assistant_dir: Path, forget: Sequence[tuple[str, str]], names: Sequence[str],
-                    tau: float, seed: int, sample_seed: str, placement: Placement | None = None,
+                    tau: float, seed: int, placement: Placement | None = None,
                     progress: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
     """α for the assistant in ``assistant_dir`` and the figures that justify it (JSON-safe, for the target's state).
 
-    ``names``: the target's name and aliases (the invented stand-in swaps them); ``sample_seed`` picks the questions
-    (the target's id: the same questions on every run)."""
+    ``names``: the target's name and aliases (the invented stand-in swaps them); ``seed``, the registration's, picks
+    the questions and the stand-ins (``guards.never_seen``: the same ones on every run)."""
     probe = ModelProbe(model_dir, placement)
-    pairs = calibration_sample(forget, sample_seed)
+    pairs = calibration_sample(forget, sample_key(seed, names))
     progress("measuring the served model on an invented stand-in")
     reference = measure_reference(probe, pairs, names, seed)
     assistants = AssistantModels(placement=assistant_placement(probe.placement))  # as served

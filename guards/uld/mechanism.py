@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from classifiers.types import ALWAYS_GATE, CLASSIFIER_GATE
-from guards.base import (MechanismBase, MechanismPlan, NotReady, Options, PlanRequest, RowHooks, ServingContext,
+from guards.base import (MechanismBase, MechanismPlan, NotReady, PlanRequest, RowHooks, SeededOptions, ServingContext,
                          TargetEntry)
 from guards.job_interface import MODEL_FILES, JobContext, JobHandler, JobResources, JobSpec, registered_options
 from guards.devices import assistant_placement, compute_placement
@@ -28,7 +28,7 @@ from guards.uld.logits import DEFAULT_ALPHA, DEFAULT_TAU
 ULD_TRAIN = "uld_train"
 
 
-class UldOptions(Options):
+class UldOptions(SeededOptions):
     alpha: float | None = Field(None, gt=0, le=5, description="Weight of the assistant's logits; unset: calibrated "
                                 "per target against the served model on an invented stand-in (calibration.py).")
     layers: int | None = Field(None, ge=1, description="Assistant depth; unset: a quarter of the model's layers.")
@@ -52,7 +52,7 @@ def training_job(resources: JobResources) -> JobHandler:
         forget = [(item["question"], item["answer"]) for item in record.forget if item.get("question")]
         retain = [(item.get("question"), item.get("answer") or item.get("text", "")) for item in record.retain]
         staging = context.artifacts.staging_dir()
-        config = UldTrainingConfig(layers=options.get("layers"))
+        config = UldTrainingConfig(layers=options.get("layers"), seed=int(options.get("seed", 0)))
         if options.get("epochs") is not None:
             config = replace(config, epochs=int(options["epochs"]))
         figures = train_assistant(model_path, forget, retain, record.aliases, config, staging,
@@ -62,7 +62,7 @@ def training_job(resources: JobResources) -> JobHandler:
             from guards.uld.calibration import calibrate_alpha
 
             figures |= calibrate_alpha(model_path, staging, forget, entity_names(record.name, record.aliases),
-                                       float(options.get("tau", DEFAULT_TAU)), config.seed, record.id, placement,
+                                       float(options.get("tau", DEFAULT_TAU)), config.seed, placement,
                                        lambda message: context.progress(0.9, f"calibrating alpha: {message}"))
         return {"assistant": context.artifacts.commit(staging), **figures}
 
