@@ -211,8 +211,9 @@ def run(sizes: tuple[int, ...], cache: Path | None = None) -> dict:
 
 
 # What no cost cut may lose (issue 19): recall at the largest registry no lower than before the cuts (docs/gate.md,
-# 2026-12-04: 0.988 held-back, 0.992 paraphrased at 100 targets) and false positives under the gate's 0.5 % goal.
-RECALL_FLOORS = {"held_back_questions": 0.988, "paraphrased_questions": 0.992}
+# 2026-12-04, 100 targets: 0.988 of 500 held-back and 0.992 of 601 paraphrased questions, i.e. 494 and 596 caught;
+# kept as those counts, since the rounded 0.992 sits above 596/601 = 0.9917) and false positives under 0.5 %.
+RECALL_FLOORS = {"held_back_questions": 494 / 500, "paraphrased_questions": 596 / 601}
 FALSE_POSITIVE_GOAL = 0.005
 
 
@@ -221,7 +222,7 @@ def rows(summary: dict) -> list[dict]:
     largest = max(summary["sizes"], key=lambda r: r["targets"])
     joint, n, model = largest["joint"], largest["targets"], "gate only (all-MiniLM-L6-v2)"
     out = [{"metric": f"gate recall, {key.replace('_', ' ')}, {n} targets", "model": model,
-            "value": joint[key]["recall"], "goal": f">= {floor}", "pass": joint[key]["recall"] >= floor}
+            "value": joint[key]["recall"], "goal": f">= {floor:.4f}", "pass": joint[key]["recall"] >= floor}
            for key, floor in RECALL_FLOORS.items()]
     out += [{"metric": f"gate false positives, {key.replace('_', ' ')}, {n} targets", "model": model,
              "value": joint[key]["false_positive_rate"], "goal": f"<= {FALSE_POSITIVE_GOAL}",

@@ -35,7 +35,7 @@ async def measure(url: str, changes: int, poll_s: float) -> list[float]:
     writer = Registry.open(engine).targets
     reader = Registry.open(make_engine(url)).targets
     swapped: dict[int, float] = {}
-    holder = SnapshotHolder(reader, Path, lambda dirs, alias_only: None, poll_s)
+    holder = SnapshotHolder(reader, Path, lambda artifacts, aliases, negatives: None, poll_s)
     holder.on_swap.append(lambda snapshot: swapped.setdefault(snapshot.revision, time.perf_counter()))
     watch = asyncio.create_task(holder.watch())
     delays = []
@@ -46,7 +46,11 @@ async def measure(url: str, changes: int, poll_s: float) -> list[float]:
                                                            "forget": [{"text": "x"}]}), ["eco"])
             created = await asyncio.to_thread(writer.create, body)
             committed = time.perf_counter()
+            deadline = committed + 30 * poll_s + 10.0
             while not any(revision >= created.revision for revision in swapped):
+                if time.perf_counter() > deadline:
+                    raise RuntimeError(f"revision {created.revision} never reached the reader's snapshot "
+                                       "(see the registry.reload_failed log lines)")
                 await asyncio.sleep(0.005)
             seen = min(t for revision, t in swapped.items() if revision >= created.revision)
             delays.append(max(0.0, seen - committed))

@@ -60,9 +60,14 @@ def table(rows: list[Row]) -> str:
     lines = ["| metric | model | value | goal | pass |", "| --- | --- | --: | --- | --- |"]
     for row in rows:
         verdict = {True: "pass", False: "**FAIL**", None: ""}[row["pass"]]
-        lines.append(f"| {row['metric']} | {Path(str(row['model'])).name} | {row['value']} | {row['goal'] or ''} "
-                     f"| {verdict} |")
+        lines.append(f"| {row['metric']} | {Path(str(row['model'])).name} | {_figure(row['value'])} "
+                     f"| {row['goal'] or ''} | {verdict} |")
     return "\n".join(lines)
+
+
+def _figure(value: object) -> str:
+    """A float to four significant digits (the JSON keeps it whole); anything else as it is."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def main() -> None:

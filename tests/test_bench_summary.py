@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.summary import BENCHMARKS, collect
+from bench.summary import BENCHMARKS, collect, table
 
 
 def test_summary_renders_present_results_and_names_missing_ones(tmp_path):
@@ -49,6 +49,25 @@ def test_every_goal_becomes_a_row_with_its_model_and_a_verdict(tmp_path):
     assert [(row["model"], row["pass"]) for row in step_rows] == [("/cache/tiny-1", None), ("/cache/bench-1", True)]
     assert "| flagged cost ratio, guard, concurrency 8 | bench-1 | 1.2 | <= 1.1 | **FAIL** |" in text
     assert text.index("| metric | model |") < text.index("## ")  # the one table first, sections after
+
+
+def test_the_gate_keeps_its_recall_floor_by_count_and_figures_print_four_digits(tmp_path):
+    """596 of 601 paraphrases caught is the floor (docs/gate.md's "0.992" rounds it), not a miss; a float prints
+    to four significant digits."""
+    cell = {"false_positive_rate": 0.0, "n": 600, "upper_95": 0.005}
+    joint = {"held_back_questions": {"recall": 494 / 500}, "paraphrased_questions": {"recall": 596 / 601},
+             "unregistered_tofu_authors": cell, "world_real_authors_chat": cell}
+    sizes = [{"targets": 100, "joint": joint, "latency": {"p50_ms": 6.638274498982355}}]
+    from bench.detection_scale import rows
+
+    verdicts = {row["metric"]: row["pass"] for row in rows({"sizes": sizes})}
+    assert verdicts["gate recall, paraphrased questions, 100 targets"] is True
+    assert verdicts["gate recall, held back questions, 100 targets"] is True
+    joint["paraphrased_questions"]["recall"] = 595 / 601
+    assert not {row["metric"]: row["pass"] for row in rows({"sizes": sizes})}[
+        "gate recall, paraphrased questions, 100 targets"]
+    text = table(rows({"sizes": sizes}))
+    assert "| 0.99 | >= 0.9917 | **FAIL** |" in text and "| 6.638 |" in text
 
 
 @pytest.mark.parametrize("script", sorted(path.stem for path in (Path(__file__).parent.parent / "bench").glob("*.py")))
