@@ -29,7 +29,7 @@ WITH_SILENCE = (*MECHANISMS, SILENCE)
 def test_the_admin_api_takes_the_new_mechanisms_options_from_the_mechanism() -> None:
     model = mechanisms_model(WITH_SILENCE)
     assert model.model_validate({"silence": {}, "guard": {}}).enabled() == {
-        "guard": {"soft_penalty": 5.0, "max_phrases": 64, "calibrate": True}, "silence": {}}
+        "guard": {"seed": 0, "soft_penalty": 5.0, "max_phrases": 64, "calibrate": True}, "silence": {}}
     with pytest.raises(ValidationError):
         model.model_validate({"silence": {"volume": 0}})
     with pytest.raises(ValidationError):

@@ -39,8 +39,8 @@ def test_separate_worker_process_fits_a_queued_target_and_recovers_a_dead_worker
     stale = registry.jobs.claim("worker-that-died", [FIT_CLASSIFIER])  # as if a worker crashed holding the job
     assert stale is not None
     env = {**os.environ, "LETHE_DATABASE_URL": url, "LETHE_ARTIFACTS_DIR": str(tmp_path / "artifacts"),
-           "LETHE_JOB_STALE_AFTER_S": "2"}
-    time.sleep(2.5)
+           "LETHE_JOB_STALE_AFTER_S": "5"}  # short, yet long enough that a busy worker's own heartbeat keeps its lease
+    time.sleep(5.5)
     worker = subprocess.Popen([str(LETHE_BIN), "worker"], env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.STDOUT, start_new_session=True)
     try:
