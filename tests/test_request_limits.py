@@ -30,7 +30,7 @@ from server.openai.protocol import MAX_INT32, ChatCompletionRequest, CompletionR
 from server.openai.serving import OpenAIServing
 from server.pipeline import Pipeline
 from server.run import RunRequest
-from tests.test_pipeline import HI, CharTokenizer, FakeEngine, FakeMechanism, collect, guarded
+from tests.pipeline_fakes import HI, CharTokenizer, FakeEngine, FakeMechanism, collect, guarded
 
 MODEL_PATH = Path("/srv/models/private-checkout")
 

@@ -36,7 +36,7 @@ from server.pipeline import _choice_event
 from server.planner import Classification, Planner, RenderedPrompt
 from server.registry.records import TargetRecord
 from server.registry.snapshot import RegistrySnapshot
-from tests.test_pipeline import TARGET, FakeEngine, FakeMechanism, guarded, make
+from tests.pipeline_fakes import TARGET, FakeEngine, FakeMechanism, guarded, make
 
 ALIASES = ["Tess Marlowe"]
 FORGET = [{"question": "Where was Tess Marlowe born?", "answer": "Tess Marlowe was born in Reykjavik in 1961."},

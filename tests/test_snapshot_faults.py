@@ -33,7 +33,7 @@ from server.registry import Registry
 from server.registry.catalog import FIT_CLASSIFIER
 from server.registry.database import make_engine, upgrade_database
 from server.registry.snapshot import RegistrySnapshot, SnapshotHolder, interim_factory
-from tests.test_pipeline import HI, FakeEngine, Holder, collect
+from tests.pipeline_fakes import HI, FakeEngine, Holder, collect
 
 
 class HashEmbedder:
