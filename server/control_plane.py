@@ -150,14 +150,20 @@ def verification_settings(settings: Settings) -> VerificationSettings:
                                 negatives=settings.verify_negatives, wait_s=settings.verify_wait_s)
 
 
+# Every name the jobs take from transformers, and the model classes they load (the demo models are Llama, the gate's
+# embedder BERT): each resolves a lazily imported module.
 LAZY_TRANSFORMERS_NAMES = ("AutoConfig", "AutoTokenizer", "AutoModelForCausalLM", "PreTrainedTokenizerFast",
+                           "PreTrainedTokenizerBase", "LlamaForCausalLM", "BertModel",
                            "get_linear_schedule_with_warmup")
 
 
 def preload_job_libraries() -> None:
-    """Resolve transformers' lazily imported names once, on one thread, before the lanes start. Two lanes resolving
-    them at once (the embedder's first load in the gate lane, a ULD training in the training lane) saw a half-imported
-    module: ``ImportError: cannot import name 'AutoConfig'``, and the training failed."""
+    """Resolve transformers' lazily imported names, and import the libraries the jobs import inside their handlers
+    (peft, sentence-transformers), once, on one thread, before the lanes start. Two lanes resolving them at once (the
+    embedder's first load in the gate lane, a ULD training in the training lane) saw a half-imported module:
+    ``ImportError: cannot import name 'AutoConfig'``, and the training failed."""
+    import peft  # noqa: F401
+    import sentence_transformers  # noqa: F401
     import transformers
 
     for name in LAZY_TRANSFORMERS_NAMES:

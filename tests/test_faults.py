@@ -320,11 +320,20 @@ def test_kill_9_of_server_mid_stream_and_mid_training_then_of_a_worker_mid_train
             record = wait_until(lambda: next((r for r in admin.get("/audit", params={"limit": 50}).json()["data"]
                                               if r["request_id"] == reply.json()["id"]), None), 10, "audited")
             assert guarded_id in record["targets"]
+            worker_log = tmp_path / "worker3.log"
+            recovered = registry.jobs.get(job_id)
+            assert recovered.status == "running", (
+                f"the recovered training ended before its target was deleted: {recovered}; "
+                f"the worker's log ends: {worker_log.read_text()[-3000:]}")
             for target_id in committed:
                 deleted = admin.delete(f"/targets/{target_id}")
                 assert deleted.status_code == 200, deleted.text
-        print("job after delete:", registry.jobs.get(job_id))
-        wait_until(lambda: job_ended(registry, job_id), 60, "deleting the target stops the recovered training")
+        assert job_ended(registry, job_id), registry.jobs.get(job_id)
+        try:  # the worker notices at its next progress report or heartbeat, and stops
+            wait_until(lambda: f'"job.cancelled", "job_id": "{job_id}"' in worker_log.read_text(), 60,
+                       "deleting the target stops the recovered training")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; the worker's log ends: {worker_log.read_text()[-3000:]}") from None
     finally:
         for worker in workers:
             if worker.poll() is None:
