@@ -18,6 +18,7 @@ import pytest
 
 from evals.metrics import answer_recall
 from guards.guard.calibration import MAX_BAN
+from guards.never_seen import RECALL_MARGIN
 from tests.conftest import API_KEY, RunningServer, remove_targets
 from tests.unlearning import (
     ANSWERED,
@@ -180,7 +181,13 @@ def test_guard_alone_protects_the_authors(
         state = admin.get(f"/targets/{target['id']}").json()["mechanisms"]["guard"]["state"]
         figures = state["calibration"]
         assert state["ban"] is not None and 0 < state["ban"] < MAX_BAN, figures
-        assert figures["limited_by"] in ("reference", "leak") and figures["gap"] >= figures["reference_gap"] - 0.1
+        # Whichever bar decided (calibrate_strength's order: the gap, then fluency, then no leak), the replies at the
+        # chosen ban say no more of the answers than a stranger's or the strongest ban's do; the gap matches the
+        # stranger's when it decided. Fluency decides on some CPUs and not others: on an Intel Xeon (AMX) the word
+        # share at the gap's ban was 0.887 against a bar of 0.9, and the leak bar then raised the ban from 10 to 12.
+        leak_bar = max(figures["reference_recall"], dict(figures["leak_curve"])[MAX_BAN]) + RECALL_MARGIN
+        assert figures["recall"] <= leak_bar + 1e-4, figures  # both rounded to 4 places
+        assert figures["limited_by"] != "reference" or figures["gap"] >= figures["reference_gap"], figures
     # GUARD acts only where the prompt classifier fires. Measured on two tiny-model builds: 24/25 and 24/26 paraphrases
     # forgotten. On the second build's machine one leak is a gate miss (a paraphrase that names no author, "the writer
     # born on September 8, 1956, in Kuwait City", scored 0.86, under its target's threshold: the gate's recall is
