@@ -9,7 +9,9 @@ and code paths, not on trained values; quality is measured on the demo model (``
 
 Each request is one of the authors' questions or TOFU paraphrases, classified by the gate (a hit), then planned with
 no mechanism ("unprotected": the same request as plain token ids), each mechanism alone, ECO + GUARD (the default)
-or all four; each mechanism applies under its own gate (O3: the OOD detector), exactly as served. The fixed workload
+or all four; each mechanism applies under its own gate (O3: the OOD detector), exactly as served. A protected variant
+also pays the plain request speculation starts while its prompt is classified and aborts once it is flagged
+(``server/speculation.py``); the unprotected baseline does not. The fixed workload
 of ``bench/workload.py``: 64 tokens with ``ignore_eos``, concurrency 1, 8 and 32, rotated rounds, medians.
 
 cost ratio = unprotected tokens/s ÷ the variant's tokens/s in the same round (1.05 = 5 % dearer); the goals at
@@ -61,14 +63,19 @@ async def serve(runtime: Runtime, questions: list[str], concurrency: int,
     params = sampling_params()
     hits = 0
 
+    # The unprotected baseline is plain vLLM's request without speculation's start, which a flagged prompt aborts:
+    # every protected variant pays that start as served (server/speculation.py).
+    runtime.pipeline.speculate = mechanisms is not None and runtime.control.settings.speculative_prefill
+
     async def send(text: str) -> AsyncIterator[int]:
         nonlocal hits
         run = await runtime.pipeline.start(
-            RunRequest("chat", f"bench-{uuid.uuid4().hex}", ChatPrompt((ChatTurn("user", text),))))
+            RunRequest("chat", f"bench-{uuid.uuid4().hex}", ChatPrompt((ChatTurn("user", text),)),
+                       params=params))
         hits += bool(run.hit_target_ids)
         replan_run(runtime, run, mechanisms)
         async with run:
-            async for event in run.events(params):
+            async for event in run.events():
                 yield len(event.token_ids)
 
     load = await drive(questions, concurrency, send)

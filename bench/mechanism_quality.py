@@ -47,11 +47,11 @@ async def quality(runtime: Runtime, sets: dict[str, list[tuple[ChatPrompt, str]]
 
     async def one(prompt: ChatPrompt, gold: str) -> tuple[float, str]:
         async with limit:
-            run = await pipeline.start(RunRequest("chat", f"bench-{uuid.uuid4().hex}", prompt))
+            run = await pipeline.start(RunRequest("chat", f"bench-{uuid.uuid4().hex}", prompt, params=params))
             if run.hit_target_ids:
                 replan_run(runtime, run, mechanisms)
             async with run:
-                text = "".join([event.text async for event in run.events(params)])
+                text = "".join([event.text async for event in run.events()])
             return rouge_l_recall(text, gold), text
 
     return {name: list(await asyncio.gather(*(one(p, g) for p, g in items))) for name, items in sets.items()}

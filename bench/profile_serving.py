@@ -115,11 +115,12 @@ async def load_for(runtime: Runtime, questions: UniqueQuestions, seconds: float,
 
     async def stream(text: str) -> AsyncIterator[None]:
         run = await runtime.pipeline.start(
-            RunRequest("chat", f"profile-{uuid.uuid4().hex}", ChatPrompt((ChatTurn("user", text),))))
+            RunRequest("chat", f"profile-{uuid.uuid4().hex}", ChatPrompt((ChatTurn("user", text),)),
+                       params=params))
         if replan:
             replan_run(runtime, run, mechanisms)
         async with run:
-            async for _ in run.events(params):
+            async for _ in run.events():
                 yield None
 
     async def client() -> None:

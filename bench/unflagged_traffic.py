@@ -1,7 +1,7 @@
 """Unflagged traffic: what Lethe adds in front of vLLM for requests about no forget target (issue 6, SPEC §10).
 
 One serving replica runs in-process (``server.runtime.Runtime``: the engine, guards and pipeline ``lethe serve``
-runs). Three paths drive the same ``AsyncLLM`` with the same prompts, in rounds whose order rotates so that host noise
+runs). Four paths drive the same ``AsyncLLM`` with the same prompts, in rounds whose order rotates so that host noise
 hits each alike:
 
 * ``vllm``: the chat template rendered and ``AsyncLLM.generate`` called directly — vLLM without Lethe;
@@ -9,7 +9,9 @@ hits each alike:
   choice events);
 * ``lethe, 100 targets``: the same with 100 registered targets (the two forget01 authors plus 98 synthetic heads
   with made-up names, thresholds above every negative) that none of the prompts hits: every prompt pays the
-  classifier's embedding and the bank's scoring.
+  classifier's embedding and the bank's scoring, overlapped with its prefill as served (``server/speculation.py``);
+* ``lethe, 100 targets, classified first``: the same with speculation off (``LETHE_SPECULATIVE_PREFILL=false``):
+  the engine sees each prompt only once it is classified.
 
 HTTP framing is the same for Lethe and a vLLM server and is left out of both. The workload is
 ``bench/workload.py``'s, on the bench model: unique TOFU questions about people no target names (the split's
@@ -45,7 +47,8 @@ from server.run import ChatPrompt, RunRequest  # noqa: E402
 from server.runtime import Runtime  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "unflagged_traffic.json"
-PATHS = ("vllm", "lethe, 0 targets", "lethe, 100 targets")
+HUNDRED, CLASSIFIED_FIRST = "lethe, 100 targets", "lethe, 100 targets, classified first"
+PATHS = ("vllm", "lethe, 0 targets", HUNDRED, CLASSIFIED_FIRST)
 GOAL_CONCURRENCIES = (1, 8)
 THROUGHPUT_GOAL = 0.95  # Lethe with 100 targets ÷ vLLM, at least
 TTFT_GOAL = 1.1  # time to first token p50, Lethe with 100 targets ÷ vLLM, at most
@@ -71,10 +74,10 @@ async def through(runtime: Runtime, path: str, questions: list[str], concurrency
     async def lethe(question: str) -> AsyncIterator[int]:
         nonlocal hits
         run = await pipeline.start(RunRequest("chat", f"bench-{uuid.uuid4().hex}",
-                                              ChatPrompt((ChatTurn("user", question),))))
+                                              ChatPrompt((ChatTurn("user", question),)), params=params))
         hits += bool(run.hit_target_ids)
         async with run:
-            async for event in run.events(params):
+            async for event in run.events():
                 yield len(event.token_ids)
 
     load = await drive(questions, concurrency, plain if path == "vllm" else lethe)
@@ -91,22 +94,26 @@ async def measure(runtime: Runtime, rounds: int, model: str) -> dict:
     await wait_until_served(runtime, ids)
     holder = runtime.control.snapshots
     registered = holder.current
-    snapshots = {"lethe, 0 targets": replace(registered, targets={}, bank=None),
-                 "lethe, 100 targets": hundred_targets(registered, runtime)}
+    hundred = hundred_targets(registered, runtime)
+    snapshots = {"lethe, 0 targets": replace(registered, targets={}, bank=None), HUNDRED: hundred,
+                 CLASSIFIED_FIRST: hundred}
     questions = UniqueQuestions(unflagged_questions())
 
     for path in PATHS:  # warm-up
         holder.current = snapshots.get(path, registered)
+        runtime.pipeline.speculate = path != CLASSIFIED_FIRST
         await through(runtime, path, questions.take(8), 8)
     raw: dict[str, dict[int, list[dict]]] = {path: {c: [] for c in CONCURRENCIES} for path in PATHS}
     for round_index in range(rounds):
         for concurrency in CONCURRENCIES:
             for path in rotated(PATHS, round_index):
                 holder.current = snapshots.get(path, registered)
+                runtime.pipeline.speculate = path != CLASSIFIED_FIRST
                 raw[path][concurrency].append(
                     await through(runtime, path, questions.take(requests_at(concurrency)), concurrency))
         print(f"round {round_index + 1}/{rounds} done", flush=True)
     holder.current = registered
+    runtime.pipeline.speculate = runtime.control.settings.speculative_prefill
 
     table = {}
     for concurrency in CONCURRENCIES:
@@ -131,7 +138,7 @@ def rows(summary: dict) -> list[dict]:
     """The summary rows (``bench/summary.py``): Lethe with 100 targets against vLLM, at the goals' concurrencies."""
     out = []
     for concurrency in GOAL_CONCURRENCIES:
-        row = summary["table"][f"lethe, 100 targets @ {concurrency}"]
+        row = summary["table"][f"{HUNDRED} @ {concurrency}"]
         out += [
             {"metric": f"unflagged throughput, 100 targets vs vLLM, concurrency {concurrency}",
              "model": summary["model"], "value": row["throughput_ratio"], "goal": f">= {THROUGHPUT_GOAL}",

@@ -53,11 +53,12 @@ async def probe(runtime: Runtime, text: str) -> tuple[list[str], list[str]] | No
 
     params = SamplingParams(temperature=0.0, max_tokens=PROBE_TOKENS, output_kind=RequestOutputKind.DELTA)
     try:
-        run = await runtime.pipeline.start(RunRequest("chat", f"bench-{uuid.uuid4().hex}", question(text)))
+        run = await runtime.pipeline.start(RunRequest("chat", f"bench-{uuid.uuid4().hex}", question(text),
+                                                             params=params))
     except GuardFailed:
         return None
     async with run:
-        async for _ in run.events(params):
+        async for _ in run.events():
             pass
     return list(run.hit_target_ids), list(run.mechanisms)
 

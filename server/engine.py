@@ -14,6 +14,7 @@ import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -220,8 +221,10 @@ class Engine:
         if not self.alive:
             raise EngineUnavailable()
         try:
-            async for output in self._llm.generate(prompt, params, request_id, lora_request=lora_request):
-                yield output
+            # Closed with this stream, not when collected: closing it is what aborts the engine request.
+            async with aclosing(self._llm.generate(prompt, params, request_id, lora_request=lora_request)) as outputs:
+                async for output in outputs:
+                    yield output
         except EngineDeadError as exc:
             self._dead = True
             raise EngineUnavailable() from exc

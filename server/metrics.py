@@ -66,6 +66,10 @@ class Metrics:
         self.guard_applied = Counter(
             "lethe_guard_applied", "Prompts a mechanism was applied to.", ["mechanism"], registry=r
         )
+        self.speculative_prefills = Counter(
+            "lethe_speculative_prefills", "Plain engine requests started while their prompt was classified: kept "
+            "(the prompt was clean) or discarded (aborted unread).", ["outcome"], registry=r,
+        )
         self.guard_failures = Counter(
             "lethe_guard_failures", "Flagged prompts refused because a mechanism failed (fail closed).", ["mechanism"],
             registry=r,

@@ -9,7 +9,9 @@ An endpoint calls ``start`` once with a ``RunRequest`` and drives the ``Run`` it
 (``server/openai/serving.py``) turns ``ChoiceEvent``s into responses or SSE chunks, so streaming and non-streaming
 share one generation path; scoring (``server/scoring.py``) runs the same lifecycle. With no forget target hit, the
 plan is the plain vLLM input (token ids, no extra_args, no LoRA), which keeps unflagged traffic token-identical to
-plain vLLM; with no target registered at all, classification is skipped and costs nothing.
+plain vLLM; with no target registered at all, classification is skipped and costs nothing. With targets registered,
+each prompt's plain request is submitted while the prompt is classified, and kept only if its plan turns out plain
+(``server/speculation.py``): classification then overlaps the prefill instead of preceding it.
 
 Rendering and tokenising run on one worker thread of the pipeline's own (as vLLM's server does: a fast tokenizer is
 not safe to share across threads that change its settings), never on the event loop: a long conversation or a batch
@@ -46,13 +48,14 @@ from server.classifier_batcher import ClassificationBatcher
 from server.engine import Engine
 from server.errors import (ContextLengthExceeded, GuardFailed, InvalidRequest, PromptTooLongForGate,
                            RegistryUnavailable, RequestTimeout)
-from server.planner import NO_TARGETS, ChatTurn, Classification, EnginePlan, Planner, RenderedPrompt
+from server.planner import NO_TARGETS, ChatTurn, Classification, EnginePlan, Planner, RenderedPrompt, plain_plan
 from server.metrics import Metrics
 from server.prompt_embeds import EmbeddingTable
 from server.registry.records import AuditEntry
 from server.registry.snapshot import RegistrySnapshot, SnapshotHolder
 from server.run import (ChatPrompt, ChoiceEvent, CompletionPrompt, Run, RunRequest, TokenLogprob,
                         completion_items)
+from server.speculation import PlainStart
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +84,7 @@ class Pipeline:
         servings: Mapping[str, MechanismServing] | None = None,
         embeddings: EmbeddingTable | None = None,
         interim: InterimGuard | None = None,
+        speculate: bool = False,
     ) -> None:
         self._engine = engine
         self._timeout_s = request_timeout_s
@@ -91,6 +95,8 @@ class Pipeline:
         self.planner = Planner(mechanisms, servings or {}, embeddings, engine, metrics, interim)
         self._classifier = ClassificationBatcher(on_batch=metrics.classifier_batch_size.observe)
         self._renderer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lethe-render")
+        # Start each prompt plainly while it is classified (server/speculation.py); the benchmarks switch it per path.
+        self.speculate = speculate
 
     def close(self) -> None:
         """Stop the rendering thread (a render in progress finishes; queued ones are dropped)."""
@@ -178,9 +184,26 @@ class Pipeline:
         self.check_budget(prompts, request.max_tokens, request.budget_param)
         self.check_gate_input(prompts, snapshot)
         run = Run(request_id=request.request_id, endpoint=request.endpoint, prompts=prompts, n=request.n,
-                  snapshot=snapshot, generate=self._generate, on_finish=self._account, audited=request.audited)
+                  snapshot=snapshot, generate=self._generate, on_finish=self._account, audited=request.audited,
+                  params=request.params)
+        speculative = (self._start_plain(run) if self.speculate and snapshot.bank is not None
+                       and self.planner.may_be_plain(snapshot) else {})
         try:
-            run.classifications = list(await asyncio.gather(*(self._classify(snapshot, p) for p in prompts)))
+            await self._classify_and_plan(run)
+        except BaseException:
+            await _discard(speculative.values())
+            self._metrics.speculative_prefills.labels("discarded").inc(len(speculative))
+            raise
+        run.plain_starts = {index: start for index, start in speculative.items() if run.plans[index].plain}
+        await _discard(start for index, start in speculative.items() if index not in run.plain_starts)
+        if speculative:
+            self._metrics.speculative_prefills.labels("kept").inc(len(run.plain_starts))
+            self._metrics.speculative_prefills.labels("discarded").inc(len(speculative) - len(run.plain_starts))
+        return run
+
+    async def _classify_and_plan(self, run: Run) -> None:
+        try:
+            run.classifications = list(await asyncio.gather(*(self._classify(run.snapshot, p) for p in run.prompts)))
         except Exception as exc:  # an unclassified prompt may be about a target: refuse it, never serve it plain
             logger.exception("classifier.failed", extra={"request_id": run.request_id})
             self._metrics.guard_failures.labels("classifier").inc()
@@ -189,11 +212,19 @@ class Pipeline:
         if run.hit_target_ids:
             self._metrics.target_hits.inc()
         try:
-            run.plans = [self.plan(run, index) for index in range(len(prompts))]
+            run.plans = [self.plan(run, index) for index in range(len(run.prompts))]
         except GuardFailed:
             run.finish("guard_failed")
             raise
-        return run
+
+    def _start_plain(self, run: Run) -> dict[int, PlainStart]:
+        """Each prompt's plain engine request, submitted before its classification is known (``server/speculation.py``);
+        none for a run without sampling parameters."""
+        if run.params is None:
+            return {}
+        return {index: PlainStart(self._engine.generate(plan.prompt, self._engine_params(run, index, plan),
+                                                        self._engine_id(run, index), plan.lora_request))
+                for index, plan in ((index, plain_plan(prompt)) for index, prompt in enumerate(run.prompts))}
 
     def _render(self, prompt: ChatPrompt | CompletionPrompt) -> list[RenderedPrompt]:
         if isinstance(prompt, ChatPrompt):
@@ -258,20 +289,29 @@ class Pipeline:
                                           targets=targets, mechanisms=list(run.mechanisms), scores=scores,
                                           outcome=outcome, prompt=prompt_text))
 
-    async def _generate(self, run: Run, params: Any) -> AsyncIterator[ChoiceEvent]:
+    def _engine_params(self, run: Run, index: int, plan: EnginePlan) -> Any:
+        """The request's sampling parameters for prompt ``index`` under ``plan``."""
+        params = run.params.clone()
+        if params.max_tokens is None:
+            params.max_tokens = self._engine.info.max_model_len - len(run.prompts[index].token_ids)
+        if plan.extra_args is not None:
+            params.extra_args = plan.extra_args
+        return params
+
+    @staticmethod
+    def _engine_id(run: Run, index: int) -> str:
+        return run.request_id if len(run.prompts) == 1 else f"{run.request_id}-{index}"
+
+    async def _generate(self, run: Run) -> AsyncIterator[ChoiceEvent]:
         """All choices' events, interleaved as the engine produces them; ends when every choice has finished
-        (``Run.events``)."""
+        (``Run.events``). A prompt whose plain request was started while it was classified continues that one."""
         from vllm.utils.async_utils import merge_async_iterators
 
         streams = []
-        for prompt_index, (prompt, plan) in enumerate(zip(run.prompts, run.plans, strict=True)):
-            prompt_params = params.clone()
-            if prompt_params.max_tokens is None:
-                prompt_params.max_tokens = self._engine.info.max_model_len - len(prompt.token_ids)
-            if plan.extra_args is not None:
-                prompt_params.extra_args = plan.extra_args
-            engine_id = run.request_id if len(run.prompts) == 1 else f"{run.request_id}-{prompt_index}"
-            streams.append(self._engine.generate(plan.prompt, prompt_params, engine_id, plan.lora_request))
+        for index, plan in enumerate(run.plans):
+            started = run.plain_starts.get(index)
+            streams.append(started.stream() if started is not None else self._engine.generate(
+                plan.prompt, self._engine_params(run, index, plan), self._engine_id(run, index), plan.lora_request))
 
         merged = merge_async_iterators(*streams)
         try:
@@ -287,6 +327,11 @@ class Pipeline:
             raise RequestTimeout() from exc
         finally:
             await merged.aclose()
+
+
+async def _discard(starts: Iterable[PlainStart]) -> None:
+    for start in starts:
+        await start.discard()
 
 
 def with_gate(hits: tuple[Hit, ...], gate: str, opened: dict[str, float]) -> tuple[Hit, ...]:

@@ -87,6 +87,16 @@ class EnginePlan:
     lora_request: Any = None
     mechanisms: tuple[str, ...] = ()  # applied, in mechanism order
 
+    @property
+    def plain(self) -> bool:
+        """What plain vLLM would receive: the token ids alone, no extra_args, no LoRA."""
+        return self.extra_args is None and self.lora_request is None and set(self.prompt) == {"prompt_token_ids"}
+
+
+def plain_plan(prompt: RenderedPrompt) -> EnginePlan:
+    """The engine request of a prompt no mechanism applies to."""
+    return EnginePlan(prompt={"prompt_token_ids": prompt.token_ids})
+
 
 class Planner:
     """Turns a classified prompt into its engine request through the mechanisms."""
@@ -108,7 +118,7 @@ class Planner:
         client's sampling ``seed`` never reaches a mechanism (``guards.base.corruption_seed``)."""
         candidates = self._candidates(classification.hits, snapshot)
         if not candidates:
-            return EnginePlan(prompt={"prompt_token_ids": prompt.token_ids})
+            return plain_plan(prompt)
         composed = ComposedPlan()
         view = prompt.view()
         gated: set[str] = {hit.target_id for hit in candidates if ALWAYS_GATE not in hit.gates
@@ -168,6 +178,10 @@ class Planner:
             logger.exception("guard.failed", extra={"request_id": request_id, "mechanism": self._interim.name,
                                                     "target_id": target_id})
             raise GuardFailed() from exc
+
+    def may_be_plain(self, snapshot: RegistrySnapshot) -> bool:
+        """Whether a prompt that hits no target gets the plain plan: no always-gated mechanism applies to every one."""
+        return not self._candidates((), snapshot)
 
     def _candidates(self, hits: tuple[Hit, ...], snapshot: RegistrySnapshot) -> tuple[Hit, ...]:
         """The prompt's hits plus every target with an always-gated mechanism (cached per snapshot revision)."""

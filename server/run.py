@@ -3,9 +3,9 @@
 An endpoint hands ``Pipeline.start`` one ``RunRequest``; the run comes back rendered, classified and planned (or the
 request is refused before any byte of a response exists). The endpoint then drives it as a context manager::
 
-    run = await pipeline.start(RunRequest(...))
+    run = await pipeline.start(RunRequest(..., params=sampling_params))
     async with run:
-        async for event in run.events(params):
+        async for event in run.events():
             ...
 
 and the run is finished exactly once on the way out — metrics, a structured log line, one audit record — with the
@@ -24,6 +24,7 @@ from typing import Any
 from server.errors import GuardFailed
 from server.planner import ChatTurn, Classification, EnginePlan, RenderedPrompt
 from server.registry.snapshot import RegistrySnapshot
+from server.speculation import PlainStart
 
 CompletionPrompt = str | list[str] | list[int] | list[list[int]]
 
@@ -57,6 +58,9 @@ class RunRequest:
     max_tokens: int | None = None  # what must fit the context after the prompt
     budget_param: str = "max_tokens"  # the field named when it does not
     audited: bool = True  # False: no audit record (the server's own measurements: the erasure report's probes)
+    # vLLM ``SamplingParams`` of the reply; None for a run that only scores. Given at the start, so that an unflagged
+    # prompt's generation can start while it is classified (``server/speculation.py``).
+    params: Any = None
 
 
 @dataclass(frozen=True)
@@ -100,7 +104,7 @@ class Run:
     prompts: list[RenderedPrompt]
     n: int
     snapshot: RegistrySnapshot
-    generate: Callable[[Run, Any], AsyncIterator[ChoiceEvent]] = field(repr=False)
+    generate: Callable[[Run], AsyncIterator[ChoiceEvent]] = field(repr=False)
     on_finish: Callable[[Run, str], None] = field(repr=False)
     classifications: list[Classification] = field(default_factory=list)
     plans: list[EnginePlan] = field(default_factory=list)
@@ -111,6 +115,8 @@ class Run:
     completion_tokens: int = 0
     outcome: str | None = None  # set once, when the run is finished
     audited: bool = True
+    params: Any = None  # the request's SamplingParams
+    plain_starts: dict[int, PlainStart] = field(default_factory=dict, repr=False)  # kept speculation, by prompt
 
     @property
     def prompt_tokens(self) -> int:
@@ -120,9 +126,11 @@ class Run:
     def hit_target_ids(self) -> list[str]:
         return sorted({hit.target_id for c in self.classifications for hit in c.hits})
 
-    def events(self, params: Any) -> AsyncIterator[ChoiceEvent]:
-        """All choices' events, interleaved as the engine produces them (``params``: vLLM ``SamplingParams``)."""
-        return self.generate(self, params)
+    def events(self) -> AsyncIterator[ChoiceEvent]:
+        """All choices' events, interleaved as the engine produces them, sampled with the request's ``params``."""
+        if self.params is None:
+            raise RuntimeError("a run started without sampling parameters generates nothing")
+        return self.generate(self)
 
     def finish(self, outcome: str) -> None:
         """Account for the run once; later calls do nothing."""
@@ -135,4 +143,8 @@ class Run:
 
     async def __aexit__(self, error_type: type[BaseException] | None, error: BaseException | None,
                         traceback: Any) -> None:
-        self.finish(outcome_of(error))
+        try:
+            for start in self.plain_starts.values():  # kept, but never read (the endpoint failed before generating)
+                await start.discard()
+        finally:
+            self.finish(outcome_of(error))

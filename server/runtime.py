@@ -50,7 +50,8 @@ class Runtime:
         embeddings = await asyncio.to_thread(EmbeddingTable, model_path, engine.info.dtype)
         pipeline = Pipeline(engine, settings.request_timeout_s, metrics, registry=control.snapshots,
                             audit=control.audit, audit_prompts=settings.audit_prompts, mechanisms=MECHANISMS,
-                            servings=servings, embeddings=embeddings, interim=INTERIM)
+                            servings=servings, embeddings=embeddings, interim=INTERIM,
+                            speculate=settings.speculative_prefill)
         served = PipelineServedModel(pipeline, asyncio.get_running_loop(), engine.tokenizer)
         control.start_worker(served, model_path, probed=served)
         scoring = ScoringService(pipeline, GuardedScorer(model_path, engine.tokenizer,

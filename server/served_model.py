@@ -70,17 +70,17 @@ class PipelineServedModel:
     async def _guarded(self, probe: Probe, max_tokens: int, request_id: str) -> GuardedReply:
         from vllm.sampling_params import RequestOutputKind, SamplingParams
 
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, output_kind=RequestOutputKind.DELTA)
         request = RunRequest(endpoint=VERIFY_ENDPOINT, request_id=request_id, max_tokens=max_tokens, audited=False,
                              prompt=ChatPrompt(tuple(_turns(probe)), add_generation_prompt=not probe.prefill,
-                                               continue_final_message=probe.prefill))
+                                               continue_final_message=probe.prefill), params=params)
         try:
             run = await self._pipeline.start(request)
         except GuardFailed:
             return GuardedReply(text="", targets=(), mechanisms=(), refused=True)
-        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, output_kind=RequestOutputKind.DELTA)
         text = []
         async with run:
-            async for event in run.events(params):
+            async for event in run.events():
                 text.append(event.text)
         return GuardedReply(text="".join(text), targets=tuple(run.hit_target_ids), mechanisms=tuple(run.mechanisms))
 

@@ -168,6 +168,13 @@ def admin_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {ADMIN_KEY}"}
 
 
+def unfinished_requests(base_url: str) -> float:
+    """Requests the server's engine still holds (``lethe_engine_unfinished_requests``)."""
+    text = httpx.get(f"{base_url}/metrics", timeout=10).text
+    line = next(line for line in text.splitlines() if line.startswith("lethe_engine_unfinished_requests "))
+    return float(line.split()[1])
+
+
 @pytest.fixture(scope="session")
 def admin(lethe_server: RunningServer) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=f"{lethe_server.base_url}/admin/v1", headers=admin_headers(), timeout=60) as session:

@@ -76,9 +76,9 @@ def params(**kwargs: Any) -> SamplingParams:
 
 async def collect(pipeline: Pipeline, prompt, n: int = 1, **kwargs: Any):
     """One run of ``prompt`` (a ``ChatPrompt`` or a completions prompt) driven as the endpoints drive it."""
-    run = await pipeline.start(RunRequest("completions", "req-1", prompt, n))
+    run = await pipeline.start(RunRequest("completions", "req-1", prompt, n, params=params(n=n, **kwargs)))
     async with run:
-        return run, [event async for event in run.events(params(n=n, **kwargs))]
+        return run, [event async for event in run.events()]
 
 
 TARGET = "tgt_1"

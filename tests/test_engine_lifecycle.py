@@ -17,15 +17,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from demo.tofu_data import authors_of, general_knowledge
-from tests.conftest import REPO, admin_headers, auth_headers, start_server, stop_server
+from tests.conftest import REPO, admin_headers, auth_headers, start_server, stop_server, unfinished_requests
 
 FORGET01 = authors_of("forget01")
-
-
-def unfinished_requests(base_url: str) -> float:
-    text = httpx.get(f"{base_url}/metrics", timeout=10).text
-    line = next(l for l in text.splitlines() if l.startswith("lethe_engine_unfinished_requests "))
-    return float(line.split()[1])
 
 
 def wait_until_idle(base_url: str, timeout_s: float = 15) -> bool:

@@ -267,10 +267,10 @@ async def test_a_run_is_finished_once_with_the_outcome_of_how_it_ended(raised: B
                                                                      outcome: str) -> None:
     audited: list = []
     pipeline = Pipeline(FakeEngine(), 5, Metrics(), audit=SimpleNamespace(record=audited.append))  # type: ignore
-    run = await pipeline.start(RunRequest("chat", "req-1", HI))
+    run = await pipeline.start(RunRequest("chat", "req-1", HI, params=params(max_tokens=2)))
     with pytest.raises(type(raised)) if raised is not None else contextlib.nullcontext():
         async with run:
-            async for _ in run.events(params(max_tokens=2)):
+            async for _ in run.events():
                 if raised is not None:
                     raise raised
     run.finish("served")  # a second finish changes nothing

@@ -19,7 +19,7 @@ import pytest
 from evals.metrics import answer_recall
 from guards.guard.calibration import MAX_BAN
 from guards.never_seen import RECALL_MARGIN
-from tests.conftest import API_KEY, RunningServer, remove_targets
+from tests.conftest import API_KEY, RunningServer, remove_targets, unfinished_requests
 from tests.unlearning import (
     ANSWERED,
     FORGET01,
@@ -96,6 +96,32 @@ def test_protectedreplies_with_ids_stream_exactly_as_they_return(
 ) -> None:
     sample = FORGET_QUESTIONS[::5] + PARAPHRASES[::7]
     assert replies(lethe_server, model_name, sample, stream=True) == replies(lethe_server, model_name, sample)
+
+
+def speculative_prefills(server: RunningServer) -> dict[str, float]:
+    metrics = httpx.get(f"{server.base_url}/metrics", timeout=10).text
+    return {outcome: next((float(line.split()[1]) for line in metrics.splitlines()
+                           if line.startswith(f'lethe_speculative_prefills_total{{outcome="{outcome}"}}')), 0.0)
+            for outcome in ("kept", "discarded")}
+
+
+def test_flagged_prompts_plain_requests_are_aborted_unread_and_clean_ones_are_kept(
+    targets: list[dict], baseline: Baseline, lethe_server: RunningServer, model_name: str
+) -> None:
+    """Speculative prefill (on by default) through the real engine: each flagged prompt's plain request is aborted and
+    the reply is the protected one; each clean prompt's is the reply, token for token as before registration."""
+    before = speculative_prefills(lethe_server)
+    flagged, clean = FORGET_QUESTIONS[:4], RETAIN_QUESTIONS[:4]
+    texts = replies(lethe_server, model_name, flagged + clean)
+    after = speculative_prefills(lethe_server)
+    assert after["discarded"] - before["discarded"] >= len(flagged)
+    assert after["kept"] - before["kept"] >= 3  # the gate may flag a retain question (the test above allows 10 %)
+    assert all(answer_recall(text, q.gold, q.text) < FORGOTTEN for text, q in zip(texts, flagged, strict=False))
+    assert sum(text == baseline.retain_texts[i] for i, text in enumerate(texts[len(flagged):])) >= 3
+    deadline = time.monotonic() + 10  # aborted requests leave the engine
+    while unfinished_requests(lethe_server.base_url) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert unfinished_requests(lethe_server.base_url) == 0
 
 
 def test_completions_endpoint_is_protected_too(

@@ -146,15 +146,16 @@ class OpenAIServing:
             endpoint="chat", request_id=f"chatcmpl-{uuid.uuid4().hex}",
             prompt=ChatPrompt(turns, request.add_generation_prompt, request.continue_final_message),
             n=request.n, max_tokens=request.completion_budget,
-            budget_param="max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"))
+            budget_param="max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens",
+            params=params))
         if request.stream:
-            return self._chat_stream(request, run, params)
-        return await self._chat_full(request, run, params)
+            return self._chat_stream(request, run)
+        return await self._chat_full(request, run)
 
-    async def _chat_full(self, request: ChatCompletionRequest, run: Run, params: Any) -> ChatCompletionResponse:
+    async def _chat_full(self, request: ChatCompletionRequest, run: Run) -> ChatCompletionResponse:
         states = [ChoiceState() for _ in range(run.n)]
         async with run:
-            async for event in run.events(params):
+            async for event in run.events():
                 states[event.index].add(event)
         choices = [
             ChatChoice(
@@ -168,11 +169,11 @@ class OpenAIServing:
         ]
         return ChatCompletionResponse(id=run.request_id, model=request.model, choices=choices, usage=_usage(run))
 
-    async def _chat_stream(self, request: ChatCompletionRequest, run: Run, params: Any) -> AsyncIterator[str]:
-        async for line in self._framed(run, self._chat_chunks(request, run, params)):
+    async def _chat_stream(self, request: ChatCompletionRequest, run: Run) -> AsyncIterator[str]:
+        async for line in self._framed(run, self._chat_chunks(request, run)):
             yield line
 
-    async def _chat_chunks(self, request: ChatCompletionRequest, run: Run, params: Any) -> AsyncIterator[str]:
+    async def _chat_chunks(self, request: ChatCompletionRequest, run: Run) -> AsyncIterator[str]:
         created = int(time.time())
         options = request.stream_options
         continuous = bool(options and options.continuous_usage_stats)
@@ -184,7 +185,7 @@ class OpenAIServing:
         for index in range(run.n):
             yield chunk([ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))],
                         _usage(run) if continuous else None)
-        async for event in run.events(params):
+        async for event in run.events():
             if not event.text and event.finish_reason is None and not event.token_ids:
                 continue
             choice = ChatChunkChoice(
@@ -213,15 +214,15 @@ class OpenAIServing:
         params = sampling_params(request, request.max_tokens, request.logprobs, self._info.vocab_size)
         run = await self._pipeline.start(RunRequest(
             endpoint="completions", request_id=f"cmpl-{uuid.uuid4().hex}", prompt=request.prompt, n=request.n,
-            max_tokens=request.max_tokens))
+            max_tokens=request.max_tokens, params=params))
         if request.stream:
-            return self._completion_stream(request, run, params)
-        return await self._completion_full(request, run, params)
+            return self._completion_stream(request, run)
+        return await self._completion_full(request, run)
 
-    async def _completion_full(self, request: CompletionRequest, run: Run, params: Any) -> CompletionResponse:
+    async def _completion_full(self, request: CompletionRequest, run: Run) -> CompletionResponse:
         states = [ChoiceState() for _ in range(len(run.prompts) * run.n)]
         async with run:
-            async for event in run.events(params):
+            async for event in run.events():
                 states[event.index].add(event)
         choices = []
         for index, state in enumerate(states):
@@ -237,11 +238,11 @@ class OpenAIServing:
             )
         return CompletionResponse(id=run.request_id, model=request.model, choices=choices, usage=_usage(run))
 
-    async def _completion_stream(self, request: CompletionRequest, run: Run, params: Any) -> AsyncIterator[str]:
-        async for line in self._framed(run, self._completion_chunks(request, run, params)):
+    async def _completion_stream(self, request: CompletionRequest, run: Run) -> AsyncIterator[str]:
+        async for line in self._framed(run, self._completion_chunks(request, run)):
             yield line
 
-    async def _completion_chunks(self, request: CompletionRequest, run: Run, params: Any) -> AsyncIterator[str]:
+    async def _completion_chunks(self, request: CompletionRequest, run: Run) -> AsyncIterator[str]:
         created = int(time.time())
         options = request.stream_options
         continuous = bool(options and options.continuous_usage_stats)
@@ -252,7 +253,7 @@ class OpenAIServing:
             return sse(CompletionResponse(id=run.request_id, created=created, model=request.model, choices=choices,
                                           usage=usage))
 
-        async for event in run.events(params):
+        async for event in run.events():
             if not event.text and event.finish_reason is None and not event.token_ids:
                 continue
             prefix = "" if echoed[event.index] else _echo_prefix(request, run.prompts[event.prompt_index])
