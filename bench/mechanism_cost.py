@@ -9,10 +9,11 @@ and code paths, not on trained values; quality is measured on the demo model (``
 
 Each request is one of the authors' questions or TOFU paraphrases, classified by the gate (a hit), then planned with
 no mechanism ("unprotected": the same request as plain token ids), each mechanism alone, ECO + GUARD (the default)
-or all four; each mechanism applies under its own gate (O3: the OOD detector), exactly as served. A protected variant
-also pays the plain request speculation starts while its prompt is classified and aborts once it is flagged
-(``server/speculation.py``); the unprotected baseline does not. The fixed workload
-of ``bench/workload.py``: 64 tokens with ``ignore_eos``, concurrency 1, 8 and 32, rotated rounds, medians.
+or all four; each mechanism applies under its own gate (O3: the OOD detector), exactly as served. With
+``LETHE_SPECULATIVE_PREFILL=true`` a protected variant also pays the plain request speculation starts while its
+prompt is classified and aborts once it is flagged (``server/speculation.py``); the unprotected baseline never does.
+The fixed workload of ``bench/workload.py``: 64 tokens with ``ignore_eos``, concurrency 1, 8 and 32, rotated rounds,
+medians.
 
 cost ratio = unprotected tokens/s ÷ the variant's tokens/s in the same round (1.05 = 5 % dearer); the goals at
 concurrency 8 are issue 19's.
@@ -64,7 +65,7 @@ async def serve(runtime: Runtime, questions: list[str], concurrency: int,
     hits = 0
 
     # The unprotected baseline is plain vLLM's request without speculation's start, which a flagged prompt aborts:
-    # every protected variant pays that start as served (server/speculation.py).
+    # with speculation on, every protected variant pays that start as served (server/speculation.py).
     runtime.pipeline.speculate = mechanisms is not None and runtime.control.settings.speculative_prefill
 
     async def send(text: str) -> AsyncIterator[int]:

@@ -9,9 +9,9 @@ hits each alike:
   choice events);
 * ``lethe, 100 targets``: the same with 100 registered targets (the two forget01 authors plus 98 synthetic heads
   with made-up names, thresholds above every negative) that none of the prompts hits: every prompt pays the
-  classifier's embedding and the bank's scoring, overlapped with its prefill as served (``server/speculation.py``);
-* ``lethe, 100 targets, classified first``: the same with speculation off (``LETHE_SPECULATIVE_PREFILL=false``):
-  the engine sees each prompt only once it is classified.
+  classifier's embedding and the bank's scoring before the engine sees it (the default);
+* ``lethe, 100 targets, speculative prefill``: the same with ``LETHE_SPECULATIVE_PREFILL=true``: each prompt's
+  plain request starts while it is classified (``server/speculation.py``).
 
 HTTP framing is the same for Lethe and a vLLM server and is left out of both. The workload is
 ``bench/workload.py``'s, on the bench model: unique TOFU questions about people no target names (the split's
@@ -47,8 +47,8 @@ from server.run import ChatPrompt, RunRequest  # noqa: E402
 from server.runtime import Runtime  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "unflagged_traffic.json"
-HUNDRED, CLASSIFIED_FIRST = "lethe, 100 targets", "lethe, 100 targets, classified first"
-PATHS = ("vllm", "lethe, 0 targets", HUNDRED, CLASSIFIED_FIRST)
+HUNDRED, SPECULATIVE = "lethe, 100 targets", "lethe, 100 targets, speculative prefill"
+PATHS = ("vllm", "lethe, 0 targets", HUNDRED, SPECULATIVE)
 GOAL_CONCURRENCIES = (1, 8)
 THROUGHPUT_GOAL = 0.95  # Lethe with 100 targets ÷ vLLM, at least
 TTFT_GOAL = 1.1  # time to first token p50, Lethe with 100 targets ÷ vLLM, at most
@@ -96,19 +96,19 @@ async def measure(runtime: Runtime, rounds: int, model: str) -> dict:
     registered = holder.current
     hundred = hundred_targets(registered, runtime)
     snapshots = {"lethe, 0 targets": replace(registered, targets={}, bank=None), HUNDRED: hundred,
-                 CLASSIFIED_FIRST: hundred}
+                 SPECULATIVE: hundred}
     questions = UniqueQuestions(unflagged_questions())
 
     for path in PATHS:  # warm-up
         holder.current = snapshots.get(path, registered)
-        runtime.pipeline.speculate = path != CLASSIFIED_FIRST
+        runtime.pipeline.speculate = path == SPECULATIVE
         await through(runtime, path, questions.take(8), 8)
     raw: dict[str, dict[int, list[dict]]] = {path: {c: [] for c in CONCURRENCIES} for path in PATHS}
     for round_index in range(rounds):
         for concurrency in CONCURRENCIES:
             for path in rotated(PATHS, round_index):
                 holder.current = snapshots.get(path, registered)
-                runtime.pipeline.speculate = path != CLASSIFIED_FIRST
+                runtime.pipeline.speculate = path == SPECULATIVE
                 raw[path][concurrency].append(
                     await through(runtime, path, questions.take(requests_at(concurrency)), concurrency))
         print(f"round {round_index + 1}/{rounds} done", flush=True)
@@ -137,16 +137,19 @@ async def measure(runtime: Runtime, rounds: int, model: str) -> dict:
 def rows(summary: dict) -> list[dict]:
     """The summary rows (``bench/summary.py``): Lethe with 100 targets against vLLM, at the goals' concurrencies."""
     out = []
-    for concurrency in GOAL_CONCURRENCIES:
-        row = summary["table"][f"{HUNDRED} @ {concurrency}"]
-        out += [
-            {"metric": f"unflagged throughput, 100 targets vs vLLM, concurrency {concurrency}",
-             "model": summary["model"], "value": row["throughput_ratio"], "goal": f">= {THROUGHPUT_GOAL}",
-             "pass": row["throughput_ratio"] >= THROUGHPUT_GOAL},
-            {"metric": f"unflagged TTFT p50, 100 targets vs vLLM, concurrency {concurrency}",
-             "model": summary["model"], "value": row["ttft_p50_ratio"], "goal": f"<= {TTFT_GOAL}",
-             "pass": row["ttft_p50_ratio"] <= TTFT_GOAL},
-        ]
+    for path, label in ((HUNDRED, "100 targets"), (SPECULATIVE, "100 targets, speculative prefill")):
+        for concurrency in GOAL_CONCURRENCIES:
+            row = summary["table"].get(f"{path} @ {concurrency}")
+            if row is None:  # a result file from before the speculative path was measured
+                continue
+            out += [
+                {"metric": f"unflagged throughput, {label} vs vLLM, concurrency {concurrency}",
+                 "model": summary["model"], "value": row["throughput_ratio"], "goal": f">= {THROUGHPUT_GOAL}",
+                 "pass": row["throughput_ratio"] >= THROUGHPUT_GOAL},
+                {"metric": f"unflagged TTFT p50, {label} vs vLLM, concurrency {concurrency}",
+                 "model": summary["model"], "value": row["ttft_p50_ratio"], "goal": f"<= {TTFT_GOAL}",
+                 "pass": row["ttft_p50_ratio"] <= TTFT_GOAL},
+            ]
     return out
 
 

@@ -209,9 +209,10 @@ class Settings(BaseSettings):
                                "is kept loaded within it (one that does not fit is protected without ULD, logged).",
     )
     speculative_prefill: bool = Field(
-        True, description="Start each prompt's plain generation while the gate classifies it, and keep it only if no "
-                          "target applies (a flagged prompt's is aborted unread): unflagged replies no longer wait "
-                          "for classification. Costs a flagged prompt the engine work before the abort.",
+        False, description="Start each prompt's plain generation while the gate classifies it, and keep it only if no "
+                           "target applies (a flagged prompt's is aborted unread): unflagged replies no longer wait "
+                           "for classification, but a flagged prompt's first token then waits for the aborted "
+                           "prefill too, a timing difference that can tell a client its prompt hit a target.",
     )
     audit_prompts: bool = Field(False, description="Store prompt text in audit records.")
     audit_retention_days: float = Field(30.0, gt=0, description="Audit records older than this are deleted.")

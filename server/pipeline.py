@@ -9,9 +9,10 @@ An endpoint calls ``start`` once with a ``RunRequest`` and drives the ``Run`` it
 (``server/openai/serving.py``) turns ``ChoiceEvent``s into responses or SSE chunks, so streaming and non-streaming
 share one generation path; scoring (``server/scoring.py``) runs the same lifecycle. With no forget target hit, the
 plan is the plain vLLM input (token ids, no extra_args, no LoRA), which keeps unflagged traffic token-identical to
-plain vLLM; with no target registered at all, classification is skipped and costs nothing. With targets registered,
-each prompt's plain request is submitted while the prompt is classified, and kept only if its plan turns out plain
-(``server/speculation.py``): classification then overlaps the prefill instead of preceding it.
+plain vLLM; with no target registered at all, classification is skipped and costs nothing. With targets registered
+and ``LETHE_SPECULATIVE_PREFILL`` on (off by default), each prompt's plain request is submitted while the prompt is
+classified, and kept only if its plan turns out plain (``server/speculation.py``): classification then overlaps the
+prefill instead of preceding it.
 
 Rendering and tokenising run on one worker thread of the pipeline's own (as vLLM's server does: a fast tokenizer is
 not safe to share across threads that change its settings), never on the event loop: a long conversation or a batch
@@ -220,11 +221,14 @@ class Pipeline:
     def _start_plain(self, run: Run) -> dict[int, PlainStart]:
         """Each prompt's plain engine request, submitted before its classification is known (``server/speculation.py``);
         none for a run without sampling parameters."""
+        starts: dict[int, PlainStart] = {}
         if run.params is None:
-            return {}
-        return {index: PlainStart(self._engine.generate(plan.prompt, self._engine_params(run, index, plan),
-                                                        self._engine_id(run, index), plan.lora_request))
-                for index, plan in ((index, plain_plan(prompt)) for index, prompt in enumerate(run.prompts))}
+            return starts
+        for index, prompt in enumerate(run.prompts):
+            plan = plain_plan(prompt)
+            starts[index] = PlainStart(self._engine.generate(plan.prompt, self._engine_params(run, index, plan),
+                                                             self._engine_id(run, index)))
+        return starts
 
     def _render(self, prompt: ChatPrompt | CompletionPrompt) -> list[RenderedPrompt]:
         if isinstance(prompt, ChatPrompt):

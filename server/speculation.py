@@ -11,9 +11,14 @@ and the protected plan is submitted instead.
 
 Nothing a speculative request generates reaches a client unless its prompt was classified clean: its outputs are read
 only through ``stream``, which the pipeline calls for kept requests alone, and the run is handed to the endpoint only
-after every prompt is classified and planned. What a flagged prompt costs is the engine work done before the abort
-(usually part of one prefill), measured by ``bench/mechanism_cost.py``; ``LETHE_SPECULATIVE_PREFILL=false`` turns it
-off.
+after every prompt is classified and planned.
+
+It is off by default (``LETHE_SPECULATIVE_PREFILL``). vLLM cannot stop a forward pass it has begun: on an idle engine
+the plain prefill starts before the gate's verdict, the abort takes effect only after it, and a flagged prompt's first
+token then waits for two prefills (measured on the bench model at concurrency 1: 197 against 102 ms). That is a
+timing difference a client can read, telling it that its prompt is about a registered target, which is what
+``/metrics`` and the refusal policies keep from it; it suits deployments whose targets' existence is no secret (a
+copyrighted book, hazardous know-how) more than right-to-be-forgotten requests. Figures: ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations

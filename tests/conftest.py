@@ -144,8 +144,11 @@ def tokenizer(tiny_model_dir: Path):
 
 
 # The shared server purges a deleted target's artifacts seconds after its deletion (tests/test_erasure_server.py);
-# the grace still covers a job's store-then-publish on a busy CI host.
-SHARED_SERVER_ENV = {"LETHE_ERASURE_GRACE_S": "15", "LETHE_ERASURE_INTERVAL_S": "1"}
+# the grace still covers a job's store-then-publish on a busy CI host. It runs speculative prefill (off by default),
+# so every end-to-end test through it checks protection and plain-vLLM identity with it on; the other test servers
+# run the default.
+SHARED_SERVER_ENV = {"LETHE_ERASURE_GRACE_S": "15", "LETHE_ERASURE_INTERVAL_S": "1",
+                     "LETHE_SPECULATIVE_PREFILL": "true"}
 
 
 @pytest.fixture(scope="session")

@@ -63,7 +63,7 @@ class ClassifierAfterSubmission(FakeBank):
 
 def speculating(engine: TracingEngine, bank: FakeBank, *fakes: FakeMechanism, **kwargs: Any) -> Pipeline:
     pipeline = guarded(engine, *fakes, bank=bank, **kwargs)
-    pipeline.speculate = True  # as the server builds it (LETHE_SPECULATIVE_PREFILL, on by default)
+    pipeline.speculate = True  # as the server builds it with LETHE_SPECULATIVE_PREFILL=true
     return pipeline
 
 

@@ -108,8 +108,9 @@ def speculative_prefills(server: RunningServer) -> dict[str, float]:
 def test_flagged_prompts_plain_requests_are_aborted_unread_and_clean_ones_are_kept(
     targets: list[dict], baseline: Baseline, lethe_server: RunningServer, model_name: str
 ) -> None:
-    """Speculative prefill (on by default) through the real engine: each flagged prompt's plain request is aborted and
-    the reply is the protected one; each clean prompt's is the reply, token for token as before registration."""
+    """Speculative prefill (on in the shared server) through the real engine: each flagged prompt's plain request is
+    aborted and the reply is the protected one; each clean prompt's is the reply, token for token as before
+    registration."""
     before = speculative_prefills(lethe_server)
     flagged, clean = FORGET_QUESTIONS[:4], RETAIN_QUESTIONS[:4]
     texts = replies(lethe_server, model_name, flagged + clean)
