@@ -63,6 +63,11 @@ class JobContext(Protocol):
 
     def progress(self, fraction: float, message: str) -> None: ...
 
+    def check_cancelled(self) -> None:
+        """Raise if the run is known to be cancelled (from its last heartbeat); reads no database, so a handler may
+        call it before every forward pass."""
+        ...
+
 
 def target_spec(target: JobTarget) -> TargetSpec:
     """The registered target as the classifiers (and the jobs that fit on its texts) read it."""

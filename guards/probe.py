@@ -48,9 +48,13 @@ def hooked_logprobs(rows: torch.Tensor, answer: Sequence[int], hooks: Sequence[A
 class ModelProbe:
     """An HF copy of the served model that scores answers and decodes greedily under a given set of row hooks."""
 
-    def __init__(self, model_dir: Path, placement: Placement | None = None) -> None:
+    def __init__(self, model_dir: Path, placement: Placement | None = None,
+                 checkpoint: Callable[[], None] = lambda: None) -> None:
+        """``checkpoint`` runs before every forward pass: a job passes ``check_cancelled``, so that a calibration
+        (hundreds of passes between two progress reports) stops within one pass of its target's deletion."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        self._checkpoint = checkpoint
         self.placement = placement or compute_placement()
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.placement.dtype)
@@ -82,6 +86,7 @@ class ModelProbe:
         device = self.placement.device
         eos = self.tokenizer.eos_token_id
         with torch.inference_mode():
+            self._checkpoint()
             step = self.model(input_ids=torch.tensor([prompt], device=device), use_cache=True)
             for _ in range(max_tokens):
                 row = step.logits[0, -1].float()
@@ -91,6 +96,7 @@ class ModelProbe:
                 if token == eos:
                     break
                 output.append(token)
+                self._checkpoint()
                 step = self.model(input_ids=torch.tensor([[token]], device=device),
                                   past_key_values=step.past_key_values, use_cache=True)
         return self.tokenizer.decode(output, skip_special_tokens=True)
@@ -99,6 +105,7 @@ class ModelProbe:
         """The plain model's float32 logits predicting each answer token (cached: calibration asks again and again)."""
         key = (tuple(prompt), tuple(answer))
         if key not in self._rows:
+            self._checkpoint()
             with torch.inference_mode():
                 out = self.model(input_ids=torch.tensor([prompt + answer], device=self.placement.device))
             start = len(prompt) - 1

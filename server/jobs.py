@@ -46,6 +46,7 @@ class JobContext:
     target: TargetRecord
     artifacts: ArtifactStore
     _report: Callable[[float, str], bool]
+    _lost: Callable[[], bool] = field(default=lambda: False)  # the lease, as the heartbeat last found it
     last: tuple[float, str] = field(default=(0.0, "started"))
 
     @property
@@ -55,6 +56,11 @@ class JobContext:
     def progress(self, fraction: float, message: str) -> None:
         self.last = (fraction, message)
         if not self._report(fraction, message):
+            raise JobCancelled(self.job.id)
+
+    def check_cancelled(self) -> None:
+        """Raise ``JobCancelled`` once the heartbeat has found the job cancelled or claimed by another run."""
+        if self._lost():
             raise JobCancelled(self.job.id)
 
 
@@ -147,7 +153,8 @@ class JobWorker:
         artifacts = self._artifacts.owned_by(f"{job.id}.{job.attempts}")
         lease = Lease(job, self._stale_after_s)
         context = JobContext(job=job, target=target, artifacts=artifacts,
-                             _report=lambda fraction, message: self._report(lease, fraction, message))
+                             _report=lambda fraction, message: self._report(lease, fraction, message),
+                             _lost=lambda: lease.lost)
         heartbeat_stop = threading.Event()
         heartbeat = threading.Thread(target=keep_alive, name=f"lethe-heartbeat-{job.id}", daemon=True,
                                      args=(lease, lambda: self._jobs.report_progress(job, *context.last),

@@ -131,6 +131,40 @@ def test_deleting_a_target_stops_its_running_job(registry: Registry, tmp_path: P
     assert outcome == ["JobCancelled"]
 
 
+def test_a_job_between_progress_reports_stops_at_its_next_check_once_the_heartbeat_finds_it_cancelled(
+        registry: Registry, tmp_path: Path) -> None:
+    """A calibration runs hundreds of forward passes between two progress reports; it calls ``check_cancelled``
+    before each (``guards.probe.ModelProbe``), which reads what the heartbeat last found, not the database."""
+    target_id = add_target(registry)
+    started, finished = threading.Event(), threading.Event()
+    outcome: list[tuple[str, float]] = []
+
+    def passes(context: JobContext) -> dict:
+        started.set()
+        deadline = time.monotonic() + 20
+        try:
+            while time.monotonic() < deadline:  # no progress report at all
+                time.sleep(0.01)
+                context.check_cancelled()
+        except BaseException as exc:
+            outcome.append((type(exc).__name__, time.monotonic()))
+            raise
+        finally:
+            finished.set()
+        return {"status": "ready", "artifact": "0" * 64}
+
+    worker = JobWorker(registry, ArtifactStore(tmp_path), {FIT_CLASSIFIER: passes}, heartbeat_s=0.2)
+    thread = threading.Thread(target=worker.run_once)
+    thread.start()
+    assert started.wait(10)
+    registry.targets.delete(target_id)
+    deleted_at = time.monotonic()
+    assert finished.wait(10)
+    thread.join()
+    assert [name for name, _ in outcome] == ["JobCancelled"]
+    assert outcome[0][1] - deleted_at < 2  # within a few heartbeats, not at the end of the 20 s
+
+
 def test_a_job_whose_target_was_deleted_is_cancelled_not_failed(registry: Registry, tmp_path: Path) -> None:
     target_id = add_target(registry)
     job_id = registry.targets.get(target_id).jobs[0].id

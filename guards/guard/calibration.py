@@ -38,8 +38,10 @@ def phrase_table(spec: TargetSpec) -> PhraseTable:
 
 def calibrate_ban(model_dir: Path, spec: TargetSpec, max_phrases: int, soft_penalty: float, seed: int,
                   placement: Placement | None = None,
-                  progress: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
-    """The ban penalty for ``spec``'s phrase table and the figures that justify it (JSON-safe, for the state)."""
+                  progress: Callable[[str], None] = lambda message: None,
+                  checkpoint: Callable[[], None] = lambda: None) -> dict[str, Any]:
+    """The ban penalty for ``spec``'s phrase table and the figures that justify it (JSON-safe, for the state);
+    ``checkpoint`` runs before each forward pass (``ModelProbe``)."""
     table = phrase_table(spec)
     forget = [(item.question or "", item.answer or "") for item in spec.forget]
     if not any(question and answer for question, answer in forget):
@@ -47,7 +49,7 @@ def calibrate_ban(model_dir: Path, spec: TargetSpec, max_phrases: int, soft_pena
         # stays -inf and the target is not held "preparing" or "failed" for a calibration that cannot exist.
         return {"ban": None, "ban_table": table.digest,
                 "calibration": {"skipped": "no question/answer forget items to calibrate on"}}
-    probe = ModelProbe(model_dir, placement)
+    probe = ModelProbe(model_dir, placement, checkpoint)
     vocabulary = Vocabulary.from_tokenizer(probe.tokenizer)
     names = entity_names(spec.name, spec.aliases)
     pairs = calibration_sample(forget, sample_key(seed, names))

@@ -118,7 +118,7 @@ def calibration_job(resources: JobResources) -> JobHandler:
         options = registered_options(context.target, GUARD_KEY)
         return calibrate_ban(model_path, target_spec(context.target), int(options.get("max_phrases", 64)),
                              float(options.get("soft_penalty", 0.0)), int(options.get("seed", 0)), placement,
-                             lambda message: context.progress(0.5, message))
+                             lambda message: context.progress(0.5, message), context.check_cancelled)
 
     return run
 

@@ -26,12 +26,14 @@ MAX_ALPHA = 5.0  # UldOptions.alpha's bound
 
 def calibrate_alpha(model_dir: Path, assistant_dir: Path, forget: Sequence[tuple[str, str]], names: Sequence[str],
                     tau: float, seed: int, placement: Placement | None = None,
-                    progress: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
+                    progress: Callable[[str], None] = lambda message: None,
+                    checkpoint: Callable[[], None] = lambda: None) -> dict[str, Any]:
     """α for the assistant in ``assistant_dir`` and the figures that justify it (JSON-safe, for the target's state).
 
     ``names``: the target's name and aliases (the invented stand-in swaps them); ``seed``, the registration's, picks
-    the questions and the stand-ins (``guards.never_seen``: the same ones on every run)."""
-    probe = ModelProbe(model_dir, placement)
+    the questions and the stand-ins (``guards.never_seen``: the same ones on every run); ``checkpoint`` runs before
+    each forward pass (``ModelProbe``)."""
+    probe = ModelProbe(model_dir, placement, checkpoint)
     pairs = calibration_sample(forget, sample_key(seed, names))
     progress("measuring the served model on an invented stand-in")
     reference = measure_reference(probe, pairs, names, seed)

@@ -63,7 +63,8 @@ def training_job(resources: JobResources) -> JobHandler:
 
             figures |= calibrate_alpha(model_path, staging, forget, entity_names(record.name, record.aliases),
                                        float(options.get("tau", DEFAULT_TAU)), config.seed, placement,
-                                       lambda message: context.progress(0.9, f"calibrating alpha: {message}"))
+                                       lambda message: context.progress(0.9, f"calibrating alpha: {message}"),
+                                       context.check_cancelled)
         return {"assistant": context.artifacts.commit(staging), **figures}
 
     return run
