@@ -6,8 +6,8 @@ of a 55 ms TTFT on the bench model. So when the registry holds targets, the pipe
 plan (its token ids, the request's own sampling parameters, no extra_args, no LoRA) at once, and classifies it
 meanwhile. If the plan then computed for the prompt is that same plain plan, the request already under way is the
 reply: the same engine input as a request submitted after classification, so the same tokens. If the prompt hit a
-target (or an always-gated mechanism applies), the speculative request is aborted before anything it produced is read,
-and the protected plan is submitted instead.
+target, the speculative request is aborted before anything it produced is read, and the protected plan is submitted
+instead. (With an always-gated mechanism registered, no prompt's plan is plain, and nothing is speculated.)
 
 Nothing a speculative request generates reaches a client unless its prompt was classified clean: its outputs are read
 only through ``stream``, which the pipeline calls for kept requests alone, and the run is handed to the endpoint only

@@ -72,10 +72,12 @@ def test_a_logit_bias_is_refused_alike_whether_or_not_the_prompt_is_about_a_targ
 
 
 def test_logprobs_of_a_flagged_reply_never_list_a_banned_token(
-    targets: list[dict], client: openai.OpenAI, model_name: str
+    targets: list[dict], admin: httpx.Client, client: openai.OpenAI, model_name: str
 ) -> None:
-    """An author's name and its parts are always banned for a prompt about them: listed at −inf (or −9999), a token
-    spelling one would confirm the ban."""
+    """Banned outright (``calibrate: false``), an author's name and its parts are at −inf for a prompt about them:
+    listed at −inf (or −9999), a token spelling one would confirm the ban. (A calibrated ban is finite: the name then
+    keeps a logprob, as unlikely as the calibration found a stranger's answers; on some CPUs still in the top 20.)"""
+    use_mechanisms(admin, targets, {"guard": {"calibrate": False}})
     asked = FORGET_QUESTIONS[:20:5]  # about the first author, whose name parts GUARD bans for them
     assert {q.text for q in asked} <= {item.question for item in FORGET01[0].items}
     name_parts = [part.lower() for part in FORGET01[0].name.split() if len(part) >= 4]
