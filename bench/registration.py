@@ -20,7 +20,7 @@ from classifiers.negatives import builtin_negative_pool
 from server.admin.protocol import TargetCreate
 from server.admin.serving import new_target
 from server.classifier_jobs import _load_prompt_artifact
-from server.planner import ChatTurn, EnginePlan
+from server.planner import ChatTurn, plain_plan
 from server.registry.records import NewTarget
 from server.registry.snapshot import RegistrySnapshot
 from server.run import ChatPrompt
@@ -74,7 +74,7 @@ def replan_run(runtime: Runtime, run: Any, mechanisms: tuple[str, ...] | None) -
     """Re-plan a started (hit) run with only ``mechanisms``, or as plain token ids ("unprotected") when None."""
     prompt = run.prompts[0]
     if mechanisms is None:
-        run.plans = [EnginePlan(prompt={"prompt_token_ids": prompt.token_ids})]
+        run.plans = [plain_plan(prompt)]
     else:
         run.snapshot = only(run.snapshot, mechanisms)
         run.plans = [runtime.pipeline.plan(run, 0)]

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from guards.base import ComposedPlan, PromptView
 from server.errors import GuardFailed
 from server.pipeline import Pipeline
-from server.planner import ChatTurn, EnginePlan, RenderedPrompt
+from server.planner import ChatTurn, EnginePlan, RenderedPrompt, plain_plan
 from server.run import ChatPrompt, RunRequest
 from server.verification.job import GuardedReply
 from server.verification.probes import Probe
@@ -48,7 +48,7 @@ class PipelineServedModel:
     def _engine_plan(self, prompt: PromptView, plan: ComposedPlan | None) -> EnginePlan:
         rendered = RenderedPrompt.from_view(prompt)
         if plan is None:
-            return EnginePlan(prompt={"prompt_token_ids": rendered.token_ids})
+            return plain_plan(rendered)
         return self._pipeline.planner.engine_plan(rendered, plan)
 
     # ------------------------------------------------------------ ProbedModel (the erasure report's verification)
@@ -61,7 +61,7 @@ class PipelineServedModel:
         for probe in probes:
             rendered = self._pipeline.render_chat(_turns(probe), add_generation_prompt=not probe.prefill,
                                                   continue_final_message=probe.prefill)
-            plans.append(EnginePlan(prompt={"prompt_token_ids": rendered.token_ids}))
+            plans.append(plain_plan(rendered))
         return self._all(self._pipeline.generate_text(plan, max_tokens, f"{tag}-{i}") for i, plan in enumerate(plans))
 
     def guarded_replies(self, probes: Sequence[Probe], max_tokens: int, tag: str) -> list[GuardedReply]:
