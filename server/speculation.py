@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 _END = object()  # the engine's stream ended before its first output (an engine error is raised, not this)
@@ -45,12 +46,13 @@ class PlainStart:
         if self._read:
             raise RuntimeError("a speculative request's outputs are read once")
         self._read = True
-        first = await self._first
-        if first is _END:
-            return
-        yield first
-        async for output in self._outputs:
-            yield output
+        async with aclosing(self._outputs):  # a reader that stops early aborts the request now, not when collected
+            first = await self._first
+            if first is _END:
+                return
+            yield first
+            async for output in self._outputs:
+                yield output
 
     async def discard(self) -> None:
         """Abort the engine request without reading anything it produced (vLLM aborts a request whose stream is
