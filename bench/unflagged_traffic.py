@@ -18,7 +18,8 @@ HTTP framing is the same for Lethe and a vLLM server and is left out of both. Th
 registrable and held-out authors, ``demo/author_split.py``: never in the gate's negative pool, so never in its
 embedding cache), 64 tokens with ``ignore_eos``, concurrency 1, 8 and 32, rotated rounds, medians.
 Ratios are Lethe ÷ vLLM: throughput (goal >= 0.95 with 100 targets) and time to first token p50 (goal <= 1.1), both
-at concurrency 1 and 8 (issue 19).
+at concurrency 1 and 8 (issue 19). The gate column is each classified prompt's wait from its classification's queue to
+its verdict, as served beside the engine: set it beside ``bench/classifier_latency.py``'s, measured in a quiet process.
 
     python bench/unflagged_traffic.py [--variant bench|tiny|full | --model DIR] [--rounds 3]
 """
@@ -42,7 +43,7 @@ from bench.workload import (CONCURRENCIES, MAX_TOKENS, UniqueQuestions, median, 
 from demo.author_split import HELDOUT, REGISTRABLE, authors_in  # noqa: E402
 from demo.tofu_data import authors_of, demo_authors  # noqa: E402
 from guards.chat import chat_prompt_ids  # noqa: E402
-from server.planner import ChatTurn  # noqa: E402
+from server.planner import NO_TARGETS, ChatTurn  # noqa: E402
 from server.run import ChatPrompt, RunRequest  # noqa: E402
 from server.runtime import Runtime  # noqa: E402
 
@@ -65,6 +66,7 @@ async def through(runtime: Runtime, path: str, questions: list[str], concurrency
     pipeline, engine = runtime.pipeline, runtime.engine
     params = sampling_params()
     hits = 0
+    gate_seconds: list[float] = []
 
     async def plain(question: str) -> AsyncIterator[int]:
         ids = chat_prompt_ids(engine.tokenizer, question)
@@ -76,16 +78,22 @@ async def through(runtime: Runtime, path: str, questions: list[str], concurrency
         run = await pipeline.start(RunRequest("chat", f"bench-{uuid.uuid4().hex}",
                                               ChatPrompt((ChatTurn("user", question),)), params=params))
         hits += bool(run.hit_target_ids)
+        gate_seconds.extend(c.seconds for c in run.classifications if c is not NO_TARGETS)
         async with run:
             async for event in run.events():
                 yield len(event.token_ids)
 
     load = await drive(questions, concurrency, plain if path == "vllm" else lethe)
-    return {"tokens_per_s": load.tokens_per_s, "ttft": load.ttft, "hits": hits}
+    return {"tokens_per_s": load.tokens_per_s, "ttft": load.ttft, "hits": hits, "gate": gate_seconds}
 
 
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q))
+
+
+def _gate_p50_ms(seconds: list[float]) -> float | None:
+    """A path's classification time at p50 (queued to verdict, as served; None where nothing was classified)."""
+    return round(1000 * percentile(seconds, 50), 2) if seconds else None
 
 
 async def measure(runtime: Runtime, rounds: int, model: str) -> dict:
@@ -129,6 +137,7 @@ async def measure(runtime: Runtime, rounds: int, model: str) -> dict:
                                                 for r, b in zip(rows, plain, strict=True)]), 3),
                 "ttft_p99_ms": round(1000 * median([percentile(r["ttft"], 99) for r in rows]), 1),
                 "hits": [r["hits"] for r in rows],
+                "gate_p50_ms": _gate_p50_ms([seconds for r in rows for seconds in r["gate"]]),
             }
     return {"model": model, "rounds": rounds, "max_tokens": MAX_TOKENS,
             "requests": {c: requests_at(c) for c in CONCURRENCIES}, "table": table}
@@ -150,6 +159,10 @@ def rows(summary: dict) -> list[dict]:
                  "model": summary["model"], "value": row["ttft_p50_ratio"], "goal": f"<= {TTFT_GOAL}",
                  "pass": row["ttft_p50_ratio"] <= TTFT_GOAL},
             ]
+    served_gate = summary["table"].get(f"{HUNDRED} @ 1", {}).get("gate_p50_ms")
+    if served_gate is not None:  # beside detection_scale.py's figure for the same gate called back to back
+        out.append({"metric": "served gate p50 ms, 100 targets, concurrency 1", "model": summary["model"],
+                    "value": served_gate, "goal": None, "pass": None})
     return out
 
 
@@ -159,12 +172,13 @@ def markdown(summary: dict) -> str:
         f"model {summary['model']}, {summary['rounds']} rounds, unique TOFU questions, "
         f"{summary['max_tokens']} tokens per reply",
         "",
-        "| path @ concurrency | tokens/s | throughput vs vLLM | TTFT p50 (ms) | TTFT p50 vs vLLM | TTFT p99 (ms) |",
-        "| --- | --: | --: | --: | --: | --: |",
+        "| path @ concurrency | tokens/s | throughput vs vLLM | TTFT p50 (ms) | TTFT p50 vs vLLM | TTFT p99 (ms) "
+        "| gate p50 (ms) |",
+        "| --- | --: | --: | --: | --: | --: | --: |",
     ]
     for name, row in summary["table"].items():
         lines.append(f"| {name} | {row['tokens_per_s']} | {row['throughput_ratio']:.3f}x | {row['ttft_p50_ms']} "
-                     f"| {row['ttft_p50_ratio']:.3f}x | {row['ttft_p99_ms']} |")
+                     f"| {row['ttft_p50_ratio']:.3f}x | {row['ttft_p99_ms']} | {row.get('gate_p50_ms') or ''} |")
     return "\n".join(lines)
 
 
