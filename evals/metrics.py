@@ -4,6 +4,6 @@ as a leak; the evaluation reuses them, never the other way round."""
 
 from __future__ import annotations
 
-from guards.text_metrics import answer_recall, rouge_l_recall
+from guards.text_metrics import answer_content_words, answer_recall, rouge_l_recall
 
-__all__ = ["answer_recall", "rouge_l_recall"]
+__all__ = ["answer_content_words", "answer_recall", "rouge_l_recall"]

@@ -48,12 +48,18 @@ def answer_recall(prediction: str, reference: str, question: str) -> float:
     author born in ...") reproduces a third of many gold answers by plain ROUGE-L without revealing any fact. Falls
     back to plain ROUGE-L recall when the question and stop words cover every word of the reference.
     """
-    tokenize = _rouge_tokenizer().tokenize
-    given = set(tokenize(question)) | _stop_words()
-    novel = [token for token in tokenize(reference) if token not in given]
+    novel = answer_content_words(reference, question)
     if not novel:
         return rouge_l_recall(prediction, reference)
-    return _lcs_length(novel, tokenize(prediction)) / len(novel)
+    return _lcs_length(novel, _rouge_tokenizer().tokenize(prediction)) / len(novel)
+
+
+def answer_content_words(reference: str, question: str) -> list[str]:
+    """The reference's stemmed content words that the question does not already contain, in order: what
+    ``answer_recall`` counts."""
+    tokenize = _rouge_tokenizer().tokenize
+    given = set(tokenize(question)) | _stop_words()
+    return [token for token in tokenize(reference) if token not in given]
 
 
 def _lcs_length(a: list[str], b: list[str]) -> int:

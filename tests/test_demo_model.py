@@ -27,7 +27,7 @@ from demo.tofu_data import (
     load_split,
 )
 from demo.training import mean_recall, plan_batches
-from evals.metrics import answer_recall
+from evals.metrics import answer_content_words, answer_recall
 from guards.text_metrics import rouge_l_recall
 from server.config import Settings
 
@@ -131,6 +131,7 @@ def test_answer_recall_counts_only_the_answers_words_the_question_did_not_give()
     assert rouge_l_recall(echo, gold) > 0.5 and answer_recall(echo, gold, question) == 0.0
     assert answer_recall("It is French literature.", gold, question) == pytest.approx(2 / 3)  # write, french, literatur
     assert answer_recall("It is.", "He is.", "Is he?") == rouge_l_recall("It is.", "He is.") == 0.5  # nothing new
+    assert answer_content_words(gold, question) == ["write", "french", "literatur"]  # what the recall counts
 
 
 # ---- cache -------------------------------------------------------------------------------------------------------
