@@ -43,8 +43,8 @@ from tests.unlearning import (
 
 MIN_ANSWERED = 10
 # A gold answer with fewer content words than this is no probe: one word that replies about any author use reaches
-# the forgotten bar alone ("French literature genre": "literature" is half of it, and an ECO-corrupted reply about
-# another author says it). With four, one word is 0.25 < FORGOTTEN.
+# the forgotten bar alone ("French literature genre": "literature" is half of it, and replies about other authors
+# say it). With four, one word is 0.25 < FORGOTTEN.
 MIN_CONTENT_WORDS = 4
 
 
