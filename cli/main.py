@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     tofu.add_argument("--split", choices=["forget01", "forget05"], default="forget01")
     chosen = tofu.add_mutually_exclusive_group()
     chosen.add_argument("--mechanisms", help="comma-separated mechanism set to evaluate (default eco,guard)")
-    chosen.add_argument("--matrix", action="store_true", help="each mechanism alone and all four combined")
+    chosen.add_argument("--matrix", action="store_true",
+                        help="each mechanism alone, the default set (eco,guard) and all four combined")
     tofu.add_argument("--retain-model", help="the retain-only model's HF directory (default: build the demo one)")
     tofu.add_argument("--demo-variant", choices=["full", "tiny"], default="full",
                       help="retain-only demo model to build when --retain-model is unset (match the served one)")
@@ -129,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
                             help="registered authors: the split's (10 or 2), against as many never-seen TOFU authors")
     chosen = membership.add_mutually_exclusive_group()
     chosen.add_argument("--mechanisms", help="comma-separated mechanism set to evaluate (default eco,guard)")
-    chosen.add_argument("--matrix", action="store_true", help="each mechanism alone and all four combined")
+    chosen.add_argument("--matrix", action="store_true",
+                        help="each mechanism alone, the default set (eco,guard) and all four combined")
     membership.add_argument("--questions-per-author", type=int,
                             help="first N questions of each author (default all 20)")
     membership.add_argument("--max-tokens", type=int, default=60, help="reply length (default 60)")

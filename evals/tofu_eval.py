@@ -38,6 +38,7 @@ from evals.tofu_metrics import (
     truth_ratio_items,
 )
 from server.admin_client import AdminClient
+from server.config import DEFAULT_MECHANISMS
 
 MECHANISMS = ("eco", "guard", "uld", "o3")
 # Retain authors whose items are registered with each target (classifier negatives, ULD's retain loss): the same
@@ -272,10 +273,11 @@ def run_served(client: AdminClient, sets: EvalSets, mechanisms: Sequence[str], r
 
 
 def configurations(mechanisms: Sequence[str] | None, matrix: bool) -> list[tuple[str, ...]]:
-    """The runs: unprotected first, then each mechanism alone and all four (matrix), or the one given set."""
+    """The runs: unprotected first, then each mechanism alone, the default set a target gets when it names none, and
+    all four (matrix; issue 16's goals read all three kinds), or the one given set (the default set if none)."""
     if matrix:
-        return [(), *((name,) for name in MECHANISMS), MECHANISMS]
-    chosen = tuple(mechanisms or ("eco", "guard"))
+        return [(), *((name,) for name in MECHANISMS), DEFAULT_MECHANISMS, MECHANISMS]
+    chosen = tuple(mechanisms or DEFAULT_MECHANISMS)
     unknown = [name for name in chosen if name not in MECHANISMS]
     if unknown:
         raise ValueError(f"unknown mechanisms {unknown}; choose from {list(MECHANISMS)}")

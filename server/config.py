@@ -22,6 +22,7 @@ DEFAULT_ADMIN_KEY_ID = "admin"  # the key id of LETHE_ADMIN_KEY
 # The settings that are vLLM engine arguments of the same name and meaning (and `lethe serve` flags).
 ENGINE_SETTINGS = ("served_model_name", "max_model_len", "dtype", "tensor_parallel_size", "gpu_memory_utilization",
                    "max_num_seqs", "enforce_eager")
+DEFAULT_MECHANISMS = ("eco", "guard")  # what a target gets unless its body or LETHE_DEFAULT_MECHANISMS names others
 STOP_GRACE_S = 20  # after LETHE_SHUTDOWN_TIMEOUT_S: the lifespan's own stop (job workers, engine), then a hard exit
 
 
@@ -128,7 +129,7 @@ class Settings(BaseSettings):
         10, ge=1, description="After SIGTERM, how long open requests get to finish before they are cancelled; the "
                               f"process exits at most {STOP_GRACE_S} s later, whatever is still stopping.")
     default_mechanisms: Annotated[list[str], NoDecode] = Field(
-        default_factory=lambda: ["eco", "guard"],
+        default_factory=lambda: list(DEFAULT_MECHANISMS),
         description="Mechanisms a target gets when its `mechanisms` field is omitted (comma-separated).",
     )
     classifier_recall: float = Field(

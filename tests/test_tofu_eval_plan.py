@@ -40,7 +40,8 @@ def test_forget10_is_refused_on_the_demo_model() -> None:
 def test_runs_are_unprotected_then_the_set_or_the_matrix() -> None:
     assert configurations(None, False) == [(), ("eco", "guard")]
     assert configurations(["uld"], False) == [(), ("uld",)]
-    assert configurations(None, True) == [(), ("eco",), ("guard",), ("uld",), ("o3",), ("eco", "guard", "uld", "o3")]
+    assert configurations(None, True) == [(), ("eco",), ("guard",), ("uld",), ("o3",), ("eco", "guard"),
+                                          ("eco", "guard", "uld", "o3")]
     with pytest.raises(ValueError, match="unknown"):
         configurations(["eco", "lora"], False)
 
@@ -120,8 +121,8 @@ def test_each_registration_seed_reaches_every_mechanism_and_the_runs_are_counted
     sets = eval_sets("forget01")
     body = target_body(sets.forget_authors[0], sets.retain_authors, ["eco", "uld"], seed=2)
     assert body["mechanisms"] == {"eco": {"seed": 2}, "uld": {"seed": 2}}
-    runs = configurations(None, True)  # unprotected, four alone, all four
-    assert run_count(runs, 1) == 1 + 6 and run_count(runs, 3) == 1 + 1 + 5 * 3
+    runs = configurations(None, True)  # unprotected, four alone, the default set, all four
+    assert run_count(runs, 1) == 1 + 7 and run_count(runs, 3) == 1 + 1 + 6 * 3
 
 
 def test_over_seeds_gives_each_configurations_median_and_range_and_the_table_shows_it() -> None:
