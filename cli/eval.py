@@ -10,6 +10,13 @@ from pathlib import Path
 from server.config import get_settings
 
 
+def mechanism_sets(values: list[str] | None) -> list[list[str]] | None:
+    """``--mechanisms`` as given, once or more: each a comma-separated set (blanks dropped)."""
+    if not values:
+        return None
+    return [[name.strip() for name in value.split(",") if name.strip()] for value in values]
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -27,7 +34,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         settings.cache_dir, args.demo_variant, args.split, progress=True)
     try:
         sets = eval_sets(args.split, args.limit, demo_model_authors(retain_dir))
-        runs = configurations(args.mechanisms.split(",") if args.mechanisms else None, args.matrix)
+        runs = configurations(mechanism_sets(args.mechanisms), args.matrix)
         if args.seeds < 1:
             raise ValueError(f"--seeds {args.seeds}: register each configuration at least once")
         # --limit caps the membership questions per author too
@@ -79,7 +86,7 @@ def cmd_eval_membership(args: argparse.Namespace) -> int:
         raise SystemExit("lethe: set LETHE_ADMIN_KEY: the evaluation registers targets and scores replies")
     try:
         sets = membership_set(args.split, args.questions_per_author)
-        runs = configurations(args.mechanisms.split(",") if args.mechanisms else None, args.matrix)
+        runs = configurations(mechanism_sets(args.mechanisms), args.matrix)
     except ValueError as exc:
         raise SystemExit(f"lethe: {exc}") from exc
     api_key = settings.api_keys[0] if settings.api_keys else None

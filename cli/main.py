@@ -103,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     tofu.add_argument("--base-url", default=default_url, help=f"server base URL (default {default_url})")
     tofu.add_argument("--split", choices=["forget01", "forget05"], default="forget01")
     chosen = tofu.add_mutually_exclusive_group()
-    chosen.add_argument("--mechanisms", help="comma-separated mechanism set to evaluate (default eco,guard)")
+    chosen.add_argument("--mechanisms", action="append",
+                        help="comma-separated mechanism set to evaluate (default eco,guard); repeat it to measure "
+                             "several sets side by side")
     chosen.add_argument("--matrix", action="store_true",
                         help="each mechanism alone, the default set (eco,guard) and all four combined")
     tofu.add_argument("--retain-model", help="the retain-only model's HF directory (default: build the demo one)")
@@ -129,7 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     membership.add_argument("--split", choices=["forget01", "forget05"], default="forget05",
                             help="registered authors: the split's (10 or 2), against as many never-seen TOFU authors")
     chosen = membership.add_mutually_exclusive_group()
-    chosen.add_argument("--mechanisms", help="comma-separated mechanism set to evaluate (default eco,guard)")
+    chosen.add_argument("--mechanisms", action="append",
+                        help="comma-separated mechanism set to evaluate (default eco,guard); repeat it to measure "
+                             "several sets side by side")
     chosen.add_argument("--matrix", action="store_true",
                         help="each mechanism alone, the default set (eco,guard) and all four combined")
     membership.add_argument("--questions-per-author", type=int,

@@ -272,16 +272,20 @@ def run_served(client: AdminClient, sets: EvalSets, mechanisms: Sequence[str], r
         return result
 
 
-def configurations(mechanisms: Sequence[str] | None, matrix: bool) -> list[tuple[str, ...]]:
+def configurations(mechanisms: Sequence[Sequence[str]] | None, matrix: bool) -> list[tuple[str, ...]]:
     """The runs: unprotected first, then each mechanism alone, the default set a target gets when it names none, and
-    all four (matrix; issue 16's goals read all three kinds), or the one given set (the default set if none)."""
+    all four (matrix; issue 16's goals read all three kinds), or the sets given (the default set if none): several
+    sets measure combinations side by side against one unprotected run (``--mechanisms eco,uld --mechanisms
+    guard,uld``), as a diagnosis of what stacks badly needs."""
     if matrix:
         return [(), *((name,) for name in MECHANISMS), DEFAULT_MECHANISMS, MECHANISMS]
-    chosen = tuple(mechanisms or DEFAULT_MECHANISMS)
-    unknown = [name for name in chosen if name not in MECHANISMS]
+    chosen = [tuple(names) for names in mechanisms or [DEFAULT_MECHANISMS]]
+    unknown = sorted({name for names in chosen for name in names if name not in MECHANISMS})
     if unknown:
         raise ValueError(f"unknown mechanisms {unknown}; choose from {list(MECHANISMS)}")
-    return [(), chosen]
+    if any(not names for names in chosen):
+        raise ValueError("an empty mechanism set: the unprotected run is always measured first")
+    return [(), *dict.fromkeys(chosen)]
 
 
 def run_count(runs: Sequence[tuple[str, ...]], seeds: int) -> int:

@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+from cli.eval import mechanism_sets
+from cli.main import build_parser, parse_args
 from demo.phrasings import packaged_phrasings
 from evals.paraphrase_oracle import jaccard_best, trained_and_held_out
 from evals.eval_report import markdown_table
@@ -39,11 +41,23 @@ def test_forget10_is_refused_on_the_demo_model() -> None:
 
 def test_runs_are_unprotected_then_the_set_or_the_matrix() -> None:
     assert configurations(None, False) == [(), ("eco", "guard")]
-    assert configurations(["uld"], False) == [(), ("uld",)]
+    assert configurations([["uld"]], False) == [(), ("uld",)]
     assert configurations(None, True) == [(), ("eco",), ("guard",), ("uld",), ("o3",), ("eco", "guard"),
                                           ("eco", "guard", "uld", "o3")]
     with pytest.raises(ValueError, match="unknown"):
-        configurations(["eco", "lora"], False)
+        configurations([["eco", "lora"]], False)
+
+
+def test_several_sets_run_side_by_side_after_one_unprotected_run() -> None:
+    args = parse_args(build_parser(), ["eval", "tofu", "--mechanisms", "eco,uld", "--mechanisms", " guard , uld",
+                       "--mechanisms", "eco,uld"])
+    assert mechanism_sets(args.mechanisms) == [["eco", "uld"], ["guard", "uld"], ["eco", "uld"]]
+    assert configurations(mechanism_sets(args.mechanisms), False) == [(), ("eco", "uld"), ("guard", "uld")]
+    assert mechanism_sets(parse_args(build_parser(), ["eval", "tofu"]).mechanisms) is None
+    with pytest.raises(ValueError, match="empty"):
+        configurations(mechanism_sets([","]), False)
+    with pytest.raises(SystemExit):  # --matrix already names every set
+        parse_args(build_parser(), ["eval", "membership", "--matrix", "--mechanisms", "uld"])
 
 
 class FakeModel:
