@@ -299,6 +299,8 @@ class Mechanism(Protocol):
     # Folders of ``ServingContext.artifacts_root`` where its serving half writes derived artifacts (O3's stacks): the
     # erasure pass collects there those built from a purged artifact (``DERIVED_MEMBERS``).
     derived_artifacts: tuple[str, ...]
+    # How it serves a target, for a calibration stacked on top of it (``guards.stacking.BeneathHooks``), or None
+    beneath_hooks: Any
 
     def prepare(self, options: Mapping[str, Any]) -> tuple[str, ...]:
         """The job kinds that must succeed before this mechanism can serve a target registered with ``options``."""
@@ -306,6 +308,11 @@ class Mechanism(Protocol):
 
     def ready(self, options: Mapping[str, Any], state: Mapping[str, Any]) -> bool:
         """Whether the published state is enough to serve (e.g. σ known)."""
+        ...
+
+    def calibrated_on(self, options: Mapping[str, Any]) -> tuple[str, ...]:
+        """The other mechanisms its preparation measures on top of where a target has them (``guards.stacking``):
+        adding, removing or re-optioning one of them re-runs this mechanism's jobs."""
         ...
 
     def gate(self, options: Mapping[str, Any]) -> str:
@@ -329,9 +336,13 @@ class MechanismBase:
     row_hooks: RowHooks | None = None
     lora_modules: tuple[str, ...] = ()
     derived_artifacts: tuple[str, ...] = ()
+    beneath_hooks: Any = None
 
     def gate(self, options: Mapping[str, Any]) -> str:
         return CLASSIFIER_GATE
+
+    def calibrated_on(self, options: Mapping[str, Any]) -> tuple[str, ...]:
+        return ()
 
     def admit(self, mine: Mapping[str, Any], others: Sequence[Mapping[str, Any]], settings: Any) -> str | None:
         return None

@@ -112,6 +112,8 @@ class JobResources:
     model_path: Path | None = None  # the served model's directory (MODEL_FILES, SERVED_MODEL)
     served: ServedModel | None = None  # SERVED_MODEL; a MODEL_FILES job may use it where present (a serving replica)
     registrations: Callable[[str], list[TargetEntry]] = lambda mechanism: []  # every target's entry of a mechanism
+    # (target, mechanism) -> what that mechanism's calibration measures on top of (``guards.stacking.Beneath``), or None
+    beneath: Callable[[JobTarget, str], Any] = lambda target, mechanism: None
 
     def model_files(self, kind: str) -> Path:
         """The served model's directory, for a job that trains on it (a worker without it cannot run ``kind``)."""

@@ -33,6 +33,16 @@ def no_hooks(prompt_ids: Sequence[int], output_ids: list[int]) -> Sequence[Any]:
     return ()
 
 
+def stacked(*factories: HookFactory) -> HookFactory:
+    """Several mechanisms' hooks on one sequence, applied in the order given: the engine's order
+    (``guards.row_hooks``: GUARD's bans, then ULD's difference), so a combination is measured as it serves."""
+
+    def factory(prompt_ids: Sequence[int], output_ids: list[int]) -> list[Any]:
+        return [hook for each in factories for hook in each(prompt_ids, output_ids)]
+
+    return factory
+
+
 def hooked_logprobs(rows: torch.Tensor, answer: Sequence[int], hooks: Sequence[Any], output: list[int]) -> list[float]:
     """Per-token log-probabilities of ``answer`` from its teacher-forced logits ``rows`` (A, V), each row passed
     through ``hooks`` after the tokens before it were appended to ``output`` (the hooks' live list); edits ``rows``."""

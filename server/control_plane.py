@@ -21,6 +21,7 @@ from guards.base import Mechanism
 from guards.job_interface import (ANY_WORKER, GATE_LANE, LANES, MODEL_FILES, SERVED_MODEL, TRAINING_LANE, JobHandler,
                                   JobResources, ServedModel)
 from guards.mechanisms import INTERIM, MECHANISMS
+from guards.stacking import beneath_of
 from server.artifact_gc import ArtifactCollector
 from server.artifacts import ArtifactStore, LocalInterim
 from server.audit import AuditWriter
@@ -45,8 +46,9 @@ JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 
 
 def mechanism_catalog(settings: Settings, mechanisms: Sequence[Mechanism] = MECHANISMS) -> MechanismCatalog:
-    """What the registry must know of the mechanisms: names, jobs per registration, admission checks, and which
-    mechanisms bring a gate of their own that the classifier job fits (enabling one refits the classifier)."""
+    """What the registry must know of the mechanisms: names, jobs per registration, admission checks, which
+    mechanisms bring a gate of their own that the classifier job fits (enabling one refits the classifier), and
+    which are calibrated on top of others (a change beneath re-runs their jobs)."""
     by_name = {mechanism.name: mechanism for mechanism in mechanisms}
 
     def jobs_for(name: str, options: Mapping[str, Any]) -> list[str]:
@@ -58,10 +60,14 @@ def mechanism_catalog(settings: Settings, mechanisms: Sequence[Mechanism] = MECH
                 return reason
         return None
 
+    def calibrated_on(name: str, options: Mapping[str, Any]) -> tuple[str, ...]:
+        return tuple(by_name[name].calibrated_on(options)) if name in by_name else ()
+
     return MechanismCatalog(frozenset(by_name), jobs_for,
                             {spec.kind: mechanism.name for mechanism in mechanisms for spec in mechanism.jobs}, admit,
                             classifier_fitted_gates=frozenset(mechanism.name for mechanism in mechanisms
-                                                              if mechanism.gate_detector is not None))
+                                                              if mechanism.gate_detector is not None),
+                            calibrated_on=calibrated_on)
 
 
 class LazyEmbedder:
@@ -124,7 +130,7 @@ def job_resources(settings: Settings, embedder: Callable[[], Embedder], registry
         return mechanism_entries(registry.targets.snapshot_rows()[1], name)
 
     return JobResources(settings=settings, embedder=embedder, model_path=model_path, served=served,
-                        registrations=registrations)
+                        registrations=registrations, beneath=beneath_of(MECHANISMS))
 
 
 def offline_handlers(settings: Settings, embedder: Callable[[], Embedder], registry: Registry,

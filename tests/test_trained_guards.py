@@ -5,9 +5,9 @@ is registered with O3 alone — its LoRA is trained orthogonal to author 1's and
 adapter — and both are measured (author 1 must stay forgotten: the continual property; by default the adapters answer
 as the served model does about an invented author, never with a refusal). Both are retrained with O3's refusal style
 and measured again, then switch to ULD alone (PATCH: the assistant is trained, the classifier refitted without O3's
-gate), then to all four mechanisms (ECO σ calibrated, GUARD phrases extracted, O3 retrained; the ULD assistant is
-kept). The last step is also the regression test for batches that mix prompt_embeds (ECO) and LoRA (O3) requests,
-which once killed the EngineCore.
+gate), then to all four mechanisms (ECO σ calibrated, GUARD phrases extracted and its ban calibrated, O3 retrained; the
+ULD assistant is kept and its α calibrated again on top of GUARD: ``guards/stacking.py``). The last step is also the
+regression test for batches that mix prompt_embeds (ECO) and LoRA (O3) requests, which once killed the EngineCore.
 """
 
 from __future__ import annotations
@@ -185,6 +185,14 @@ def test_all_four_mechanisms_together_protect_the_authors(
 ) -> None:
     targets, _ = o3_targets
     use_mechanisms(admin, targets, {"eco": {}, "guard": {}, "uld": {}, "o3": {}})
+    for target in (admin.get(f"/targets/{t['id']}").json() for t in targets):
+        # Calibrated as a combination (guards/stacking.py): GUARD came beneath ULD, so ULD's α was searched again
+        # on top of GUARD at the ban GUARD's own job published (the same inputs), with the assistant kept.
+        guard, uld = target["mechanisms"]["guard"]["state"], target["mechanisms"]["uld"]["state"]
+        beneath = uld["calibration"]["stacked_on"]["guard"]
+        assert uld["assistant_kept"] is True and beneath["ban_table"] == guard["ban_table"], (uld, guard)
+        # a last-step flip of the 7-step bisection over [0, 40] moves a ban by 0.31
+        assert beneath["ban"] == pytest.approx(guard["ban"], abs=0.35), (beneath, guard["ban"])
     assert_protects(lethe_server, model_name, baseline, "ECO+GUARD+ULD+O3")
     assert retain_ratio(baseline, replies(lethe_server, model_name, RETAIN_QUESTIONS)) >= 0.95
 

@@ -14,7 +14,7 @@ patched target is banned outright again until its own calibration ends.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,33 +43,67 @@ def calibrate_ban(model_dir: Path, spec: TargetSpec, max_phrases: int, soft_pena
     """The ban penalty for ``spec``'s phrase table and the figures that justify it (JSON-safe, for the state);
     ``checkpoint`` runs before each forward pass (``ModelProbe``)."""
     table = phrase_table(spec)
-    forget = [(item.question or "", item.answer or "") for item in spec.forget]
-    if not any(question and answer for question, answer in forget):
+    if not has_questions(spec):
         # Text-only forget items (a book's passages): there is no question to ask the invented stand-in. The ban
         # stays -inf and the target is not held "preparing" or "failed" for a calibration that cannot exist.
         return {"ban": None, "ban_table": table.digest,
                 "calibration": {"skipped": "no question/answer forget items to calibrate on"}}
-    probe = ModelProbe(model_dir, placement, checkpoint)
-    vocabulary = Vocabulary.from_tokenizer(probe.tokenizer)
+    return calibrate_ban_on(ModelProbe(model_dir, placement, checkpoint), spec, table, max_phrases, soft_penalty,
+                            seed, progress)
+
+
+def has_questions(spec: TargetSpec) -> bool:
+    return any(item.question and item.answer for item in spec.forget)
+
+
+def calibrate_ban_on(probe: ModelProbe, spec: TargetSpec, table: PhraseTable, max_phrases: int, soft_penalty: float,
+                     seed: int, progress: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
+    """``calibrate_ban`` on a loaded probe (a calibration stacked on GUARD's shares its own: ``served_guard``)."""
+    forget = [(item.question or "", item.answer or "") for item in spec.forget]
     names = entity_names(spec.name, spec.aliases)
     pairs = calibration_sample(forget, sample_key(seed, names))
-    item_of = {question: index for index, (question, _) in enumerate(forget)}
     progress("measuring the served model on an invented stand-in")
     reference = measure_reference(probe, pairs, names, seed)
+    hooks = guard_hooks(probe, spec, table, max_phrases, soft_penalty)
+    calibration = calibrate_hooks(probe, reference, lambda ban: lambda index: hooks(ban)(pairs[index].question),
+                                  0.0, MAX_BAN, progress)
+    return {"ban": round(calibration.strength, 4), "ban_table": table.digest,
+            "calibration": {**reference.figures(), **calibration.figures()}}
 
-    def hooks(ban: float) -> Callable[[int], HookFactory]:
-        def for_pair(index: int) -> HookFactory:
-            # As the planner ranks a registered question's phrases: its own item first (retrieval finds it).
-            own = item_of[pairs[index].question]
-            phrases = table.ranked([own, *(i for i in range(len(forget)) if i != own)], max_phrases)
+
+def guard_hooks(probe: ModelProbe, spec: TargetSpec, table: PhraseTable, max_phrases: int, soft_penalty: float
+                ) -> Callable[[float | None], Callable[[str], HookFactory]]:
+    """GUARD's row hooks at a ban (None: outright, -inf) for one of the target's forget questions, its phrases ranked as
+    the planner ranks a registered question's: its own item first (retrieval finds it)."""
+    vocabulary = Vocabulary.from_tokenizer(probe.tokenizer)
+    questions = [item.question or "" for item in spec.forget]
+    item_of = {question: index for index, question in enumerate(questions)}
+
+    def at(ban: float | None) -> Callable[[str], HookFactory]:
+        def for_question(question: str) -> HookFactory:
+            own = item_of[question]
+            phrases = table.ranked([own, *(i for i in range(len(questions)) if i != own)], max_phrases)
 
             def factory(prompt_ids: Sequence[int], output_ids: list[int]) -> list[Any]:
                 return [PhraseGuardHook(phrases, soft_penalty, vocabulary, prompt_ids, output_ids, ban)]
 
             return factory
 
-        return for_pair
+        return for_question
 
-    calibration = calibrate_hooks(probe, reference, hooks, 0.0, MAX_BAN, progress)
-    return {"ban": round(calibration.strength, 4), "ban_table": table.digest,
-            "calibration": {**reference.figures(), **calibration.figures()}}
+    return at
+
+
+def served_guard(probe: ModelProbe, spec: TargetSpec, options: Mapping[str, Any],
+                 progress: Callable[[str], None] = lambda message: None
+                 ) -> tuple[Callable[[str], HookFactory], dict[str, Any]]:
+    """GUARD as it will serve ``spec`` with its registered ``options``: its hooks per forget question at the ban its
+    own ``guard_calibrate`` job finds (the same inputs, so the same ban), or outright where that job bans outright
+    (``calibrate: false``, no question to calibrate on). What a mechanism calibrated on top of GUARD measures against
+    (``guards.stacking``), with the ban it assumed, for its state."""
+    max_phrases, soft_penalty = int(options.get("max_phrases", 64)), float(options.get("soft_penalty", 0.0))
+    table, ban = phrase_table(spec), None
+    if options.get("calibrate", True) and has_questions(spec):
+        ban = calibrate_ban_on(probe, spec, table, max_phrases, soft_penalty, int(options.get("seed", 0)),
+                               progress)["ban"]
+    return guard_hooks(probe, spec, table, max_phrases, soft_penalty)(ban), {"ban": ban, "ban_table": table.digest}

@@ -123,6 +123,14 @@ def calibration_job(resources: JobResources) -> JobHandler:
     return run
 
 
+def served_beneath(probe: Any, spec: TargetSpec, options: Mapping[str, Any], progress: Callable[[str], None]
+                   ) -> tuple[Callable[[str], Any], dict[str, Any]]:
+    """GUARD as it will serve ``spec``, for a calibration stacked on top of it (``calibration.served_guard``)."""
+    from guards.guard.calibration import served_guard
+
+    return served_guard(probe, spec, options, progress)
+
+
 def _vocabulary(tokenizer: Any, placement: Any) -> Vocabulary | None:
     """The served tokenizer's token texts, read once per engine process (None outside one); the bans' index tensors
     are made on each logits row's own device (``phrase_matcher``)."""
@@ -137,6 +145,7 @@ class Guard(MechanismBase):
     jobs = (JobSpec(GUARD_PHRASES, ANY_WORKER, phrases_job, lane=GATE_LANE),  # seconds: it builds no model
             JobSpec(GUARD_CALIBRATE, MODEL_FILES, calibration_job))
     row_hooks = RowHooks(resources=_vocabulary, validate=validate_guard_section, build=guard_row_hook)
+    beneath_hooks = staticmethod(served_beneath)
 
     def prepare(self, options: Mapping[str, Any]) -> tuple[str, ...]:
         return (GUARD_PHRASES, GUARD_CALIBRATE) if options.get("calibrate", True) else (GUARD_PHRASES,)

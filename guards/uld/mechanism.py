@@ -8,8 +8,10 @@ set, so the difference is nearly neutral there, but not free).
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,7 +41,9 @@ class UldOptions(SeededOptions):
 
 
 def training_job(resources: JobResources) -> JobHandler:
-    """The ``uld_train`` job: train the target's assistant on the served model's files and store it merged."""
+    """The ``uld_train`` job: train the target's assistant on the served model's files and store it merged, then
+    calibrate α (unless registered). An assistant the target already has from the same training inputs is kept and
+    only α recalibrated: what a change beneath ULD (``guards.stacking``) or to α, τ or the gate needs."""
     model_path = resources.model_files(ULD_TRAIN)
 
     placement = compute_placement(getattr(resources.settings, "compute_device", "auto"))
@@ -51,23 +55,55 @@ def training_job(resources: JobResources) -> JobHandler:
         options = registered_options(record, ULD_KEY)
         forget = [(item["question"], item["answer"]) for item in record.forget if item.get("question")]
         retain = [(item.get("question"), item.get("answer") or item.get("text", "")) for item in record.retain]
-        staging = context.artifacts.staging_dir()
         config = UldTrainingConfig(layers=options.get("layers"), seed=int(options.get("seed", 0)))
         if options.get("epochs") is not None:
             config = replace(config, epochs=int(options["epochs"]))
-        figures = train_assistant(model_path, forget, retain, record.aliases, config, staging,
-                                  lambda fraction, message: context.progress(0.8 * fraction, message), placement)
+        key = training_key(forget, retain, record.aliases, config)
+        kept = kept_assistant(record, key, context.artifacts.path)
+        digest: str | None = None
+        if kept is not None:
+            digest, assistant_dir, figures = kept
+        else:
+            assistant_dir = context.artifacts.staging_dir()
+            figures = train_assistant(model_path, forget, retain, record.aliases, config, assistant_dir,
+                                      lambda fraction, message: context.progress(0.8 * fraction, message), placement)
         if options.get("alpha") is None:
             from guards.never_seen import entity_names
             from guards.uld.calibration import calibrate_alpha
 
-            figures |= calibrate_alpha(model_path, staging, forget, entity_names(record.name, record.aliases),
+            figures |= calibrate_alpha(model_path, assistant_dir, forget, entity_names(record.name, record.aliases),
                                        float(options.get("tau", DEFAULT_TAU)), config.seed, placement,
                                        lambda message: context.progress(0.9, f"calibrating alpha: {message}"),
-                                       context.check_cancelled)
-        return {"assistant": context.artifacts.commit(staging), **figures}
+                                       context.check_cancelled, resources.beneath(record, ULD_KEY))
+        if digest is None:
+            digest = context.artifacts.commit(assistant_dir)
+        # (a job's result is merged into the published state: every run says whether it kept the assistant)
+        return {"assistant": digest, "training_key": key, "assistant_kept": kept is not None, **figures}
 
     return run
+
+
+TRAINING_FIGURES = ("layers", "device", "trainable_parameters", "epochs", "examples", "final_nll", "final_uniform_kl",
+                    "seconds")
+
+
+def training_key(forget: Sequence[tuple[str, str]], retain: Sequence[tuple[str | None, str]], aliases: Sequence[str],
+                 config: Any) -> str:
+    """What the assistant is a function of (the served model aside): its data and training options."""
+    payload = json.dumps({"forget": forget, "retain": retain, "aliases": list(aliases), "config": asdict(config)},
+                         sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def kept_assistant(record: Any, key: str, artifact_path: Callable[[str], Path]
+                   ) -> tuple[str, Path, dict[str, Any]] | None:
+    """The target's published assistant (digest, directory, its training figures) when it was trained from ``key``
+    and is still stored, else None."""
+    state = (record.mechanisms.get(ULD_KEY) or {}).get("state") or {}
+    digest = state.get("assistant")
+    if state.get("training_key") != key or not digest or not artifact_path(digest).is_dir():
+        return None
+    return digest, artifact_path(digest), {name: state[name] for name in TRAINING_FIGURES if name in state}
 
 
 def alpha_of(options: Mapping[str, Any], state: Mapping[str, Any]) -> float:
@@ -97,6 +133,11 @@ class Uld(MechanismBase):
 
     def ready(self, options: Mapping[str, Any], state: Mapping[str, Any]) -> bool:
         return "assistant" in state
+
+    def calibrated_on(self, options: Mapping[str, Any]) -> tuple[str, ...]:
+        """A calibrated α is measured on top of GUARD where the target has it (``guards.stacking``); GUARD comes
+        before ULD in the logits processor, whatever ULD's α."""
+        return ("guard",) if options.get("alpha") is None else ()
 
     def gate(self, options: Mapping[str, Any]) -> str:
         return ALWAYS_GATE if options.get("gate") == ALWAYS_GATE else CLASSIFIER_GATE

@@ -29,6 +29,8 @@ class MechanismCatalog:
     classifier_fitted_gates: frozenset[str] = frozenset()
     # Queue a verification run (``VERIFY_ERASURE``) behind every change that queues preparation jobs.
     verify_after_changes: bool = False
+    # (mechanism, its options) -> the mechanisms its preparation is calibrated on top of (``guards.stacking``)
+    calibrated_on: Callable[[str, Mapping[str, Any]], Sequence[str]] = field(default=lambda name, options: ())
 
     def preparation_kinds(self, mechanisms: Mapping[str, Any]) -> list[str]:
         """The classifier fit plus every job the target's mechanisms need (SPEC §4: ECO/GUARD serve meanwhile)."""
@@ -44,13 +46,18 @@ class MechanismCatalog:
         return [*kinds, VERIFY_ERASURE] if self.verify_after_changes else kinds
 
     def changed_mechanism_kinds(self, before: Mapping[str, Any], after: Mapping[str, Any]) -> list[str]:
-        """Jobs a mechanisms-only patch needs: those of new or re-optioned mechanisms, and a classifier refit when
-        a mechanism whose gate lives in the classifier artifact is switched on or off."""
+        """Jobs a mechanisms-only patch needs: those of new or re-optioned mechanisms and of the mechanisms calibrated
+        on top of one that was added, removed or re-optioned (a stale calibration would assume a stack that no longer
+        serves), and a classifier refit when a mechanism whose gate lives in the classifier artifact is switched on
+        or off."""
         kinds = []
         gates = self.classifier_fitted_gates
         if gates & set(before) != gates & set(after):
             kinds.append(FIT_CLASSIFIER)
+        changed = {name for name in {*before, *after}
+                   if (before.get(name) or {}).get("options") != (after.get(name) or {}).get("options")}
         for name, entry in after.items():
-            if name in self.implemented and before.get(name, {}).get("options") != entry["options"]:
+            if name in self.implemented and (name in changed
+                                             or changed & set(self.calibrated_on(name, entry["options"]))):
                 kinds.extend(self.jobs_for(name, entry["options"]))
         return kinds
