@@ -53,7 +53,6 @@ def beneath_of(mechanisms: Sequence[Mechanism]) -> Callable[[JobTarget, str], Be
         def beneath(probe: ModelProbe, progress: Callable[[str], None]) -> tuple[QuestionHooks, dict[str, Any]]:
             hooks, assumed = [], {}
             for mechanism in under:
-                assert mechanism.beneath_hooks is not None
                 label = mechanism.name.upper()
                 each, assumed[mechanism.name] = mechanism.beneath_hooks(
                     probe, spec, registered_options(target, mechanism.name),

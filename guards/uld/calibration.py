@@ -29,7 +29,6 @@ from guards.uld.cache import AssistantModels
 MAX_ALPHA = 5.0  # UldOptions.alpha's bound
 
 
-
 def calibrate_alpha(model_dir: Path, assistant_dir: Path, forget: Sequence[tuple[str, str]], names: Sequence[str],
                     tau: float, seed: int, placement: Placement | None = None,
                     progress: Callable[[str], None] = lambda message: None,
