@@ -213,7 +213,7 @@ def test_the_reports_show_the_auc() -> None:
 
 def test_the_command_line_defaults_to_forget05_and_tofu_takes_membership() -> None:
     args = build_parser().parse_args(["eval", "membership", "--mechanisms", "guard", "--questions-per-author", "5"])
-    assert (args.split, args.mechanisms, args.questions_per_author, args.max_tokens) == ("forget05", "guard", 5, 60)
+    assert (args.split, args.mechanisms, args.questions_per_author, args.max_tokens) == ("forget05", ["guard"], 5, 60)
     assert args.handler.__name__ == "cmd_eval_membership"
     assert build_parser().parse_args(["eval", "tofu", "--membership"]).membership is True
     with pytest.raises(SystemExit):
