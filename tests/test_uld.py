@@ -3,7 +3,6 @@ processor's ULD rows under vLLM's batch add / remove / move updates."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
@@ -30,8 +29,21 @@ def test_combination_matches_a_hand_computed_example() -> None:
     combined = combine_logits(target, assistant, alpha=0.5, tau=0.3)
     assert combined[0].item() == pytest.approx(2.0 - 0.5 * 2.0)
     assert combined[1].item() == pytest.approx(1.0 - 0.5 * -1.0)
-    assert math.isinf(combined[2].item()) and math.isinf(combined[3].item())
+    # Tokens 2 and 3 are not removed: they get the kept tokens' median subtrahend (the lower middle of 1.0 and -0.5),
+    # not their own (token 2's 1.5 would have been a bonus the target's plausibility does not allow).
+    assert combined[2].item() == pytest.approx(0.0 - -0.5) and combined[3].item() == pytest.approx(-5.0 - -0.5)
     assert combined.argmax().item() == 1  # the assistant's knowledge (token 0) is what was subtracted
+
+
+def test_an_implausible_token_never_wins_greedy_and_constants_cancel() -> None:
+    torch.manual_seed(0)
+    target, assistant = torch.randn(64, 500) * 4, torch.randn(64, 500) * 4
+    keep = kept_tokens(target, 0.01)
+    combined = combine_logits(target, assistant, alpha=2.0, tau=0.01)
+    assert torch.isfinite(combined).all()
+    assert keep.gather(1, combined.argmax(dim=-1, keepdim=True)).all()
+    shifted = combine_logits(target + 7.0, assistant - 3.0, alpha=2.0, tau=0.01)
+    assert torch.allclose(torch.log_softmax(shifted, -1), torch.log_softmax(combined, -1), atol=1e-4)
 
 
 def test_the_filter_keeps_at_least_tau_times_vocabulary_tokens() -> None:
