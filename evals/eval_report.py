@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from evals.membership import MembershipRun
-from evals.tofu_eval import RunResult, SeededFigures, over_seeds
+from evals.tofu_eval import CALIBRATED_STRENGTHS, RunResult, SeededFigures, over_seeds
 
 
 def _rate(value: float | None) -> str:
@@ -33,10 +33,25 @@ def markdown_table(split: str, model: str, runs: Sequence[RunResult]) -> str:
             f"| {run.world_facts_acc:.2f} | {_rate(run.detection_rate)} | {_rate(run.false_positive_rate)} "
             f"| {run.fluency:.2f} | {run.preparation_seconds:.0f} s |"
             + (f" {_rate(run.membership_auc)} |" if membership else ""))
+    calibrated = [run for run in runs if run.calibrated]
+    if calibrated:
+        lines += ["", "Calibrated per target (strength, and the bound that set it):", ""]
+        lines += [f"- {run.name}: " + "; ".join(
+            f"{target}: " + ", ".join(_strength(name, figures) for name, figures in mechanisms.items())
+            for target, mechanisms in run.calibrated.items()) for run in calibrated]
     seeded = [group for group in over_seeds(runs) if len(group.seeds) > 1]
     if seeded:
         lines += ["", *seeds_table(seeded)]
     return "\n".join(lines) + "\n"
+
+
+def _strength(mechanism: str, figures: dict) -> str:
+    """``guard ban 22.2 (reference)``: a mechanism's calibrated strength and the bound that decided it (a ban of None
+    is GUARD's outright one)."""
+    strengths = " ".join(f"{key} {'outright' if figures[key] is None else format(figures[key], '.3g')}"
+                         for key in CALIBRATED_STRENGTHS if key in figures)
+    bound = f" ({figures['limited_by']})" if figures.get("limited_by") else ""
+    return f"{mechanism} {strengths}{bound}"
 
 
 def seeds_table(groups: Sequence[SeededFigures]) -> list[str]:

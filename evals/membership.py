@@ -351,7 +351,7 @@ def evaluate_membership(client: AdminClient, sets: MembershipSet, runs: Sequence
                         progress) as preparation:
             model = ServedModel(client, client.model(), max_tokens, since=time.time())
             run = measure_membership(run_name(mechanisms), mechanisms, model, sets, progress)
-        run.preparation_seconds = preparation
+        run.preparation_seconds = preparation.seconds
         results.append(run)
         on_run(results)
     return results

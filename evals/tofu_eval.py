@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -45,6 +45,8 @@ MECHANISMS = ("eco", "guard", "uld", "o3")
 # three as the tests and benchmarks, so preparation stays minutes, not tens of minutes, on 2 cores.
 REGISTERED_RETAIN_AUTHORS = 3
 CONCURRENCY = 8
+CALIBRATED_STRENGTHS = ("sigma", "ban", "alpha")  # ECO's noise, GUARD's ban, ULD's weight, as each state publishes it
+CALIBRATION_FIGURES = ("limited_by", "gap", "reference_gap", "fluency")  # what bound the search, and where it landed
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,30 @@ class RunResult:
     membership_auc: float | None = None  # `evals.membership`'s distinguisher on this run, when asked for
     utility_sets: dict[str, dict[str, float]] = field(default_factory=dict)  # Model Utility's 9 figures, by set
     forget_truth_ratios: list[float] = field(default_factory=list, repr=False)
+    calibrated: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # `Preparation.calibrated`
+
+
+@dataclass(frozen=True)
+class Preparation:
+    """What registering a configuration's targets took, and what their calibrations decided: kept with the figures
+    they produced, so that a report says which strengths it measured (``calibrated_values``)."""
+
+    seconds: float
+    calibrated: dict[str, dict[str, dict[str, Any]]]  # target name -> mechanism -> strength and calibration figures
+
+
+def calibrated_values(target: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each mechanism's calibrated strength on ``target`` (its admin-API view) and the figures of the search that set
+    it, by mechanism; mechanisms whose state publishes none (O3: it learns its target) are left out."""
+    values: dict[str, dict[str, Any]] = {}
+    for name, mechanism in (target.get("mechanisms") or {}).items():
+        state = mechanism.get("state") or {}
+        calibration = state.get("calibration") or {}
+        figures = {key: state[key] for key in CALIBRATED_STRENGTHS if key in state}
+        figures.update({key: calibration[key] for key in CALIBRATION_FIGURES if key in calibration})
+        if figures:
+            values[name] = figures
+    return values
 
 
 class Model(Protocol):
@@ -237,10 +263,10 @@ def run_name(mechanisms: Sequence[str]) -> str:
 @contextmanager
 def registered(client: AdminClient, authors: Sequence[Author], retain_authors: Sequence[Author],
                mechanisms: Sequence[str], job_timeout_s: float, progress: Callable[[str], None],
-               seed: int = 0) -> Iterator[float]:
+               seed: int = 0) -> Iterator[Preparation]:
     """``authors`` registered as targets with ``mechanisms`` (none for an empty set) and preparation ``seed``, and
-    active for the duration; yields the seconds their preparation took. The targets are deleted on the way out,
-    whatever happened."""
+    active for the duration; yields how long their preparation took and what it calibrated. The targets are deleted
+    on the way out, whatever happened."""
     created: list[str] = []
     try:
         started = time.monotonic()
@@ -248,7 +274,9 @@ def registered(client: AdminClient, authors: Sequence[Author], retain_authors: S
             progress(f"{run_name(mechanisms)}: registering {len(authors)} targets")
             created = [client.create_target(target_body(a, retain_authors, mechanisms, seed))["id"] for a in authors]
             client.wait_until_active(created, job_timeout_s)
-        yield round(time.monotonic() - started, 1)
+        seconds = round(time.monotonic() - started, 1)
+        yield Preparation(seconds, {target["name"]: calibrated_values(target)
+                                    for target in (client.target(target_id) for target_id in created)})
     finally:
         for target_id in created:
             client.delete_target(target_id, missing_ok=True)
@@ -265,7 +293,7 @@ def run_served(client: AdminClient, sets: EvalSets, mechanisms: Sequence[str], r
                     progress, seed or 0) as preparation:
         model = ServedModel(client, client.model(), max_tokens, since=time.time() - 1.0)
         result = measure(name, mechanisms, model, sets, reference_ratios, progress)
-        result.preparation_seconds = preparation
+        result.preparation_seconds, result.calibrated = preparation.seconds, preparation.calibrated
         result.seed = (seed or 0) if mechanisms else None
         if membership is not None:
             result.membership_auc = membership(model)

@@ -60,6 +60,12 @@ def test_guard_forgets_the_author_and_leaves_model_utility_unchanged(report: tup
     assert guard["forget_rouge"] < unprotected["forget_rouge"] - 0.5
     assert guard["detection_rate"] >= 0.9 and guard["false_positive_rate"] <= 0.1
     assert guard["preparation_seconds"] > 0
+    # the report keeps what each target's calibration decided, beside the figures it produced
+    assert unprotected["calibrated"] == {} and len(guard["calibrated"]) == 2, guard["calibrated"]
+    for figures in guard["calibrated"].values():
+        assert set(figures) == {"guard"} and figures["guard"]["ban"] > 0, figures
+        assert figures["guard"]["limited_by"] in ("reference", "fluency", "leak", "range"), figures
+    assert "- guard · seed 0: " in (report[1] / "tofu-forget01.md").read_text()
     if guard["false_positive_rate"] == 0:  # nothing outside the forget set was flagged: identical replies and scores
         assert guard["model_utility"] == pytest.approx(unprotected["model_utility"], abs=1e-6)
         for name, figures in unprotected["utility_sets"].items():

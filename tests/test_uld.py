@@ -46,6 +46,16 @@ def test_an_implausible_token_never_wins_greedy_and_constants_cancel() -> None:
     assert torch.allclose(torch.log_softmax(shifted, -1), torch.log_softmax(combined, -1), atol=1e-4)
 
 
+def test_a_finite_ban_beneath_stays_finite_under_an_assistant_with_no_opinion() -> None:
+    """GUARD's calibrated ban comes before ULD in the engine (guards/mechanisms.py): the banned token leaves ULD's kept
+    set, and must keep GUARD's finite ban, not become impossible (which made every ban outright, issue 16)."""
+    target = torch.tensor([9.0, 4.0, 3.0, 2.0, 1.0, 0.0, -1.0, -2.0])
+    banned = target.clone()
+    banned[0] -= 8.0  # GUARD's ban: token 0 now sits below max + log(tau)
+    combined = combine_logits(banned, torch.full((8,), 5.0), alpha=0.7, tau=0.1)
+    assert torch.allclose(torch.log_softmax(combined, -1), torch.log_softmax(banned, -1), atol=1e-6)
+
+
 def test_the_filter_keeps_at_least_tau_times_vocabulary_tokens() -> None:
     peaked = torch.cat([torch.tensor([50.0]), -torch.arange(99, dtype=torch.float32)])
     assert kept_tokens(peaked, 0.05).sum().item() == 5  # only token 0 is within log(tau); the top 5 are kept
