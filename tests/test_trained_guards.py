@@ -22,6 +22,7 @@ import pytest
 from evals.fluency import median_known_word_share
 from guards.never_seen import FLUENCY_MARGIN, RECALL_MARGIN
 from guards.o3.pairs import REFUSALS
+from guards.probe import LOGPROB_FLOOR
 
 from tests.conftest import RunningServer, remove_targets
 from tests.unlearning import (
@@ -228,3 +229,9 @@ def test_scoring_under_all_four_mechanisms_gives_the_engines_processed_logprobs(
     retained = admin.post("/score", json={"messages": [{"role": "user", "content": RETAIN_QUESTIONS[0].text}],
                                           "continuations": [RETAIN_QUESTIONS[0].gold]}).json()["scores"][0]
     assert gold["mean_loss"] > retained["mean_loss"] + 1.0, (gold["mean_loss"], retained["mean_loss"])
+    # GUARD's calibrated ban stays finite beneath ULD: no gold token is impossible (scored at the floor), as every
+    # token GUARD pushed out of ULD's kept set was while ULD's filter removed such tokens (issue 16)
+    for question in (FORGET_QUESTIONS[0], FORGET_QUESTIONS[-1]):
+        scored = admin.post("/score", json={"messages": [{"role": "user", "content": question.text}],
+                                            "continuations": [question.gold]}).json()["scores"][0]
+        assert min(scored["token_logprobs"]) > LOGPROB_FLOOR + 1, (question.text, scored["token_logprobs"])
