@@ -1,10 +1,11 @@
 """The mechanisms this build implements, in their fixed composition order: the one list the rest of Lethe loops over.
 
 Order: ECO first (it decides what prompt the engine sees), O3 (it decides which weights run), then the decoding-time
-mechanisms in the logits processor: GUARD (bans), then ULD (difference over the tokens still allowed; the reverse could
-leave a row where ULD's filter kept only banned tokens, i.e. nothing to sample). A request that hits several targets
-gets every hit target's ready mechanisms, applied in this order; within one mechanism, targets in descending classifier
-score. Adding a mechanism is one folder under ``guards/`` and one line here.
+mechanisms in the logits processor: GUARD (bans), then ULD (its difference over what GUARD left: a token GUARD banned
+falls outside ULD's kept set and keeps GUARD's ban, ``guards/uld/logits.py``; ULD's calibration on top of GUARD
+composes them in this order, ``guards/stacking.py``). A request that hits several targets gets every hit target's
+ready mechanisms, applied in this order; within one mechanism, targets in descending classifier score. Adding a
+mechanism is one folder under ``guards/`` and one line here.
 
 ``INTERIM`` protects a hit target none of whose gated mechanisms is ready yet (``guards/guard/interim.py``): GUARD's
 bans, computed without a job; it is not a mechanism a target registers.
