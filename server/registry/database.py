@@ -175,6 +175,15 @@ class RegistryDatabase:
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
-        """A session whose work commits on exit, or rolls back entirely if the block raises."""
+        """A session whose work commits on exit, or rolls back entirely if the block raises.
+
+        On SQLite the transaction takes the write lock when it begins (``BEGIN IMMEDIATE``). pysqlite otherwise begins
+        it at the first write, so what the block read before could change under it: two job-recovery passes (two lanes
+        of one worker) both read a stale job as running, the first requeued it and a worker claimed it again, and the
+        second then requeued the new claim as well, which ran the job a third time. PostgreSQL gets the same guarantee
+        from the ``SELECT ... FOR UPDATE`` of the blocks that read before they write.
+        """
         with self._sessions.begin() as session:
+            if self.backend == "sqlite":
+                session.connection().exec_driver_sql("BEGIN IMMEDIATE")
             yield session
