@@ -4,16 +4,19 @@ registry re-running ULD's job when what it stands on changes, and an assistant k
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from safetensors.torch import load_file, save_file
 
 from demo.tofu_data import authors_of
 from guards.guard.calibration import phrase_table, served_guard
 from guards.job_interface import target_spec
 from guards.mechanisms import MECHANISMS
+from guards.model_identity import model_identity
 from guards.probe import ModelProbe, stacked
 from guards.stacking import beneath_of
 from guards.uld import mechanism as uld_mechanism
@@ -104,6 +107,18 @@ def test_uld_is_calibrated_on_top_of_guard_and_keeps_its_assistant_when_only_alp
     assert again["assistant"] == state["assistant"] and again["assistant_kept"] is True
     assert again["training_key"] == state["training_key"] and again["layers"] == state["layers"]
     assert "calibration" not in again  # a registered α is not calibrated
+
+    other_model = tmp_path / "other-model"  # another model served in its place: same files, one weight changed
+    shutil.copytree(tiny_model_dir, other_model)
+    weights = load_file(other_model / "model.safetensors")
+    name = sorted(weights)[0]
+    weights[name] = weights[name] + 0.01
+    save_file(weights, other_model / "model.safetensors", metadata={"format": "pt"})
+    monkeypatch.undo()
+    retrained = run_uld_job(other_model, target, store)
+    assert retrained["assistant_kept"] is False and retrained["training_key"] != state["training_key"]
+    assert retrained["assistant"] != state["assistant"]
+    assert (state["model"], retrained["model"]) == (model_identity(tiny_model_dir), model_identity(other_model))
 
 
 def test_guard_beneath_bans_outright_where_its_own_job_would(tiny_model_dir: Path) -> None:

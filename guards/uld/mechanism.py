@@ -22,6 +22,7 @@ from guards.base import (MechanismBase, MechanismPlan, NotReady, PlanRequest, Ro
                          TargetEntry)
 from guards.job_interface import MODEL_FILES, JobContext, JobHandler, JobResources, JobSpec, registered_options
 from guards.devices import assistant_placement, compute_placement
+from guards.model_identity import model_identity
 from guards.uld.assistant import ULD_KEY, uld_row_hook, validate_uld_section
 from guards.uld.cache import DEFAULT_MEMORY_BYTES, AssistantModels, check_assistant
 from guards.uld.warmup import AssistantWarmup, Warm
@@ -58,7 +59,8 @@ def training_job(resources: JobResources) -> JobHandler:
         config = UldTrainingConfig(layers=options.get("layers"), seed=int(options.get("seed", 0)))
         if options.get("epochs") is not None:
             config = replace(config, epochs=int(options["epochs"]))
-        key = training_key(forget, retain, record.aliases, config)
+        model = model_identity(model_path)
+        key = training_key(forget, retain, record.aliases, config, model)
         kept = kept_assistant(record, key, context.artifacts.path)
         digest: str | None = None
         if kept is not None:
@@ -78,7 +80,7 @@ def training_job(resources: JobResources) -> JobHandler:
         if digest is None:
             digest = context.artifacts.commit(assistant_dir)
         # (a job's result is merged into the published state: every run says whether it kept the assistant)
-        return {"assistant": digest, "training_key": key, "assistant_kept": kept is not None, **figures}
+        return {"assistant": digest, "training_key": key, "assistant_kept": kept is not None, "model": model, **figures}
 
     return run
 
@@ -88,10 +90,11 @@ TRAINING_FIGURES = ("layers", "device", "trainable_parameters", "epochs", "examp
 
 
 def training_key(forget: Sequence[tuple[str, str]], retain: Sequence[tuple[str | None, str]], aliases: Sequence[str],
-                 config: Any) -> str:
-    """What the assistant is a function of (the served model aside): its data and training options."""
-    payload = json.dumps({"forget": forget, "retain": retain, "aliases": list(aliases), "config": asdict(config)},
-                         sort_keys=True)
+                 config: Any, model: str) -> str:
+    """What the assistant is a function of: its data, its training options and the served model it starts from
+    (``model``: ``guards.model_identity``), so a model served in another's place retrains it."""
+    payload = json.dumps({"forget": forget, "retain": retain, "aliases": list(aliases), "config": asdict(config),
+                          "model": model}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
