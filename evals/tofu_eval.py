@@ -92,14 +92,17 @@ def eval_sets(split: str, limit: int | None = None, known_authors: Sequence[str]
 
 def target_body(author: Author, retain_authors: Sequence[Author], mechanisms: Sequence[str],
                 seed: int = 0) -> dict[str, Any]:
-    """The registration of ``author``; ``seed``: every mechanism's preparation seed (``guards.base.SeededOptions``)."""
+    """The registration of ``author``; ``seed``: every mechanism's preparation seed (``guards.base.SeededOptions``)
+    and the key of ECO's noise, which is otherwise keyed by the random target id: two runs of one seed draw the same
+    noise for each prompt, and several seeds sample the noise as they sample training."""
     return {
         "name": f"tofu-eval-{author.name.lower().replace(' ', '-')}",
         "aliases": [author.name],
         "forget": [{"question": item.question, "answer": item.answer} for item in author.items],
         "retain": [{"question": item.question, "answer": item.answer}
                    for other in retain_authors[:REGISTERED_RETAIN_AUTHORS] for item in other.items],
-        "mechanisms": {name: {"seed": seed} for name in mechanisms},
+        "mechanisms": {name: {"seed": seed, **({"noise_key": f"tofu-eval-seed-{seed}"} if name == "eco" else {})}
+                       for name in mechanisms},
     }
 
 

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from classifiers.aliases import AliasMatcher
 from classifiers.types import AliasSpan
-from guards.base import PromptView
+from guards.base import PlanRequest, PromptView, TargetHit, corruption_seed
 from guards.eco import ECO
 from guards.eco.corruption import EcoEdit, corrupted_positions, flip_sign_top_k, rand_noise_first_n, zero_out_top_k
 from guards.eco.sigma_search import SigmaSearchConfig, zeroth_order_sigma_search
@@ -85,6 +87,28 @@ def test_token_id_prompts_fall_back_to_all_non_special_tokens_but_the_last(token
     positions = corrupted_positions(tokenizer, view, (), frozenset(tokenizer.all_special_ids))
     non_special = [i for i, t in enumerate(ids) if t not in tokenizer.all_special_ids]
     assert list(positions) == non_special[:-1]
+
+
+def test_the_noise_is_keyed_by_the_target_id_unless_a_noise_key_is_registered(tokenizer) -> None:
+    """Two registrations of one author draw different noise (their ids are random), the same with one ``noise_key``
+    (what makes ``lethe eval tofu`` reproducible), and the σ calibration's request takes the same path."""
+    view = chat_view(tokenizer, "Where was Basil Mahfouz Al-Kuwaiti born?")
+    serving = ECO.serving(SimpleNamespace(tokenizer=tokenizer))
+
+    def edit(target_id: str, options: dict) -> EcoEdit:
+        hit = TargetHit(target_id, 1.0, (), ("Basil Mahfouz Al-Kuwaiti",), {"sigma": 1.0, **options}, {})
+        request = PlanRequest(hit, view, np.zeros((0, 4)), corruption_seed(view.token_ids, target_id))
+        (planned,) = serving.plan(request).embedding_edits
+        return planned
+
+    assert edit("tgt_a", {}).seed == corruption_seed(view.token_ids, "tgt_a") != edit("tgt_b", {}).seed
+    keyed = {"noise_key": "tofu-eval-seed-0"}
+    assert edit("tgt_a", keyed).seed == edit("tgt_b", keyed).seed == corruption_seed(view.token_ids, "tofu-eval-seed-0")
+    plain = torch.ones(len(view.token_ids), 8)
+    first, second = plain.clone(), plain.clone()
+    edit("tgt_a", keyed).apply(first)
+    edit("tgt_b", keyed).apply(second)
+    assert torch.equal(first, second) and not torch.equal(first, plain)  # the same noise, in the same places
 
 
 def test_embedding_table_is_the_checkpoints_input_embedding(tiny_model_dir: Path) -> None:

@@ -134,7 +134,7 @@ def run(name: str, mechanisms: list[str], quality: float, seed: int | None, auc:
 def test_each_registration_seed_reaches_every_mechanism_and_the_runs_are_counted_per_seed() -> None:
     sets = eval_sets("forget01")
     body = target_body(sets.forget_authors[0], sets.retain_authors, ["eco", "uld"], seed=2)
-    assert body["mechanisms"] == {"eco": {"seed": 2}, "uld": {"seed": 2}}
+    assert body["mechanisms"] == {"eco": {"seed": 2, "noise_key": "tofu-eval-seed-2"}, "uld": {"seed": 2}}
     runs = configurations(None, True)  # unprotected, four alone, the default set, all four
     assert run_count(runs, 1) == 1 + 7 and run_count(runs, 3) == 1 + 1 + 6 * 3
 

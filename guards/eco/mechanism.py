@@ -14,7 +14,8 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from guards.base import MechanismBase, MechanismPlan, NothingShared, PlanRequest, SeededOptions, ServingContext
+from guards.base import (MechanismBase, MechanismPlan, NothingShared, PlanRequest, SeededOptions, ServingContext,
+                         corruption_seed)
 from guards.job_interface import SERVED_MODEL, JobSpec
 from guards.eco.calibration import ECO_CALIBRATE, ECO_NAME, calibration_job
 from guards.eco.corruption import ENTITIES, RAND_NOISE_FIRST_N, EcoEdit, corrupted_positions
@@ -35,12 +36,25 @@ class EcoOptions(SeededOptions):
         None, ge=0, le=1, description="Forget-answer ROUGE-L the sigma calibration aims for; unset: the level of an "
         "answer about an unrelated author.",
     )
+    noise_key: str | None = Field(
+        None, min_length=1, max_length=200, description="Keys the noise in place of the target id (random, unknown "
+        "to clients), so that two registrations draw the same noise for a prompt: for reproducible evaluations "
+        "(`lethe eval tofu` sets it from its seed). Anyone who knows it and holds the weights can compute the noise.",
+    )
 
 
 def scope_of(options: Mapping[str, Any], state: Mapping[str, Any]) -> str:
     """The corruption scope as registered, else as calibrated (``entities`` when nothing decided)."""
     scope = options.get("scope", "auto")
     return scope if scope != "auto" else state.get("scope", ENTITIES)
+
+
+def noise_seed(options: Mapping[str, Any], request: PlanRequest) -> int:
+    """The seed of one prompt's noise: the request's (keyed by the target id, ``guards.base.corruption_seed``), or
+    keyed by the registered ``noise_key``. The planner's and the σ calibration's requests both come through here, so
+    the calibration measures the noise that is served."""
+    key = options.get("noise_key")
+    return corruption_seed(request.prompt.token_ids, key) if key else request.seed
 
 
 def sigma_of(options: Mapping[str, Any], state: Mapping[str, Any]) -> float | None:
@@ -82,6 +96,6 @@ class EcoServing(NothingShared):
             corruption=options.get("corruption", RAND_NOISE_FIRST_N),
             sigma=sigma_of(options, state),
             dims=options.get("dims"),
-            seed=request.seed,
+            seed=noise_seed(options, request),
         )
         return MechanismPlan(embedding_edits=(edit,))
