@@ -42,10 +42,10 @@ from tests.unlearning import (
 )
 
 # ULD alone, α calibrated per target (issue 16). On the tiny memorising model it is the weakest mechanism: the α that
-# matches a stranger's gap (≈1.7) turns the replies into token soup (median known-word share 0.83) because the tiny
-# model has no plausible second answer to fall back on, so calibration lowers α until the replies are language again
-# (guards.never_seen: ≈0.75 for the first author) and raises it only where the replies leak (≈1.14 for the second).
-# Measured through the HF probe: 95 % of the forget questions forgotten, word share 0.92; at the paper's 0.8 over
+# matches a stranger's gap turns the replies into token soup because the tiny model has no plausible second answer
+# to fall back on, so calibration lowers α until the replies are language again (guards.never_seen: 1.10 and 0.87
+# for the two authors, word share 0.91 and 0.87, docs/mechanisms.md "The fluency bar"; with ULD's old -inf filter
+# 0.75 and 1.14, 95 % of the forget questions forgotten, word share 0.92). At the paper's 0.8 over
 # assistant seeds and training lengths 87-100 % and 84-96 % of the paraphrases (78 % on a tiny model built on another
 # host, whose one-layer assistant starts from another forget NLL). So ULD alone is held to a relaxed bar; combined with
 # the other three it must meet the full 95 %. (Until O3's CPU LoRA fix, this test's requests were also served through
