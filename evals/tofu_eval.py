@@ -29,14 +29,8 @@ from typing import Any, Protocol
 from demo.tofu_data import AUTHORS_IN_SPLIT, N_DEMO_AUTHORS, ROWS_PER_AUTHOR, Author, authors_of, demo_authors
 from evals.fluency import median_known_word_share
 from guards.text_metrics import rouge_l_recall
-from evals.tofu_metrics import (
-    QuestionLosses,
-    TruthRatioItem,
-    forget_quality,
-    model_utility,
-    set_figures,
-    truth_ratio_items,
-)
+from evals.tofu_metrics import (QuestionLosses, TruthRatioItem, forget_quality, model_utility, set_figures,
+                                 truth_ratio_items)
 from server.admin_client import AdminClient
 from server.config import DEFAULT_MECHANISMS
 
@@ -92,9 +86,8 @@ def eval_sets(split: str, limit: int | None = None, known_authors: Sequence[str]
 
 def target_body(author: Author, retain_authors: Sequence[Author], mechanisms: Sequence[str],
                 seed: int = 0) -> dict[str, Any]:
-    """The registration of ``author``; ``seed``: every mechanism's preparation seed (``guards.base.SeededOptions``)
-    and the key of ECO's noise, which is otherwise keyed by the random target id: two runs of one seed draw the same
-    noise for each prompt, and several seeds sample the noise as they sample training."""
+    """The registration of ``author``; ``seed``: every mechanism's preparation seed (``guards.base.SeededOptions``) and
+    ECO's ``noise_key`` (else the random target id): runs of one seed draw the same noise, several seeds sample it."""
     return {
         "name": f"tofu-eval-{author.name.lower().replace(' ', '-')}",
         "aliases": [author.name],

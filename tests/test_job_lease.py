@@ -1,14 +1,15 @@
 """A running job's lease: its heartbeat survives database errors, a job that cannot renew its lease for longer than
-the lease stops, and a result whose lease was lost is never committed (SQLite and a real PostgreSQL, stopped and
-restarted mid-job)."""
+the lease stops, a result whose lease was lost is never committed, and a job past its lease is requeued once however
+many recovery passes find it (SQLite and a real PostgreSQL, stopped and restarted mid-job)."""
 
 from __future__ import annotations
 
 import threading
 import time
+from datetime import timedelta
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import event, select, update
 from sqlalchemy.exc import OperationalError
 
 from server.admin.protocol import TargetCreate
@@ -17,7 +18,7 @@ from server.artifacts import ArtifactStore
 from server.jobs import JobCancelled, JobContext, JobWorker
 from server.registry import Registry
 from server.registry.catalog import FIT_CLASSIFIER
-from server.registry.database import make_engine, upgrade_database
+from server.registry.database import make_engine, upgrade_database, utcnow
 from server.registry.models import JobRow
 from tests.postgres import postgres_available, postgres_server
 
@@ -167,3 +168,38 @@ def test_a_postgres_outage_shorter_than_the_lease_does_not_disturb_a_running_job
         assert len(reports) == 40
         row = job_row(registry)
         assert row.status == "succeeded" and row.attempts == 1
+
+
+def test_two_recovery_passes_never_requeue_a_job_that_the_first_one_requeued_and_a_worker_claimed_again(
+        registry: Registry) -> None:
+    """The race of one worker's two lanes: pass A reads the stale job, pass B requeues it and a worker claims it, then
+    A's write must not requeue that live claim too (which ran the job a third time on SQLite)."""
+    add_target(registry)
+    registry.jobs.claim("dead-worker", [FIT_CLASSIFIER])
+    with registry.database.transaction() as session:
+        session.execute(update(JobRow).values(heartbeat_at=utcnow() - timedelta(seconds=120)))
+    other: dict[str, object] = {}
+
+    def other_lane() -> None:  # its recovery pass, then its claim
+        other["recovered"] = registry.jobs.recover_stale(stale_after_s=60)
+        other["claim"] = registry.jobs.claim("live-worker", [FIT_CLASSIFIER])
+
+    lane = threading.Thread(target=other_lane)
+
+    def pause_after_reading_the_stale_job(conn, cursor, statement: str, *_) -> None:
+        if threading.current_thread() is threading.main_thread() and "heartbeat_at <" in statement \
+                and not lane.is_alive() and "recovered" not in other:
+            lane.start()
+            lane.join(timeout=2.0)  # the other lane runs now, unless this pass's transaction holds it back
+
+    event.listen(registry.database.engine, "after_cursor_execute", pause_after_reading_the_stale_job)
+    try:
+        first = registry.jobs.recover_stale(stale_after_s=60)
+        lane.join(timeout=30)
+    finally:
+        event.remove(registry.database.engine, "after_cursor_execute", pause_after_reading_the_stale_job)
+    assert not lane.is_alive()
+    assert first + other["recovered"] == 1  # the job was requeued once
+    claims = [claim for claim in (other["claim"], registry.jobs.claim("late-worker", [FIT_CLASSIFIER])) if claim]
+    assert [claim.attempts for claim in claims] == [2]  # claimed once more, and that claim still holds the job
+    assert registry.jobs.report_progress(claims[0], 0.5, "running")
