@@ -30,7 +30,8 @@ def model_identity(model_dir: Path) -> str:
     files = identifying_files(Path(model_dir))
     if not files:
         raise ValueError(f"{model_dir} holds no model files (config.json, tokenizer, weights)")
-    return _digest(tuple((str(path), path.stat().st_size, path.stat().st_mtime_ns) for path in files))
+    stats = [(path, path.stat()) for path in files]
+    return _digest(tuple((str(path), stat.st_size, stat.st_mtime_ns) for path, stat in stats))
 
 
 @lru_cache(maxsize=8)

@@ -90,8 +90,8 @@ def test_token_id_prompts_fall_back_to_all_non_special_tokens_but_the_last(token
 
 
 def test_the_noise_is_keyed_by_the_target_id_unless_a_noise_key_is_registered(tokenizer) -> None:
-    """Two registrations of one author draw different noise (their ids are random), the same with one ``noise_key``
-    (what makes ``lethe eval tofu`` reproducible), and the σ calibration's request takes the same path."""
+    """Two registrations of one author draw different noise (their ids are random), and the same with one
+    ``noise_key`` (what makes ``lethe eval tofu`` reproducible)."""
     view = chat_view(tokenizer, "Where was Basil Mahfouz Al-Kuwaiti born?")
     serving = ECO.serving(SimpleNamespace(tokenizer=tokenizer))
 
