@@ -137,7 +137,7 @@ def measure_reference(probe: ModelProbe, pairs: Sequence[QaPair], names: Sequenc
                       max_tokens: int = REPLY_TOKENS) -> Reference:
     """The plain model's gap and chance recall on the invented stand-ins of ``pairs`` (names: the target's names)."""
     entity, other = stand_ins(names, seed)
-    other_replies = [probe.greedy(other.swap(p.question), max_tokens) for p in pairs]
+    other_replies = probe.greedy_many([other.swap(p.question) for p in pairs], max_tokens)
     wrong = tuple(other.restore(reply) for reply in other_replies)  # about the target, in the model's own words
     gap_items = tuple(i for i, p in enumerate(pairs) if entity.swap(p.question) != p.question and wrong[i].strip())
     if not gap_items:  # no question names the target: the gap over every item that has a wrong answer
@@ -180,8 +180,9 @@ class ProtectedReplies:
     def at(self, strength: float) -> list[str]:
         if strength not in self._replies:
             hooks_for = self._hooks_at(strength)
-            self._replies[strength] = [self._probe.greedy(p.question, self._max_tokens, hooks_for(i))
-                                       for i, p in enumerate(self._reference.pairs)]
+            pairs = self._reference.pairs
+            self._replies[strength] = self._probe.greedy_many([p.question for p in pairs], self._max_tokens,
+                                                              [hooks_for(i) for i in range(len(pairs))])
         return self._replies[strength]
 
     def recall(self, strength: float) -> float:

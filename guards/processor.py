@@ -32,7 +32,7 @@ from vllm.sampling_params import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
-from guards.base import RowHook
+from guards.base import RowHook, hooks_by_class
 from guards.devices import placement_for
 from guards.row_hooks import EXTRA_ARGS_KEY, ROW_HOOKS, RowHookError, build_row_hooks, row_hook_resources
 
@@ -149,12 +149,8 @@ class LetheLogitsProcessor(LogitsProcessor):
 
     def _prepare_rows(self) -> None:
         """Each hook class's batched work for all its rows (see ``RowHook``); a failure leaves it to the rows."""
-        by_class: dict[type, list[RowHook]] = {}
-        for hooks in self.rows.values():
-            for hook in hooks:
-                if hasattr(type(hook), "prepare_rows"):
-                    by_class.setdefault(type(hook), []).append(hook)
-        for hook_class, hooks in by_class.items():
+        for hook_class, hooks in hooks_by_class((hook for hooks in self.rows.values() for hook in hooks),
+                                                "prepare_rows").items():
             try:
                 hook_class.prepare_rows(hooks)
             except Exception:

@@ -11,7 +11,7 @@ import torch
 
 from classifiers.types import ForgetItem, TargetSpec
 from demo.tofu_data import authors_of
-from guards.guard.calibration import MAX_BAN, calibrate_ban, phrase_table
+from guards.guard.calibration import MAX_BAN, calibrate_ban, guard_hooks, phrase_table
 from guards.guard.mechanism import calibrated_ban
 from guards.guard.payload import validate_guard_section
 from guards.guard.phrase_matcher import PhraseGuardHook, Vocabulary, guard_row_hook
@@ -82,9 +82,9 @@ class CountingProbe:
     def __init__(self) -> None:
         self.decodes = 0
 
-    def greedy(self, question: str, max_tokens: int, hooks) -> str:
-        self.decodes += 1
-        return hooks(question, [])[0]
+    def greedy_many(self, questions: list[str], max_tokens: int, hooks) -> list[str]:
+        self.decodes += len(questions)
+        return [factory(question, [])[0] for question, factory in zip(questions, hooks, strict=True)]
 
 
 def test_the_leak_and_fluency_bars_read_the_same_replies_decoded_once_per_strength() -> None:
@@ -191,6 +191,33 @@ def test_guards_ban_brings_a_memorised_author_to_the_never_seen_level_on_the_tin
     unprotected = protected_gap(probe, reference, lambda index: no_hooks)
     assert unprotected < reference.gap - 1.0, (unprotected, reference.gap)  # there was something to forget
     assert figures["gap"] > unprotected + 1.0, (figures, unprotected)  # and the ban moved it toward a stranger's
+
+
+def test_questions_decoded_together_get_the_replies_they_get_alone(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """``greedy_many`` pads prompts of different lengths into one batch and runs each row's own hooks, ULD's
+    assistant step batched across rows (``prepare_rows``) as in the engine: each reply must be the one-at-a-time one."""
+    from guards.uld.assistant import ULD_KEY, uld_row_hook
+    from guards.uld.cache import AssistantModels
+    from guards.uld.training import build_assistant
+
+    probe = ModelProbe(tiny_model_dir)
+    build_assistant(tiny_model_dir, 1).save_pretrained(tmp_path / "assistant")  # untrained: the model's first layer
+    assistants = AssistantModels()
+    author = authors_of("forget01")[0]
+    spec = TargetSpec(id="t", name="t", aliases=[author.name],
+                      forget=[ForgetItem(question=i.question, answer=i.answer) for i in author.items])
+    guard = guard_hooks(probe, spec, phrase_table(spec), 64, 5.0)
+
+    def uld(prompt_ids, output_ids):
+        section = {ULD_KEY: [{"assistant": str(tmp_path / "assistant"), "alpha": 1.0, "tau": 0.1}]}
+        return [uld_row_hook(section, prompt_ids, output_ids, assistants)]
+
+    questions = [item.question or "" for item in spec.forget[:6]] + ["Who wrote Hamlet?"]
+    hooks = [no_hooks, guard(None)(questions[1]), uld, guard(20.0)(questions[3]), uld, no_hooks, uld]
+    assert len({len(probe.prompt_ids(q)) for q in questions}) > 1  # the batch is padded
+    alone = [probe.greedy(question, 24, factory) for question, factory in zip(questions, hooks, strict=True)]
+    assert probe.greedy_many(questions, 24, hooks) == alone
+    assert len(set(alone)) == len(alone) and alone[2] != probe.greedy(questions[2], 24)  # the hooks acted
 
 
 def test_the_probe_runs_its_checkpoint_before_every_forward_pass(tiny_model_dir: Path) -> None:
