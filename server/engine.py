@@ -172,6 +172,12 @@ class Engine:
         self._llm: Any = None
         self._dead = False
 
+    @staticmethod
+    def spawns_its_processes() -> bool:
+        """Whether vLLM starts the engine's processes with ``spawn``, never ``fork``: on the CPU it always does
+        (``vllm/platforms/cpu.py`` sets it), elsewhere where the environment asks for it."""
+        return _is_cpu_platform() or os.environ.get("VLLM_WORKER_MULTIPROC_METHOD") == "spawn"
+
     def start(self) -> None:
         """Build the AsyncLLM (blocks for the engine start, ~30 s on CPU)."""
         from vllm.v1.engine.async_llm import AsyncLLM

@@ -39,9 +39,15 @@ class Runtime:
         control = ControlPlane.open(settings, metrics)
         await control.start()
         engine = Engine(settings, model_path, served_model_name)
-        engine.start()
-        # After the engine's process exists (no fork while a thread holds torch's locks), in parallel with the rest.
-        embedder_loaded = control.embedder.load_in_background(then=control.calibration.warm)
+        # The embedder loads on a thread of its own. Where vLLM may fork its processes, only once they exist (no fork
+        # while a thread holds torch's locks); where it spawns them (always on the CPU), while they start: its load
+        # and the gate's calibration (5-8 s on 2 cores) then hide in the engine's 40 s of imports.
+        if engine.spawns_its_processes():
+            embedder_loaded = control.embedder.load_in_background(then=control.calibration.warm)
+            engine.start()
+        else:
+            engine.start()
+            embedder_loaded = control.embedder.load_in_background(then=control.calibration.warm)
         context = ServingContext(engine.tokenizer, control.artifacts.path, control.artifacts.root, settings,
                                  warm=engine.warm_from_thread(asyncio.get_running_loop()))
         servings = {mechanism.name: mechanism.serving(context) for mechanism in MECHANISMS}
