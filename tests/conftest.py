@@ -57,6 +57,25 @@ def start_server(model_dir: Path, log_path: Path, env_overrides: dict[str, str] 
 
     Each server gets its own data dir (SQLite registry, artifacts) next to its log unless the caller shares one.
     """
+    return start_servers(model_dir, [(log_path, env_overrides)])[0]
+
+
+def start_servers(model_dir: Path, servers: list[tuple[Path, dict[str, str] | None]]) -> list[RunningServer]:
+    """Start several ``lethe serve`` at once (each ``(log path, environment overrides)``), then wait until all are
+    healthy: a start is mostly one process importing vLLM at a time, so two starting together take little longer
+    than one (about 50 s each here)."""
+    started = [_launch(model_dir, log_path, env) for log_path, env in servers]
+    try:
+        for server in started:
+            _wait_healthy(server)
+    except BaseException:
+        for server in started:
+            stop_server(server)
+        raise
+    return started
+
+
+def _launch(model_dir: Path, log_path: Path, env_overrides: dict[str, str] | None) -> RunningServer:
     port = free_port()
     env = {**os.environ, "LETHE_API_KEYS": API_KEY, "LETHE_ADMIN_KEY": ADMIN_KEY, "LETHE_LOG_LEVEL": "INFO",
            "LETHE_DATA_DIR": str(log_path.parent / "data"), **VERIFY_ON_DEMAND, **(env_overrides or {})}
@@ -65,18 +84,20 @@ def start_server(model_dir: Path, log_path: Path, env_overrides: dict[str, str] 
         [str(LETHE_BIN), "serve", "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port)],
         stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True,
     )
-    server = RunningServer(process, f"http://127.0.0.1:{port}", log_path, env)
+    return RunningServer(process, f"http://127.0.0.1:{port}", log_path, env)
+
+
+def _wait_healthy(server: RunningServer) -> None:
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"lethe serve exited with {process.returncode}:\n{server.log()[-4000:]}")
+        if server.process.poll() is not None:
+            raise RuntimeError(f"lethe serve exited with {server.process.returncode}:\n{server.log()[-4000:]}")
         try:
             if httpx.get(f"{server.base_url}/health", timeout=2).status_code == 200:
-                return server
+                return
         except httpx.TransportError:
             pass
         time.sleep(1)
-    stop_server(server)
     raise RuntimeError(f"lethe serve did not become healthy:\n{server.log()[-4000:]}")
 
 

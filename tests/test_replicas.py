@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import RunningServer, admin_headers, start_server, stop_server
+from tests.conftest import RunningServer, admin_headers, start_server, start_servers, stop_server
 from tests.postgres import running_postgres
 
 CONVERGENCE_BUDGET_S = 2.0
@@ -110,15 +110,12 @@ def test_postgres_replicas_converge_and_survive_kill_9(tiny_model_dir: Path, tmp
     with running_postgres() as url:
         env = {"LETHE_DATABASE_URL": url, "LETHE_EMBEDDED_WORKER": "false",
                "LETHE_ARTIFACTS_DIR": str(tmp_path / "artifacts")}
-        first = start_server(tiny_model_dir, tmp_path / "a.log", env)
+        first, second = start_servers(tiny_model_dir, [(tmp_path / "a.log", env), (tmp_path / "b.log", env)])
         try:
-            second = start_server(tiny_model_dir, tmp_path / "b.log", env)
-            try:
-                delays = [measure_propagation(first, second, f"pg-propagation-{i}") for i in range(3)]
-                delays.append(measure_propagation(second, first, "pg-propagation-back"))
-                assert max(delays) < CONVERGENCE_BUDGET_S, delays
-                hammer_then_kill(second, first, "pg-kill")
-            finally:
-                stop_server(second)
+            delays = [measure_propagation(first, second, f"pg-propagation-{i}") for i in range(3)]
+            delays.append(measure_propagation(second, first, "pg-propagation-back"))
+            assert max(delays) < CONVERGENCE_BUDGET_S, delays
+            hammer_then_kill(second, first, "pg-kill")
         finally:
+            stop_server(second)
             stop_server(first)
