@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -222,16 +222,6 @@ class RowHook(Protocol):
     """
 
     def apply(self, logits_row: torch.Tensor) -> None: ...
-
-
-def hooks_by_class(hooks: Iterable[RowHook], method: str) -> dict[type, list[RowHook]]:
-    """The hooks whose class defines the static ``method`` (``prepare_rows``), grouped by class: each class's batched
-    work then runs once over all its rows, in the engine's processor and in calibration's batched decoding alike."""
-    grouped: dict[type, list[RowHook]] = {}
-    for hook in hooks:
-        if hasattr(type(hook), method):
-            grouped.setdefault(type(hook), []).append(hook)
-    return grouped
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from guards.base import hooks_by_class
 from guards.chat import chat_prompt_ids
 from guards.devices import Placement, compute_placement
+from guards.row_groups import hooks_by_class
 
 HookFactory = Callable[[Sequence[int], list[int]], Sequence[Any]]
 """``(prompt_ids, output_ids) -> row hooks`` for one sequence; ``output_ids`` is the live list of tokens so far."""
@@ -48,6 +48,9 @@ def stacked(*factories: HookFactory) -> HookFactory:
 def hooked_logprobs(rows: torch.Tensor, answer: Sequence[int], hooks: Sequence[Any], output: list[int]) -> list[float]:
     """Per-token log-probabilities of ``answer`` from its teacher-forced logits ``rows`` (A, V), each row passed
     through ``hooks`` after the tokens before it were appended to ``output`` (the hooks' live list); edits ``rows``."""
+    for hook in hooks:  # the whole answer is known: a hook that can read it at once does (ULD's assistant pass)
+        if hasattr(hook, "expect"):
+            hook.expect(answer)
     for position, token in enumerate(answer):
         for hook in hooks:
             hook.apply(rows[position])

@@ -32,8 +32,9 @@ from vllm.sampling_params import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
-from guards.base import RowHook, hooks_by_class
+from guards.base import RowHook
 from guards.devices import placement_for
+from guards.row_groups import hooks_by_class
 from guards.row_hooks import EXTRA_ARGS_KEY, ROW_HOOKS, RowHookError, build_row_hooks, row_hook_resources
 
 logger = logging.getLogger(__name__)

@@ -93,6 +93,63 @@ def test_the_kv_cached_session_equals_a_full_forward_at_every_step(assistant_dir
     assert session.consumed == len(prompt) + 2
 
 
+def test_a_session_told_the_answer_ahead_gives_a_full_forwards_logits_along_it_and_past_or_off_it(
+        assistant_dir: Path) -> None:
+    """Teacher forcing (``expect``): one pass over the known answer, then each position's logits as a full forward
+    gives them; a request that goes on past the answer continues from the cache, one that leaves it starts over."""
+    model = AssistantModels().get(str(assistant_dir))
+    prompt, answer = [1, 5, 7], [3, 9, 4, 4]
+    passes: list[int] = []
+    counting = model.register_forward_pre_hook(lambda module, args: passes.append(1))
+    try:
+        # the answer itself, then on past it; off it at its third token, and at its last
+        for tokens in (answer, [*answer, 11, 12], [*answer[:2], 20, 21], [*answer[:3], 20, 21]):
+            output: list[int] = []
+            session = AssistantSession(model, prompt, output)
+            session.expect(answer)
+            assert session.consumed == len(prompt) + len(answer) and len(passes) == 2  # the prompt's, the answer's
+            for token in tokens:
+                logits = session.next_logits()
+                assert torch.allclose(logits, full_forward(model, prompt + output), atol=1e-5), (tokens, output)
+                output.append(token)
+            logits = session.next_logits()
+            assert torch.allclose(logits, full_forward(model, prompt + output), atol=1e-5), (tokens, output)
+            assert session.consumed == len(prompt) + len(tokens)
+            # passes after the answer's (each full_forward above is one too): none along the answer; past it, one per
+            # token; off it, one to feed it all again and one for the token after
+            along = len(passes) - 2 - len(tokens) - 1
+            assert along == (0 if tokens == answer else 2), (tokens, along)
+            passes.clear()
+    finally:
+        counting.remove()
+
+
+def test_a_uld_hook_scores_an_answer_as_it_decodes_it(assistant_dir: Path) -> None:
+    """The scoring path tells ULD's hook the answer ahead (``hooked_logprobs``): the log-probabilities are those of
+    the token-by-token path the engine takes."""
+    from guards.probe import hooked_logprobs
+
+    torch.manual_seed(1)
+    prompt, answer = [1, 5, 7], [3, 9, 4, 4, 17]
+    rows = torch.randn(len(answer), VOCAB)
+    values = []
+    for expect in (True, False):
+        output: list[int] = []
+        hook = UldRowHook([(AssistantSession(AssistantModels().get(str(assistant_dir)), prompt, output), 1.0)], 0.5)
+        values.append(hooked_logprobs(rows.clone(), answer, [hook if expect else _NoExpect(hook)], output))
+    assert values[0] == pytest.approx(values[1], abs=1e-5)
+
+
+class _NoExpect:
+    """A hook without ``expect``: ``hooked_logprobs`` then feeds the assistant one token per position."""
+
+    def __init__(self, hook: UldRowHook) -> None:
+        self._hook = hook
+
+    def apply(self, logits_row: torch.Tensor) -> None:
+        self._hook.apply(logits_row)
+
+
 def test_sessions_advanced_together_equal_a_full_forward_at_every_step(assistant_dir: Path) -> None:
     """The batched decoding step (left-padded caches of different lengths) gives each row its own logits."""
     model = AssistantModels().get(str(assistant_dir))

@@ -45,6 +45,7 @@ class AssistantSession:
         self._batch: RowBatch | None = None
         self._consumed = 0
         self._last: torch.Tensor | None = None
+        self._ahead: Ahead | None = None
 
     @property
     def consumed(self) -> int:
@@ -80,6 +81,12 @@ class AssistantSession:
         self._consumed += 1
         self._last = logits
 
+    def _start_over(self) -> None:
+        """Forget everything fed so far: the next call feeds the request's tokens from the first."""
+        if self._batch is not None:
+            self._batch.leave(self)
+        self._batch, self._cache, self._consumed, self._last, self._ahead = None, None, 0, None, None
+
     def _own_cache(self) -> Any:
         """Its cache as its own, taken out of its batch (which then no longer holds it)."""
         if self._batch is not None:
@@ -92,13 +99,35 @@ class AssistantSession:
             self._cache = growing_cache()
         return self._cache
 
+    def expect(self, tokens: Sequence[int]) -> None:
+        """The request's next ``tokens`` are known in advance (teacher forcing: an answer scored, a calibration's
+        gap): feed them all to the assistant in one forward pass now, and answer ``next_logits`` from that pass while
+        the request's tokens follow them. One pass for an answer instead of one per token, which was most of ULD's
+        scoring time. Never used in the engine, where no token is known before it is sampled."""
+        if not tokens:
+            return
+        before = self.next_logits()  # level with the request first (its prompt's pass): the cache holds all of it
+        start = self._consumed
+        with torch.inference_mode():
+            out = self._model(input_ids=torch.tensor([list(tokens)], device=model_device(self._model)),
+                              past_key_values=self._own_cache(), use_cache=True)
+        sequence = self._prompt_ids + list(self._output_ids) + list(tokens)
+        self._cache, self._consumed = out.past_key_values, len(sequence)
+        self._ahead = Ahead(start, sequence, torch.cat([before.unsqueeze(0), out.logits[0].float()]))
+        self._last = self._ahead.rows[-1]
+
     def next_logits(self) -> torch.Tensor:
         """The assistant's next-token logits after the request's tokens so far (V,)."""
         total = len(self._prompt_ids) + len(self._output_ids)
+        if self._ahead is not None:
+            if not self._ahead.agrees(self._prompt_ids, self._output_ids):
+                self._start_over()  # its cache holds tokens the request does not have
+            elif (row := self._ahead.row(total)) is not None:
+                return row
+            else:
+                self._ahead = None  # past the expected tokens, which its cache holds: go on from there
         if total < self._consumed:  # the request was rewound (should not happen): start over rather than be wrong
-            if self._batch is not None:
-                self._batch.leave(self)
-            self._batch, self._cache, self._consumed = None, None, 0
+            self._start_over()
         if total == self._consumed and self._last is not None:
             return self._last
         tokens = (self._prompt_ids + list(self._output_ids))[self._consumed:total]
@@ -108,6 +137,24 @@ class AssistantSession:
         self._cache, self._consumed = out.past_key_values, total
         self._last = out.logits[0, -1].float()
         return self._last
+
+
+class Ahead:
+    """The assistant's logits along a session's expected tokens (``AssistantSession.expect``): ``rows[i]`` follows
+    ``sequence[:start + i]``, from the request as it was when they were expected to all of them."""
+
+    def __init__(self, start: int, sequence: list[int], rows: torch.Tensor) -> None:
+        self.start, self.sequence, self.rows = start, sequence, rows
+
+    def agrees(self, prompt_ids: list[int], output_ids: list[int]) -> bool:
+        """Whether the request's tokens so far are the expected ones, as far as both go."""
+        end = min(len(prompt_ids) + len(output_ids), len(self.sequence))
+        return list(output_ids[:end - len(prompt_ids)]) == self.sequence[len(prompt_ids):end]
+
+    def row(self, total: int) -> torch.Tensor | None:
+        """The logits after the request's first ``total`` tokens, if the expected ones reach that far."""
+        index = total - self.start
+        return self.rows[index] if 0 <= index < len(self.rows) else None
 
 
 class RowBatch:
@@ -210,6 +257,11 @@ class UldRowHook:
     def prepare_rows(hooks: Sequence[UldRowHook]) -> None:
         """Before the row loop: every row's assistant step, batched (``advance_together``)."""
         advance_together([session for hook in hooks for session, _ in hook._sessions])
+
+    def expect(self, tokens: Sequence[int]) -> None:
+        """Teacher forcing (``AssistantSession.expect``): every assistant of the row reads ``tokens`` in one pass."""
+        for session, _ in self._sessions:
+            session.expect(tokens)
 
     def apply(self, logits_row: torch.Tensor) -> None:
         logits_row.copy_(combine_logits(logits_row, self._subtrahend(logits_row.shape[-1]), alpha=1.0, tau=self._tau))
