@@ -1,22 +1,22 @@
 """Background work through the real server (`lethe serve`, real vLLM engine, tiny model): a replica whose artifacts
 volume lost a target's files starts, serves that target degraded under interim protection and applies every other
 change; a PostgreSQL outage stops neither serving nor `/metrics`, and the requests served meanwhile are audited once
-the database is back. Each test starts its own servers (a restart, a database stopped under them)."""
+the database is back. Each test starts a server of its own (on a copied registry, a database stopped under it)."""
 
 from __future__ import annotations
 
 import re
-import shutil
+import sqlite3
 import time
+from contextlib import closing
 from pathlib import Path
 
 import httpx
 
-from tests.conftest import RunningServer, admin_headers, auth_headers, start_server, stop_server
+from tests.conftest import RunningServer, admin_headers, auth_headers, remove_targets, start_server, stop_server
 from tests.postgres import postgres_server
 from tests.unlearning import FORGET01, target_body
 
-DIGEST = re.compile(r"[0-9a-f]{64}")
 JOB_TIMEOUT_S = 300
 
 
@@ -51,6 +51,12 @@ def ask(server: RunningServer, question: str) -> httpx.Response:
         "model": model, "messages": [{"role": "user", "content": question}], "max_tokens": 16, "temperature": 0})
 
 
+def copy_sqlite(source: Path, destination: Path) -> None:
+    """A consistent copy of a live SQLite database (its backup API: the write-ahead log included)."""
+    with closing(sqlite3.connect(source)) as live, closing(sqlite3.connect(destination)) as copy:
+        live.backup(copy)
+
+
 def audited(admin: httpx.Client, response_ids: list[str], timeout_s: float) -> dict[str, dict]:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -62,37 +68,37 @@ def audited(admin: httpx.Client, response_ids: list[str], timeout_s: float) -> d
         time.sleep(0.5)
 
 
-def test_a_replica_starts_and_serves_with_a_targets_artifacts_missing(tiny_model_dir: Path, tmp_path: Path) -> None:
-    env = {"LETHE_DATA_DIR": str(tmp_path / "data")}
+def test_a_replica_starts_and_serves_with_a_targets_artifacts_missing(
+        lethe_server: RunningServer, admin: httpx.Client, tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The replica's registry is the session server's, copied once a GUARD target was registered there; its artifacts
+    directory is empty: the volume lost every file the target's registration wrote."""
     author, other = FORGET01[0], FORGET01[1]
-    server = start_server(tiny_model_dir, tmp_path / "first.log", env)
+    data = tmp_path / "data"
+    data.mkdir()
+    broken = register_and_wait(admin, target_body(author, {"guard": {}}))
     try:
-        with admin_client(server) as admin:
-            broken = register_and_wait(admin, target_body(author, {"guard": {}}))
-            assert broken["status"] == "active"
+        assert broken["status"] == "active"
+        copy_sqlite(Path(lethe_server.env["LETHE_DATA_DIR"]) / "lethe.db", data / "lethe.db")
     finally:
-        stop_server(server)
-    for directory in (tmp_path / "data" / "artifacts").iterdir():  # the volume lost every artifact
-        if DIGEST.fullmatch(directory.name):
-            shutil.rmtree(directory)
-
+        remove_targets(admin, [broken["id"]])
+    env = {"LETHE_DATA_DIR": str(data)}
     server = start_server(tiny_model_dir, tmp_path / "second.log", env)  # used to crash-loop here
     try:
         assert httpx.get(f"{server.base_url}/health/ready").status_code == 200
-        with admin_client(server) as admin:
-            shown = admin.get(f"/targets/{broken['id']}").json()
+        with admin_client(server) as replica:
+            shown = replica.get(f"/targets/{broken['id']}").json()
             assert shown["status"] == "degraded" and "cannot read" in shown["message"], shown
             assert shown["mechanisms"]["guard"]["status"] == "failed"
             reply = ask(server, naming_question(author))
             assert reply.status_code == 200, reply.text  # served, under interim protection
-            record = audited(admin, [reply.json()["id"]], 10)[reply.json()["id"]]
+            record = audited(replica, [reply.json()["id"]], 10)[reply.json()["id"]]
             assert record["targets"] == [broken["id"]] and record["mechanisms"] == ["interim"]
-            added = register_and_wait(admin, target_body(other, {"guard": {}}))
+            added = register_and_wait(replica, target_body(other, {"guard": {}}))
             assert added["status"] == "active"  # a new registration is enforced
-            wait_served(admin, admin.get("/registry").json()["revision"])
-            deleted = admin.delete(f"/targets/{broken['id']}")
+            wait_served(replica, replica.get("/registry").json()["revision"])
+            deleted = replica.delete(f"/targets/{broken['id']}")
             assert deleted.status_code == 200
-            wait_served(admin, deleted.json()["revision"])  # and a delete applies
+            wait_served(replica, deleted.json()["revision"])  # and a delete applies
             metrics = httpx.get(f"{server.base_url}/metrics").text
             assert "lethe_targets_unreadable 0.0" in metrics
     finally:

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -17,7 +18,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from demo.tofu_data import authors_of, general_knowledge
-from tests.conftest import REPO, admin_headers, auth_headers, start_server, stop_server, unfinished_requests
+from tests.conftest import (REPO, RunningServer, admin_headers, auth_headers, start_server, stop_server,
+                            unfinished_requests)
 
 FORGET01 = authors_of("forget01")
 
@@ -42,14 +44,32 @@ REFERENCE_CASES = [
 
 
 @pytest.fixture(scope="module")
-def plain_vllm_outputs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+def second_engines(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+                   ) -> Iterator[tuple[list[dict], RunningServer]]:
+    """Plain vLLM's replies to ``REFERENCE_CASES`` (``tests/plain_vllm_reference.py``, a process of its own) and a
+    server of its own for the engine-death test, started together: each start is mostly one process importing vLLM,
+    so the two take little longer than one."""
     workdir = tmp_path_factory.mktemp("plain-vllm")
     cases, out = workdir / "cases.json", workdir / "out.json"
     cases.write_text(json.dumps(REFERENCE_CASES))
-    subprocess.run([sys.executable, str(REPO / "tests" / "plain_vllm_reference.py"), str(tiny_model_dir),
-                    str(cases), str(out)], check=True, cwd=workdir, timeout=600,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return json.loads(out.read_text())
+    reference = subprocess.Popen([sys.executable, str(REPO / "tests" / "plain_vllm_reference.py"), str(tiny_model_dir),
+                                  str(cases), str(out)], cwd=workdir, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)
+    try:
+        server = start_server(tiny_model_dir, workdir / "server.log")
+        assert reference.wait(timeout=600) == 0, "the plain vLLM reference failed"
+    finally:
+        if reference.poll() is None:
+            reference.kill()
+    try:
+        yield json.loads(out.read_text()), server
+    finally:
+        stop_server(server)
+
+
+@pytest.fixture(scope="module")
+def plain_vllm_outputs(second_engines: tuple[list[dict], RunningServer]) -> list[dict]:
+    return second_engines[0]
 
 
 def test_unflagged_request_is_token_identical_to_plain_vllm(
@@ -139,8 +159,8 @@ def test_openapi_docs_are_served(http: httpx.Client) -> None:
     assert {"/v1/models", "/v1/chat/completions", "/v1/completions"} <= set(paths)
 
 
-def test_engine_death_turns_health_503_and_exits_non_zero(tiny_model_dir: Path, tmp_path: Path) -> None:
-    server = start_server(tiny_model_dir, tmp_path / "server.log")
+def test_engine_death_turns_health_503_and_exits_non_zero(second_engines: tuple[list[dict], RunningServer]) -> None:
+    _, server = second_engines
     try:
         engine_cores = [p for p in psutil.Process(server.process.pid).children(recursive=True)
                         if "EngineCore" in " ".join(p.cmdline()) or "EngineCore" in p.name()]
