@@ -102,8 +102,8 @@ class AssistantSession:
     def expect(self, tokens: Sequence[int]) -> None:
         """The request's next ``tokens`` are known in advance (teacher forcing: an answer scored, a calibration's
         gap): feed them all to the assistant in one forward pass now, and answer ``next_logits`` from that pass while
-        the request's tokens follow them. One pass for an answer instead of one per token, which was most of ULD's
-        scoring time. Never used in the engine, where no token is known before it is sampled."""
+        the request's tokens follow them: one pass for an answer instead of one per token. Never used in the engine,
+        where no token is known before it is sampled."""
         if not tokens:
             return
         before = self.next_logits()  # level with the request first (its prompt's pass): the cache holds all of it
@@ -141,7 +141,7 @@ class AssistantSession:
 
 class Ahead:
     """The assistant's logits along a session's expected tokens (``AssistantSession.expect``): ``rows[i]`` follows
-    ``sequence[:start + i]``, from the request as it was when they were expected to all of them."""
+    ``sequence[:start + i]``; ``sequence`` holds the request's tokens when ``expect`` ran, then the expected ones."""
 
     def __init__(self, start: int, sequence: list[int], rows: torch.Tensor) -> None:
         self.start, self.sequence, self.rows = start, sequence, rows
