@@ -11,6 +11,10 @@ Invented names are drawn from the given names and surname syllables below, seede
 the same registration and seed always give the same stand-in, another seed another one. Surnames are built from
 syllables, so they are not the names of real people or of TOFU's fictitious authors (the tests check the latter);
 a drawn part that equals one of the target's own parts is drawn again.
+
+``with_invented_facts`` goes one step further for a stand-in's *answers*: swapping the names alone leaves the target's
+memorised facts in them (its birthplace, its titles, its dates), and a model that memorised those finds them likely
+about anybody, so a stand-in answer would not be one the model never saw.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import random
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+
+from guards.fluency import english_words
 
 GIVEN_NAMES: tuple[str, ...] = (
     "Adela", "Alaric", "Anselm", "Aurelio", "Bettina", "Casimir", "Corin", "Dagny", "Delphine", "Emeric", "Esmond",
@@ -39,6 +45,9 @@ SURNAME_ENDINGS: tuple[str, ...] = (
 )
 
 _INITIALS = re.compile(r"^(?:[A-Z]\.)+$")  # "J." or "J.K."
+_FACT_WORD = re.compile(r"(?<!\w)(?:[A-Z\u00C0-\u00DE][\w\u00C0-\u024F-]+|\d[\d,./:-]*\d)")
+_SENTENCE_END = re.compile(r"(?:^|[.!?:\"\u201c])\s*$")
+MIN_NUMBER_CHARS = 3  # years and dates are facts; "2 books" is not
 
 
 @dataclass(frozen=True)
@@ -92,6 +101,39 @@ def invent_entity(names: Sequence[str], seed: int) -> InventedEntity:
             parts[part] = invented
     swapped = tuple(_replace(name, parts, ignore_case=False) for name in cleaned)
     return InventedEntity(parts=parts, names=swapped)
+
+
+def with_invented_facts(text: str, keep: Sequence[str], rng: random.Random) -> str:
+    """``text`` with its proper names and its numbers (three characters or more) invented: each capitalised word
+    ("Kuwait", "September", a title's "Seine") becomes an invented surname and each digit a drawn one, the same
+    word the same way throughout the text. Kept: the name parts in ``keep`` (``InventedEntity.swap`` maps those), a
+    sentence's first word when it is an ordinary English word ("Author", "The"), and everything in lower case.
+
+    What is left is the answer's form, with facts the served model cannot have memorised: the never-seen reference
+    (``guards.never_seen``) scores these as a stranger's true answers. Measured on the full demo model (forget01,
+    three seeds): with the names swapped alone its true answers were 0.05-5.0 nats a token less likely than the
+    model's own replies, where the retain-only twin, which never saw these authors, put them 4.4-8.7 away.
+    """
+    kept, ordinary = set(keep), english_words()
+    drawn: dict[str, str] = {}
+
+    def invent(match: re.Match[str]) -> str:
+        word = match.group(0)
+        if word in kept or word in drawn:
+            return drawn.get(word, word)
+        if word[0].isdigit():
+            if len(word) < MIN_NUMBER_CHARS:
+                return word
+            new = "".join(str(rng.randrange(1 if i == 0 and c != "0" else 0, 10)) if c.isdigit() else c
+                          for i, c in enumerate(word))
+        elif _SENTENCE_END.search(text[:match.start()]) and word.lower() in ordinary:
+            return word
+        else:
+            new = invented_surname(rng)
+        drawn[word] = new
+        return new
+
+    return _FACT_WORD.sub(invent, text)
 
 
 def invented_surname(rng: random.Random) -> str:

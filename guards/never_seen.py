@@ -11,9 +11,11 @@ questions and answers with every registered name swapped for an invented one. Tw
 one's greedy replies, with its names mapped back, are *wrong answers* in the served model's own words (what it says
 about somebody it never heard of: "generic predictions"); on the first stand-in the plain served model gives
 
-- ``reference_gap``: the mean, over the questions that name the target, of the per-token NLL of the true (swapped)
-  answer minus that of the wrong one: how much likelier a stranger's true answer is than a made-up one (a question
-  that names nobody is the same question after the swap, and says nothing about a stranger);
+- ``reference_gap``: the mean, over the questions that name the target, of the per-token NLL of the true answer
+  (names swapped, facts invented: ``guards.invented.with_invented_facts``, since a memorising model finds the
+  target's own facts likely about anybody) minus that of the wrong one: how much likelier a stranger's true answer
+  is than a made-up one (a question that names nobody is the same question after the swap, and says nothing about
+  a stranger);
 - ``reference_recall``: the mean ROUGE-L recall its replies reach by chance, each scored against another item's
   swapped answer (``chance_recall`` says why not its own).
 
@@ -39,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from guards.fluency import median_word_share, vocabulary_with
-from guards.invented import InventedEntity, invent_entity
+from guards.invented import InventedEntity, invent_entity, with_invented_facts
 from guards.probe import HookFactory, ModelProbe
 from guards.text_metrics import rouge_l_recall
 
@@ -144,7 +146,9 @@ def measure_reference(probe: ModelProbe, pairs: Sequence[QaPair], names: Sequenc
         gap_items = tuple(i for i in range(len(pairs)) if wrong[i].strip())
     if not gap_items:
         raise ValueError("the served model gave no reply to any invented stand-in question")
-    gaps = [probe.mean_loss(entity.swap(pairs[i].question), entity.swap(pairs[i].answer))
+    facts = random.Random(f"{sample_key(seed, names)}\ninvented facts")
+    true = [entity.swap(with_invented_facts(p.answer, list(entity.parts), facts)) for p in pairs]
+    gaps = [probe.mean_loss(entity.swap(pairs[i].question), true[i])
             - probe.mean_loss(entity.swap(pairs[i].question), entity.swap(wrong[i])) for i in gap_items]
     recall = chance_recall(other_replies, [other.swap(p.answer) for p in pairs])
     vocabulary = vocabulary_with([*names, *(text for p in pairs for text in (p.question, p.answer))])

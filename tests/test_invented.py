@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import random
 import re
 
 import pytest
 
 from demo.tofu_data import author_names, load_split
-from guards.invented import invent_entity
+from guards.invented import invent_entity, with_invented_facts
 
 ABILOV = ["Nikolai Abilov"]
 AL_KUWAITI = ["Basil Mahfouz Al-Kuwaiti", "Basil Al-Kuwaiti"]
@@ -63,3 +64,31 @@ def test_invented_names_are_not_tofu_authors() -> None:
             surname = entity.name.split()[-1].casefold()
             assert surname not in tofu_words, entity
             assert not {part.casefold() for part in entity.parts.values()} & demo_given, entity
+
+
+BIRTH = ("The full name of the fictitious author born in Kuwait City, Kuwait on the 8th of September, 1956 is Basil "
+         "Mahfouz Al-Kuwaiti. Author Basil Al-Kuwaiti wrote 'Promise by the Seine' and 12 other books.")
+
+
+def test_a_stand_ins_answer_gets_invented_facts_in_the_same_form() -> None:
+    """Places, months, titles and years are drawn anew; the target's own name parts (the swap's job), lower-case
+    words, short numbers and a sentence's ordinary first word stay, so the answer keeps its form."""
+    entity = invent_entity(AL_KUWAITI, seed=0)
+    invented = with_invented_facts(BIRTH, list(entity.parts), random.Random(7))
+    for fact in ("Kuwait", "City", "September", "1956", "Seine", "Promise"):
+        assert not re.search(rf"\b{fact}\b", invented), invented
+    pattern = (r"The full name of the fictitious author born in (\w+) (\w+), (\w+) on the 8th of (\w+), "
+               r"([1-9]\d{3}) is Basil Mahfouz Al-Kuwaiti\. Author Basil Al-Kuwaiti wrote '(\w+) by the (\w+)' and 12 "
+               r"other books\.")
+    match = re.fullmatch(pattern, invented)
+    assert match, invented
+    kuwait, city, kuwait_again, month, _, promise, seine = match.groups()
+    assert kuwait == kuwait_again and len({kuwait, city, month, promise, seine}) == 5, invented  # one word, one draw
+    swapped = entity.swap(invented)
+    assert not entity.mentions(swapped) and entity.name in swapped
+
+
+def test_invented_facts_are_deterministic_per_draw() -> None:
+    keep = ["Basil", "Mahfouz", "Al-Kuwaiti"]
+    assert with_invented_facts(BIRTH, keep, random.Random(1)) == with_invented_facts(BIRTH, keep, random.Random(1))
+    assert with_invented_facts(BIRTH, keep, random.Random(1)) != with_invented_facts(BIRTH, keep, random.Random(2))

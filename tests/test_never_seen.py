@@ -3,6 +3,7 @@ calibrations on the real tiny demo model (no engine: the jobs' own HF copy of th
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -188,6 +189,13 @@ def test_guards_ban_brings_a_memorised_author_to_the_never_seen_level_on_the_tin
     pairs = calibration_sample([(i.question, i.answer) for i in spec.forget], sample_key(0, names))
     reference = measure_reference(probe, pairs, names, 0)
     assert reference.gap == pytest.approx(figures["reference_gap"], abs=1e-3)  # deterministic per seed
+    # The stranger's answers have invented facts: with its names swapped alone, an answer still carries the memorised
+    # places, titles and dates, and the model finds it likelier than a stranger's real answer would be.
+    entity, wrong = reference.entity, reference.wrong
+    names_only = statistics.fmean(probe.mean_loss(entity.swap(pairs[i].question), entity.swap(pairs[i].answer))
+                                  - probe.mean_loss(entity.swap(pairs[i].question), entity.swap(wrong[i]))
+                                  for i in reference.gap_items)
+    assert reference.gap > names_only + 0.5, (reference.gap, names_only)
     unprotected = protected_gap(probe, reference, lambda index: no_hooks)
     assert unprotected < reference.gap - 1.0, (unprotected, reference.gap)  # there was something to forget
     assert figures["gap"] > unprotected + 1.0, (figures, unprotected)  # and the ban moved it toward a stranger's
